@@ -1,0 +1,23 @@
+"""Typed configuration: frozen attrs classes structured from JSON."""
+from .data import DataConfig, DataSplits
+from .decoder import ClipConfig, DecoderConfig, UnetConfig
+from .evaluate import EvaluateConfig
+from .root import TrainDecoderConfig
+from .tracker import (
+    ConsoleLogConfig,
+    HuggingfaceSaveConfig,
+    LocalLoadConfig,
+    LocalSaveConfig,
+    TrackerConfig,
+    UrlLoadConfig,
+    WandbLoadConfig,
+    WandbLogConfig,
+    WandbSaveConfig,
+)
+from .train import TrainConfig
+
+__all__ = [
+    "ClipConfig", "ConsoleLogConfig", "DataConfig", "DataSplits", "DecoderConfig", "EvaluateConfig",
+    "HuggingfaceSaveConfig", "LocalLoadConfig", "LocalSaveConfig", "TrackerConfig", "TrainConfig",
+    "TrainDecoderConfig", "UnetConfig", "UrlLoadConfig", "WandbLoadConfig", "WandbLogConfig", "WandbSaveConfig",
+]

@@ -1,0 +1,176 @@
+"""`tracker`: where metrics and images are logged, where a checkpoint is loaded from, where saves go.
+
+Each family is a union of classes told apart by a literal discriminator field (`log_type`,
+`load_from`, `save_to`), so the JSON names the implementation and the class carries exactly the
+keys that implementation needs.
+"""
+from __future__ import annotations
+
+from typing import List, Literal, Optional, Union
+
+import attrs
+
+# --- log -------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class ConsoleLogConfig:
+    """Log metric lines to the console, metrics to a JSON-lines file and sample grids as PNG under `data_path`."""
+
+    log_type: Literal["console"]
+    """Must be `console`."""
+    resume: bool = False
+    """Accepted for all loggers; the console logger has no remote run to resume."""
+    auto_resume: bool = False
+    """Continue from the latest checkpoint found under `data_path` when the run was interrupted."""
+    verbose: bool = False
+    """Also print debug-level messages."""
+
+
+@attrs.frozen
+class WandbLogConfig:
+    """Log to Weights & Biases."""
+
+    log_type: Literal["wandb"]
+    """Must be `wandb`."""
+    wandb_entity: str
+    """The wandb entity (user or team) to log to."""
+    wandb_project: str
+    """The wandb project to log to."""
+    wandb_run_name: Optional[str] = None
+    """Display name of the run."""
+    wandb_run_id: Optional[str] = None
+    """Run id; with `resume`, the run to continue."""
+    resume: bool = False
+    """Resume the run given by `wandb_run_id`."""
+    auto_resume: bool = False
+    """Continue the run that was interrupted, found from the metadata under `data_path`."""
+    verbose: bool = False
+    """Also print debug-level messages."""
+
+
+LogConfig = Union[ConsoleLogConfig, WandbLogConfig]
+
+# --- load ------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class LocalLoadConfig:
+    """Load a checkpoint from a local file."""
+
+    load_from: Literal["local"]
+    """Must be `local`."""
+    file_path: str
+    """Path of the checkpoint file."""
+    only_auto_resume: bool = False
+    """Load only when the run is being auto-resumed."""
+
+
+@attrs.frozen
+class UrlLoadConfig:
+    """Download a checkpoint over http(s)."""
+
+    load_from: Literal["url"]
+    """Must be `url`."""
+    url: str
+    """URL of the checkpoint file."""
+    only_auto_resume: bool = False
+    """Load only when the run is being auto-resumed."""
+
+
+@attrs.frozen
+class WandbLoadConfig:
+    """Load a checkpoint file stored in a wandb run."""
+
+    load_from: Literal["wandb"]
+    """Must be `wandb`."""
+    wandb_file_path: str
+    """Path of the checkpoint inside the run's files."""
+    wandb_run_path: Optional[str] = None
+    """`entity/project/run_id` of the run holding the file; None uses the run being resumed."""
+    only_auto_resume: bool = False
+    """Load only when the run is being auto-resumed."""
+
+
+LoadConfig = Union[LocalLoadConfig, UrlLoadConfig, WandbLoadConfig]
+
+# --- save ------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class LocalSaveConfig:
+    """Save checkpoints, models and metadata to local paths (relative paths are under `data_path`)."""
+
+    save_to: Literal["local"]
+    """Must be `local`."""
+    save_latest_to: Optional[str] = None
+    """Path of the latest save, overwritten each time."""
+    save_best_to: Optional[str] = None
+    """Path of the save with the lowest validation loss so far."""
+    save_meta_to: Optional[str] = None
+    """Folder for the config used and run metadata."""
+    save_type: Literal["checkpoint", "model"] = "checkpoint"
+    """`checkpoint`: everything needed to resume; `model`: weights only (EMA when enabled)."""
+
+
+@attrs.frozen
+class HuggingfaceSaveConfig:
+    """Upload saves to a Hugging Face Hub model repository."""
+
+    save_to: Literal["huggingface"]
+    """Must be `huggingface`."""
+    huggingface_repo: str
+    """Repository id, e.g. `user/my-decoder`; created when missing."""
+    token_path: Optional[str] = None
+    """File holding the hub token, when the hub client's login or `HF_TOKEN` is not available."""
+    huggingface_endpoint: Optional[str] = None
+    """Hub endpoint URL for self-hosted hubs; None uses the client's default (or `HF_ENDPOINT`)."""
+    save_latest_to: Optional[str] = None
+    """Path in the repository of the latest save."""
+    save_best_to: Optional[str] = None
+    """Path in the repository of the best save."""
+    save_meta_to: Optional[str] = None
+    """Folder in the repository for the config used and run metadata."""
+    save_type: Literal["checkpoint", "model"] = "checkpoint"
+    """`checkpoint`: everything needed to resume; `model`: weights only (EMA when enabled)."""
+
+
+@attrs.frozen
+class WandbSaveConfig:
+    """Upload saves as files of a wandb run."""
+
+    save_to: Literal["wandb"]
+    """Must be `wandb`."""
+    wandb_run_path: Optional[str] = None
+    """Run to save into; None uses the current run (almost always what you want)."""
+    save_latest_to: Optional[str] = None
+    """Path in the run's files of the latest save."""
+    save_best_to: Optional[str] = None
+    """Path in the run's files of the best save."""
+    save_meta_to: Optional[str] = None
+    """Folder in the run's files for the config used and run metadata."""
+    save_type: Literal["checkpoint", "model"] = "checkpoint"
+    """`checkpoint`: everything needed to resume; `model`: weights only (EMA when enabled)."""
+
+
+SaveConfig = Union[LocalSaveConfig, HuggingfaceSaveConfig, WandbSaveConfig]
+
+# --- tracker ---------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class TrackerConfig:
+    """Where the run is logged, loaded from and saved to."""
+
+    log: LogConfig
+    """Logger configuration (`console` or `wandb`)."""
+    save: List[SaveConfig]
+    """One saver or a list of savers (`local`, `huggingface`, `wandb`)."""
+    load: Optional[LoadConfig] = None
+    """Checkpoint to start from (`local`, `url` or `wandb`); None (or `load_from: null`) starts fresh."""
+    data_path: str = "./.tracker-data"
+    """Folder for run data: logs, sample grids, local saves, auto-resume state."""
+    overwrite_data_path: bool = False
+    """Delete an existing non-empty `data_path` at start instead of failing."""
+    upload_retries: int = 3
+    """Attempts for each upload before the failure is reported (training goes on)."""
