@@ -1,0 +1,210 @@
+"""Gaussian diffusion math, independent of any network.
+
+`GaussianDiffusion` holds the per-step constants of one noise schedule as buffers and offers
+the forward process, the posterior, conversions between the eps / x_0 / v parameterisations,
+the variational-bound terms of improved DDPM, loss weights, and single DDPM / DDIM steps.
+All functions take a batch of integer timesteps `t` (B,) and never synchronise with the host.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+from .schedules import make_beta_schedule
+
+
+def extract(values: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
+    """values[t] reshaped to (B, 1, ..., 1) so that it broadcasts against an ndim-d batch."""
+    return values.gather(0, t).reshape(t.shape[0], *([1] * (ndim - 1)))
+
+
+def normal_kl(mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor, logvar2: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise, in nats."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def _approx_standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
+    # The tanh approximation of Phi used by improved DDPM; it is smooth and cheap on every device.
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+    """log p(x) for x in [-1, 1] quantised to 256 bins under N(mean, e^(2 log_scale)) (DDPM eq. 13)."""
+    centered = x - mean
+    inv_std = torch.exp(-log_scale)
+    cdf_plus = _approx_standard_normal_cdf(inv_std * (centered + 1.0 / 255.0))
+    cdf_min = _approx_standard_normal_cdf(inv_std * (centered - 1.0 / 255.0))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    log_cdf_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
+    # The edge bins integrate to -inf / +inf so that the likelihood sums to one over all 256 bins.
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta))
+
+
+class GaussianDiffusion(nn.Module):
+    """The constants of one discrete-time diffusion process with `timesteps` steps.
+
+    Buffers are non-persistent: they are a pure function of (beta_schedule, timesteps), so
+    checkpoints carry only network weights and a schedule can be changed without surgery.
+    """
+
+    def __init__(self, beta_schedule: str = "cosine", timesteps: int = 1000):
+        super().__init__()
+        self.beta_schedule = beta_schedule
+        self.num_timesteps = timesteps
+        betas = make_beta_schedule(beta_schedule, timesteps)  # float64 for the derived constants
+        alphas = 1.0 - betas
+        alphas_cumprod = torch.cumprod(alphas, dim=0)
+        alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+        # DDPM eq. 7: variance of q(x_{t-1} | x_t, x_0).
+        posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+
+        def register(name: str, value: torch.Tensor) -> None:
+            self.register_buffer(name, value.to(torch.float32), persistent=False)
+
+        register("betas", betas)
+        register("alphas_cumprod", alphas_cumprod)
+        register("alphas_cumprod_prev", alphas_cumprod_prev)
+        register("sqrt_alphas_cumprod", alphas_cumprod.sqrt())
+        register("sqrt_one_minus_alphas_cumprod", (1.0 - alphas_cumprod).sqrt())
+        register("sqrt_recip_alphas_cumprod", (1.0 / alphas_cumprod).sqrt())
+        register("sqrt_recipm1_alphas_cumprod", (1.0 / alphas_cumprod - 1.0).sqrt())
+        register("posterior_variance", posterior_variance)
+        # The posterior variance is 0 at t = 0; use the t = 1 value there so its log stays finite.
+        register("posterior_log_variance_clipped", torch.log(torch.cat([posterior_variance[1:2], posterior_variance[1:]])))
+        register("log_betas", torch.log(betas))
+        # DDPM eq. 7: posterior mean = coef1 * x_0 + coef2 * x_t.
+        register("posterior_mean_coef1", betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod))
+        register("posterior_mean_coef2", (1.0 - alphas_cumprod_prev) * alphas.sqrt() / (1.0 - alphas_cumprod))
+        register("snr", alphas_cumprod / (1.0 - alphas_cumprod))
+
+    # ----------------------------------------------------------------- forward process
+    def sample_timesteps(self, batch_size: int, device: torch.device) -> torch.Tensor:
+        """Uniform random training timesteps in [0, T)."""
+        return torch.randint(0, self.num_timesteps, (batch_size,), device=device, dtype=torch.long)
+
+    def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """DDPM eq. 4: x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps."""
+        return (
+            extract(self.sqrt_alphas_cumprod, t, x_start.ndim) * x_start
+            + extract(self.sqrt_one_minus_alphas_cumprod, t, x_start.ndim) * noise
+        )
+
+    def q_posterior(self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Mean and clipped log-variance of q(x_{t-1} | x_t, x_0) (DDPM eq. 6-7)."""
+        mean = (
+            extract(self.posterior_mean_coef1, t, x_t.ndim) * x_start
+            + extract(self.posterior_mean_coef2, t, x_t.ndim) * x_t
+        )
+        return mean, extract(self.posterior_log_variance_clipped, t, x_t.ndim)
+
+    # ----------------------------------------------------------------- parameterisations
+    def predict_start_from_noise(self, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Invert eq. 4: x_0 = (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar)."""
+        return (
+            extract(self.sqrt_recip_alphas_cumprod, t, x_t.ndim) * x_t
+            - extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.ndim) * noise
+        )
+
+    def predict_noise_from_start(self, x_t: torch.Tensor, t: torch.Tensor, x_start: torch.Tensor) -> torch.Tensor:
+        """eps = (x_t / sqrt(alpha_bar) - x_0) / sqrt(1 / alpha_bar - 1)."""
+        return (extract(self.sqrt_recip_alphas_cumprod, t, x_t.ndim) * x_t - x_start) / extract(
+            self.sqrt_recipm1_alphas_cumprod, t, x_t.ndim
+        )
+
+    def calculate_v(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Salimans & Ho 2022 (progressive distillation) sec. 4: v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0."""
+        return (
+            extract(self.sqrt_alphas_cumprod, t, x_start.ndim) * noise
+            - extract(self.sqrt_one_minus_alphas_cumprod, t, x_start.ndim) * x_start
+        )
+
+    def predict_start_from_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """x_0 = sqrt(alpha_bar) x_t - sqrt(1 - alpha_bar) v."""
+        return (
+            extract(self.sqrt_alphas_cumprod, t, x_t.ndim) * x_t
+            - extract(self.sqrt_one_minus_alphas_cumprod, t, x_t.ndim) * v
+        )
+
+    def model_log_variance(self, var_output: torch.Tensor, t: torch.Tensor, constrain_frac: bool = False) -> torch.Tensor:
+        """Improved DDPM eq. 15: log Sigma = v log beta_t + (1 - v) log beta~_t, v from the network."""
+        frac = torch.sigmoid(var_output) if constrain_frac else (var_output + 1.0) / 2.0
+        min_log = extract(self.posterior_log_variance_clipped, t, var_output.ndim)
+        max_log = extract(self.log_betas, t, var_output.ndim)
+        return frac * max_log + (1.0 - frac) * min_log
+
+    # ----------------------------------------------------------------- losses
+    def vb_terms_bpd(
+        self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, model_mean: torch.Tensor, model_log_variance: torch.Tensor
+    ) -> torch.Tensor:
+        """Per-sample L_t of the variational bound in bits per dimension (improved DDPM eq. 4-6).
+
+        L_0 is the discretised decoder likelihood, L_{t>0} the KL to the true posterior.
+        """
+        true_mean, true_log_variance = self.q_posterior(x_start, x_t, t)
+        kl = normal_kl(true_mean, true_log_variance, model_mean, model_log_variance).flatten(1).mean(1) / math.log(2.0)
+        nll = -discretized_gaussian_log_likelihood(x_start, model_mean, 0.5 * model_log_variance).flatten(1).mean(1) / math.log(2.0)
+        return torch.where(t == 0, nll, kl)
+
+    def p2_loss_weight(self, t: torch.Tensor, gamma: float, k: float) -> torch.Tensor:
+        """Choi et al. 2022 (perception prioritized training) eq. 8: lambda_t = 1 / (k + SNR(t))^gamma."""
+        return (k + self.snr.gather(0, t)) ** -gamma
+
+    def min_snr_loss_weight(self, t: torch.Tensor, gamma: float, objective: str) -> torch.Tensor:
+        """Hang et al. 2023 (Min-SNR), eq. 8 and its eps / v forms: min(SNR, gamma) relative to the target's own weight."""
+        snr = self.snr.gather(0, t)
+        clipped = snr.clamp(max=gamma)
+        if objective == "eps":
+            return clipped / snr
+        if objective == "v":
+            return clipped / (snr + 1.0)
+        return clipped  # x_0 objective
+
+    # ----------------------------------------------------------------- sampling steps
+    def ddpm_step(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        x_start: torch.Tensor,
+        model_log_variance: Optional[torch.Tensor],
+        noise: torch.Tensor,
+    ) -> torch.Tensor:
+        """Ancestral step x_t -> x_{t-1} from a predicted x_0 (DDPM Algorithm 2, posterior form)."""
+        mean, posterior_log_variance = self.q_posterior(x_start, x_t, t)
+        log_variance = posterior_log_variance if model_log_variance is None else model_log_variance
+        # No noise is added on the final step (t == 0): the mean is the sample.
+        nonzero = (t != 0).to(x_t.dtype).reshape(-1, *([1] * (x_t.ndim - 1)))
+        return mean + nonzero * torch.exp(0.5 * log_variance) * noise
+
+    def ddim_step(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        t_prev: torch.Tensor,
+        x_start: torch.Tensor,
+        eta: float,
+        noise: torch.Tensor,
+    ) -> torch.Tensor:
+        """DDIM (Song et al. 2021) eq. 12 from step t to t_prev (t_prev = -1 means x_0)."""
+        eps = self.predict_noise_from_start(x_t, t, x_start)
+        alpha = extract(self.alphas_cumprod, t, x_t.ndim)
+        # alpha_bar at t_prev = -1 is 1 (the clean image); clamp the index and patch that case.
+        alpha_prev = torch.where(
+            (t_prev < 0).reshape(-1, *([1] * (x_t.ndim - 1))),
+            torch.ones_like(alpha),
+            extract(self.alphas_cumprod, t_prev.clamp(min=0), x_t.ndim),
+        )
+        # eq. 16: sigma interpolates between DDIM (eta = 0) and DDPM-like (eta = 1) sampling.
+        sigma = eta * ((1 - alpha_prev) / (1 - alpha) * (1 - alpha / alpha_prev)).clamp(min=0).sqrt()
+        direction = (1 - alpha_prev - sigma**2).clamp(min=0).sqrt() * eps
+        return alpha_prev.sqrt() * x_start + direction + sigma * noise
+
+
+def ddim_timestep_pairs(num_timesteps: int, sample_timesteps: int) -> list[tuple[int, int]]:
+    """(t, t_prev) pairs from T-1 down to -1 over `sample_timesteps` evenly spaced steps."""
+    times = torch.linspace(-1, num_timesteps - 1, steps=sample_timesteps + 1).round().long().tolist()
+    times = list(reversed(times))
+    return list(zip(times[:-1], times[1:]))
