@@ -43,8 +43,8 @@ class Unet(nn.Module):
         channels: image channels.
         channels_out: output channels (the Decoder sets 2 * channels for learned variance).
         self_attn: full self-attention per level, one bool for all levels or a per-level list.
-        attn_dim_head: width of one attention head (self- and cross-attention).
-        attn_heads: attention heads (self- and cross-attention).
+        attn_dim_head: width of one self-attention head.
+        attn_heads: self-attention heads.
         lowres_cond: take the upsampled low-resolution image as extra input (set by the Decoder on upsamplers).
         lowres_noise_cond: condition on the noise level of the augmented low-res image (set by the Decoder).
         self_cond: take a previous x_0 estimate as extra input (self-conditioning, Chen et al. 2022).
@@ -71,6 +71,8 @@ class Unet(nn.Module):
         final_conv_kernel_size: kernel of the output convolution.
         combine_upsample_fmaps: feed every up level's feature map (resized) into the final block.
         checkpoint_during_training: gradient checkpointing of blocks while training (saves memory at 256px+).
+        cross_attn_heads: heads of the ResNet blocks' cross-attention to the context (the reference fixes 8).
+        cross_attn_dim_head: head width of that cross-attention (the reference fixes 64).
     """
 
     def __init__(
@@ -115,6 +117,8 @@ class Unet(nn.Module):
         final_conv_kernel_size: int = 1,
         combine_upsample_fmaps: bool = False,
         checkpoint_during_training: bool = False,
+        cross_attn_heads: int = 8,
+        cross_attn_dim_head: int = 64,
     ):
         super().__init__()
         # Kept so that the Decoder can rebuild this U-Net with the settings it imposes (with_settings).
@@ -190,8 +194,8 @@ class Unet(nn.Module):
                 time_cond_dim=time_cond_dim,
                 groups=groups,
                 cond_dim=cond_dim if cross else None,
-                attn_heads=attn_heads,
-                attn_dim_head=attn_dim_head,
+                attn_heads=cross_attn_heads,
+                attn_dim_head=cross_attn_dim_head,
                 cosine_sim_cross_attn=cosine_sim_cross_attn,
                 weight_standardization=resnet_weight_standardization,
             )
