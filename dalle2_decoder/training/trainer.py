@@ -1,0 +1,290 @@
+"""DecoderTrainer: one AdamW, one learning-rate schedule and one EMA per trained U-Net, on Accelerate.
+
+The trainer owns everything that changes weights; the epoch loop (`loop.py`) owns the order of
+phases. A training step never reads a value back to the host except the gradient norm that
+decides whether the step is finite, which all ranks agree on because it is computed after the
+gradients were all-reduced.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Dict, Iterator, List, Optional, Sequence, TypeVar
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from ..config.train import TrainConfig
+from .ema import EMA
+
+T = TypeVar("T")
+
+
+def per_unet(value: Any, num_unets: int) -> List[Any]:
+    """Expand a scalar option to one value per U-Net (lists were checked at config load)."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != num_unets:
+            raise ValueError(f"expected {num_unets} values (one per U-Net), got {len(value)}")
+        return list(value)
+    return [value] * num_unets
+
+
+def load_weights_strict(module: nn.Module, weights: Dict[str, torch.Tensor]) -> None:
+    """Load `weights` into `module`, or raise one error naming every missing, unexpected or misshapen tensor."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(weights))
+    unexpected = sorted(set(weights) - set(own))
+    misshapen = [f"{name}: checkpoint {tuple(weights[name].shape)} vs model {tuple(own[name].shape)}" for name in own if name in weights and weights[name].shape != own[name].shape]
+    if missing or unexpected or misshapen:
+        lines = [f"missing from checkpoint: {name}" for name in missing] + [f"not in model: {name}" for name in unexpected] + [f"shape mismatch {line}" for line in misshapen]
+        shown = "\n  ".join(lines[:40]) + (f"\n  ... and {len(lines) - 40} more" if len(lines) > 40 else "")
+        raise ValueError(f"checkpoint does not fit the configured decoder:\n  {shown}")
+    module.load_state_dict(weights, strict=True)
+
+
+def warmup_factor(step: int, warmup_steps: Optional[int]) -> float:
+    """Learning-rate multiplier after `step` optimizer steps: linear warm-up, then constant."""
+    if not warmup_steps:
+        return 1.0
+    return min(1.0, (step + 1) / warmup_steps)
+
+
+class DecoderTrainer:
+    """Trains the U-Nets that `unet_training_mask` leaves trainable; the others stay frozen.
+
+    U-Nets are numbered from 1, as everywhere in the package. `decoder` must not yet be wrapped:
+    the trainer places it on the accelerator's device (leaving U-Nets the run never uses on the
+    CPU) and wraps it for distributed training.
+    """
+
+    def __init__(
+        self,
+        decoder: nn.Module,
+        accelerator: Accelerator,
+        config: TrainConfig,
+        *,
+        used_unets: Optional[Sequence[int]] = None,
+        max_nonfinite_streak: int = 20,
+    ):
+        self.accelerator = accelerator
+        self.config = config
+        self.decoder = decoder
+        num_unets = len(decoder.unets)
+        self.num_unets = num_unets
+        mask = config.unet_training_mask or [True] * num_unets
+        self.trained_unets: List[int] = [number for number, trained in enumerate(mask, start=1) if trained]
+        # U-Nets that are sampled through or trained; others never leave the CPU.
+        self.used_unets = sorted(set(used_unets if used_unets is not None else range(1, num_unets + 1)) | set(self.trained_unets))
+        self.grad_accum = max(1, config.gradient_accumulation_steps)
+        self.max_nonfinite_streak = max_nonfinite_streak
+
+        lrs = per_unet(config.lr, num_unets)
+        wds = per_unet(config.wd, num_unets)
+        self.max_grad_norms = per_unet(config.max_grad_norm, num_unets)
+
+        for number, unet in enumerate(decoder.unets, start=1):
+            unet.requires_grad_(number in self.trained_unets)
+        self._place_on_device()
+
+        self.optimizers: Dict[int, torch.optim.Optimizer] = {}
+        self.schedulers: Dict[int, torch.optim.lr_scheduler.LambdaLR] = {}
+        self.emas: Dict[int, EMA] = {}
+        fused = accelerator.device.type == "cuda"
+        for number in self.trained_unets:
+            unet = decoder.unets[number - 1]
+            optimizer = torch.optim.AdamW(unet.parameters(), lr=lrs[number - 1], weight_decay=wds[number - 1], fused=fused or None)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_factor(step, config.warmup_steps))
+            # Not wrapped by Accelerate: with several optimizers the loss scaler must unscale each
+            # once, step each, then update once; the wrapper would update after every optimizer.
+            self.optimizers[number] = optimizer
+            self.schedulers[number] = scheduler
+            if config.use_ema:
+                self.emas[number] = EMA(unet, config.ema_beta)
+
+        # One wrapper around the whole decoder: its forward picks the U-Net by number, so
+        # DistributedDataParallel sees the other U-Nets as unused in that step and, being unused on
+        # every rank, leaves their gradients untouched.
+        self.model = accelerator.prepare_model(decoder) if self.trained_unets else decoder
+
+        self.step = 0  # optimizer steps taken (all trained U-Nets step together)
+        self.micro_step = 0  # micro-batches seen (gradient accumulation)
+        self.nonfinite_steps = 0  # steps skipped because the gradients were not finite
+        self.nonfinite_streak = 0
+
+    # --- placement -------------------------------------------------------------------------
+
+    def _place_on_device(self) -> None:
+        device = self.accelerator.device
+        unused_prefixes = tuple(f"unets.{number - 1}." for number in range(1, self.num_unets + 1) if number not in self.used_unets)
+        with torch.no_grad():
+            for name, tensor in list(self.decoder.named_parameters()) + list(self.decoder.named_buffers()):
+                if not name.startswith(unused_prefixes) or not unused_prefixes:
+                    tensor.data = tensor.data.to(device)
+        if unused_prefixes and self.accelerator.num_processes > 1:
+            # Their weights stay on the CPU; DistributedDataParallel must not try to broadcast them.
+            from torch.nn.parallel import DistributedDataParallel
+
+            ignored = [name for name, _ in list(self.decoder.named_parameters()) + list(self.decoder.named_buffers()) if name.startswith(unused_prefixes)]
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.decoder, ignored)
+
+    # --- training --------------------------------------------------------------------------
+
+    @property
+    def unwrapped(self) -> nn.Module:
+        return self.decoder
+
+    def unet_lr(self, unet_number: int) -> float:
+        return self.schedulers[unet_number].get_last_lr()[0]
+
+    def train_step(self, batch: Dict[str, Any]) -> Dict[int, torch.Tensor]:
+        """One micro-batch through every trained U-Net; steps the optimizers every `grad_accum` calls.
+
+        Returns each trained U-Net's loss as a detached device tensor (no host synchronisation).
+        """
+        self.decoder.train()
+        self.micro_step += 1
+        sync = self.micro_step % self.grad_accum == 0
+        losses: Dict[int, torch.Tensor] = {}
+        for number in self.trained_unets:
+            context = contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model)
+            with context:
+                loss = self.model(
+                    batch["image"],
+                    image_embed=batch.get("image_embed"),
+                    text_encodings=batch.get("text_encodings"),
+                    text_mask=batch.get("text_mask"),
+                    unet_number=number,
+                )
+                self.accelerator.backward(loss / self.grad_accum)
+            losses[number] = loss.detach()
+        if sync:
+            self._optimizer_step()
+        return losses
+
+    def _optimizer_step(self) -> None:
+        norms = []
+        for number in self.trained_unets:
+            parameters = [p for p in self.decoder.unets[number - 1].parameters() if p.grad is not None]
+            max_norm = self.max_grad_norms[number - 1]
+            if self.accelerator.scaler is not None:
+                self.accelerator.scaler.unscale_(self.optimizers[number])
+            if max_norm is not None:
+                norms.append(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
+            else:
+                norms.append(torch.nn.utils.get_total_norm([p.grad for p in parameters]) if parameters else torch.zeros(()))
+        # Gradients are identical on every rank after the all-reduce, so every rank takes the same decision.
+        finite = bool(torch.isfinite(torch.stack([n.float().to(self.accelerator.device) for n in norms])).all())
+        scaler = self.accelerator.scaler
+        if scaler is not None:
+            # fp16: the scaler skips the optimizers whose gradients overflowed and lowers its scale.
+            for number in self.trained_unets:
+                scaler.step(self.optimizers[number])
+                self.schedulers[number].step()
+            scaler.update()
+        elif finite:
+            for number in self.trained_unets:
+                self.optimizers[number].step()
+                self.schedulers[number].step()
+        for number in self.trained_unets:
+            self.optimizers[number].zero_grad(set_to_none=True)
+        if finite:
+            self.nonfinite_streak = 0
+            for number, ema in self.emas.items():
+                ema.update(self.decoder.unets[number - 1])
+        else:
+            self.nonfinite_steps += 1
+            self.nonfinite_streak += 1
+        self.step += 1
+
+    @property
+    def too_many_nonfinite(self) -> bool:
+        return self.nonfinite_streak >= self.max_nonfinite_streak
+
+    # --- evaluation helpers ----------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def sampling_weights(self) -> Iterator[nn.Module]:
+        """The decoder with EMA weights in place of the trained U-Nets (when EMA is on), in eval mode."""
+        originals = {}
+        try:
+            for number, ema in self.emas.items():
+                originals[number] = self.decoder.unets[number - 1]
+                self.decoder.unets[number - 1] = ema.averaged
+            was_training = self.decoder.training
+            self.decoder.eval()
+            yield self.decoder
+        finally:
+            for number, unet in originals.items():
+                self.decoder.unets[number - 1] = unet
+            self.decoder.train(was_training)
+
+    @torch.no_grad()
+    def validation_losses(self, batch: Dict[str, Any]) -> Dict[int, torch.Tensor]:
+        """Loss of each trained U-Net on a batch, with the weights used for sampling."""
+        losses = {}
+        with self.sampling_weights() as decoder, self.accelerator.autocast():
+            for number in self.trained_unets:
+                losses[number] = decoder(
+                    batch["image"],
+                    image_embed=batch.get("image_embed"),
+                    text_encodings=batch.get("text_encodings"),
+                    text_mask=batch.get("text_mask"),
+                    unet_number=number,
+                ).detach()
+        return losses
+
+    # --- state -----------------------------------------------------------------------------
+
+    def model_state_dict(self) -> Dict[str, torch.Tensor]:
+        """Decoder weights for a `model` save: EMA weights of trained U-Nets when EMA is on."""
+        with self.sampling_weights() as decoder:
+            return {name: tensor.detach().cpu().clone() for name, tensor in decoder.state_dict().items()}
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Everything needed to continue training exactly (weights-only loadable)."""
+        state: Dict[str, Any] = {
+            "decoder": {name: t.detach().cpu() for name, t in self.decoder.state_dict().items()},
+            "optimizers": {str(n): opt.state_dict() for n, opt in self.optimizers.items()},
+            "schedulers": {str(n): sch.state_dict() for n, sch in self.schedulers.items()},
+            "emas": {str(n): ema.state_dict() for n, ema in self.emas.items()},
+            "counters": {
+                "step": self.step,
+                "micro_step": self.micro_step,
+                "nonfinite_steps": self.nonfinite_steps,
+                "nonfinite_streak": self.nonfinite_streak,
+            },
+            "trained_unets": list(self.trained_unets),
+        }
+        if self.accelerator.scaler is not None:
+            state["scaler"] = self.accelerator.scaler.state_dict()
+        return state
+
+    def load_state_dict(self, state: Dict[str, Any], *, weights_only: bool = False) -> None:
+        """Restore a `state_dict()`; with `weights_only`, take the decoder weights and nothing else.
+
+        Optimizer, scheduler and EMA states are restored for the U-Nets trained in both runs, so a
+        run may train a different set of U-Nets than the checkpoint's (e.g. fine-tuning the upsampler).
+        """
+        load_weights_strict(self.decoder, state["decoder"])
+        if weights_only:
+            for number, ema in self.emas.items():
+                ema.copy_from(self.decoder.unets[number - 1])
+            return
+        for number in self.trained_unets:
+            key = str(number)
+            if key in state.get("optimizers", {}):
+                self.optimizers[number].load_state_dict(state["optimizers"][key])
+            if key in state.get("schedulers", {}):
+                self.schedulers[number].load_state_dict(state["schedulers"][key])
+            if number in self.emas:
+                if key in state.get("emas", {}):
+                    self.emas[number].load_state_dict(state["emas"][key])
+                else:
+                    self.emas[number].copy_from(self.decoder.unets[number - 1])
+        if "scaler" in state and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(state["scaler"])
+        counters = state.get("counters", {})
+        self.step = int(counters.get("step", 0))
+        self.micro_step = int(counters.get("micro_step", 0))
+        self.nonfinite_steps = int(counters.get("nonfinite_steps", 0))
+        self.nonfinite_streak = int(counters.get("nonfinite_streak", 0))

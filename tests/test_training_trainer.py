@@ -1,0 +1,157 @@
+"""DecoderTrainer: optimizers, EMA, frozen U-Nets, non-finite steps and exact state round trips."""
+import copy
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from dalle2_decoder.config import DecoderConfig, TrainConfig, UnetConfig
+from dalle2_decoder.training.trainer import DecoderTrainer, load_weights_strict, warmup_factor
+
+EMBED_DIM = 8
+
+
+def tiny_decoder(seed: int = 0):
+    torch.manual_seed(seed)
+    config = DecoderConfig(
+        unets=[
+            UnetConfig(dim=8, image_embed_dim=EMBED_DIM, dim_mults=(1, 2), options={"attn_heads": 2, "attn_dim_head": 8}),
+            UnetConfig(dim=8, image_embed_dim=EMBED_DIM, dim_mults=(1, 2)),
+        ],
+        image_sizes=[8, 16],
+        timesteps=50,
+    )
+    return config.create()
+
+
+def make_trainer(seed: int = 0, **train_options) -> DecoderTrainer:
+    options = {"device": "cpu", "lr": 1e-3, **train_options}
+    return DecoderTrainer(tiny_decoder(seed), Accelerator(cpu=True), TrainConfig(**options))
+
+
+def batch(seed: int = 1, size: int = 4):
+    generator = torch.Generator().manual_seed(seed)
+    return {"image": torch.rand(size, 3, 16, 16, generator=generator), "image_embed": torch.randn(size, EMBED_DIM, generator=generator)}
+
+
+def weights(module):
+    return {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
+
+
+def test_each_trained_unet_gets_one_optimizer_and_ema_and_changes():
+    trainer = make_trainer()
+    before = [weights(unet) for unet in trainer.decoder.unets]
+    for _ in range(2):
+        losses = trainer.train_step(batch())
+    assert set(losses) == {1, 2} and all(loss.ndim == 0 for loss in losses.values())
+    assert set(trainer.optimizers) == {1, 2} and set(trainer.emas) == {1, 2}
+    for number, unet in enumerate(trainer.decoder.unets):
+        assert any(not torch.equal(before[number][k], v) for k, v in weights(unet).items())
+    assert trainer.step == 2
+
+
+def test_frozen_unet_has_no_optimizer_no_gradients_no_ema_and_is_unchanged():
+    trainer = make_trainer(unet_training_mask=[False, True])
+    frozen_before = weights(trainer.decoder.unets[0])
+    for _ in range(3):
+        losses = trainer.train_step(batch())
+    assert set(losses) == {2}
+    assert set(trainer.optimizers) == {2} and set(trainer.emas) == {2}
+    assert all(not p.requires_grad and p.grad is None for p in trainer.decoder.unets[0].parameters())
+    for name, tensor in weights(trainer.decoder.unets[0]).items():
+        assert torch.equal(frozen_before[name], tensor), name
+
+
+def test_ema_trails_weights_and_is_used_for_sampling():
+    trainer = make_trainer(ema_beta=0.9)
+    for _ in range(3):
+        trainer.train_step(batch())
+    live = trainer.decoder.unets[0]
+    averaged = trainer.emas[1].averaged
+    assert not all(torch.equal(a, b) for a, b in zip(live.parameters(), averaged.parameters()))
+    with trainer.sampling_weights() as decoder:
+        assert decoder.unets[0] is averaged and not decoder.training
+    assert trainer.decoder.unets[0] is live  # restored afterwards
+    model_weights = trainer.model_state_dict()
+    ema_weights = averaged.state_dict()
+    assert all(torch.equal(model_weights[f"unets.0.{k}"], v) for k, v in ema_weights.items())
+
+
+def test_nonfinite_step_is_skipped_and_counted():
+    trainer = make_trainer()
+    trainer.train_step(batch())
+    before = weights(trainer.decoder)
+    bad = batch()
+    bad["image"][0, 0, 0, 0] = float("nan")
+    trainer.train_step(bad)
+    assert trainer.nonfinite_steps == 1 and trainer.nonfinite_streak == 1
+    after = weights(trainer.decoder)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    trainer.train_step(batch())
+    assert trainer.nonfinite_streak == 0 and trainer.nonfinite_steps == 1
+
+
+def test_streak_of_nonfinite_steps_is_reported():
+    trainer = make_trainer()
+    trainer.max_nonfinite_streak = 2
+    bad = batch()
+    bad["image"][:] = float("inf")
+    trainer.train_step(bad)
+    assert not trainer.too_many_nonfinite
+    trainer.train_step(bad)
+    assert trainer.too_many_nonfinite
+
+
+def test_gradient_accumulation_steps_optimizer_every_k_micro_batches():
+    trainer = make_trainer(gradient_accumulation_steps=3)
+    for _ in range(5):
+        trainer.train_step(batch())
+    assert trainer.micro_step == 5 and trainer.step == 1
+
+
+def test_per_unet_learning_rates_and_warmup():
+    trainer = make_trainer(lr=[1e-3, 2e-4], warmup_steps=4)
+    assert trainer.unet_lr(1) == pytest.approx(1e-3 * 0.25)
+    assert trainer.unet_lr(2) == pytest.approx(2e-4 * 0.25)
+    for _ in range(5):
+        trainer.train_step(batch())
+    assert trainer.unet_lr(1) == pytest.approx(1e-3)
+    assert [warmup_factor(s, 4) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+
+
+def test_state_round_trip_continues_exactly(tmp_path):
+    # Reference: 4 uninterrupted steps.
+    reference = make_trainer()
+    torch.manual_seed(123)
+    for step in range(4):
+        reference.train_step(batch(step))
+    # Interrupted after 2 steps, saved through a weights-only file, resumed in a fresh trainer.
+    first = make_trainer()
+    torch.manual_seed(123)
+    for step in range(2):
+        first.train_step(batch(step))
+    rng = torch.get_rng_state()
+    torch.save(first.state_dict(), tmp_path / "ckpt.pt")
+    resumed = make_trainer(seed=99)  # different initialisation: everything must come from the file
+    resumed.load_state_dict(torch.load(tmp_path / "ckpt.pt", weights_only=True))
+    torch.set_rng_state(rng)
+    for step in range(2, 4):
+        resumed.train_step(batch(step))
+    assert resumed.step == reference.step == 4
+    expected, got = weights(reference.decoder), weights(resumed.decoder)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    for number in (1, 2):
+        for a, b in zip(reference.emas[number].averaged.parameters(), resumed.emas[number].averaged.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_mismatched_checkpoint_names_the_tensors():
+    trainer = make_trainer()
+    state = trainer.state_dict()
+    key = next(k for k in state["decoder"] if k.endswith("weight") and state["decoder"][k].ndim == 4)
+    state["decoder"][key] = torch.zeros(1)
+    state["decoder"]["unets.0.extra.weight"] = torch.zeros(1)
+    with pytest.raises(ValueError) as error:
+        load_weights_strict(trainer.decoder, state["decoder"])
+    assert key in str(error.value) and "unets.0.extra.weight" in str(error.value)
