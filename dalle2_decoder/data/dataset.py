@@ -1,0 +1,330 @@
+"""The per-worker sample stream: read the planned shard ranges, attach embeddings, shuffle,
+decode, validate, batch.
+
+Runs inside each dataloader worker process (or in the main process when num_workers is 0).
+Batches are built here, so a batch of images crosses the process boundary once; each batch
+carries the worker's running counts under `STATS_KEY`, which the loader takes out.
+"""
+from __future__ import annotations
+
+import collections
+import io
+import logging
+import random
+from typing import Callable, Dict, Iterator, List, Optional
+
+import attrs
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
+from webdataset.filters import shuffle as wds_shuffle
+
+from . import plan as planning
+from . import sources
+from .stats import BadDataError, check_bad_fraction, new_counts
+from .tar_reader import ShardReadError, iter_tar_samples
+
+log = logging.getLogger(__name__)
+
+STATS_KEY = "__stats__"
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
+IMAGE_EMBED_MEMBERS = ("img_emb.npy", "image_embed.npy", "img_embed.npy", "emb.npy")
+TEXT_EMBED_MEMBERS = ("text_emb.npy", "text_embed.npy")
+MAX_CONSECUTIVE_BAD = 100_000  # a worker that finds nothing usable for this long stops (capped mode)
+
+
+@attrs.frozen
+class SampleFormat:
+    """What a sample must contain; decided once in the main process so all workers agree."""
+
+    transform: Callable
+    index_width: int
+    image_embed_source: Optional[str]
+    """'folder' (per-shard .npy files), 'shard' (.npy members) or None (no image embeddings)."""
+    text_embed_source: Optional[str]
+    image_embed_dim: Optional[int]
+    text_embed_dim: Optional[int]
+
+
+@attrs.define
+class PhaseSettings:
+    """Everything one phase's dataset needs besides the shards; picklable for worker processes."""
+
+    phase: str
+    seed: int
+    rank: int
+    world_size: int
+    num_workers: int
+    batch_size: int
+    shuffle_shards: bool
+    shuffle_buffer: int
+    limit: Optional[int]
+    """None: exact epochs; else samples per epoch across all ranks (capped mode)."""
+    resample: bool
+    max_bad_fraction: float
+    limit_name: str = "epoch_samples"
+
+
+class ShardDataset(IterableDataset):
+    """One phase's samples for one rank; `epoch` selects the shuffle (set it before iterating)."""
+
+    def __init__(self, shards: List[planning.Shard], settings: PhaseSettings, sample_format: SampleFormat):
+        super().__init__()
+        self.shards = list(shards)
+        self.settings = settings
+        self.format = sample_format
+        self.epoch = 0
+
+    # ----- planning -------------------------------------------------------------------------
+
+    def worker_plan(self, worker: int) -> planning.WorkerPlan:
+        s = self.settings
+        workers = max(1, s.num_workers)
+        order = planning.epoch_order(self.shards, shuffle=s.shuffle_shards, seed=s.seed, epoch=self.epoch)
+        if s.limit is None:
+            return planning.exact_worker_plan(
+                order, rank=s.rank, world_size=s.world_size, worker=worker, workers=workers, batch_size=s.batch_size
+            )
+        return planning.capped_worker_plan(
+            order, limit=s.limit, rank=s.rank, world_size=s.world_size, worker=worker, workers=workers,
+            batch_size=s.batch_size, resample=s.resample, what=s.limit_name,
+        )
+
+    def __len__(self) -> int:
+        """Batches this rank yields per epoch (the same on every rank)."""
+        workers = max(1, self.settings.num_workers)
+        return sum(len(self.worker_plan(w).batch_sizes) for w in range(workers))
+
+    # ----- iteration ------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        s = self.settings
+        plan = self.worker_plan(worker)
+        if not plan.batch_sizes:
+            return
+        counts = new_counts()
+        rng = random.Random(f"{s.seed}-{self.epoch}-{s.phase}-{s.rank}-{worker}")
+        raw = self._raw_exact(plan, counts) if s.limit is None else self._raw_capped(plan, counts, rng)
+        if s.shuffle_buffer > 1:
+            # Shuffle encoded samples (small), not decoded images.
+            raw = wds_shuffle(s.shuffle_buffer, initial=min(100, s.shuffle_buffer), rng=rng)(raw)
+        where = f"data ({s.phase}, rank {s.rank}, worker {worker})"
+        samples = self._decoded(raw, counts, where)
+        recent: collections.deque = collections.deque(maxlen=max(plan.batch_sizes))
+        for number, size in enumerate(plan.batch_sizes):
+            batch = []
+            while len(batch) < size:
+                sample = next(samples, None)
+                if sample is None:
+                    if not recent:
+                        raise BadDataError(
+                            f"{where}: no readable sample in its share of the data "
+                            f"({len(plan.pieces) or len(plan.shards)} shard range(s)); cannot fill its batches"
+                        )
+                    # Bad samples were skipped: repeat recent good ones so every rank yields
+                    # the same number of batches of the planned sizes.
+                    sample = recent[rng.randrange(len(recent))]
+                    counts["padded"] += 1
+                else:
+                    recent.append(sample)
+                batch.append(sample)
+            if number == len(plan.batch_sizes) - 1 and s.limit is None:
+                next(samples, None)  # let the readers finish so their end-of-shard counts are in
+            yield self._collate(batch, worker, counts)
+
+    def _collate(self, batch: List[dict], worker: int, counts: Dict[str, int]) -> dict:
+        result = {
+            "image": torch.stack([sample["image"] for sample in batch]),
+            "caption": [sample["caption"] for sample in batch],
+            "key": [sample["key"] for sample in batch],
+        }
+        if self.format.image_embed_source:
+            result["image_embed"] = torch.from_numpy(np.stack([sample["image_embed"] for sample in batch]))
+        if self.format.text_embed_source:
+            result["text_embed"] = torch.from_numpy(np.stack([sample["text_embed"] for sample in batch]))
+        result[STATS_KEY] = {"worker": worker, "counts": dict(counts)}
+        return result
+
+    # ----- reading shards -------------------------------------------------------------------
+
+    def _load_embeddings(self, shard: planning.Shard) -> Dict[str, np.ndarray]:
+        arrays = {}
+        if self.format.image_embed_source == "folder":
+            arrays["image_embed"] = sources.load_npy(shard.img_embeddings_url)
+        if self.format.text_embed_source == "folder":
+            arrays["text_embed"] = sources.load_npy(shard.text_embeddings_url)
+        return arrays
+
+    def _read_piece(self, piece: planning.Piece, counts: Dict[str, int]) -> Iterator[dict]:
+        """Samples `piece.start <= ordinal < piece.stop` of one shard, with embedding rows attached.
+
+        Planned samples that cannot be delivered (unreadable shard or embeddings, archive broken
+        off) are counted as seen and bad; with no stop (capped mode) only the shard is counted.
+        """
+        shard = piece.shard
+        planned = None if piece.stop is None else piece.stop - piece.start
+        delivered = 0
+
+        def lose(reason: str, error: Exception) -> None:
+            counts["shards_failed"] += 1
+            log.warning("%s: %s (%s)", reason.replace("_", " "), shard.url, error)
+            if planned is not None:
+                counts["seen"] += planned - delivered
+                counts[reason] += planned - delivered
+
+        try:
+            arrays = self._load_embeddings(shard)
+        except Exception as error:
+            lose("unreadable_embeddings", error)
+            return
+        try:
+            stream = sources.open_stream(shard.url)
+        except Exception as error:
+            lose("unreadable_shard", error)
+            return
+        try:
+            for ordinal, sample in enumerate(iter_tar_samples(stream)):
+                if ordinal < piece.start:
+                    continue
+                if piece.stop is not None and ordinal >= piece.stop:
+                    break
+                delivered += 1
+                if arrays:
+                    self._attach_rows(sample, arrays)
+                yield sample
+        except ShardReadError as error:
+            lose("truncated_tar", error)
+            return
+        finally:
+            try:
+                stream.close()
+            except Exception:  # a pipe: command cut off early may report an error status; the data is read
+                pass
+        if planned is not None and delivered < planned:
+            lose("truncated_tar", ValueError(f"shard has {piece.start + delivered} samples, fewer than counted"))
+
+    def _attach_rows(self, sample: dict, arrays: Dict[str, np.ndarray]) -> None:
+        key = sample["__key__"]
+        digits = key[-self.format.index_width:]
+        if len(key) < self.format.index_width or not digits.isdigit():
+            sample["__bad__"] = "bad_key"
+            return
+        index = int(digits)
+        for name, array in arrays.items():
+            if index >= len(array):
+                sample["__bad__"] = "missing_embedding"
+                return
+            sample["__row_" + name] = np.array(array[index])
+
+    def _raw_exact(self, plan: planning.WorkerPlan, counts: Dict[str, int]) -> Iterator[dict]:
+        for piece in plan.pieces:
+            yield from self._read_piece(piece, counts)
+
+    def _raw_capped(self, plan: planning.WorkerPlan, counts: Dict[str, int], rng: random.Random) -> Iterator[dict]:
+        shards = list(plan.shards)
+        while True:
+            if plan.resample:
+                passes = [rng.choice(shards) for _ in range(len(shards))]
+            else:
+                passes = list(shards)
+                if self.settings.shuffle_shards:
+                    rng.shuffle(passes)
+            delivered = 0
+            for shard in passes:
+                for sample in self._read_piece(planning.Piece(shard), counts):
+                    delivered += 1
+                    yield sample
+            if delivered == 0:
+                raise BadDataError(
+                    f"data ({self.settings.phase}, rank {self.settings.rank}): none of "
+                    f"{len(set(s.number for s in passes))} shard(s) delivered a sample"
+                )
+
+    # ----- decoding -------------------------------------------------------------------------
+
+    def _decoded(self, raw: Iterator[dict], counts: Dict[str, int], where: str) -> Iterator[dict]:
+        image_shape = None
+        consecutive_bad = 0
+        for sample in raw:
+            counts["seen"] += 1
+            decoded, reason = self._decode(sample)
+            if decoded is not None and image_shape is not None and decoded["image"].shape != image_shape:
+                decoded, reason = None, "image_size_mismatch"
+            if decoded is None:
+                counts[reason] += 1
+                consecutive_bad += 1
+                check_bad_fraction(counts, self.settings.max_bad_fraction, where, final=False)
+                if consecutive_bad >= MAX_CONSECUTIVE_BAD:
+                    raise BadDataError(f"{where}: {consecutive_bad} bad samples in a row")
+                continue
+            consecutive_bad = 0
+            image_shape = decoded["image"].shape
+            counts["ok"] += 1
+            yield decoded
+
+    def _embedding(self, sample: dict, name: str, source: str, members: tuple, dim: Optional[int]):
+        """(vector, None) or (None, reason)."""
+        if source == "folder":
+            vector = sample.get("__row_" + name)
+        else:
+            data = next((sample[m] for m in members if m in sample), None)
+            if data is None:
+                return None, "missing_embedding"
+            try:
+                vector = np.load(io.BytesIO(data), allow_pickle=False)
+            except Exception:
+                return None, "corrupt_embedding"
+        if vector is None:
+            return None, "missing_embedding"
+        vector = np.asarray(vector)
+        if vector.ndim == 2 and vector.shape[0] == 1:
+            vector = vector[0]  # a (1, D) array written for one sample
+        if vector.ndim != 1 or (dim is not None and vector.shape[0] != dim):
+            return None, "wrong_embedding_dim"
+        if not np.issubdtype(vector.dtype, np.number):
+            return None, "corrupt_embedding"
+        vector = vector.astype(np.float32)
+        if not np.isfinite(vector).all():
+            return None, "corrupt_embedding"
+        if not vector.any():
+            return None, "missing_embedding"
+        return vector, None
+
+    def _decode(self, sample: dict):
+        """(decoded sample, None) or (None, reason)."""
+        if "__bad__" in sample:
+            return None, sample["__bad__"]
+        fmt = self.format
+        decoded = {"key": sample["__key__"]}
+        if fmt.image_embed_source:
+            decoded["image_embed"], reason = self._embedding(
+                sample, "image_embed", fmt.image_embed_source, IMAGE_EMBED_MEMBERS, fmt.image_embed_dim
+            )
+            if reason:
+                return None, reason
+        if fmt.text_embed_source:
+            decoded["text_embed"], reason = self._embedding(
+                sample, "text_embed", fmt.text_embed_source, TEXT_EMBED_MEMBERS, fmt.text_embed_dim
+            )
+            if reason:
+                return None, reason
+        image_bytes = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
+        if image_bytes is None:
+            return None, "no_image"
+        try:
+            with Image.open(io.BytesIO(image_bytes)) as opened:
+                image = opened.convert("RGB")
+        except Exception:
+            return None, "corrupt_image"
+        try:
+            tensor = fmt.transform(image)
+        except Exception:
+            return None, "transform_error"
+        if not isinstance(tensor, torch.Tensor) or tensor.ndim != 3:
+            return None, "transform_error"
+        decoded["image"] = tensor
+        decoded["caption"] = sample["txt"].decode("utf-8", errors="replace").strip() if "txt" in sample else ""
+        return decoded, None

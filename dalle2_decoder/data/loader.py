@@ -1,0 +1,210 @@
+"""`create_dataloaders`: the train, val and test loaders of one rank, from the `data` config."""
+from __future__ import annotations
+
+import io
+import logging
+from typing import Dict, Iterator, List, Optional
+
+import numpy as np
+from torch.utils.data import DataLoader
+
+from . import plan as planning
+from . import sources
+from .dataset import (
+    IMAGE_EMBED_MEMBERS, STATS_KEY, TEXT_EMBED_MEMBERS, PhaseSettings, SampleFormat, ShardDataset,
+)
+from .stats import check_bad_fraction, format_counts, merge_counts, new_counts
+from .tar_reader import ShardReadError, iter_tar_samples
+from .transforms import build_transform
+
+log = logging.getLogger(__name__)
+
+PHASES = ("train", "val", "test")
+
+
+class ShardLoader:
+    """Batches of one phase for one rank; iterate it once per epoch.
+
+    - `len(loader)`: batches per epoch, the same on every rank.
+    - `loader.set_epoch(epoch)`: choose the epoch's shard order and shuffle (call before iterating).
+    - `loader.stats`: the counts of the latest (or current) pass: `seen`, `ok`, each bad reason,
+      `padded`, `dropped_for_balance`, `shards_failed` (summed over this rank's workers).
+    """
+
+    def __init__(self, dataset: ShardDataset, *, num_workers: int, pin_memory: bool = False,
+                 prefetch_factor: int = 2, dropped_for_balance: int = 0):
+        self.dataset = dataset
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.prefetch_factor = prefetch_factor
+        self.dropped_for_balance = dropped_for_balance
+        self._length = len(dataset)
+        self.stats: Dict[str, int] = new_counts()
+
+    @property
+    def phase(self) -> str:
+        return self.dataset.settings.phase
+
+    @property
+    def batch_size(self) -> int:
+        return self.dataset.settings.batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.epoch = epoch
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __iter__(self) -> Iterator[dict]:
+        settings = self.dataset.settings
+        where = f"data ({settings.phase}, rank {settings.rank}, epoch {self.dataset.epoch})"
+        per_worker: Dict[int, Dict[str, int]] = {}
+        extras = {"dropped_for_balance": self.dropped_for_balance}
+        self.stats = merge_counts([extras])
+        if self._length == 0:
+            return
+        loader = DataLoader(
+            self.dataset,
+            batch_size=None,  # the dataset yields whole batches
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
+            persistent_workers=False,  # workers start per epoch with the epoch set in the dataset
+        )
+        for batch in loader:
+            report = batch.pop(STATS_KEY)
+            per_worker[int(report["worker"])] = report["counts"]
+            self.stats = merge_counts([extras, *per_worker.values()])
+            check_bad_fraction(self.stats, settings.max_bad_fraction, where, final=False)
+            yield batch
+        check_bad_fraction(self.stats, settings.max_bad_fraction, where, final=True)
+        level = logging.WARNING if any(self.stats[k] for k in self.stats if k not in ("seen", "ok")) else logging.INFO
+        log.log(level, "%s: %s", where, format_counts(self.stats))
+
+
+def _infer_sample_format(data_config, shards: List[planning.Shard], transform, image_embed_dim, text_embed_dim):
+    in_shards = data_config.embeddings_in_shards
+    if in_shards is None:
+        in_shards = data_config.img_embeddings_url is None
+    if not in_shards and data_config.img_embeddings_url is None:
+        raise planning.DataSetupError("data.embeddings_in_shards is false but data.img_embeddings_url is not set")
+    image_source = "folder" if data_config.img_embeddings_url and not in_shards else None
+    text_source = "folder" if data_config.text_embeddings_url and not in_shards else None
+    if in_shards:
+        # Look at the first sample that has members besides the image to see what the shards hold.
+        members = _peek_members(shards)
+        if any(m in members for m in IMAGE_EMBED_MEMBERS):
+            image_source = "shard"
+            if image_embed_dim is None:
+                image_embed_dim = _member_dim(members, IMAGE_EMBED_MEMBERS)
+        elif data_config.embeddings_in_shards:
+            raise planning.DataSetupError(
+                f"data.embeddings_in_shards is true but the first sample of {shards[0].url} has no "
+                f"{' / '.join(IMAGE_EMBED_MEMBERS)} member"
+            )
+        else:
+            log.info("no embeddings in the shards: batches carry images and captions only")
+        if any(m in members for m in TEXT_EMBED_MEMBERS):
+            text_source = "shard"
+            if text_embed_dim is None:
+                text_embed_dim = _member_dim(members, TEXT_EMBED_MEMBERS)
+    if image_source == "folder" and image_embed_dim is None:
+        image_embed_dim = sources.npy_shape(shards[0].img_embeddings_url)[-1]
+    if text_source == "folder" and text_embed_dim is None:
+        text_embed_dim = sources.npy_shape(shards[0].text_embeddings_url)[-1]
+    return SampleFormat(
+        transform=transform, index_width=data_config.index_width,
+        image_embed_source=image_source, text_embed_source=text_source,
+        image_embed_dim=image_embed_dim, text_embed_dim=text_embed_dim,
+    )
+
+
+def _peek_members(shards: List[planning.Shard]) -> dict:
+    for shard in shards[:3]:
+        try:
+            with sources.open_stream(shard.url) as stream:
+                for sample in iter_tar_samples(stream):
+                    return sample
+        except (OSError, ShardReadError, ValueError) as error:
+            log.warning("cannot read %s to see what its samples hold: %s", shard.url, error)
+    return {}
+
+
+def _member_dim(members: dict, names) -> Optional[int]:
+    data = next(members[m] for m in names if m in members)
+    try:
+        return int(np.load(io.BytesIO(data), allow_pickle=False).shape[-1])
+    except Exception:
+        return None
+
+
+def create_dataloaders(
+    data_config,
+    *,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    epoch_samples: Optional[int] = None,
+    validation_samples: Optional[int] = None,
+    test_samples: Optional[int] = None,
+    image_embed_dim: Optional[int] = None,
+    text_embed_dim: Optional[int] = None,
+    pin_memory: bool = False,
+) -> Dict[str, ShardLoader]:
+    """The `{"train", "val", "test"}` loaders of this rank (see docs/DATA.md).
+
+    `seed` must be the same on every rank (it splits the shards and orders them each epoch).
+    `epoch_samples` / `validation_samples` / `test_samples` cap a phase at that many samples per
+    epoch across all ranks; None reads the split exactly once. `image_embed_dim` /
+    `text_embed_dim`: the dimension the model expects (embeddings of another size are bad data);
+    None infers it from the data.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+    if data_config.batch_size < 1:
+        raise ValueError("data.batch_size must be at least 1")
+    if data_config.resample_train and epoch_samples is None:
+        raise planning.DataSetupError("data.resample_train needs train.epoch_samples: resampled epochs have no end")
+    transform = build_transform(data_config.preprocessing)
+    shards = planning.discover_shards(
+        data_config.webdataset_base_url,
+        start_shard=data_config.start_shard,
+        end_shard=data_config.end_shard,
+        shard_width=data_config.shard_width,
+        img_embeddings_url=data_config.img_embeddings_url,
+        text_embeddings_url=data_config.text_embeddings_url,
+        skip_missing_shards=data_config.skip_missing_shards,
+    )
+    splits = data_config.splits
+    fractions = {"train": splits.train, "val": splits.val, "test": splits.test}
+    by_phase = planning.split_shards(shards, fractions, seed)
+    sample_format = _infer_sample_format(data_config, shards, transform, image_embed_dim, text_embed_dim)
+    limits = {"train": epoch_samples, "val": validation_samples, "test": test_samples}
+    limit_names = {"train": "epoch_samples", "val": "validation_samples", "test": "test_samples"}
+    loaders = {}
+    for phase in PHASES:
+        phase_shards = by_phase[phase]
+        training = phase == "train"
+        resample = training and data_config.resample_train
+        limit = limits[phase] if phase_shards else None
+        dropped = 0
+        if limit is None:
+            phase_shards = planning.count_samples(phase_shards, data_config.webdataset_base_url)
+            total = sum(shard.size for shard in phase_shards)
+            dropped = total - world_size * planning.exact_rank_samples(total, world_size)
+        settings = PhaseSettings(
+            phase=phase, seed=seed, rank=rank, world_size=world_size,
+            num_workers=data_config.num_workers, batch_size=data_config.batch_size,
+            shuffle_shards=training and (data_config.shuffle_train or resample),
+            shuffle_buffer=data_config.shuffle_buffer if training and data_config.shuffle_train else 0,
+            limit=limit, resample=resample, max_bad_fraction=data_config.max_bad_sample_fraction,
+            limit_name=limit_names[phase],
+        )
+        dataset = ShardDataset(phase_shards, settings, sample_format)
+        loaders[phase] = ShardLoader(
+            dataset, num_workers=data_config.num_workers, pin_memory=pin_memory,
+            dropped_for_balance=dropped if rank == 0 else 0,
+        )
+        log.info("data (%s): %d shard(s), %d batch(es) per epoch on each rank",
+                 phase, len(phase_shards), len(loaders[phase]))
+    return loaders

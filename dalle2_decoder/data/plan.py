@@ -1,0 +1,270 @@
+"""Which shards exist, which split they belong to, and which samples each rank and worker reads.
+
+Two ways to run an epoch (see docs/DATA.md):
+
+- exact (no sample limit): the shards' sample counts are known, the (epoch-shuffled) shard
+  sequence is cut into one contiguous sample range per rank, each of the same length (the
+  fewer-than-`world_size` samples left over are dropped and reported), and each rank's range
+  into batch-aligned ranges per worker. Every sample is read once, by one worker, and every
+  rank yields `ceil(per_rank_samples / batch_size)` batches. Ranges may start or end inside a
+  shard, so there can be fewer shards than ranks x workers.
+- capped (`epoch_samples` / `validation_samples` given, or resampling): every rank yields
+  `limit // (world_size * batch_size)` full batches, shared among its workers; each worker reads
+  its own disjoint subset of shards, cycling through it (or drawing shards with replacement
+  when resampling) until it has filled its batches.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import attrs
+
+from . import sources
+from .tar_reader import count_local_tar_samples, count_stream_samples
+
+log = logging.getLogger(__name__)
+
+
+class DataSetupError(ValueError):
+    """The data configuration cannot be served: missing shards, no shards in range, too few shards."""
+
+
+@attrs.frozen
+class Shard:
+    number: int
+    url: str
+    img_embeddings_url: Optional[str] = None
+    text_embeddings_url: Optional[str] = None
+    size: Optional[int] = None
+    """Samples in the shard, when counted (exact mode)."""
+
+
+@attrs.frozen
+class Piece:
+    """Samples `start <= ordinal < stop` (archive order) of one shard; stop None: to the end."""
+
+    shard: Shard
+    start: int = 0
+    stop: Optional[int] = None
+
+
+@attrs.frozen
+class WorkerPlan:
+    """What one dataloader worker of one rank reads in one epoch."""
+
+    batch_sizes: Tuple[int, ...]
+    """The size of each batch this worker yields, in order (exact: the last may be short)."""
+    pieces: Tuple[Piece, ...] = ()
+    """Exact mode: the sample ranges to read, in order."""
+    shards: Tuple[Shard, ...] = ()
+    """Capped mode: the shards this worker cycles through (or draws from, when resampling)."""
+    resample: bool = False
+
+    @property
+    def samples(self) -> int:
+        return sum(self.batch_sizes)
+
+
+def _ranges(numbers: Sequence[int]) -> str:
+    """'3, 7-9, 12' for [3, 7, 8, 9, 12]."""
+    parts, numbers = [], sorted(numbers)
+    i = 0
+    while i < len(numbers):
+        j = i
+        while j + 1 < len(numbers) and numbers[j + 1] == numbers[j] + 1:
+            j += 1
+        parts.append(str(numbers[i]) if i == j else f"{numbers[i]}-{numbers[j]}")
+        i = j + 1
+    return ", ".join(parts)
+
+
+def discover_shards(
+    base_url: str,
+    *,
+    start_shard: int,
+    end_shard: int,
+    shard_width: int,
+    img_embeddings_url: Optional[str] = None,
+    text_embeddings_url: Optional[str] = None,
+    skip_missing_shards: bool = False,
+) -> List[Shard]:
+    """The shards of the configured range that can be read, each with its embedding files.
+
+    Listable sources (local, s3, other fsspec stores) are listed: with the default `end_shard`
+    the range ends at the last shard found, and shard numbers missing inside the range are all
+    reported in one error (or, with `skip_missing_shards`, one warning). http and `pipe:` sources
+    cannot be listed, so they need an explicit `end_shard`; a shard missing there is found when it
+    is read and counted as bad data. Shards without an embedding file (when embedding folders are
+    given) are left out with a warning.
+    """
+    sources.check_base_url(base_url)
+    if end_shard < start_shard:
+        raise DataSetupError(f"data.end_shard ({end_shard}) is below data.start_shard ({start_shard})")
+    existing = sources.list_shard_numbers(base_url, shard_width)
+    if existing is None:
+        if end_shard == sources.END_SHARD_UNSET:
+            raise DataSetupError(
+                f"data.end_shard must be set for {base_url!r}: http and pipe: shards cannot be listed, "
+                "so the last shard number has to be given"
+            )
+        numbers = list(range(start_shard, end_shard + 1))
+    else:
+        in_range = [n for n in existing if start_shard <= n <= end_shard]
+        if not in_range:
+            raise DataSetupError(
+                f"no shard of {base_url!r} found with a number in {start_shard}..{end_shard} "
+                f"(shard_width {shard_width})"
+            )
+        last = in_range[-1] if end_shard == sources.END_SHARD_UNSET else end_shard
+        present = set(in_range)
+        missing = [n for n in range(start_shard, last + 1) if n not in present]
+        if missing:
+            message = (
+                f"{len(missing)} shard(s) of {base_url!r} missing in {start_shard}..{last}: {_ranges(missing)}"
+            )
+            if not skip_missing_shards:
+                raise DataSetupError(message + " (set data.skip_missing_shards to leave them out)")
+            log.warning("%s; leaving them out (data.skip_missing_shards)", message)
+        numbers = in_range
+    shards = [Shard(n, sources.shard_url(base_url, n, shard_width)) for n in numbers]
+    for field, folder in (("img_embeddings_url", img_embeddings_url), ("text_embeddings_url", text_embeddings_url)):
+        if folder is None:
+            continue
+        files = sources.list_embedding_files(folder)
+        without = [shard.number for shard in shards if shard.number not in files]
+        if without:
+            log.warning(
+                "%d shard(s) have no embedding file in %s (data.%s) and are skipped: %s",
+                len(without), folder, field, _ranges(without),
+            )
+        shards = [attrs.evolve(s, **{field: files[s.number]}) for s in shards if s.number in files]
+    if not shards:
+        raise DataSetupError(f"no readable shard of {base_url!r} in {start_shard}..{end_shard}")
+    return shards
+
+
+def split_shards(shards: Sequence[Shard], fractions: Dict[str, float], seed: int) -> Dict[str, List[Shard]]:
+    """Shards dealt into disjoint splits in proportion to `fractions`, shuffled by `seed`.
+
+    Largest-remainder rounding; each split with a positive fraction gets at least one shard when
+    there are enough shards. Every rank computes the same result from the same seed.
+    """
+    names = list(fractions)
+    total = sum(fractions.values())
+    if total <= 0:
+        raise DataSetupError("data.splits must have a positive fraction")
+    order = list(shards)
+    random.Random(seed).shuffle(order)
+    n = len(order)
+    exact = [fractions[name] / total * n for name in names]
+    counts = [math.floor(x) for x in exact]
+    for i in sorted(range(len(names)), key=lambda i: counts[i] - exact[i])[: n - sum(counts)]:
+        counts[i] += 1
+    # A split asked for gets a shard, taken from the largest, if there are shards enough.
+    for i, name in enumerate(names):
+        if fractions[name] > 0 and counts[i] == 0:
+            donor = max(range(len(names)), key=lambda j: counts[j])
+            if counts[donor] > 1:
+                counts[donor] -= 1
+                counts[i] += 1
+    result, at = {}, 0
+    for name, count in zip(names, counts):
+        result[name] = sorted(order[at:at + count], key=lambda s: s.number)
+        at += count
+    return result
+
+
+def count_samples(shards: Sequence[Shard], base_url: str) -> List[Shard]:
+    """The shards with `size` filled in: from `sizes.json` beside the shards when present, else by
+    reading the tar headers (local) or streaming the shard (remote, pipe:)."""
+    known = sources.read_sizes_file(base_url)
+    counted = []
+    for shard in shards:
+        name = sources.shard_file_name(shard.url)
+        if name in known:
+            size = known[name]
+        elif sources.url_kind(shard.url) == "local":
+            size = count_local_tar_samples(sources.local_path(shard.url)) if sources.exists_locally(shard.url) else 0
+        else:
+            try:
+                with sources.open_stream(shard.url) as stream:
+                    size = count_stream_samples(stream)
+            except Exception as error:  # unreadable: it contributes no samples
+                log.warning("cannot read shard %s to count its samples: %s", shard.url, error)
+                size = 0
+        counted.append(attrs.evolve(shard, size=size))
+    return counted
+
+
+def epoch_order(shards: Sequence[Shard], *, shuffle: bool, seed: int, epoch: int) -> List[Shard]:
+    order = sorted(shards, key=lambda s: s.number)
+    if shuffle:
+        random.Random(f"{seed}-{epoch}-shards").shuffle(order)
+    return order
+
+
+def _batch_split(n_batches: int, workers: int, worker: int) -> Tuple[int, int]:
+    """Contiguous batch range [first, first + count) of one worker."""
+    base, extra = divmod(n_batches, workers)
+    first = worker * base + min(worker, extra)
+    return first, base + (1 if worker < extra else 0)
+
+
+def exact_rank_samples(total: int, world_size: int) -> int:
+    return total // world_size
+
+
+def exact_worker_plan(
+    order: Sequence[Shard], *, rank: int, world_size: int, worker: int, workers: int, batch_size: int
+) -> WorkerPlan:
+    """Exact mode: the sample ranges and batch sizes of one worker of one rank (see module doc)."""
+    total = sum(shard.size for shard in order)
+    per_rank = exact_rank_samples(total, world_size)
+    n_batches = math.ceil(per_rank / batch_size)
+    first_batch, count = _batch_split(n_batches, workers, worker)
+    local_start = first_batch * batch_size
+    local_stop = min((first_batch + count) * batch_size, per_rank)
+    batch_sizes = tuple(
+        min(batch_size, local_stop - start) for start in range(local_start, local_stop, batch_size)
+    )
+    start, stop = rank * per_rank + local_start, rank * per_rank + local_stop
+    pieces, offset = [], 0
+    for shard in order:
+        lo, hi = max(start, offset), min(stop, offset + shard.size)
+        if lo < hi:
+            pieces.append(Piece(shard, lo - offset, hi - offset))
+        offset += shard.size
+    return WorkerPlan(batch_sizes=batch_sizes, pieces=tuple(pieces))
+
+
+def capped_batches_per_rank(limit: int, world_size: int, batch_size: int, what: str) -> int:
+    n = limit // (world_size * batch_size)
+    if n == 0:
+        raise DataSetupError(
+            f"{what}={limit} is less than one batch per rank (world_size {world_size} x batch_size {batch_size})"
+        )
+    return n
+
+
+def capped_worker_plan(
+    order: Sequence[Shard], *, limit: int, rank: int, world_size: int, worker: int, workers: int,
+    batch_size: int, resample: bool, what: str,
+) -> WorkerPlan:
+    """Capped mode: full batches for one worker, and the shards it reads (see module doc)."""
+    n_batches = capped_batches_per_rank(limit, world_size, batch_size, what)
+    _, count = _batch_split(n_batches, workers, worker)
+    if resample:
+        shards = tuple(order)
+    else:
+        slots = world_size * workers
+        if len(order) < slots:
+            raise DataSetupError(
+                f"{len(order)} shard(s) for {world_size} rank(s) x {workers} worker(s) = {slots} readers: "
+                f"with {what} set, each reader needs its own shard. Use fewer data.num_workers, more shards, "
+                "or leave the sample limit unset (exact epochs split shards by sample)"
+            )
+        shards = tuple(order[rank * workers + worker::slots])
+    return WorkerPlan(batch_sizes=(batch_size,) * count, shards=shards, resample=resample)
