@@ -1,6 +1,7 @@
 """Typed configuration: frozen attrs classes structured from JSON."""
 from .data import DataConfig, DataSplits
 from .decoder import ClipConfig, DecoderConfig, UnetConfig
+from .errors import ConfigError, ConfigWarning
 from .evaluate import EvaluateConfig
 from .root import TrainDecoderConfig
 from .tracker import (
@@ -17,7 +18,7 @@ from .tracker import (
 from .train import TrainConfig
 
 __all__ = [
-    "ClipConfig", "ConsoleLogConfig", "DataConfig", "DataSplits", "DecoderConfig", "EvaluateConfig",
+    "ClipConfig", "ConfigError", "ConfigWarning", "ConsoleLogConfig", "DataConfig", "DataSplits", "DecoderConfig", "EvaluateConfig",
     "HuggingfaceSaveConfig", "LocalLoadConfig", "LocalSaveConfig", "TrackerConfig", "TrainConfig",
     "TrainDecoderConfig", "UnetConfig", "UrlLoadConfig", "WandbLoadConfig", "WandbLogConfig", "WandbSaveConfig",
 ]

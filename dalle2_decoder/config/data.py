@@ -1,9 +1,15 @@
 """`data`: where the webdataset shards and their CLIP embeddings are, and how they are loaded."""
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+import math
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 import attrs
+
+from .checks import at_least, in_range
+
+if TYPE_CHECKING:
+    from .root import TrainDecoderConfig
 
 
 @attrs.frozen
@@ -16,6 +22,16 @@ class DataSplits:
     """Fraction of shards used for validation (validation loss, evaluation metrics)."""
     test: float = 0.1
     """Fraction of shards used for test examples in sample grids."""
+
+    def check(self, path: str) -> List[str]:
+        problems = []
+        for name in ("train", "val", "test"):
+            problems += in_range(f"{path}.{name}", getattr(self, name), 0.0, 1.0)
+        total = self.train + self.val + self.test
+        if not math.isclose(total, 1.0, rel_tol=0.0, abs_tol=1e-6):
+            problems.append(f"{path}: train + val + test must sum to 1 (got {self.train:g} + {self.val:g} + "
+                            f"{self.test:g} = {total:g})")
+        return problems
 
 
 @attrs.frozen
@@ -56,3 +72,47 @@ class DataConfig:
     """Stop with an error when more than this fraction of the samples seen in a phase is bad."""
     skip_missing_shards: bool = False
     """Leave out local shard files that do not exist (listed in a warning) instead of failing at start."""
+
+    def _embeddings_in_shards(self) -> bool:
+        return self.embeddings_in_shards if self.embeddings_in_shards is not None else self.img_embeddings_url is None
+
+    def check(self, root: "TrainDecoderConfig") -> List[str]:
+        """Problems within `data`, and between it and `train` / `decoder` (where those structured)."""
+        from .preprocessing import preprocessing_problems
+
+        problems = self.splits.check("data.splits")
+        problems += at_least("data.start_shard", self.start_shard, 0)
+        if self.end_shard < self.start_shard:
+            problems.append(f"data.end_shard: must be at least data.start_shard ({self.start_shard}), got {self.end_shard}")
+        for name, minimum in (("num_workers", 0), ("batch_size", 1), ("shard_width", 1), ("index_width", 1),
+                              ("shuffle_buffer", 1)):
+            problems += at_least(f"data.{name}", getattr(self, name), minimum)
+        problems += in_range("data.max_bad_sample_fraction", self.max_bad_sample_fraction, 0.0, 1.0)
+        if self.resample_train and self.shuffle_train:
+            problems.append("data.resample_train: cannot be combined with data.shuffle_train; set shuffle_train to "
+                            "false (resampling already draws shards at random)")
+        if self.resample_train and root.train is not None and root.train.epoch_samples is None:
+            problems.append("data.resample_train: needs train.epoch_samples, since a resampled epoch never ends by itself")
+        problems += preprocessing_problems(self.preprocessing)
+
+        decoder = root.decoder
+        if decoder is not None:
+            clip = decoder.clip is not None
+            in_shards = self._embeddings_in_shards()
+            if not decoder.options.get("unconditional", False) and not (self.img_embeddings_url or in_shards or clip):
+                problems.append("data.img_embeddings_url: the decoder needs image embeddings and has no source for them; "
+                                "give img_embeddings_url, keep them in the shards (embeddings_in_shards), or set "
+                                "decoder.clip to compute them")
+            text_unets = [index for index, unet in enumerate(decoder.unets) if unet.conditions_on_text]
+            if text_unets and not (self.text_embeddings_url or in_shards or clip):
+                problems.append(f"data.text_embeddings_url: decoder.unets[{text_unets[0]}] conditions on text "
+                                "(cond_on_text_encodings) but there is no source of text embeddings; give "
+                                "text_embeddings_url, keep them in the shards (embeddings_in_shards), or set decoder.clip")
+        return problems
+
+    def notes(self, root: "TrainDecoderConfig") -> List[str]:
+        notes = []
+        if self.text_embeddings_url and root.decoder is not None and not root.decoder.conditions_on_text:
+            notes.append("data.text_embeddings_url: no U-Net conditions on text (cond_on_text_encodings), so the text "
+                         "embeddings are not used")
+        return notes

@@ -11,9 +11,16 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Un
 
 import attrs
 
+from .checks import at_least, in_range, one_of, one_per_unet, per_unet
+
 if TYPE_CHECKING:  # imported lazily: building a config must not need torch
     from ..models.decoder import Decoder
     from ..models.unet import Unet
+    from .root import TrainDecoderConfig
+
+CLIP_MAKES = ("openai", "open_clip")
+LOSS_TYPES = ("l1", "l2", "huber")
+BETA_SCHEDULES = ("cosine", "linear", "quadratic", "jsd", "sigmoid")
 
 
 @attrs.frozen
@@ -29,6 +36,9 @@ class ClipConfig:
     cache_dir: Optional[str] = None
     """Folder where weights are looked up (and downloaded to, where a network is available)."""
 
+    def check(self, path: str) -> List[str]:
+        return one_of(f"{path}.make", self.make, CLIP_MAKES)
+
 
 @attrs.frozen
 class UnetConfig:
@@ -42,6 +52,19 @@ class UnetConfig:
     """Channel multiplier of each resolution level."""
     options: Dict[str, Any] = attrs.field(factory=dict)
     """Further `Unet` constructor parameters, by name (checked against its signature)."""
+
+    def check(self, path: str) -> List[str]:
+        problems = at_least(f"{path}.dim", self.dim, 1) + at_least(f"{path}.image_embed_dim", self.image_embed_dim, 1)
+        if not self.dim_mults:
+            problems.append(f"{path}.dim_mults: needs at least one resolution level")
+        if any(mult < 1 for mult in self.dim_mults):
+            problems.append(f"{path}.dim_mults: every multiplier must be at least 1 (got {list(self.dim_mults)})")
+        return problems
+
+    @property
+    def conditions_on_text(self) -> bool:
+        """Whether this U-Net is given text encodings (`cond_on_text_encodings`)."""
+        return bool(self.options.get("cond_on_text_encodings", False))
 
     def create(self) -> "Unet":
         from ..models.unet import Unet
@@ -69,8 +92,8 @@ class DecoderConfig:
     """DDIM sampling steps, one value or one per U-Net; None samples the full chain."""
     loss_type: str = "l2"
     """Loss: `l1`, `l2` or `huber`."""
-    beta_schedule: Union[None, str, List[str]] = None
-    """Noise schedule, one or per U-Net: cosine (the default, None), linear, quadratic, jsd, sigmoid."""
+    beta_schedule: Union[None, str, List[str]] = "cosine"
+    """Noise schedule, one or one per U-Net: cosine, linear, quadratic, jsd or sigmoid (null means cosine)."""
     learned_variance: Union[bool, List[bool]] = True
     """Learn the reverse-process variance (hybrid loss), one value or one per U-Net."""
     image_cond_drop_prob: float = 0.1
@@ -79,6 +102,54 @@ class DecoderConfig:
     """Probability of dropping the text encodings in training (classifier-free guidance)."""
     options: Dict[str, Any] = attrs.field(factory=dict)
     """Further `Decoder` constructor parameters, by name (checked against its signature)."""
+
+    def check(self, root: "TrainDecoderConfig") -> List[str]:
+        """Problems within the decoder section (the U-Nets, sizes and per-U-Net lists agree)."""
+        problems: List[str] = []
+        num_unets = len(self.unets)
+        if num_unets == 0:
+            problems.append("decoder.unets: needs at least one U-Net")
+        for index, unet in enumerate(self.unets):
+            problems += unet.check(f"decoder.unets[{index}]")
+        if len(self.image_sizes) != num_unets:
+            problems.append(f"decoder.image_sizes: has {len(self.image_sizes)} sizes but decoder.unets has {num_unets} "
+                            "U-Nets; give one output size per U-Net")
+        for index, size in enumerate(self.image_sizes):
+            problems += at_least(f"decoder.image_sizes[{index}]", size, 1)
+        if any(later <= earlier for earlier, later in zip(self.image_sizes, self.image_sizes[1:])):
+            problems.append(f"decoder.image_sizes: sizes must increase from each U-Net to the next (got {self.image_sizes})")
+        if self.clip is not None:
+            problems += self.clip.check("decoder.clip")
+        problems += at_least("decoder.channels", self.channels, 1)
+        problems += at_least("decoder.timesteps", self.timesteps, 1)
+        problems += one_of("decoder.loss_type", self.loss_type, LOSS_TYPES)
+        problems += in_range("decoder.image_cond_drop_prob", self.image_cond_drop_prob, 0.0, 1.0)
+        problems += in_range("decoder.text_cond_drop_prob", self.text_cond_drop_prob, 0.0, 1.0)
+        for name in ("beta_schedule", "learned_variance", "sample_timesteps"):
+            problems += one_per_unet(f"decoder.{name}", getattr(self, name), num_unets)
+        schedules = self.beta_schedule if isinstance(self.beta_schedule, list) else [self.beta_schedule]
+        for index, schedule in enumerate(schedules):
+            where = f"decoder.beta_schedule[{index}]" if isinstance(self.beta_schedule, list) else "decoder.beta_schedule"
+            if schedule is not None:
+                problems += one_of(where, schedule, BETA_SCHEDULES)
+        for index, steps in enumerate(per_unet(self.sample_timesteps, num_unets)):
+            if steps is not None and not 1 <= steps <= self.timesteps:
+                problems.append(f"decoder.sample_timesteps: U-Net {index} samples with {steps} steps; "
+                                f"it must be between 1 and decoder.timesteps ({self.timesteps})")
+        return problems
+
+    def notes(self, root: "TrainDecoderConfig") -> List[str]:
+        """Options that are accepted but have no effect."""
+        notes = []
+        if self.image_size is not None:
+            notes.append("decoder.image_size: accepted for compatibility and ignored; decoder.image_sizes sets the "
+                         "resolution of each U-Net")
+        return notes
+
+    @property
+    def conditions_on_text(self) -> bool:
+        """Whether any U-Net is given text encodings."""
+        return any(unet.conditions_on_text for unet in self.unets)
 
     def create(self) -> "Decoder":
         from ..models.decoder import Decoder

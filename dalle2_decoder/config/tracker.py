@@ -6,9 +6,14 @@ keys that implementation needs.
 """
 from __future__ import annotations
 
-from typing import List, Literal, Optional, Union
+from typing import TYPE_CHECKING, List, Literal, Optional, Union
 
 import attrs
+
+from .checks import at_least, not_empty
+
+if TYPE_CHECKING:
+    from .root import TrainDecoderConfig
 
 # --- log -------------------------------------------------------------------------------------
 
@@ -174,3 +179,44 @@ class TrackerConfig:
     """Delete an existing non-empty `data_path` at start instead of failing."""
     upload_retries: int = 3
     """Attempts for each upload before the failure is reported (training goes on)."""
+
+    def check(self, root: "TrainDecoderConfig") -> List[str]:
+        """Each logger, loader and saver has what its kind needs, and every saver saves something."""
+        problems = not_empty("tracker.data_path", self.data_path) + at_least("tracker.upload_retries", self.upload_retries, 1)
+        logs_to_wandb = isinstance(self.log, WandbLogConfig)
+        if logs_to_wandb:
+            problems += not_empty("tracker.log.wandb_entity", self.log.wandb_entity)
+            problems += not_empty("tracker.log.wandb_project", self.log.wandb_project)
+            if self.log.resume and not self.log.wandb_run_id:
+                problems.append("tracker.log.resume: needs tracker.log.wandb_run_id, the run to resume")
+        if isinstance(self.load, LocalLoadConfig):
+            problems += not_empty("tracker.load.file_path", self.load.file_path)
+        elif isinstance(self.load, UrlLoadConfig):
+            problems += not_empty("tracker.load.url", self.load.url)
+        elif isinstance(self.load, WandbLoadConfig):
+            problems += not_empty("tracker.load.wandb_file_path", self.load.wandb_file_path)
+            if self.load.wandb_run_path is None and not logs_to_wandb:
+                problems.append("tracker.load.wandb_run_path: needed unless tracker.log.log_type is wandb (without it "
+                                "the checkpoint is taken from the logged run)")
+        if not self.save:
+            problems.append("tracker.save: needs at least one saver")
+        for index, saver in enumerate(self.save):
+            path = f"tracker.save[{index}]"
+            targets = ("save_latest_to", "save_best_to", "save_meta_to")
+            for name in targets:
+                problems += not_empty(f"{path}.{name}", getattr(saver, name))
+            if all(getattr(saver, name) is None for name in targets):
+                problems.append(f"{path}: saves nothing; set save_latest_to, save_best_to or save_meta_to")
+            if isinstance(saver, HuggingfaceSaveConfig):
+                problems += not_empty(f"{path}.huggingface_repo", saver.huggingface_repo)
+            if isinstance(saver, WandbSaveConfig) and saver.wandb_run_path is None and not logs_to_wandb:
+                problems.append(f"{path}.wandb_run_path: needed unless tracker.log.log_type is wandb (without it "
+                                "saves go into the logged run)")
+        return problems
+
+    def notes(self, root: "TrainDecoderConfig") -> List[str]:
+        notes = []
+        if isinstance(self.log, ConsoleLogConfig) and self.log.resume:
+            notes.append("tracker.log.resume: the console logger has no remote run to resume, so this is ignored "
+                         "(auto_resume continues an interrupted run from tracker.data_path)")
+        return notes

@@ -1,11 +1,19 @@
 """`train`: optimisation, EMA, precision, epochs and the sample/save cadence."""
 from __future__ import annotations
 
-from typing import List, Optional, Union
+from typing import TYPE_CHECKING, List, Optional, Union
 
 import attrs
 
+from .checks import at_least, in_range, one_of, one_per_unet, per_unet
+
+if TYPE_CHECKING:
+    from .root import TrainDecoderConfig
+
 FloatOrPerUnet = Union[float, List[float]]
+IntOrPerUnet = Union[int, List[int]]
+MIXED_PRECISION = ("no", "fp16", "bf16")
+PER_UNET_OPTIONS = ("lr", "wd", "max_grad_norm", "cond_scale", "warmup_steps")
 
 
 @attrs.frozen
@@ -44,11 +52,63 @@ class TrainConfig:
     """Explicit precision: `no`, `fp16` or `bf16`; overrides `amp` when set."""
     unet_training_mask: Optional[List[bool]] = None
     """One boolean per U-Net; false freezes that U-Net. None trains all U-Nets."""
-    warmup_steps: Optional[int] = None
-    """Linear learning-rate warm-up over this many optimizer steps."""
+    warmup_steps: Optional[IntOrPerUnet] = None
+    """Linear learning-rate warm-up over this many optimizer steps, one value or one per U-Net; None: no warm-up."""
     gradient_accumulation_steps: int = 1
     """Micro-batches accumulated per optimizer step."""
     find_unused_parameters: bool = True
     """DistributedDataParallel option for multi-process runs."""
     static_graph: bool = False
     """DistributedDataParallel option for multi-process runs."""
+
+    def for_unet(self, name: str, unet_index: int) -> object:
+        """The value of a per-U-Net option (`lr`, `wd`, ...) for the U-Net at `unet_index` (0-based)."""
+        value = getattr(self, name)
+        return value[unet_index] if isinstance(value, list) else value
+
+    def trains_unet(self, unet_index: int) -> bool:
+        """Whether the U-Net at `unet_index` (0-based) is trained (not frozen by `unet_training_mask`)."""
+        return self.unet_training_mask is None or self.unet_training_mask[unet_index]
+
+    def check(self, root: "TrainDecoderConfig") -> List[str]:
+        """Problems within `train`, and per-U-Net lists against the number of U-Nets in `decoder`."""
+        problems: List[str] = []
+        num_unets = len(root.decoder.unets) if root.decoder is not None else None
+        for name in PER_UNET_OPTIONS:
+            problems += one_per_unet(f"train.{name}", getattr(self, name), num_unets)
+        if self.unet_training_mask is not None:
+            problems += one_per_unet("train.unet_training_mask", self.unet_training_mask, num_unets)
+            if not any(self.unet_training_mask):
+                problems.append("train.unet_training_mask: freezes every U-Net; at least one entry must be true")
+        for name, minimum in (("epochs", 1), ("save_every_n_samples", 1), ("n_sample_images", 1),
+                              ("epoch_samples", 1), ("validation_samples", 0), ("gradient_accumulation_steps", 1)):
+            problems += at_least(f"train.{name}", getattr(self, name), minimum)
+        for name, minimum in (("lr", 0.0), ("wd", 0.0), ("max_grad_norm", 0.0), ("cond_scale", 0.0), ("warmup_steps", 0)):
+            value = getattr(self, name)
+            for index, item in enumerate(per_unet(value, 1)):
+                where = f"train.{name}[{index}]" if isinstance(value, list) else f"train.{name}"
+                problems += at_least(where, item, minimum)
+        for name in ("lr", "max_grad_norm"):
+            if any(item == 0 for item in per_unet(getattr(self, name), 1)):
+                problems.append(f"train.{name}: must be greater than 0" + (" (null disables clipping)" if name == "max_grad_norm" else ""))
+        problems += in_range("train.ema_beta", self.ema_beta, 0.0, 1.0)
+        if self.mixed_precision is not None:
+            problems += one_of("train.mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        problems += _device_problems(self.device)
+        return problems
+
+    def notes(self, root: "TrainDecoderConfig") -> List[str]:
+        notes = []
+        if self.amp and self.mixed_precision is not None:
+            notes.append(f"train.amp: overridden by train.mixed_precision ({self.mixed_precision})")
+        return notes
+
+
+def _device_problems(device: str) -> List[str]:
+    import torch
+
+    try:
+        torch.device(device)
+    except (RuntimeError, ValueError) as error:
+        return [f"train.device: not a device torch knows ({error}); e.g. cpu, cuda or cuda:0"]
+    return []
