@@ -1,0 +1,496 @@
+"""The tracker: one object that logs, loads the start checkpoint and saves, built once at setup.
+
+`create_tracker` returns a `Tracker` on the main process and a `NullTracker` (same methods, does
+nothing) on every other process, so the training loop calls the same methods on every rank and
+never asks which rank it is. See docs/TRACKING.md for the protocol the trainer follows.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import datetime
+import json
+import platform
+import shutil
+import socket
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+from ..config.tracker import (
+    HuggingfaceSaveConfig,
+    LocalLoadConfig,
+    LocalSaveConfig,
+    TrackerConfig,
+    UrlLoadConfig,
+    WandbLoadConfig,
+    WandbLogConfig,
+    WandbSaveConfig,
+)
+from .checkpoint import LoadedCheckpoint, read_file, save_checkpoint, save_model
+from .loaders import LoadError, LocalLoader, UrlLoader, WandbLoader
+from .loggers import ConsoleLogger, ImagesLike, WandbLogger, generate_run_id, to_uint8_images
+from .redact import redact
+from .run_state import RunState, prepare_data_path, read_run_state, write_run_state
+from .savers import HuggingfaceSaver, LocalSaver, SaveFile, Uploader, WandbSaver, link_or_copy, resolve_hub_token
+
+StateSource = Union[Mapping[str, Any], Callable[[], Mapping[str, Any]], None]
+"""A state dict, or a function returning one (called only when some saver needs it)."""
+
+Broadcast = Callable[[List[Any]], Any]
+"""Broadcasts a one-element list in place from the main process, e.g. accelerate's `broadcast_object_list`."""
+
+RESUME_CHECKPOINT = Path("resume") / "latest_checkpoint.pt"
+
+
+class TrackerSetupError(ValueError):
+    """The tracker configuration cannot work; lists every problem found."""
+
+    def __init__(self, problems: Sequence[str]):
+        self.problems = list(problems)
+        super().__init__("tracker configuration problems:\n" + "\n".join(f"  - {problem}" for problem in problems))
+
+
+class NullTracker:
+    """The tracker of every process but the main one: the same methods, doing nothing.
+
+    `load(broadcast=...)` still takes part in the broadcast, so every rank reaches it.
+    """
+
+    def log(self, metrics: Mapping[str, Any], step: int) -> None:
+        pass
+
+    def log_images(self, name: str, images: ImagesLike, captions: Optional[Sequence[str]] = None, step: int = 0) -> None:
+        pass
+
+    def info(self, message: str) -> None:
+        pass
+
+    def load(self, broadcast: Optional[Broadcast] = None) -> Optional[LoadedCheckpoint]:
+        if broadcast is None:
+            return None
+        received: List[Any] = [None]
+        broadcast(received)
+        return received[0]
+
+    def save(
+        self, *, step: int, checkpoint_state: StateSource = None, model_state: StateSource = None, is_best: bool = False
+    ) -> None:
+        pass
+
+    def wait_for_uploads(self) -> None:
+        pass
+
+    def finish(self, success: bool = True) -> None:
+        pass
+
+    def __enter__(self) -> "NullTracker":
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        self.finish(success=exc_type is None)
+
+
+def _evaluate(source: StateSource, name: str) -> Mapping[str, Any]:
+    if source is None:
+        raise ValueError(f"a saver needs {name}, but save() was called without it")
+    return source() if callable(source) else source
+
+
+class Tracker:
+    """The main process's tracker. Build it with `create_tracker`."""
+
+    def __init__(
+        self,
+        config: TrackerConfig,
+        *,
+        data_path: Path,
+        logger: Union[ConsoleLogger, WandbLogger],
+        loader: Union[LocalLoader, UrlLoader, WandbLoader, None],
+        savers: List[Union[LocalSaver, HuggingfaceSaver, WandbSaver]],
+        uploader: Uploader,
+        run_state: RunState,
+        auto_resuming: bool,
+        config_dict: Dict[str, Any],
+    ):
+        self.config = config
+        self.data_path = data_path
+        self.logger = logger
+        self.loader = loader
+        self.savers = savers
+        self.uploader = uploader
+        self.run_state = run_state
+        self.auto_resuming = auto_resuming
+        self.config_dict = config_dict
+        self.config_json = json.dumps(config_dict)
+        self._finished = False
+
+    # --- logging -------------------------------------------------------------------------------
+
+    @property
+    def run_id(self) -> str:
+        """The run's id (the wandb run id when logging to wandb); kept across auto-resumes."""
+        return self.run_state.run_id
+
+    def log(self, metrics: Mapping[str, Any], step: int) -> None:
+        """Log scalar metrics (floats, ints or 0-dim tensors) at `step`."""
+        self.logger.log(metrics, step)
+
+    def log_images(self, name: str, images: ImagesLike, captions: Optional[Sequence[str]] = None, step: int = 0) -> None:
+        """Log sample images under `name`: a (B, 3, H, W) tensor in [0, 1] or a list of images, one caption each."""
+        self.logger.log_images(name, to_uint8_images(images), captions, step)
+
+    def info(self, message: str) -> None:
+        """Print a progress message (main process only, like everything here)."""
+        print(message, flush=True)
+
+    # --- loading -------------------------------------------------------------------------------
+
+    def load(self, broadcast: Optional[Broadcast] = None) -> Optional[LoadedCheckpoint]:
+        """The checkpoint to start from, or None to start fresh.
+
+        An interrupted run's latest local checkpoint wins (auto-resume); otherwise the configured
+        loader, unless it is `only_auto_resume` and this run is not being auto-resumed. With
+        `broadcast`, the result is sent to every process (each calls `load(broadcast)`).
+        """
+        loaded = self._load()
+        if broadcast is not None:
+            sent: List[Any] = [loaded]
+            broadcast(sent)
+        return loaded
+
+    def _load(self) -> Optional[LoadedCheckpoint]:
+        if self.auto_resuming and self.run_state.latest_checkpoint:
+            path = Path(self.run_state.latest_checkpoint)
+            if not path.is_file():
+                raise LoadError(
+                    f"the interrupted run in {self.data_path} records its latest checkpoint at {path}, which is "
+                    "missing; restore that file, or delete run_state.json there to start over"
+                )
+            self.info(f"auto-resume: loading the interrupted run's latest checkpoint {path}")
+            return dataclasses.replace(read_file(path), source=f"auto-resume {path}", auto_resumed=True)
+        if self.loader is None:
+            return None
+        if self.loader.config.only_auto_resume and not self.auto_resuming:
+            self.info(f"tracker.load ({self.loader.describe()}) is only_auto_resume and this run is new: starting fresh")
+            return None
+        self.info(f"loading the start checkpoint from {self.loader.describe()}")
+        path = self.loader.fetch()
+        return dataclasses.replace(read_file(path), source=self.loader.describe(), auto_resumed=self.auto_resuming)
+
+    # --- saving --------------------------------------------------------------------------------
+
+    def save(
+        self, *, step: int, checkpoint_state: StateSource = None, model_state: StateSource = None, is_best: bool = False
+    ) -> None:
+        """Save to every configured saver.
+
+        `checkpoint_state`: everything needed to resume (for `save_type: checkpoint`); `model_state`:
+        the decoder's weights, EMA ones when EMA is on (for `save_type: model`). Either may be a
+        function, called only if some saver needs it. `is_best`: also write the `save_best_to` paths.
+        Local writes finish before this returns; uploads go on in the background (`wait_for_uploads`).
+        """
+        staging = self.data_path / ".staging" / f"step_{step}-{uuid.uuid4().hex[:8]}"
+        artifacts: Dict[Tuple[str, str], Path] = {}
+
+        def artifact(kind: str, suffix: str) -> Path:
+            if (kind, suffix) not in artifacts:
+                if kind == "checkpoint":
+                    state = _evaluate(checkpoint_state, "checkpoint_state")
+                    path = save_checkpoint(staging / f"checkpoint{suffix}", state, step=step, config_json=self.config_json)
+                else:
+                    state = _evaluate(model_state, "model_state")
+                    path = save_model(staging / f"model{suffix}", state, step=step, config_json=self.config_json)
+                artifacts[(kind, suffix)] = path
+            return artifacts[(kind, suffix)]
+
+        meta_files: List[Path] = []
+
+        def metadata() -> List[Path]:
+            if not meta_files:
+                folder = staging / "meta"
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / "config.json").write_text(json.dumps(self.config_dict, indent=2) + "\n")
+                (folder / "run_metadata.json").write_text(json.dumps(self._metadata(step, is_best), indent=2) + "\n")
+                meta_files.extend([folder / "config.json", folder / "run_metadata.json"])
+            return meta_files
+
+        try:
+            plans = []
+            for saver in self.savers:
+                files = []
+                targets = [saver.config.save_latest_to] + ([saver.config.save_best_to] if is_best else [])
+                for dest in filter(None, targets):
+                    suffix = ".safetensors" if dest.endswith(".safetensors") else ".pt"
+                    files.append(SaveFile(artifact(saver.config.save_type, suffix), dest))
+                if saver.config.save_meta_to:
+                    folder = saver.config.save_meta_to.rstrip("/")
+                    files.extend(SaveFile(local, f"{folder}/{local.name}") for local in metadata())
+                if files:
+                    plans.append((saver, files))
+
+            for saver, files in plans:
+                if not saver.remote:
+                    self.uploader.submit(saver, files, step, on_success=lambda: None)
+            self._record_resume_point(step, artifacts, checkpoint_state)
+
+            for index, (saver, files) in enumerate(plans):
+                if saver.remote:
+                    # each upload gets its own links to the files: they stay there if the upload fails
+                    pending = self.data_path / "uploads" / f"saver{index}-{type(saver).__name__}" / f"step_{step}"
+                    kept = [SaveFile(link_or_copy(file.local, pending / file.dest.lstrip("/")), file.dest) for file in files]
+                    self.uploader.submit(
+                        saver, kept, step, on_success=lambda folder=pending: shutil.rmtree(folder, ignore_errors=True)
+                    )
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _record_resume_point(self, step: int, artifacts: Dict[Tuple[str, str], Path], checkpoint_state: StateSource) -> None:
+        """Remember the latest local resumable checkpoint in run_state.json (for auto-resume)."""
+        latest: Optional[Path] = None
+        for saver in self.savers:
+            config = saver.config
+            if isinstance(saver, LocalSaver) and config.save_type == "checkpoint" and config.save_latest_to:
+                latest = saver.resolve(config.save_latest_to)
+        if latest is None:
+            have_state = ("checkpoint", ".pt") in artifacts or (self.config.log.auto_resume and checkpoint_state is not None)
+            if not have_state:
+                return
+            latest = self.data_path / RESUME_CHECKPOINT
+            staged = artifacts.get(("checkpoint", ".pt"))
+            if staged is None:
+                save_checkpoint(latest, _evaluate(checkpoint_state, "checkpoint_state"), step=step, config_json=self.config_json)
+            else:
+                link_or_copy(staged, latest)
+        self.run_state.latest_checkpoint = str(latest)
+        self.run_state.step = step
+        write_run_state(self.data_path, self.run_state)
+
+    def _metadata(self, step: int, is_best: bool) -> Dict[str, Any]:
+        import torch
+
+        from .. import __version__
+
+        return {
+            "run_id": self.run_state.run_id,
+            "wandb_run_path": self.run_state.wandb_run_path,
+            "step": step,
+            "is_best": is_best,
+            "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "started_at": datetime.datetime.fromtimestamp(self.run_state.started_at, datetime.timezone.utc).isoformat(
+                timespec="seconds"
+            ),
+            "attempts": self.run_state.attempts,
+            "host": socket.gethostname(),
+            "versions": {"dalle2_decoder": __version__, "torch": torch.__version__, "python": platform.python_version()},
+        }
+
+    @property
+    def upload_failures(self) -> List[str]:
+        """One message per upload that failed after all its attempts (training went on)."""
+        return list(self.uploader.failures)
+
+    def wait_for_uploads(self) -> None:
+        """Block until background uploads are done (each succeeded or was reported)."""
+        self.uploader.wait()
+
+    # --- end -----------------------------------------------------------------------------------
+
+    def finish(self, success: bool = True) -> None:
+        """Wait for uploads, mark the run finished (when `success`), close the logger. Idempotent."""
+        if self._finished:
+            return
+        self._finished = True
+        try:
+            self.uploader.close()
+        finally:
+            if success:
+                self.run_state.finished = True
+                write_run_state(self.data_path, self.run_state)
+            self.logger.finish(success)
+
+    def __enter__(self) -> "Tracker":
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        self.finish(success=exc_type is None)
+
+
+# --- construction --------------------------------------------------------------------------------
+
+
+def _save_targets(config) -> List[str]:
+    return [path for path in (config.save_latest_to, config.save_best_to) if path]
+
+
+def _check_config(config: TrackerConfig, auto_resuming: bool) -> List[str]:
+    """Cross-field problems that can be found without touching anything."""
+    problems = []
+    log = config.log
+    is_wandb = isinstance(log, WandbLogConfig)
+    if config.upload_retries < 1:
+        problems.append(f"tracker.upload_retries must be at least 1, got {config.upload_retries}")
+    if is_wandb and log.resume and not log.wandb_run_id:
+        problems.append("tracker.log: resume is true but wandb_run_id is not set (which run should be resumed?)")
+    for index, save in enumerate(config.save):
+        where = f"tracker.save[{index}] ({save.save_to})"
+        if save.save_type == "checkpoint":
+            for path in _save_targets(save):
+                if path.endswith(".safetensors"):
+                    problems.append(
+                        f"{where}: {path} ends in .safetensors but save_type is checkpoint; safetensors holds "
+                        "model weights only (save_type: model), checkpoints are .pt files"
+                    )
+        if isinstance(save, WandbSaveConfig) and save.wandb_run_path is None and not is_wandb:
+            problems.append(f"{where}: saving to the current wandb run needs tracker.log.log_type 'wandb' (or set wandb_run_path)")
+    load = config.load
+    if load is not None and not (load.only_auto_resume and not auto_resuming):
+        if isinstance(load, WandbLoadConfig) and load.wandb_run_path is None:
+            resuming_wandb = is_wandb and (log.resume or auto_resuming)
+            if not resuming_wandb:
+                problems.append(
+                    "tracker.load (wandb): wandb_run_path is not set and no wandb run is being resumed; set "
+                    "wandb_run_path to 'entity/project/run_id', or resume a wandb run (tracker.log resume or auto_resume)"
+                )
+        elif isinstance(load, LocalLoadConfig):
+            try:
+                LocalLoader(load).check()
+            except LoadError as error:
+                problems.append(str(error))
+        elif isinstance(load, UrlLoadConfig):
+            try:
+                UrlLoader(load, Path(".")).check()
+            except LoadError as error:
+                problems.append(str(error))
+    return problems
+
+
+def create_tracker(
+    config: TrackerConfig,
+    *,
+    full_config_dict: Mapping[str, Any],
+    is_main_process: bool,
+    retry_wait_s: float = 2.0,
+) -> Union[Tracker, NullTracker]:
+    """Build the tracker for this process: a `Tracker` on the main process, a `NullTracker` elsewhere.
+
+    `full_config_dict` is the whole run config as plain JSON data; it is logged and saved with
+    secrets masked. Every problem with the tracker config (or a missing start checkpoint) is raised
+    here, before training starts. `retry_wait_s` is the wait before the first upload retry (doubling after).
+    """
+    if not is_main_process:
+        return NullTracker()
+
+    data_path = Path(config.data_path).expanduser().resolve()
+    log = config.log
+    previous = read_run_state(data_path) if log.auto_resume else None
+    auto_resuming = previous is not None and not previous.finished
+
+    problems = _check_config(config, auto_resuming)
+    hub_tokens: Dict[int, str] = {}
+    for index, save in enumerate(config.save):
+        if isinstance(save, HuggingfaceSaveConfig):
+            try:
+                token = resolve_hub_token(save)
+            except Exception as error:
+                problems.append(str(error))
+                continue
+            if token is None:
+                problems.append(
+                    f"tracker.save[{index}] (huggingface): no hub token; log in with `hf auth login`, set HF_TOKEN, "
+                    "or point token_path to a file holding the token"
+                )
+            else:
+                hub_tokens[index] = token
+    if problems:
+        raise TrackerSetupError(problems)
+
+    config_dict = redact(dict(full_config_dict), known_secrets=hub_tokens.values())
+    resumed = prepare_data_path(data_path, overwrite=config.overwrite_data_path, auto_resume=log.auto_resume)
+    now = time.time()
+    if resumed is not None:
+        run_state = dataclasses.replace(resumed, attempts=resumed.attempts + 1)
+        print(f"auto-resume: continuing run {run_state.run_id} in {data_path} (attempt {run_state.attempts})", flush=True)
+    else:
+        run_state = RunState(run_id=generate_run_id(), started_at=now)
+
+    logger: Union[ConsoleLogger, WandbLogger]
+    if isinstance(log, WandbLogConfig):
+        if resumed is not None:
+            run_id, resume = resumed.run_id, "allow"
+        elif log.resume:
+            run_id, resume = log.wandb_run_id, "must"
+        else:
+            run_id, resume = log.wandb_run_id or run_state.run_id, None
+        wandb_dir = None if os.environ.get("WANDB_DIR") else data_path
+        logger = WandbLogger(
+            entity=log.wandb_entity, project=log.wandb_project, run_name=log.wandb_run_name, run_id=run_id,
+            resume=resume, config=config_dict, wandb_dir=wandb_dir,
+        )
+        run_state.run_id = logger.run_id
+        run_state.wandb_run_path = logger.run_path
+    else:
+        logger = ConsoleLogger(data_path)
+    write_run_state(data_path, run_state)
+
+    try:
+        loader = _create_loader(config, logger, data_path, resuming_wandb=resumed is not None or log.resume)
+        savers = _create_savers(config, logger, data_path, hub_tokens)
+    except BaseException:
+        logger.finish(success=False)
+        raise
+    return Tracker(
+        config,
+        data_path=data_path,
+        logger=logger,
+        loader=loader,
+        savers=savers,
+        uploader=Uploader(config.upload_retries, retry_wait_s),
+        run_state=run_state,
+        auto_resuming=resumed is not None,
+        config_dict=config_dict,
+    )
+
+
+def _create_loader(config: TrackerConfig, logger, data_path: Path, resuming_wandb: bool):
+    load = config.load
+    downloads = data_path / "downloads"
+    if load is None:
+        return None
+    if isinstance(load, LocalLoadConfig):
+        return LocalLoader(load)
+    if isinstance(load, UrlLoadConfig):
+        return UrlLoader(load, downloads)
+    roots: List[Path] = []
+    if isinstance(logger, WandbLogger):
+        roots.append(logger.files_dir.parent.parent)
+        offline = logger.offline
+        run_path = logger.run_path if resuming_wandb else None
+    else:
+        offline = os.environ.get("WANDB_MODE", "") in ("offline", "dryrun", "disabled")
+        run_path = None
+    if os.environ.get("WANDB_DIR"):
+        roots.append(Path(os.environ["WANDB_DIR"]) / "wandb")
+    roots.append(data_path / "wandb")
+    unique_roots = list(dict.fromkeys(path.resolve() for path in roots))
+    return WandbLoader(load, run_path=run_path, wandb_roots=unique_roots, offline=offline, download_dir=downloads)
+
+
+def _create_savers(config: TrackerConfig, logger, data_path: Path, hub_tokens: Dict[int, str]):
+    savers = []
+    for index, save in enumerate(config.save):
+        if isinstance(save, LocalSaveConfig):
+            savers.append(LocalSaver(save, data_path))
+        elif isinstance(save, HuggingfaceSaveConfig):
+            savers.append(HuggingfaceSaver(save, hub_tokens[index]))
+        else:
+            in_run = isinstance(logger, WandbLogger) and save.wandb_run_path is None
+            savers.append(
+                WandbSaver(
+                    save,
+                    run_files_dir=(lambda: logger.files_dir) if in_run else None,
+                    save_in_run=logger.run.save if in_run else None,
+                )
+            )
+    return savers
