@@ -22,7 +22,7 @@ from webdataset.filters import shuffle as wds_shuffle
 
 from . import plan as planning
 from . import sources
-from .stats import BadDataError, check_bad_fraction, new_counts
+from .stats import BadDataError, check_bad_fraction, format_counts, new_counts
 from .tar_reader import ShardReadError, iter_tar_samples
 
 log = logging.getLogger(__name__)
@@ -120,9 +120,11 @@ class ShardDataset(IterableDataset):
                 sample = next(samples, None)
                 if sample is None:
                     if not recent:
+                        check_bad_fraction(counts, s.max_bad_fraction, where, final=True)
                         raise BadDataError(
                             f"{where}: no readable sample in its share of the data "
-                            f"({len(plan.pieces) or len(plan.shards)} shard range(s)); cannot fill its batches"
+                            f"({len(plan.pieces) or len(plan.shards)} shard range(s)), so its batches cannot "
+                            f"be filled: {format_counts(counts)}"
                         )
                     # Bad samples were skipped: repeat recent good ones so every rank yields
                     # the same number of batches of the planned sizes.
@@ -169,7 +171,7 @@ class ShardDataset(IterableDataset):
         delivered = 0
 
         def lose(reason: str, error: Exception) -> None:
-            counts["shards_failed"] += 1
+            counts["shard_read_errors"] += 1
             log.warning("%s: %s (%s)", reason.replace("_", " "), shard.url, error)
             if planned is not None:
                 counts["seen"] += planned - delivered

@@ -28,7 +28,7 @@ class ShardLoader:
     - `len(loader)`: batches per epoch, the same on every rank.
     - `loader.set_epoch(epoch)`: choose the epoch's shard order and shuffle (call before iterating).
     - `loader.stats`: the counts of the latest (or current) pass: `seen`, `ok`, each bad reason,
-      `padded`, `dropped_for_balance`, `shards_failed` (summed over this rank's workers).
+      `padded`, `dropped_for_balance`, `shard_read_errors` (summed over this rank's workers).
     """
 
     def __init__(self, dataset: ShardDataset, *, num_workers: int, pin_memory: bool = False,

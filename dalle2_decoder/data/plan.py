@@ -97,7 +97,8 @@ def discover_shards(
     the range ends at the last shard found, and shard numbers missing inside the range are all
     reported in one error (or, with `skip_missing_shards`, one warning). http and `pipe:` sources
     cannot be listed, so they need an explicit `end_shard`; a shard missing there is found when it
-    is read and counted as bad data. Shards without an embedding file (when embedding folders are
+    is read and counted as bad data. With the default `end_shard` only gaps between the first and
+    last shard found count as missing; with an explicit one, every number of the range must exist. Shards without an embedding file (when embedding folders are
     given) are left out with a warning.
     """
     sources.check_base_url(base_url)
@@ -118,13 +119,13 @@ def discover_shards(
                 f"no shard of {base_url!r} found with a number in {start_shard}..{end_shard} "
                 f"(shard_width {shard_width})"
             )
-        last = in_range[-1] if end_shard == sources.END_SHARD_UNSET else end_shard
+        # An explicit end_shard asks for the whole range; with the default one the range is what
+        # was found, from the first to the last shard, and only gaps inside it are missing.
+        first, last = (in_range[0], in_range[-1]) if end_shard == sources.END_SHARD_UNSET else (start_shard, end_shard)
         present = set(in_range)
-        missing = [n for n in range(start_shard, last + 1) if n not in present]
+        missing = [n for n in range(first, last + 1) if n not in present]
         if missing:
-            message = (
-                f"{len(missing)} shard(s) of {base_url!r} missing in {start_shard}..{last}: {_ranges(missing)}"
-            )
+            message = f"{len(missing)} shard(s) of {base_url!r} missing in {first}..{last}: {_ranges(missing)}"
             if not skip_missing_shards:
                 raise DataSetupError(message + " (set data.skip_missing_shards to leave them out)")
             log.warning("%s; leaving them out (data.skip_missing_shards)", message)

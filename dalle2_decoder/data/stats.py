@@ -23,9 +23,10 @@ BAD_REASONS = (
 )
 """Reasons a sample is skipped, each counted separately."""
 
-EXTRA_COUNTS = ("padded", "dropped_for_balance", "shards_failed")
+EXTRA_COUNTS = ("padded", "dropped_for_balance", "shard_read_errors")
 """Not samples seen: repeats added to keep batch counts equal, leftovers dropped for the same
-reason, and shards that could not be read (their samples are counted under a bad reason)."""
+reason, and failed shard reads (their lost samples are counted under a bad reason; a shard whose
+samples are split between workers counts once per worker that read it)."""
 
 MIN_SAMPLES_BEFORE_JUDGING = 500
 """The bad fraction is judged mid-phase only after this many samples (a few bad samples at the
