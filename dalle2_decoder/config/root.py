@@ -41,16 +41,20 @@ class TrainDecoderConfig:
     @classmethod
     def from_json_path(cls, path: Union[str, "os.PathLike[str]"]) -> "TrainDecoderConfig":
         """Read and check a JSON config file; raises `ConfigError` listing every problem."""
+        return cls.from_dict(cls.read_json(path), source=os.fspath(path))
+
+    @staticmethod
+    def read_json(path: Union[str, "os.PathLike[str]"]) -> Any:
+        """The parsed JSON of a config file; raises `ConfigError` when it cannot be read or parsed."""
         path = os.fspath(path)
         try:
             with open(path, encoding="utf-8") as file:
-                raw = json.load(file)
+                return json.load(file)
         except OSError as error:
             raise ConfigError([f"cannot read the file: {error.strerror or error}"], source=path) from None
         except json.JSONDecodeError as error:
             raise ConfigError([f"not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}"],
                               source=path) from None
-        return cls.from_dict(raw, source=path)
 
     @classmethod
     def from_dict(cls, raw: Any, *, source: str = "configuration") -> "TrainDecoderConfig":

@@ -1,0 +1,171 @@
+"""Command line: `train_decoder.py --config_file CFG.json [--check] [--set key.path=value ...]`.
+
+The same entry point backs the installed `dalle2-train-decoder` command. Exit codes: 0 done (or a
+valid config with --check), 1 configuration problems (listed on stderr, no traceback), 2 usage
+errors, or training requested before the training loop is installed.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import os
+import re
+import sys
+import warnings
+from typing import Any, List, Optional, Sequence, Tuple, Union
+
+from .config import ConfigError, ConfigWarning, TrainDecoderConfig
+from .config.checks import closest
+from .config.structure import join_path
+
+TRAINING_MODULE = "dalle2_decoder.training"
+EXIT_OK, EXIT_CONFIG, EXIT_UNAVAILABLE = 0, 1, 2
+
+_KEY = re.compile(r"[^.\[\]]+")
+_INDEX = re.compile(r"\[(\d+)\]")
+
+
+def parse_override(text: str) -> Tuple[str, Any]:
+    """`train.lr=3e-4` -> ("train.lr", 0.0003): the value is JSON, or else taken as a string."""
+    path, separator, value = text.partition("=")
+    if not separator or not path.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY.PATH=VALUE, got {text!r}")
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        parsed = value
+    return path.strip(), parsed
+
+
+def _tokens(path: str) -> List[Union[str, int]]:
+    """`decoder.unets[0].dim` -> ["decoder", "unets", 0, "dim"]; raises ValueError when malformed."""
+    tokens: List[Union[str, int]] = []
+    position = 0
+    while position < len(path):
+        if path[position] == "[" and tokens:
+            match = _INDEX.match(path, position)
+        elif path[position] == "." and tokens:
+            match = _KEY.match(path, position + 1)
+        elif position == 0:
+            match = _KEY.match(path, position)
+        else:
+            match = None
+        if match is None:
+            raise ValueError("not a path like decoder.unets[0].dim")
+        tokens.append(int(match.group(1)) if match.re is _INDEX else match.group(0))
+        position = match.end()
+    return tokens
+
+
+def apply_override(raw: Any, path: str, value: Any) -> List[str]:
+    """Set `value` at `path` in the raw config (in place). Returns problems (empty on success).
+
+    Missing objects on the way are created, so `--set evaluate.FID.feature=64` works on a config
+    without `evaluate`; an unknown key is then reported by the normal checks with a suggestion.
+    A path through something that is not an object, or a list index out of range, is a problem.
+    """
+    where = f"--set {path}"
+    try:
+        tokens = _tokens(path)
+    except ValueError as error:
+        return [f"{where}: {error}"]
+    container = raw
+    walked = ""
+    for position, token in enumerate(tokens):
+        last = position == len(tokens) - 1
+        if isinstance(token, int):
+            if not isinstance(container, list):
+                return [f"{where}: {walked or 'the config'} is not a list"]
+            if token >= len(container):
+                return [f"{where}: {walked} has {len(container)} entries, no index {token}"]
+        else:
+            if not isinstance(container, dict):
+                return [f"{where}: {walked or 'the config'} is not an object"]
+            if token not in container and not last:
+                if isinstance(tokens[position + 1], int):
+                    match = closest(token, [key for key in container if isinstance(key, str)])
+                    hint = f" (did you mean {match}?)" if match else ""
+                    return [f"{where}: {join_path(walked, token)} does not exist{hint}"]
+                container[token] = {}
+        if last:
+            container[token] = value
+        else:
+            container = container[token]
+            walked = join_path(walked, token)
+    return []
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "train_decoder.py",
+        description="Train a DALL-E 2 decoder from one JSON config (run it under `accelerate launch` for "
+                    "several GPUs or nodes).",
+    )
+    parser.add_argument("--config_file", "--config-file", dest="config_file", required=True, metavar="PATH",
+                        help="the JSON configuration of the run")
+    parser.add_argument("--check", action="store_true",
+                        help="validate only: print the resolved configuration (every default filled in) as JSON "
+                             "and exit 0, or print every problem and exit 1")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], type=parse_override,
+                        metavar="KEY.PATH=VALUE",
+                        help="override one option before validation, e.g. --set train.lr=3e-4 or "
+                             "--set decoder.unets[0].dim=64 (VALUE is JSON, else a string); repeatable")
+    return parser
+
+
+def _is_main_process() -> bool:
+    """Under `accelerate launch` / torchrun every rank runs this; only rank 0 prints notes and problems."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def load_config(config_file: str, overrides: Sequence[Tuple[str, Any]] = ()) -> Tuple[TrainDecoderConfig, List[str]]:
+    """The checked config with `overrides` applied, and its notes; raises `ConfigError`."""
+    raw = TrainDecoderConfig.read_json(config_file)
+    problems: List[str] = []
+    for path, value in overrides:
+        problems += apply_override(raw, path, value)
+    if problems:
+        raise ConfigError(problems, source=config_file)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConfigWarning)
+        config = TrainDecoderConfig.from_dict(raw, source=config_file)
+    notes = [str(warning.message) for warning in caught if issubclass(warning.category, ConfigWarning)]
+    return config, notes
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    speaks = _is_main_process()
+    try:
+        config, notes = load_config(args.config_file, args.overrides)
+    except ConfigError as error:
+        if speaks:
+            print(str(error), file=sys.stderr)
+        return EXIT_CONFIG
+    if speaks:
+        for note in notes:
+            print(f"warning: {note}", file=sys.stderr)
+    if args.check:
+        print(config.to_json())
+        return EXIT_OK
+    run = _training_entry_point()
+    if run is None:
+        if speaks:
+            print(f"{args.config_file}: the configuration is valid, but training is not available yet: the training "
+                  f"loop ({TRAINING_MODULE}.main) arrives with the training issue. Use --check to see the resolved "
+                  "configuration.", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    result = run(config)
+    return result if isinstance(result, int) else EXIT_OK
+
+
+def _training_entry_point():
+    if importlib.util.find_spec(TRAINING_MODULE) is None:
+        return None
+    return getattr(importlib.import_module(TRAINING_MODULE), "main", None)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
