@@ -1,0 +1,135 @@
+"""Noise schedules and the diffusion math, independent of any network."""
+import math
+
+import pytest
+import torch
+
+from dalle2_decoder.models.gaussian_diffusion import (
+    GaussianDiffusion,
+    ddim_timestep_pairs,
+    discretized_gaussian_log_likelihood,
+    normal_kl,
+)
+from dalle2_decoder.models.schedules import BETA_SCHEDULES, make_beta_schedule
+
+SCHEDULES = ["cosine", "linear", "quadratic", "jsd", "sigmoid"]
+
+
+def test_every_required_schedule_is_known():
+    assert set(SCHEDULES) <= set(BETA_SCHEDULES)
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+@pytest.mark.parametrize("timesteps", [1, 10, 1000])
+def test_schedule_betas_in_unit_interval_and_alphas_cumprod_strictly_decreasing(name, timesteps):
+    betas = make_beta_schedule(name, timesteps)
+    assert betas.shape == (timesteps,)
+    assert torch.all(betas > 0) and torch.all(betas <= 1)
+    alphas_cumprod = torch.cumprod(1 - betas, dim=0)
+    assert torch.all(alphas_cumprod > 0)
+    assert torch.all(alphas_cumprod[1:] < alphas_cumprod[:-1])
+    assert alphas_cumprod[0] < 1
+    # The float32 buffers the model uses keep the same properties.
+    diffusion = GaussianDiffusion(name, timesteps)
+    assert torch.all(diffusion.alphas_cumprod[1:] < diffusion.alphas_cumprod[:-1])
+    assert torch.isfinite(diffusion.sqrt_recip_alphas_cumprod).all()
+    assert torch.isfinite(diffusion.posterior_log_variance_clipped).all()
+
+
+def test_schedules_reach_near_pure_noise_at_the_last_step():
+    for name in SCHEDULES:
+        alphas_cumprod = torch.cumprod(1 - make_beta_schedule(name, 1000), dim=0)
+        assert alphas_cumprod[-1] < 0.05, name
+
+
+def test_unknown_schedule_names_the_known_ones():
+    with pytest.raises(ValueError, match="cosine"):
+        make_beta_schedule("cosin", 10)
+
+
+@pytest.fixture
+def diffusion():
+    return GaussianDiffusion("cosine", 100)
+
+
+def test_q_sample_and_parameterisations_invert_each_other(diffusion):
+    torch.manual_seed(0)
+    x0, noise = torch.rand(4, 3, 8, 8) * 2 - 1, torch.randn(4, 3, 8, 8)
+    t = torch.tensor([0, 10, 50, 99])
+    x_t = diffusion.q_sample(x0, t, noise)
+    torch.testing.assert_close(diffusion.predict_start_from_noise(x_t, t, noise), x0, atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(diffusion.predict_noise_from_start(x_t, t, x0), noise, atol=2e-3, rtol=1e-3)
+    v = diffusion.calculate_v(x0, t, noise)
+    torch.testing.assert_close(diffusion.predict_start_from_v(x_t, t, v), x0, atol=1e-4, rtol=1e-4)
+
+
+def test_posterior_mean_matches_closed_form(diffusion):
+    torch.manual_seed(0)
+    x0, x_t = torch.randn(2, 1, 2, 2), torch.randn(2, 1, 2, 2)
+    t = torch.tensor([5, 60])
+    mean, log_var = diffusion.q_posterior(x0, x_t, t)
+    b = diffusion.betas[t].view(-1, 1, 1, 1).double()
+    a_bar = diffusion.alphas_cumprod[t].view(-1, 1, 1, 1).double()
+    a_bar_prev = diffusion.alphas_cumprod_prev[t].view(-1, 1, 1, 1).double()
+    expected = (a_bar_prev.sqrt() * b * x0 + (1 - b).sqrt() * (1 - a_bar_prev) * x_t) / (1 - a_bar)
+    torch.testing.assert_close(mean.double(), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(log_var.exp().double(), (b * (1 - a_bar_prev) / (1 - a_bar)).expand_as(log_var), atol=1e-6, rtol=1e-4)
+
+
+def test_learned_variance_interpolates_between_posterior_and_beta(diffusion):
+    t = torch.tensor([30, 30])
+    v = torch.tensor([-1.0, 1.0]).view(2, 1, 1, 1)
+    log_var = diffusion.model_log_variance(v, t)
+    assert log_var[0].item() == pytest.approx(diffusion.posterior_log_variance_clipped[30].item(), rel=1e-5)
+    assert log_var[1].item() == pytest.approx(math.log(diffusion.betas[30].item()), rel=1e-5)
+
+
+def test_kl_is_zero_for_equal_gaussians_and_positive_otherwise():
+    m, lv = torch.randn(5), torch.randn(5)
+    assert torch.allclose(normal_kl(m, lv, m, lv), torch.zeros(5), atol=1e-6)
+    assert torch.all(normal_kl(m, lv, m + 1, lv) > 0)
+
+
+def test_discretized_likelihood_is_a_distribution_over_256_bins():
+    bins = torch.linspace(-1, 1, 256)
+    log_p = discretized_gaussian_log_likelihood(bins, torch.full_like(bins, 0.1), torch.full_like(bins, math.log(0.3)))
+    assert log_p.exp().sum().item() == pytest.approx(1.0, abs=1e-3)
+
+
+def test_ddim_with_exact_x0_and_eta_zero_lands_on_x0_at_the_end(diffusion):
+    torch.manual_seed(0)
+    x0, noise = torch.rand(2, 3, 4, 4) * 2 - 1, torch.randn(2, 3, 4, 4)
+    t = torch.tensor([99, 99])
+    x_t = diffusion.q_sample(x0, t, noise)
+    out = diffusion.ddim_step(x_t, t, torch.tensor([-1, -1]), x0, eta=0.0, noise=torch.randn_like(x0))
+    torch.testing.assert_close(out, x0, atol=1e-5, rtol=1e-5)
+    # An intermediate deterministic step stays on the same noise trajectory: x_{t'} = q_sample(x0, t', noise).
+    t_prev = torch.tensor([40, 40])
+    mid = diffusion.ddim_step(x_t, t, t_prev, x0, eta=0.0, noise=torch.randn_like(x0))
+    torch.testing.assert_close(mid, diffusion.q_sample(x0, t_prev, noise), atol=2e-3, rtol=1e-3)
+
+
+def test_ddpm_step_adds_no_noise_at_t0(diffusion):
+    x0, x_t = torch.zeros(1, 1, 2, 2), torch.ones(1, 1, 2, 2)
+    t = torch.tensor([0])
+    a = diffusion.ddpm_step(x_t, t, x0, None, torch.randn(1, 1, 2, 2))
+    b = diffusion.ddpm_step(x_t, t, x0, None, torch.randn(1, 1, 2, 2))
+    torch.testing.assert_close(a, b)
+
+
+def test_ddim_timestep_pairs_cover_the_chain():
+    pairs = ddim_timestep_pairs(1000, 10)
+    assert len(pairs) == 10
+    assert pairs[0][0] == 999 and pairs[-1][1] == -1
+    assert all(t > t_prev for t, t_prev in pairs)
+    assert all(a[1] == b[0] for a, b in zip(pairs, pairs[1:]))
+
+
+def test_loss_weights(diffusion):
+    t = torch.tensor([0, 50, 99])
+    snr = diffusion.snr[t]
+    torch.testing.assert_close(diffusion.p2_loss_weight(t, 1.0, 1.0), 1 / (1 + snr))
+    eps_w = diffusion.min_snr_loss_weight(t, 5.0, "eps")
+    torch.testing.assert_close(eps_w, snr.clamp(max=5) / snr)
+    assert eps_w[0] < 1 and eps_w[-1] == 1  # high-SNR (early) steps are down-weighted, noisy ones untouched
+    torch.testing.assert_close(diffusion.min_snr_loss_weight(t, 5.0, "v"), snr.clamp(max=5) / (snr + 1))
