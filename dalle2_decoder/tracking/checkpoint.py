@@ -172,9 +172,16 @@ def _torch_load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        # torch's message: a generic first line, then the actual reason, then boilerplate
+        reasons = [
+            line.strip() for line in str(error).splitlines()[1:]
+            if line.strip() and not line.strip().startswith(("Please file an issue", "Check the documentation"))
+        ]
+        detail = reasons[0] if reasons else "refused"
         raise CheckpointError(
-            f"{path} holds objects other than tensors and plain containers; it is not loaded because that would "
-            f"mean unpickling arbitrary code (weights-only loading refused it: {str(error).splitlines()[0]})"
+            f"{path} could not be loaded with weights-only loading ({detail}): it is not a checkpoint, or it "
+            "holds objects other than tensors and plain containers, which are not unpickled because that "
+            "could run arbitrary code"
         ) from error
     except (RuntimeError, EOFError, OSError) as error:
         raise CheckpointError(f"{path} is not a readable checkpoint or model file ({error})") from error
