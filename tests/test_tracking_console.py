@@ -63,7 +63,7 @@ def test_console_logging_writes_lines_jsonl_and_captioned_grids(tmp_path, capsys
     sidecar = json.loads(grid_path.with_suffix(".json").read_text())
     assert sidecar["captions"] == ["a cat", "a dog", "a bird"] and sidecar["step"] == 20
     # the first cell holds the first image
-    first = torch.from_numpy(np.asarray(grid.convert("RGB"))).float()[2:18, 2:18]
+    first = torch.tensor(np.array(grid.convert("RGB")), dtype=torch.float32)[2:18, 2:18]
     assert torch.allclose(first / 255, images[0].permute(1, 2, 0), atol=1 / 255)
     assert (tmp_path / "run" / "samples" / "samples" / "cascade" / "step_000000020.png").is_file()
     with pytest.raises(ValueError, match="3 images but 2 captions"):
