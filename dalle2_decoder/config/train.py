@@ -88,14 +88,19 @@ class TrainConfig:
             for index, item in enumerate(per_unet(value, 1)):
                 where = f"train.{name}[{index}]" if isinstance(value, list) else f"train.{name}"
                 problems += at_least(where, item, minimum)
-        for name in ("lr", "max_grad_norm"):
-            if any(item == 0 for item in per_unet(getattr(self, name), 1)):
-                problems.append(f"train.{name}: must be greater than 0" + (" (null disables clipping)" if name == "max_grad_norm" else ""))
+        if self.max_grad_norm is not None and 0 in per_unet(self.max_grad_norm, 1):
+            problems.append("train.max_grad_norm: must be greater than 0 (null disables clipping)")
+        for index, lr in enumerate(per_unet(self.lr, num_unets or 1)):
+            frozen = self.unet_training_mask is not None and index < len(self.unet_training_mask) \
+                and not self.unet_training_mask[index]
+            if lr == 0 and not frozen:
+                where = f"train.lr[{index}]" if isinstance(self.lr, list) else "train.lr"
+                problems.append(f"{where}: must be greater than 0 for a U-Net that is trained")
         problems += in_range("train.ema_beta", self.ema_beta, 0.0, 1.0)
         if self.mixed_precision is not None:
             problems += one_of("train.mixed_precision", self.mixed_precision, MIXED_PRECISION)
         problems += _device_problems(self.device)
-        return problems
+        return list(dict.fromkeys(problems))  # a single value checked for several U-Nets is reported once
 
     def notes(self, root: "TrainDecoderConfig") -> List[str]:
         notes = []

@@ -1,0 +1,42 @@
+# Set-up and everyday commands. Each target creates .venv and installs what it needs on first use.
+#   make test   - install (once) and run the whole test suite
+#   make demo   - install (once), write the demo dataset to demo_data/ and run the CPU demo config
+#   make check-examples - validate every example config with --check
+
+PYTHON ?= python3
+VENV ?= .venv
+VENV_PYTHON := $(VENV)/bin/python
+# Rewritten whenever the requirements or the package metadata change, so installs run only then.
+INSTALLED := $(VENV)/.dalle2-decoder-installed
+TEST_TIMEOUT ?= 300
+PYTEST_ARGS ?=
+DEMO_DATA ?= demo_data
+
+.PHONY: install test demo check-examples
+
+$(VENV_PYTHON):
+	$(PYTHON) -m venv $(VENV)
+
+# torch and torchvision first, pinned (requirements.txt), so nothing else pulls in another build.
+$(INSTALLED): $(VENV_PYTHON) requirements.txt setup.cfg setup.py
+	$(VENV_PYTHON) -m pip install -r requirements.txt
+	$(VENV_PYTHON) -m pip install -e ".[test,clip]"
+	touch $(INSTALLED)
+
+install: $(INSTALLED)
+
+test: $(INSTALLED)
+	$(VENV_PYTHON) -m pytest tests -q --timeout=$(TEST_TIMEOUT) $(PYTEST_ARGS)
+
+$(DEMO_DATA)/data_config.json: | $(INSTALLED)
+	$(VENV_PYTHON) -m dalle2_decoder.data.demo --out $(DEMO_DATA)
+
+# For now the demo validates its config; the training issue turns this into a full CPU training run.
+demo: $(INSTALLED) $(DEMO_DATA)/data_config.json
+	$(VENV_PYTHON) train_decoder.py --config_file example_configs/demo_cpu.json --check
+
+check-examples: $(INSTALLED)
+	@for config in example_configs/*.json; do \
+		echo "== $$config"; \
+		$(VENV_PYTHON) train_decoder.py --config_file $$config --check > /dev/null || exit 1; \
+	done
