@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 
 import fsspec
 import numpy as np
-from webdataset import gopen
+from webdataset.gopen import gopen
 
 END_SHARD_UNSET = 9999999
 """The reference default of `end_shard`: "up to the last shard that exists"."""
@@ -60,11 +60,12 @@ def open_stream(url: str) -> IO[bytes]:
     """A readable binary stream of a shard or file, read front to back."""
     kind = url_kind(url)
     if kind == "pipe":
-        return gopen.gopen(url, "rb")
+        return gopen(url, "rb")
     if kind == "local":
         return open(local_path(url), "rb", buffering=1 << 20)
+    fs, path = fsspec.core.url_to_fs(url)
     # block_size=0 streams http without range requests (plain servers do not support them).
-    return fsspec.open(url, "rb", block_size=0 if _http(url) else 1 << 22).open()
+    return fs.open(path, "rb", block_size=0 if _http(url) else 1 << 22)
 
 
 def read_bytes(url: str) -> bytes:
