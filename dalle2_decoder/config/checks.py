@@ -14,7 +14,7 @@ T = TypeVar("T")
 
 def closest(word: str, candidates: Iterable[str]) -> Optional[str]:
     """The candidate closest to `word` (a likely misspelling), or None when none is close."""
-    matches = difflib.get_close_matches(str(word), sorted(set(candidates)), n=1, cutoff=0.6)
+    matches = difflib.get_close_matches(str(word), sorted(set(candidates)), n=1, cutoff=0.7)
     return matches[0] if matches else None
 
 

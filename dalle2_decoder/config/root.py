@@ -19,6 +19,9 @@ from .tracker import TrackerConfig
 from .train import TrainConfig
 
 
+_SECTION_ORDER = ("decoder", "data", "train", "evaluate", "tracker", "seed")  # the order of the reference's files
+
+
 @attrs.frozen
 class TrainDecoderConfig:
     """Top level of a decoder training config."""
@@ -87,7 +90,8 @@ class TrainDecoderConfig:
         for key in raw:
             if key not in fields:
                 problems.append(f"{key}: {UnknownOptionError(key, fields)}")
-        for name, field in fields.items():
+        for name in _SECTION_ORDER:
+            field = fields[name]
             if name in raw:
                 sections[name], section_problems = structure_at(raw[name], types[name], name)
                 problems += section_problems
