@@ -15,6 +15,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from ..config.train import TrainConfig
+from ..tracking.checkpoint import load_state_dict_checked
 from .ema import EMA
 
 T = TypeVar("T")
@@ -27,19 +28,6 @@ def per_unet(value: Any, num_unets: int) -> List[Any]:
             raise ValueError(f"expected {num_unets} values (one per U-Net), got {len(value)}")
         return list(value)
     return [value] * num_unets
-
-
-def load_weights_strict(module: nn.Module, weights: Dict[str, torch.Tensor]) -> None:
-    """Load `weights` into `module`, or raise one error naming every missing, unexpected or misshapen tensor."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(weights))
-    unexpected = sorted(set(weights) - set(own))
-    misshapen = [f"{name}: checkpoint {tuple(weights[name].shape)} vs model {tuple(own[name].shape)}" for name in own if name in weights and weights[name].shape != own[name].shape]
-    if missing or unexpected or misshapen:
-        lines = [f"missing from checkpoint: {name}" for name in missing] + [f"not in model: {name}" for name in unexpected] + [f"shape mismatch {line}" for line in misshapen]
-        shown = "\n  ".join(lines[:40]) + (f"\n  ... and {len(lines) - 40} more" if len(lines) > 40 else "")
-        raise ValueError(f"checkpoint does not fit the configured decoder:\n  {shown}")
-    module.load_state_dict(weights, strict=True)
 
 
 def warmup_factor(step: int, warmup_steps: Optional[int]) -> float:
@@ -265,7 +253,7 @@ class DecoderTrainer:
         Optimizer, scheduler and EMA states are restored for the U-Nets trained in both runs, so a
         run may train a different set of U-Nets than the checkpoint's (e.g. fine-tuning the upsampler).
         """
-        load_weights_strict(self.decoder, state["decoder"])
+        load_state_dict_checked(self.decoder, state["decoder"], source="checkpoint decoder weights")
         if weights_only:
             for number, ema in self.emas.items():
                 ema.copy_from(self.decoder.unets[number - 1])
