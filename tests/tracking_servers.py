@@ -23,6 +23,7 @@ import secrets
 import shutil
 import struct
 import threading
+import time
 from http.server import SimpleHTTPRequestHandler, BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -224,6 +225,8 @@ def _wandb_log_payloads(path: Path) -> Iterator[bytes]:
             continue
         _checksum, length, kind = struct.unpack("<IHB", data[position : position + 7])
         position += 7
+        if position + length > len(data):  # a record still being written
+            break
         chunk = data[position : position + length]
         position += length
         if kind == 0:
@@ -239,18 +242,26 @@ def _wandb_log_payloads(path: Path) -> Iterator[bytes]:
             pending = b""
 
 
-def wandb_records(run_dir: Path) -> List[Tuple[str, object]]:
-    """(record type, record) for every record of the offline run in `run_dir`."""
+def wandb_records(run_dir: Path, wait_s: float = 60.0) -> List[Tuple[str, object]]:
+    """(record type, record) for every record of the finished offline run in `run_dir`.
+
+    wandb's service process writes the file asynchronously, still after `run.finish()` returns;
+    this waits (up to `wait_s`) for the run's closing `exit` record before returning.
+    """
     from wandb.proto import wandb_internal_pb2
 
-    (run_file,) = Path(run_dir).glob("run-*.wandb")
-    records = []
-    for payload in _wandb_log_payloads(run_file):
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(payload)
-        kind = record.WhichOneof("record_type")
-        records.append((kind, getattr(record, kind)))
-    return records
+    deadline = time.monotonic() + wait_s
+    while True:
+        (run_file,) = Path(run_dir).glob("run-*.wandb")
+        records = []
+        for payload in _wandb_log_payloads(run_file):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(payload)
+            kind = record.WhichOneof("record_type")
+            records.append((kind, getattr(record, kind)))
+        if any(kind == "exit" for kind, _ in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.1)
 
 
 def wandb_history(run_dir: Path) -> List[Dict[str, object]]:
