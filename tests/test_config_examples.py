@@ -1,0 +1,143 @@
+"""The shipped example configs, the accelerate configs and the SLURM launcher."""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import warnings
+
+import pytest
+
+from dalle2_decoder.config import TrainDecoderConfig
+
+from .conftest import REPO_ROOT
+
+EXAMPLES = sorted((REPO_ROOT / "example_configs").glob("*.json"))
+ACCELERATE_CONFIGS = sorted((REPO_ROOT / "accelerate_configs").glob("*.yaml"))
+
+
+def test_the_examples_cover_each_use():
+    assert {path.name for path in EXAMPLES} >= {
+        "decoder_64_precomputed.json", "decoder_64_to_256_cascade.json", "upsampler_finetune.json",
+        "decoder_clip_on_the_fly.json", "demo_cpu.json",
+    }
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda path: path.name)
+def test_example_config_loads_without_warnings(path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        config = TrainDecoderConfig.from_json_path(path)
+    assert TrainDecoderConfig.from_dict(config.to_dict()) == config  # the resolved form round-trips
+    assert config.to_dict() == json.loads(json.dumps(config.to_dict()))
+
+
+def test_example_specifics():
+    load = TrainDecoderConfig.from_json_path
+    cascade = load(REPO_ROOT / "example_configs/decoder_64_to_256_cascade.json")
+    assert cascade.decoder.image_sizes == [64, 256] and len(cascade.decoder.unets) == 2
+    finetune = load(REPO_ROOT / "example_configs/upsampler_finetune.json")
+    assert finetune.train.unet_training_mask == [False, True]
+    assert finetune.tracker.load is not None and finetune.tracker.load.load_from == "local"
+    assert [finetune.train.trains_unet(index) for index in range(2)] == [False, True]
+    on_the_fly = load(REPO_ROOT / "example_configs/decoder_clip_on_the_fly.json")
+    assert on_the_fly.decoder.clip is not None and on_the_fly.data.img_embeddings_url is None
+    demo = load(REPO_ROOT / "example_configs/demo_cpu.json")
+    assert demo.train.device == "cpu" and demo.tracker.log.log_type == "console"
+    assert demo.tracker.save[0].save_to == "local" and demo.data.num_workers == 1
+    assert demo.decoder.unets[0].dim == 16 and tuple(demo.decoder.unets[0].dim_mults) == (1, 2, 4)
+    assert demo.decoder.image_sizes == [32]
+
+
+def test_demo_config_matches_the_demo_data_generator():
+    import inspect
+
+    from dalle2_decoder.data.demo import generate_demo_dataset
+
+    defaults = inspect.signature(generate_demo_dataset).parameters
+    demo = TrainDecoderConfig.from_json_path(REPO_ROOT / "example_configs/demo_cpu.json")
+    assert demo.decoder.unets[0].image_embed_dim == defaults["embed_dim"].default
+    assert demo.data.shard_width == defaults["shard_width"].default
+    assert demo.data.index_width == defaults["index_width"].default
+    shards = -(-defaults["num_images"].default // defaults["shard_size"].default)
+    assert demo.data.end_shard == shards - 1
+
+
+def test_unet_and_decoder_options_round_trip_flat():
+    config = TrainDecoderConfig.from_json_path(REPO_ROOT / "example_configs/decoder_64_to_256_cascade.json")
+    resolved = config.to_dict()
+    assert "options" not in resolved["decoder"] and "options" not in resolved["decoder"]["unets"][0]
+    assert resolved["decoder"]["use_noise_for_lowres_cond"] is True
+    assert resolved["decoder"]["unets"][1]["memory_efficient"] is True
+    assert config.decoder.options == {"use_noise_for_lowres_cond": True}
+
+
+def test_declared_fields_are_constructor_parameters():
+    """The typed U-Net and Decoder fields must exist in the model constructors they are passed to."""
+    import attrs
+
+    from dalle2_decoder.config import DecoderConfig, UnetConfig
+    from dalle2_decoder.config.structure import OPEN_CLASSES, constructor_parameters
+
+    not_passed = {DecoderConfig: {"clip", "image_size", "options"}, UnetConfig: {"options"}}
+    for cls in (UnetConfig, DecoderConfig):
+        declared = {field.name for field in attrs.fields(cls)} - not_passed[cls]
+        assert declared <= set(constructor_parameters(OPEN_CLASSES[cls]))
+
+
+@pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=lambda path: path.name)
+def test_accelerate_config_loads(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(path))  # rejects unknown keys
+    assert config.compute_environment.value == "LOCAL_MACHINE"
+    assert config.num_processes >= 1 and config.num_machines >= 1
+    assert config.main_training_function == "main"
+
+
+def test_accelerate_configs_cover_each_setup():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    configs = {path.name: load_config_from_file(str(path)) for path in ACCELERATE_CONFIGS}
+    assert configs["single_gpu.yaml"].distributed_type.value == "NO"
+    assert configs["single_gpu.yaml"].num_processes == 1
+    assert configs["multi_gpu.yaml"].distributed_type.value == "MULTI_GPU"
+    assert configs["multi_node.yaml"].num_machines > 1
+    assert configs["cpu_multi_process.yaml"].distributed_type.value == "MULTI_CPU"
+    assert configs["cpu_multi_process.yaml"].use_cpu is True and configs["cpu_multi_process.yaml"].num_processes == 2
+    assert configs["bf16.yaml"].mixed_precision == "bf16"
+
+
+def test_slurm_script_launches_one_accelerate_per_node_with_slurm_rank_and_main_host(tmp_path):
+    """Run the sbatch script with stand-ins for srun, scontrol and accelerate that record what they get."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "launches.txt"
+    (bin_dir / "scontrol").write_text('#!/bin/bash\n[ "$1 $2" = "show hostnames" ] && printf "gpu-a17\\ngpu-b03\\n"\n')
+    # srun: run the command once per node, as SLURM does with one task per node
+    (bin_dir / "srun").write_text(
+        '#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\n'
+        'for node in $(seq 0 $((SLURM_NNODES - 1))); do SLURM_NODEID=$node "$@" || exit 1; done\n'
+    )
+    (bin_dir / "accelerate").write_text(f'#!/bin/bash\necho "$@" >> {record}\n')
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_NODELIST="gpu-[a17,b03]",
+               SLURM_NNODES="2", GPUS_PER_NODE="4", VENV=str(tmp_path / "no-venv"))
+    script = REPO_ROOT / "accelerate_configs/slurm_multi_node.sbatch"
+    result = subprocess.run(["bash", str(script), "example_configs/demo_cpu.json"], cwd=REPO_ROOT, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    launches = record.read_text().splitlines()
+    assert len(launches) == 2
+    for rank, line in enumerate(launches):
+        args = line.split()
+        value = {args[i]: args[i + 1] for i in range(len(args) - 1) if args[i].startswith("--")}
+        assert args[0] == "launch"
+        assert value["--config_file"] in ("accelerate_configs/multi_node.yaml", "example_configs/demo_cpu.json")
+        assert value["--machine_rank"] == str(rank)
+        assert value["--main_process_ip"] == "gpu-a17"
+        assert value["--num_machines"] == "2"
+        assert value["--num_processes"] == "8"
+        assert "train_decoder.py" in args and args[-1] == "example_configs/demo_cpu.json"
