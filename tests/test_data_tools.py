@@ -1,4 +1,5 @@
 """Preprocessing specs, the demo dataset generator and the prepare command."""
+import io
 import json
 import os
 import sys
@@ -150,3 +151,27 @@ def test_prepare_command_without_clip_adapter_says_so(tmp_path, monkeypatch, cap
     (tmp_path / "a.jpg").write_bytes(b"")
     assert prepare.main(["--images", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     assert "CLIP adapter (dalle2_decoder.clip) is not available" in capsys.readouterr().err
+
+
+def test_batch_images_equal_torchvision_preprocessing(tmp_path):
+    from torchvision import transforms as T
+
+    from dalle2_decoder.config import DataConfig
+
+    try:
+        from .data_fixtures import jpeg_bytes, write_dataset
+    except ImportError:
+        from data_fixtures import jpeg_bytes, write_dataset
+    dataset = write_dataset(str(tmp_path), [3, 3], overrides={"0000010001": {"jpg": jpeg_bytes(9, size=12)}})
+    spec = {"Resize": 8, "CenterCrop": 6, "ToTensor": True, "Normalize": {"mean": [0.5] * 3, "std": [0.25] * 3}}
+    reference = T.Compose([T.Resize(8), T.CenterCrop(6), T.ToTensor(), T.Normalize([0.5] * 3, [0.25] * 3)])
+    for workers in (0, 1):
+        config = DataConfig(webdataset_base_url=dataset.base_url, img_embeddings_url=dataset.img_embeddings_url,
+                            num_workers=workers, batch_size=6, preprocessing=spec, shuffle_train=False,
+                            splits=DataSplits(train=1.0, val=0.0, test=0.0))
+        (batch,) = list(create_dataloaders(config, seed=0)["train"])
+        for key, image in zip(batch["key"], batch["image"]):
+            number, index = int(key[:6]), int(key[6:])
+            jpeg = jpeg_bytes(9, size=12) if key == "0000010001" else jpeg_bytes(number * 31 + index)
+            expected = reference(Image.open(io.BytesIO(jpeg)))
+            torch.testing.assert_close(image, expected, rtol=0, atol=1e-6)

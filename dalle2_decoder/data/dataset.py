@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import io
 import logging
+import math
 import random
 from typing import Callable, Dict, Iterator, List, Optional
 
@@ -38,7 +39,10 @@ MAX_CONSECUTIVE_BAD = 100_000  # a worker that finds nothing usable for this lon
 class SampleFormat:
     """What a sample must contain; decided once in the main process so all workers agree."""
 
-    transform: Callable
+    pil_transform: Optional[Callable]
+    """Preprocessing steps before ToTensor (on the PIL image), or None."""
+    tensor_transform: Optional[Callable]
+    """Preprocessing steps after ToTensor (on the float image), or None."""
     index_width: int
     image_embed_source: Optional[str]
     """'folder' (per-shard .npy files), 'shard' (.npy members) or None (no image embeddings)."""
@@ -139,7 +143,7 @@ class ShardDataset(IterableDataset):
 
     def _collate(self, batch: List[dict], worker: int, counts: Dict[str, int]) -> dict:
         result = {
-            "image": torch.stack([sample["image"] for sample in batch]),
+            "image": self._image_batch([sample["image"] for sample in batch]),
             "caption": [sample["caption"] for sample in batch],
             "key": [sample["key"] for sample in batch],
         }
@@ -149,6 +153,29 @@ class ShardDataset(IterableDataset):
             result["text_embed"] = torch.from_numpy(np.stack([sample["text_embed"] for sample in batch]))
         result[STATS_KEY] = {"worker": worker, "counts": dict(counts)}
         return result
+
+    def _image_batch(self, images: List[torch.Tensor]) -> torch.Tensor:
+        """(B, C, H, W) floats in [0, 1] from HWC uint8 images: ToTensor's result, written in one
+        pass per image straight into the batch (in shared memory when in a worker process, so the
+        batch is not copied again on its way to the main process)."""
+        height, width, channels = images[0].shape
+        shape = (len(images), channels, height, width)
+        out = None
+        if get_worker_info() is not None:
+            try:  # the way torch's default_collate allocates batches in shared memory
+                template = torch.empty(0)
+                storage = template._typed_storage()._new_shared(math.prod(shape), device="cpu")
+                out = template.new(storage).resize_(shape)
+            except (AttributeError, RuntimeError):
+                out = None
+        if out is None:
+            out = torch.empty(shape)
+        for row, image in zip(out, images):
+            row.copy_(image.permute(2, 0, 1))
+            row.div_(255)
+        if self.format.tensor_transform is not None:
+            out = torch.stack([self.format.tensor_transform(row) for row in out])
+        return out
 
     # ----- reading shards -------------------------------------------------------------------
 
@@ -318,15 +345,18 @@ class ShardDataset(IterableDataset):
             return None, "no_image"
         try:
             with Image.open(io.BytesIO(image_bytes)) as opened:
-                image = opened.convert("RGB")
+                opened.load()
+                image = opened if opened.mode == "RGB" else opened.convert("RGB")
         except Exception:
             return None, "corrupt_image"
-        try:
-            tensor = fmt.transform(image)
-        except Exception:
-            return None, "transform_error"
-        if not isinstance(tensor, torch.Tensor) or tensor.ndim != 3:
-            return None, "transform_error"
-        decoded["image"] = tensor
+        if fmt.pil_transform is not None:
+            try:
+                image = fmt.pil_transform(image)
+            except Exception:
+                return None, "transform_error"
+            if not isinstance(image, Image.Image):
+                return None, "transform_error"
+        pixels = torch.from_numpy(np.array(image))  # H, W(, C) uint8, as ToTensor reads it
+        decoded["image"] = pixels if pixels.ndim == 3 else pixels.unsqueeze(-1)
         decoded["caption"] = sample["txt"].decode("utf-8", errors="replace").strip() if "txt" in sample else ""
         return decoded, None

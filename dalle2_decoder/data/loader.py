@@ -15,7 +15,7 @@ from .dataset import (
 )
 from .stats import check_bad_fraction, format_counts, merge_counts, new_counts
 from .tar_reader import ShardReadError, iter_tar_samples
-from .transforms import build_transform
+from .transforms import split_transform
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def _infer_sample_format(data_config, shards: List[planning.Shard], transform, i
     if text_source == "folder" and text_embed_dim is None:
         text_embed_dim = sources.npy_shape(shards[0].text_embeddings_url)[-1]
     return SampleFormat(
-        transform=transform, index_width=data_config.index_width,
+        pil_transform=transform[0], tensor_transform=transform[1], index_width=data_config.index_width,
         image_embed_source=image_source, text_embed_source=text_source,
         image_embed_dim=image_embed_dim, text_embed_dim=text_embed_dim,
     )
@@ -165,7 +165,7 @@ def create_dataloaders(
         raise ValueError("data.batch_size must be at least 1")
     if data_config.resample_train and epoch_samples is None:
         raise planning.DataSetupError("data.resample_train needs train.epoch_samples: resampled epochs have no end")
-    transform = build_transform(data_config.preprocessing)
+    transform = split_transform(data_config.preprocessing)
     shards = planning.discover_shards(
         data_config.webdataset_base_url,
         start_shard=data_config.start_shard,

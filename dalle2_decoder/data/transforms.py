@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from typing import Any, Callable, Dict, List, Mapping, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torchvision import transforms as T
@@ -85,6 +85,21 @@ def validate_preprocessing(spec: Mapping[str, Any]) -> List[str]:
     """Every problem of a preprocessing spec, as `"<TransformName>: <message>"` strings (empty if fine)."""
     _, problems = _build(spec)
     return [f"{name}: {message}" if name else message for name, message in problems]
+
+
+def split_transform(spec: Mapping[str, Any]) -> Tuple[Optional[Callable], Optional[Callable]]:
+    """The spec as (steps on the PIL image before ToTensor, steps on the float tensor after it).
+
+    The loader does the ToTensor step itself, straight into the batch tensor (one pass instead of
+    ToTensor's four); the values are the same. Raises like `build_transform`.
+    """
+    steps, problems = _build(spec)
+    if problems:
+        raise PreprocessingError(problems)
+    at = next((i for i, step in enumerate(steps) if isinstance(step, (T.ToTensor, T.PILToTensor))), len(steps))
+    before = [step for step in steps[:at]]
+    after = [step for step in steps[at + 1:] if not isinstance(step, T.ConvertImageDtype)]
+    return (T.Compose(before) if before else None), (T.Compose(after) if after else None)
 
 
 def build_transform(spec: Mapping[str, Any]) -> Callable:
