@@ -133,8 +133,14 @@ def test_failed_uploads_are_retried_reported_and_training_goes_on(tmp_path, capl
         assert read_file(kept[0]).state["samples_seen"] == 5
         assert read_file(tmp_path / "run" / "local" / "latest.pt").state["samples_seen"] == 5
 
+        tracker.save(step=6, checkpoint_state=state(6.0))  # still down: the newer copy replaces the kept one
+        tracker.wait_for_uploads()
+        (kept,) = list((tmp_path / "run" / "uploads").rglob("latest.pt"))
+        assert read_file(kept).state["samples_seen"] == 6 and len(tracker.upload_failures) == 2
+
         hub.fail_with = None  # the hub is back: the next save goes through
-        tracker.save(step=6, checkpoint_state=state(6.0))
+        tracker.save(step=7, checkpoint_state=state(7.0))
         tracker.finish()
-        assert read_file(hub.root / "me" / "dec" / "latest.pt").state["samples_seen"] == 6
-        assert len(tracker.upload_failures) == 1
+        assert read_file(hub.root / "me" / "dec" / "latest.pt").state["samples_seen"] == 7
+        assert len(tracker.upload_failures) == 2
+        assert not list((tmp_path / "run" / "uploads").rglob("latest.pt"))  # superseded by the upload

@@ -50,6 +50,13 @@ class CheckpointMismatchError(CheckpointError):
             if names:
                 shown = names[:20] + ([f"... and {len(names) - 20} more"] if len(names) > 20 else [])
                 lines.append(f"  {title} ({len(names)}): " + ", ".join(shown))
+        everything = missing + unexpected + mismatched
+        if len(everything) > 20:  # the names shown are cut: say which parts of the model differ
+            counts: Dict[str, int] = {}
+            for name in everything:
+                prefix = ".".join(name.split(" ")[0].split(".")[:2])
+                counts[prefix] = counts.get(prefix, 0) + 1
+            lines.append("  by module: " + ", ".join(f"{prefix} ({count})" for prefix, count in counts.items()))
         lines.append("  Check that the decoder section of the config matches the one the file was saved with.")
         super().__init__("\n".join(lines))
 

@@ -176,21 +176,37 @@ class Uploader:
         self._pending: List[Future] = []
         self._lock = threading.Lock()
 
-    def submit(self, saver: Saver, files: List[SaveFile], step: int, on_success: Callable[[], None]) -> None:
+    def submit(
+        self,
+        saver: Saver,
+        files: List[SaveFile],
+        step: int,
+        on_success: Callable[[], None] = lambda: None,
+        on_failure: Optional[Callable[[], List[Path]]] = None,
+    ) -> None:
+        """Put `files`; `on_success` runs after a put succeeds, `on_failure` (returning where the files
+        are kept) after the last failed attempt."""
         if not saver.remote:  # a local write that fails (disk full) is an error of the run itself
             saver.put(files, step)
             on_success()
             return
         if not saver.background:
-            self._run(saver, files, step, on_success)
+            self._run(saver, files, step, on_success, on_failure)
             return
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tracker-upload")
         with self._lock:
             self._pending = [future for future in self._pending if not future.done()]
-            self._pending.append(self._executor.submit(self._run, saver, files, step, on_success))
+            self._pending.append(self._executor.submit(self._run, saver, files, step, on_success, on_failure))
 
-    def _run(self, saver: Saver, files: List[SaveFile], step: int, on_success: Callable[[], None]) -> bool:
+    def _run(
+        self,
+        saver: Saver,
+        files: List[SaveFile],
+        step: int,
+        on_success: Callable[[], None],
+        on_failure: Optional[Callable[[], List[Path]]],
+    ) -> bool:
         for attempt in range(1, self.attempts + 1):
             try:
                 saver.put(files, step)
@@ -204,7 +220,8 @@ class Uploader:
                     )
                     time.sleep(wait)
                     continue
-                kept = ", ".join(str(file.local) for file in files)
+                kept_paths = on_failure() if on_failure is not None else [file.local for file in files]
+                kept = ", ".join(str(path) for path in kept_paths)
                 report = (
                     f"save to {saver.describe()} at step {step} failed after {self.attempts} attempts ({message}); "
                     f"training goes on, the files are kept at: {kept}"

@@ -232,19 +232,43 @@ class Tracker:
 
             for saver, files in plans:
                 if not saver.remote:
-                    self.uploader.submit(saver, files, step, on_success=lambda: None)
+                    self.uploader.submit(saver, files, step)
             self._record_resume_point(step, artifacts, checkpoint_state)
 
-            for index, (saver, files) in enumerate(plans):
+            for saver, files in plans:
                 if saver.remote:
-                    # each upload gets its own links to the files: they stay there if the upload fails
-                    pending = self.data_path / "uploads" / f"saver{index}-{type(saver).__name__}" / f"step_{step}"
-                    kept = [SaveFile(link_or_copy(file.local, pending / file.dest.lstrip("/")), file.dest) for file in files]
-                    self.uploader.submit(
-                        saver, kept, step, on_success=lambda folder=pending: shutil.rmtree(folder, ignore_errors=True)
-                    )
+                    self._submit_upload(saver, files, step)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+    def _submit_upload(self, saver, files: List[SaveFile], step: int) -> None:
+        """Hand an upload to the uploader with its own links to the files.
+
+        On success the links go; on failure the files move to `uploads/<saver>/failed/<dest>`,
+        replacing an older failed copy of the same destination (one kept copy per destination, so
+        a long outage does not fill the disk), and a later successful upload of it removes that.
+        """
+        folder = self.data_path / "uploads" / f"saver{self.savers.index(saver)}-{type(saver).__name__}"
+        pending = folder / "pending" / f"step_{step}-{uuid.uuid4().hex[:8]}"
+        failed = folder / "failed"
+        kept = [SaveFile(link_or_copy(file.local, pending / file.dest.lstrip("/")), file.dest) for file in files]
+
+        def on_success() -> None:
+            shutil.rmtree(pending, ignore_errors=True)
+            for file in kept:
+                (failed / file.dest.lstrip("/")).unlink(missing_ok=True)
+
+        def on_failure() -> List[Path]:
+            paths = []
+            for file in kept:
+                target = failed / file.dest.lstrip("/")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(file.local, target)
+                paths.append(target)
+            shutil.rmtree(pending, ignore_errors=True)
+            return paths
+
+        self.uploader.submit(saver, kept, step, on_success=on_success, on_failure=on_failure)
 
     def _record_resume_point(self, step: int, artifacts: Dict[Tuple[str, str], Path], checkpoint_state: StateSource) -> None:
         """Remember the latest local resumable checkpoint in run_state.json (for auto-resume)."""

@@ -1,0 +1,77 @@
+"""A `model` save, loaded into a freshly created decoder, samples like the decoder it was saved from."""
+import json
+
+import pytest
+import torch
+
+from dalle2_decoder.config import ConsoleLogConfig, DecoderConfig, LocalSaveConfig, TrackerConfig, UnetConfig
+from dalle2_decoder.tracking import CheckpointMismatchError, create_tracker, load_model_weights
+
+EMBED = 8
+TINY_UNET_OPTIONS = dict(cond_dim=8, num_resnet_blocks=1, attn_heads=2, attn_dim_head=4, cross_attn_heads=2,
+                         cross_attn_dim_head=4, init_cross_embed=False, init_conv_kernel_size=3)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny convolutions run fastest on one thread, and the test machines' cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def decoder_config(dim=8) -> DecoderConfig:
+    unet = UnetConfig(dim=dim, image_embed_dim=EMBED, dim_mults=(1, 2), options=TINY_UNET_OPTIONS)
+    return DecoderConfig(unets=[unet, unet], image_sizes=[8, 16], timesteps=10)
+
+
+@pytest.mark.parametrize("file_name", ["decoder.safetensors", "decoder.pt"])
+def test_model_save_loads_into_a_fresh_decoder_that_samples(tmp_path, file_name):
+    torch.manual_seed(0)
+    trained = decoder_config().create()
+    with torch.no_grad():  # stand-in for training (and EMA): weights that no fresh decoder has
+        for parameter in trained.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+
+    config = TrackerConfig(
+        log=ConsoleLogConfig(log_type="console"),
+        save=[LocalSaveConfig(save_to="local", save_latest_to=file_name, save_type="model")],
+        data_path=str(tmp_path / "run"),
+    )
+    tracker = create_tracker(config, full_config_dict={"decoder": {"image_sizes": [8, 16]}}, is_main_process=True)
+    tracker.save(step=100, model_state=trained.state_dict)  # a function: called because a saver needs it
+    tracker.finish()
+
+    torch.manual_seed(1)
+    fresh = decoder_config().create()
+    assert not torch.equal(fresh.unets[0].final_conv.weight, trained.unets[0].final_conv.weight)
+    loaded = load_model_weights(fresh, tmp_path / "run" / file_name)
+    assert loaded.step == 100 and json.loads(loaded.config_json)["decoder"]["image_sizes"] == [8, 16]
+    for name, value in trained.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], value), name
+
+    image_embed = torch.randn(2, EMBED)
+    images = fresh.sample(image_embed=image_embed, cond_scale=1.0, seed=3)
+    assert images.shape == (2, 3, 16, 16)
+    assert images.min() >= 0 and images.max() <= 1 and torch.isfinite(images).all()
+    assert torch.equal(images, trained.sample(image_embed=image_embed, cond_scale=1.0, seed=3))
+
+
+def test_a_save_from_another_decoder_config_names_the_mismatched_tensors(tmp_path):
+    config = TrackerConfig(
+        log=ConsoleLogConfig(log_type="console"),
+        save=[LocalSaveConfig(save_to="local", save_latest_to="decoder.safetensors", save_type="model")],
+        data_path=str(tmp_path / "run"),
+    )
+    tracker = create_tracker(config, full_config_dict={}, is_main_process=True)
+    tracker.save(step=1, model_state=decoder_config(dim=8).create().state_dict())
+    tracker.finish()
+
+    wider = decoder_config(dim=16).create()
+    with pytest.raises(CheckpointMismatchError) as error:
+        load_model_weights(wider, tmp_path / "run" / "decoder.safetensors")
+    message = str(error.value)
+    assert "decoder.safetensors does not fit the configured model" in message
+    assert "shape mismatch" in message and "by module: unets.0 (" in message and "unets.1 (" in message
+    assert error.value.mismatched and not error.value.missing and not error.value.unexpected
