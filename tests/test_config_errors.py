@@ -240,3 +240,22 @@ def test_from_json_path_loads(minimal_config, write_config):
     config = TrainDecoderConfig.from_json_path(write_config(minimal_config))
     assert config == TrainDecoderConfig.from_dict(minimal_config)
     assert config.decoder.unets[0].dim == 16
+
+
+def test_basic_preprocessing_check_used_without_the_data_package():
+    from dalle2_decoder.config.preprocessing import basic_preprocessing_problems
+
+    assert basic_preprocessing_problems({"RandomResizedCrop": {"size": 64}, "ToTensor": True}) == []
+    assert basic_preprocessing_problems({"RandomResizeCrop": True, "Resize": {"sise": 64}, "ToTensor": True}) == [
+        "RandomResizeCrop: unknown transform (did you mean RandomResizedCrop?)",
+        'Resize: unknown argument "sise" (did you mean size?)',
+    ]
+
+
+def test_preprocessing_problems_use_the_data_pipeline_validator(monkeypatch):
+    import dalle2_decoder.config.preprocessing as preprocessing
+
+    monkeypatch.setattr(preprocessing, "_validator", lambda: lambda spec: ["Resize: bad size", "spec is odd"])
+    assert preprocessing.preprocessing_problems({"Resize": {"size": -1}}) == [
+        "data.preprocessing.Resize: bad size", "data.preprocessing: spec is odd",
+    ]
