@@ -20,7 +20,6 @@ import os
 import sys
 from typing import List, Optional, Tuple
 
-import numpy as np
 import torch
 from PIL import Image
 from torchvision import transforms as T
