@@ -38,7 +38,9 @@ def make(tmp_path, saves, **options):
 
 
 def state(value: float):
-    return {"model": {"weight": torch.full((4, 4), value)}, "samples_seen": int(value)}
+    # like the trainer's: the run's own config JSON (unmasked) travels inside the checkpoint state
+    raw_config = json.dumps({"data": {"webdataset_base_url": f"https://user:{TOKEN}@example.org/{{}}.tar"}})
+    return {"model": {"weight": torch.full((4, 4), value)}, "samples_seen": int(value), "config_json": raw_config}
 
 
 def test_saves_arrive_at_the_requested_paths_and_carry_no_token(tmp_path):
@@ -65,8 +67,11 @@ def test_saves_arrive_at_the_requested_paths_and_carry_no_token(tmp_path):
         uploaded_config = (repo / "meta" / "config.json").read_text()
         assert json.loads(uploaded_config)["seed"] == 3
         for text in (uploaded_config, read_file(repo / "checkpoints" / "latest.pt").config_json,
-                     read_file(repo / "decoder.safetensors").config_json):
+                     read_file(repo / "decoder.safetensors").config_json,
+                     read_file(repo / "checkpoints" / "latest.pt").state["config_json"]):
             assert TOKEN not in text
+        for path in repo.rglob("*"):
+            assert not path.is_file() or TOKEN.encode() not in path.read_bytes(), path
         assert ("POST", "/api/repos/create") in hub.requests
         assert len(hub.commits) == 4  # one commit per saver per save
         assert not tracker.upload_failures

@@ -72,3 +72,21 @@ def _redact(value: Any, secrets: List[str]) -> Any:
     if isinstance(value, str):
         return redact_string(value, secrets)
     return value
+
+
+def scrub_strings(value: Any, known_secrets: Iterable[str]) -> Any:
+    """`value` with `redact_string` applied to every string inside it; other leaves (tensors) untouched.
+
+    The net under checkpoint content: a config JSON string that the trainer stores in its state
+    loses any secret before the checkpoint is written or uploaded.
+    """
+    secrets = list(known_secrets)
+    if isinstance(value, str):
+        return redact_string(value, secrets)
+    if isinstance(value, dict):
+        return {key: scrub_strings(item, secrets) for key, item in value.items()}
+    if isinstance(value, list):
+        return [scrub_strings(item, secrets) for item in value]
+    if isinstance(value, tuple):
+        return tuple(scrub_strings(item, secrets) for item in value)
+    return value

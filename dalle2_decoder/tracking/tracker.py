@@ -31,7 +31,7 @@ from ..config.tracker import (
 from .checkpoint import LoadedCheckpoint, read_file, save_checkpoint, save_model
 from .loaders import LoadError, LocalLoader, UrlLoader, WandbLoader
 from .loggers import ConsoleLogger, ImagesLike, WandbLogger, generate_run_id, to_uint8_images
-from .redact import redact
+from .redact import redact, scrub_strings, secrets_from_environment
 from .run_state import RunState, prepare_data_path, read_run_state, write_run_state
 from .savers import HuggingfaceSaver, LocalSaver, SaveFile, Uploader, WandbSaver, link_or_copy, resolve_hub_token
 
@@ -113,6 +113,7 @@ class Tracker:
         run_state: RunState,
         auto_resuming: bool,
         config_dict: Dict[str, Any],
+        known_secrets: Sequence[str] = (),
     ):
         self.config = config
         self.data_path = data_path
@@ -124,6 +125,7 @@ class Tracker:
         self.auto_resuming = auto_resuming
         self.config_dict = config_dict
         self.config_json = json.dumps(config_dict)
+        self.known_secrets = list(known_secrets)
         self._finished = False
 
     # --- logging -------------------------------------------------------------------------------
@@ -197,7 +199,7 @@ class Tracker:
         def artifact(kind: str, suffix: str) -> Path:
             if (kind, suffix) not in artifacts:
                 if kind == "checkpoint":
-                    state = _evaluate(checkpoint_state, "checkpoint_state")
+                    state = scrub_strings(_evaluate(checkpoint_state, "checkpoint_state"), self.known_secrets)
                     path = save_checkpoint(staging / f"checkpoint{suffix}", state, step=step, config_json=self.config_json)
                 else:
                     state = _evaluate(model_state, "model_state")
@@ -284,7 +286,8 @@ class Tracker:
             latest = self.data_path / RESUME_CHECKPOINT
             staged = artifacts.get(("checkpoint", ".pt"))
             if staged is None:
-                save_checkpoint(latest, _evaluate(checkpoint_state, "checkpoint_state"), step=step, config_json=self.config_json)
+                state = scrub_strings(_evaluate(checkpoint_state, "checkpoint_state"), self.known_secrets)
+                save_checkpoint(latest, state, step=step, config_json=self.config_json)
             else:
                 link_or_copy(staged, latest)
         self.run_state.latest_checkpoint = str(latest)
@@ -474,6 +477,7 @@ def create_tracker(
         run_state=run_state,
         auto_resuming=resumed is not None,
         config_dict=config_dict,
+        known_secrets=list(hub_tokens.values()) + secrets_from_environment(),
     )
 
 
