@@ -146,13 +146,6 @@ def test_prepare_folder_into_shards_and_embeddings(tmp_path):
         torch.testing.assert_close(text_embed, embedder.embed_texts([caption])[0])
 
 
-def test_prepare_command_without_clip_adapter_says_so(tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "dalle2_decoder.clip", None)  # the adapter is not importable
-    (tmp_path / "a.jpg").write_bytes(b"")
-    assert prepare.main(["--images", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
-    assert "CLIP adapter (dalle2_decoder.clip) is not available" in capsys.readouterr().err
-
-
 def test_batch_images_equal_torchvision_preprocessing(tmp_path):
     from torchvision import transforms as T
 

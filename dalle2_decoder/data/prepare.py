@@ -2,13 +2,13 @@
 per-shard CLIP embedding files, in the layout `create_dataloaders` reads (see writer.py).
 
     python -m dalle2_decoder.data.prepare --images DIR --out DIR --clip-model ViT-L/14 \
-        [--clip-weights PATH] [--shard-size 1000] [--batch-size 64] [--max-image-size 512]
+        [--clip-make openai|open_clip] [--clip-weights PATH] [--shard-size 1000] [--batch-size 64]
 
 The core, `prepare_dataset`, takes any embedder object with
     embed_images(images: Tensor (B, 3, S, S) floats in [0, 1]) -> (B, D)
     embed_texts(captions: list[str]) -> (B, D)            (optional)
     image_size: int                                        (optional, default 224: S above)
-The command line loads one from the CLIP adapter (`dalle2_decoder.clip`).
+The command line builds one from the CLIP adapter (`dalle2_decoder.clip`, local weights).
 """
 from __future__ import annotations
 
@@ -117,28 +117,37 @@ def prepare_dataset(image_folder: str, out_dir: str, embedder, *, shard_size: in
     return data
 
 
-def load_clip_embedder(model: str, weights: Optional[str]):
-    """The CLIP adapter's embedder; a clear error when the adapter is not part of this install."""
-    try:
-        from dalle2_decoder import clip as clip_adapter
-    except ImportError as error:
-        raise RuntimeError(
-            "the CLIP adapter (dalle2_decoder.clip) is not available, so this command cannot embed images. "
-            "Call dalle2_decoder.data.prepare.prepare_dataset() with your own embedder "
-            "(embed_images / embed_texts), or install a version with the adapter"
-        ) from error
-    loader = getattr(clip_adapter, "load_clip", None)
-    if loader is None:
-        raise RuntimeError("dalle2_decoder.clip has no load_clip(model, weights) to build an embedder from")
-    return loader(model, weights)
+class ClipDataEmbedder:
+    """The CLIP adapter seen as this command's embedder: pooled text embeddings, one row per caption."""
+
+    def __init__(self, clip):
+        self.clip = clip
+        self.image_size = clip.image_size
+
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        return self.clip.embed_images(images)
+
+    def embed_texts(self, captions: List[str]) -> torch.Tensor:
+        return self.clip.embed_texts(captions).text_embed
+
+
+def load_clip_embedder(make: str, model: str, weights: Optional[str], cache_dir: Optional[str] = None) -> ClipDataEmbedder:
+    """CLIP through the adapter (`dalle2_decoder.clip`), with weights from a local file or cache."""
+    from ..clip import create_clip
+    from ..config import ClipConfig
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return ClipDataEmbedder(create_clip(ClipConfig(make=make, model=model, pretrained=weights, cache_dir=cache_dir), device))
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dalle2_decoder.data.prepare", description=__doc__.split("\n")[0])
     parser.add_argument("--images", required=True, help="folder of images (and optional same-named .txt captions)")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--clip-model", default="ViT-L/14", help="CLIP model name for the adapter")
-    parser.add_argument("--clip-weights", default=None, help="local weights file for the CLIP model")
+    parser.add_argument("--clip-make", default="openai", choices=["openai", "open_clip"], help="CLIP implementation")
+    parser.add_argument("--clip-model", default="ViT-L/14", help="CLIP model name (or an open_clip `local-dir:` folder)")
+    parser.add_argument("--clip-weights", default=None, help="local weights file (or open_clip pretrained tag)")
+    parser.add_argument("--clip-cache-dir", default=None, help="folder holding downloaded CLIP weights")
     parser.add_argument("--shard-size", type=int, default=1000)
     parser.add_argument("--shard-width", type=int, default=6)
     parser.add_argument("--index-width", type=int, default=4)
@@ -148,8 +157,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        embedder = load_clip_embedder(args.clip_model, args.clip_weights)
-    except RuntimeError as error:
+        embedder = load_clip_embedder(args.clip_make, args.clip_model, args.clip_weights, args.clip_cache_dir)
+    except RuntimeError as error:  # ClipLoadError says what to install or which file to provide
         print(f"error: {error}", file=sys.stderr)
         return 2
     data = prepare_dataset(
