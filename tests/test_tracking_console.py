@@ -176,7 +176,7 @@ def test_local_load_and_only_auto_resume(tmp_path):
     assert fresh.load() is None
 
 
-def test_problems_are_reported_together_at_start(tmp_path):
+def test_problems_are_reported_together_at_start(tmp_path, monkeypatch):
     config = dict(
         save=[
             LocalSaveConfig(save_to="local", save_latest_to="latest.safetensors"),
@@ -195,6 +195,9 @@ def test_problems_are_reported_together_at_start(tmp_path):
     assert any("upload_retries must be at least 1" in p for p in problems)
     assert not (tmp_path / "run").exists()  # nothing was touched
 
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    with pytest.raises(TrackerSetupError, match="wandb_run_path.* needs wandb online"):
+        make(tmp_path, save=[WandbSaveConfig(save_to="wandb", save_latest_to="x.pt", wandb_run_path="a/b/c")])
     with pytest.raises(TrackerSetupError, match="must be an http:// or https:// URL"):
         make(tmp_path, load=UrlLoadConfig(load_from="url", url="ftp://example.org/ck.pt"))
     with pytest.raises(TrackerSetupError, match="wandb_run_path is not set and no wandb run is being resumed"):

@@ -9,13 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dalle2_decoder.config import (
-    LocalSaveConfig,
-    TrackerConfig,
-    WandbLoadConfig,
-    WandbLogConfig,
-    WandbSaveConfig,
-)
+from dalle2_decoder.config import TrackerConfig, WandbLoadConfig, WandbLogConfig, WandbSaveConfig
 from dalle2_decoder.tracking import create_tracker, read_file, read_run_state
 
 from .tracking_servers import wandb_config, wandb_history, wandb_records, wandb_run_dirs

@@ -7,9 +7,9 @@ never asks which rank it is. See docs/TRACKING.md for the protocol the trainer f
 from __future__ import annotations
 
 import dataclasses
-import os
 import datetime
 import json
+import os
 import platform
 import shutil
 import socket
@@ -351,6 +351,10 @@ def _save_targets(config) -> List[str]:
     return [path for path in (config.save_latest_to, config.save_best_to) if path]
 
 
+def _wandb_offline() -> bool:
+    return os.environ.get("WANDB_MODE", "") in ("offline", "dryrun", "disabled")
+
+
 def _check_config(config: TrackerConfig, auto_resuming: bool) -> List[str]:
     """Cross-field problems that can be found without touching anything."""
     problems = []
@@ -371,6 +375,8 @@ def _check_config(config: TrackerConfig, auto_resuming: bool) -> List[str]:
                     )
         if isinstance(save, WandbSaveConfig) and save.wandb_run_path is None and not is_wandb:
             problems.append(f"{where}: saving to the current wandb run needs tracker.log.log_type 'wandb' (or set wandb_run_path)")
+        if isinstance(save, WandbSaveConfig) and save.wandb_run_path is not None and _wandb_offline():
+            problems.append(f"{where}: saving to another run (wandb_run_path) needs wandb online, but WANDB_MODE is offline")
     load = config.load
     if load is not None and not (load.only_auto_resume and not auto_resuming):
         if isinstance(load, WandbLoadConfig) and load.wandb_run_path is None:
@@ -496,7 +502,7 @@ def _create_loader(config: TrackerConfig, logger, data_path: Path, resuming_wand
         offline = logger.offline
         run_path = logger.run_path if resuming_wandb else None
     else:
-        offline = os.environ.get("WANDB_MODE", "") in ("offline", "dryrun", "disabled")
+        offline = _wandb_offline()
         run_path = None
     if os.environ.get("WANDB_DIR"):
         roots.append(Path(os.environ["WANDB_DIR"]) / "wandb")
