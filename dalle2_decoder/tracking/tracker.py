@@ -61,7 +61,7 @@ class NullTracker:
     def log(self, metrics: Mapping[str, Any], step: int) -> None:
         pass
 
-    def log_images(self, name: str, images: ImagesLike, captions: Optional[Sequence[str]] = None, step: int = 0) -> None:
+    def log_images(self, name: str, images: ImagesLike, captions: Optional[Sequence[str]], step: int) -> None:
         pass
 
     def info(self, message: str) -> None:
@@ -139,8 +139,8 @@ class Tracker:
         """Log scalar metrics (floats, ints or 0-dim tensors) at `step`."""
         self.logger.log(metrics, step)
 
-    def log_images(self, name: str, images: ImagesLike, captions: Optional[Sequence[str]] = None, step: int = 0) -> None:
-        """Log sample images under `name`: a (B, 3, H, W) tensor in [0, 1] or a list of images, one caption each."""
+    def log_images(self, name: str, images: ImagesLike, captions: Optional[Sequence[str]], step: int) -> None:
+        """Log sample images under `name`: a (B, 3, H, W) tensor in [0, 1] or a list of images; one caption each (or None)."""
         self.logger.log_images(name, to_uint8_images(images), captions, step)
 
     def info(self, message: str) -> None:
