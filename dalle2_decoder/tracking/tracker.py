@@ -82,7 +82,7 @@ class NullTracker:
     def wait_for_uploads(self) -> None:
         pass
 
-    def finish(self, success: bool = True) -> None:
+    def finish(self, success: bool = True, *, interrupted: bool = False) -> None:
         pass
 
     def __enter__(self) -> "NullTracker":
@@ -324,15 +324,18 @@ class Tracker:
 
     # --- end -----------------------------------------------------------------------------------
 
-    def finish(self, success: bool = True) -> None:
-        """Wait for uploads, mark the run finished (when `success`), close the logger. Idempotent."""
+    def finish(self, success: bool = True, *, interrupted: bool = False) -> None:
+        """Wait for uploads, mark the run finished (when `success`), close the logger. Idempotent.
+
+        `interrupted`: the run stopped cleanly before its end (a signal); it stays resumable.
+        """
         if self._finished:
             return
         self._finished = True
         try:
             self.uploader.close()
         finally:
-            if success:
+            if success and not interrupted:
                 self.run_state.finished = True
                 write_run_state(self.data_path, self.run_state)
             self.logger.finish(success)

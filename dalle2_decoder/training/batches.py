@@ -1,0 +1,109 @@
+"""From loader batches to model inputs: device placement, CLIP on the fly, text encodings, sample grids."""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import attrs
+import torch
+import torch.nn.functional as F
+
+from ..config.root import TrainDecoderConfig
+
+SAMPLE_SEED = 1234
+"""Sample grids use a fixed noise seed, so grids from different steps differ only by the weights."""
+
+
+@attrs.frozen
+class SampleExamples:
+    """A few fixed examples whose real and generated images are shown side by side all run long."""
+
+    batch: Dict[str, Any]
+    captions: List[str]
+
+
+class BatchPreparer:
+    """Turns a loader batch into the decoder's inputs on `device`."""
+
+    def __init__(self, config: TrainDecoderConfig, *, device: torch.device):
+        self.device = device
+        self.config = config
+        unet_options = [unet.options for unet in config.decoder.unets]
+        self.needs_text = any(options.get("cond_on_text_encodings", False) for options in unet_options)
+        self.clip = None
+        self._clip_config = config.decoder.clip
+
+    def _ensure_clip(self) -> None:
+        if self.clip is None:
+            from ..clip import create_clip
+
+            self.clip = create_clip(self._clip_config, device=self.device)
+
+    def prepare(self, batch: Dict[str, Any]) -> Dict[str, Any]:
+        """Images and embeddings on the device; CLIP computes what the data does not carry."""
+        image = batch["image"].to(self.device, non_blocking=True)
+        prepared: Dict[str, Any] = {"image": image, "caption": batch.get("caption", []), "key": batch.get("key", [])}
+        if "image_embed" in batch:
+            prepared["image_embed"] = batch["image_embed"].to(self.device, non_blocking=True).float()
+        elif self._clip_config is not None:
+            self._ensure_clip()
+            prepared["image_embed"] = self.clip.embed_images(image)
+        else:
+            raise ValueError(
+                "a batch has no image embeddings (keys: " + ", ".join(batch.get("key", [])[:3]) + ", ...): set "
+                "data.img_embeddings_url, put img_emb.npy members in the shards, or configure decoder.clip"
+            )
+        if self.needs_text:
+            if "text_embed" in batch:
+                text = batch["text_embed"].to(self.device, non_blocking=True).float()
+                # Precomputed text embeddings are pooled (B, D): one context token each.
+                prepared["text_encodings"] = text.unsqueeze(1) if text.dim() == 2 else text
+            elif self._clip_config is not None:
+                self._ensure_clip()
+                encoded = self.clip.embed_texts(list(batch["caption"]))
+                prepared["text_encodings"] = encoded.text_encodings
+                prepared["text_mask"] = encoded.text_mask
+            else:
+                raise ValueError("the U-Nets condition on text but a batch has no text embeddings and decoder.clip is not set")
+        return prepared
+
+    # --- sample grids ------------------------------------------------------------------------
+
+    def pick_examples(self, loaders, count: int) -> Dict[str, SampleExamples]:
+        """The first `count` examples of the train and test splits (val when test is empty)."""
+        examples = {}
+        for name, split in (("train", "train"), ("test", "test" if len(loaders["test"]) else "val")):
+            loader = loaders[split]
+            if count <= 0 or len(loader) == 0:
+                continue
+            loader.set_epoch(0)
+            iterator = iter(loader)
+            batch = next(iterator)
+            del iterator  # stops the workers
+            taken = {key: value[:count] for key, value in batch.items()}
+            examples[name] = SampleExamples(self.prepare(taken), list(taken.get("caption", [""] * count)))
+        return examples
+
+    @torch.no_grad()
+    def sample_grid(self, trainer, examples: SampleExamples, cond_scale: Sequence[float], unets: Sequence[int]) -> Tuple[List[torch.Tensor], List[str]]:
+        """Real and generated images interleaved, with captions, at the last sampled U-Net's size."""
+        batch = examples.batch
+        start, stop = unets[0], unets[-1]
+        size = self.config.decoder.image_sizes[stop - 1]
+        with trainer.sampling_weights() as decoder, trainer.accelerator.autocast():
+            generated = decoder.sample(
+                image_embed=batch["image_embed"],
+                text_encodings=batch.get("text_encodings"),
+                text_mask=batch.get("text_mask"),
+                cond_scale=list(cond_scale),
+                start_at_unet_number=start,
+                stop_at_unet_number=stop,
+                image=batch["image"] if start > 1 else None,
+                seed=SAMPLE_SEED,
+            )
+        real = F.interpolate(batch["image"].float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        images: List[torch.Tensor] = []
+        captions: List[str] = []
+        for index, caption in enumerate(examples.captions):
+            images += [real[index].clamp(0, 1).cpu(), generated[index].float().clamp(0, 1).cpu()]
+            captions += [f"real: {caption}", f"generated: {caption}"]
+        return images, captions

@@ -1,0 +1,411 @@
+"""The training run: setup, then each epoch as ordered phases (train, validate, evaluate, sample, save).
+
+Every counter is in training samples seen across all ranks, so logs, saves and resume agree.
+Every rank runs every phase and reaches the same collectives in the same order; only the tracker
+(a do-nothing stand-in on other ranks) differs, so the loop never asks which rank it is on.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import sys
+import time
+from typing import Any, Dict, List, Optional
+
+import attrs
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list, gather_object, set_seed
+from tqdm.auto import tqdm
+
+from ..config.root import TrainDecoderConfig
+from ..tracking import capture_rng_state, create_tracker, restore_rng_state
+from .batches import BatchPreparer, SampleExamples
+from .stopping import StopRequest
+from .trainer import DecoderTrainer, per_unet
+
+log = logging.getLogger(__name__)
+
+LOG_EVERY_N_STEPS = 10
+"""Losses are averaged across ranks (one all-reduce) every this many steps, not every step."""
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (e.g. a streak of non-finite losses); the last good checkpoint is kept."""
+
+
+@attrs.define
+class Progress:
+    """Where the run is; saved in every checkpoint and restored on resume."""
+
+    epoch: int = 0
+    """Epoch in progress (0-based)."""
+    batches_in_epoch: int = 0
+    """Training batches of `epoch` already consumed on each rank."""
+    phase: str = "train"
+    """Phase of `epoch` to run next: `train`, or `end` (validate/evaluate/sample/save still to do)."""
+    samples_seen: int = 0
+    """Training samples consumed so far, summed over ranks."""
+    next_save_at: int = 0
+    """`samples_seen` at which the next periodic sample grid and checkpoint are due."""
+    best_val_loss: float = math.inf
+    """Lowest mean validation loss so far (sum over trained U-Nets)."""
+
+    def to_dict(self) -> Dict[str, Any]:
+        return attrs.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Dict[str, Any]) -> "Progress":
+        return cls(**{field.name: values[field.name] for field in attrs.fields(cls) if field.name in values})
+
+
+# --- setup ---------------------------------------------------------------------------------------
+
+
+def _launched() -> bool:
+    """True under `accelerate launch` / torchrun, where the launcher chooses the device."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or "ACCELERATE_MIXED_PRECISION" in os.environ and "LOCAL_RANK" in os.environ
+
+
+def create_accelerator(config: TrainDecoderConfig) -> Accelerator:
+    """An Accelerator honouring `train.device` in single-process runs and the launcher otherwise."""
+    train = config.train
+    precision = train.mixed_precision or ("bf16" if train.amp else None)
+    ddp = DistributedDataParallelKwargs(
+        find_unused_parameters=train.find_unused_parameters, static_graph=train.static_graph, broadcast_buffers=False
+    )
+    notes = []
+    if _launched():
+        accelerator = Accelerator(mixed_precision=precision, kwargs_handlers=[ddp])
+        notes.append(f"train.device ({train.device}) is superseded by the launcher: this process uses {accelerator.device}")
+    else:
+        device = torch.device(train.device)
+        cpu = device.type == "cpu"
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise RuntimeError(f"train.device is {train.device} but CUDA is not available here; set train.device to \"cpu\"")
+            torch.cuda.set_device(device.index or 0)
+        accelerator = Accelerator(mixed_precision=precision, cpu=cpu, kwargs_handlers=[ddp])
+    if precision == "bf16" and accelerator.device.type == "cpu" and not train.mixed_precision:
+        notes.append("train.amp on the CPU runs bf16 autocast, which is slower than fp32 on most CPUs")
+    for note in notes:
+        if accelerator.is_main_process:
+            print(f"note: {note}", flush=True)
+    return accelerator
+
+
+def used_unets(config: TrainDecoderConfig) -> List[int]:
+    """U-Nets the run trains or samples through: from the first trained one to the last trained one.
+
+    Sampling starts at the first trained U-Net (given the real low-resolution image) and stops at
+    the last, so U-Nets outside that range are never used and stay off the device.
+    """
+    num = len(config.decoder.unets)
+    mask = config.train.unet_training_mask or [True] * num
+    trained = [n for n, m in enumerate(mask, start=1) if m]
+    return list(range(trained[0], trained[-1] + 1)) if trained else []
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def summary_lines(config: TrainDecoderConfig, accelerator: Accelerator, trainer: DecoderTrainer, loaders) -> List[str]:
+    """The one-screen summary printed at start."""
+    data = config.data
+    per_rank = len(loaders["train"]) * data.batch_size
+    lines = [
+        "dalle2-decoder training",
+        f"  processes      {accelerator.num_processes} ({accelerator.distributed_type.value}), device {accelerator.device}",
+        f"  precision      {accelerator.mixed_precision}",
+        f"  data           {data.webdataset_base_url} shards {data.start_shard}..{data.end_shard}",
+        f"  embeddings     {data.img_embeddings_url or ('CLIP on the fly' if config.decoder.clip else 'inside the shards')}",
+        f"  samples/epoch  {per_rank * accelerator.num_processes} ({len(loaders['train'])} batches of {data.batch_size} per rank)",
+        f"  epochs         {config.train.epochs}",
+    ]
+    for number, unet in enumerate(trainer.decoder.unets, start=1):
+        state = "trained" if number in trainer.trained_unets else "frozen"
+        size = config.decoder.image_sizes[number - 1]
+        lines.append(f"  U-Net {number}        {count_parameters(unet) / 1e6:.2f}M parameters, {size}px, {state}")
+    return lines
+
+
+# --- the run -------------------------------------------------------------------------------------
+
+
+class TrainingRun:
+    """Everything a run holds, built once; `run()` executes the epochs."""
+
+    def __init__(self, config: TrainDecoderConfig, *, accelerator: Optional[Accelerator] = None):
+        self.config = config
+        self.accelerator = accelerator or create_accelerator(config)
+        acc = self.accelerator
+        # Same initial weights on every rank; afterwards each rank draws its own noise.
+        set_seed(config.seed)
+        decoder = config.decoder.create()
+        set_seed(config.seed + acc.process_index)
+
+        self.batches = BatchPreparer(config, device=acc.device)
+        from ..data import create_dataloaders
+
+        self.loaders = create_dataloaders(
+            config.data,
+            seed=config.seed,
+            rank=acc.process_index,
+            world_size=acc.num_processes,
+            epoch_samples=config.train.epoch_samples,
+            validation_samples=config.train.validation_samples,
+            test_samples=config.data.batch_size * acc.num_processes,  # one batch: the sample-grid examples
+            image_embed_dim=None if config.decoder.clip else config.decoder.unets[0].image_embed_dim,
+            pin_memory=acc.device.type == "cuda",
+        )
+        self.tracker = create_tracker(config.tracker, full_config_dict=config.to_dict(), is_main_process=acc.is_main_process)
+        self.trainer = DecoderTrainer(decoder, acc, config.train, used_unets=used_unets(config))
+        self.progress = Progress(next_save_at=config.train.save_every_n_samples)
+        self.stop = StopRequest()
+        self.cond_scale = per_unet(config.train.cond_scale, len(config.decoder.unets))
+        self.examples: Dict[str, SampleExamples] = {}
+        self._pending_rng: Optional[Dict[str, Any]] = None
+        self.resumed = False
+        self.interrupted = False
+        self._last_sampled_at: Optional[int] = None
+
+    # --- start ---------------------------------------------------------------------------------
+
+    def load_start_checkpoint(self) -> None:
+        loaded = self.tracker.load(broadcast=broadcast_object_list if self.accelerator.num_processes > 1 else None)
+        if loaded is None:
+            return
+        if loaded.kind == "model":
+            from ..tracking import load_state_dict_checked
+
+            load_state_dict_checked(self.trainer.decoder, loaded.model_state, source=loaded.source)
+            self.trainer.load_state_dict({"decoder": self.trainer.decoder.state_dict()}, weights_only=True)
+            self.tracker.info(f"loaded decoder weights from {loaded.source}; training starts fresh")
+            return
+        state = loaded.state
+        same_run = loaded.auto_resumed or state.get("config_digest") == config_digest(self.config)
+        self.trainer.load_state_dict(state["trainer"], weights_only=not same_run)
+        if same_run:
+            self.progress = Progress.from_dict(state["progress"])
+            rng_states = state.get("rng", [])
+            if len(rng_states) == self.accelerator.num_processes:
+                # Restored once this rank's data iterator is positioned (see `_train_phase`).
+                self._pending_rng = rng_states[self.accelerator.process_index]
+            self.resumed = True
+            self.tracker.info(
+                f"resumed from {loaded.source}: epoch {self.progress.epoch + 1}, "
+                f"{self.progress.samples_seen} samples seen, step {self.trainer.step}"
+            )
+        else:
+            self.tracker.info(f"loaded weights from {loaded.source} (a different run's checkpoint); training starts fresh")
+
+    # --- the epochs ----------------------------------------------------------------------------
+
+    def execute(self) -> int:
+        """`run()`, then close the tracker: finished, failed, or interrupted (resumable)."""
+        try:
+            status = self.run()
+        except BaseException:
+            self.tracker.finish(success=False)
+            raise
+        self.tracker.finish(success=True, interrupted=self.interrupted)
+        return status
+
+    def run(self) -> int:
+        acc = self.accelerator
+        self.stop.install()  # before anything is printed: a signal from now on leads to a clean save
+        try:
+            for line in summary_lines(self.config, acc, self.trainer, self.loaders):
+                self.tracker.info(line)
+            self.load_start_checkpoint()
+            self.examples = self.batches.pick_examples(self.loaders, self.config.train.n_sample_images)
+            if self.config.train.save_immediately and not self.resumed:
+                self._sample_phase()
+                self._save_phase(is_best=False)
+            while self.progress.epoch < self.config.train.epochs:
+                if self.progress.phase == "train":
+                    if not self._train_phase():
+                        self.interrupted = True  # stopped by a signal, checkpoint saved: resumable
+                        return 0
+                    self.progress.phase = "end"
+                val_loss = self._validate_phase()
+                self._evaluate_phase()
+                self._sample_phase()
+                is_best = val_loss is not None and val_loss < self.progress.best_val_loss
+                if is_best:
+                    self.progress.best_val_loss = val_loss
+                self.progress.epoch += 1
+                self.progress.batches_in_epoch = 0
+                self.progress.phase = "train"
+                self._save_phase(is_best=is_best)
+            self.tracker.info(f"training finished: {self.config.train.epochs} epochs, {self.progress.samples_seen} samples")
+            return 0
+        finally:
+            self.stop.uninstall()
+
+    def _train_phase(self) -> bool:
+        """One epoch of training (or its remainder after a resume). False when stopped by a signal."""
+        acc, trainer, progress = self.accelerator, self.trainer, self.progress
+        loader = self.loaders["train"]
+        loader.set_epoch(progress.epoch)
+        batch_samples = self.config.data.batch_size * acc.num_processes
+        loss_sums = {n: torch.zeros((), device=acc.device) for n in trainer.trained_unets}
+        steps_in_window = 0
+        window_start = time.perf_counter()
+        bar = tqdm(total=len(loader), initial=progress.batches_in_epoch, desc=f"epoch {progress.epoch + 1} train",
+                   disable=not acc.is_main_process, dynamic_ncols=True, leave=False)
+        iterator = iter(loader)
+        # Mid-epoch resume: read past the batches already trained on, so the data (and the workers'
+        # random augmentations) continue exactly where the interrupted run stopped.
+        for _ in range(progress.batches_in_epoch):
+            next(iterator)
+        if self._pending_rng is not None:
+            restore_rng_state(self._pending_rng)
+            self._pending_rng = None
+        try:
+            for batch in iterator:
+                batch = self.batches.prepare(batch)
+                losses = trainer.train_step(batch)
+                for number, loss in losses.items():
+                    loss_sums[number] += loss
+                steps_in_window += 1
+                progress.batches_in_epoch += 1
+                progress.samples_seen += batch_samples
+                bar.update(1)
+
+                if steps_in_window == LOG_EVERY_N_STEPS:
+                    metrics = self._window_metrics(loss_sums, steps_in_window, batch_samples, window_start)
+                    self.tracker.log(metrics, step=progress.samples_seen)
+                    bar.set_postfix({k.split("/")[-1]: f"{v:.4f}" for k, v in metrics.items() if k.startswith("train/loss")})
+                    loss_sums = {n: torch.zeros((), device=acc.device) for n in trainer.trained_unets}
+                    steps_in_window, window_start = 0, time.perf_counter()
+
+                if trainer.too_many_nonfinite:
+                    raise TrainingStopped(
+                        f"{trainer.nonfinite_streak} optimizer steps in a row had non-finite gradients; stopping. "
+                        "The last good checkpoint is kept; lower train.lr or check the data."
+                    )
+                if self.stop.agreed(acc):
+                    self.tracker.info(f"{self.stop.signal_name or 'stop request'}: saving a checkpoint and exiting")
+                    self._save_phase(is_best=False)
+                    return False
+                if progress.samples_seen >= progress.next_save_at:
+                    progress.next_save_at += self.config.train.save_every_n_samples
+                    self._sample_phase()
+                    self._save_phase(is_best=False)
+        finally:
+            bar.close()
+        self._report_data("train", loader)
+        if trainer.nonfinite_steps:
+            self.tracker.log({"train/nonfinite_steps": trainer.nonfinite_steps}, step=progress.samples_seen)
+        return True
+
+    def _window_metrics(self, loss_sums, steps: int, batch_samples: int, window_start: float) -> Dict[str, float]:
+        acc = self.accelerator
+        numbers = sorted(loss_sums)
+        stacked = torch.stack([loss_sums[n] / steps for n in numbers])
+        averaged = acc.reduce(stacked, reduction="mean") if acc.num_processes > 1 else stacked
+        values = averaged.tolist()
+        elapsed = max(time.perf_counter() - window_start, 1e-9)
+        metrics = {f"train/loss/unet{n}": v for n, v in zip(numbers, values)}
+        metrics.update({f"train/lr/unet{n}": self.trainer.unet_lr(n) for n in numbers})
+        metrics["train/samples_per_s"] = steps * batch_samples / elapsed
+        metrics["epoch"] = self.progress.epoch + 1
+        return metrics
+
+    def _validate_phase(self) -> Optional[float]:
+        """Mean validation loss per trained U-Net, over all ranks; returns their sum (None without data)."""
+        acc, trainer = self.accelerator, self.trainer
+        loader = self.loaders["val"]
+        if len(loader) == 0 or not trainer.trained_unets:
+            return None
+        loader.set_epoch(self.progress.epoch)
+        sums = torch.zeros(len(trainer.trained_unets), device=acc.device)
+        count = torch.zeros((), device=acc.device)
+        for batch in tqdm(loader, desc=f"epoch {self.progress.epoch + 1} validate", disable=not acc.is_main_process, leave=False):
+            batch = self.batches.prepare(batch)
+            losses = trainer.validation_losses(batch)
+            size = batch["image"].shape[0]
+            sums += torch.stack([losses[n].float() for n in trainer.trained_unets]) * size
+            count += size
+        if acc.num_processes > 1:
+            sums, count = acc.reduce(sums, reduction="sum"), acc.reduce(count, reduction="sum")
+        means = (sums / count.clamp(min=1)).tolist()
+        metrics = {f"val/loss/unet{n}": value for n, value in zip(trainer.trained_unets, means)}
+        self.tracker.log(metrics, step=self.progress.samples_seen)
+        self._report_data("val", loader)
+        return float(sum(means))
+
+    def _evaluate_phase(self) -> None:
+        """FID / IS / KID / LPIPS on generated validation images, when configured (see `evaluation`)."""
+        from ..evaluation import run_evaluation
+
+        metrics = run_evaluation(self)
+        if metrics:
+            self.tracker.log(metrics, step=self.progress.samples_seen)
+
+    def _sample_phase(self) -> None:
+        """Grids of real images next to generated ones, from train and test examples (main rank only)."""
+        acc = self.accelerator
+        if self._last_sampled_at == self.progress.samples_seen:
+            return  # e.g. a periodic grid that fell on the last step of the epoch
+        self._last_sampled_at = self.progress.samples_seen
+        if acc.is_main_process and self.trainer.trained_unets:
+            for split, examples in self.examples.items():
+                images, captions = self.batches.sample_grid(self.trainer, examples, self.cond_scale, used_unets(self.config))
+                self.tracker.log_images(f"{split}_examples", images, captions, step=self.progress.samples_seen)
+        acc.wait_for_everyone()
+
+    def _save_phase(self, *, is_best: bool) -> None:
+        """Latest (and best) saves through every configured saver; RNG states of every rank included."""
+        acc = self.accelerator
+        rng = gather_object([capture_rng_state()]) if acc.num_processes > 1 else [capture_rng_state()]
+        self.tracker.save(
+            step=self.progress.samples_seen,
+            checkpoint_state=lambda: {
+                "trainer": self.trainer.state_dict(),
+                "progress": self.progress.to_dict(),
+                "rng": rng,
+                "config_digest": config_digest(self.config),
+            },
+            model_state=self.trainer.model_state_dict,
+            is_best=is_best,
+        )
+        acc.wait_for_everyone()
+
+    def _report_data(self, phase: str, loader) -> None:
+        stats = dict(loader.stats)
+        bad = {k: v for k, v in stats.items() if k not in ("seen", "ok") and v}
+        if bad:
+            self.tracker.log({f"data/{phase}/{k}": v for k, v in bad.items()}, step=self.progress.samples_seen)
+
+
+def config_digest(config: TrainDecoderConfig) -> str:
+    """Identifies the config a checkpoint was saved with: one saved by the same config continues the run.
+
+    A digest rather than the JSON itself, because the tracker masks secrets in checkpoint strings.
+    """
+    return hashlib.sha256(config.to_json(indent=None).encode()).hexdigest()
+
+
+def _expected_errors() -> tuple:
+    """Errors that describe a problem with the user's setup: reported in one message, no traceback."""
+    from ..clip import ClipLoadError
+    from ..data import BadDataError, DataSetupError, PreprocessingError
+    from ..tracking import CheckpointError, DataPathError, LoadError, TrackerSetupError
+
+    return (ClipLoadError, BadDataError, DataSetupError, PreprocessingError, CheckpointError, DataPathError, LoadError,
+            TrackerSetupError, TrainingStopped)
+
+
+def main(config: TrainDecoderConfig) -> int:
+    """Train a decoder as the config says; the exit status for the CLI (0 done or stopped by a signal, 1 error)."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return TrainingRun(config).execute()
+    except _expected_errors() as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 1

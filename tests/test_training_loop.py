@@ -1,0 +1,113 @@
+"""The training run end to end on a tiny demo dataset: phases, saves, resume, signals."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dalle2_decoder.config import TrainDecoderConfig
+from dalle2_decoder.tracking import read_file
+from dalle2_decoder.training import TrainingRun, main
+
+from .conftest import REPO_ROOT
+from .training_fixtures import tiny_config, write_tiny_demo
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory):
+    return write_tiny_demo(tmp_path_factory.mktemp("demo"))
+
+
+def metrics_lines(data_path):
+    return [json.loads(line) for line in (data_path / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_every_phase_runs_and_writes_what_it_should(demo_data, tmp_path):
+    data_path = tmp_path / "run"
+    config = TrainDecoderConfig.from_dict(tiny_config(demo_data, data_path, epochs=2, save_every_n_samples=12))
+    assert main(config) == 0
+    lines = metrics_lines(data_path)
+    # train: losses averaged every 10 steps are not reached with 6 steps an epoch; validation is logged per epoch.
+    val = [line for line in lines if "val/loss/unet1" in json.dumps(line)]
+    assert len(val) == 2
+    # sample: grids of real next to generated images for train and test examples, periodic and per epoch.
+    grids = sorted((data_path / "samples" / "train_examples").glob("*.png"))
+    assert [p.name for p in grids] == ["step_000000012.png", "step_000000024.png", "step_000000036.png", "step_000000048.png"]
+    captions = json.loads(grids[0].with_suffix(".json").read_text())["captions"]
+    assert len(captions) == 4 and captions[0].startswith("real: a ") and captions[1].startswith("generated: a ")
+    assert (data_path / "samples" / "test_examples").is_dir()
+    # save: latest and best checkpoints, the model save, metadata; counters in samples seen.
+    latest = read_file(data_path / "latest.pth")
+    assert latest.kind == "checkpoint" and latest.step == 48
+    assert latest.state["progress"]["epoch"] == 2 and latest.state["progress"]["samples_seen"] == 48
+    assert (data_path / "best.pth").is_file() and (data_path / "meta" / "config.json").is_file()
+    model = read_file(data_path / "model.safetensors")
+    fresh = config.decoder.create()
+    fresh.load_state_dict(model.model_state)  # a model save loads into a freshly created decoder
+    images = fresh.sample(image_embed=torch.randn(1, 32), seed=0)
+    assert images.shape == (1, 3, 16, 16) and 0 <= images.min() and images.max() <= 1
+
+
+def _final_weights(data_path):
+    return read_file(data_path / "latest.pth").state["trainer"]["decoder"]
+
+
+def test_stopped_mid_epoch_then_auto_resumed_ends_with_the_same_weights(demo_data, tmp_path):
+    options = dict(epochs=2, epoch_samples=32)
+    uninterrupted = tmp_path / "uninterrupted"
+    assert main(TrainDecoderConfig.from_dict(tiny_config(demo_data, uninterrupted, **options))) == 0
+
+    interrupted = tmp_path / "interrupted"
+    config = TrainDecoderConfig.from_dict(tiny_config(demo_data, interrupted, **options))
+    run = TrainingRun(config)
+    original_step = run.trainer.train_step
+    calls = []
+
+    def step_then_signal(batch):
+        losses = original_step(batch)
+        calls.append(1)
+        if len(calls) == 3:  # mid-epoch: 8 batches an epoch
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return losses
+
+    run.trainer.train_step = step_then_signal
+    assert run.execute() == 0 and run.interrupted
+    stopped = read_file(interrupted / "latest.pth")
+    assert stopped.state["progress"]["batches_in_epoch"] == 3 and stopped.state["progress"]["epoch"] == 0
+
+    resumed = TrainingRun(config)  # auto_resume: true in the config
+    assert resumed.execute() == 0
+    assert resumed.resumed
+    expected, got = _final_weights(uninterrupted), _final_weights(interrupted)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_sigterm_saves_and_a_requeued_job_auto_resumes(demo_data, tmp_path, write_config):
+    data_path = tmp_path / "run"
+    path = write_config(tiny_config(demo_data, data_path, epochs=1000, epoch_samples=40))
+    command = [sys.executable, str(REPO_ROOT / "train_decoder.py"), "--config_file", str(path)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    for line in process.stdout:
+        if "dalle2-decoder training" in line:
+            break
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output
+    assert "SIGTERM: saving a checkpoint and exiting" in output
+    progress = read_file(data_path / "latest.pth").state["progress"]
+    assert json.loads((data_path / "run_state.json").read_text())["finished"] is False
+
+    # The requeued job runs the same command (told here to end after the interrupted epoch).
+    requeued = subprocess.run(command + ["--set", f"train.epochs={progress['epoch'] + 1}"], capture_output=True,
+                              text=True, cwd=tmp_path, timeout=300)
+    assert requeued.returncode == 0, requeued.stdout + requeued.stderr
+    assert f"resumed from auto-resume {data_path / 'latest.pth'}" in requeued.stdout
+    assert f"{progress['batches_in_epoch'] * 4 + progress['epoch'] * 40} samples seen" in requeued.stdout
+    final = read_file(data_path / "latest.pth").state["progress"]
+    assert final["epoch"] == progress["epoch"] + 1 and final["samples_seen"] == (progress["epoch"] + 1) * 40
+    assert json.loads((data_path / "run_state.json").read_text())["finished"] is True
