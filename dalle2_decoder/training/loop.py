@@ -78,7 +78,10 @@ def create_accelerator(config: TrainDecoderConfig) -> Accelerator:
     )
     notes = []
     if _launched():
-        accelerator = Accelerator(mixed_precision=precision, kwargs_handlers=[ddp])
+        # Without GPUs (or when the launcher asks for the CPU) each process must say so itself,
+        # otherwise Accelerate treats the processes as independent single-process runs.
+        cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+        accelerator = Accelerator(mixed_precision=precision, cpu=cpu, kwargs_handlers=[ddp])
         notes.append(f"train.device ({train.device}) is superseded by the launcher: this process uses {accelerator.device}")
     else:
         device = torch.device(train.device)
@@ -157,7 +160,6 @@ class TrainingRun:
             world_size=acc.num_processes,
             epoch_samples=config.train.epoch_samples,
             validation_samples=config.train.validation_samples,
-            test_samples=config.data.batch_size * acc.num_processes,  # one batch: the sample-grid examples
             image_embed_dim=None if config.decoder.clip else config.decoder.unets[0].image_embed_dim,
             pin_memory=acc.device.type == "cuda",
         )
@@ -241,7 +243,9 @@ class TrainingRun:
                 self.progress.batches_in_epoch = 0
                 self.progress.phase = "train"
                 self._save_phase(is_best=is_best)
+            self._check_ranks_agree()
             self.tracker.info(f"training finished: {self.config.train.epochs} epochs, {self.progress.samples_seen} samples")
+            log.info("process %d of %d finished", self.accelerator.process_index + 1, self.accelerator.num_processes)
             return 0
         finally:
             self.stop.uninstall()
@@ -375,6 +379,17 @@ class TrainingRun:
             is_best=is_best,
         )
         acc.wait_for_everyone()
+
+    def _check_ranks_agree(self) -> None:
+        """Every rank must hold the same weights at the end; a cheap fingerprint comparison proves it."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return
+        fingerprint = torch.stack([p.detach().double().sum() for p in self.trainer.decoder.parameters()]).to(acc.device)
+        gathered = acc.gather(fingerprint[None]).cpu()
+        if not all(torch.equal(gathered[0], row) for row in gathered[1:]):
+            raise TrainingStopped("the processes ended with different weights: distributed training went out of sync")
+        self.tracker.info(f"parameters identical across {acc.num_processes} processes")
 
     def _report_data(self, phase: str, loader) -> None:
         stats = dict(loader.stats)
