@@ -1,12 +1,22 @@
-"""Evaluation metrics (FID, IS, KID, LPIPS) on generated validation images."""
-from __future__ import annotations
+"""Evaluation metrics (FID, IS, KID, LPIPS) on images generated from validation embeddings.
 
-from typing import Dict
+- `run_evaluation(run)`: the training loop's evaluate phase (see `training.loop.TrainingRun`).
+- `evaluate_decoder(...)`: the same on any decoder and loader; the stand-alone command
+  (`python -m dalle2_decoder.evaluation`) uses it on a saved checkpoint.
+- `MetricSuite`: the configured torchmetrics metrics, computed once over the samples of all ranks.
+See docs/EVALUATION.md.
+"""
+from .evaluate import build_suite, evaluate_decoder, evaluation_loader, run_evaluation
+from .extractors import EvaluationSetupError
+from .metrics import MetricSuite, ScriptedLPIPS, canonical_order
 
-
-def run_evaluation(run) -> Dict[str, float]:
-    """The evaluate phase: metrics over generated validation images; empty when none is configured."""
-    evaluate = run.config.evaluate
-    if not any(getattr(evaluate, name) is not None for name in ("FID", "IS", "KID", "LPIPS")):
-        return {}
-    raise NotImplementedError("evaluation metrics are not implemented yet")
+__all__ = [
+    "EvaluationSetupError",
+    "MetricSuite",
+    "ScriptedLPIPS",
+    "build_suite",
+    "canonical_order",
+    "evaluate_decoder",
+    "evaluation_loader",
+    "run_evaluation",
+]

@@ -1,0 +1,106 @@
+"""Tiny TorchScript feature networks and fixed images for the evaluation tests.
+
+Run as a script (under `accelerate launch`), it computes the metrics on a fixed set of images
+split unevenly across the ranks and writes rank 0's values as JSON: see test_evaluation_distributed.py.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import torch
+from torch import nn
+
+IMAGE_SIZE = 16
+FEATURE_DIM = 6
+CLASSES = 5
+
+
+class TinyFeatures(nn.Module):
+    """Images as floats in [0, 1] -> `dim` features (fixed random weights)."""
+
+    def __init__(self, dim: int, scale: float = 1.0):
+        super().__init__()
+        self.scale = scale
+        self.conv1 = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(8, dim, 3, stride=2, padding=1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        hidden = torch.tanh(self.conv1(images * 2 - 1))
+        return self.scale * self.conv2(hidden).mean(dim=(2, 3))
+
+
+class TinyLpipsNet(nn.Module):
+    """Images in [-1, 1] -> two feature maps, as an LPIPS backbone."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 6, 3, stride=2, padding=1)
+
+    def forward(self, images: torch.Tensor) -> List[torch.Tensor]:
+        first = torch.relu(self.conv1(images))
+        return [first, torch.relu(self.conv2(first))]
+
+
+def write_networks(folder: Path) -> Dict[str, str]:
+    """TorchScript files: `features` (FID/KID), `logits` (IS), `lpips` (LPIPS net_type)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(11)
+    paths = {}
+    for name, module in (("features", TinyFeatures(FEATURE_DIM)), ("logits", TinyFeatures(CLASSES, scale=20.0)), ("lpips", TinyLpipsNet())):
+        path = folder / f"{name}.pt"
+        torch.jit.script(module.eval()).save(str(path))
+        paths[name] = str(path)
+    return paths
+
+
+def metric_options(paths: Dict[str, str], *, subset_size: int = 8, splits: int = 2) -> Dict[str, Dict]:
+    return {
+        "FID": {"feature": paths["features"], "normalize": True},
+        "IS": {"feature": paths["logits"], "normalize": True, "splits": splits},
+        "KID": {"feature": paths["features"], "normalize": True, "subsets": 5, "subset_size": subset_size},
+        "LPIPS": {"net_type": paths["lpips"], "normalize": True},
+    }
+
+
+def fixed_images(count: int, seed: int = 5) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Real images and imperfect "reconstructions" of them, in [0, 1]."""
+    generator = torch.Generator().manual_seed(seed)
+    real = torch.rand(count, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
+    noise = torch.rand(count, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
+    generated = (0.6 * real + 0.4 * noise) ** 1.3
+    return real, generated
+
+
+def _distributed_main(out_path: str, networks: str, count: int) -> None:
+    from accelerate import Accelerator
+
+    from dalle2_decoder.evaluation import MetricSuite
+    from dalle2_decoder.evaluation.metrics import pooled_count
+
+    state = Accelerator(cpu=True)
+    paths = json.loads(networks)
+    suite = MetricSuite(metric_options(paths), device=state.device, image_size=IMAGE_SIZE)
+    real, generated = fixed_images(count)
+    # Uneven shares (rank 0 gets more) fed in different batch sizes, so ranks differ in update counts.
+    split = count // 2 + 3
+    mine = slice(0, split) if state.process_index == 0 else slice(split, count)
+    batch = 4 if state.process_index == 0 else 3
+    real, generated = real[mine], generated[mine]
+    for start in range(0, real.shape[0], batch):
+        suite.update(real[start:start + batch], generated[start:start + batch])
+
+    values = suite.compute(seed=3)
+    values["samples"] = pooled_count(real.shape[0], state)
+    values["world_size"] = state.num_processes
+    values["distributed"] = torch.distributed.is_initialized()
+    if state.is_main_process:
+        Path(out_path).write_text(json.dumps(values))
+    state.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    _distributed_main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
