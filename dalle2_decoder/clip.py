@@ -64,6 +64,7 @@ class ClipEmbedder(nn.Module):
         self._text_tower = getattr(model, "text", model)
         if not hasattr(self._text_tower, "ln_final"):
             raise ClipLoadError("this CLIP's text tower has no per-token output (ln_final); use a CLIP with a transformer text tower")
+        self.train(False)
 
     def train(self, mode: bool = True) -> "ClipEmbedder":
         # CLIP stays in eval mode whatever the surrounding code asks: it is never trained here.

@@ -111,9 +111,9 @@ def test_gradient_accumulation_steps_optimizer_every_k_micro_batches():
 
 
 def test_per_unet_learning_rates_and_warmup():
-    trainer = make_trainer(lr=[1e-3, 2e-4], warmup_steps=4)
+    trainer = make_trainer(lr=[1e-3, 2e-4], warmup_steps=[4, 2])
     assert trainer.unet_lr(1) == pytest.approx(1e-3 * 0.25)
-    assert trainer.unet_lr(2) == pytest.approx(2e-4 * 0.25)
+    assert trainer.unet_lr(2) == pytest.approx(2e-4 * 0.5)
     for _ in range(5):
         trainer.train_step(batch())
     assert trainer.unet_lr(1) == pytest.approx(1e-3)

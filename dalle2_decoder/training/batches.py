@@ -29,14 +29,28 @@ class BatchPreparer:
         self.config = config
         unet_options = [unet.options for unet in config.decoder.unets]
         self.needs_text = any(options.get("cond_on_text_encodings", False) for options in unet_options)
+        text_dims = {options["text_embed_dim"] for options in unet_options if options.get("text_embed_dim")}
+        self.text_embed_dim = text_dims.pop() if self.needs_text and len(text_dims) == 1 else None
+        self.image_embed_dim = config.decoder.unets[0].image_embed_dim
         self.clip = None
         self._clip_config = config.decoder.clip
 
     def _ensure_clip(self) -> None:
         if self.clip is None:
-            from ..clip import create_clip
+            from ..clip import ClipLoadError, create_clip
 
-            self.clip = create_clip(self._clip_config, device=self.device)
+            clip = create_clip(self._clip_config, device=self.device)
+            if clip.image_embed_dim != self.image_embed_dim:
+                raise ClipLoadError(
+                    f"decoder.clip {self._clip_config.model} gives {clip.image_embed_dim}-dimensional image embeddings but "
+                    f"decoder.unets[0].image_embed_dim is {self.image_embed_dim}"
+                )
+            if self.needs_text and self.text_embed_dim not in (None, clip.text_embed_dim):
+                raise ClipLoadError(
+                    f"decoder.clip {self._clip_config.model} gives {clip.text_embed_dim}-dimensional text encodings but "
+                    f"the U-Nets' text_embed_dim is {self.text_embed_dim}"
+                )
+            self.clip = clip
 
     def prepare(self, batch: Dict[str, Any]) -> Dict[str, Any]:
         """Images and embeddings on the device; CLIP computes what the data does not carry."""

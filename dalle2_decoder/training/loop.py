@@ -160,7 +160,9 @@ class TrainingRun:
             world_size=acc.num_processes,
             epoch_samples=config.train.epoch_samples,
             validation_samples=config.train.validation_samples,
-            image_embed_dim=None if config.decoder.clip else config.decoder.unets[0].image_embed_dim,
+            # Embeddings the data carries must fit the U-Nets; others are counted as bad samples.
+            image_embed_dim=config.decoder.unets[0].image_embed_dim,
+            text_embed_dim=self.batches.text_embed_dim,
             pin_memory=acc.device.type == "cuda",
         )
         self.tracker = create_tracker(config.tracker, full_config_dict=config.to_dict(), is_main_process=acc.is_main_process)

@@ -81,7 +81,8 @@ class DecoderTrainer:
         for number in self.trained_unets:
             unet = decoder.unets[number - 1]
             optimizer = torch.optim.AdamW(unet.parameters(), lr=lrs[number - 1], weight_decay=wds[number - 1], fused=fused or None)
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_factor(step, config.warmup_steps))
+            warmup = config.for_unet("warmup_steps", number - 1)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step, warmup=warmup: warmup_factor(step, warmup))
             # Not wrapped by Accelerate: with several optimizers the loss scaler must unscale each
             # once, step each, then update once; the wrapper would update after every optimizer.
             self.optimizers[number] = optimizer
