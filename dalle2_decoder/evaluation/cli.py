@@ -1,0 +1,139 @@
+"""Evaluate a saved checkpoint without training.
+
+    python -m dalle2_decoder.evaluation --config_file CFG.json --checkpoint latest.pth [--n_samples N]
+    accelerate launch -m dalle2_decoder.evaluation --config_file CFG.json --checkpoint model.safetensors
+
+The config's `evaluate` section says which metrics; `data` gives the validation split; the
+checkpoint is a trainer checkpoint (EMA weights are used when `train.use_ema`, unless --no_ema)
+or a model save. The metrics are printed as one JSON object on stdout (main process), and
+appended as a JSON line to --output when given. Exit codes: 0 done, 1 a problem with the config,
+checkpoint, data or metric setup (one message, no traceback), 2 usage errors.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Sequence, Tuple
+
+import attrs
+from torch import nn
+
+EXIT_OK, EXIT_ERROR = 0, 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ..cli import parse_override
+
+    parser = argparse.ArgumentParser(prog="python -m dalle2_decoder.evaluation", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config_file", "--config-file", dest="config_file", required=True, metavar="PATH",
+                        help="the run's JSON configuration (its evaluate, data and decoder sections are used)")
+    parser.add_argument("--checkpoint", required=True, metavar="PATH",
+                        help="a checkpoint (.pth) or model save (.safetensors / .pth) written by training")
+    parser.add_argument("--n_samples", "--n-samples", dest="n_samples", type=int, default=None, metavar="N",
+                        help="images to generate (default: evaluate.n_evaluation_samples)")
+    parser.add_argument("--no_ema", "--no-ema", dest="no_ema", action="store_true",
+                        help="evaluate a checkpoint's trained weights instead of its EMA weights")
+    parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: the config's seed)")
+    parser.add_argument("--output", metavar="PATH", default=None, help="append the metrics as one JSON line to this file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], type=parse_override,
+                        metavar="KEY.PATH=VALUE", help="override one config option, as for train_decoder.py")
+    return parser
+
+
+def load_decoder(config, checkpoint: str, *, use_ema: bool) -> Tuple[nn.Module, int]:
+    """`config.decoder.create()` with the checkpoint's weights, and the step it was saved at."""
+    from ..tracking import load_state_dict_checked, read_file
+
+    loaded = read_file(checkpoint)
+    decoder = config.decoder.create()
+    if loaded.kind == "model":
+        load_state_dict_checked(decoder, loaded.model_state, source=loaded.source)
+        return decoder, loaded.step
+    trainer_state = loaded.state["trainer"]
+    load_state_dict_checked(decoder, trainer_state["decoder"], source=f"{loaded.source} (decoder)")
+    if use_ema:
+        for key, ema_state in trainer_state.get("emas", {}).items():
+            number = int(key)
+            averaged = {name[len("averaged."):]: value for name, value in ema_state.items() if name.startswith("averaged.")}
+            load_state_dict_checked(decoder.unets[number - 1], averaged, source=f"{loaded.source} (EMA of U-Net {number})")
+    return decoder, loaded.step
+
+
+def _errors() -> tuple:
+    from ..training.loop import _expected_errors
+    from .extractors import EvaluationSetupError
+
+    return _expected_errors() + (EvaluationSetupError,)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from ..cli import load_config
+    from ..config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    speaks = os.environ.get("RANK", "0") == "0"
+    try:
+        config, notes = load_config(args.config_file, args.overrides)
+    except ConfigError as error:
+        if speaks:
+            print(str(error), file=sys.stderr)
+        return EXIT_ERROR
+    if args.n_samples is not None:
+        if args.n_samples < 1:
+            print("error: --n_samples must be at least 1", file=sys.stderr)
+            return EXIT_ERROR
+        config = attrs.evolve(config, evaluate=attrs.evolve(config.evaluate, n_evaluation_samples=args.n_samples))
+    if not config.evaluate.metrics():
+        if speaks:
+            print(f"error: {args.config_file} enables no metric: give evaluate.FID, IS, KID or LPIPS an object", file=sys.stderr)
+        return EXIT_ERROR
+    if speaks:
+        for note in notes:
+            print(f"warning: {note}", file=sys.stderr)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON result alone
+            metrics, step = evaluate_checkpoint(config, args.checkpoint, use_ema=config.train.use_ema and not args.no_ema,
+                                                seed=config.seed if args.seed is None else args.seed)
+    except _errors() as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return EXIT_ERROR
+    if metrics is not None:
+        result = {"checkpoint": args.checkpoint, "step": step, **metrics}
+        print(json.dumps(result), flush=True)
+        if args.output:
+            with Path(args.output).open("a") as handle:
+                handle.write(json.dumps(result) + "\n")
+    return EXIT_OK
+
+
+def evaluate_checkpoint(config, checkpoint: str, *, use_ema: bool, seed: int):
+    """(metrics, step) on the main process, (None, step) on the others; every rank must call it."""
+    from ..training.batches import BatchPreparer
+    from ..training.loop import create_accelerator, used_unets
+    from ..training.trainer import per_unet
+    from .evaluate import build_suite, evaluate_decoder, evaluation_loader, final_image_size
+
+    accelerator = create_accelerator(config)
+    unets = used_unets(config)
+    if not unets:
+        from .extractors import EvaluationSetupError
+
+        raise EvaluationSetupError("train.unet_training_mask leaves no U-Net to sample with")
+    decoder, step = load_decoder(config, checkpoint, use_ema=use_ema)
+    decoder.to(accelerator.device).eval()
+    suite = build_suite(config, accelerator, unets)
+    loader = evaluation_loader(config, accelerator)
+    prepare = BatchPreparer(config, device=accelerator.device).prepare
+    metrics = evaluate_decoder(
+        decoder, loader, prepare, accelerator, suite,
+        n_samples=config.evaluate.n_evaluation_samples, unets=unets, image_size=final_image_size(config, unets),
+        cond_scale=per_unet(config.train.cond_scale, len(config.decoder.unets)), seed=seed,
+        info=(lambda message: print(message, file=sys.stderr, flush=True)) if accelerator.is_main_process else (lambda message: None),
+    )
+    return (metrics if accelerator.is_main_process else None), step
