@@ -116,7 +116,7 @@ def evaluation_loader(config, accelerator, val_loader=None):
         world_size=accelerator.num_processes,
         epoch_samples=config.train.epoch_samples,
         validation_samples=None,
-        test_samples=config.data.batch_size * accelerator.num_processes,
+        test_samples=None,
         image_embed_dim=None if config.decoder.clip else config.decoder.unets[0].image_embed_dim,
         pin_memory=accelerator.device.type == "cuda",
     )
