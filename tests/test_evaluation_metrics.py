@@ -154,3 +154,18 @@ def test_unknown_metric_keys_are_config_errors(config_problems, minimal_config, 
     minimal_config["evaluate"] = {"FID": {"feature": networks["features"], "normalise": True}, "LPIPS": {"weights_path": "x"}}
     problems = config_problems(minimal_config)
     assert problems == ["evaluate.FID.normalise: unknown option (did you mean normalize?)"]
+
+
+def test_a_torch_export_program_works_like_the_torchscript_file(tmp_path, images):
+    from .evaluation_fixtures import FEATURE_DIM, TinyFeatures
+
+    torch.manual_seed(0)
+    network = TinyFeatures(FEATURE_DIM).eval()
+    program = torch.export.export(network, (torch.rand(2, 3, IMAGE_SIZE, IMAGE_SIZE),),
+                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, str(tmp_path / "features.pt2"))
+    torch.jit.script(network).save(str(tmp_path / "features.pt"))
+    real, generated = images
+    exported, _ = suite_values({"FID": {"feature": str(tmp_path / "features.pt2"), "normalize": True}}, real, generated)
+    scripted, _ = suite_values({"FID": {"feature": str(tmp_path / "features.pt"), "normalize": True}}, real, generated)
+    assert exported["eval/FID"] == pytest.approx(scripted["eval/FID"], rel=1e-6) and exported["eval/FID"] > 0
