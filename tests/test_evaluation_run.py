@@ -69,6 +69,17 @@ def test_evaluation_is_reproducible_and_capped_by_the_split(demo_data, networks,
     run.tracker.finish()
 
 
+def test_a_metric_that_cannot_be_built_fails_at_preparation(demo_data, networks, tmp_path):
+    from dalle2_decoder.evaluation import EvaluationSetupError, prepare_evaluation
+
+    raw = evaluating_config(demo_data, networks, tmp_path / "run")
+    raw["evaluate"]["LPIPS"]["net_type"] = str(tmp_path / "missing.pt")
+    run = TrainingRun(TrainDecoderConfig.from_dict(raw))
+    with pytest.raises(EvaluationSetupError, match=r"evaluate\.LPIPS\.net_type: .*missing\.pt does not exist"):
+        prepare_evaluation(run)
+    run.tracker.finish()
+
+
 def test_no_metric_means_no_evaluation(demo_data, tmp_path):
     config = TrainDecoderConfig.from_dict(tiny_config(demo_data, tmp_path / "run"))
     from dalle2_decoder.evaluation import run_evaluation

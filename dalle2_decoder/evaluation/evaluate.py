@@ -129,21 +129,36 @@ def build_suite(config, accelerator, unets: Sequence[int]) -> MetricSuite:
         return MetricSuite(config.evaluate.metrics(), device=accelerator.device, image_size=final_image_size(config, unets))
 
 
-def run_evaluation(run) -> Dict[str, float]:
-    """The evaluate phase of a `TrainingRun`: metrics of the weights being trained; empty when none is configured."""
+def prepare_evaluation(run) -> bool:
+    """Build a `TrainingRun`'s metrics and evaluation loader now (False when no metric is enabled).
+
+    Call it at setup so that a metric that cannot be built (weights missing offline, a bad
+    TorchScript file) stops the run before training, not after the first epoch. `run_evaluation`
+    calls it when it was not called. Every rank must call it.
+    """
     from ..training.loop import used_unets
 
     config = run.config
     unets = used_unets(config)
     if not config.evaluate.metrics() or not unets:
-        return {}
-    state = _PER_RUN.get(run)
-    if state is None:
-        state = {
+        return False
+    if run not in _PER_RUN:
+        _PER_RUN[run] = {
             "suite": build_suite(config, run.accelerator, unets),
             "loader": evaluation_loader(config, run.accelerator, run.loaders.get("val")),
         }
-        _PER_RUN[run] = state
+    return True
+
+
+def run_evaluation(run) -> Dict[str, float]:
+    """The evaluate phase of a `TrainingRun`: metrics of the weights being trained; empty when none is configured."""
+    from ..training.loop import used_unets
+
+    if not prepare_evaluation(run):
+        return {}
+    config = run.config
+    unets = used_unets(config)
+    state = _PER_RUN[run]
     with run.trainer.sampling_weights() as decoder:
         return evaluate_decoder(
             decoder, state["loader"], run.batches.prepare, run.accelerator, state["suite"],
