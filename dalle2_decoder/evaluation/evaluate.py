@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import time
 import weakref
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Sequence
 
 import torch
 import torch.nn.functional as F
