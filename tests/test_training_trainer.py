@@ -156,3 +156,25 @@ def test_mismatched_checkpoint_names_the_tensors():
     with pytest.raises(CheckpointMismatchError) as error:
         trainer.load_state_dict(state)
     assert key in str(error.value) and "unets.0.extra.weight" in str(error.value)
+
+
+def test_ema_decay_warms_up_then_reaches_beta():
+    from dalle2_decoder.training.ema import EMA
+
+    network = torch.nn.Linear(1, 1, bias=False)
+    ema = EMA(network, beta=0.9)
+    with torch.no_grad():
+        network.weight.fill_(0.0)
+        ema.averaged.weight.fill_(1.0)
+    ema.update(network)  # first update: decay min(0.9, 1/10) = 0.1
+    assert ema.averaged.weight.item() == pytest.approx(0.1)
+    for _ in range(200):
+        ema.update(network)
+    with torch.no_grad():
+        ema.averaged.weight.fill_(1.0)
+    ema.update(network)  # long after the warm-up the decay is beta itself
+    assert ema.averaged.weight.item() == pytest.approx(0.9)
+    state = ema.state_dict()
+    restored = EMA(network, beta=0.9)
+    restored.load_state_dict(state)
+    assert int(restored.num_updates) == 202

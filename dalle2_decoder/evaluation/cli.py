@@ -65,10 +65,10 @@ def load_decoder(config, checkpoint: str, *, use_ema: bool) -> Tuple[nn.Module, 
 
 
 def _errors() -> tuple:
-    from ..training.loop import _expected_errors
+    from ..training.loop import setup_errors
     from .extractors import EvaluationSetupError
 
-    return _expected_errors() + (EvaluationSetupError,)
+    return setup_errors()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

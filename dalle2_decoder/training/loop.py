@@ -91,6 +91,13 @@ def create_accelerator(config: TrainDecoderConfig) -> Accelerator:
                 raise RuntimeError(f"train.device is {train.device} but CUDA is not available here; set train.device to \"cpu\"")
             torch.cuda.set_device(device.index or 0)
         accelerator = Accelerator(mixed_precision=precision, cpu=cpu, kwargs_handlers=[ddp])
+    if accelerator.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # Compute threads that compete with the dataloader workers (and the other processes) for the
+        # same cores spin and stall: on CPU, give each process the cores its workers leave free.
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = max(1, cores // accelerator.num_processes - config.data.num_workers)
+        torch.set_num_threads(threads)
+        notes.append(f"CPU training with {threads} compute thread(s) per process (set OMP_NUM_THREADS to choose)")
     if precision == "bf16" and accelerator.device.type == "cpu" and not train.mixed_precision:
         notes.append("train.amp on the CPU runs bf16 autocast, which is slower than fp32 on most CPUs")
     for note in notes:
@@ -167,6 +174,10 @@ class TrainingRun:
         )
         self.tracker = create_tracker(config.tracker, full_config_dict=config.to_dict(), is_main_process=acc.is_main_process)
         self.trainer = DecoderTrainer(decoder, acc, config.train, used_unets=used_unets(config))
+        # Metrics are built now, so that missing weights stop the run before training, not after an epoch.
+        from ..evaluation import prepare_evaluation
+
+        prepare_evaluation(self)
         self.progress = Progress(next_save_at=config.train.save_every_n_samples)
         self.stop = StopRequest()
         self.cond_scale = per_unet(config.train.cond_scale, len(config.decoder.unets))
@@ -408,14 +419,15 @@ def config_digest(config: TrainDecoderConfig) -> str:
     return hashlib.sha256(config.to_json(indent=None).encode()).hexdigest()
 
 
-def _expected_errors() -> tuple:
+def setup_errors() -> tuple:
     """Errors that describe a problem with the user's setup: reported in one message, no traceback."""
     from ..clip import ClipLoadError
     from ..data import BadDataError, DataSetupError, PreprocessingError
+    from ..evaluation import EvaluationSetupError
     from ..tracking import CheckpointError, DataPathError, LoadError, TrackerSetupError
 
     return (ClipLoadError, BadDataError, DataSetupError, PreprocessingError, CheckpointError, DataPathError, LoadError,
-            TrackerSetupError, TrainingStopped)
+            TrackerSetupError, EvaluationSetupError, TrainingStopped)
 
 
 def main(config: TrainDecoderConfig) -> int:
@@ -423,6 +435,6 @@ def main(config: TrainDecoderConfig) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return TrainingRun(config).execute()
-    except _expected_errors() as error:
+    except setup_errors() as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 1
