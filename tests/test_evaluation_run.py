@@ -70,14 +70,13 @@ def test_evaluation_is_reproducible_and_capped_by_the_split(demo_data, networks,
 
 
 def test_a_metric_that_cannot_be_built_fails_at_preparation(demo_data, networks, tmp_path):
-    from dalle2_decoder.evaluation import EvaluationSetupError, prepare_evaluation
+    from dalle2_decoder.evaluation import EvaluationSetupError
 
     raw = evaluating_config(demo_data, networks, tmp_path / "run")
     raw["evaluate"]["LPIPS"]["net_type"] = str(tmp_path / "missing.pt")
-    run = TrainingRun(TrainDecoderConfig.from_dict(raw))
     with pytest.raises(EvaluationSetupError, match=r"evaluate\.LPIPS\.net_type: .*missing\.pt does not exist"):
-        prepare_evaluation(run)
-    run.tracker.finish()
+        TrainingRun(TrainDecoderConfig.from_dict(raw))  # built at setup, before any training
+    assert not (tmp_path / "run" / "run_state.json").exists()  # and before the tracker starts a run
 
 
 def test_no_metric_means_no_evaluation(demo_data, tmp_path):

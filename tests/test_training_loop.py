@@ -141,3 +141,26 @@ def test_two_process_cpu_run_with_accelerate_launch(demo_data, tmp_path, write_c
     assert grids == ["step_000000016.png", "step_000000032.png", "step_000000048.png", "step_000000064.png"]
     assert read_file(data_path / "latest.pth").state["progress"]["samples_seen"] == 64
     assert len(read_file(data_path / "latest.pth").state["rng"]) == 2  # every rank's RNG state is saved
+
+
+def test_upsampler_only_training_leaves_the_base_unet_untouched(demo_data, tmp_path):
+    raw = tiny_config(demo_data, tmp_path / "run", epochs=1, epoch_samples=16, unet_training_mask=[False, True])
+    base = dict(raw["decoder"]["unets"][0])
+    raw["decoder"]["unets"] = [base, {**base, "dim": 8}]
+    raw["decoder"]["image_sizes"] = [8, 16]
+    raw["tracker"]["save"] = [{"save_to": "local", "save_latest_to": "latest.pth"}]
+    config = TrainDecoderConfig.from_dict(raw)
+    torch.manual_seed(config.seed)
+    initial = {k: v.clone() for k, v in config.decoder.create().state_dict().items()}
+
+    run = TrainingRun(config)
+    assert run.trainer.trained_unets == [2] and set(run.trainer.optimizers) == {2}
+    assert run.execute() == 0
+    saved = read_file(tmp_path / "run" / "latest.pth").state["trainer"]["decoder"]
+    for name, tensor in initial.items():
+        if name.startswith("unets.0."):
+            assert torch.equal(saved[name], tensor), name  # the frozen base U-Net never changed
+    assert any(not torch.equal(saved[name], tensor) for name, tensor in initial.items() if name.startswith("unets.1."))
+    # Sample grids start at the upsampler, from the real low-resolution images, at its size.
+    grid = json.loads(sorted((tmp_path / "run" / "samples" / "train_examples").glob("*.json"))[-1].read_text())
+    assert len(grid["captions"]) == 4

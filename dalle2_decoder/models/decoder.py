@@ -344,6 +344,7 @@ class Decoder(nn.Module):
         unet_kwargs: dict,
         generator: Optional[torch.Generator],
         device: torch.device,
+        progress: bool = False,
     ) -> torch.Tensor:
         unet, diffusion = self.unets[index], self.diffusions[index]
         b = shape[0]
@@ -354,6 +355,10 @@ class Decoder(nn.Module):
         else:
             pairs = ddim_timestep_pairs(self.num_timesteps, steps)
         x_start = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            pairs = tqdm(pairs, desc=f"sampling U-Net {index + 1}", leave=False, dynamic_ncols=True)
         for t_now, t_prev in pairs:
             t = torch.full((b,), t_now, device=device, dtype=torch.long)
             self_cond = x_start if unet.self_cond else None
@@ -385,6 +390,7 @@ class Decoder(nn.Module):
         batch_size: Optional[int] = None,
         generator: Optional[torch.Generator] = None,
         seed: Optional[int] = None,
+        progress: bool = False,
     ) -> torch.Tensor:
         """Images in [0, 1] at the size of the last U-Net run.
 
@@ -392,6 +398,7 @@ class Decoder(nn.Module):
         image: images in [0, 1] used as the low-res input when starting at an upsampler.
         batch_size: only needed when nothing else says it (an unconditional decoder).
         generator / seed: make the sampling noise reproducible (seed builds a generator).
+        progress: show a progress bar over each U-Net's sampling steps.
         """
         start = self._index(start_at_unet_number)
         stop = self._index(stop_at_unet_number if stop_at_unet_number is not None else len(self.unets))
@@ -433,6 +440,7 @@ class Decoder(nn.Module):
                     unet_kwargs=unet_kwargs,
                     generator=generator,
                     device=device,
+                    progress=progress,
                 )
                 current = ((x + 1) / 2).clamp(0, 1)
         finally:

@@ -113,6 +113,7 @@ class BatchPreparer:
                 stop_at_unet_number=stop,
                 image=batch["image"] if start > 1 else None,
                 seed=SAMPLE_SEED,
+                progress=True,  # sampling runs on the main process only
             )
         real = F.interpolate(batch["image"].float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         images: List[torch.Tensor] = []

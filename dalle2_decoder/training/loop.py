@@ -172,12 +172,13 @@ class TrainingRun:
             text_embed_dim=self.batches.text_embed_dim,
             pin_memory=acc.device.type == "cuda",
         )
-        self.tracker = create_tracker(config.tracker, full_config_dict=config.to_dict(), is_main_process=acc.is_main_process)
         self.trainer = DecoderTrainer(decoder, acc, config.train, used_unets=used_unets(config))
         # Metrics are built now, so that missing weights stop the run before training, not after an epoch.
         from ..evaluation import prepare_evaluation
 
         prepare_evaluation(self)
+        # Last: everything that can fail on a bad setup has been built, so no run folder is left half-started.
+        self.tracker = create_tracker(config.tracker, full_config_dict=config.to_dict(), is_main_process=acc.is_main_process)
         self.progress = Progress(next_save_at=config.train.save_every_n_samples)
         self.stop = StopRequest()
         self.cond_scale = per_unet(config.train.cond_scale, len(config.decoder.unets))
@@ -296,7 +297,8 @@ class TrainingRun:
                 if steps_in_window == LOG_EVERY_N_STEPS:
                     metrics = self._window_metrics(loss_sums, steps_in_window, batch_samples, window_start)
                     self.tracker.log(metrics, step=progress.samples_seen)
-                    bar.set_postfix({k.split("/")[-1]: f"{v:.4f}" for k, v in metrics.items() if k.startswith("train/loss")})
+                    postfix = {k.split("/")[-1]: f"{v:.4f}" for k, v in metrics.items() if k.startswith("train/loss")}
+                    bar.set_postfix({**postfix, "samples/s": f"{metrics['train/samples_per_s']:.1f}"})
                     loss_sums = {n: torch.zeros((), device=acc.device) for n in trainer.trained_unets}
                     steps_in_window, window_start = 0, time.perf_counter()
 
