@@ -168,3 +168,30 @@ def test_batch_images_equal_torchvision_preprocessing(tmp_path):
             jpeg = jpeg_bytes(9, size=12) if key == "0000010001" else jpeg_bytes(number * 31 + index)
             expected = reference(Image.open(io.BytesIO(jpeg)))
             torch.testing.assert_close(image, expected, rtol=0, atol=1e-6)
+
+
+def test_uint8_batches_hold_the_same_pixels_as_float_batches(tmp_path):
+    from dalle2_decoder.config import DataConfig
+
+    try:
+        from .data_fixtures import write_dataset
+    except ImportError:
+        from data_fixtures import write_dataset
+    dataset = write_dataset(str(tmp_path), [3, 3])
+    batches = {}
+    for workers in (0, 1):
+        config = DataConfig(webdataset_base_url=dataset.base_url, img_embeddings_url=dataset.img_embeddings_url,
+                            num_workers=workers, batch_size=6, shuffle_train=False,
+                            preprocessing={"Resize": 8, "ToTensor": True}, splits=DataSplits(train=1.0, val=0.0, test=0.0))
+        for uint8 in (False, True):
+            (batch,) = list(create_dataloaders(config, seed=0, uint8_images=uint8)["train"])
+            batches[workers, uint8] = batch["image"]
+    for workers in (0, 1):
+        assert batches[workers, True].dtype == torch.uint8 and batches[workers, False].dtype == torch.float32
+        torch.testing.assert_close(batches[workers, True].float() / 255, batches[workers, False], rtol=0, atol=1e-6)
+    # Tensor transforms need floats: with them the batch stays float whatever was asked.
+    config = DataConfig(webdataset_base_url=dataset.base_url, img_embeddings_url=dataset.img_embeddings_url,
+                        num_workers=0, batch_size=6, shuffle_train=False, splits=DataSplits(train=1.0, val=0.0, test=0.0),
+                        preprocessing={"ToTensor": True, "Normalize": {"mean": [0.5] * 3, "std": [0.5] * 3}})
+    (batch,) = list(create_dataloaders(config, seed=0, uint8_images=True)["train"])
+    assert batch["image"].dtype == torch.float32 and batch["image"].min() < 0

@@ -49,6 +49,9 @@ class SampleFormat:
     text_embed_source: Optional[str]
     image_embed_dim: Optional[int]
     text_embed_dim: Optional[int]
+    uint8_images: bool = False
+    """Batch images as uint8 (B, C, H, W) in 0..255, scaled on the consumer's device: a quarter of
+    the memory to fill and to move. Only without tensor transforms (which need floats)."""
 
 
 @attrs.define
@@ -157,22 +160,25 @@ class ShardDataset(IterableDataset):
     def _image_batch(self, images: List[torch.Tensor]) -> torch.Tensor:
         """(B, C, H, W) floats in [0, 1] from HWC uint8 images: ToTensor's result, written in one
         pass per image straight into the batch (in shared memory when in a worker process, so the
-        batch is not copied again on its way to the main process)."""
+        batch is not copied again on its way to the main process). With `uint8_images`, the same
+        batch in uint8 (0..255)."""
         height, width, channels = images[0].shape
         shape = (len(images), channels, height, width)
+        as_uint8 = self.format.uint8_images and self.format.tensor_transform is None
+        template = torch.empty(0, dtype=torch.uint8 if as_uint8 else torch.float32)
         out = None
         if get_worker_info() is not None:
             try:  # the way torch's default_collate allocates batches in shared memory
-                template = torch.empty(0)
                 storage = template._typed_storage()._new_shared(math.prod(shape), device="cpu")
                 out = template.new(storage).resize_(shape)
             except (AttributeError, RuntimeError):
                 out = None
         if out is None:
-            out = torch.empty(shape)
+            out = torch.empty(shape, dtype=template.dtype)
         for row, image in zip(out, images):
             row.copy_(image.permute(2, 0, 1))
-            row.div_(255)
+            if not as_uint8:
+                row.div_(255)
         if self.format.tensor_transform is not None:
             out = torch.stack([self.format.tensor_transform(row) for row in out])
         return out

@@ -82,7 +82,8 @@ class ShardLoader:
         log.log(level, "%s: %s", where, format_counts(self.stats))
 
 
-def _infer_sample_format(data_config, shards: List[planning.Shard], transform, image_embed_dim, text_embed_dim):
+def _infer_sample_format(data_config, shards: List[planning.Shard], transform, image_embed_dim, text_embed_dim,
+                         uint8_images: bool = False):
     in_shards = data_config.embeddings_in_shards
     if in_shards is None:
         in_shards = data_config.img_embeddings_url is None
@@ -115,7 +116,7 @@ def _infer_sample_format(data_config, shards: List[planning.Shard], transform, i
     return SampleFormat(
         pil_transform=transform[0], tensor_transform=transform[1], index_width=data_config.index_width,
         image_embed_source=image_source, text_embed_source=text_source,
-        image_embed_dim=image_embed_dim, text_embed_dim=text_embed_dim,
+        image_embed_dim=image_embed_dim, text_embed_dim=text_embed_dim, uint8_images=uint8_images,
     )
 
 
@@ -150,6 +151,7 @@ def create_dataloaders(
     image_embed_dim: Optional[int] = None,
     text_embed_dim: Optional[int] = None,
     pin_memory: bool = False,
+    uint8_images: bool = False,
 ) -> Dict[str, ShardLoader]:
     """The `{"train", "val", "test"}` loaders of this rank (see docs/DATA.md).
 
@@ -157,7 +159,8 @@ def create_dataloaders(
     `epoch_samples` / `validation_samples` / `test_samples` cap a phase at that many samples per
     epoch across all ranks; None reads the split exactly once. `image_embed_dim` /
     `text_embed_dim`: the dimension the model expects (embeddings of another size are bad data);
-    None infers it from the data.
+    None infers it from the data. `uint8_images`: batch images as uint8 0..255 (the consumer scales
+    them on its device; the training loop does), unless the preprocessing has tensor transforms.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
@@ -178,7 +181,7 @@ def create_dataloaders(
     splits = data_config.splits
     fractions = {"train": splits.train, "val": splits.val, "test": splits.test}
     by_phase = planning.split_shards(shards, fractions, seed)
-    sample_format = _infer_sample_format(data_config, shards, transform, image_embed_dim, text_embed_dim)
+    sample_format = _infer_sample_format(data_config, shards, transform, image_embed_dim, text_embed_dim, uint8_images)
     limits = {"train": epoch_samples, "val": validation_samples, "test": test_samples}
     limit_names = {"train": "epoch_samples", "val": "validation_samples", "test": "test_samples"}
     loaders = {}

@@ -55,6 +55,8 @@ class BatchPreparer:
     def prepare(self, batch: Dict[str, Any]) -> Dict[str, Any]:
         """Images and embeddings on the device; CLIP computes what the data does not carry."""
         image = batch["image"].to(self.device, non_blocking=True)
+        if image.dtype == torch.uint8:  # the loader sends bytes; scaling on the device is free there
+            image = image.float().div_(255)
         prepared: Dict[str, Any] = {"image": image, "caption": batch.get("caption", []), "key": batch.get("key", [])}
         if "image_embed" in batch:
             prepared["image_embed"] = batch["image_embed"].to(self.device, non_blocking=True).float()

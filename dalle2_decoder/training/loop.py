@@ -171,6 +171,7 @@ class TrainingRun:
             image_embed_dim=config.decoder.unets[0].image_embed_dim,
             text_embed_dim=self.batches.text_embed_dim,
             pin_memory=acc.device.type == "cuda",
+            uint8_images=True,  # scaled to [0, 1] on the device by the batch preparer
         )
         self.trainer = DecoderTrainer(decoder, acc, config.train, used_unets=used_unets(config))
         # Metrics are built now, so that missing weights stop the run before training, not after an epoch.
