@@ -87,3 +87,11 @@ def test_failed_download_says_which_file_to_provide():
     assert result.returncode != 0
     assert "ClipLoadError" in result.stderr
     assert "download ViT-B-32.pt" in result.stderr and "decoder.clip.pretrained" in result.stderr
+
+
+def test_missing_open_clip_says_what_to_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "open_clip", None)  # as if the `clip` extra were not installed
+    with pytest.raises(ClipLoadError, match=r"pip install dalle2-decoder\[clip\]"):
+        create_clip(ClipConfig(make="open_clip", model="ViT-B-32", pretrained="x.pt"))

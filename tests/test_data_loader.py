@@ -164,3 +164,35 @@ def test_validation_samples_caps_the_val_phase(tmp_path):
     loaders = create_dataloaders(config, seed=0, validation_samples=8)
     assert len(list(loaders["val"])) == len(loaders["val"]) == 4
     assert len(loaders["test"]) == 0 and list(loaders["test"]) == []
+
+
+def test_worker_random_augmentations_repeat_for_the_same_epoch_whatever_the_global_rng(tmp_path):
+    import torch
+
+    from dalle2_decoder.config import DataConfig
+
+    try:
+        from .data_fixtures import write_dataset
+    except ImportError:
+        from data_fixtures import write_dataset
+    import io
+
+    from PIL import Image
+
+    gradient = Image.fromarray(np.tile(np.arange(0, 256, 8, dtype=np.uint8)[None, :, None], (32, 1, 3)))
+    buffer = io.BytesIO()
+    gradient.save(buffer, format="PNG")  # lossless: crops of a gradient differ visibly
+    keys = [f"{shard:06d}{index:04d}" for shard in range(2) for index in range(4)]
+    dataset = write_dataset(str(tmp_path), [4, 4], overrides={key: {"jpg": buffer.getvalue()} for key in keys})
+    config = DataConfig(webdataset_base_url=dataset.base_url, img_embeddings_url=dataset.img_embeddings_url,
+                        num_workers=1, batch_size=8, shuffle_train=False, splits=DataSplits(train=1.0, val=0.0, test=0.0),
+                        preprocessing={"RandomResizedCrop": {"size": 6}, "ToTensor": True})
+    loader = create_dataloaders(config, seed=0)["train"]
+    images = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)  # a resumed process has another global RNG state
+        loader.set_epoch(3)
+        images.append(next(iter(loader))["image"])
+    torch.testing.assert_close(images[0], images[1], rtol=0, atol=0)
+    loader.set_epoch(4)
+    assert not torch.equal(next(iter(loader))["image"], images[0])  # another epoch, other crops

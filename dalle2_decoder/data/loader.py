@@ -1,11 +1,13 @@
 """`create_dataloaders`: the train, val and test loaders of one rank, from the `data` config."""
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 from typing import Dict, Iterator, List, Optional
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader
 
 from . import plan as planning
@@ -70,6 +72,10 @@ class ShardLoader:
             pin_memory=self.pin_memory,
             prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
             persistent_workers=False,  # workers start per epoch with the epoch set in the dataset
+            # The workers' torch seeds come from this generator, not the global one: random
+            # augmentations then depend only on (seed, phase, rank, epoch), so a resumed run that
+            # reads its way back to the same batch sees the same augmented images.
+            generator=torch.Generator().manual_seed(_epoch_seed(settings.seed, settings.phase, settings.rank, self.dataset.epoch)),
         )
         for batch in loader:
             report = batch.pop(STATS_KEY)
@@ -80,6 +86,12 @@ class ShardLoader:
         check_bad_fraction(self.stats, settings.max_bad_fraction, where, final=True)
         level = logging.WARNING if any(self.stats[k] for k in self.stats if k not in ("seen", "ok")) else logging.INFO
         log.log(level, "%s: %s", where, format_counts(self.stats))
+
+
+def _epoch_seed(seed: int, phase: str, rank: int, epoch: int) -> int:
+    """A 63-bit seed that differs for every (seed, phase, rank, epoch)."""
+    digest = hashlib.sha256(f"{seed}-{phase}-{rank}-{epoch}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def _infer_sample_format(data_config, shards: List[planning.Shard], transform, image_embed_dim, text_embed_dim,
