@@ -43,6 +43,9 @@ def test_every_phase_runs_and_writes_what_it_should(demo_data, tmp_path):
     latest = read_file(data_path / "latest.pth")
     assert latest.kind == "checkpoint" and latest.step == 48
     assert latest.state["progress"]["epoch"] == 2 and latest.state["progress"]["samples_seen"] == 48
+    from dalle2_decoder import __version__
+
+    assert latest.state["package_version"] == __version__ and latest.state["rng"]
     assert (data_path / "best.pth").is_file() and (data_path / "meta" / "config.json").is_file()
     model = read_file(data_path / "model.safetensors")
     fresh = config.decoder.create()

@@ -178,3 +178,15 @@ def test_ema_decay_warms_up_then_reaches_beta():
     restored = EMA(network, beta=0.9)
     restored.load_state_dict(state)
     assert int(restored.num_updates) == 202
+
+
+def test_bf16_mixed_precision_steps_on_the_cpu():
+    trainer = DecoderTrainer(tiny_decoder(), Accelerator(cpu=True, mixed_precision="bf16"), TrainConfig(device="cpu", lr=1e-3))
+    before = weights(trainer.decoder)
+    losses = trainer.train_step(batch())
+    assert trainer.accelerator.mixed_precision == "bf16"
+    assert all(loss.dtype == torch.float32 and torch.isfinite(loss) for loss in losses.values())
+    assert trainer.nonfinite_steps == 0
+    assert any(not torch.equal(before[k], v) for k, v in weights(trainer.decoder).items())
+    # Weights and optimizer state stay in fp32 under autocast.
+    assert all(p.dtype == torch.float32 for p in trainer.decoder.parameters())

@@ -115,7 +115,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def evaluate_checkpoint(config, checkpoint: str, *, use_ema: bool, seed: int):
     """(metrics, step) on the main process, (None, step) on the others; every rank must call it."""
     from ..training.batches import BatchPreparer
-    from ..training.loop import create_accelerator, used_unets
+    from ..training.loop import create_accelerator, shut_down, used_unets
     from ..training.trainer import per_unet
     from .evaluate import build_suite, evaluate_decoder, evaluation_loader, final_image_size
 
@@ -136,4 +136,5 @@ def evaluate_checkpoint(config, checkpoint: str, *, use_ema: bool, seed: int):
         cond_scale=per_unet(config.train.cond_scale, len(config.decoder.unets)), seed=seed,
         info=(lambda message: print(message, file=sys.stderr, flush=True)) if accelerator.is_main_process else (lambda message: None),
     )
+    shut_down(accelerator)
     return (metrics if accelerator.is_main_process else None), step

@@ -20,6 +20,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list, gather_object, set_seed
 from tqdm.auto import tqdm
 
+from .. import __version__
 from ..config.root import TrainDecoderConfig
 from ..tracking import capture_rng_state, create_tracker, restore_rng_state
 from .batches import BatchPreparer, SampleExamples
@@ -104,6 +105,17 @@ def create_accelerator(config: TrainDecoderConfig) -> Accelerator:
         if accelerator.is_main_process:
             print(f"note: {note}", flush=True)
     return accelerator
+
+
+def shut_down(accelerator: Accelerator) -> None:
+    """End a multi-process run cleanly: all ranks meet, then the process group is destroyed.
+
+    Without it, a rank may exit while the gloo/NCCL threads of its process group still run, and
+    the C++ runtime aborts that process ("terminate called without an active exception").
+    """
+    if accelerator.num_processes > 1:
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
 
 
 def used_unets(config: TrainDecoderConfig) -> List[int]:
@@ -229,6 +241,7 @@ class TrainingRun:
             self.tracker.finish(success=False)
             raise
         self.tracker.finish(success=True, interrupted=self.interrupted)
+        shut_down(self.accelerator)
         return status
 
     def run(self) -> int:
@@ -390,6 +403,7 @@ class TrainingRun:
                 "progress": self.progress.to_dict(),
                 "rng": rng,
                 "config_digest": config_digest(self.config),
+                "package_version": __version__,
             },
             model_state=self.trainer.model_state_dict,
             is_best=is_best,
