@@ -180,7 +180,18 @@ def test_ema_decay_warms_up_then_reaches_beta():
     assert int(restored.num_updates) == 202
 
 
-def test_bf16_mixed_precision_steps_on_the_cpu():
+@pytest.fixture
+def fresh_accelerate_state():
+    # Accelerate keeps one process-wide state; a test that asks for another precision resets it
+    # before and after, so the other tests see the default again.
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_bf16_mixed_precision_steps_on_the_cpu(fresh_accelerate_state):
     trainer = DecoderTrainer(tiny_decoder(), Accelerator(cpu=True, mixed_precision="bf16"), TrainConfig(device="cpu", lr=1e-3))
     before = weights(trainer.decoder)
     losses = trainer.train_step(batch())
