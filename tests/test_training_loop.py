@@ -167,3 +167,20 @@ def test_upsampler_only_training_leaves_the_base_unet_untouched(demo_data, tmp_p
     # Sample grids start at the upsampler, from the real low-resolution images, at its size.
     grid = json.loads(sorted((tmp_path / "run" / "samples" / "train_examples").glob("*.json"))[-1].read_text())
     assert len(grid["captions"]) == 4
+
+
+def test_a_model_save_named_in_tracker_load_starts_a_new_run_from_its_weights(demo_data, tmp_path):
+    first = tmp_path / "first"
+    assert main(TrainDecoderConfig.from_dict(tiny_config(demo_data, first, epochs=1, epoch_samples=8))) == 0
+    model = read_file(first / "model.safetensors").model_state
+
+    raw = tiny_config(demo_data, tmp_path / "second", epochs=1, epoch_samples=8)
+    raw["tracker"]["load"] = {"load_from": "local", "file_path": str(first / "model.safetensors")}
+    run = TrainingRun(TrainDecoderConfig.from_dict(raw))
+    run.load_start_checkpoint()
+    assert not run.resumed and run.progress.samples_seen == 0  # a new run, not a resumed one
+    for name, tensor in run.trainer.decoder.state_dict().items():
+        assert torch.equal(tensor, model[name]), name
+    for name, tensor in run.trainer.emas[1].averaged.state_dict().items():
+        assert torch.equal(tensor, model[f"unets.0.{name}"]), name  # the EMA starts from them too
+    run.tracker.finish()

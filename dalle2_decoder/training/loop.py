@@ -208,10 +208,7 @@ class TrainingRun:
         if loaded is None:
             return
         if loaded.kind == "model":
-            from ..tracking import load_state_dict_checked
-
-            load_state_dict_checked(self.trainer.decoder, loaded.model_state, source=loaded.source)
-            self.trainer.load_state_dict({"decoder": self.trainer.decoder.state_dict()}, weights_only=True)
+            self.trainer.load_state_dict({"decoder": loaded.model_state}, weights_only=True)
             self.tracker.info(f"loaded decoder weights from {loaded.source}; training starts fresh")
             return
         state = loaded.state
