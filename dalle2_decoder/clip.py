@@ -13,7 +13,7 @@ downloaded the error names the file to provide.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, List, NamedTuple, Optional, Sequence
+from typing import TYPE_CHECKING, List, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F

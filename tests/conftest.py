@@ -18,6 +18,18 @@ _MINIMAL_CONFIG: Dict[str, Any] = {
 
 
 @pytest.fixture
+def one_thread():
+    """One torch thread for the test: tiny models gain nothing from a second one, and on a busy
+    shared machine thread hand-offs dominate (used by the model tests through `pytestmark`)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
 def repo_root() -> pathlib.Path:
     return REPO_ROOT
 

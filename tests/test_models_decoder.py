@@ -11,13 +11,7 @@ from dalle2_decoder.models.lowres import LowresConditioner, gaussian_blur
 EMBED = 8
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Models this small gain nothing from a second thread, and on a busy shared machine thread hand-offs dominate.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_unet(**overrides) -> Unet:

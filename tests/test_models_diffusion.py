@@ -15,13 +15,7 @@ from dalle2_decoder.models.schedules import BETA_SCHEDULES, make_beta_schedule
 SCHEDULES = ["cosine", "linear", "quadratic", "jsd", "sigmoid"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Models this small gain nothing from a second thread, and on a busy shared machine thread hand-offs dominate.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_every_required_schedule_is_known():

@@ -1,6 +1,5 @@
 """The U-Net: shapes, options, conditioning, classifier-free guidance, the constructor contract."""
 import inspect
-import warnings
 
 import pytest
 import torch
@@ -10,13 +9,7 @@ from dalle2_decoder.models import Decoder, Unet
 EMBED, TEXT = 12, 10
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Models this small gain nothing from a second thread, and on a busy shared machine thread hand-offs dominate.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_unet(**overrides) -> Unet:

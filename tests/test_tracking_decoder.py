@@ -12,13 +12,7 @@ TINY_UNET_OPTIONS = dict(cond_dim=8, num_resnet_blocks=1, attn_heads=2, attn_dim
                          cross_attn_dim_head=4, init_cross_embed=False, init_conv_kernel_size=3)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convolutions run fastest on one thread, and the test machines' cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def decoder_config(dim=8) -> DecoderConfig:

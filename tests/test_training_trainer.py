@@ -1,5 +1,4 @@
 """DecoderTrainer: optimizers, EMA, frozen U-Nets, non-finite steps and exact state round trips."""
-import copy
 
 import pytest
 import torch

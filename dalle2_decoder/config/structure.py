@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ast
 import collections.abc
-import difflib
 import functools
 import inspect
 import json

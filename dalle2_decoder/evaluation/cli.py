@@ -66,7 +66,6 @@ def load_decoder(config, checkpoint: str, *, use_ema: bool) -> Tuple[nn.Module, 
 
 def _errors() -> tuple:
     from ..training.loop import setup_errors
-    from .extractors import EvaluationSetupError
 
     return setup_errors()
 

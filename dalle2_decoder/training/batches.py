@@ -1,7 +1,7 @@
 """From loader batches to model inputs: device placement, CLIP on the fly, text encodings, sample grids."""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import attrs
 import torch
