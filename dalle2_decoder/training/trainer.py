@@ -118,10 +118,6 @@ class DecoderTrainer:
 
     # --- training --------------------------------------------------------------------------
 
-    @property
-    def unwrapped(self) -> nn.Module:
-        return self.decoder
-
     def unet_lr(self, unet_number: int) -> float:
         return self.schedulers[unet_number].get_last_lr()[0]
 
