@@ -10,7 +10,6 @@ from __future__ import annotations
 import collections
 import io
 import logging
-import math
 import random
 from typing import Callable, Dict, Iterator, List, Optional
 
@@ -21,6 +20,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.filters import shuffle as wds_shuffle
 
+from . import memory
 from . import plan as planning
 from . import sources
 from .stats import BadDataError, check_bad_fraction, format_counts, new_counts
@@ -32,6 +32,7 @@ STATS_KEY = "__stats__"
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
 IMAGE_EMBED_MEMBERS = ("img_emb.npy", "image_embed.npy", "img_embed.npy", "emb.npy")
 TEXT_EMBED_MEMBERS = ("text_emb.npy", "text_embed.npy")
+POOLED_BATCHES = 4  # per worker: the DataLoader's prefetch (2), the one being filled, one spare
 MAX_CONSECUTIVE_BAD = 100_000  # a worker that finds nothing usable for this long stops (capped mode)
 
 
@@ -82,6 +83,7 @@ class ShardDataset(IterableDataset):
         self.settings = settings
         self.format = sample_format
         self.epoch = 0
+        self._pool: Optional[memory.SharedBatchPool] = None  # made in the worker that uses it
 
     # ----- planning -------------------------------------------------------------------------
 
@@ -145,8 +147,9 @@ class ShardDataset(IterableDataset):
             yield self._collate(batch, worker, counts)
 
     def _collate(self, batch: List[dict], worker: int, counts: Dict[str, int]) -> dict:
+        image, ticket = self._image_batch([sample["image"] for sample in batch])
         result = {
-            "image": self._image_batch([sample["image"] for sample in batch]),
+            "image": image,
             "caption": [sample["caption"] for sample in batch],
             "key": [sample["key"] for sample in batch],
         }
@@ -154,34 +157,40 @@ class ShardDataset(IterableDataset):
             result["image_embed"] = torch.from_numpy(np.stack([sample["image_embed"] for sample in batch]))
         if self.format.text_embed_source:
             result["text_embed"] = torch.from_numpy(np.stack([sample["text_embed"] for sample in batch]))
-        result[STATS_KEY] = {"worker": worker, "counts": dict(counts)}
+        result[STATS_KEY] = {"worker": worker, "counts": dict(counts), "buffer": ticket}
         return result
 
-    def _image_batch(self, images: List[torch.Tensor]) -> torch.Tensor:
-        """(B, C, H, W) floats in [0, 1] from HWC uint8 images: ToTensor's result, written in one
-        pass per image straight into the batch (in shared memory when in a worker process, so the
-        batch is not copied again on its way to the main process). With `uint8_images`, the same
-        batch in uint8 (0..255)."""
+    def _image_batch(self, images: List[torch.Tensor]):
+        """(images, ticket): (B, C, H, W) from HWC uint8 images, each written in one pass straight
+        into the batch.
+
+        - In a worker process: uint8 (0..255) in one of the worker's pooled shared-memory buffers
+          (the ticket names it), so the batch is not copied again on its way to the main process,
+          and carries a quarter of the bytes of floats. The loader turns it into floats (or copies
+          it) in the main process and hands the buffer back.
+        - In the main process: floats in [0, 1] (ToTensor's values), or uint8 with `uint8_images`.
+        - With tensor transforms (which need floats): floats in [0, 1], transformed.
+        """
         height, width, channels = images[0].shape
         shape = (len(images), channels, height, width)
-        as_uint8 = self.format.uint8_images and self.format.tensor_transform is None
-        template = torch.empty(0, dtype=torch.uint8 if as_uint8 else torch.float32)
-        out = None
-        if get_worker_info() is not None:
-            try:  # the way torch's default_collate allocates batches in shared memory
-                storage = template._typed_storage()._new_shared(math.prod(shape), device="cpu")
-                out = template.new(storage).resize_(shape)
-            except (AttributeError, RuntimeError):
-                out = None
-        if out is None:
-            out = torch.empty(shape, dtype=template.dtype)
-        for row, image in zip(out, images):
-            row.copy_(image.permute(2, 0, 1))
-            if not as_uint8:
-                row.div_(255)
+        in_worker = get_worker_info() is not None
+        as_uint8 = self.format.tensor_transform is None and (self.format.uint8_images or in_worker)
+        ticket = None
+        if in_worker and as_uint8:
+            if self._pool is None:
+                self._pool = memory.SharedBatchPool(POOLED_BATCHES)
+            out, ticket = self._pool.acquire(shape, torch.uint8)
+        else:
+            out = memory.empty_batch(shape, torch.uint8 if as_uint8 else torch.float32)
+        for row, image in zip(out.numpy(), images):
+            chw = image.numpy().transpose(2, 0, 1)
+            if as_uint8:
+                np.copyto(row, chw)
+            else:
+                np.divide(chw, np.float32(255), out=row)  # ToTensor's float32 division, in one pass
         if self.format.tensor_transform is not None:
             out = torch.stack([self.format.tensor_transform(row) for row in out])
-        return out
+        return out, ticket
 
     # ----- reading shards -------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from . import memory
 from . import plan as planning
 from . import sources
 from .dataset import (
@@ -65,11 +66,17 @@ class ShardLoader:
         self.stats = merge_counts([extras])
         if self._length == 0:
             return
+        sample_format = self.dataset.format
+        # Workers send uint8 images in pooled buffers (see ShardDataset._image_batch): here they
+        # become floats, or are copied out, and the buffer goes back to its worker.
+        pooled = self.num_workers > 0 and sample_format.tensor_transform is None
+        to_float = pooled and not sample_format.uint8_images
+        releaser = memory.BatchReleaser()
         loader = DataLoader(
             self.dataset,
             batch_size=None,  # the dataset yields whole batches
             num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
+            pin_memory=self.pin_memory and not pooled,  # pooled batches are copied into pinned memory
             prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
             persistent_workers=False,  # workers start per epoch with the epoch set in the dataset
             # The workers' torch seeds come from this generator, not the global one: random
@@ -79,10 +86,19 @@ class ShardLoader:
         )
         for batch in loader:
             report = batch.pop(STATS_KEY)
+            if pooled:
+                received = batch["image"]
+                convert = memory.unit_float_batch if to_float else memory.copy_batch
+                batch["image"] = convert(received, pin_memory=self.pin_memory)
+                releaser.release(int(report["worker"]), report["buffer"], received)
+                del received
+                if self.pin_memory:
+                    batch.update({k: v.pin_memory() for k, v in batch.items() if isinstance(v, torch.Tensor) and k != "image"})
             per_worker[int(report["worker"])] = report["counts"]
             self.stats = merge_counts([extras, *per_worker.values()])
             check_bad_fraction(self.stats, settings.max_bad_fraction, where, final=False)
             yield batch
+        releaser.clear()
         check_bad_fraction(self.stats, settings.max_bad_fraction, where, final=True)
         level = logging.WARNING if any(self.stats[k] for k in self.stats if k not in ("seen", "ok")) else logging.INFO
         log.log(level, "%s: %s", where, format_counts(self.stats))
