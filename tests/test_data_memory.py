@@ -81,6 +81,19 @@ def test_batches_freed_on_other_threads_return_safely():
     assert len(pool._free) == 4  # kept up to `keep`, the rest unmapped
 
 
+def test_free_mappings_of_sizes_no_longer_asked_for_age_out():
+    pool = memory.RecycledMemory(keep=2)
+    small = [pool.tensor(memory.HUGE_PAGE) for _ in range(2)]
+    del small
+    gc.collect()
+    for _ in range(3):  # larger batches now: each needs its own mapping at first, then recycles
+        big = [pool.tensor(4 * memory.HUGE_PAGE) for _ in range(2)]
+        del big
+        gc.collect()
+    assert pool.created == 4
+    assert all(len(mapping) >= 4 * memory.HUGE_PAGE for mapping in pool._free)
+
+
 def test_empty_batch_falls_back_for_small_and_pinned_requests():
     small = memory.empty_batch((2, 3, 8, 8), torch.float32)
     assert small.shape == (2, 3, 8, 8) and small.is_contiguous()

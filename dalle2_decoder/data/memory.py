@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import mmap
+import os
 import threading
 import weakref
 from typing import List, Sequence
@@ -36,7 +37,8 @@ class RecycledMemory:
     Each hand-out wraps the mapping in a new numpy array and makes the tensor with
     `torch.from_numpy`, whose storage holds that array for exactly as long as it uses the memory.
     A finalizer on the array returns the mapping to the free list, so reuse never depends on what
-    the consumer does with the tensor. Up to `keep` free mappings are kept; the rest are unmapped.
+    the consumer does with the tensor. The `keep` most recently freed mappings are kept; older
+    ones are unmapped.
     """
 
     def __init__(self, keep: int = 6):
@@ -68,13 +70,22 @@ class RecycledMemory:
 
     def _give_back(self, mapping: mmap.mmap) -> None:
         # Runs while the dying array still holds its buffer, so a mapping that is not kept is
-        # left to be unmapped when that last reference goes (closing it here would fail).
+        # left to be unmapped when that last reference goes (closing it here would fail). The
+        # oldest free mapping goes first, so sizes no longer asked for (another phase's) age out.
         with self._lock:
-            if len(self._free) < self.keep:
-                self._free.append(mapping)
+            self._free.append(mapping)
+            if len(self._free) > self.keep:
+                del self._free[0]
+
+    def _after_fork(self) -> None:
+        # A fork (a dataloader worker starting) copies the free list; the child keeps its own,
+        # with a new lock in case another thread held this one at the moment of the fork.
+        self._lock = threading.Lock()
 
 
 _RECYCLED = RecycledMemory()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_RECYCLED._after_fork)
 
 
 def empty_batch(shape: Sequence[int], dtype: torch.dtype, *, pin_memory: bool = False) -> torch.Tensor:
