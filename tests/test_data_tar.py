@@ -96,6 +96,9 @@ def test_sizes_beyond_the_octal_field_and_base256_numbers_are_read():
 def test_compressed_archives_are_read_through_tarfile():
     data = archive_bytes(MEMBERS[:5])
     assert read_all(gzip.compress(data)) == samples_via_tarfile(data)
+    # A plain archive whose first name starts like bzip2's magic number is still plain.
+    data = archive_bytes([("BZh91.jpg", b"image"), ("BZh91.txt", b"caption")], format=tarfile.USTAR_FORMAT, mtime=1)
+    assert read_all(data) == [{"__key__": "BZh91", "jpg": b"image", "txt": b"caption"}]
 
 
 def test_a_corrupt_header_is_reported_and_the_sample_it_may_belong_to_is_not_delivered():

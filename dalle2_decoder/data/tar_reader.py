@@ -41,7 +41,8 @@ def iter_tar_samples(stream: IO[bytes]) -> Iterator[Dict[str, bytes]]:
     current: Optional[Dict[str, bytes]] = None
     try:
         head = _read(stream, BLOCK, None)
-        compressed = head.startswith(COMPRESSED_MAGIC)
+        # (a plain archive whose first member is named like a magic number is still plain)
+        compressed = head.startswith(COMPRESSED_MAGIC) and not (len(head) == BLOCK and _checksum_ok(head))
         members = _iter_tarfile_members(_Prefixed(head, stream)) if compressed else _iter_members(head, stream)
         for name, data in members:
             parsed = _member_key(name)
