@@ -91,7 +91,6 @@ class ShardLoader:
                 convert = memory.unit_float_batch if to_float else memory.copy_batch
                 batch["image"] = convert(received, pin_memory=self.pin_memory)
                 releaser.release(int(report["worker"]), report["buffer"], received)
-                del received
                 if self.pin_memory:
                     batch.update({k: v.pin_memory() for k, v in batch.items() if isinstance(v, torch.Tensor) and k != "image"})
             per_worker[int(report["worker"])] = report["counts"]

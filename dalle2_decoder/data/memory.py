@@ -88,6 +88,10 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_RECYCLED._after_fork)
 
 
+def _nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
+    return math.prod(shape) * (dtype.itemsize if hasattr(dtype, "itemsize") else torch.empty((), dtype=dtype).element_size())
+
+
 def empty_batch(shape: Sequence[int], dtype: torch.dtype, *, pin_memory: bool = False) -> torch.Tensor:
     """An uninitialised contiguous CPU tensor for a batch the caller fills completely.
 
@@ -98,7 +102,7 @@ def empty_batch(shape: Sequence[int], dtype: torch.dtype, *, pin_memory: bool = 
     """
     if pin_memory:
         return torch.empty(tuple(shape), dtype=dtype, pin_memory=True)
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    nbytes = _nbytes(shape, dtype)
     if nbytes < HUGE_PAGE or None in (_ADVISE, _PRIVATE, _ANONYMOUS):
         return torch.empty(tuple(shape), dtype=dtype)
     try:
@@ -146,7 +150,7 @@ class SharedBatchPool:
 
     def acquire(self, shape: Sequence[int], dtype: torch.dtype):
         """(tensor of `shape`, ticket): the ticket goes to the main process with the batch."""
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        nbytes = _nbytes(shape, dtype)
         for index, buffer in enumerate(self._buffers):
             if self._busy[index]:
                 continue
