@@ -48,14 +48,14 @@ CASES: Dict[str, tuple] = {
              cond_on_text_encodings=True, text_embed_dim=TEXT),
         dict(lowres=True, noise_level=True, text_len=4, image_embed=None),
     ),
-    "upsampler_blur_only": (dict(lowres_cond=True), dict(lowres=True)),
+    "upsampler_blur_only_one_channel": (dict(lowres_cond=True, channels=1), dict(lowres=True)),
     "self_cond": (dict(self_cond=True, lowres_cond=True, lowres_noise_cond=True), dict(self_cond=True, lowres=True, noise_level=True)),
     "memory_efficient_lists": (
         dict(memory_efficient=True, num_resnet_blocks=[1, 2], resnet_groups=[4, 8], self_attn=[False, True]),
         dict(size=8),
     ),
     "cross_embed_downsample_nearest_upsample": (
-        dict(cross_embed_downsample=True, cross_embed_downsample_kernel_sizes=[2, 4], pixel_shuffle_upsample=False,
+        dict(cross_embed_downsample=True, cross_embed_downsample_kernel_sizes=[2, 4, 6], pixel_shuffle_upsample=False,
              init_cross_embed_kernel_sizes=[3, 5]),
         {},
     ),
