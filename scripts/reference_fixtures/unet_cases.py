@@ -152,8 +152,8 @@ def generate(out_dir: Path) -> None:
         if options.get("weights") == "stored":
             with torch.no_grad():
                 g = torch.Generator().manual_seed(case_number)
-                unet.to_out.weight.normal_(0.0, 0.3, generator=g)
-                unet.to_out.bias.normal_(0.0, 0.3, generator=g)
+                unet.to_out.weight.normal_(0.0, 0.1, generator=g)
+                unet.to_out.bias.normal_(0.0, 0.1, generator=g)
             weights = {"kind": "stored"}
             tensors.update({f"state.{k}": v.detach().clone().contiguous() for k, v in unet.state_dict().items()})
         else:
