@@ -82,4 +82,10 @@ def make_beta_schedule(name: str, timesteps: int) -> torch.Tensor:
         raise ValueError(f"unknown beta_schedule {name!r}; choose one of {sorted(BETA_SCHEDULES)}")
     if timesteps < 1:
         raise ValueError(f"timesteps must be >= 1, got {timesteps}")
-    return BETA_SCHEDULES[name](timesteps)
+    betas = BETA_SCHEDULES[name](timesteps)
+    if bool((betas >= 1).any()):
+        # DALLE2-pytorch scales the DDPM range (1e-4 .. 0.02 at T = 1000) by 1000 / T, so with
+        # 20 steps or fewer the last betas reach 1 and every later constant is NaN; it trains on NaN.
+        raise ValueError(f"beta_schedule {name!r} with timesteps={timesteps} has betas of 1 or more (its range is scaled "
+                         "by 1000 / timesteps); use more than 20 timesteps or the cosine schedule")
+    return betas
