@@ -258,8 +258,8 @@ def _run_case(name: str, case: Dict[str, Any], seed: int) -> tuple[Dict[str, Any
 
 
 def generate(out_dir: pathlib.Path) -> None:
-    """Write every case under out_dir/decoder/."""
-    target = out_dir / "decoder"
+    """Write every case into out_dir (tests/fixtures/reference/decoder/ through generate.py)."""
+    target = pathlib.Path(out_dir)
     target.mkdir(parents=True, exist_ok=True)
     for old in list(target.glob("*.json")) + list(target.glob("*.safetensors")):
         old.unlink()
