@@ -78,8 +78,17 @@ def _max_diff(ours: torch.Tensor, theirs: torch.Tensor) -> float:
     return float((ours.double() - theirs.double()).abs().max())
 
 
-def compare_case(name: str) -> Dict[str, float]:
-    """Largest absolute difference from the reference per output kind for one case."""
+def compare_case(name: str, scales: Dict[str, float] | None = None) -> Dict[str, float]:
+    """Largest absolute difference from the reference per output kind for one case.
+
+    scales, when given, receives the largest reference magnitude per kind (for judging the differences).
+    """
+    scales = {} if scales is None else scales
+
+    def note(kind: str, ours: torch.Tensor, theirs: torch.Tensor) -> None:
+        diffs[kind] = max(diffs.get(kind, 0.0), _max_diff(ours, theirs))
+        scales[kind] = max(scales.get(kind, 0.0), float(theirs.abs().max()))
+
     meta, tensors = load_case(name)
     decoder = build_decoder(meta, tensors)
     image = tensors["image"]
@@ -100,8 +109,7 @@ def compare_case(name: str) -> Dict[str, float]:
             self_cond=recorded.get("self_cond"),
         )
         loss = decoder(image, image_embed, text, unet_number=number, draws=draws)
-        kind = "training loss" + suffix
-        diffs[kind] = max(diffs.get(kind, 0.0), _max_diff(loss.detach().reshape(1), tensors[key + "loss"]))
+        note("training loss" + suffix, loss.detach().reshape(1), tensors[key + "loss"])
 
     for unet in decoder.unets:
         getattr(unet, "standin_trace", []).clear()
@@ -113,7 +121,7 @@ def compare_case(name: str) -> Dict[str, float]:
     images = decoder.sample(image_embed, text, noise=noise, **kwargs)
     if noise.used != len(noise.tensors):
         raise AssertionError(f"{name}: sampling used {noise.used} noise tensors, the reference drew {len(noise.tensors)}")
-    diffs[("inpainted images" if inpainting else "sampled images") + suffix] = _max_diff(images, tensors["sample.images"])
+    note(("inpainted images" if inpainting else "sampled images") + suffix, images, tensors["sample.images"])
     if suffix:
         return diffs
 
@@ -128,5 +136,5 @@ def compare_case(name: str) -> Dict[str, float]:
             reference_t = tensors[f"sample.trace.{index}.{call:04d}.t"]
             if not torch.equal(t, reference_t):
                 raise AssertionError(f"{name}: U-Net {index + 1} call {call} at timesteps {t.tolist()}, the reference at {reference_t.tolist()}")
-            diffs[kind] = max(diffs.get(kind, 0.0), _max_diff(x, tensors[f"sample.trace.{index}.{call:04d}.x"]))
+            note(kind, x, tensors[f"sample.trace.{index}.{call:04d}.x"])
     return diffs
