@@ -224,6 +224,9 @@ def _run_case(name: str, case: Dict[str, Any], seed: int) -> tuple[Dict[str, Any
     g = torch.Generator().manual_seed(seed)
     tensors: Dict[str, torch.Tensor] = {}
     image = torch.rand(BATCH, CHANNELS, size, size, generator=g)
+    # Saturated pixels (exactly 0 and 1), so the edge bins of the discretised likelihood are used.
+    image[..., 0, : size // 2] = 0.0
+    image[..., 0, size // 2 :] = 1.0
     if not normalized:
         image = image * 2 - 1
     tensors["image"] = image
