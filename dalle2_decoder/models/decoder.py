@@ -9,7 +9,6 @@ listed in docs/MODEL.md ("Differences from DALLE2-pytorch").
 """
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
@@ -446,7 +445,8 @@ class Decoder(nn.Module):
                 use = (torch.rand(b, device=x_start.device) < self.self_cond_prob)[:, None, None, None]
                 self_cond = torch.where(use, estimate, torch.zeros_like(estimate))
             else:
-                use = draws.self_cond if draws.self_cond is not None else random.random() < self.self_cond_prob
+                # One draw per batch, as the reference (from torch's CPU generator, see LowresConditioner.draw_blur).
+                use = draws.self_cond if draws.self_cond is not None else float(torch.rand(())) < self.self_cond_prob
                 if use:
                     with torch.no_grad():
                         first, _ = self._split_output(index, unet(x_t, times, **unet_kwargs))
