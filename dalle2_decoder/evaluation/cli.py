@@ -106,7 +106,9 @@ def _main(args: argparse.Namespace, speaks: bool) -> int:
         metrics, step = evaluate_checkpoint(config, args.checkpoint, use_ema=config.train.use_ema and not args.no_ema,
                                             seed=config.seed if args.seed is None else args.seed)
     if metrics is not None:
-        result = {"checkpoint": args.checkpoint, "step": step, **metrics}
+        from ..tracking.loggers import json_safe
+
+        result = json_safe({"checkpoint": args.checkpoint, "step": step, **metrics})
         print(json.dumps(result), flush=True)
         if args.output:
             with Path(args.output).open("a") as handle:
