@@ -54,14 +54,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_decoder(config, checkpoint: str, *, use_ema: bool) -> Tuple[nn.Module, int]:
     """`config.decoder.create()` with the checkpoint's weights, and the step it was saved at."""
-    from ..tracking import load_state_dict_checked, read_file
+    from ..tracking import CheckpointError, load_state_dict_checked, read_file
 
-    loaded = read_file(checkpoint)
+    try:
+        loaded = read_file(checkpoint)
+    except (KeyError, TypeError, ValueError) as error:  # a file with a format tag but not the entries it promises
+        raise CheckpointError(f"{checkpoint}: not a complete checkpoint or model save (missing or malformed "
+                              f"entry {error})") from error
     decoder = config.decoder.create()
     if loaded.kind == "model":
+        if not isinstance(loaded.model_state, dict):
+            raise CheckpointError(f"{checkpoint}: a model save without its 'model' weights")
         load_state_dict_checked(decoder, loaded.model_state, source=loaded.source)
         return decoder, loaded.step
-    trainer_state = loaded.state["trainer"]
+    trainer_state = (loaded.state or {}).get("trainer") if isinstance(loaded.state, dict) else None
+    if not isinstance(trainer_state, dict) or "decoder" not in trainer_state:
+        raise CheckpointError(f"{checkpoint}: a checkpoint without the 'trainer' entry that holds the decoder's "
+                              "weights (written by another program, or damaged)")
     load_state_dict_checked(decoder, trainer_state["decoder"], source=f"{loaded.source} (decoder)")
     if use_ema:
         for key, ema_state in trainer_state.get("emas", {}).items():
