@@ -93,6 +93,7 @@ def data_problems(config) -> List[Problem]:
     except (plan.DataSetupError, ValueError, OSError) as error:
         return [Problem(EXIT_DATA, f"data.webdataset_base_url: {error}")]
     numbers = [shard.number for shard in shards]
+    problems += _not_tar_problems(shards)
     usable = set(numbers)
     for name, folder in folders:
         try:
@@ -111,6 +112,26 @@ def data_problems(config) -> List[Problem]:
         problems += _member_dim_problems(config, shards)
     problems += _split_problems(config, len(usable))
     return problems
+
+
+def _not_tar_problems(shards) -> List[Problem]:
+    """Local shards that are no tar archive at all (one 512-byte read each)."""
+    from .data import sources
+    from .data.tar_reader import not_a_tar_reason
+
+    found = []
+    for shard in shards:
+        try:
+            reason = not_a_tar_reason(sources.local_path(shard.url))
+        except OSError as error:
+            reason = f"unreadable: {error.strerror or error}"
+        if reason:
+            found.append(f"{shard.url} ({reason})")
+    if not found:
+        return []
+    more = f" and {len(found) - 3} more" if len(found) > 3 else ""
+    return [Problem(EXIT_DATA, f"data.webdataset_base_url: {len(found)} shard(s) are not tar archives: "
+                               f"{'; '.join(found[:3])}{more}")]
 
 
 def _uses_folder(data, name: str) -> bool:

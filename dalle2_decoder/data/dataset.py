@@ -16,7 +16,7 @@ from typing import Callable, Dict, Iterator, List, Optional
 import attrs
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.filters import shuffle as wds_shuffle
 
@@ -33,6 +33,7 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
 IMAGE_EMBED_MEMBERS = ("img_emb.npy", "image_embed.npy", "img_embed.npy", "emb.npy")
 TEXT_EMBED_MEMBERS = ("text_emb.npy", "text_embed.npy")
 POOLED_BATCHES = 4  # per worker: the DataLoader's prefetch (2), the one being filled, one spare
+SIZE_VOTE = 16  # good images whose most common size is the expected one, when the preprocessing fixes none
 MAX_CONSECUTIVE_BAD = 100_000  # a worker that finds nothing usable for this long stops (capped mode)
 
 
@@ -312,38 +313,64 @@ class ShardDataset(IterableDataset):
     # ----- decoding -------------------------------------------------------------------------
 
     def _decoded(self, raw: Iterator[dict], counts: Dict[str, int], where: str) -> Iterator[dict]:
+        """Decoded good samples, all of one image size, with bad ones counted (and the first of each
+        reason described).
+
+        The size is the one the preprocessing gives every image when it fixes one; otherwise the
+        most common size among the first `SIZE_VOTE` good images (so one odd image early on does
+        not make every later one "odd").
+        """
         expected = self.format.image_shape
-        shapes: Dict[tuple, int] = collections.Counter()
-        prevailing = None
+        undecided: List[dict] = []  # good samples held back until the expected size is known
         consecutive_bad = 0
+
+        def bad(sample: dict, reason: str, detail: Optional[str]) -> None:
+            nonlocal consecutive_bad
+            counts[reason] += 1
+            self._note_bad(reason, sample, detail, where)
+            consecutive_bad += 1
+            check_bad_fraction(counts, self.settings.max_bad_fraction, where, final=False,
+                               first_problems=self.first_problems)
+            if consecutive_bad >= MAX_CONSECUTIVE_BAD:
+                raise BadDataError(f"{where}: {consecutive_bad} bad samples in a row; {self._first_problem_text()}")
+
+        def judged(decoded: dict, sample: dict) -> bool:
+            """Count a decoded sample as ok, or as a size mismatch."""
+            nonlocal consecutive_bad
+            shape = tuple(decoded["image"].shape[:2])
+            if shape != expected:
+                bad(sample, "image_size_mismatch", f"after preprocessing the image is {shape[0]}x{shape[1]} "
+                                                   f"(height x width); the batch needs {expected[0]}x{expected[1]}")
+                return False
+            consecutive_bad = 0
+            counts["ok"] += 1
+            return True
+
+        def decide() -> Iterator[dict]:
+            nonlocal expected
+            votes = collections.Counter(tuple(decoded["image"].shape[:2]) for decoded, _ in undecided)
+            expected = max(votes, key=lambda shape: (votes[shape], -next(
+                i for i, (d, _) in enumerate(undecided) if tuple(d["image"].shape[:2]) == shape)))
+            for decoded, sample in undecided:
+                if judged(decoded, sample):
+                    yield decoded
+            undecided.clear()
+
         for sample in raw:
             counts["seen"] += 1
             decoded, reason, detail = self._decode(sample)
-            if decoded is not None:
-                shape = tuple(decoded["image"].shape[:2])
-                if expected is None:
-                    # No size fixed by the preprocessing: the size most images had so far is the one
-                    # expected, so one odd image early on does not make every later one "odd".
-                    shapes[shape] += 1
-                    if prevailing is None or shapes[shape] > shapes[prevailing]:
-                        prevailing = shape
-                target = expected or prevailing
-                if shape != target:
-                    decoded, reason = None, "image_size_mismatch"
-                    detail = (f"after preprocessing the image is {shape[0]}x{shape[1]} (height x width), the batch "
-                              f"needs {target[0]}x{target[1]}")
             if decoded is None:
-                counts[reason] += 1
-                self._note_bad(reason, sample, detail, where)
-                consecutive_bad += 1
-                check_bad_fraction(counts, self.settings.max_bad_fraction, where, final=False,
-                                   first_problems=self.first_problems)
-                if consecutive_bad >= MAX_CONSECUTIVE_BAD:
-                    raise BadDataError(f"{where}: {consecutive_bad} bad samples in a row; {self._first_problem_text()}")
+                bad(sample, reason, detail)
                 continue
-            consecutive_bad = 0
-            counts["ok"] += 1
-            yield decoded
+            if expected is None:
+                undecided.append((decoded, {"__key__": sample.get("__key__"), "__shard__": sample.get("__shard__")}))
+                if len(undecided) >= SIZE_VOTE:
+                    yield from decide()
+                continue
+            if judged(decoded, sample):
+                yield decoded
+        if undecided:
+            yield from decide()
 
     def _note_bad(self, reason: str, sample: dict, detail: Optional[str], where: str) -> None:
         """Keep (and log once) the first example of each reason, so errors can say what was wrong."""
@@ -421,7 +448,8 @@ class ShardDataset(IterableDataset):
                 opened.load()
                 image = opened if opened.mode == "RGB" else opened.convert("RGB")
         except Exception as error:
-            return None, "corrupt_image", f"member .{extension} does not decode ({error})"
+            why = "not an image format PIL reads" if isinstance(error, UnidentifiedImageError) else str(error)
+            return None, "corrupt_image", f"member .{extension} does not decode ({why})"
         if fmt.pil_transform is not None:
             steps = getattr(fmt.pil_transform, "transforms", [fmt.pil_transform])
             for step in steps:

@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import attrs
 
 from . import sources
-from .tar_reader import count_local_tar_samples, count_stream_samples
+from .tar_reader import count_local_tar_samples, count_stream_samples, not_a_tar_reason
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +219,18 @@ def count_samples(shards: Sequence[Shard], base_url: str) -> List[Shard]:
 
 def _count(shard: Shard) -> int:
     if sources.url_kind(shard.url) == "local":
-        return count_local_tar_samples(sources.local_path(shard.url)) if sources.exists_locally(shard.url) else 0
+        if not sources.exists_locally(shard.url):
+            return 0
+        path = sources.local_path(shard.url)
+        try:
+            reason = not_a_tar_reason(path)
+        except OSError as error:
+            log.warning("cannot read shard %s to count its samples: %s", shard.url, error)
+            return 0
+        if reason:
+            log.warning("not a tar archive: %s (%s); it contributes no samples", shard.url, reason)
+            return 0
+        return count_local_tar_samples(path)
     try:
         with sources.open_stream(shard.url) as stream:
             return count_stream_samples(stream)

@@ -264,6 +264,21 @@ class _Prefixed:
         return data
 
 
+def not_a_tar_reason(path: str) -> Optional[str]:
+    """Why the local file at `path` is not a tar archive (reading its first block only), or None."""
+    with open(path, "rb") as handle:
+        head = handle.read(BLOCK)
+    if not head:
+        return "the file is empty"
+    if head.startswith(COMPRESSED_MAGIC):
+        return None
+    if len(head) < BLOCK:
+        return f"the file is {len(head)} bytes, shorter than one tar header"
+    if head.count(0) == BLOCK or _checksum_ok(head):
+        return None
+    return "its first 512 bytes are not a tar header (wrong file, or another format)"
+
+
 def info_name(sample: Optional[Dict[str, bytes]]) -> str:
     return f"sample {sample['__key__']!r}" if sample else "its start"
 
