@@ -95,7 +95,7 @@ class DataConfig:
             if folder is not None and not folder.strip():
                 problems.append(f"data.{name}: must not be empty (leave it out instead)")
         asked = [name for name in ("train", "val", "test") if getattr(self.splits, name) > 0]
-        if self.end_shard != END_SHARD_UNSET and 0 <= self.end_shard - self.start_shard + 1 < len(asked):
+        if self.end_shard != END_SHARD_UNSET and 1 <= self.end_shard - self.start_shard + 1 < len(asked):
             shards = self.end_shard - self.start_shard + 1
             problems.append(f"data.end_shard: the range {self.start_shard}..{self.end_shard} holds {shards} shard"
                             f"{'s' if shards != 1 else ''} but data.splits asks for {len(asked)} splits "
