@@ -32,6 +32,7 @@ from PIL import Image
 from dalle2_decoder import cli
 from dalle2_decoder.data import BadDataError, create_dataloaders
 from dalle2_decoder.evaluation.cli import main as evaluate_main
+from dalle2_decoder.tracking.checkpoint import CHECKPOINT_FORMAT, MODEL_FORMAT
 from dalle2_decoder.failures import EXIT_BUG, EXIT_CHECKPOINT, EXIT_CONFIG, EXIT_DATA, EXIT_IO, report
 
 from .conftest import REPO_ROOT
@@ -562,22 +563,50 @@ EVALUATE_CASES = [
     ("text-file", lambda folder: (folder / "n.pth", (folder / "n.pth").write_text("notes " * 50))[0], EXIT_CHECKPOINT,
      ["--checkpoint", "n.pth", "not a checkpoint"]),
     # a file torch reads, but not one of ours (KeyError 101 / KeyError 'trainer' before): one line naming it
-    ("format-tag-without-trainer", _torch_file({"format": "dalle2_decoder.checkpoint", "step": 3}), EXIT_CHECKPOINT,
-     ["file.pth"]),
+    ("format-tag-without-state", _torch_file({"format": CHECKPOINT_FORMAT, "step": 3}), EXIT_CHECKPOINT, ["file.pth"]),
+    ("format-tag-without-trainer", _torch_file({"format": CHECKPOINT_FORMAT, "step": 3, "state": {}}), EXIT_CHECKPOINT,
+     ["file.pth", "trainer"]),
+    ("model-tag-without-model", _torch_file({"format": MODEL_FORMAT, "step": 3}), EXIT_CHECKPOINT, ["file.pth"]),
+    ("unknown-format-tag", _torch_file({"format": "something/9", "step": 3}), EXIT_CHECKPOINT, ["file.pth"]),
     ("not-a-state-dict", _torch_file([1, 2, 3]), EXIT_CHECKPOINT, ["file.pth"]),
     ("empty-dict", _torch_file({}), EXIT_CHECKPOINT, ["file.pth"]),
 ]
 
 
 @pytest.mark.parametrize("name, make, code, needles", EVALUATE_CASES, ids=[case[0] for case in EVALUATE_CASES])
-def test_evaluate_reports_bad_checkpoints_in_one_line(capsys, world, name, make, code, needles):
+def test_evaluate_reports_bad_checkpoints_in_one_line(capsys, monkeypatch, world, name, make, code, needles):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # so the CPU note would be printed
+    monkeypatch.setattr(torch, "set_num_threads", lambda threads: None)
     raw = copy.deepcopy(world.raw)
     raw["evaluate"] = {"n_evaluation_samples": 4, "KID": {"subset_size": 2, "feature": str(world.tmp / "no-weights.pt")}}
     config = world.tmp / "config.json"
     config.write_text(json.dumps(raw))
     checkpoint = make(world.tmp)
-    assert_reported(evaluate_main(["--config_file", str(config), "--checkpoint", str(checkpoint)]),
-                    capsys.readouterr().err, code, needles)
+    code_seen = evaluate_main(["--config_file", str(config), "--checkpoint", str(checkpoint)])
+    err = capsys.readouterr().err
+    assert_reported(code_seen, err, code, needles)
+    assert "CPU training" not in err  # evaluation is not training (it says "CPU evaluation" when it notes threads)
+
+
+TRAINING_CHECKPOINT_CASES = [c for c in EVALUATE_CASES if c[0] in (
+    "format-tag-without-state", "format-tag-without-trainer", "model-tag-without-model", "not-a-state-dict")]
+
+
+@pytest.mark.parametrize("name, make, code, needles", TRAINING_CHECKPOINT_CASES,
+                         ids=[case[0] for case in TRAINING_CHECKPOINT_CASES])
+def test_training_reports_bad_checkpoints_in_one_line(capsys, monkeypatch, world, name, make, code, needles):
+    """Files torch reads that are not checkpoints of this package: one line naming the file, exit 4.
+
+    (The messages come from `tracking.checkpoint`; this pins that training reports them so.)"""
+    monkeypatch.setattr(torch, "set_num_threads", lambda threads: None)
+    raw = copy.deepcopy(world.raw)
+    raw["tracker"]["load"] = {"load_from": "local", "file_path": str(make(world.tmp))}
+    config = world.tmp / "config.json"
+    config.write_text(json.dumps(raw))
+    code_seen = cli.main(["--config_file", str(config)])
+    captured = capsys.readouterr()
+    assert_reported(code_seen, captured.err, code, needles[:1], out=captured.out)
+    assert "training finished" not in captured.out
 
 
 def test_evaluate_misuse(capsys, world):
