@@ -17,7 +17,7 @@ import os
 import uuid
 from typing import List, Optional
 
-from .failures import EXIT_CHECKPOINT, EXIT_CONFIG, EXIT_DATA, EXIT_IO, PreflightError, Problem, free_bytes
+from .failures import EXIT_CHECKPOINT, EXIT_DATA, EXIT_IO, PreflightError, Problem, free_bytes
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +77,9 @@ def data_problems(config) -> List[Problem]:
     if sources.url_kind(data.webdataset_base_url) != "local":
         return []  # listed (or streamed) when the run starts; fetching here would cost as much
     problems: List[Problem] = []
+    in_shards = data._embeddings_in_shards()
     folders = [(name, getattr(data, name)) for name in ("img_embeddings_url", "text_embeddings_url")
-               if getattr(data, name) and _uses_folder(data, name)]
+               if getattr(data, name) and not in_shards]
     for name, folder in folders:
         if sources.url_kind(folder) == "local" and not os.path.isdir(sources.local_path(folder)):
             what = "is a file, not a folder" if os.path.exists(sources.local_path(folder)) else "does not exist"
@@ -107,8 +108,9 @@ def data_problems(config) -> List[Problem]:
             problems.append(Problem(EXIT_DATA, (
                 f"data.{name}: {len(without)} of {len(numbers)} shard(s) have no embedding file (*_<shard>.npy) in "
                 f"{folder}: {plan._ranges(without)} (set data.skip_missing_shards to leave those shards out)")))
-        problems += _embedding_dim_problems(config, name, folder, [files[n] for n in numbers if n in files])
-    if data._embeddings_in_shards() and not folders:
+        paired = [(shard, files[shard.number]) for shard in shards if shard.number in files]
+        problems += _embedding_dim_problems(config, name, folder, paired)
+    if in_shards:
         problems += _member_dim_problems(config, shards)
     problems += _split_problems(config, len(usable))
     return problems
@@ -134,10 +136,6 @@ def _not_tar_problems(shards) -> List[Problem]:
                                f"{'; '.join(found[:3])}{more}")]
 
 
-def _uses_folder(data, name: str) -> bool:
-    return not data._embeddings_in_shards()
-
-
 def _expected_dim(config, name: str) -> Optional[int]:
     if name == "img_embeddings_url":
         return config.decoder.unets[0].image_embed_dim
@@ -146,13 +144,19 @@ def _expected_dim(config, name: str) -> Optional[int]:
     return dims.pop() if len(dims) == 1 else None
 
 
-def _embedding_dim_problems(config, name: str, folder: str, files: List[str]) -> List[Problem]:
+def _embedding_dim_problems(config, name: str, folder: str, paired) -> List[Problem]:
+    """The first embedding files (headers only): one row per sample, of the dimension the U-Nets expect.
+
+    Rows are compared with the shard's sample count where `sizes.json` holds a confirmed one (its
+    byte size matches the shard): counting the tar itself is left to the run.
+    """
     from .data import sources
 
     expected = _expected_dim(config, name)
     what = "image" if name == "img_embeddings_url" else "text"
     source = "decoder.unets[0].image_embed_dim" if what == "image" else "the U-Nets' text_embed_dim"
-    for url in files[:64]:  # headers only: a few bytes each
+    sizes_url, known = sources.read_sizes_file(config.data.webdataset_base_url)
+    for shard, url in paired[:64]:  # headers only: a few bytes each
         try:
             shape = sources.npy_shape(url)
         except Exception as error:
@@ -163,6 +167,11 @@ def _embedding_dim_problems(config, name: str, folder: str, files: List[str]) ->
         if expected is not None and shape[1] != expected:
             return [Problem(EXIT_DATA, f"data.{name}: {url} holds {shape[1]}-dimensional {what} embeddings but "
                                        f"{source} is {expected} (expected {expected}, got {shape[1]})")]
+        entry = known.get(sources.shard_file_name(shard.url))
+        if entry and entry[1] is not None and entry[1] == sources.byte_size(shard.url) and shape[0] < entry[0]:
+            return [Problem(EXIT_DATA, f"data.{name}: {url} has {shape[0]} rows but {shard.url} holds {entry[0]} "
+                                       f"samples (as {sizes_url} records): the embeddings belong to other shards "
+                                       "or were cut short")]
     return []
 
 
@@ -362,4 +371,4 @@ def ensure_ready(config, *, source: str = "", purpose: str = "training") -> None
         raise PreflightError(problems, source=source)
 
 
-__all__ = ["EXIT_CONFIG", "checkpoint_file_problems", "ensure_ready", "world_problems", "writable_problem"]
+__all__ = ["checkpoint_file_problems", "ensure_ready", "world_problems", "writable_problem"]

@@ -36,7 +36,7 @@ from dalle2_decoder.tracking.checkpoint import CHECKPOINT_FORMAT, MODEL_FORMAT
 from dalle2_decoder.failures import EXIT_BUG, EXIT_CHECKPOINT, EXIT_CONFIG, EXIT_DATA, EXIT_IO, report
 
 from .conftest import REPO_ROOT
-from .data_fixtures import data_config, jpeg_bytes, keys_of, npy_bytes, write_dataset
+from .data_fixtures import data_config, keys_of, write_dataset
 from .training_fixtures import EMBED_DIM, tiny_config, write_tiny_demo
 
 HUGE_NESTING = "[" * 100_000 + "]" * 100_000
@@ -334,6 +334,8 @@ WORLD_CASES = [
     ("embedding-dim-vs-model", sets(**{"decoder__unets": [{"dim": 8, "image_embed_dim": 64, "dim_mults": [1, 2],
                                                            "attn_heads": 2, "attn_dim_head": 8}]}), EXIT_DATA,
      ["data.img_embeddings_url", "decoder.unets[0].image_embed_dim", "expected 64, got 32"]),
+    ("embedding-rows-fewer-than-samples", replace_embedding_file(dim=EMBED_DIM, rows=10, number=1), EXIT_DATA,
+     ["data.img_embeddings_url", "img_emb_000001.npy has 10 rows", "000001.tar holds 16 samples", "sizes.json"]),
     ("embedding-file-missing", lambda raw, w: (next((w.data / "img_emb").glob("*_000004.npy")).unlink(), raw)[1],
      EXIT_DATA, ["data.img_embeddings_url", "1 of 6 shard(s)", ": 4"]),
     ("shard-not-a-tar", lambda raw, w: ((w.data / "shards" / "000002.tar").write_bytes(b"<html>gone</html>"), raw)[1],
