@@ -115,6 +115,8 @@ def _kinds() -> List[Tuple[tuple, int]]:
 
 
 _WORKER_WRAPPED = re.compile(r"^Caught (\w+) in DataLoader worker process (\d+)\.\s*Original Traceback", re.S)
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+"""Errors of a write the user can fix (space, quota, permissions): reported as I/O wherever they are wrapped."""
 _TORCH_WRITE_FAILURE = ("iostream error", "PytorchStreamWriter failed", "file write failed", "unexpected pos")
 
 
@@ -159,7 +161,7 @@ def free_bytes(path: str) -> Optional[int]:
 
 def _os_error_line(error: OSError) -> str:
     where = error.filename if error.filename is not None else None
-    if error.errno == errno.ENOSPC:
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
         return f"no space left on device while writing {where}" if where else "no space left on device"
     if error.errno == errno.EROFS:
         return f"{where}: read-only file system (choose a writable path)" if where else "read-only file system"
@@ -187,7 +189,7 @@ def describe(error: BaseException, write_paths: Sequence[str] = ()) -> Optional[
         return EXIT_CONFIG, [f"error: {line}" for line in str(error).splitlines()]
     chain = _chain(error)
     for link in chain:
-        if isinstance(link, OSError) and link.errno == errno.ENOSPC:
+        if isinstance(link, OSError) and link.errno in _WRITE_ERRNOS:
             prefix = clean_message(error) if link is not error else ""
             line = _os_error_line(link)
             return EXIT_IO, [f"error: {line}" + (f" ({prefix})" if prefix and line not in prefix else "")]

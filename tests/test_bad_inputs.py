@@ -744,3 +744,21 @@ def test_read_only_and_full_filesystems_are_found_at_start(world):
     assert "dalle2-decoder training" not in ro_train["out"]  # not a single step was trained
     assert_reported(ro_prepare["code"], ro_prepare["err"], EXIT_CONFIG, ["--out", "Read-only file system"])
     assert_reported(full_save["code"], full_save["err"], EXIT_IO, ["no space left on device", str(full)])
+
+
+@pytest.mark.parametrize("error, code, needles", [
+    (OSError(28, "No space left on device", "/scratch/run/.staging/checkpoint.pt"), EXIT_IO,
+     ["no space left on device", "/scratch/run/.staging/checkpoint.pt"]),
+    (OSError(30, "Read-only file system", "/ro/latest.pth"), EXIT_IO, ["/ro/latest.pth", "read-only file system"]),
+    (PermissionError(13, "Permission denied", "/root/run"), EXIT_IO, ["/root/run", "permission denied"]),
+    (KeyboardInterrupt(), 130, ["interrupted"]),
+])
+def test_the_reporter_names_the_path_of_io_errors(error, code, needles):
+    stream = io.StringIO()
+    try:  # raised for real, so it has a traceback to leave out
+        if isinstance(error, KeyboardInterrupt):
+            raise error
+        raise RuntimeError("saving failed") from error  # as a library may wrap it
+    except BaseException as raised:  # noqa: B902
+        assert report(raised, stream=stream) == code
+    assert_reported(code, stream.getvalue(), code, needles)
