@@ -161,6 +161,11 @@ def main(argv=None) -> int:
     return guarded(lambda: _main(args), debug=args.debug, write_paths=lambda: [os.path.abspath(args.out)])
 
 
+def _has_an_image(folder: str) -> bool:
+    """Whether any image is under `folder` (stops at the first: the full listing comes later)."""
+    return any(os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES for _, _, names in os.walk(folder) for name in names)
+
+
 def argument_problems(args: argparse.Namespace) -> List[str]:
     """Every problem of the arguments, found before CLIP (slow, large) is loaded."""
     from ..preflight import writable_problem
@@ -170,7 +175,7 @@ def argument_problems(args: argparse.Namespace) -> List[str]:
         problems.append(f"--images: folder not found: {args.images}")
     elif not os.path.isdir(args.images):
         problems.append(f"--images: {args.images} is a file; give the folder that holds the images")
-    elif not find_images(args.images):
+    elif not _has_an_image(args.images):
         problems.append(f"--images: no image ({', '.join(IMAGE_SUFFIXES)}) under {args.images}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         problems.append(f"--out: {args.out} is a file, not a folder")
