@@ -242,6 +242,32 @@ def writable_problem(path: str, where: str) -> Optional[Problem]:
     return None
 
 
+def data_path_in_use_problem(config, data_path: str) -> Optional[Problem]:
+    """A data path that holds another run (or anything) and may not be reused as configured.
+
+    The same rule the tracker applies when it starts (`tracking.run_state.prepare_data_path`),
+    checked here without touching the folder: an unfinished run is continued with
+    `tracker.log.auto_resume`, and anything else needs `tracker.overwrite_data_path`.
+    """
+    from .tracking.run_state import read_run_state
+
+    tracker = config.tracker
+    if tracker.overwrite_data_path or not os.path.isdir(data_path) or not os.listdir(data_path):
+        return None
+    previous = read_run_state(data_path)
+    if previous is not None and not previous.finished and tracker.log.auto_resume:
+        return None
+    if previous is not None and not previous.finished:
+        found = f"holds the interrupted run {previous.run_id} (step {previous.step}); set tracker.log.auto_resume " \
+                "to true to continue it, or"
+    elif previous is not None:
+        found = f"holds the finished run {previous.run_id};"
+    else:
+        found = "is not empty;"
+    return Problem(EXIT_IO, f"tracker.data_path: {data_path} {found} delete the folder yourself, choose another "
+                            "tracker.data_path, or set tracker.overwrite_data_path to true to delete its content")
+
+
 def estimated_checkpoint_bytes(config) -> Optional[int]:
     """Parameters x 4 bytes x (weights + two AdamW moments + EMA copy), from a model built without memory."""
     import torch
@@ -263,7 +289,7 @@ def save_problems(config) -> List[Problem]:
     tracker = config.tracker
     data_path = os.path.abspath(os.path.expanduser(tracker.data_path))
     problems: List[Problem] = []
-    problem = writable_problem(data_path, "tracker.data_path")
+    problem = writable_problem(data_path, "tracker.data_path") or data_path_in_use_problem(config, data_path)
     if problem:
         return [problem]
     saves = tracker.save if isinstance(tracker.save, (list, tuple)) else [tracker.save]

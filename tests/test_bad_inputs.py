@@ -173,7 +173,9 @@ CONFIG_CASES = [
      ["data.end_shard", "2..2 holds 1 shard", "3 splits"]),
     ("two-shard-range-three-splits", sets(data__start_shard=0, data__end_shard=1), EXIT_CONFIG,
      ["data.end_shard", "holds 2 shards"]),
-    ("lr-1e309", file_with(b'{"x": 1}'), None, None),  # replaced below (needs the base config)
+    # JSON's 1e309 is read as infinity: a run would train to NaN weights
+    ("lr-1e309", lambda raw, w: file_with(json.dumps(raw).replace('"lr": 0.001', '"lr": 1e309').encode())(raw, w),
+     EXIT_CONFIG, ["train.lr", "finite", "Infinity"]),
     ("lr-nan", sets(train__lr=float("nan")), EXIT_CONFIG, ["train.lr", "finite", "NaN"]),
     ("lr-absurd", sets(train__lr=5), EXIT_CONFIG, ["train.lr", "5", "far above"]),
     ("lr-absurd-per-unet", sets(train__lr=[10.0]), EXIT_CONFIG, ["train.lr[0]", "far above"]),
@@ -211,11 +213,6 @@ CONFIG_CASES = [
     ("empty-file", file_with(b""), EXIT_CONFIG, ["written.json", "not valid JSON"]),
     ("config-missing", lambda raw, w: w.tmp / "nowhere.json", EXIT_CONFIG, ["nowhere.json", "cannot read the file"]),
     ("config-is-a-folder", lambda raw, w: w.tmp, EXIT_CONFIG, [str(Path("/")), "is a folder"]),
-]
-CONFIG_CASES = [case for case in CONFIG_CASES if case[0] != "lr-1e309"] + [
-    # JSON's 1e309 is read as infinity: a run would train to NaN weights
-    ("lr-1e309", lambda raw, w: file_with(json.dumps(raw).replace('"lr": 0.001', '"lr": 1e309').encode())(raw, w),
-     EXIT_CONFIG, ["train.lr", "finite", "Infinity"]),
 ]
 
 
@@ -345,6 +342,15 @@ WORLD_CASES = [
     ("embeddings-in-shards-wrong-dim", _embeddings_in_shards_wrong_dim, EXIT_DATA,
      ["img_emb.npy", "expected 32, got 12"]),
     ("data-path-is-a-file", _data_path_is_a_file, EXIT_IO, ["tracker.data_path", "run-file", "not a folder"]),
+    ("data-path-not-empty", lambda raw, w: (w.tmp.joinpath("run").mkdir(), w.tmp.joinpath("run", "old.txt").write_text("x"),
+                                            raw)[2],
+     EXIT_IO, ["tracker.data_path", "is not empty", "overwrite_data_path"]),
+    ("data-path-holds-a-finished-run", lambda raw, w: (w.tmp.joinpath("run").mkdir(), w.tmp.joinpath(
+        "run", "run_state.json").write_text(json.dumps({"run_id": "r17", "finished": True})), raw)[2],
+     EXIT_IO, ["tracker.data_path", "holds the finished run r17"]),
+    ("data-path-interrupted-without-auto-resume", lambda raw, w: (w.tmp.joinpath("run").mkdir(), w.tmp.joinpath(
+        "run", "run_state.json").write_text(json.dumps({"run_id": "r18", "step": 40})), raw)[2],
+     EXIT_IO, ["tracker.data_path", "interrupted run r18 (step 40)", "auto_resume"]),
     ("save-path-through-a-file", _path_through_a_file, EXIT_IO, ["tracker.save[0].save_latest_to", "a-file"]),
     ("load-missing", load_from(_missing), EXIT_CHECKPOINT, ["tracker.load.file_path", "no-such-checkpoint.pth", "not found"]),
     ("load-folder", load_from(_folder), EXIT_CHECKPOINT, ["tracker.load.file_path", "is a folder"]),
