@@ -1,8 +1,11 @@
 """Command line: `train_decoder.py --config_file CFG.json [--check] [--set key.path=value ...]`.
 
-The same entry point backs the installed `dalle2-train-decoder` command. Exit codes: 0 done (or a
-valid config with --check), 1 configuration problems (listed on stderr, no traceback), 2 usage
-errors, or training requested before the training loop is installed.
+The same entry point backs the installed `dalle2-train-decoder` command. `--check` validates the
+config and (unless `--no-io`) the world it points at (`dalle2_decoder.preflight`), the same
+checks every training run makes first. Exit codes (see `dalle2_decoder.failures`): 0 done (or a
+valid config with --check), 1 a bug (traceback), 2 usage or configuration, 3 data, 4 checkpoint,
+5 I/O or environment, 6 training stopped; every problem is one line on stderr, without a
+traceback unless --debug is given.
 """
 from __future__ import annotations
 
@@ -19,9 +22,10 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 from .config import ConfigError, ConfigWarning, TrainDecoderConfig
 from .config.checks import closest
 from .config.structure import join_path
+from .failures import EXIT_CONFIG, EXIT_OK, guarded
 
 TRAINING_MODULE = "dalle2_decoder.training"
-EXIT_OK, EXIT_CONFIG, EXIT_UNAVAILABLE = 0, 1, 2
+EXIT_UNAVAILABLE = EXIT_CONFIG
 
 _KEY = re.compile(r"[^.\[\]]+")
 _INDEX = re.compile(r"\[(\d+)\]")
@@ -107,12 +111,22 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the JSON configuration of the run")
     parser.add_argument("--check", action="store_true",
                         help="validate only: print the resolved configuration (every default filled in) as JSON "
-                             "and exit 0, or print every problem and exit 1")
+                             "and exit 0, or print every problem and exit with its kind (2 config, 3 data, "
+                             "4 checkpoint, 5 I/O)")
+    parser.add_argument("--no-io", "--no_io", dest="no_io", action="store_true",
+                        help="with --check: check the configuration alone, not the device, data, paths and "
+                             "checkpoint it points at")
     parser.add_argument("--set", dest="overrides", action="append", default=[], type=parse_override,
                         metavar="KEY.PATH=VALUE",
                         help="override one option before validation, e.g. --set train.lr=3e-4 or "
                              "--set decoder.unets[0].dim=64 (VALUE is JSON, else a string); repeatable")
+    add_debug_option(parser)
     return parser
+
+
+def add_debug_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true",
+                        help="print the full traceback of errors too (they are one line each without it)")
 
 
 def _is_main_process() -> bool:
@@ -138,15 +152,21 @@ def load_config(config_file: str, overrides: Sequence[Tuple[str, Any]] = ()) -> 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     speaks = _is_main_process()
-    try:
-        config, notes = load_config(args.config_file, args.overrides)
-    except ConfigError as error:
-        if speaks:
-            print(str(error), file=sys.stderr)
-        return EXIT_CONFIG
+    state = {}
+    return guarded(lambda: _main(args, speaks, state), debug=args.debug, speaks=speaks,
+                   write_paths=lambda: _write_paths(state.get("config")))
+
+
+def _main(args: argparse.Namespace, speaks: bool, state: dict) -> int:
+    config, notes = load_config(args.config_file, args.overrides)
+    state["config"] = config
     if speaks:
         for note in notes:
             print(f"warning: {note}", file=sys.stderr)
+    if not (args.check and args.no_io):
+        from .preflight import ensure_ready
+
+        ensure_ready(config, source=args.config_file, purpose="training")
     if args.check:
         print(config.to_json())
         return EXIT_OK
@@ -159,6 +179,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_UNAVAILABLE
     result = run(config)
     return result if isinstance(result, int) else EXIT_OK
+
+
+def _write_paths(config: Optional[TrainDecoderConfig]) -> List[str]:
+    """Where a run writes (for the report of a failed write): the data path and local save folders."""
+    if config is None:
+        return []
+    data_path = os.path.abspath(os.path.expanduser(config.tracker.data_path))
+    paths = [data_path]
+    saves = config.tracker.save if isinstance(config.tracker.save, (list, tuple)) else [config.tracker.save]
+    for save in saves:
+        for dest in (getattr(save, "save_latest_to", None), getattr(save, "save_best_to", None)):
+            if dest and getattr(save, "save_to", "") == "local":
+                paths.append(os.path.dirname(os.path.join(data_path, os.path.expanduser(dest))))
+    return list(dict.fromkeys(paths))
 
 
 def _training_entry_point():

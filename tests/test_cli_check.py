@@ -22,7 +22,7 @@ def run_main(capsys, *argv):
 
 
 def test_check_prints_the_resolved_config_with_every_default(capsys, minimal_config, write_config):
-    code, out, err = run_main(capsys, "--config_file", write_config(minimal_config), "--check")
+    code, out, err = run_main(capsys, "--config_file", write_config(minimal_config), "--check", "--no-io")
     assert code == 0 and err == ""
     resolved = json.loads(out)
     assert resolved == TrainDecoderConfig.from_dict(minimal_config).to_dict()
@@ -32,12 +32,12 @@ def test_check_prints_the_resolved_config_with_every_default(capsys, minimal_con
     assert TrainDecoderConfig.from_dict(resolved) == TrainDecoderConfig.from_dict(minimal_config)
 
 
-def test_check_prints_every_problem_and_exits_1(capsys, minimal_config, write_config):
+def test_check_prints_every_problem_and_exits_2(capsys, minimal_config, write_config):
     minimal_config["decoder"]["unets"][0]["dim_mult"] = [1, 2]
     minimal_config["data"]["splits"] = {"train": 0.9}
     path = write_config(minimal_config)
-    code, out, err = run_main(capsys, "--config_file", path, "--check")
-    assert code == 1 and out == ""
+    code, out, err = run_main(capsys, "--config_file", path, "--check", "--no-io")
+    assert code == 2 and out == ""
     assert err.splitlines() == [
         f"{path}: 2 problems",
         "  decoder.unets[0].dim_mult: unknown option (did you mean dim_mults?)",
@@ -47,14 +47,14 @@ def test_check_prints_every_problem_and_exits_1(capsys, minimal_config, write_co
 
 def test_warnings_go_to_stderr(capsys, minimal_config, write_config):
     minimal_config["decoder"]["image_size"] = 64
-    code, out, err = run_main(capsys, "--config_file", write_config(minimal_config), "--check")
+    code, out, err = run_main(capsys, "--config_file", write_config(minimal_config), "--check", "--no-io")
     assert code == 0 and json.loads(out)["decoder"]["image_size"] == 64
     assert err.startswith("warning: decoder.image_size: accepted for compatibility and ignored")
 
 
 def test_set_overrides_before_validation(capsys, minimal_config, write_config):
     path = write_config(minimal_config)
-    code, out, _ = run_main(capsys, "--config_file", path, "--check", "--set", "train.lr=3e-4",
+    code, out, _ = run_main(capsys, "--config_file", path, "--check", "--no-io", "--set", "train.lr=3e-4",
                             "--set", "decoder.unets[0].dim=32", "--set", "tracker.data_path=/scratch/run 1",
                             "--set", "evaluate.FID.feature=64", "--set", "train.unet_training_mask=[true]",
                             "--set", "data.preprocessing.RandomHorizontalFlip=true")
@@ -69,9 +69,9 @@ def test_set_overrides_before_validation(capsys, minimal_config, write_config):
 
 
 def test_set_values_are_validated_like_the_file(capsys, minimal_config, write_config):
-    code, _, err = run_main(capsys, "--config_file", write_config(minimal_config), "--check",
+    code, _, err = run_main(capsys, "--config_file", write_config(minimal_config), "--check", "--no-io",
                             "--set", "train.lrr=1", "--set", "train.epochs=\"ten\"")
-    assert code == 1
+    assert code == 2
     assert "  train.lrr: unknown option (did you mean lr?)" in err.splitlines()
     assert '  train.epochs: expected an integer, got "ten"' in err.splitlines()
 
@@ -88,8 +88,8 @@ def test_set_values_are_validated_like_the_file(capsys, minimal_config, write_co
 )
 def test_bad_override_paths_are_named(capsys, minimal_config, write_config, override, problem):
     path = write_config(minimal_config)
-    code, out, err = run_main(capsys, "--config_file", path, "--check", "--set", override)
-    assert code == 1 and out == ""
+    code, out, err = run_main(capsys, "--config_file", path, "--check", "--no-io", "--set", override)
+    assert code == 2 and out == ""
     assert err.splitlines() == [f"{path}: 1 problem", f"  {problem}"]
 
 
@@ -100,14 +100,21 @@ def test_set_without_equals_is_a_usage_error(capsys, minimal_config, write_confi
     assert "expected KEY.PATH=VALUE" in capsys.readouterr().err
 
 
-def test_training_without_the_training_loop_exits_2(capsys, monkeypatch, minimal_config, write_config):
+@pytest.fixture
+def world_ready(monkeypatch):
+    """The world checks pass (the minimal config points at no real data or GPU): the CLI alone is tested."""
+    monkeypatch.setattr("dalle2_decoder.preflight.ensure_ready", lambda *args, **kwargs: None)
+
+
+def test_training_without_the_training_loop_exits_2(capsys, monkeypatch, minimal_config, write_config, world_ready):
     monkeypatch.setattr(cli, "_training_entry_point", lambda: None)
     code, out, err = run_main(capsys, "--config_file", write_config(minimal_config))
     assert code == 2 and out == ""
     assert "training is not available yet" in err
 
 
-def test_training_calls_the_training_loop_with_the_config(capsys, monkeypatch, minimal_config, write_config):
+def test_training_calls_the_training_loop_with_the_config(capsys, monkeypatch, minimal_config, write_config,
+                                                          world_ready):
     received = []
     monkeypatch.setattr(cli, "_training_entry_point", lambda: lambda config: received.append(config) or 0)
     code, _, _ = run_main(capsys, "--config_file", write_config(minimal_config), "--set", "seed=7")
@@ -119,22 +126,22 @@ def test_config_errors_are_not_trained(capsys, monkeypatch, minimal_config, writ
     monkeypatch.setattr(cli, "_training_entry_point", lambda: pytest.fail("training started on a bad config"))
     minimal_config["train"] = {"epochs": 0}
     code, _, err = run_main(capsys, "--config_file", write_config(minimal_config))
-    assert code == 1 and "train.epochs: must be at least 1 (got 0)" in err
+    assert code == 2 and "train.epochs: must be at least 1 (got 0)" in err
 
 
 def test_only_rank_0_prints(capsys, monkeypatch, minimal_config, write_config):
     monkeypatch.setenv("RANK", "1")
     minimal_config["train"] = {"epochs": 0}
     code, out, err = run_main(capsys, "--config_file", write_config(minimal_config))
-    assert code == 1 and out == "" and err == ""
+    assert code == 2 and out == "" and err == ""
 
 
 def test_train_decoder_script_reports_config_errors_without_a_traceback(minimal_config, write_config):
     minimal_config["decoder"]["unets"][0]["dim_mult"] = [1, 2]
     path = write_config(minimal_config)
-    result = subprocess.run([sys.executable, str(REPO_ROOT / "train_decoder.py"), "--config_file", str(path), "--check"],
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "train_decoder.py"), "--config_file", str(path), "--check", "--no-io"],
                             capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
-    assert result.returncode == 1 and result.stdout == ""
+    assert result.returncode == 2 and result.stdout == ""
     assert "Traceback" not in result.stderr
     assert "decoder.unets[0].dim_mult: unknown option (did you mean dim_mults?)" in result.stderr
 
@@ -146,7 +153,7 @@ def test_console_command_checks_a_config(minimal_config, write_config):
     (command,) = [entry for entry in entry_points(group="console_scripts") if entry.name == "dalle2-train-decoder"]
     assert command.value == "dalle2_decoder.cli:main"
     executable = os.path.join(sysconfig.get_path("scripts"), "dalle2-train-decoder")
-    result = subprocess.run([executable, "--config_file", str(write_config(minimal_config)), "--check"],
+    result = subprocess.run([executable, "--config_file", str(write_config(minimal_config)), "--check", "--no-io"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == TrainDecoderConfig.from_dict(minimal_config).to_dict()

@@ -70,10 +70,10 @@ def test_wrong_types_are_strict(minimal_config, config_problems):
 
 
 def test_integral_floats_are_integers(minimal_config):
-    minimal_config["train"] = {"save_every_n_samples": 1e5, "lr": 3}
+    minimal_config["train"] = {"save_every_n_samples": 1e5, "lr": 1}
     config = TrainDecoderConfig.from_dict(minimal_config)
     assert config.train.save_every_n_samples == 100000 and isinstance(config.train.save_every_n_samples, int)
-    assert config.train.lr == 3.0 and isinstance(config.train.lr, float)
+    assert config.train.lr == 1.0 and isinstance(config.train.lr, float)
 
 
 def test_constructor_options_are_type_checked_by_their_annotations(minimal_config, config_problems):

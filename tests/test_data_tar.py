@@ -145,5 +145,5 @@ def test_an_archive_ending_at_a_member_boundary_is_whole():
 
 
 def test_an_empty_file_is_an_error():
-    with pytest.raises(ShardReadError, match="empty file"):
+    with pytest.raises(ShardReadError, match="not a tar archive: the file is empty"):
         read_all(b"")

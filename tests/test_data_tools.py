@@ -123,8 +123,9 @@ def test_prepare_folder_into_shards_and_embeddings(tmp_path):
     embedder = FakeClipEmbedder()
     data = prepare.prepare_dataset(str(images), str(tmp_path / "out"), embedder, shard_size=3, batch_size=4)
     assert all(shape[1:] == (3, 16, 16) for shape in embedder.seen_shapes)
-    assert json.loads((tmp_path / "out" / "shards" / "sizes.json").read_text()) == {
-        "000000.tar": 3, "000001.tar": 3, "000002.tar": 1}
+    sizes = json.loads((tmp_path / "out" / "shards" / "sizes.json").read_text())
+    assert {name: entry["samples"] for name, entry in sizes.items()} == {"000000.tar": 3, "000001.tar": 3, "000002.tar": 1}
+    assert all(entry["bytes"] == os.path.getsize(tmp_path / "out" / "shards" / name) for name, entry in sizes.items())
     from dalle2_decoder.config import DataConfig
 
     config = DataConfig(**data, batch_size=7, num_workers=0, splits=DataSplits(train=1.0, val=0.0, test=0.0),

@@ -11,6 +11,9 @@ from .checks import at_least, in_range
 if TYPE_CHECKING:
     from .root import TrainDecoderConfig
 
+END_SHARD_UNSET = 9999999
+"""The reference default of `end_shard`: "up to the last shard that exists" (a range that is found)."""
+
 
 @attrs.frozen
 class DataSplits:
@@ -81,6 +84,23 @@ class DataConfig:
         from .preprocessing import preprocessing_problems
 
         problems = self.splits.check("data.splits")
+        if self.splits.train == 0:
+            problems.append("data.splits.train: 0 leaves no shard to train on; give the train split a positive fraction")
+        count = self.webdataset_base_url.count("{}")
+        if count != 1:
+            problems.append(f"data.webdataset_base_url: must contain {{}} exactly once, where the shard number goes "
+                            f"(e.g. /data/shards/{{}}.tar); got {self.webdataset_base_url!r}")
+        for name in ("img_embeddings_url", "text_embeddings_url"):
+            folder = getattr(self, name)
+            if folder is not None and not folder.strip():
+                problems.append(f"data.{name}: must not be empty (leave it out instead)")
+        asked = [name for name in ("train", "val", "test") if getattr(self.splits, name) > 0]
+        if self.end_shard != END_SHARD_UNSET and 1 <= self.end_shard - self.start_shard + 1 < len(asked):
+            shards = self.end_shard - self.start_shard + 1
+            problems.append(f"data.end_shard: the range {self.start_shard}..{self.end_shard} holds {shards} shard"
+                            f"{'s' if shards != 1 else ''} but data.splits asks for {len(asked)} splits "
+                            f"({', '.join(asked)}), each needing a shard of its own; widen the range or set the "
+                            "unneeded splits to 0")
         problems += at_least("data.start_shard", self.start_shard, 0)
         if self.end_shard < self.start_shard:
             problems.append(f"data.end_shard: must be at least data.start_shard ({self.start_shard}), got {self.end_shard}")

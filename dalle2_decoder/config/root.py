@@ -14,6 +14,7 @@ from .data import DataConfig
 from .decoder import DecoderConfig
 from .errors import ConfigError, ConfigWarning
 from .evaluate import EvaluateConfig
+from .limits import cross_section_problems, non_finite_numbers
 from .structure import UnknownOptionError, converter, structure_at
 from .tracker import TrackerConfig
 from .train import TrainConfig
@@ -53,11 +54,18 @@ class TrainDecoderConfig:
         try:
             with open(path, encoding="utf-8") as file:
                 return json.load(file)
+        except IsADirectoryError:
+            raise ConfigError(["is a folder, not a JSON file"], source=path) from None
         except OSError as error:
             raise ConfigError([f"cannot read the file: {error.strerror or error}"], source=path) from None
+        except UnicodeDecodeError as error:
+            raise ConfigError([f"not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset {error.start}); "
+                               "save the config as UTF-8 JSON"], source=path) from None
         except json.JSONDecodeError as error:
             raise ConfigError([f"not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}"],
                               source=path) from None
+        except RecursionError:
+            raise ConfigError(["not a usable config: its JSON is nested too deeply"], source=path) from None
 
     @classmethod
     def from_dict(cls, raw: Any, *, source: str = "configuration") -> "TrainDecoderConfig":
@@ -83,7 +91,7 @@ class TrainDecoderConfig:
         if not isinstance(raw, Mapping):
             return None, [f"the configuration must be a JSON object, got {type(raw).__name__}"], []
         raw, notes = adapt_reference_options(dict(raw))
-        problems: List[str] = []
+        problems: List[str] = non_finite_numbers(raw)
         sections: Dict[str, Any] = {}
         fields = {field.name: field for field in attrs.fields(cls)}
         types = typing.get_type_hints(cls)
@@ -104,7 +112,8 @@ class TrainDecoderConfig:
             view = _Sections(**sections)
             for section in view.structured():
                 problems += section.check(view)
-            return None, problems, notes
+            problems += cross_section_problems(view)
+            return None, list(dict.fromkeys(problems)), notes
         config = cls(**sections)
         problems = config.problems()
         notes += config.notes()
@@ -114,7 +123,9 @@ class TrainDecoderConfig:
 
     def problems(self) -> List[str]:
         """Every cross-field problem, as `path: reason` lines (empty for a valid config)."""
-        return [problem for section in _Sections.of(self).structured() for problem in section.check(self)]
+        view = _Sections.of(self)
+        problems = [problem for section in view.structured() for problem in section.check(self)]
+        return list(dict.fromkeys(problems + cross_section_problems(view)))
 
     def notes(self) -> List[str]:
         """Options that are accepted but have no effect, as `path: explanation` lines."""

@@ -16,7 +16,7 @@ from typing import Callable, Dict, Iterator, List, Optional
 import attrs
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.filters import shuffle as wds_shuffle
 
@@ -33,6 +33,7 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
 IMAGE_EMBED_MEMBERS = ("img_emb.npy", "image_embed.npy", "img_embed.npy", "emb.npy")
 TEXT_EMBED_MEMBERS = ("text_emb.npy", "text_embed.npy")
 POOLED_BATCHES = 4  # per worker: the DataLoader's prefetch (2), the one being filled, one spare
+SIZE_VOTE = 16  # good images whose most common size is the expected one, when the preprocessing fixes none
 MAX_CONSECUTIVE_BAD = 100_000  # a worker that finds nothing usable for this long stops (capped mode)
 
 
@@ -50,6 +51,10 @@ class SampleFormat:
     text_embed_source: Optional[str]
     image_embed_dim: Optional[int]
     text_embed_dim: Optional[int]
+    image_shape: Optional[tuple] = None
+    """(height, width) every image has after the PIL steps, when the preprocessing fixes it (a Resize
+    with CenterCrop, RandomResizedCrop, ...); None: images keep their own size, and the size most
+    images have so far is the one expected."""
     uint8_images: bool = False
     """Batch images as uint8 (B, C, H, W) in 0..255, scaled on the consumer's device: a quarter of
     the memory to fill and to move. Only without tensor transforms (which need floats)."""
@@ -84,6 +89,8 @@ class ShardDataset(IterableDataset):
         self.format = sample_format
         self.epoch = 0
         self._pool: Optional[memory.SharedBatchPool] = None  # made in the worker that uses it
+        self.first_problems: Dict[str, str] = {}
+        """The first bad sample of each reason in this process, with what was wrong (for messages)."""
 
     # ----- planning -------------------------------------------------------------------------
 
@@ -129,11 +136,12 @@ class ShardDataset(IterableDataset):
                 sample = next(samples, None)
                 if sample is None:
                     if not recent:
-                        check_bad_fraction(counts, s.max_bad_fraction, where, final=True)
+                        check_bad_fraction(counts, s.max_bad_fraction, where, final=True,
+                                           first_problems=self.first_problems)
                         raise BadDataError(
                             f"{where}: no readable sample in its share of the data "
                             f"({len(plan.pieces) or len(plan.shards)} shard range(s)), so its batches cannot "
-                            f"be filled: {format_counts(counts)}"
+                            f"be filled: {format_counts(counts)}; {self._first_problem_text()}".rstrip("; ")
                         )
                     # Bad samples were skipped: repeat recent good ones so every rank yields
                     # the same number of batches of the planned sizes.
@@ -157,7 +165,8 @@ class ShardDataset(IterableDataset):
             result["image_embed"] = torch.from_numpy(np.stack([sample["image_embed"] for sample in batch]))
         if self.format.text_embed_source:
             result["text_embed"] = torch.from_numpy(np.stack([sample["text_embed"] for sample in batch]))
-        result[STATS_KEY] = {"worker": worker, "counts": dict(counts), "buffer": ticket}
+        result[STATS_KEY] = {"worker": worker, "counts": dict(counts), "buffer": ticket,
+                             "problems": dict(self.first_problems)}
         return result
 
     def _image_batch(self, images: List[torch.Tensor]):
@@ -196,10 +205,14 @@ class ShardDataset(IterableDataset):
 
     def _load_embeddings(self, shard: planning.Shard) -> Dict[str, np.ndarray]:
         arrays = {}
-        if self.format.image_embed_source == "folder":
-            arrays["image_embed"] = sources.load_npy(shard.img_embeddings_url)
-        if self.format.text_embed_source == "folder":
-            arrays["text_embed"] = sources.load_npy(shard.text_embeddings_url)
+        for name, source, url in (("image_embed", self.format.image_embed_source, shard.img_embeddings_url),
+                                  ("text_embed", self.format.text_embed_source, shard.text_embeddings_url)):
+            if source != "folder":
+                continue
+            try:
+                arrays[name] = sources.load_npy(url)
+            except Exception as error:  # the file, not the shard, is what is wrong: name it
+                raise ValueError(f"{url}: {sources.npy_problem(error)}") from error
         return arrays
 
     def _read_piece(self, piece: planning.Piece, counts: Dict[str, int]) -> Iterator[dict]:
@@ -214,7 +227,12 @@ class ShardDataset(IterableDataset):
 
         def lose(reason: str, error: Exception) -> None:
             counts["shard_read_errors"] += 1
-            log.warning("%s: %s (%s)", reason.replace("_", " "), shard.url, error)
+            if reason == "unreadable_embeddings":
+                text = f"embedding file of shard {shard.url} unreadable: {error}"
+            else:
+                text = f"{reason.replace('_', ' ')}: {shard.url} ({error})"
+            log.warning("%s", text)
+            self.first_problems.setdefault(reason, f"{reason}: {text}")
             if planned is not None:
                 counts["seen"] += planned - delivered
                 counts[reason] += planned - delivered
@@ -236,11 +254,12 @@ class ShardDataset(IterableDataset):
                 if piece.stop is not None and ordinal >= piece.stop:
                     break
                 delivered += 1
+                sample["__shard__"] = shard.url
                 if arrays:
                     self._attach_rows(sample, arrays)
                 yield sample
         except ShardReadError as error:
-            lose("truncated_tar", error)
+            lose("not_a_tar" if getattr(error, "not_a_tar", False) else "truncated_tar", error)
             return
         finally:
             try:
@@ -248,18 +267,22 @@ class ShardDataset(IterableDataset):
             except Exception:  # a pipe: command cut off early may report an error status; the data is read
                 pass
         if planned is not None and delivered < planned:
-            lose("truncated_tar", ValueError(f"shard has {piece.start + delivered} samples, fewer than counted"))
+            counted = f"the {shard.size} samples recorded in {shard.size_source}" if shard.size_source \
+                else "counted when the run started"
+            lose("truncated_tar", ValueError(f"the shard has {piece.start + delivered} samples, fewer than {counted}"))
 
     def _attach_rows(self, sample: dict, arrays: Dict[str, np.ndarray]) -> None:
         key = sample["__key__"]
         digits = key[-self.format.index_width:]
         if len(key) < self.format.index_width or not digits.isdigit():
             sample["__bad__"] = "bad_key"
+            sample["__detail__"] = f"the key does not end in data.index_width={self.format.index_width} digits"
             return
         index = int(digits)
         for name, array in arrays.items():
             if index >= len(array):
                 sample["__bad__"] = "missing_embedding"
+                sample["__detail__"] = f"index {index} but the {name.replace('_', ' ')} file has {len(array)} rows"
                 return
             sample["__row_" + name] = np.array(array[index])
 
@@ -290,88 +313,156 @@ class ShardDataset(IterableDataset):
     # ----- decoding -------------------------------------------------------------------------
 
     def _decoded(self, raw: Iterator[dict], counts: Dict[str, int], where: str) -> Iterator[dict]:
-        image_shape = None
+        """Decoded good samples, all of one image size, with bad ones counted (and the first of each
+        reason described).
+
+        The size is the one the preprocessing gives every image when it fixes one; otherwise the
+        most common size among the first `SIZE_VOTE` good images (so one odd image early on does
+        not make every later one "odd").
+        """
+        expected = self.format.image_shape
+        undecided: List[dict] = []  # good samples held back until the expected size is known
         consecutive_bad = 0
+
+        def bad(sample: dict, reason: str, detail: Optional[str]) -> None:
+            nonlocal consecutive_bad
+            counts[reason] += 1
+            self._note_bad(reason, sample, detail, where)
+            consecutive_bad += 1
+            check_bad_fraction(counts, self.settings.max_bad_fraction, where, final=False,
+                               first_problems=self.first_problems)
+            if consecutive_bad >= MAX_CONSECUTIVE_BAD:
+                raise BadDataError(f"{where}: {consecutive_bad} bad samples in a row; {self._first_problem_text()}")
+
+        def judged(decoded: dict, sample: dict) -> bool:
+            """Count a decoded sample as ok, or as a size mismatch."""
+            nonlocal consecutive_bad
+            shape = tuple(decoded["image"].shape[:2])
+            if shape != expected:
+                bad(sample, "image_size_mismatch", f"after preprocessing the image is {shape[0]}x{shape[1]} "
+                                                   f"(height x width); the batch needs {expected[0]}x{expected[1]}")
+                return False
+            consecutive_bad = 0
+            counts["ok"] += 1
+            return True
+
+        def decide() -> Iterator[dict]:
+            nonlocal expected
+            votes = collections.Counter(tuple(decoded["image"].shape[:2]) for decoded, _ in undecided)
+            expected = max(votes, key=lambda shape: (votes[shape], -next(
+                i for i, (d, _) in enumerate(undecided) if tuple(d["image"].shape[:2]) == shape)))
+            for decoded, sample in undecided:
+                if judged(decoded, sample):
+                    yield decoded
+            undecided.clear()
+
         for sample in raw:
             counts["seen"] += 1
-            decoded, reason = self._decode(sample)
-            if decoded is not None and image_shape is not None and decoded["image"].shape != image_shape:
-                decoded, reason = None, "image_size_mismatch"
+            decoded, reason, detail = self._decode(sample)
             if decoded is None:
-                counts[reason] += 1
-                consecutive_bad += 1
-                check_bad_fraction(counts, self.settings.max_bad_fraction, where, final=False)
-                if consecutive_bad >= MAX_CONSECUTIVE_BAD:
-                    raise BadDataError(f"{where}: {consecutive_bad} bad samples in a row")
+                bad(sample, reason, detail)
                 continue
-            consecutive_bad = 0
-            image_shape = decoded["image"].shape
-            counts["ok"] += 1
-            yield decoded
+            if expected is None:
+                undecided.append((decoded, {"__key__": sample.get("__key__"), "__shard__": sample.get("__shard__")}))
+                if len(undecided) >= SIZE_VOTE:
+                    yield from decide()
+                continue
+            if judged(decoded, sample):
+                yield decoded
+        if undecided:
+            yield from decide()
+
+    def _note_bad(self, reason: str, sample: dict, detail: Optional[str], where: str) -> None:
+        """Keep (and log once) the first example of each reason, so errors can say what was wrong."""
+        if reason in self.first_problems:
+            return
+        text = f"{reason}: sample {sample.get('__key__', '?')!r}"
+        if sample.get("__shard__"):
+            text += f" of {sample['__shard__']}"
+        if detail:
+            text += f": {detail}"
+        self.first_problems[reason] = text
+        log.warning("%s: bad sample (further ones of this kind are only counted): %s", where, text)
+
+    def _first_problem_text(self) -> str:
+        return "first problems: " + "; ".join(self.first_problems.values()) if self.first_problems else ""
 
     def _embedding(self, sample: dict, name: str, source: str, members: tuple, dim: Optional[int]):
-        """(vector, None) or (None, reason)."""
+        """(vector, None, None) or (None, reason, detail)."""
+        what = "image" if name == "image_embed" else "text"
+        member = None
         if source == "folder":
             vector = sample.get("__row_" + name)
         else:
-            data = next((sample[m] for m in members if m in sample), None)
-            if data is None:
-                return None, "missing_embedding"
+            member = next((m for m in members if m in sample), None)
+            if member is None:
+                return None, "missing_embedding", f"no {' / '.join(members)} member"
             try:
-                vector = np.load(io.BytesIO(data), allow_pickle=False)
-            except Exception:
-                return None, "corrupt_embedding"
+                vector = np.load(io.BytesIO(sample[member]), allow_pickle=False)
+            except Exception as error:
+                return None, "corrupt_embedding", f"member {sample['__key__']}.{member}: {sources.npy_problem(error)}"
         if vector is None:
-            return None, "missing_embedding"
+            return None, "missing_embedding", f"no {what} embedding row for this sample"
+        where = f"member {sample['__key__']}.{member}" if member else f"the {what} embedding row"
         vector = np.asarray(vector)
         if vector.ndim == 2 and vector.shape[0] == 1:
             vector = vector[0]  # a (1, D) array written for one sample
-        if vector.ndim != 1 or (dim is not None and vector.shape[0] != dim):
-            return None, "wrong_embedding_dim"
+        if vector.ndim != 1:
+            return None, "wrong_embedding_dim", f"{where} has shape {tuple(vector.shape)}, expected ({dim or 'D'},)"
+        if dim is not None and vector.shape[0] != dim:
+            return None, "wrong_embedding_dim", (f"{where} has {vector.shape[0]} values, expected {dim} "
+                                                 f"(the model's {what} embedding dimension)")
         if not np.issubdtype(vector.dtype, np.number):
-            return None, "corrupt_embedding"
+            return None, "corrupt_embedding", f"{where} holds {vector.dtype} values, not numbers"
         vector = vector.astype(np.float32)
         if not np.isfinite(vector).all():
-            return None, "corrupt_embedding"
+            return None, "corrupt_embedding", f"{where} holds NaN or infinite values"
         if not vector.any():
-            return None, "missing_embedding"
-        return vector, None
+            return None, "missing_embedding", f"{where} is all zeros (clip-retrieval's mark of a missing embedding)"
+        return vector, None, None
 
     def _decode(self, sample: dict):
-        """(decoded sample, None) or (None, reason)."""
+        """(decoded sample, None, None) or (None, reason, detail)."""
         if "__bad__" in sample:
-            return None, sample["__bad__"]
+            return None, sample["__bad__"], sample.get("__detail__")
         fmt = self.format
         decoded = {"key": sample["__key__"]}
         if fmt.image_embed_source:
-            decoded["image_embed"], reason = self._embedding(
+            decoded["image_embed"], reason, detail = self._embedding(
                 sample, "image_embed", fmt.image_embed_source, IMAGE_EMBED_MEMBERS, fmt.image_embed_dim
             )
             if reason:
-                return None, reason
+                return None, reason, detail
         if fmt.text_embed_source:
-            decoded["text_embed"], reason = self._embedding(
+            decoded["text_embed"], reason, detail = self._embedding(
                 sample, "text_embed", fmt.text_embed_source, TEXT_EMBED_MEMBERS, fmt.text_embed_dim
             )
             if reason:
-                return None, reason
-        image_bytes = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
-        if image_bytes is None:
-            return None, "no_image"
+                return None, reason, detail
+        extension = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
+        if extension is None:
+            members = sorted(k for k in sample if not k.startswith("__"))
+            return None, "no_image", f"members {', '.join(members) or 'none'}; expected one of {', '.join(IMAGE_EXTENSIONS)}"
         try:
-            with Image.open(io.BytesIO(image_bytes)) as opened:
+            with Image.open(io.BytesIO(sample[extension])) as opened:
                 opened.load()
                 image = opened if opened.mode == "RGB" else opened.convert("RGB")
-        except Exception:
-            return None, "corrupt_image"
+        except Exception as error:
+            why = "not an image format PIL reads" if isinstance(error, UnidentifiedImageError) else str(error)
+            return None, "corrupt_image", f"member .{extension} does not decode ({why})"
         if fmt.pil_transform is not None:
-            try:
-                image = fmt.pil_transform(image)
-            except Exception:
-                return None, "transform_error"
+            steps = getattr(fmt.pil_transform, "transforms", [fmt.pil_transform])
+            for step in steps:
+                size = image.size if isinstance(image, Image.Image) else None
+                try:
+                    image = step(image)
+                except Exception as error:
+                    on = f" on a {size[0]}x{size[1]} image" if size else ""
+                    return None, "transform_error", f"{step!r} failed{on}: {error}"
             if not isinstance(image, Image.Image):
-                return None, "transform_error"
+                return None, "transform_error", (f"the steps before ToTensor gave a {type(image).__name__}, not an "
+                                                 "image (put tensor transforms after ToTensor)")
         pixels = torch.from_numpy(np.array(image))  # H, W(, C) uint8, as ToTensor reads it
         decoded["image"] = pixels if pixels.ndim == 3 else pixels.unsqueeze(-1)
         decoded["caption"] = sample["txt"].decode("utf-8", errors="replace").strip() if "txt" in sample else ""
-        return decoded, None
+        return decoded, None, None

@@ -62,6 +62,7 @@ class ShardLoader:
         settings = self.dataset.settings
         where = f"data ({settings.phase}, rank {settings.rank}, epoch {self.dataset.epoch})"
         per_worker: Dict[int, Dict[str, int]] = {}
+        problems: Dict[str, str] = {}
         extras = {"dropped_for_balance": self.dropped_for_balance}
         self.stats = merge_counts([extras])
         if self._length == 0:
@@ -94,11 +95,13 @@ class ShardLoader:
                 if self.pin_memory:
                     batch.update({k: v.pin_memory() for k, v in batch.items() if isinstance(v, torch.Tensor) and k != "image"})
             per_worker[int(report["worker"])] = report["counts"]
+            for reason, text in report.get("problems", {}).items():
+                problems.setdefault(reason, text)
             self.stats = merge_counts([extras, *per_worker.values()])
-            check_bad_fraction(self.stats, settings.max_bad_fraction, where, final=False)
+            check_bad_fraction(self.stats, settings.max_bad_fraction, where, final=False, first_problems=problems)
             yield batch
         releaser.clear()
-        check_bad_fraction(self.stats, settings.max_bad_fraction, where, final=True)
+        check_bad_fraction(self.stats, settings.max_bad_fraction, where, final=True, first_problems=problems)
         level = logging.WARNING if any(self.stats[k] for k in self.stats if k not in ("seen", "ok")) else logging.INFO
         log.log(level, "%s: %s", where, format_counts(self.stats))
 
@@ -142,9 +145,33 @@ def _infer_sample_format(data_config, shards: List[planning.Shard], transform, i
         text_embed_dim = sources.npy_shape(shards[0].text_embeddings_url)[-1]
     return SampleFormat(
         pil_transform=transform[0], tensor_transform=transform[1], index_width=data_config.index_width,
+        image_shape=fixed_image_shape(transform[0]),
         image_embed_source=image_source, text_embed_source=text_source,
         image_embed_dim=image_embed_dim, text_embed_dim=text_embed_dim, uint8_images=uint8_images,
     )
+
+
+def fixed_image_shape(pil_transform) -> Optional[tuple]:
+    """(height, width) the PIL steps give every image, or None when the output size follows the input.
+
+    Found by running the steps on gray images of different sizes and shapes (a Resize with a
+    CenterCrop, or a RandomResizedCrop, give all the same size; a Resize alone keeps the aspect
+    ratio, a flip the size: then each image has its own).
+    """
+    from PIL import Image
+
+    if pil_transform is None:
+        return None
+    shapes = set()
+    for size in ((509, 509), (1031, 1031), (800, 300), (300, 800)):
+        try:
+            out = pil_transform(Image.new("RGB", size, (128, 128, 128)))
+        except Exception:
+            return None
+        if not isinstance(out, Image.Image):
+            return None
+        shapes.add((out.size[1], out.size[0]))
+    return shapes.pop() if len(shapes) == 1 else None
 
 
 def _peek_members(shards: List[planning.Shard]) -> dict:

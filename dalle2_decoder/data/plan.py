@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import attrs
 
 from . import sources
-from .tar_reader import count_local_tar_samples, count_stream_samples
+from .tar_reader import count_local_tar_samples, count_stream_samples, not_a_tar_reason
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,8 @@ class Shard:
     text_embeddings_url: Optional[str] = None
     size: Optional[int] = None
     """Samples in the shard, when counted (exact mode)."""
+    size_source: Optional[str] = None
+    """The `sizes.json` the size was taken from (named in messages that rely on it); None: counted."""
 
 
 @attrs.frozen
@@ -179,25 +181,62 @@ def split_shards(shards: Sequence[Shard], fractions: Dict[str, float], seed: int
 
 
 def count_samples(shards: Sequence[Shard], base_url: str) -> List[Shard]:
-    """The shards with `size` filled in: from `sizes.json` beside the shards when present, else by
-    reading the tar headers (local) or streaming the shard (remote, pipe:)."""
-    known = sources.read_sizes_file(base_url)
+    """The shards with `size` filled in: from `sizes.json` beside the shards when its entry is
+    confirmed, else by reading the tar headers (local) or streaming the shard (remote, pipe:).
+
+    An entry is confirmed when the byte size it records is the shard's size now (a stat or an
+    fsspec info request). Entries without a byte size (the older format) are confirmed by counting
+    for local shards, and trusted for remote and pipe: ones, where counting means streaming the
+    shard; a shard whose size came from `sizes.json` carries its URL, so messages can name it.
+    """
+    sizes_url, known = sources.read_sizes_file(base_url)
     counted = []
+    stale: List[str] = []
     for shard in shards:
         name = sources.shard_file_name(shard.url)
+        size, source = None, None
+        local = sources.url_kind(shard.url) == "local"
         if name in known:
-            size = known[name]
-        elif sources.url_kind(shard.url) == "local":
-            size = count_local_tar_samples(sources.local_path(shard.url)) if sources.exists_locally(shard.url) else 0
-        else:
-            try:
-                with sources.open_stream(shard.url) as stream:
-                    size = count_stream_samples(stream)
-            except Exception as error:  # unreadable: it contributes no samples
-                log.warning("cannot read shard %s to count its samples: %s", shard.url, error)
-                size = 0
-        counted.append(attrs.evolve(shard, size=size))
+            samples, recorded_bytes = known[name]
+            if recorded_bytes is not None:
+                actual = sources.byte_size(shard.url)
+                if actual is None or actual == recorded_bytes:
+                    size, source = samples, sizes_url
+                else:
+                    stale.append(f"{name} ({recorded_bytes} bytes recorded, {actual} now)")
+            elif not local:
+                size, source = samples, sizes_url
+        if size is None:
+            size = _count(shard)
+            if name in known and known[name][1] is None and size != known[name][0]:
+                stale.append(f"{name} ({known[name][0]} samples recorded, {size} counted)")
+        counted.append(attrs.evolve(shard, size=size, size_source=source))
+    if stale:
+        log.warning("%s is stale for %d shard(s), which were counted instead: %s%s", sizes_url, len(stale),
+                    ", ".join(stale[:5]), ", ..." if len(stale) > 5 else "")
     return counted
+
+
+def _count(shard: Shard) -> int:
+    if sources.url_kind(shard.url) == "local":
+        if not sources.exists_locally(shard.url):
+            return 0
+        path = sources.local_path(shard.url)
+        try:
+            reason = not_a_tar_reason(path)
+        except OSError as error:
+            log.warning("cannot read shard %s to count its samples: %s", shard.url, error)
+            return 0
+        if reason:
+            log.warning("not a tar archive: %s (%s); it contributes no samples", shard.url, reason)
+            return 0
+        return count_local_tar_samples(path)
+    try:
+        with sources.open_stream(shard.url) as stream:
+            return count_stream_samples(stream)
+    except Exception as error:  # unreadable: it contributes no samples
+        log.warning("cannot read shard %s to count its samples: %s", shard.url, error)
+        return 0
 
 
 def epoch_order(shards: Sequence[Shard], *, shuffle: bool, seed: int, epoch: int) -> List[Shard]:

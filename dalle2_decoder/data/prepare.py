@@ -154,13 +154,58 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-image-size", type=int, default=None, help="downscale larger images (stored as JPEG)")
     parser.add_argument("--embeddings-in-shards", action="store_true")
+    parser.add_argument("--debug", action="store_true", help="print the full traceback of errors too")
     args = parser.parse_args(argv)
+    from ..failures import guarded
+
+    return guarded(lambda: _main(args), debug=args.debug, write_paths=lambda: [os.path.abspath(args.out)])
+
+
+def _has_an_image(folder: str) -> bool:
+    """Whether any image is under `folder` (stops at the first: the full listing comes later)."""
+    return any(os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES for _, _, names in os.walk(folder) for name in names)
+
+
+def argument_problems(args: argparse.Namespace) -> List[str]:
+    """Every problem of the arguments, found before CLIP (slow, large) is loaded."""
+    from ..preflight import writable_problem
+
+    problems = []
+    if not os.path.exists(args.images):
+        problems.append(f"--images: folder not found: {args.images}")
+    elif not os.path.isdir(args.images):
+        problems.append(f"--images: {args.images} is a file; give the folder that holds the images")
+    elif not _has_an_image(args.images):
+        problems.append(f"--images: no image ({', '.join(IMAGE_SUFFIXES)}) under {args.images}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        problems.append(f"--out: {args.out} is a file, not a folder")
+    else:
+        problem = writable_problem(args.out, "--out")
+        if problem:
+            problems.append(problem.message)
+    for name in ("shard_size", "shard_width", "index_width", "batch_size"):
+        if getattr(args, name) < 1:
+            problems.append(f"--{name.replace('_', '-')}: must be at least 1 (got {getattr(args, name)})")
+    if args.shard_size >= 1 and args.index_width >= 1 and args.shard_size > 10 ** args.index_width:
+        problems.append(f"--shard-size: {args.shard_size} samples do not fit --index-width {args.index_width} "
+                        f"(at most {10 ** args.index_width})")
+    if args.max_image_size is not None and args.max_image_size < 1:
+        problems.append(f"--max-image-size: must be at least 1 (got {args.max_image_size})")
+    weights = args.clip_weights
+    if weights and (os.sep in weights or weights.endswith((".pt", ".pth", ".bin", ".safetensors"))) \
+            and not os.path.isfile(weights):
+        problems.append(f"--clip-weights: file not found: {weights}")
+    return problems
+
+
+def _main(args: argparse.Namespace) -> int:
+    from ..failures import UsageError
+
+    problems = argument_problems(args)
+    if problems:
+        raise UsageError("\n".join(problems))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        embedder = load_clip_embedder(args.clip_make, args.clip_model, args.clip_weights, args.clip_cache_dir)
-    except RuntimeError as error:  # ClipLoadError says what to install or which file to provide
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    embedder = load_clip_embedder(args.clip_make, args.clip_model, args.clip_weights, args.clip_cache_dir)
     data = prepare_dataset(
         args.images, args.out, embedder, shard_size=args.shard_size, shard_width=args.shard_width,
         index_width=args.index_width, batch_size=args.batch_size, max_image_size=args.max_image_size,

@@ -135,21 +135,74 @@ def npy_shape(url: str) -> Tuple[int, ...]:
     return tuple(shape)
 
 
-def read_sizes_file(base_url: str) -> Dict[str, int]:
-    """Sample counts per shard file name from `sizes.json` beside the shards ({} if there is none).
+SIZES_FILE = "sizes.json"
 
-    The prepare and demo commands write this file; it saves reading every shard at start to count
-    its samples. Its format: `{"000000.tar": 1000, ...}`.
-    """
+
+def sizes_file_url(base_url: str) -> Optional[str]:
+    """Where `sizes.json` would be for a base URL (beside the shards), or None (pipe:, `{}` in a folder)."""
     if url_kind(base_url) == "pipe":
-        return {}
+        return None
     folder = base_url.rsplit("/", 1)[0] if "/" in base_url else "."
     if "{}" in folder:
-        return {}
+        return None
+    return folder + "/" + SIZES_FILE
+
+
+def read_sizes_file(base_url: str) -> Tuple[Optional[str], Dict[str, Tuple[int, Optional[int]]]]:
+    """(its URL, {shard file name: (samples, bytes or None)}) from `sizes.json` beside the shards.
+
+    The prepare and demo commands write this file; it saves reading every shard at start to count
+    its samples. Its format: `{"000000.tar": {"samples": 1000, "bytes": 10240000}, ...}`; the byte
+    size lets a reader check cheaply that the count belongs to the shard as it is now. The older
+    `{"000000.tar": 1000}` (no byte size) is read too. (None, {}) when there is no usable file.
+    """
+    url = sizes_file_url(base_url)
+    if url is None:
+        return None, {}
     try:
-        return {str(name): int(count) for name, count in json.loads(read_bytes(folder + "/sizes.json")).items()}
+        raw = json.loads(read_bytes(url))
     except (FileNotFoundError, OSError, ValueError):
-        return {}
+        return None, {}
+    entries: Dict[str, Tuple[int, Optional[int]]] = {}
+    if not isinstance(raw, dict):
+        return url, entries
+    for name, value in raw.items():
+        try:
+            if isinstance(value, dict):
+                entries[str(name)] = (int(value["samples"]), int(value["bytes"]) if value.get("bytes") is not None else None)
+            else:
+                entries[str(name)] = (int(value), None)
+        except (KeyError, TypeError, ValueError):
+            continue  # an entry that cannot be read: that shard is counted instead
+    return url, entries
+
+
+def byte_size(url: str) -> Optional[int]:
+    """The size of a shard file in bytes (a stat, or an fsspec info request); None where unknown."""
+    kind = url_kind(url)
+    try:
+        if kind == "local":
+            return os.path.getsize(local_path(url))
+        if kind == "remote":
+            fs, path = fsspec.core.url_to_fs(url)
+            size = fs.size(path)
+            return int(size) if size is not None else None
+    except Exception:
+        return None
+    return None
+
+
+def npy_problem(error: BaseException) -> str:
+    """What is wrong with a .npy file, in words (numpy's own messages suggest allow_pickle, which
+    would unpickle arbitrary objects, and name no file)."""
+    text = str(error)
+    if "allow_pickle" in text or "Object arrays" in text:
+        return "it holds Python objects (a pickled object array), not numbers; write it with np.save of a float array"
+    if isinstance(error, FileNotFoundError):
+        return "file not found"
+    if "magic" in text.lower() or "header" in text.lower() or isinstance(error, (EOFError, ValueError)):
+        return f"not a valid .npy file ({text.splitlines()[0] if text else type(error).__name__})"
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def shard_file_name(url: str) -> str:

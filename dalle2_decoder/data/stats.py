@@ -6,13 +6,14 @@ seen (see docs/DATA.md).
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, Mapping
+from typing import Dict, Iterable, Mapping, Optional
 
 BAD_REASONS = (
     "no_image",  # the sample has no jpg/jpeg/png/webp/bmp member
     "corrupt_image",  # the image bytes do not decode
     "transform_error",  # preprocessing raised on this image (e.g. smaller than a RandomCrop)
-    "image_size_mismatch",  # after preprocessing, the image's shape differs from the rest of the batch
+    "image_size_mismatch",  # after preprocessing, the image's size differs from the size the preprocessing gives
+    # (or, when the preprocessing fixes no size, from the size most images have)
     "missing_embedding",  # no embedding for the sample, or an all-zero row (clip-retrieval's "missing")
     "corrupt_embedding",  # an embedding member that is not a readable .npy, or non-finite values
     "wrong_embedding_dim",  # an embedding whose size differs from the expected dimension
@@ -20,6 +21,7 @@ BAD_REASONS = (
     "unreadable_shard",  # the shard could not be opened: all its planned samples are lost
     "unreadable_embeddings",  # the shard's embedding file could not be read: its samples are lost
     "truncated_tar",  # the archive broke off: the planned samples after the break are lost
+    "not_a_tar",  # the shard file is not a tar archive at all: all its planned samples are lost
 )
 """Reasons a sample is skipped, each counted separately."""
 
@@ -65,8 +67,12 @@ def format_counts(counts: Mapping[str, int]) -> str:
     return text + (f"; {extras}" if extras else "")
 
 
-def check_bad_fraction(counts: Mapping[str, int], max_fraction: float, where: str, *, final: bool) -> None:
-    """Raise BadDataError when the bad fraction is over the limit (mid-phase: once enough was seen)."""
+def check_bad_fraction(counts: Mapping[str, int], max_fraction: float, where: str, *, final: bool,
+                       first_problems: Optional[Mapping[str, str]] = None) -> None:
+    """Raise BadDataError when the bad fraction is over the limit (mid-phase: once enough was seen).
+
+    `first_problems`: the first bad sample of each reason with what was wrong, added to the message.
+    """
     seen = counts.get("seen", 0)
     if seen == 0 or (not final and seen < MIN_SAMPLES_BEFORE_JUDGING):
         return
@@ -75,4 +81,5 @@ def check_bad_fraction(counts: Mapping[str, int], max_fraction: float, where: st
         raise BadDataError(
             f"{where}: {bad} of {seen} samples ({bad / seen:.1%}) are bad, more than "
             f"data.max_bad_sample_fraction={max_fraction}: {format_counts(counts)}"
+            + (f"; first problems: {'; '.join(first_problems.values())}" if first_problems else "")
         )

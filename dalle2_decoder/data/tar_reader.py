@@ -17,7 +17,15 @@ from webdataset.tariterators import base_plus_ext
 
 
 class ShardReadError(Exception):
-    """A shard could not be opened, or its archive broke off (truncated, corrupt header)."""
+    """A shard could not be opened, or its archive broke off (truncated, corrupt header).
+
+    `not_a_tar` is True when the file is no tar archive at all (empty, or its first block is not a
+    tar header): nothing was cut off, the wrong file is there.
+    """
+
+    def __init__(self, message: str, *, not_a_tar: bool = False):
+        super().__init__(message)
+        self.not_a_tar = not_a_tar
 
 
 def _member_key(name: str) -> Optional[tuple]:
@@ -63,6 +71,8 @@ def iter_tar_samples(stream: IO[bytes]) -> Iterator[Dict[str, bytes]]:
         if current is not None and broken_key is not None and broken_key != current["__key__"]:
             yield current
             broken_at = f"sample {broken_key!r}"
+        if broken.not_a_tar:
+            raise ShardReadError(f"not a tar archive: {broken.reason}", not_a_tar=True) from broken.__cause__
         raise ShardReadError(f"archive broke off at {broken_at}: {broken.reason}") from broken.__cause__
     if current is not None:
         yield current
@@ -76,10 +86,11 @@ _REGULAR = (b"0", b"\x00", b"7")
 class _BrokenArchive(Exception):
     """Where an archive broke: inside the data of `member`, or (None) between members."""
 
-    def __init__(self, reason: str, member: Optional[str]):
+    def __init__(self, reason: str, member: Optional[str], not_a_tar: bool = False):
         super().__init__(reason)
         self.reason = reason
         self.member = member
+        self.not_a_tar = not_a_tar
 
 
 def _read(stream: IO[bytes], size: int, member: Optional[str]) -> bytes:
@@ -153,15 +164,20 @@ def _iter_members(head: bytes, stream: IO[bytes]) -> Iterator[tuple]:
     while True:
         if not block:
             if first:
-                raise _BrokenArchive("empty file", None)
+                raise _BrokenArchive("the file is empty", None, not_a_tar=True)
             if long_name is not None or pax:
                 raise _BrokenArchive("the archive ends after an extended header", None)
             return
         if len(block) < BLOCK:
+            if first:
+                raise _BrokenArchive(f"the file is {len(block)} bytes, shorter than one tar header", None, not_a_tar=True)
             raise _BrokenArchive("unexpected end of data in a member header", None)
         if block.count(0) == BLOCK:
             return  # end-of-archive marker
         if not _checksum_ok(block):
+            if first:
+                raise _BrokenArchive("its first 512 bytes are not a tar header (wrong file, or another format)",
+                                     None, not_a_tar=True)
             raise _BrokenArchive("bad checksum in a member header", None)
         first = False
         try:
@@ -246,6 +262,21 @@ class _Prefixed:
         if len(data) < size:
             data += self._stream.read(size - len(data))
         return data
+
+
+def not_a_tar_reason(path: str) -> Optional[str]:
+    """Why the local file at `path` is not a tar archive (reading its first block only), or None."""
+    with open(path, "rb") as handle:
+        head = handle.read(BLOCK)
+    if not head:
+        return "the file is empty"
+    if head.startswith(COMPRESSED_MAGIC):
+        return None
+    if len(head) < BLOCK:
+        return f"the file is {len(head)} bytes, shorter than one tar header"
+    if head.count(0) == BLOCK or _checksum_ok(head):
+        return None
+    return "its first 512 bytes are not a tar header (wrong file, or another format)"
 
 
 def info_name(sample: Optional[Dict[str, bytes]]) -> str:

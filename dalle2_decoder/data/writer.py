@@ -3,7 +3,9 @@
 Layout under `out_dir`:
     shards/000000.tar ...          samples keyed <shard><index>: .jpg, .txt (and .img_emb.npy /
                                    .text_emb.npy members when embeddings go in the shards)
-    shards/sizes.json              samples per shard file, so loaders need not count
+    shards/sizes.json              samples and bytes per shard file ({"000000.tar": {"samples": 1000,
+                                   "bytes": ...}}), so loaders need not count; the byte size shows
+                                   when an entry no longer belongs to the shard
     img_emb/img_emb_000000.npy     row i = embedding of the sample with index i (clip-retrieval layout)
     text_emb/text_emb_000000.npy
 """
@@ -40,6 +42,7 @@ class ShardSetWriter:
         self.shard_dir = os.path.join(out_dir, "shards")
         os.makedirs(self.shard_dir, exist_ok=True)
         self.sizes: Dict[str, int] = {}
+        self.byte_sizes: Dict[str, int] = {}
         self._shard = -1
         self._index = 0
         self._tar: Optional[TarWriter] = None
@@ -60,7 +63,9 @@ class ShardSetWriter:
         if self._tar is None:
             return
         self._tar.close()
-        self.sizes[self._shard_name(self._shard) + ".tar"] = self._index
+        name = self._shard_name(self._shard) + ".tar"
+        self.sizes[name] = self._index
+        self.byte_sizes[name] = os.path.getsize(os.path.join(self.shard_dir, name))
         if self.embedding_files:
             for name, rows in self._rows.items():
                 folder = os.path.join(self.out_dir, name)
@@ -94,7 +99,8 @@ class ShardSetWriter:
     def close(self) -> None:
         self._finish_shard()
         with open(os.path.join(self.shard_dir, "sizes.json"), "w") as file:
-            json.dump(self.sizes, file, indent=1)
+            json.dump({name: {"samples": count, "bytes": self.byte_sizes[name]} for name, count in self.sizes.items()},
+                      file, indent=1)
 
     def __enter__(self) -> "ShardSetWriter":
         return self

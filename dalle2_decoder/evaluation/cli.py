@@ -6,8 +6,10 @@
 The config's `evaluate` section says which metrics; `data` gives the validation split; the
 checkpoint is a trainer checkpoint (EMA weights are used when `train.use_ema`, unless --no_ema)
 or a model save. The metrics are printed as one JSON object on stdout (main process), and
-appended as a JSON line to --output when given. Exit codes: 0 done, 1 a problem with the config,
-checkpoint, data or metric setup (one message, no traceback), 2 usage errors.
+appended as a JSON line to --output when given. Exit codes are those of the training command
+(`dalle2_decoder.failures`): 0 done, 1 a bug, 2 usage or configuration (e.g. no metric enabled,
+missing metric weights), 3 data, 4 checkpoint, 5 I/O or environment; each problem is one line
+on stderr, with a traceback only under --debug.
 """
 from __future__ import annotations
 
@@ -23,7 +25,9 @@ from typing import Optional, Sequence, Tuple
 import attrs
 from torch import nn
 
-EXIT_OK, EXIT_ERROR = 0, 1
+from ..failures import EXIT_CONFIG, EXIT_OK, PreflightError, Problem, UsageError, guarded
+
+EXIT_ERROR = EXIT_CONFIG  # kept for callers of the earlier name
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,19 +46,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", metavar="PATH", default=None, help="append the metrics as one JSON line to this file")
     parser.add_argument("--set", dest="overrides", action="append", default=[], type=parse_override,
                         metavar="KEY.PATH=VALUE", help="override one config option, as for train_decoder.py")
+    from ..cli import add_debug_option
+
+    add_debug_option(parser)
     return parser
 
 
 def load_decoder(config, checkpoint: str, *, use_ema: bool) -> Tuple[nn.Module, int]:
     """`config.decoder.create()` with the checkpoint's weights, and the step it was saved at."""
-    from ..tracking import load_state_dict_checked, read_file
+    from ..tracking import CheckpointError, load_state_dict_checked, read_file
 
-    loaded = read_file(checkpoint)
+    try:
+        loaded = read_file(checkpoint)
+    except (KeyError, TypeError, ValueError) as error:  # a file with a format tag but not the entries it promises
+        raise CheckpointError(f"{checkpoint}: not a complete checkpoint or model save (missing or malformed "
+                              f"entry {error})") from error
     decoder = config.decoder.create()
     if loaded.kind == "model":
+        if not isinstance(loaded.model_state, dict):
+            raise CheckpointError(f"{checkpoint}: a model save without its 'model' weights")
         load_state_dict_checked(decoder, loaded.model_state, source=loaded.source)
         return decoder, loaded.step
-    trainer_state = loaded.state["trainer"]
+    trainer_state = (loaded.state or {}).get("trainer") if isinstance(loaded.state, dict) else None
+    if not isinstance(trainer_state, dict) or "decoder" not in trainer_state:
+        raise CheckpointError(f"{checkpoint}: a checkpoint without the 'trainer' entry that holds the decoder's "
+                              "weights (written by another program, or damaged)")
     load_state_dict_checked(decoder, trainer_state["decoder"], source=f"{loaded.source} (decoder)")
     if use_ema:
         for key, ema_state in trainer_state.get("emas", {}).items():
@@ -64,46 +80,44 @@ def load_decoder(config, checkpoint: str, *, use_ema: bool) -> Tuple[nn.Module, 
     return decoder, loaded.step
 
 
-def _errors() -> tuple:
-    from ..training.loop import setup_errors
-
-    return setup_errors()
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from ..cli import load_config
-    from ..config import ConfigError
-
     args = build_parser().parse_args(argv)
     speaks = os.environ.get("RANK", "0") == "0"
-    try:
-        config, notes = load_config(args.config_file, args.overrides)
-    except ConfigError as error:
-        if speaks:
-            print(str(error), file=sys.stderr)
-        return EXIT_ERROR
+    return guarded(lambda: _main(args, speaks), debug=args.debug, speaks=speaks,
+                   write_paths=lambda: [os.path.dirname(os.path.abspath(args.output))] if args.output else [])
+
+
+def _main(args: argparse.Namespace, speaks: bool) -> int:
+    from ..cli import load_config
+    from ..preflight import checkpoint_file_problems, ensure_ready, writable_problem
+
+    if args.n_samples is not None and args.n_samples < 1:
+        raise UsageError(f"--n_samples must be at least 1 (got {args.n_samples})")
+    # The checkpoint and output are the command's own arguments: checked before the config is read.
+    problems = checkpoint_file_problems(args.checkpoint, "--checkpoint")
+    if args.output:
+        problem = writable_problem(os.path.dirname(os.path.abspath(args.output)), "--output")
+        problems += [problem] if problem else []
+    if problems:
+        raise PreflightError(problems)
+    config, notes = load_config(args.config_file, args.overrides)
     if args.n_samples is not None:
-        if args.n_samples < 1:
-            print("error: --n_samples must be at least 1", file=sys.stderr)
-            return EXIT_ERROR
         config = attrs.evolve(config, evaluate=attrs.evolve(config.evaluate, n_evaluation_samples=args.n_samples))
     if not config.evaluate.metrics():
-        if speaks:
-            print(f"error: {args.config_file} enables no metric: give evaluate.FID, IS, KID or LPIPS an object", file=sys.stderr)
-        return EXIT_ERROR
+        raise PreflightError([Problem(EXIT_CONFIG, f"{args.config_file}: enables no metric: give evaluate.FID, IS, "
+                                                   "KID or LPIPS an object")])
     if speaks:
         for note in notes:
             print(f"warning: {note}", file=sys.stderr)
+    ensure_ready(config, source=args.config_file, purpose="evaluation")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON result alone
-            metrics, step = evaluate_checkpoint(config, args.checkpoint, use_ema=config.train.use_ema and not args.no_ema,
-                                                seed=config.seed if args.seed is None else args.seed)
-    except _errors() as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        return EXIT_ERROR
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON result alone
+        metrics, step = evaluate_checkpoint(config, args.checkpoint, use_ema=config.train.use_ema and not args.no_ema,
+                                            seed=config.seed if args.seed is None else args.seed)
     if metrics is not None:
-        result = {"checkpoint": args.checkpoint, "step": step, **metrics}
+        from ..tracking.loggers import json_safe
+
+        result = json_safe({"checkpoint": args.checkpoint, "step": step, **metrics})
         print(json.dumps(result), flush=True)
         if args.output:
             with Path(args.output).open("a") as handle:
@@ -118,7 +132,7 @@ def evaluate_checkpoint(config, checkpoint: str, *, use_ema: bool, seed: int):
     from ..training.trainer import per_unet
     from .evaluate import build_suite, evaluate_decoder, evaluation_loader, final_image_size
 
-    accelerator = create_accelerator(config)
+    accelerator = create_accelerator(config, purpose="evaluation")
     unets = used_unets(config)
     if not unets:
         from .extractors import EvaluationSetupError

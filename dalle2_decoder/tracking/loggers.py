@@ -31,6 +31,18 @@ def _scalar(value: Any) -> Any:
     return value
 
 
+def json_safe(value: Any) -> Any:
+    """`value` with every non-finite float as the string "nan", "inf" or "-inf": strict JSON (no bare
+    NaN, which JSON parsers reject) that still says what the value was (docs/TRACKING.md)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
+
+
 def format_metrics(metrics: Mapping[str, Any], step: int) -> str:
     """`step 1200 | loss/unet1 0.03121 | lr 0.0001`: one line, keys in the order given."""
     parts = [f"step {step}"]
@@ -118,7 +130,7 @@ class ConsoleLogger:
         record = {"step": step, "time": datetime.datetime.now().isoformat(timespec="seconds")}
         record.update({key: _scalar(value) for key, value in metrics.items()})
         with open(self.metrics_path, "a") as handle:
-            handle.write(json.dumps(record, default=str) + "\n")
+            handle.write(json.dumps(json_safe(record), default=str, allow_nan=False) + "\n")
 
     def log_images(self, name: str, images: List[np.ndarray], captions: Optional[Sequence[str]], step: int) -> Path:
         from PIL import Image

@@ -10,7 +10,6 @@ import hashlib
 import logging
 import math
 import os
-import sys
 import time
 from typing import Any, Dict, List, Optional
 
@@ -70,7 +69,7 @@ def _launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 or "ACCELERATE_MIXED_PRECISION" in os.environ and "LOCAL_RANK" in os.environ
 
 
-def create_accelerator(config: TrainDecoderConfig) -> Accelerator:
+def create_accelerator(config: TrainDecoderConfig, *, purpose: str = "training") -> Accelerator:
     """An Accelerator honouring `train.device` in single-process runs and the launcher otherwise."""
     train = config.train
     precision = train.mixed_precision or ("bf16" if train.amp else None)
@@ -98,7 +97,7 @@ def create_accelerator(config: TrainDecoderConfig) -> Accelerator:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         threads = max(1, cores // accelerator.num_processes - config.data.num_workers)
         torch.set_num_threads(threads)
-        notes.append(f"CPU training with {threads} compute thread(s) per process (set OMP_NUM_THREADS to choose)")
+        notes.append(f"CPU {purpose} with {threads} compute thread(s) per process (set OMP_NUM_THREADS to choose)")
     if precision == "bf16" and accelerator.device.type == "cpu" and not train.mixed_precision:
         notes.append("train.amp on the CPU runs bf16 autocast, which is slower than fp32 on most CPUs")
     for note in notes:
@@ -445,10 +444,7 @@ def setup_errors() -> tuple:
 
 
 def main(config: TrainDecoderConfig) -> int:
-    """Train a decoder as the config says; the exit status for the CLI (0 done or stopped by a signal, 1 error)."""
+    """Train a decoder as the config says: 0 done or stopped by a signal. Errors propagate to the
+    command line, which reports each as one line with an exit status by kind (`dalle2_decoder.failures`)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return TrainingRun(config).execute()
-    except setup_errors() as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        return 1
+    return TrainingRun(config).execute()
