@@ -4,12 +4,13 @@ Exit statuses (the same for `train_decoder.py` / `dalle2-train-decoder`, `dalle2
 and `python -m dalle2_decoder.data.prepare`; docs/TROUBLESHOOTING.md lists the usual causes):
 
     0  done
-    1  a bug: an unexpected error, printed with its traceback (please report it)
-    2  usage or configuration: bad arguments, a config with problems, files the config names
+    1  configuration: a config with problems, or files the config names (as `--check` always has)
+    2  usage: bad command-line arguments (argparse's own status for its errors, kept for ours)
     3  data: missing shards or embeddings, too much bad data, embeddings of the wrong size
     4  checkpoint: a file to load that is missing, unreadable, or does not fit the model
     5  I/O or environment: a path that is not writable, no space left, a device that is absent
     6  training stopped: the run could not go on (e.g. non-finite losses); the last good checkpoint is kept
+    70 a bug: an unexpected error, printed with its traceback (please report it; EX_SOFTWARE)
     130 interrupted (Ctrl-C)
 
 `--debug` prints the traceback of the project's own errors as well.
@@ -27,15 +28,16 @@ from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 import attrs
 
 EXIT_OK = 0
-EXIT_BUG = 1
-EXIT_CONFIG = 2
+EXIT_CONFIG = 1
+EXIT_USAGE = 2
+EXIT_BUG = 70
 EXIT_DATA = 3
 EXIT_CHECKPOINT = 4
 EXIT_IO = 5
 EXIT_STOPPED = 6
 EXIT_INTERRUPTED = 130
 
-KIND_NAMES = {EXIT_CONFIG: "configuration", EXIT_DATA: "data", EXIT_CHECKPOINT: "checkpoint", EXIT_IO: "I/O",
+KIND_NAMES = {EXIT_CONFIG: "configuration", EXIT_USAGE: "usage", EXIT_DATA: "data", EXIT_CHECKPOINT: "checkpoint", EXIT_IO: "I/O",
               EXIT_STOPPED: "training stopped"}
 
 
@@ -71,7 +73,7 @@ def _kinds() -> List[Tuple[tuple, int]]:
     """(error classes, exit status): imported here, so a failure while importing torch is still reported."""
     from .config import ConfigError
 
-    table: List[Tuple[tuple, int]] = [((ConfigError, UsageError), EXIT_CONFIG)]
+    table: List[Tuple[tuple, int]] = [((ConfigError,), EXIT_CONFIG), ((UsageError,), EXIT_USAGE)]
 
     def add(kind: int, loader: Callable[[], Iterable[type]]) -> None:
         try:
@@ -186,7 +188,7 @@ def describe(error: BaseException, write_paths: Sequence[str] = ()) -> Optional[
             if error.source else []
         return error.exit_code, head + [("  " if head else "error: ") + problem.message for problem in error.problems]
     if isinstance(error, UsageError):
-        return EXIT_CONFIG, [f"error: {line}" for line in str(error).splitlines()]
+        return EXIT_USAGE, [f"error: {line}" for line in str(error).splitlines()]
     chain = _chain(error)
     for link in chain:
         if isinstance(link, OSError) and link.errno in _WRITE_ERRNOS:

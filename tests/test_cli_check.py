@@ -37,7 +37,7 @@ def test_check_prints_every_problem_and_exits_2(capsys, minimal_config, write_co
     minimal_config["data"]["splits"] = {"train": 0.9}
     path = write_config(minimal_config)
     code, out, err = run_main(capsys, "--config_file", path, "--check", "--no-io")
-    assert code == 2 and out == ""
+    assert code == 1 and out == ""
     assert err.splitlines() == [
         f"{path}: 2 problems",
         "  decoder.unets[0].dim_mult: unknown option (did you mean dim_mults?)",
@@ -71,7 +71,7 @@ def test_set_overrides_before_validation(capsys, minimal_config, write_config):
 def test_set_values_are_validated_like_the_file(capsys, minimal_config, write_config):
     code, _, err = run_main(capsys, "--config_file", write_config(minimal_config), "--check", "--no-io",
                             "--set", "train.lrr=1", "--set", "train.epochs=\"ten\"")
-    assert code == 2
+    assert code == 1
     assert "  train.lrr: unknown option (did you mean lr?)" in err.splitlines()
     assert '  train.epochs: expected an integer, got "ten"' in err.splitlines()
 
@@ -89,7 +89,7 @@ def test_set_values_are_validated_like_the_file(capsys, minimal_config, write_co
 def test_bad_override_paths_are_named(capsys, minimal_config, write_config, override, problem):
     path = write_config(minimal_config)
     code, out, err = run_main(capsys, "--config_file", path, "--check", "--no-io", "--set", override)
-    assert code == 2 and out == ""
+    assert code == 1 and out == ""
     assert err.splitlines() == [f"{path}: 1 problem", f"  {problem}"]
 
 
@@ -109,7 +109,7 @@ def world_ready(monkeypatch):
 def test_training_without_the_training_loop_exits_2(capsys, monkeypatch, minimal_config, write_config, world_ready):
     monkeypatch.setattr(cli, "_training_entry_point", lambda: None)
     code, out, err = run_main(capsys, "--config_file", write_config(minimal_config))
-    assert code == 2 and out == ""
+    assert code == 1 and out == ""
     assert "training is not available yet" in err
 
 
@@ -126,14 +126,14 @@ def test_config_errors_are_not_trained(capsys, monkeypatch, minimal_config, writ
     monkeypatch.setattr(cli, "_training_entry_point", lambda: pytest.fail("training started on a bad config"))
     minimal_config["train"] = {"epochs": 0}
     code, _, err = run_main(capsys, "--config_file", write_config(minimal_config))
-    assert code == 2 and "train.epochs: must be at least 1 (got 0)" in err
+    assert code == 1 and "train.epochs: must be at least 1 (got 0)" in err
 
 
 def test_only_rank_0_prints(capsys, monkeypatch, minimal_config, write_config):
     monkeypatch.setenv("RANK", "1")
     minimal_config["train"] = {"epochs": 0}
     code, out, err = run_main(capsys, "--config_file", write_config(minimal_config))
-    assert code == 2 and out == "" and err == ""
+    assert code == 1 and out == "" and err == ""
 
 
 def test_train_decoder_script_reports_config_errors_without_a_traceback(minimal_config, write_config):
@@ -141,7 +141,7 @@ def test_train_decoder_script_reports_config_errors_without_a_traceback(minimal_
     path = write_config(minimal_config)
     result = subprocess.run([sys.executable, str(REPO_ROOT / "train_decoder.py"), "--config_file", str(path), "--check", "--no-io"],
                             capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
-    assert result.returncode == 2 and result.stdout == ""
+    assert result.returncode == 1 and result.stdout == ""
     assert "Traceback" not in result.stderr
     assert "decoder.unets[0].dim_mult: unknown option (did you mean dim_mults?)" in result.stderr
 

@@ -164,6 +164,7 @@ def test_upsampler_needs_an_augmentation_and_no_image_embed_dim(minimal_config, 
 
 def test_default_schedules_need_more_than_20_timesteps_in_a_cascade(minimal_config, config_problems):
     minimal_config["decoder"]["timesteps"] = 10
+    minimal_config["decoder"]["beta_schedule"] = None  # the reference's rule: cosine, then linear for the last
     assert config_problems(minimal_config) == []  # one U-Net: cosine
     two_unets(minimal_config)
     assert config_problems(minimal_config) == [

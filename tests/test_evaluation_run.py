@@ -116,9 +116,9 @@ def test_the_command_reports_problems_in_one_line(trained, tmp_path, capsys, wri
     err = capsys.readouterr().err
     assert err.strip().splitlines() == [f"error: --checkpoint: checkpoint file not found: {tmp_path / 'none.pth'}"]
     no_metrics = dict(raw, evaluate={})
-    assert evaluate_main(["--config_file", str(write_config(no_metrics)), "--checkpoint", str(data_path / "latest.pth")]) == 2
+    assert evaluate_main(["--config_file", str(write_config(no_metrics)), "--checkpoint", str(data_path / "latest.pth")]) == 1
     assert "enables no metric" in capsys.readouterr().err
     missing_network = json.loads(json.dumps(raw))
     missing_network["evaluate"]["FID"]["feature"] = str(tmp_path / "gone.pt")
-    assert evaluate_main(["--config_file", str(write_config(missing_network)), "--checkpoint", str(data_path / "latest.pth")]) == 2
+    assert evaluate_main(["--config_file", str(write_config(missing_network)), "--checkpoint", str(data_path / "latest.pth")]) == 1
     assert "error: evaluate.FID.feature: " in capsys.readouterr().err

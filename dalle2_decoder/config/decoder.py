@@ -92,9 +92,10 @@ class DecoderConfig:
     """DDIM sampling steps, one value or one per U-Net; None samples the full chain."""
     loss_type: str = "l2"
     """Loss: `l1`, `l2` or `huber`."""
-    beta_schedule: Union[None, str, List[str]] = None
-    """Noise schedule, one or one per U-Net: cosine, linear, quadratic, jsd or sigmoid; null (the default) means
-    cosine, and linear for the last U-Net of a cascade (as DALLE2-pytorch)."""
+    beta_schedule: Union[None, str, List[str]] = "cosine"
+    """Noise schedule, one or one per U-Net: cosine, linear, quadratic, jsd or sigmoid. The default is cosine for
+    every U-Net (the documented default); an explicit null means DALLE2-pytorch's rule when its config leaves the
+    option out: cosine, and linear for the last U-Net of a cascade."""
     learned_variance: Union[bool, List[bool]] = True
     """Learn the reverse-process variance (hybrid loss); one value or a list, padded with false to one per U-Net,
     so `true` means the first U-Net only (as DALLE2-pytorch)."""
