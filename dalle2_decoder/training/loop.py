@@ -7,6 +7,7 @@ Every rank runs every phase and reaches the same collectives in the same order; 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import os
@@ -24,6 +25,7 @@ from .. import __version__
 from ..config.root import TrainDecoderConfig
 from ..tracking import capture_rng_state, create_tracker, restore_rng_state
 from .batches import BatchPreparer, SampleExamples
+from .resume import describe_changes, position_is_kept, reference_progress
 from .stopping import StopRequest
 from .trainer import DecoderTrainer, per_unet
 
@@ -73,7 +75,9 @@ def _launched() -> bool:
 def create_accelerator(config: TrainDecoderConfig) -> Accelerator:
     """An Accelerator honouring `train.device` in single-process runs and the launcher otherwise."""
     train = config.train
-    precision = train.mixed_precision or ("bf16" if train.amp else None)
+    # As in DALLE2-pytorch, `train.amp` chooses nothing: without `mixed_precision`, accelerate's
+    # launch configuration (ACCELERATE_MIXED_PRECISION) decides, and plain fp32 without one.
+    precision = train.mixed_precision
     ddp = DistributedDataParallelKwargs(
         find_unused_parameters=train.find_unused_parameters, static_graph=train.static_graph, broadcast_buffers=False
     )
@@ -99,8 +103,6 @@ def create_accelerator(config: TrainDecoderConfig) -> Accelerator:
         threads = max(1, cores // accelerator.num_processes - config.data.num_workers)
         torch.set_num_threads(threads)
         notes.append(f"CPU training with {threads} compute thread(s) per process (set OMP_NUM_THREADS to choose)")
-    if precision == "bf16" and accelerator.device.type == "cpu" and not train.mixed_precision:
-        notes.append("train.amp on the CPU runs bf16 autocast, which is slower than fp32 on most CPUs")
     for note in notes:
         if accelerator.is_main_process:
             print(f"note: {note}", flush=True)
@@ -204,29 +206,59 @@ class TrainingRun:
     # --- start ---------------------------------------------------------------------------------
 
     def load_start_checkpoint(self) -> None:
+        """Start from `tracker.load` or the interrupted run's checkpoint: a checkpoint continues its run.
+
+        As in DALLE2-pytorch, a checkpoint carries its run on (progress, optimizers, schedulers,
+        EMA), also when the config changed: each change is applied or refused, one line each,
+        and whatever of the training state cannot be carried over is named. A model save gives
+        weights only and the run starts fresh.
+        """
         loaded = self.tracker.load(broadcast=broadcast_object_list if self.accelerator.num_processes > 1 else None)
         if loaded is None:
             return
         if loaded.kind == "model":
-            self.trainer.load_state_dict({"decoder": loaded.model_state}, weights_only=True)
+            notes = self.trainer.load_state_dict(
+                {"decoder": loaded.model_state, "partial_decoder": loaded.partial}, weights_only=True
+            )
+            for note in notes:
+                self.tracker.info(f"note: {note}")
             self.tracker.info(f"loaded decoder weights from {loaded.source}; training starts fresh")
             return
         state = loaded.state
-        same_run = loaded.auto_resumed or state.get("config_digest") == config_digest(self.config)
-        self.trainer.load_state_dict(state["trainer"], weights_only=not same_run)
-        if same_run:
-            self.progress = Progress.from_dict(state["progress"])
-            rng_states = state.get("rng", [])
-            if len(rng_states) == self.accelerator.num_processes:
-                # Restored once this rank's data iterator is positioned (see `_train_phase`).
-                self._pending_rng = rng_states[self.accelerator.process_index]
-            self.resumed = True
-            self.tracker.info(
-                f"resumed from {loaded.source}: epoch {self.progress.epoch + 1}, "
-                f"{self.progress.samples_seen} samples seen, step {self.trainer.step}"
+        reference = state.get("reference")
+        if reference is not None:
+            progress = reference_progress(
+                reference, batch_samples=self.config.data.batch_size * self.accelerator.num_processes,
+                save_every=self.config.train.save_every_n_samples,
             )
+            saved_config = reference.get("config")
         else:
-            self.tracker.info(f"loaded weights from {loaded.source} (a different run's checkpoint); training starts fresh")
+            progress = dict(state["progress"])
+            saved_config = json.loads(loaded.config_json) if loaded.config_json else None
+        current = getattr(self.tracker, "config_dict", None) or self.config.to_dict()
+        mid_epoch = progress["phase"] == "train" and progress["batches_in_epoch"] > 0
+        changes = describe_changes(saved_config, current, epoch=progress["epoch"], mid_epoch=mid_epoch,
+                                   reference=reference is not None)
+        notes = self.trainer.load_state_dict(state["trainer"])
+        self.progress = Progress.from_dict(progress)
+        if any(c.path == "train.save_every_n_samples" for c in changes):
+            self.progress.next_save_at = self.progress.samples_seen + self.config.train.save_every_n_samples
+        if any(not c.applied for c in changes):
+            self.progress.batches_in_epoch = 0  # the refused in-epoch position (see the change's line)
+        rng_states = state.get("rng", [])
+        if position_is_kept(changes) and len(rng_states) == self.accelerator.num_processes:
+            # Restored once this rank's data iterator is positioned (see `_train_phase`).
+            self._pending_rng = rng_states[self.accelerator.process_index]
+        self.resumed = True
+        for change in changes:
+            self.tracker.info(change.line())
+        for note in notes:
+            self.tracker.info(f"note: {note}")
+        origin = " (a DALLE2-pytorch checkpoint)" if reference is not None else ""
+        self.tracker.info(
+            f"resumed from {loaded.source}{origin}: epoch {self.progress.epoch + 1}, "
+            f"{self.progress.samples_seen} samples seen, step {self.trainer.step}"
+        )
 
     # --- the epochs ----------------------------------------------------------------------------
 
