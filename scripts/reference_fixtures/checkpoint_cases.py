@@ -44,7 +44,7 @@ def run_config(tracker_path: str, unet_training_mask=None) -> Dict:
         "decoder": {
             "unets": [dict(UNET), dict(UNET)],
             "image_sizes": [8, 16],
-            "timesteps": 4,
+            "timesteps": 32,
             "loss_type": "l2",
             "learned_variance": True,
         },
