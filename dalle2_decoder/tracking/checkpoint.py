@@ -164,7 +164,8 @@ class LoadedCheckpoint:
     step: int
     """Step recorded when the file was saved (0 when the file does not say)."""
     config_json: Optional[str]
-    """The (secret-free) config the file was saved with, as JSON, when recorded."""
+    """The (secret-free) config the file was saved with, as JSON, when recorded (DALLE2-pytorch's format
+    and option names when `origin` is `dalle2-pytorch`)."""
     state: Optional[Dict[str, Any]] = None
     """The trainer's `checkpoint_state`, for a checkpoint."""
     model_state: Optional[Dict[str, torch.Tensor]] = None
@@ -284,11 +285,12 @@ def read_file(path: PathLike) -> LoadedCheckpoint:
     try:
         if reference.is_reference_checkpoint(payload):
             state, notes = reference.convert_checkpoint(payload)
-            return LoadedCheckpoint("checkpoint", reference.reference_step(payload), None, state=state, source=str(path),
+            return LoadedCheckpoint("checkpoint", reference.reference_step(payload), reference.config_json(payload),
+                                    state=state, source=str(path),
                                     origin=reference.REFERENCE_ORIGIN, partial=True, notes=tuple(notes))
         if reference.is_reference_model(payload) or (_tensor_mapping(payload) and any(k.startswith("unets.") for k in payload)):
             weights, notes = reference.convert_model(payload)
-            return LoadedCheckpoint("model", 0, None, model_state=weights, source=str(path),
+            return LoadedCheckpoint("model", 0, reference.config_json(payload), model_state=weights, source=str(path),
                                     origin=reference.REFERENCE_ORIGIN, partial=True, notes=tuple(notes))
     except ValueError as error:  # the name mapping found an entry it does not know
         raise CheckpointFormatError(f"{path}: a DALLE2-pytorch file whose weights cannot be mapped ({error})") from error

@@ -18,6 +18,7 @@ in its own grouping order), so the trainer can put them in its own order.
 from __future__ import annotations
 
 import contextlib
+import json
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
@@ -215,6 +216,12 @@ def convert_model(payload: Mapping[str, Any]) -> Tuple[Dict[str, torch.Tensor], 
     """Our decoder weights from a reference model save (or a bare reference Decoder state dict), and notes."""
     state = payload["model"] if "model" in payload else payload
     return decoder_weights(state)
+
+
+def config_json(payload: Mapping[str, Any]) -> Optional[str]:
+    """The run config a reference file records (its `config` metadata), as JSON."""
+    config = payload.get("config") if isinstance(payload, Mapping) else None
+    return json.dumps(config, default=str) if isinstance(config, Mapping) else None
 
 
 def reference_step(payload: Mapping[str, Any]) -> int:

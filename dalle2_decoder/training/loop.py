@@ -55,6 +55,8 @@ class Progress:
     """`samples_seen` at which the next periodic sample grid and checkpoint are due."""
     best_val_loss: float = math.inf
     """Lowest mean validation loss so far (sum over trained U-Nets)."""
+    validation_losses: List[float] = attrs.Factory(list)
+    """Every epoch's validation loss so far (for the `{validation_losses}` field of save paths)."""
 
     def to_dict(self) -> Dict[str, Any]:
         return attrs.asdict(self)
@@ -294,6 +296,8 @@ class TrainingRun:
                 self._evaluate_phase()
                 self._sample_phase()
                 is_best = val_loss is not None and val_loss < self.progress.best_val_loss
+                if val_loss is not None:
+                    self.progress.validation_losses.append(val_loss)
                 if is_best:
                     self.progress.best_val_loss = val_loss
                 self.progress.epoch += 1
@@ -425,7 +429,16 @@ class TrainingRun:
         """Latest (and best) saves through every configured saver; RNG states of every rank included."""
         acc = self.accelerator
         rng = gather_object([capture_rng_state()]) if acc.num_processes > 1 else [capture_rng_state()]
+        progress = self.progress
+        batch_samples = self.config.data.batch_size * acc.num_processes
+        if progress.phase == "train" and progress.batches_in_epoch == 0 and progress.epoch > 0:
+            # The end-of-epoch save (the epoch counter has moved on): named after the epoch it ends.
+            fields = {"epoch": progress.epoch - 1, "sample": 0, "next_task": "sample"}
+        else:
+            fields = {"epoch": progress.epoch, "sample": progress.batches_in_epoch * batch_samples, "next_task": "train"}
+        fields.update(validation_losses=list(progress.validation_losses), samples_seen=progress.samples_seen)
         self.tracker.save(
+            fields=fields,
             step=self.progress.samples_seen,
             checkpoint_state=lambda: {
                 "trainer": self.trainer.state_dict(),
