@@ -325,7 +325,9 @@ class TrainingRun:
         iterator = iter(loader)
         # Mid-epoch resume: read past the batches already trained on, so the data (and the workers'
         # random augmentations) continue exactly where the interrupted run stopped.
-        for _ in range(progress.batches_in_epoch):
+        # (A checkpoint from DALLE2-pytorch, or one saved with other data, may count more batches
+        # than this epoch has: then the epoch's training is done.)
+        for _ in range(min(progress.batches_in_epoch, len(loader))):
             next(iterator)
         if self._pending_rng is not None:
             restore_rng_state(self._pending_rng)

@@ -318,6 +318,10 @@ class DecoderTrainer:
                     if saved_trained:
                         notes.append(f"U-Net {number}: no EMA in the checkpoint; the average starts from the loaded weights")
             self._apply_hyperparameters(number)
+        frozen = sorted(set(saved_trained) - set(self.trained_unets))
+        if frozen:
+            notes.append(f"U-Net(s) {', '.join(map(str, frozen))}: frozen now (train.unet_training_mask); their weights "
+                         "are loaded, their optimizer and EMA states in the checkpoint are not used")
         dropped = sorted(set(int(n) for n in emas) & set(self.trained_unets) - set(self.emas))
         if dropped:
             notes.append(f"EMA state of U-Net(s) {', '.join(map(str, dropped))} not used: train.use_ema is false")

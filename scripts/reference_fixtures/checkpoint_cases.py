@@ -27,7 +27,7 @@ from typing import Dict, List
 import torch
 
 BATCH = 4
-EMBED_DIM = 16
+EMBED_DIM = 32  # the demo dataset (used by the end-to-end test) needs at least 26
 STEPS = 3
 SAMPLE_BATCH = 2
 
