@@ -87,6 +87,8 @@ def describe_changes(
     for path, old, new in _differences(saved_config, current_config, sections):
         if reference and (old is MISSING or new is MISSING):
             continue  # an option only one of the packages has
+        if path == "tracker.load" or path.startswith("tracker.load."):
+            continue  # naming the checkpoint is how the run got here, not a change to report
         changes.append(_judge(path, old, new, epoch=epoch, mid_epoch=mid_epoch))
     return changes
 
