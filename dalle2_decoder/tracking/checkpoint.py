@@ -199,8 +199,10 @@ def _torch_load(path: Path) -> Any:
             line.strip() for line in str(error).splitlines()[1:]
             if line.strip() and not line.strip().startswith(("Please file an issue", "Check the documentation"))
         ]
-        if not reasons:  # not a pickle at all (torch's legacy reader found no valid opcode)
-            raise CheckpointFormatError(f"{path}: not a PyTorch checkpoint file ({str(error).strip() or 'unreadable'})") from error
+        if not reasons or reasons[0].startswith(("Unsupported operand", "invalid load key")):
+            # not a pickle at all: no valid first opcode
+            detail = reasons[0] if reasons else (str(error).strip().splitlines() or ["unreadable"])[0]
+            raise CheckpointFormatError(f"{path}: not a PyTorch checkpoint file ({detail})") from error
         raise CheckpointFormatError(
             f"{path} could not be loaded with weights-only loading ({reasons[0]}): it is not a checkpoint, or it "
             "holds objects other than tensors and plain containers, which are not unpickled because that "
@@ -230,12 +232,8 @@ def _ours(payload: Mapping[str, Any], path: Path) -> LoadedCheckpoint:
     tag = payload.get("format")
     if tag == CHECKPOINT_FORMAT:
         state = payload.get("state")
-        if not isinstance(state, Mapping) or not isinstance(state.get("trainer"), Mapping) \
-                or not isinstance(state["trainer"].get("decoder"), Mapping):
-            raise CheckpointFormatError(f"{path}: a dalle2_decoder checkpoint without its trainer state "
-                                        "('state' -> 'trainer' -> 'decoder'); the file is damaged or was edited")
-        if not isinstance(state.get("progress"), Mapping):
-            raise CheckpointFormatError(f"{path}: a dalle2_decoder checkpoint without its 'progress' entry; "
+        if not isinstance(state, Mapping):
+            raise CheckpointFormatError(f"{path}: a dalle2_decoder checkpoint without its 'state' entry; "
                                         "the file is damaged or was edited")
         return LoadedCheckpoint("checkpoint", int(payload.get("step", 0)), payload.get("config"), state=dict(state),
                                 source=str(path))
@@ -343,9 +341,27 @@ def load_model_weights(model: nn.Module, path: PathLike, *, use_ema: bool = True
     return loaded
 
 
+def training_state(loaded: LoadedCheckpoint) -> Dict[str, Any]:
+    """The checkpoint's run state (`trainer` with its `decoder` weights, and `progress`), checked.
+
+    Raises CheckpointFormatError naming the file when an entry the training loop needs is missing.
+    """
+    state = loaded.state or {}
+    trainer = state.get("trainer")
+    if not isinstance(trainer, Mapping) or not isinstance(trainer.get("decoder"), Mapping):
+        raise CheckpointFormatError(f"{loaded.source}: a checkpoint without its trainer state "
+                                    "('state' -> 'trainer' -> 'decoder'); the file is damaged or was edited")
+    if not isinstance(state.get("progress"), Mapping) and not isinstance(state.get("reference"), Mapping):
+        raise CheckpointFormatError(f"{loaded.source}: a checkpoint without its 'progress' entry; "
+                                    "the file is damaged or was edited")
+    return dict(state)
+
+
 def checkpoint_weights(state: Mapping[str, Any], *, use_ema: bool = True) -> Dict[str, torch.Tensor]:
     """The decoder weights of a checkpoint state: each U-Net's EMA average where it has one (and `use_ema`)."""
-    trainer = state["trainer"]
+    trainer = state.get("trainer")
+    if not isinstance(trainer, Mapping) or not isinstance(trainer.get("decoder"), Mapping):
+        raise CheckpointFormatError("a checkpoint without its trainer state ('state' -> 'trainer' -> 'decoder')")
     weights = dict(trainer["decoder"])
     if use_ema:
         for key, ema in trainer.get("emas", {}).items():
