@@ -64,3 +64,30 @@ def test_cases_cover_every_reference_option():
                 covered.add(key)
     missing = set(defaults) - ours_only - covered
     assert not missing, f"no fixture case sets these options to a non-default value: {sorted(missing)}"
+
+
+def test_decoder_state_mapping_keeps_unet_weights_and_says_why_it_drops_the_rest():
+    from dalle2_decoder.models.reference_names import (
+        decoder_state_from_reference,
+        decoder_state_from_reference_with_dropped,
+        decoder_state_to_reference,
+        unet_state_from_reference,
+    )
+
+    case = load_unet_case(CASES[0])
+    unet_state = case.reference_state()
+    # The names of a reference Decoder's state dict: U-Nets, schedule buffers, and CLIP when it has one.
+    reference = {f"unets.1.{k}": v for k, v in unet_state.items()}
+    reference["noise_schedulers.1.betas"] = torch.zeros(3)
+    reference["clip.clip.visual.proj"] = torch.zeros(2)
+    mapped, dropped = decoder_state_from_reference_with_dropped(reference)
+    assert mapped == {f"unets.1.{k}": v for k, v in unet_state.items()}
+    assert {name for name, _ in dropped} == {"noise_schedulers.1.betas", "clip.clip.visual.proj"}
+    assert all(reason for _, reason in dropped)
+    assert decoder_state_to_reference(mapped) == mapped
+    # Wrapper prefixes (DDP's module., torch.compile's _orig_mod.) are removed.
+    wrapped = {f"module.unets.1._orig_mod.{k}": v for k, v in unet_state.items()}
+    assert decoder_state_from_reference(wrapped) == mapped
+    assert unet_state_from_reference({f"_orig_mod.{k}": v for k, v in unet_state.items()}) == unet_state
+    with pytest.raises(ValueError, match="unexpected entry 'optimizer.state'"):
+        decoder_state_from_reference({**reference, "optimizer.state": torch.zeros(1)})

@@ -66,13 +66,14 @@ class Unet(nn.Module):
             left out, image_embed_dim is used, where the reference would stop with an assertion).
         cond_dim: width of the context tokens that cross-attention reads (defaults to dim). When it
             equals image_embed_dim, the image embedding is used as tokens without a projection (as in
-            the reference; it must then already be (B, num_image_tokens, cond_dim)).
+            the reference): a (B, num_image_tokens, cond_dim) embedding as it is, a (B, cond_dim) one
+            repeated as every image token.
         num_image_tokens: context tokens the image embedding is projected into.
         num_time_tokens: context tokens the timestep embedding is projected into.
         out_dim: accepted and ignored, as in the reference (use channels_out).
         dim_mults: channel multiplier of each resolution level (one level per entry). The final
             block expects the top level to have dim channels (dim_mults[0] == 1, init_dim == dim),
-            as in the reference.
+            as in the reference (which fails at the first forward otherwise; this is checked here).
         channels: image channels.
         channels_out: output channels (defaults to channels; the Decoder sets 2 * channels for learned variance).
         self_attn: full self-attention per level, one bool for all levels or a per-level list.
@@ -189,6 +190,15 @@ class Unet(nn.Module):
         self.downsample_factor = 2 ** (levels if memory_efficient else levels - 1)
 
         init_dim = init_dim if init_dim is not None else dim
+        # The final block is built for dim + dim input channels (the last up level's output and the
+        # first layer's): anything else would only fail at the first forward, as in the reference.
+        top_channels = init_dim if memory_efficient else dim * dim_mults[0]
+        if top_channels + init_dim != 2 * dim:
+            raise ValueError(
+                f"Unet: init_dim={init_dim} with dim={dim}, dim_mults[0]={dim_mults[0]}"
+                f"{', memory_efficient' if memory_efficient else ''} gives the final block {top_channels + init_dim} "
+                f"input channels instead of {2 * dim}; use init_dim == dim and dim_mults[0] == 1"
+            )
         cond_dim = cond_dim if cond_dim is not None else dim
         text_embed_dim = text_embed_dim if text_embed_dim is not None else image_embed_dim
         time_cond_dim = dim * 4
@@ -326,6 +336,11 @@ class Unet(nn.Module):
         nn.init.zeros_(self.to_out.weight)
         nn.init.zeros_(self.to_out.bias)
 
+    @property
+    def final_conv(self) -> nn.Conv2d:
+        """The output convolution under its earlier name here (the reference's and the state dict's name is `to_out`)."""
+        return self.to_out
+
     # -------------------------------------------------------------------- construction helpers
     @property
     def config(self) -> Dict[str, Any]:
@@ -337,7 +352,9 @@ class Unet(nn.Module):
         unknown = set(overrides) - set(self._config)
         if unknown:
             raise TypeError(f"Unet.with_settings: unknown options {sorted(unknown)}")
-        changed = {k: v for k, v in overrides.items() if self._config[k] != v}
+        # Effective values: channels_out=None means `channels`, as the reference's cast compares it.
+        current = {**self._config, "channels_out": self.channels_out}
+        changed = {k: v for k, v in overrides.items() if current[k] != v}
         if not changed:
             return self
         return Unet(**{**self._config, **changed})
@@ -439,13 +456,13 @@ class Unet(nn.Module):
         first = h
 
         # ---------------------------------------------------------------- conditioning
-        time_hiddens = self.to_time_hiddens(time.to(h.dtype))
+        time_hiddens = self._embed(self.to_time_hiddens, time, h.dtype)
         time_tokens = self.to_time_tokens(time_hiddens)
         t = self.to_time_cond(time_hiddens)
         if lowres_noise_level is not None:
             if self.to_lowres_noise_cond is None:
                 raise ValueError("Unet: lowres_noise_level given to a U-Net built without lowres_noise_cond")
-            t = t + self.to_lowres_noise_cond(lowres_noise_level.to(h.dtype))
+            t = t + self._embed(self.to_lowres_noise_cond, lowres_noise_level, h.dtype)
 
         if image_embed is not None and self.to_image_hiddens is not None:
             image_hiddens = self.to_image_hiddens(image_embed)
@@ -456,6 +473,11 @@ class Unet(nn.Module):
             if image_embed is None:
                 raise ValueError("Unet: image_embed is required (this U-Net is conditioned on image embeddings)")
             image_tokens = self.image_to_tokens(image_embed)
+            if image_tokens.ndim == 2:
+                # image_embed_dim == cond_dim: no projection, the embedding itself is every image token.
+                # (The reference broadcasts it against the null tokens, which gives this for a batch of
+                # one and fails or mixes samples for larger batches.)
+                image_tokens = image_tokens[:, None].expand(-1, self.null_image_embed.shape[1], -1)
             tokens.append(torch.where(image_keep[:, None, None], image_tokens, self.null_image_embed.to(image_tokens.dtype)))
         c = torch.cat(tokens, dim=1) if len(tokens) > 1 else time_tokens
 
@@ -505,6 +527,16 @@ class Unet(nn.Module):
         if self.lowres_cond:
             h = torch.cat((h, lowres_cond_img), dim=1)
         return self.to_out(h)
+
+    @staticmethod
+    def _embed(mlp: nn.Sequential, value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """mlp (sinusoidal embedding, then layers) of a timestep-like value, the sinusoids always in fp32.
+
+        The reference casts the value to the activation dtype first; under bf16 autocast that rounds
+        t = 987 to 988 and moves every sinusoid. In fp32 both are the same computation.
+        """
+        sinusoids = mlp[0](value.float())
+        return mlp[1:](sinusoids.to(dtype))
 
     def _text_tokens(self, text_encodings: torch.Tensor, text_mask: Optional[torch.Tensor], text_keep: torch.Tensor) -> torch.Tensor:
         """Projected text (B, max_text_len, cond_dim); padding and dropped samples become the null text tokens."""

@@ -43,6 +43,7 @@ CASES: Dict[str, tuple] = {
         dict(image_embed_dim=8, add_image_embeds_to_time=False, num_image_tokens=4),
         dict(image_embed="tokens"),
     ),
+    "image_embed_vector_as_tokens_batch_of_one": (dict(image_embed_dim=8), dict(batch=1)),
     "upsampler_noise_cond_learned_variance": (
         dict(lowres_cond=True, lowres_noise_cond=True, channels_out=6, cond_on_image_embeds=False,
              cond_on_text_encodings=True, text_embed_dim=TEXT),
@@ -99,27 +100,28 @@ CALLS: Dict[str, Dict[str, Any]] = {
 def make_inputs(options: Dict[str, Any], kwargs: Dict[str, Any], seed: int) -> Dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     size = options.get("size", SIZE)
+    batch = options.get("batch", BATCH)
     channels = kwargs.get("channels", 3)
     inputs = {
-        "x": torch.randn(BATCH, channels, size, size, generator=g),
+        "x": torch.randn(batch, channels, size, size, generator=g),
         # Fractional and large timesteps: the embedding must match where the arguments are ~1000.
-        "time": torch.tensor([3.0, 987.0]),
+        "time": torch.tensor([3.0, 987.0])[:batch],
     }
     image_embed = options.get("image_embed", "vector")
     if image_embed == "vector":
-        inputs["image_embed"] = torch.randn(BATCH, kwargs["image_embed_dim"], generator=g)
+        inputs["image_embed"] = torch.randn(batch, kwargs["image_embed_dim"], generator=g)
     elif image_embed == "tokens":
-        inputs["image_embed"] = torch.randn(BATCH, kwargs["num_image_tokens"], kwargs["cond_dim"], generator=g)
+        inputs["image_embed"] = torch.randn(batch, kwargs["num_image_tokens"], kwargs["cond_dim"], generator=g)
     if "text_len" in options:
-        text = torch.randn(BATCH, options["text_len"], TEXT, generator=g)
+        text = torch.randn(batch, options["text_len"], TEXT, generator=g)
         text[0, -2:] = 0.0  # padding positions of sample 0 (all-zero encodings, the reference's padding rule)
         inputs["text_encodings"] = text
     if options.get("lowres"):
-        inputs["lowres_cond_img"] = torch.randn(BATCH, channels, size, size, generator=g).clamp(-1, 1)
+        inputs["lowres_cond_img"] = torch.randn(batch, channels, size, size, generator=g).clamp(-1, 1)
     if options.get("noise_level"):
-        inputs["lowres_noise_level"] = torch.tensor([0.0, 123.0])
+        inputs["lowres_noise_level"] = torch.tensor([0.0, 123.0])[:batch]
     if options.get("self_cond"):
-        inputs["self_cond"] = torch.randn(BATCH, channels, size, size, generator=g).clamp(-1, 1)
+        inputs["self_cond"] = torch.randn(batch, channels, size, size, generator=g).clamp(-1, 1)
     return inputs
 
 
@@ -152,8 +154,8 @@ def generate(out_dir: Path) -> None:
         if options.get("weights") == "stored":
             with torch.no_grad():
                 g = torch.Generator().manual_seed(case_number)
-                unet.to_out.weight.normal_(0.0, 0.3, generator=g)
-                unet.to_out.bias.normal_(0.0, 0.3, generator=g)
+                unet.to_out.weight.normal_(0.0, 0.1, generator=g)
+                unet.to_out.bias.normal_(0.0, 0.1, generator=g)
             weights = {"kind": "stored"}
             tensors.update({f"state.{k}": v.detach().clone().contiguous() for k, v in unet.state_dict().items()})
         else:
