@@ -156,6 +156,16 @@ class DecoderConfig:
             where = f"decoder.beta_schedule[{index}]" if isinstance(self.beta_schedule, list) else "decoder.beta_schedule"
             if schedule is not None:
                 problems += one_of(where, schedule, BETA_SCHEDULES)
+        resolved = (["cosine"] * max(num_unets - 1, 1) + ["linear"] * (num_unets > 1)) if self.beta_schedule is None \
+            else per_unet(self.beta_schedule, num_unets)
+        for index, schedule in enumerate(resolved):
+            # linear / quadratic scale the DDPM betas (up to 0.02 at T = 1000) by 1000 / T: beta_T = 20 / T.
+            if schedule in ("linear", "quadratic") and self.timesteps is not None and 1 < self.timesteps <= 20:
+                origin = "decoder.beta_schedule" if self.beta_schedule is not None else \
+                    "decoder.beta_schedule (null: linear for the last U-Net of a cascade)"
+                problems.append(f"{origin}: U-Net {index + 1}'s {schedule} schedule has betas of 1 or more with "
+                                f"decoder.timesteps = {self.timesteps}; use more than 20 timesteps or the cosine schedule")
+                break
         for index, steps in enumerate(per_unet(self.sample_timesteps, num_unets)):
             if steps is not None and not 1 <= steps <= self.timesteps:
                 problems.append(f"decoder.sample_timesteps: U-Net {index} samples with {steps} steps; "

@@ -5,9 +5,11 @@ tests/fixtures/reference/decoder/: one `<case>.json` (the decoder and U-Net opti
 run) and one `<case>.safetensors` per case (inputs, the random draws the reference made, its
 outputs).
 
-Every case installs the same closed-form stand-in network (standin_network.py) on the
+Most cases install the same closed-form stand-in network (standin_network.py) on the
 reference's U-Nets, so the fixtures pin the decoder itself (schedules, losses, conditioning,
-DDPM / DDIM / inpainting loops, guidance) whatever the U-Net architecture. Random draws are
+DDPM / DDIM / inpainting loops, guidance) whatever the U-Net architecture. The `unets_*` cases
+run the reference's real (tiny) U-Nets end to end: with its initial weights (stored, the whole
+reference Decoder state dict) or with synthetic weights from a seed (synthetic_weights.py). Random draws are
 recorded by wrapping torch's and Python's random functions while the reference runs:
 - training: timesteps, low-res augmentation level and noise, the target noise, the blur and
   self-conditioning coin flips (Python's `random`, scripted to a fixed value per case);
@@ -28,6 +30,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import standin_network  # noqa: E402
+from synthetic_weights import synthetic_state  # noqa: E402
 
 BATCH = 2
 CHANNELS = 3
@@ -99,6 +102,37 @@ CASES: Dict[str, Dict[str, Any]] = {
 }
 
 
+# End to end: the reference's real U-Nets (tiny), its initial weights stored in one case and
+# deterministic synthetic weights (a seed, see synthetic_weights.py) in the others.
+REAL_UNET = dict(dim=8, dim_mults=(1, 2), image_embed_dim=EMBED, text_embed_dim=TEXT_DIM, cond_dim=8, attn_heads=2,
+                 attn_dim_head=4, num_resnet_blocks=1, init_cross_embed=False, init_conv_kernel_size=3)
+CASES.update({
+    "unets_reference_init": dict(
+        # One resolution level (the reference's 8 x 64 cross-attention below the top level would
+        # make the stored weights megabytes); default schedules and learned variance.
+        network="init",
+        decoder=dict(image_sizes=[8, 16], timesteps=25, sample_timesteps=[3, 2], image_cond_drop_prob=0.0, text_cond_drop_prob=0.0),
+        unets=[dict(REAL_UNET, dim_mults=(1,)), dict(REAL_UNET, dim_mults=(1,))], coin=0.3, sample=dict(),
+    ),
+    # Few steps: guidance and the x_0 estimate at large t amplify fp32 rounding (batching the
+    # conditional and null passes alone moves a 12-step chain by ~2e-5), so a short chain keeps
+    # the comparison at the 1e-5 tolerance meaningful.
+    "unets_synthetic_guidance_text_ddpm": dict(
+        network="synthetic",
+        decoder=dict(image_sizes=[8, 16], timesteps=6, beta_schedule="cosine", use_noise_for_lowres_cond=True, image_cond_drop_prob=1.0,
+                     text_cond_drop_prob=1.0, learned_variance=[True, True]),
+        unets=[dict(REAL_UNET, cond_on_text_encodings=True, self_cond=True), dict(REAL_UNET, cond_on_text_encodings=True)],
+        coin=0.3, sample=dict(cond_scale=[1.5, 1.25]), text=True,
+    ),
+    "unets_synthetic_inpaint_ddim": dict(
+        network="synthetic",
+        decoder=dict(image_sizes=[8, 16], timesteps=25, predict_v=True, sample_timesteps=[4, 3], ddim_sampling_eta=0.5,
+                     image_cond_drop_prob=0.0, text_cond_drop_prob=0.0),
+        unets=[dict(REAL_UNET), dict(REAL_UNET, self_cond=True)], coin=0.4, sample=dict(inpaint=True, inpaint_resample_times=2),
+    ),
+})
+
+
 class Recorder:
     """Wraps torch's and Python's random functions: records tensors, scripts Python's coin flips."""
 
@@ -166,6 +200,13 @@ def _build(case: Dict[str, Any], seed: int):
         unets.append(Unet(**kwargs))
     decoder = Decoder(unet=tuple(unets), **options)
     coefficients = {}
+    network = case.get("network", "standin")
+    if network == "synthetic":
+        for index, unet in enumerate(decoder.unets):
+            shapes = [(name, tuple(t.shape)) for name, t in unet.state_dict().items()]
+            unet.load_state_dict(synthetic_state(shapes, seed + index), strict=True)
+    if network != "standin":
+        return decoder, coefficients
     for index, unet in enumerate(decoder.unets):
         out_channels = CHANNELS * (2 if decoder.learned_variance[index] else 1)
         coefficients[index] = standin_network.make_coefficients(CHANNELS, out_channels, seed + index)
@@ -183,6 +224,9 @@ def _run_case(name: str, case: Dict[str, Any], seed: int) -> tuple[Dict[str, Any
     g = torch.Generator().manual_seed(seed)
     tensors: Dict[str, torch.Tensor] = {}
     image = torch.rand(BATCH, CHANNELS, size, size, generator=g)
+    # Saturated pixels (exactly 0 and 1), so the edge bins of the discretised likelihood are used.
+    image[..., 0, : size // 2] = 0.0
+    image[..., 0, size // 2 :] = 1.0
     if not normalized:
         image = image * 2 - 1
     tensors["image"] = image
@@ -195,7 +239,11 @@ def _run_case(name: str, case: Dict[str, Any], seed: int) -> tuple[Dict[str, Any
     for index, coeffs in coefficients.items():
         for key, value in coeffs.items():
             tensors[f"standin.{index}.{key}"] = value
-    meta: Dict[str, Any] = {"case": name, "decoder": case["decoder"], "unets": case["unets"], "batch": BATCH,
+    network = case.get("network", "standin")
+    if network == "init":
+        for key, value in decoder.state_dict().items():
+            tensors[f"state.{key}"] = value.detach().clone()
+    meta: Dict[str, Any] = {"case": name, "network": network, "seed": seed, "decoder": case["decoder"], "unets": case["unets"], "batch": BATCH,
                             "channels": CHANNELS, "embed_dim": EMBED, "text_dim": TEXT_DIM,
                             "sample": {k: v for k, v in case["sample"].items() if k != "inpaint"}, "train": []}
 
@@ -231,7 +279,7 @@ def _run_case(name: str, case: Dict[str, Any], seed: int) -> tuple[Dict[str, Any
 
     # ---- sampling, every Gaussian draw and every network input recorded
     for unet in decoder.unets:
-        unet.standin_trace.clear()
+        getattr(unet, "standin_trace", []).clear()
     sample_kwargs = dict(case["sample"])
     inpaint = sample_kwargs.pop("inpaint", False)
     if inpaint:
@@ -249,8 +297,9 @@ def _run_case(name: str, case: Dict[str, Any], seed: int) -> tuple[Dict[str, Any
     for i, tensor in enumerate(normals):
         tensors[f"sample.noise.{i:04d}"] = tensor
     for index, unet in enumerate(decoder.unets):
-        meta.setdefault("trace_counts", []).append(len(unet.standin_trace))
-        for call, (x, t) in enumerate(unet.standin_trace):
+        trace = getattr(unet, "standin_trace", [])
+        meta.setdefault("trace_counts", []).append(len(trace))
+        for call, (x, t) in enumerate(trace):
             tensors[f"sample.trace.{index}.{call:04d}.x"] = x
             tensors[f"sample.trace.{index}.{call:04d}.t"] = t
     tensors["sample.images"] = images
@@ -258,8 +307,8 @@ def _run_case(name: str, case: Dict[str, Any], seed: int) -> tuple[Dict[str, Any
 
 
 def generate(out_dir: pathlib.Path) -> None:
-    """Write every case under out_dir/decoder/."""
-    target = out_dir / "decoder"
+    """Write every case into out_dir (tests/fixtures/reference/decoder/ through generate.py)."""
+    target = pathlib.Path(out_dir)
     target.mkdir(parents=True, exist_ok=True)
     for old in list(target.glob("*.json")) + list(target.glob("*.safetensors")):
         old.unlink()
