@@ -217,3 +217,37 @@ def test_fine_tuning_from_a_reference_checkpoint_end_to_end(tmp_path, capsys):
     for name, tensor in trainer["decoder"].items():
         if name.startswith("unets.0."):
             assert torch.equal(tensor, reference[name]), name  # the frozen U-Net is the reference's
+
+
+def test_tracker_load_takes_reference_checkpoints_from_a_url_and_from_a_wandb_run(tmp_path):
+    import shutil
+
+    from dalle2_decoder.config import ConsoleLogConfig, TrackerConfig, UrlLoadConfig, WandbLoadConfig
+    from dalle2_decoder.tracking import create_tracker
+    from dalle2_decoder.tracking.loaders import WandbLoader
+
+    from .tracking_servers import FileServer
+
+    cfg = config()
+    with FileServer(FIXTURES) as server:
+        tracker = create_tracker(
+            TrackerConfig(log=ConsoleLogConfig(log_type="console"), save=[], data_path=str(tmp_path / "run"),
+                          load=UrlLoadConfig(load_from="url", url=f"{server.url}/checkpoint.pth")),
+            full_config_dict={}, is_main_process=True)
+        loaded = tracker.load()
+        tracker.finish()
+    assert loaded.kind == "checkpoint" and loaded.origin == "dalle2-pytorch" and loaded.step == 3
+    trainer = DecoderTrainer(cfg.decoder.create(), Accelerator(cpu=True), cfg.train)
+    trainer.load_state_dict(loaded.state["trainer"])
+    assert trainer.step == 3
+
+    # A wandb run's files, as an offline run keeps them (the loader reads a local copy first).
+    files = tmp_path / "wandb" / "offline-run-20260101_000000-abc123" / "files"
+    files.mkdir(parents=True)
+    shutil.copy(FIXTURES / "model.pth", files / "model.pth")
+    loader = WandbLoader(WandbLoadConfig(load_from="wandb", wandb_file_path="model.pth", wandb_run_path="team/proj/abc123"),
+                         run_path=None, wandb_roots=[tmp_path / "wandb"], offline=True, download_dir=tmp_path / "dl")
+    loaded = read_file(loader.fetch())
+    assert loaded.kind == "model" and loaded.origin == "dalle2-pytorch"
+    decoder = cfg.decoder.create()
+    decoder.load_state_dict(loaded.model_state)

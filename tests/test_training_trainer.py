@@ -276,6 +276,24 @@ def test_static_graph_default_and_amp_without_effect_as_dalle2_pytorch(fresh_acc
     assert create_accelerator(config).mixed_precision == "no"
 
 
+def test_static_graph_is_used_with_one_trained_unet_only():
+    from dalle2_decoder.config import TrainDecoderConfig
+    from dalle2_decoder.training.loop import ddp_static_graph
+
+    unet = {"dim": 8, "image_embed_dim": 8}
+    raw = {"decoder": {"unets": [unet, unet], "image_sizes": [16, 32]},
+           "data": {"webdataset_base_url": "/tmp/x/{}.tar", "num_workers": 0},
+           "train": {"device": "cpu"},
+           "tracker": {"log": {"log_type": "console"}, "save": {"save_to": "local", "save_latest_to": "x.pth"}}}
+    static, why = ddp_static_graph(TrainDecoderConfig.from_dict(raw))
+    assert static is False and why.startswith("train.static_graph: not used with 2 trained U-Nets")
+    raw["train"]["unet_training_mask"] = [False, True]
+    assert ddp_static_graph(TrainDecoderConfig.from_dict(raw)) == (True, None)
+    raw["train"]["static_graph"] = False
+    raw["train"]["unet_training_mask"] = None
+    assert ddp_static_graph(TrainDecoderConfig.from_dict(raw)) == (False, None)
+
+
 @pytest.fixture
 def fresh_accelerate_state():
     # Accelerate keeps one process-wide state; a test that asks for another precision resets it

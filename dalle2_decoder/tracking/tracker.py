@@ -28,7 +28,7 @@ from ..config.tracker import (
     WandbLogConfig,
     WandbSaveConfig,
 )
-from .checkpoint import LoadedCheckpoint, read_file, save_checkpoint, save_model, training_state
+from .checkpoint import LoadedCheckpoint, read_file, save_checkpoint, save_model
 from .loaders import LoadError, LocalLoader, UrlLoader, WandbLoader
 from .loggers import ConsoleLogger, ImagesLike, WandbLogger, generate_run_id, to_uint8_images
 from .redact import redact, scrub_strings, secrets_from_environment
@@ -91,13 +91,6 @@ class NullTracker:
 
     def __exit__(self, exc_type, exc, traceback) -> None:
         self.finish(success=exc_type is None)
-
-
-def _checked(loaded: LoadedCheckpoint, path: Path) -> LoadedCheckpoint:
-    """A checkpoint to train from must hold the run state the loop reads (one clear line if not)."""
-    if loaded.kind == "checkpoint":
-        training_state(dataclasses.replace(loaded, source=str(path)))
-    return loaded
 
 
 def save_path_fields(step: int, fields: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
@@ -186,7 +179,7 @@ class Tracker:
                     "missing; restore that file, or delete run_state.json there to start over"
                 )
             self.info(f"auto-resume: loading the interrupted run's latest checkpoint {path}")
-            return _checked(dataclasses.replace(read_file(path), source=f"auto-resume {path}", auto_resumed=True), path)
+            return dataclasses.replace(read_file(path), source=f"auto-resume {path}", auto_resumed=True)
         if self.loader is None:
             return None
         if self.loader.config.only_auto_resume and not self.auto_resuming:
@@ -194,8 +187,7 @@ class Tracker:
             return None
         self.info(f"loading the start checkpoint from {self.loader.describe()}")
         path = self.loader.fetch()
-        loaded = dataclasses.replace(read_file(path), source=self.loader.describe(), auto_resumed=self.auto_resuming)
-        return _checked(loaded, path)
+        return dataclasses.replace(read_file(path), source=self.loader.describe(), auto_resumed=self.auto_resuming)
 
     # --- saving --------------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import attrs
 import torch
@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..config.root import TrainDecoderConfig
 from ..tracking import capture_rng_state, create_tracker, restore_rng_state
+from ..tracking.checkpoint import training_state
 from .batches import BatchPreparer, SampleExamples
 from .resume import describe_changes, position_is_kept, reference_progress
 from .stopping import StopRequest
@@ -80,10 +81,13 @@ def create_accelerator(config: TrainDecoderConfig) -> Accelerator:
     # As in DALLE2-pytorch, `train.amp` chooses nothing: without `mixed_precision`, accelerate's
     # launch configuration (ACCELERATE_MIXED_PRECISION) decides, and plain fp32 without one.
     precision = train.mixed_precision
-    ddp = DistributedDataParallelKwargs(
-        find_unused_parameters=train.find_unused_parameters, static_graph=train.static_graph, broadcast_buffers=False
-    )
     notes = []
+    static_graph, why_not = ddp_static_graph(config)
+    if why_not and _launched():
+        notes.append(why_not)
+    ddp = DistributedDataParallelKwargs(
+        find_unused_parameters=train.find_unused_parameters, static_graph=static_graph, broadcast_buffers=False
+    )
     if _launched():
         # Without GPUs (or when the launcher asks for the CPU) each process must say so itself,
         # otherwise Accelerate treats the processes as independent single-process runs.
@@ -109,6 +113,21 @@ def create_accelerator(config: TrainDecoderConfig) -> Accelerator:
         if accelerator.is_main_process:
             print(f"note: {note}", flush=True)
     return accelerator
+
+
+def ddp_static_graph(config: TrainDecoderConfig) -> Tuple[bool, Optional[str]]:
+    """DDP's `static_graph` for this run, and why `train.static_graph` is not used, if it is not.
+
+    A step runs one backward pass per trained U-Net through the one wrapped decoder, each using
+    another U-Net's parameters: a static graph cannot take a used set that changes between passes
+    (DDP stops with "Your training graph has changed"), so it is only used with one trained U-Net.
+    """
+    train = config.train
+    trained = sum(1 for index in range(len(config.decoder.unets)) if train.trains_unet(index))
+    if train.static_graph and trained > 1:
+        return False, (f"train.static_graph: not used with {trained} trained U-Nets (each one's backward pass uses "
+                       "other parameters, which a static DDP graph cannot take); set it to false to silence this")
+    return train.static_graph, None
 
 
 def shut_down(accelerator: Accelerator) -> None:
@@ -226,7 +245,7 @@ class TrainingRun:
                 self.tracker.info(f"note: {note}")
             self.tracker.info(f"loaded decoder weights from {loaded.source}; training starts fresh")
             return
-        state = loaded.state
+        state = training_state(loaded)  # a damaged file is named in one line, not a KeyError
         reference = state.get("reference")
         if reference is not None:
             progress = reference_progress(
