@@ -22,6 +22,7 @@ from dalle2_decoder.training.trainer import DecoderTrainer
 from .conftest import REPO_ROOT
 
 FIXTURES = Path(__file__).parent / "fixtures" / "reference" / "checkpoints"
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: a second thread only adds hand-offs
 
 
 def raw_config(**train):
@@ -50,7 +51,7 @@ def reference_param_names(model_state, index: int, groups):
 
 
 @pytest.mark.parametrize("name", ["model.pth", "checkpoint.pth"])
-def test_samples_for_the_same_noise_equal_the_references(name, one_thread):
+def test_samples_for_the_same_noise_equal_the_references(name):
     samples = load_file(FIXTURES / "samples.safetensors")
     noise = [samples[f"noise.{i}"] for i in range(sum(k.startswith("noise.") for k in samples))]
     decoder = config().decoder.create()
@@ -188,9 +189,9 @@ def test_convert_writes_our_model_save_from_reference_files(tmp_path):
     assert "dalle2-convert-checkpoint = dalle2_decoder.convert:main" in setup
 
 
-@pytest.mark.slow
-def test_fine_tuning_from_a_reference_checkpoint_end_to_end(tmp_path, capsys):
+def test_fine_tuning_from_a_reference_checkpoint_end_to_end(tmp_path, capsys, monkeypatch):
     """An upsampler_finetune.json-style run: tracker.load names the reference's checkpoint, U-Net 1 frozen."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the loop then keeps the test's one thread
     from dalle2_decoder.data.demo import generate_demo_dataset
     from dalle2_decoder.training import main
 

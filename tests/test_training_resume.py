@@ -13,6 +13,11 @@ from dalle2_decoder.training.resume import describe_changes, reference_progress
 from .training_fixtures import tiny_config, write_tiny_demo
 
 
+@pytest.fixture(autouse=True)
+def one_compute_thread(one_thread, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the loop then keeps the one thread
+
+
 @pytest.fixture(scope="module")
 def demo_data(tmp_path_factory):
     return write_tiny_demo(tmp_path_factory.mktemp("demo"))

@@ -11,14 +11,19 @@ from dalle2_decoder.tracking.checkpoint import CheckpointMismatchError, capture_
 from dalle2_decoder.training.trainer import DecoderTrainer, warmup_factor
 
 EMBED_DIM = 8
+pytestmark = pytest.mark.usefixtures("one_thread")
+# Narrow attention (options of this package) keeps the U-Nets tiny: these tests are about training
+# mechanics, not the architecture (the reference's is tested in test_reference_parity_unet.py).
+TINY = {"cond_dim": 8, "num_resnet_blocks": 1, "attn_heads": 2, "attn_dim_head": 4, "cross_attn_heads": 2,
+        "cross_attn_dim_head": 4, "init_cross_embed": False, "init_conv_kernel_size": 3}
 
 
 def tiny_decoder(seed: int = 0):
     torch.manual_seed(seed)
     config = DecoderConfig(
         unets=[
-            UnetConfig(dim=8, image_embed_dim=EMBED_DIM, dim_mults=(1, 2), options={"attn_heads": 2, "attn_dim_head": 8}),
-            UnetConfig(dim=8, image_embed_dim=EMBED_DIM, dim_mults=(1, 2)),
+            UnetConfig(dim=8, image_embed_dim=EMBED_DIM, dim_mults=(1, 2), options=TINY),
+            UnetConfig(dim=8, image_embed_dim=EMBED_DIM, dim_mults=(1, 2), options=TINY),
         ],
         image_sizes=[8, 16],
         timesteps=50,
