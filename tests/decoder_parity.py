@@ -118,6 +118,8 @@ def compare_case(name: str, scales: Dict[str, float] | None = None) -> Dict[str,
     inpainting = "inpaint_mask" in tensors
     if inpainting:
         kwargs.update(inpaint_image=image, inpaint_mask=tensors["inpaint_mask"].bool())
+    if meta.get("sample_image"):
+        kwargs["image"] = image
     images = decoder.sample(image_embed, text, noise=noise, **kwargs)
     if noise.used != len(noise.tensors):
         raise AssertionError(f"{name}: sampling used {noise.used} noise tensors, the reference drew {len(noise.tensors)}")

@@ -164,9 +164,8 @@ def test_self_conditioning_draw_and_our_per_sample_variant():
     on = decoder(images, image_embed=embeds, draws=TrainingDraws(times=draws.times, noise=draws.noise, self_cond=True))
     off = decoder(images, image_embed=embeds, draws=TrainingDraws(times=draws.times, noise=draws.noise, self_cond=False))
     assert on.item() != pytest.approx(off.item(), rel=1e-6)
-    # Without a fixed draw, the batch is self-conditioned with probability self_cond_prob (Python's random).
-    import random as pyrandom
-    pyrandom.seed(0)
+    # Without a fixed draw, the batch is self-conditioned with probability self_cond_prob.
+    torch.manual_seed(0)
     values = {round(decoder(images, image_embed=embeds, draws=draws).item(), 6) for _ in range(8)}
     assert values == {round(on.item(), 6), round(off.item(), 6)}
     never = randomise_outputs(tiny_decoder(unet_overrides=dict(self_cond=True), learned_variance=False,

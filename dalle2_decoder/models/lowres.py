@@ -10,7 +10,6 @@ fixed 1000-step linear schedule whatever the decoder's own number of timesteps.
 """
 from __future__ import annotations
 
-import random
 from typing import Optional, Tuple, Union
 
 import torch
@@ -85,15 +84,20 @@ class LowresConditioner(nn.Module):
         return (image + 1) * 0.5 if self.input_range[0] == 0 else image
 
     def draw_blur(self) -> Tuple[bool, float, int]:
-        """(blur this batch?, sigma, kernel size), drawn per batch with Python's `random` as the reference."""
-        if not self.use_blur or random.random() >= self.blur_prob:
+        """(blur this batch?, sigma, kernel size), drawn once per batch as the reference does.
+
+        Drawn from torch's CPU generator (the reference uses Python's `random`), so that the RNG
+        state a checkpoint carries covers them, and no device is synchronised.
+        """
+        if not self.use_blur or float(torch.rand(())) >= self.blur_prob:
             return False, 0.0, 0
         sigma = self.blur_sigma
         if isinstance(sigma, tuple):
-            sigma = random.uniform(float(sigma[0]), float(sigma[1]))
+            low, high = float(sigma[0]), float(sigma[1])
+            sigma = low + (high - low) * float(torch.rand(()))
         size = self.blur_kernel_size
         if isinstance(size, tuple):
-            size = random.randrange(int(size[0]), int(size[1]) + 1)
+            size = int(torch.randint(int(size[0]), int(size[1]) + 1, ()))
         return True, float(sigma), int(size)
 
     def noise_image(

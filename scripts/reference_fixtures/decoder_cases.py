@@ -82,6 +82,13 @@ CASES: Dict[str, Dict[str, Any]] = {
                      beta_schedule="linear", sample_timesteps=[None, 5]),
         unets=[dict(image_embed_dim=None), dict(image_embed_dim=None)], coin=0.9, sample=dict(batch_size=BATCH),
     ),
+    # Sampling from the upsampler on (a nearest-resized copy of) a given image, and stopping there.
+    "start_at_upsampler": dict(
+        decoder=dict(image_sizes=[4, 8, 16], timesteps=6, beta_schedule="cosine", sample_timesteps=[None, 3, 2],
+                     use_noise_for_lowres_cond=[True, False], image_cond_drop_prob=0.0, text_cond_drop_prob=0.0),
+        unets=[{}, {}, {}], coin=0.3, sample=dict(start_at_unet_number=2, stop_at_unet_number=2, image=True),
+        train_times=[[1, 2], [3, 4], [5, 0]],
+    ),
     # Inpainting with resampling, DDPM then DDIM.
     "inpaint_ddpm": dict(
         decoder=dict(image_sizes=[4, 8], timesteps=6, beta_schedule="cosine", image_cond_drop_prob=0.0, text_cond_drop_prob=0.0),
@@ -245,7 +252,8 @@ def _run_case(name: str, case: Dict[str, Any], seed: int) -> tuple[Dict[str, Any
             tensors[f"state.{key}"] = value.detach().clone()
     meta: Dict[str, Any] = {"case": name, "network": network, "seed": seed, "decoder": case["decoder"], "unets": case["unets"], "batch": BATCH,
                             "channels": CHANNELS, "embed_dim": EMBED, "text_dim": TEXT_DIM,
-                            "sample": {k: v for k, v in case["sample"].items() if k != "inpaint"}, "train": []}
+                            "sample": {k: v for k, v in case["sample"].items() if k not in ("inpaint", "image")},
+                            "sample_image": bool(case["sample"].get("image")), "train": []}
 
     # ---- training loss per U-Net, with the draws recorded
     decoder.train()
@@ -282,6 +290,8 @@ def _run_case(name: str, case: Dict[str, Any], seed: int) -> tuple[Dict[str, Any
         getattr(unet, "standin_trace", []).clear()
     sample_kwargs = dict(case["sample"])
     inpaint = sample_kwargs.pop("inpaint", False)
+    if sample_kwargs.pop("image", False):
+        sample_kwargs["image"] = image
     if inpaint:
         mask = torch.zeros(BATCH, size, size, dtype=torch.bool)
         mask[:, : size // 2, :] = True
