@@ -74,26 +74,9 @@ def is_reference_model(payload: Any) -> bool:
 # --- names ---------------------------------------------------------------------------------------
 
 
-class _SameNames:
-    """Stand-in while `models/reference_names.py` is absent: names taken as they are, non-U-Net entries dropped."""
-
-    @staticmethod
-    def unet_state_from_reference(state):
-        return dict(state)
-
-    @staticmethod
-    def decoder_state_from_reference_with_dropped(state):
-        kept = {name: tensor for name, tensor in state.items() if name.startswith("unets.")}
-        dropped = [(name, "not a U-Net weight (noise schedules are recomputed from the config)")
-                   for name in state if name not in kept]
-        return kept, dropped
-
-
 def _names():
-    try:
-        from ..models import reference_names
-    except ImportError:
-        return _SameNames
+    from ..models import reference_names
+
     return reference_names
 
 
