@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import pathlib
+import random
 import shutil
 import tempfile
 from typing import Dict, List
@@ -134,6 +136,7 @@ def train_and_save(config_dict: Dict, work: pathlib.Path, data_seed: int):
     images = torch.rand(STEPS, BATCH, 3, 16, 16, generator=generator)
     embeds = torch.randn(STEPS, BATCH, EMBED_DIM, generator=generator)
     torch.manual_seed(data_seed)
+    random.seed(data_seed)  # the reference draws its upsampler's blur from Python's generator
     trainer.train()
     for step in range(STEPS):
         for number, trained in enumerate(mask, start=1):
@@ -147,47 +150,57 @@ def train_and_save(config_dict: Dict, work: pathlib.Path, data_seed: int):
 
 
 def generate(out_dir: pathlib.Path) -> None:
-    from safetensors.torch import save_file
-
     from dalle2_pytorch.version import __version__
 
     for old in out_dir.glob("*"):
         if old.is_file():
             old.unlink()
     meta: Dict = {"dalle2_pytorch": __version__, "torch": torch.__version__, "steps_per_trained_unet": STEPS}
+    out_dir = out_dir.resolve()
+    home = os.getcwd()
     with tempfile.TemporaryDirectory() as temp:
         temp = pathlib.Path(temp)
-
-        # A run training both U-Nets: its checkpoint, its model save, and samples from it.
-        config = run_config(str(temp / "run"))
-        trainer, data_path = train_and_save(config, temp, data_seed=1)
-        shutil.copy(data_path / "checkpoint.pth", out_dir / "checkpoint.pth")
-        shutil.copy(data_path / "model.pth", out_dir / "model.pth")
-        config["tracker"]["data_path"] = ".tracker-data"  # the temporary path means nothing to a reader
-        (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        meta["steps"] = trainer.steps.tolist()
-        meta["ema_steps"] = [int(ema.step) for ema in trainer.ema_unets]
-        meta["lr_after"] = [trainer.optim0.param_groups[0]["lr"], trainer.optim1.param_groups[0]["lr"]]
-
-        generator = torch.Generator().manual_seed(2)
-        image_embed = torch.randn(SAMPLE_BATCH, EMBED_DIM, generator=generator)
-        noise: List[torch.Tensor] = []
-        with recorded_noise(3, noise):
-            images = trainer.sample(image_embed=image_embed, cond_scale=1.0)
-        tensors = {"image_embed": image_embed, "images": images.contiguous()}
-        tensors.update({f"noise.{index}": value.contiguous() for index, value in enumerate(noise)})
-        save_file(tensors, str(out_dir / "samples.safetensors"))
-        meta["samples"] = {
-            "cond_scale": 1.0,
-            "weights": "EMA (trainer.sample default)",
-            "noise_order": "for each U-Net: torch.randn(shape) for the start, then torch.randn_like(x) at each of "
-                           "the timesteps (from T-1 down to 0); noise.0 .. noise.N-1 in the order drawn",
-            "num_noise": len(noise),
-        }
-
-        # A run training only the upsampler (U-Net 1 frozen and replaced by nn.Identity there).
-        config = run_config(str(temp / "upsampler"), unet_training_mask=[False, True])
-        trainer, data_path = train_and_save(config, temp, data_seed=4)
-        shutil.copy(data_path / "checkpoint.pth", out_dir / "upsampler_checkpoint.pth")
-        meta["upsampler_steps"] = trainer.steps.tolist()
+        # Relative tracker paths: the configs the files record do not name a temporary folder, so a
+        # second run writes the same content (only torch's random serialization id differs).
+        os.chdir(temp)
+        try:
+            _generate(out_dir, temp, meta)
+        finally:
+            os.chdir(home)
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def _generate(out_dir: pathlib.Path, temp: pathlib.Path, meta: Dict) -> None:
+    from safetensors.torch import save_file
+
+    # A run training both U-Nets: its checkpoint, its model save, and samples from it.
+    config = run_config(".tracker-data/run")
+    trainer, data_path = train_and_save(config, temp, data_seed=1)
+    shutil.copy(data_path / "checkpoint.pth", out_dir / "checkpoint.pth")
+    shutil.copy(data_path / "model.pth", out_dir / "model.pth")
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    meta["steps"] = trainer.steps.tolist()
+    meta["ema_steps"] = [int(ema.step) for ema in trainer.ema_unets]
+    meta["lr_after"] = [trainer.optim0.param_groups[0]["lr"], trainer.optim1.param_groups[0]["lr"]]
+
+    generator = torch.Generator().manual_seed(2)
+    image_embed = torch.randn(SAMPLE_BATCH, EMBED_DIM, generator=generator)
+    noise: List[torch.Tensor] = []
+    with recorded_noise(3, noise):
+        images = trainer.sample(image_embed=image_embed, cond_scale=1.0)
+    tensors = {"image_embed": image_embed, "images": images.contiguous()}
+    tensors.update({f"noise.{index}": value.contiguous() for index, value in enumerate(noise)})
+    save_file(tensors, str(out_dir / "samples.safetensors"))
+    meta["samples"] = {
+        "cond_scale": 1.0,
+        "weights": "EMA (trainer.sample default)",
+        "noise_order": "for each U-Net: torch.randn(shape) for the start, then torch.randn_like(x) at each of "
+                       "the timesteps (from T-1 down to 0); noise.0 .. noise.N-1 in the order drawn",
+        "num_noise": len(noise),
+    }
+
+    # A run training only the upsampler (U-Net 1 frozen and replaced by nn.Identity there).
+    config = run_config(".tracker-data/upsampler", unet_training_mask=[False, True])
+    trainer, data_path = train_and_save(config, temp, data_seed=4)
+    shutil.copy(data_path / "checkpoint.pth", out_dir / "upsampler_checkpoint.pth")
+    meta["upsampler_steps"] = trainer.steps.tolist()
