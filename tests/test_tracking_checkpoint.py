@@ -92,15 +92,64 @@ def test_files_with_arbitrary_objects_are_not_unpickled(tmp_path):
         read_file(path)
 
 
-def test_missing_and_unreadable_files_are_clear_errors(tmp_path):
-    with pytest.raises(CheckpointError, match="checkpoint file not found"):
-        read_file(tmp_path / "nope.pt")
-    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="junk.pt could not be loaded with weights-only loading"):
-        read_file(tmp_path / "junk.pt")
+def _bad_files(tmp_path):
+    """(file, what the one-line message must say) for each kind of file that is not a usable checkpoint."""
+    (tmp_path / "text.pth").write_text("hello, this is not a checkpoint\n")  # torch says KeyError: 104
+    (tmp_path / "binary.pth").write_bytes(bytes(range(256)))
+    (tmp_path / "empty.pth").write_bytes(b"")
+    torch.save({"format": "dalle2_decoder.checkpoint/1", "step": 3}, tmp_path / "no_state.pth")
+    torch.save({"format": "dalle2_decoder.checkpoint/1", "state": {"progress": {}}}, tmp_path / "no_trainer.pth")
+    torch.save({"format": "dalle2_decoder.model/1", "step": 3}, tmp_path / "no_model.pth")
+    torch.save({"format": "dalle2_decoder.checkpoint/9", "state": {}}, tmp_path / "future.pth")
     torch.save({"format": "something-else"}, tmp_path / "other.pt")
-    with pytest.raises(CheckpointError, match="neither a checkpoint nor a model save"):
-        read_file(tmp_path / "other.pt")
+    torch.save({}, tmp_path / "empty_dict.pt")
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    with open(tmp_path / "truncated.pth", "wb") as handle:
+        data = tmp_path / "full.pth"
+        torch.save({"format": "dalle2_decoder.model/1", "model": {"w": torch.zeros(1000)}}, data)
+        handle.write(data.read_bytes()[:500])
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 16)
+    return [
+        ("text.pth", "not a PyTorch checkpoint file"),
+        ("binary.pth", "not a PyTorch checkpoint file"),
+        ("empty.pth", "the file is empty (0 bytes)"),
+        ("no_state.pth", "checkpoint without its 'state' entry"),
+        ("no_model.pth", "model save without its 'model' weights"),
+        ("future.pth", "format 'dalle2_decoder.checkpoint/9' is not one this version reads"),
+        ("other.pt", "format 'something-else' is not one this version reads"),
+        ("empty_dict.pt", "holds an empty dictionary"),
+        ("list.pt", "a list; neither a checkpoint"),
+        ("truncated.pth", "not a readable checkpoint or model file"),
+        ("folder", "is a folder, not a checkpoint file"),
+        ("nope.pt", "checkpoint file not found"),
+        ("bad.safetensors", "not a readable safetensors file"),
+    ]
+
+
+def test_files_that_are_not_checkpoints_give_one_line_naming_the_file_and_the_problem(tmp_path):
+    for name, says in _bad_files(tmp_path):
+        with pytest.raises(CheckpointError) as error:
+            read_file(tmp_path / name)
+        message = str(error.value)
+        assert says in message, (name, message)
+        assert str(tmp_path / name) in message and "\n" not in message, (name, message)
+        # load_model_weights (the evaluation command's and users' entry point) says the same.
+        with pytest.raises(CheckpointError) as error:
+            load_model_weights(TinyNet(), tmp_path / name)
+        assert says in str(error.value), name
+
+
+def test_a_checkpoint_without_the_run_state_is_named_when_training_would_use_it(tmp_path):
+    from dalle2_decoder.tracking.checkpoint import training_state
+
+    torch.save({"format": "dalle2_decoder.checkpoint/1", "state": {"progress": {}}}, tmp_path / "no_trainer.pth")
+    torch.save({"format": "dalle2_decoder.checkpoint/1", "state": {"trainer": {"decoder": {}}}}, tmp_path / "no_progress.pth")
+    for name, says in (("no_trainer.pth", "without its trainer state"), ("no_progress.pth", "without its 'progress' entry")):
+        loaded = read_file(tmp_path / name)
+        with pytest.raises(CheckpointError) as error:
+            training_state(loaded)
+        assert says in str(error.value) and name in str(error.value) and "\n" not in str(error.value)
 
 
 @pytest.mark.parametrize("name", ["model.safetensors", "model.pt"])
@@ -163,3 +212,38 @@ def test_rng_states_survive_a_checkpoint(tmp_path):
     restore_rng_state(read_file(tmp_path / "ck.pt").state["rng"])
     assert torch.equal(torch.rand(3), expected[0])
     assert random.random() == expected[1] and np.random.rand() == expected[2]
+
+
+def test_save_paths_fill_in_the_reference_trackers_fields(tmp_path):
+    from dalle2_decoder.config import ConsoleLogConfig, LocalSaveConfig, TrackerConfig
+    from dalle2_decoder.tracking import create_tracker, read_run_state
+
+    config = TrackerConfig(
+        log=ConsoleLogConfig(log_type="console", auto_resume=True),
+        save=[LocalSaveConfig(save_to="local", save_latest_to="ckpt_{epoch:02d}_{sample}_{samples_seen}.pth",
+                              save_best_to="best_{next_task}.pth"),
+              LocalSaveConfig(save_to="local", save_latest_to="model_{epoch}.pt", save_type="model")],
+        data_path=str(tmp_path / "run"),
+    )
+    tracker = create_tracker(config, full_config_dict={}, is_main_process=True)
+    state = {"trainer": {"decoder": {"w": torch.ones(1)}}, "progress": {}}
+    tracker.save(step=96, checkpoint_state=state, model_state={"w": torch.ones(1)}, is_best=True,
+                 fields={"epoch": 3, "sample": 32, "next_task": "sample", "validation_losses": [0.5]})
+    tracker.save(step=128, checkpoint_state=state, model_state={"w": torch.ones(1)}, fields={"epoch": 4})
+    tracker.finish()
+    run = tmp_path / "run"
+    for name in ("ckpt_03_32_96.pth", "best_sample.pth", "model_3.pt", "ckpt_04_0_128.pth", "model_4.pt"):
+        assert (run / name).is_file(), name
+    # Auto-resume follows the file the latest save actually went to.
+    assert read_run_state(run).latest_checkpoint == str(run / "ckpt_04_0_128.pth")
+
+
+def test_unknown_save_path_fields_are_config_errors(config_problems, minimal_config):
+    minimal_config["tracker"]["save"] = {"save_to": "local", "save_latest_to": "latest_{epoc}.pth",
+                                         "save_best_to": "best_{epoch.pth"}
+    problems = config_problems(minimal_config)
+    assert any(p.startswith("tracker.save[0].save_latest_to: unknown field {epoc}") for p in problems), problems
+    assert any(p.startswith("tracker.save[0].save_best_to: 'best_{epoch.pth' is not a valid path template")
+               for p in problems), problems
+    minimal_config["tracker"]["save"] = {"save_to": "local", "save_latest_to": "latest_{epoch:03d}_{{x}}.pth"}
+    assert config_problems(minimal_config) == []

@@ -1,22 +1,29 @@
 """DecoderTrainer: optimizers, EMA, frozen U-Nets, non-finite steps and exact state round trips."""
 
+import random
+
 import pytest
 import torch
 from accelerate import Accelerator
 
 from dalle2_decoder.config import DecoderConfig, TrainConfig, UnetConfig
-from dalle2_decoder.tracking.checkpoint import CheckpointMismatchError
+from dalle2_decoder.tracking.checkpoint import CheckpointMismatchError, capture_rng_state, restore_rng_state
 from dalle2_decoder.training.trainer import DecoderTrainer, warmup_factor
 
 EMBED_DIM = 8
+pytestmark = pytest.mark.usefixtures("one_thread")
+# Narrow attention (options of this package) keeps the U-Nets tiny: these tests are about training
+# mechanics, not the architecture (the reference's is tested in test_reference_parity_unet.py).
+TINY = {"cond_dim": 8, "num_resnet_blocks": 1, "attn_heads": 2, "attn_dim_head": 4, "cross_attn_heads": 2,
+        "cross_attn_dim_head": 4, "init_cross_embed": False, "init_conv_kernel_size": 3}
 
 
 def tiny_decoder(seed: int = 0):
     torch.manual_seed(seed)
     config = DecoderConfig(
         unets=[
-            UnetConfig(dim=8, image_embed_dim=EMBED_DIM, dim_mults=(1, 2), options={"attn_heads": 2, "attn_dim_head": 8}),
-            UnetConfig(dim=8, image_embed_dim=EMBED_DIM, dim_mults=(1, 2)),
+            UnetConfig(dim=8, image_embed_dim=EMBED_DIM, dim_mults=(1, 2), options=TINY),
+            UnetConfig(dim=8, image_embed_dim=EMBED_DIM, dim_mults=(1, 2), options=TINY),
         ],
         image_sizes=[8, 16],
         timesteps=50,
@@ -123,18 +130,20 @@ def test_state_round_trip_continues_exactly(tmp_path):
     # Reference: 4 uninterrupted steps.
     reference = make_trainer()
     torch.manual_seed(123)
+    random.seed(123)  # the upsampler's blur augmentation draws from Python's generator, as the reference
     for step in range(4):
         reference.train_step(batch(step))
     # Interrupted after 2 steps, saved through a weights-only file, resumed in a fresh trainer.
     first = make_trainer()
     torch.manual_seed(123)
+    random.seed(123)
     for step in range(2):
         first.train_step(batch(step))
-    rng = torch.get_rng_state()
+    rng = capture_rng_state()
     torch.save(first.state_dict(), tmp_path / "ckpt.pt")
     resumed = make_trainer(seed=99)  # different initialisation: everything must come from the file
     resumed.load_state_dict(torch.load(tmp_path / "ckpt.pt", weights_only=True))
-    torch.set_rng_state(rng)
+    restore_rng_state(rng)
     for step in range(2, 4):
         resumed.train_step(batch(step))
     assert resumed.step == reference.step == 4
@@ -157,26 +166,137 @@ def test_mismatched_checkpoint_names_the_tensors():
     assert key in str(error.value) and "unets.0.extra.weight" in str(error.value)
 
 
-def test_ema_decay_warms_up_then_reaches_beta():
+def _run_ema(ema, network, steps):
+    """Set the network's single weight to k + 1 before the k-th update (0-based), as a training run would."""
+    seen = []
+    for step in range(steps):
+        with torch.no_grad():
+            network.weight.fill_(float(step + 1))
+        ema.update(network)
+        seen.append(ema.averaged.weight.item())
+    return seen
+
+
+def test_ema_follows_dalle2_pytorchs_rule_by_default():
+    from dalle2_decoder.training.ema import EMA
+
+    # ema-pytorch as DALLE2-pytorch uses it, written out by hand: the first update copies; then
+    # only every 10th update acts, copying up to update 100 and averaging after it with decay
+    # 1 - (1 + n)^(-2/3), n = updates before it minus 100, capped at beta.
+    beta, expected, value = 0.99, [], None
+    for count in range(400):
+        weight = float(count + 1)
+        if count == 0 or (count % 10 == 0 and count <= 100):
+            value = weight
+        elif count % 10 == 0:
+            decay = min(beta, 1 - (1 + (count - 100)) ** (-2 / 3))
+            value = decay * value + (1 - decay) * weight
+        expected.append(value)
+
+    network = torch.nn.Linear(1, 1, bias=False)
+    ema = EMA(network, beta=beta)
+    got = _run_ema(ema, network, 400)
+    assert got == pytest.approx(expected, rel=1e-6)
+    assert got[5] == 1.0 and got[10] == 11.0 and got[100] == 101.0  # copies during the first 100 steps
+    assert got[110] != 111.0  # the first average
+    assert ema.current_decay() == pytest.approx(min(beta, 1 - (1 + 300) ** (-2 / 3)))
+    # The count is saved: a restored average continues on the same schedule.
+    restored = EMA(network, beta=beta)
+    restored.load_state_dict(ema.state_dict())
+    assert int(restored.num_updates) == 400 and restored.current_decay() == ema.current_decay()
+
+
+def test_ema_ratio_warmup_is_an_option_from_the_config():
     from dalle2_decoder.training.ema import EMA
 
     network = torch.nn.Linear(1, 1, bias=False)
-    ema = EMA(network, beta=0.9)
-    with torch.no_grad():
-        network.weight.fill_(0.0)
-        ema.averaged.weight.fill_(1.0)
-    ema.update(network)  # first update: decay min(0.9, 1/10) = 0.1
-    assert ema.averaged.weight.item() == pytest.approx(0.1)
-    for _ in range(200):
-        ema.update(network)
-    with torch.no_grad():
-        ema.averaged.weight.fill_(1.0)
-    ema.update(network)  # long after the warm-up the decay is beta itself
-    assert ema.averaged.weight.item() == pytest.approx(0.9)
-    state = ema.state_dict()
-    restored = EMA(network, beta=0.9)
-    restored.load_state_dict(state)
-    assert int(restored.num_updates) == 202
+    ema = EMA(network, beta=0.9, update_after_step=0, update_every=1, warmup="ratio")
+    expected, value = [], None
+    for count in range(60):
+        weight = float(count + 1)
+        if count == 0:
+            value = weight
+        else:
+            decay = min(0.9, (1 + count) / (10 + count))
+            value = decay * value + (1 - decay) * weight
+        expected.append(value)
+    assert _run_ema(ema, network, 60) == pytest.approx(expected, rel=1e-6)
+    trainer = make_trainer(ema_warmup="ratio", ema_update_after_step=0, ema_update_every=1, ema_beta=0.5)
+    ema = trainer.emas[1]
+    assert (ema.warmup, ema.update_after_step, ema.update_every, ema.beta) == ("ratio", 0, 1, 0.5)
+
+
+def test_adamw_as_dalle2_pytorch_no_decay_on_biases_and_norms():
+    trainer = make_trainer(wd=0.05)
+    for number in (1, 2):
+        unet = trainer.decoder.unets[number - 1]
+        optimizer = trainer.optimizers[number]
+        decay_of = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+        assert len(decay_of) == sum(1 for _ in unet.parameters())
+        for name, parameter in unet.named_parameters():
+            assert decay_of[id(parameter)] == (0.05 if parameter.ndim >= 2 else 0.0), name
+        assert any(p.ndim < 2 for p in unet.parameters()) and any(p.ndim >= 2 for p in unet.parameters())
+        for group in optimizer.param_groups:
+            assert group["betas"] == (0.9, 0.99) and group["eps"] == 1e-8
+    everything = make_trainer(wd=0.05, group_wd_params=False)
+    assert [g["weight_decay"] for g in everything.optimizers[1].param_groups] == [0.05]
+
+
+def test_gradients_are_clipped_to_max_grad_norm_before_the_step():
+    norms = {}
+
+    def record(trainer):
+        for number, optimizer in trainer.optimizers.items():
+            original = optimizer.step
+
+            def step(*args, number=number, original=original, optimizer=optimizer, **kwargs):
+                grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+                norms.setdefault(number, []).append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+                return original(*args, **kwargs)
+
+            optimizer.step = step
+
+    clipped = make_trainer(max_grad_norm=1e-3)
+    record(clipped)
+    clipped.train_step(batch())
+    assert all(n[0] == pytest.approx(1e-3, rel=1e-3) for n in norms.values())
+    norms.clear()
+    free = make_trainer(max_grad_norm=None)
+    record(free)
+    free.train_step(batch())
+    assert all(n[0] > 1e-2 for n in norms.values())
+
+
+def test_static_graph_default_and_amp_without_effect_as_dalle2_pytorch(fresh_accelerate_state):
+    from dalle2_decoder.config import TrainDecoderConfig
+    from dalle2_decoder.training.loop import create_accelerator
+
+    assert TrainConfig().static_graph is True
+    raw = {"decoder": {"unets": [{"dim": 8, "image_embed_dim": 8}], "image_sizes": [16]},
+           "data": {"webdataset_base_url": "/tmp/x/{}.tar", "num_workers": 0},
+           "train": {"amp": True, "device": "cpu"},
+           "tracker": {"log": {"log_type": "console"}, "save": {"save_to": "local", "save_latest_to": "x.pth"}}}
+    config = TrainDecoderConfig.from_dict(raw)
+    assert any("train.amp: has no effect" in note for note in config.notes())
+    assert create_accelerator(config).mixed_precision == "no"
+
+
+def test_static_graph_is_used_with_one_trained_unet_only():
+    from dalle2_decoder.config import TrainDecoderConfig
+    from dalle2_decoder.training.loop import ddp_static_graph
+
+    unet = {"dim": 8, "image_embed_dim": 8}
+    raw = {"decoder": {"unets": [unet, unet], "image_sizes": [16, 32]},
+           "data": {"webdataset_base_url": "/tmp/x/{}.tar", "num_workers": 0},
+           "train": {"device": "cpu"},
+           "tracker": {"log": {"log_type": "console"}, "save": {"save_to": "local", "save_latest_to": "x.pth"}}}
+    static, why = ddp_static_graph(TrainDecoderConfig.from_dict(raw))
+    assert static is False and why.startswith("train.static_graph: not used with 2 trained U-Nets")
+    raw["train"]["unet_training_mask"] = [False, True]
+    assert ddp_static_graph(TrainDecoderConfig.from_dict(raw)) == (True, None)
+    raw["train"]["static_graph"] = False
+    raw["train"]["unet_training_mask"] = None
+    assert ddp_static_graph(TrainDecoderConfig.from_dict(raw)) == (False, None)
 
 
 @pytest.fixture

@@ -99,6 +99,29 @@ class WandbLoadConfig:
 
 LoadConfig = Union[LocalLoadConfig, UrlLoadConfig, WandbLoadConfig]
 
+SAVE_PATH_FIELDS = ("epoch", "sample", "next_task", "validation_losses", "samples_seen")
+"""Fields `save_latest_to` / `save_best_to` may name, filled in at each save as DALLE2-pytorch does:
+`{epoch}` (the epoch the save belongs to, from 0), `{sample}` (samples of that epoch so far),
+`{next_task}` (`train` inside an epoch, `sample` at its end), `{validation_losses}` (the list so
+far) and `{samples_seen}` (training samples so far)."""
+
+
+def save_path_field_problems(where: str, template: Optional[str]) -> List[str]:
+    """`{field}`s of a save path that do not exist, or braces that do not form a field."""
+    import string
+
+    if not template:
+        return []
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as error:
+        return [f"{where}: {template!r} is not a valid path template ({error}); write {{{{ and }}}} for literal braces"]
+    unknown = [name for name in names if name.split(".")[0].split("[")[0] not in SAVE_PATH_FIELDS]
+    if unknown:
+        return [f"{where}: unknown field {{{unknown[0]}}} in {template!r}; fields are "
+                + ", ".join(f"{{{name}}}" for name in SAVE_PATH_FIELDS)]
+    return []
+
 # --- save ------------------------------------------------------------------------------------
 
 
@@ -205,6 +228,8 @@ class TrackerConfig:
             targets = ("save_latest_to", "save_best_to", "save_meta_to")
             for name in targets:
                 problems += not_empty(f"{path}.{name}", getattr(saver, name))
+            for name in ("save_latest_to", "save_best_to"):
+                problems += save_path_field_problems(f"{path}.{name}", getattr(saver, name))
             if all(getattr(saver, name) is None for name in targets):
                 problems.append(f"{path}: saves nothing; set save_latest_to, save_best_to or save_meta_to")
             if isinstance(saver, HuggingfaceSaveConfig):

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
 FloatOrPerUnet = Union[float, List[float]]
 IntOrPerUnet = Union[int, List[int]]
 MIXED_PRECISION = ("no", "fp16", "bf16")
+EMA_WARMUPS = ("power", "ratio")
 PER_UNET_OPTIONS = ("lr", "wd", "max_grad_norm", "cond_scale", "warmup_steps")
 
 
@@ -45,11 +46,19 @@ class TrainConfig:
     use_ema: bool = True
     """Keep an exponential moving average of each trained U-Net for sampling and `model` saves."""
     ema_beta: float = 0.99
-    """EMA decay coefficient."""
+    """EMA decay coefficient: the most the warm-up lets the decay reach."""
+    ema_update_after_step: int = 100
+    """EMA: for this many optimizer steps the average copies the weights instead of averaging (as DALLE2-pytorch)."""
+    ema_update_every: int = 10
+    """EMA: the average is updated every this many optimizer steps (as DALLE2-pytorch)."""
+    ema_warmup: str = "power"
+    """EMA decay warm-up: `power` (DALLE2-pytorch's 1 - (1 + n)^(-2/3)) or `ratio` (min(beta, (1 + n) / (10 + n)))."""
     amp: bool = False
-    """Mixed precision (reference option): bf16 where supported, else fp16 with loss scaling."""
+    """Accepted for DALLE2-pytorch configs and, as there, without effect: set `mixed_precision` (or accelerate's)."""
     mixed_precision: Optional[str] = None
-    """Explicit precision: `no`, `fp16` or `bf16`; overrides `amp` when set."""
+    """Precision: `no`, `fp16` or `bf16`; None: as `accelerate launch --mixed_precision` says (default `no`)."""
+    group_wd_params: bool = True
+    """AdamW weight decay only on weight matrices and kernels, not on biases and norms (as DALLE2-pytorch)."""
     unet_training_mask: Optional[List[bool]] = None
     """One boolean per U-Net; false freezes that U-Net. None trains all U-Nets."""
     warmup_steps: Optional[IntOrPerUnet] = None
@@ -58,8 +67,8 @@ class TrainConfig:
     """Micro-batches accumulated per optimizer step."""
     find_unused_parameters: bool = True
     """DistributedDataParallel option for multi-process runs."""
-    static_graph: bool = False
-    """DistributedDataParallel option for multi-process runs."""
+    static_graph: bool = True
+    """DistributedDataParallel option for multi-process runs (DALLE2-pytorch's default)."""
 
     def for_unet(self, name: str, unet_index: int) -> object:
         """The value of a per-U-Net option (`lr`, `wd`, ...) for the U-Net at `unet_index` (0-based)."""
@@ -97,6 +106,9 @@ class TrainConfig:
                 where = f"train.lr[{index}]" if isinstance(self.lr, list) else "train.lr"
                 problems.append(f"{where}: must be greater than 0 for a U-Net that is trained")
         problems += in_range("train.ema_beta", self.ema_beta, 0.0, 1.0)
+        problems += at_least("train.ema_update_after_step", self.ema_update_after_step, 0)
+        problems += at_least("train.ema_update_every", self.ema_update_every, 1)
+        problems += one_of("train.ema_warmup", self.ema_warmup, EMA_WARMUPS)
         if self.mixed_precision is not None:
             problems += one_of("train.mixed_precision", self.mixed_precision, MIXED_PRECISION)
         problems += _device_problems(self.device)
@@ -104,8 +116,9 @@ class TrainConfig:
 
     def notes(self, root: "TrainDecoderConfig") -> List[str]:
         notes = []
-        if self.amp and self.mixed_precision is not None:
-            notes.append(f"train.amp: overridden by train.mixed_precision ({self.mixed_precision})")
+        if self.amp:
+            notes.append("train.amp: has no effect (as in DALLE2-pytorch, where precision comes from accelerate); "
+                         "set train.mixed_precision to bf16 or fp16 for mixed precision")
         return notes
 
 

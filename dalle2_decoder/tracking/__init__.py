@@ -5,6 +5,7 @@ docs/TRACKING.md describes the protocol between the trainer and the tracker.
 """
 from .checkpoint import (
     CheckpointError,
+    CheckpointFormatError,
     CheckpointMismatchError,
     LoadedCheckpoint,
     capture_rng_state,
@@ -22,7 +23,7 @@ from .savers import SaveError
 from .tracker import NullTracker, Tracker, TrackerSetupError, create_tracker
 
 __all__ = [
-    "CheckpointError", "CheckpointMismatchError", "DataPathError", "LoadError", "LoadedCheckpoint", "NullTracker",
+    "CheckpointError", "CheckpointFormatError", "CheckpointMismatchError", "DataPathError", "LoadError", "LoadedCheckpoint", "NullTracker",
     "RunState", "SaveError", "Tracker", "TrackerSetupError", "capture_rng_state", "create_tracker",
     "load_model_weights", "load_state_dict_checked", "read_file", "read_run_state", "redact", "restore_rng_state",
     "save_checkpoint", "save_model",

@@ -19,7 +19,7 @@ import random
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -164,7 +164,8 @@ class LoadedCheckpoint:
     step: int
     """Step recorded when the file was saved (0 when the file does not say)."""
     config_json: Optional[str]
-    """The (secret-free) config the file was saved with, as JSON, when recorded."""
+    """The (secret-free) config the file was saved with, as JSON, when recorded (DALLE2-pytorch's format
+    and option names when `origin` is `dalle2-pytorch`)."""
     state: Optional[Dict[str, Any]] = None
     """The trainer's `checkpoint_state`, for a checkpoint."""
     model_state: Optional[Dict[str, torch.Tensor]] = None
@@ -173,32 +174,95 @@ class LoadedCheckpoint:
     """Where the file came from (path, URL, wandb run file), for messages."""
     auto_resumed: bool = False
     """True when this is the latest checkpoint of an interrupted run being auto-resumed."""
+    origin: str = "dalle2_decoder"
+    """Which package wrote the file: `dalle2_decoder`, or `dalle2-pytorch` (converted on reading)."""
+    partial: bool = False
+    """The weights may cover only some U-Nets (DALLE2-pytorch leaves out the U-Nets a run froze)."""
+    notes: Tuple[str, ...] = ()
+    """What was left out or could not be mapped while reading (DALLE2-pytorch files)."""
+
+
+class CheckpointFormatError(CheckpointError):
+    """A file that is not (or no longer) a checkpoint or model save this package can read."""
 
 
 def _torch_load(path: Path) -> Any:
+    """`torch.load(weights_only=True)`, also accepting the version object DALLE2-pytorch stores, and nothing more."""
+    from .reference import version_metadata_allowed
+
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with version_metadata_allowed():
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         # torch's message: a generic first line, then the actual reason, then boilerplate
         reasons = [
             line.strip() for line in str(error).splitlines()[1:]
             if line.strip() and not line.strip().startswith(("Please file an issue", "Check the documentation"))
         ]
-        detail = reasons[0] if reasons else "refused"
-        raise CheckpointError(
-            f"{path} could not be loaded with weights-only loading ({detail}): it is not a checkpoint, or it "
+        if not reasons or reasons[0].startswith(("Unsupported operand", "invalid load key")):
+            # not a pickle at all: no valid first opcode
+            detail = reasons[0] if reasons else (str(error).strip().splitlines() or ["unreadable"])[0]
+            raise CheckpointFormatError(f"{path}: not a PyTorch checkpoint file ({detail})") from error
+        raise CheckpointFormatError(
+            f"{path} could not be loaded with weights-only loading ({reasons[0]}): it is not a checkpoint, or it "
             "holds objects other than tensors and plain containers, which are not unpickled because that "
             "could run arbitrary code"
         ) from error
-    except (RuntimeError, EOFError, OSError) as error:
-        raise CheckpointError(f"{path} is not a readable checkpoint or model file ({error})") from error
+    except EOFError as error:
+        raise CheckpointFormatError(f"{path}: the file ends before its content does (truncated or still being written)") from error
+    except (KeyError, ValueError, IndexError, UnicodeDecodeError) as error:
+        # torch's legacy reader on bytes that are no pickle: e.g. KeyError(101) for text
+        raise CheckpointFormatError(f"{path}: not a PyTorch checkpoint file (.pth/.pt) nor a safetensors file") from error
+    except (RuntimeError, OSError) as error:
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointFormatError(f"{path} is not a readable checkpoint or model file ({detail})") from error
+
+
+def _check_path(path: Path) -> None:
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file; name the file in it (e.g. {path}/latest.pth)")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointFormatError(f"{path}: the file is empty (0 bytes); it was never written completely")
+
+
+def _ours(payload: Mapping[str, Any], path: Path) -> LoadedCheckpoint:
+    """A file of this package, its required entries checked (a damaged file is named, not a KeyError)."""
+    tag = payload.get("format")
+    if tag == CHECKPOINT_FORMAT:
+        state = payload.get("state")
+        if not isinstance(state, Mapping):
+            raise CheckpointFormatError(f"{path}: a dalle2_decoder checkpoint without its 'state' entry; "
+                                        "the file is damaged or was edited")
+        return LoadedCheckpoint("checkpoint", int(payload.get("step", 0)), payload.get("config"), state=dict(state),
+                                source=str(path))
+    if tag == MODEL_FORMAT:
+        model = payload.get("model")
+        if not _tensor_mapping(model):
+            raise CheckpointFormatError(f"{path}: a dalle2_decoder model save without its 'model' weights; "
+                                        "the file is damaged or was edited")
+        return LoadedCheckpoint("model", int(payload.get("step", 0)), payload.get("config"), model_state=dict(model),
+                                source=str(path))
+    known = f"{CHECKPOINT_FORMAT} or {MODEL_FORMAT}"
+    raise CheckpointFormatError(f"{path}: format {tag!r} is not one this version reads ({known}); "
+                                "it was written by another version of dalle2_decoder")
+
+
+def _tensor_mapping(value: Any) -> bool:
+    return isinstance(value, Mapping) and bool(value) and all(isinstance(v, torch.Tensor) for v in value.values())
 
 
 def read_file(path: PathLike) -> LoadedCheckpoint:
-    """Read a checkpoint or model file written by this package (or a plain state dict of tensors)."""
+    """Read a checkpoint or model file of this package or of DALLE2-pytorch (or a plain state dict of tensors).
+
+    Raises CheckpointError (CheckpointFormatError for a file that is not a usable checkpoint) with
+    one line naming the file and what is wrong with it.
+    """
+    from . import reference
+
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file not found: {path}")
+    _check_path(path)
     if path.suffix == ".safetensors":
         from safetensors import safe_open
         from safetensors.torch import load_file
@@ -208,24 +272,33 @@ def read_file(path: PathLike) -> LoadedCheckpoint:
                 metadata = handle.metadata() or {}
             tensors = load_file(str(path), device="cpu")
         except Exception as error:  # safetensors raises its own error types
-            raise CheckpointError(f"{path} is not a readable safetensors file ({error})") from error
+            raise CheckpointFormatError(f"{path} is not a readable safetensors file ({error})") from error
         return LoadedCheckpoint(
             "model", int(metadata.get("step", 0)), metadata.get("config"), model_state=tensors, source=str(path)
         )
 
     payload = _torch_load(path)
-    if isinstance(payload, dict) and payload.get("format") == CHECKPOINT_FORMAT:
-        return LoadedCheckpoint(
-            "checkpoint", int(payload["step"]), payload.get("config"), state=payload["state"], source=str(path)
-        )
-    if isinstance(payload, dict) and payload.get("format") == MODEL_FORMAT:
-        return LoadedCheckpoint(
-            "model", int(payload["step"]), payload.get("config"), model_state=payload["model"], source=str(path)
-        )
-    if isinstance(payload, dict) and payload and all(isinstance(value, torch.Tensor) for value in payload.values()):
-        return LoadedCheckpoint("model", 0, None, model_state=payload, source=str(path))
-    raise CheckpointError(
-        f"{path} is neither a checkpoint nor a model save of dalle2_decoder (no recognised 'format' entry) "
+    if isinstance(payload, Mapping) and "format" in payload:
+        return _ours(payload, path)
+    try:
+        if reference.is_reference_checkpoint(payload):
+            state, notes = reference.convert_checkpoint(payload)
+            return LoadedCheckpoint("checkpoint", reference.reference_step(payload), reference.config_json(payload),
+                                    state=state, source=str(path),
+                                    origin=reference.REFERENCE_ORIGIN, partial=True, notes=tuple(notes))
+        if reference.is_reference_model(payload) or (_tensor_mapping(payload) and any(k.startswith("unets.") for k in payload)):
+            weights, notes = reference.convert_model(payload)
+            return LoadedCheckpoint("model", 0, reference.config_json(payload), model_state=weights, source=str(path),
+                                    origin=reference.REFERENCE_ORIGIN, partial=True, notes=tuple(notes))
+    except ValueError as error:  # the name mapping found an entry it does not know
+        raise CheckpointFormatError(f"{path}: a DALLE2-pytorch file whose weights cannot be mapped ({error})") from error
+    if _tensor_mapping(payload):
+        return LoadedCheckpoint("model", 0, None, model_state=dict(payload), source=str(path))
+    if isinstance(payload, Mapping) and not payload:
+        raise CheckpointFormatError(f"{path}: holds an empty dictionary, no weights")
+    what = f"a dictionary with entries {sorted(map(str, payload))[:8]}" if isinstance(payload, Mapping) else f"a {type(payload).__name__}"
+    raise CheckpointFormatError(
+        f"{path}: {what}; neither a checkpoint or model save of dalle2_decoder or DALLE2-pytorch, "
         "nor a plain state dict of tensors"
     )
 
@@ -249,19 +322,53 @@ def load_state_dict_checked(module: nn.Module, state_dict: Mapping[str, torch.Te
     module.load_state_dict(dict(state_dict), strict=True)
 
 
-def load_model_weights(model: nn.Module, path: PathLike) -> LoadedCheckpoint:
-    """Load a `model` save (safetensors or weights-only `.pt`) into `model` with strict name and shape checks.
+def load_model_weights(model: nn.Module, path: PathLike, *, use_ema: bool = True) -> LoadedCheckpoint:
+    """Load a `model` save into `model` with strict name and shape checks.
 
-    Returns the file's content (its `config_json` and `step` tell what it was saved from).
+    Accepted: this package's model saves (safetensors or weights-only `.pt`), DALLE2-pytorch model
+    files (`model.pth`, names mapped) and trainer checkpoints (their EMA weights, or the trained
+    ones with `use_ema=False`), and plain state dicts. Returns the file's content (its
+    `config_json` and `step` tell what it was saved from).
     """
     loaded = read_file(path)
-    if loaded.kind != "model":
+    if loaded.kind != "model" and loaded.origin == "dalle2_decoder":
         raise CheckpointError(
             f"{path} is a training checkpoint, not a model save; resume from it with tracker.load, "
             "or save with save_type 'model' to get weights that load into a decoder"
         )
-    load_state_dict_checked(model, loaded.model_state, source=str(path))
+    weights = loaded.model_state if loaded.kind == "model" else checkpoint_weights(loaded.state, use_ema=use_ema)
+    load_state_dict_checked(model, weights, source=str(path))
     return loaded
+
+
+def training_state(loaded: LoadedCheckpoint) -> Dict[str, Any]:
+    """The checkpoint's run state (`trainer` with its `decoder` weights, and `progress`), checked.
+
+    Raises CheckpointFormatError naming the file when an entry the training loop needs is missing.
+    """
+    state = loaded.state or {}
+    trainer = state.get("trainer")
+    if not isinstance(trainer, Mapping) or not isinstance(trainer.get("decoder"), Mapping):
+        raise CheckpointFormatError(f"{loaded.source}: a checkpoint without its trainer state "
+                                    "('state' -> 'trainer' -> 'decoder'); the file is damaged or was edited")
+    if not isinstance(state.get("progress"), Mapping) and not isinstance(state.get("reference"), Mapping):
+        raise CheckpointFormatError(f"{loaded.source}: a checkpoint without its 'progress' entry; "
+                                    "the file is damaged or was edited")
+    return dict(state)
+
+
+def checkpoint_weights(state: Mapping[str, Any], *, use_ema: bool = True) -> Dict[str, torch.Tensor]:
+    """The decoder weights of a checkpoint state: each U-Net's EMA average where it has one (and `use_ema`)."""
+    trainer = state.get("trainer")
+    if not isinstance(trainer, Mapping) or not isinstance(trainer.get("decoder"), Mapping):
+        raise CheckpointFormatError("a checkpoint without its trainer state ('state' -> 'trainer' -> 'decoder')")
+    weights = dict(trainer["decoder"])
+    if use_ema:
+        for key, ema in trainer.get("emas", {}).items():
+            prefix = f"unets.{int(key) - 1}."
+            averaged = {name[len("averaged."):]: t for name, t in ema.items() if name.startswith("averaged.")}
+            weights.update({prefix + name: tensor for name, tensor in averaged.items()})
+    return weights
 
 
 # --- random number generator states ------------------------------------------------------------

@@ -30,6 +30,9 @@ class LocalLoader:
         return f"local file {self.path}"
 
     def check(self) -> None:
+        if self.path.is_dir():
+            raise LoadError(f"tracker.load.file_path: {self.path} is a folder, not a checkpoint file; "
+                            f"name the file in it (e.g. {self.path}/latest.pth)")
         if not self.path.is_file():
             raise LoadError(f"tracker.load.file_path: checkpoint file not found: {self.path}")
 

@@ -75,7 +75,8 @@ class NullTracker:
         return received[0]
 
     def save(
-        self, *, step: int, checkpoint_state: StateSource = None, model_state: StateSource = None, is_best: bool = False
+        self, *, step: int, checkpoint_state: StateSource = None, model_state: StateSource = None, is_best: bool = False,
+        fields: Optional[Mapping[str, Any]] = None,
     ) -> None:
         pass
 
@@ -90,6 +91,13 @@ class NullTracker:
 
     def __exit__(self, exc_type, exc, traceback) -> None:
         self.finish(success=exc_type is None)
+
+
+def save_path_fields(step: int, fields: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """Values for the `{epoch}`-style fields of save paths; what the caller does not give has a neutral value."""
+    values: Dict[str, Any] = {"epoch": 0, "sample": 0, "next_task": "train", "validation_losses": [], "samples_seen": step}
+    values.update(fields or {})
+    return values
 
 
 def _evaluate(source: StateSource, name: str) -> Mapping[str, Any]:
@@ -184,15 +192,19 @@ class Tracker:
     # --- saving --------------------------------------------------------------------------------
 
     def save(
-        self, *, step: int, checkpoint_state: StateSource = None, model_state: StateSource = None, is_best: bool = False
+        self, *, step: int, checkpoint_state: StateSource = None, model_state: StateSource = None, is_best: bool = False,
+        fields: Optional[Mapping[str, Any]] = None,
     ) -> None:
         """Save to every configured saver.
 
+        `fields` fill in the `{epoch}`-style fields of `save_latest_to` / `save_best_to` (see
+        `config.tracker.SAVE_PATH_FIELDS`); `samples_seen` defaults to `step`.
         `checkpoint_state`: everything needed to resume (for `save_type: checkpoint`); `model_state`:
         the decoder's weights, EMA ones when EMA is on (for `save_type: model`). Either may be a
         function, called only if some saver needs it. `is_best`: also write the `save_best_to` paths.
         Local writes finish before this returns; uploads go on in the background (`wait_for_uploads`).
         """
+        fields = save_path_fields(step, fields)
         staging = self.data_path / ".staging" / f"step_{step}-{uuid.uuid4().hex[:8]}"
         artifacts: Dict[Tuple[str, str], Path] = {}
 
@@ -225,7 +237,7 @@ class Tracker:
                 targets = [saver.config.save_latest_to] + ([saver.config.save_best_to] if is_best else [])
                 for dest in filter(None, targets):
                     suffix = ".safetensors" if dest.endswith(".safetensors") else ".pt"
-                    files.append(SaveFile(artifact(saver.config.save_type, suffix), dest))
+                    files.append(SaveFile(artifact(saver.config.save_type, suffix), dest.format(**fields)))
                 if saver.config.save_meta_to:
                     folder = saver.config.save_meta_to.rstrip("/")
                     files.extend(SaveFile(local, f"{folder}/{local.name}") for local in metadata())
@@ -235,7 +247,7 @@ class Tracker:
             for saver, files in plans:
                 if not saver.remote:
                     self.uploader.submit(saver, files, step)
-            self._record_resume_point(step, artifacts, checkpoint_state)
+            self._record_resume_point(step, artifacts, checkpoint_state, fields)
 
             for saver, files in plans:
                 if saver.remote:
@@ -272,13 +284,15 @@ class Tracker:
 
         self.uploader.submit(saver, kept, step, on_success=on_success, on_failure=on_failure)
 
-    def _record_resume_point(self, step: int, artifacts: Dict[Tuple[str, str], Path], checkpoint_state: StateSource) -> None:
+    def _record_resume_point(
+        self, step: int, artifacts: Dict[Tuple[str, str], Path], checkpoint_state: StateSource, fields: Mapping[str, Any]
+    ) -> None:
         """Remember the latest local resumable checkpoint in run_state.json (for auto-resume)."""
         latest: Optional[Path] = None
         for saver in self.savers:
             config = saver.config
             if isinstance(saver, LocalSaver) and config.save_type == "checkpoint" and config.save_latest_to:
-                latest = saver.resolve(config.save_latest_to)
+                latest = saver.resolve(config.save_latest_to.format(**fields))
         if latest is None:
             have_state = ("checkpoint", ".pt") in artifacts or (self.config.log.auto_resume and checkpoint_state is not None)
             if not have_state:

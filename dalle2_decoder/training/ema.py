@@ -1,4 +1,4 @@
-"""Exponential moving average of one U-Net's weights."""
+"""Exponential moving average of one U-Net's weights, with DALLE2-pytorch's update rule by default."""
 from __future__ import annotations
 
 import copy
@@ -7,25 +7,58 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
+EMA_WARMUPS = ("power", "ratio")
+
+
+def ema_decay(count: int, *, beta: float, warmup: str = "power", update_after_step: int = 100) -> float:
+    """Decay used by the update that finds `count` updates before it (0 means: copy the weights).
+
+    `power` (the default, ema-pytorch's schedule as DALLE2-pytorch uses it): with
+    n = count - update_after_step, decay = 1 - (1 + n) ** (-2/3), 0 while n <= 0, capped at `beta`.
+    `ratio` (this package's earlier warm-up, an option): decay = min(beta, (1 + n) / (10 + n)) with
+    the same n, which trails the weights sooner in short runs.
+    """
+    n = count - update_after_step
+    if n <= 0:
+        return 0.0
+    if warmup == "power":
+        value = 1.0 - (1.0 + n) ** (-2.0 / 3.0)
+    elif warmup == "ratio":
+        value = (1.0 + n) / (10.0 + n)
+    else:
+        raise ValueError(f"unknown EMA warm-up {warmup!r}; choose from {', '.join(EMA_WARMUPS)}")
+    return min(max(value, 0.0), beta)
+
 
 class EMA(nn.Module):
     """A frozen copy of a network whose weights trail the trained ones: ema <- d*ema + (1-d)*w.
 
-    The decay d warms up as min(beta, (1 + n) / (10 + n)) after n updates: early in training the
-    weights move fast, and a full-strength average would mix in the untrained start for thousands
-    of steps (sample grids of pure noise); the warm-up lets the average follow until it can trail.
+    `update()` is called after every optimizer step. As in DALLE2-pytorch (ema-pytorch 0.8), the
+    first call copies the weights; later calls act only every `update_every` calls: they copy the
+    weights while at most `update_after_step` calls came before, then average with the decay of
+    `ema_decay` (capped at `beta`). With `update_after_step=0, update_every=1, warmup="ratio"` it
+    is this package's earlier average, which follows the weights from the first step.
 
     Floating-point parameters and buffers are averaged; integer buffers (counters) are copied.
     The copy lives on the same device as the network, and updates are fused `_foreach` kernels, so
     an update costs one pass over the weights and never synchronises with the host.
     """
 
-    def __init__(self, network: nn.Module, beta: float):
+    def __init__(
+        self, network: nn.Module, beta: float, *, update_after_step: int = 100, update_every: int = 10,
+        warmup: str = "power",
+    ):
         super().__init__()
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"train.ema_beta must be in [0, 1), got {beta}")
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"train.ema_beta must be in [0, 1], got {beta}")
+        if warmup not in EMA_WARMUPS:
+            raise ValueError(f"train.ema_warmup must be one of {', '.join(EMA_WARMUPS)}, got {warmup!r}")
         self.beta = float(beta)
+        self.update_after_step = int(update_after_step)
+        self.update_every = max(1, int(update_every))
+        self.warmup = warmup
         self.averaged = copy.deepcopy(network).eval().requires_grad_(False)
+        # Calls of update() so far (ema-pytorch's `step`); saved, so a resumed run keeps the schedule.
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
         self._count: Optional[int] = 0
 
@@ -33,13 +66,28 @@ class EMA(nn.Module):
         # The average is only ever used for inference.
         return super().train(False)
 
-    @torch.no_grad()
-    def update(self, network: nn.Module) -> None:
-        """Move the average one step towards `network`'s current weights."""
+    @property
+    def count(self) -> int:
         if self._count is None:  # read back once (after creation or loading), not every step
             self._count = int(self.num_updates)
-        n = self._count
-        decay = min(self.beta, (1.0 + n) / (10.0 + n))
+        return self._count
+
+    def current_decay(self) -> float:
+        """The decay the next averaging update would use (0: it copies)."""
+        return ema_decay(self.count, beta=self.beta, warmup=self.warmup, update_after_step=self.update_after_step)
+
+    @torch.no_grad()
+    def update(self, network: nn.Module) -> None:
+        """Count one optimizer step; copy or average `network`'s weights when the schedule says so."""
+        n = self.count
+        self.num_updates += 1
+        self._count = n + 1
+        if n == 0 or (n % self.update_every == 0 and n <= self.update_after_step):
+            self.copy_from(network)
+        elif n % self.update_every == 0:
+            self._average(network, ema_decay(n, beta=self.beta, warmup=self.warmup, update_after_step=self.update_after_step))
+
+    def _average(self, network: nn.Module, decay: float) -> None:
         source = dict(network.named_parameters())
         ema_params, new_params = [], []
         for name, averaged in self.averaged.named_parameters():
@@ -54,15 +102,14 @@ class EMA(nn.Module):
                 averaged.lerp_(new.to(averaged.dtype), 1.0 - decay)
             else:
                 averaged.copy_(new)
-        self.num_updates += 1
-        self._count += 1
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         super()._load_from_state_dict(*args, **kwargs)
         self._count = None  # the loaded `num_updates` is read at the next update
 
+    @torch.no_grad()
     def copy_from(self, network: nn.Module) -> None:
-        """Reset the average to `network`'s weights (e.g. when a pretrained U-Net is loaded)."""
+        """Set the average to `network`'s weights (the schedule's copies, or a pretrained U-Net loaded)."""
         self.averaged.load_state_dict(network.state_dict())
 
     def averaged_state_dict(self) -> Dict[str, torch.Tensor]:

@@ -7,11 +7,12 @@ Every rank runs every phase and reaches the same collectives in the same order; 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import os
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import attrs
 import torch
@@ -22,7 +23,9 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..config.root import TrainDecoderConfig
 from ..tracking import capture_rng_state, create_tracker, restore_rng_state
+from ..tracking.checkpoint import training_state
 from .batches import BatchPreparer, SampleExamples
+from .resume import describe_changes, position_is_kept, reference_progress
 from .stopping import StopRequest
 from .trainer import DecoderTrainer, per_unet
 
@@ -52,6 +55,8 @@ class Progress:
     """`samples_seen` at which the next periodic sample grid and checkpoint are due."""
     best_val_loss: float = math.inf
     """Lowest mean validation loss so far (sum over trained U-Nets)."""
+    validation_losses: List[float] = attrs.Factory(list)
+    """Every epoch's validation loss so far (for the `{validation_losses}` field of save paths)."""
 
     def to_dict(self) -> Dict[str, Any]:
         return attrs.asdict(self)
@@ -72,11 +77,16 @@ def _launched() -> bool:
 def create_accelerator(config: TrainDecoderConfig, *, purpose: str = "training") -> Accelerator:
     """An Accelerator honouring `train.device` in single-process runs and the launcher otherwise."""
     train = config.train
-    precision = train.mixed_precision or ("bf16" if train.amp else None)
-    ddp = DistributedDataParallelKwargs(
-        find_unused_parameters=train.find_unused_parameters, static_graph=train.static_graph, broadcast_buffers=False
-    )
+    # As in DALLE2-pytorch, `train.amp` chooses nothing: without `mixed_precision`, accelerate's
+    # launch configuration (ACCELERATE_MIXED_PRECISION) decides, and plain fp32 without one.
+    precision = train.mixed_precision
     notes = []
+    static_graph, why_not = ddp_static_graph(config)
+    if why_not and _launched():
+        notes.append(why_not)
+    ddp = DistributedDataParallelKwargs(
+        find_unused_parameters=train.find_unused_parameters, static_graph=static_graph, broadcast_buffers=False
+    )
     if _launched():
         # Without GPUs (or when the launcher asks for the CPU) each process must say so itself,
         # otherwise Accelerate treats the processes as independent single-process runs.
@@ -98,12 +108,25 @@ def create_accelerator(config: TrainDecoderConfig, *, purpose: str = "training")
         threads = max(1, cores // accelerator.num_processes - config.data.num_workers)
         torch.set_num_threads(threads)
         notes.append(f"CPU {purpose} with {threads} compute thread(s) per process (set OMP_NUM_THREADS to choose)")
-    if precision == "bf16" and accelerator.device.type == "cpu" and not train.mixed_precision:
-        notes.append("train.amp on the CPU runs bf16 autocast, which is slower than fp32 on most CPUs")
     for note in notes:
         if accelerator.is_main_process:
             print(f"note: {note}", flush=True)
     return accelerator
+
+
+def ddp_static_graph(config: TrainDecoderConfig) -> Tuple[bool, Optional[str]]:
+    """DDP's `static_graph` for this run, and why `train.static_graph` is not used, if it is not.
+
+    A step runs one backward pass per trained U-Net through the one wrapped decoder, each using
+    another U-Net's parameters: a static graph cannot take a used set that changes between passes
+    (DDP stops with "Your training graph has changed"), so it is only used with one trained U-Net.
+    """
+    train = config.train
+    trained = sum(1 for index in range(len(config.decoder.unets)) if train.trains_unet(index))
+    if train.static_graph and trained > 1:
+        return False, (f"train.static_graph: not used with {trained} trained U-Nets (each one's backward pass uses "
+                       "other parameters, which a static DDP graph cannot take); set it to false to silence this")
+    return train.static_graph, None
 
 
 def shut_down(accelerator: Accelerator) -> None:
@@ -203,29 +226,59 @@ class TrainingRun:
     # --- start ---------------------------------------------------------------------------------
 
     def load_start_checkpoint(self) -> None:
+        """Start from `tracker.load` or the interrupted run's checkpoint: a checkpoint continues its run.
+
+        As in DALLE2-pytorch, a checkpoint carries its run on (progress, optimizers, schedulers,
+        EMA), also when the config changed: each change is applied or refused, one line each,
+        and whatever of the training state cannot be carried over is named. A model save gives
+        weights only and the run starts fresh.
+        """
         loaded = self.tracker.load(broadcast=broadcast_object_list if self.accelerator.num_processes > 1 else None)
         if loaded is None:
             return
         if loaded.kind == "model":
-            self.trainer.load_state_dict({"decoder": loaded.model_state}, weights_only=True)
+            notes = self.trainer.load_state_dict(
+                {"decoder": loaded.model_state, "partial_decoder": loaded.partial}, weights_only=True
+            )
+            for note in notes:
+                self.tracker.info(f"note: {note}")
             self.tracker.info(f"loaded decoder weights from {loaded.source}; training starts fresh")
             return
-        state = loaded.state
-        same_run = loaded.auto_resumed or state.get("config_digest") == config_digest(self.config)
-        self.trainer.load_state_dict(state["trainer"], weights_only=not same_run)
-        if same_run:
-            self.progress = Progress.from_dict(state["progress"])
-            rng_states = state.get("rng", [])
-            if len(rng_states) == self.accelerator.num_processes:
-                # Restored once this rank's data iterator is positioned (see `_train_phase`).
-                self._pending_rng = rng_states[self.accelerator.process_index]
-            self.resumed = True
-            self.tracker.info(
-                f"resumed from {loaded.source}: epoch {self.progress.epoch + 1}, "
-                f"{self.progress.samples_seen} samples seen, step {self.trainer.step}"
+        state = training_state(loaded)  # a damaged file is named in one line, not a KeyError
+        reference = state.get("reference")
+        if reference is not None:
+            progress = reference_progress(
+                reference, batch_samples=self.config.data.batch_size * self.accelerator.num_processes,
+                save_every=self.config.train.save_every_n_samples,
             )
+            saved_config = reference.get("config")
         else:
-            self.tracker.info(f"loaded weights from {loaded.source} (a different run's checkpoint); training starts fresh")
+            progress = dict(state["progress"])
+            saved_config = json.loads(loaded.config_json) if loaded.config_json else None
+        current = getattr(self.tracker, "config_dict", None) or self.config.to_dict()
+        mid_epoch = progress["phase"] == "train" and progress["batches_in_epoch"] > 0
+        changes = describe_changes(saved_config, current, epoch=progress["epoch"], mid_epoch=mid_epoch,
+                                   reference=reference is not None)
+        notes = self.trainer.load_state_dict(state["trainer"])
+        self.progress = Progress.from_dict(progress)
+        if any(c.path == "train.save_every_n_samples" for c in changes):
+            self.progress.next_save_at = self.progress.samples_seen + self.config.train.save_every_n_samples
+        if any(not c.applied for c in changes):
+            self.progress.batches_in_epoch = 0  # the refused in-epoch position (see the change's line)
+        rng_states = state.get("rng", [])
+        if position_is_kept(changes) and len(rng_states) == self.accelerator.num_processes:
+            # Restored once this rank's data iterator is positioned (see `_train_phase`).
+            self._pending_rng = rng_states[self.accelerator.process_index]
+        self.resumed = True
+        for change in changes:
+            self.tracker.info(change.line())
+        for note in notes:
+            self.tracker.info(f"note: {note}")
+        origin = " (a DALLE2-pytorch checkpoint)" if reference is not None else ""
+        self.tracker.info(
+            f"resumed from {loaded.source}{origin}: epoch {self.progress.epoch + 1}, "
+            f"{self.progress.samples_seen} samples seen, step {self.trainer.step}"
+        )
 
     # --- the epochs ----------------------------------------------------------------------------
 
@@ -261,6 +314,8 @@ class TrainingRun:
                 self._evaluate_phase()
                 self._sample_phase()
                 is_best = val_loss is not None and val_loss < self.progress.best_val_loss
+                if val_loss is not None:
+                    self.progress.validation_losses.append(val_loss)
                 if is_best:
                     self.progress.best_val_loss = val_loss
                 self.progress.epoch += 1
@@ -288,7 +343,9 @@ class TrainingRun:
         iterator = iter(loader)
         # Mid-epoch resume: read past the batches already trained on, so the data (and the workers'
         # random augmentations) continue exactly where the interrupted run stopped.
-        for _ in range(progress.batches_in_epoch):
+        # (A checkpoint from DALLE2-pytorch, or one saved with other data, may count more batches
+        # than this epoch has: then the epoch's training is done.)
+        for _ in range(min(progress.batches_in_epoch, len(loader))):
             next(iterator)
         if self._pending_rng is not None:
             restore_rng_state(self._pending_rng)
@@ -392,7 +449,16 @@ class TrainingRun:
         """Latest (and best) saves through every configured saver; RNG states of every rank included."""
         acc = self.accelerator
         rng = gather_object([capture_rng_state()]) if acc.num_processes > 1 else [capture_rng_state()]
+        progress = self.progress
+        batch_samples = self.config.data.batch_size * acc.num_processes
+        if progress.phase == "train" and progress.batches_in_epoch == 0 and progress.epoch > 0:
+            # The end-of-epoch save (the epoch counter has moved on): named after the epoch it ends.
+            fields = {"epoch": progress.epoch - 1, "sample": 0, "next_task": "sample"}
+        else:
+            fields = {"epoch": progress.epoch, "sample": progress.batches_in_epoch * batch_samples, "next_task": "train"}
+        fields.update(validation_losses=list(progress.validation_losses), samples_seen=progress.samples_seen)
         self.tracker.save(
+            fields=fields,
             step=self.progress.samples_seen,
             checkpoint_state=lambda: {
                 "trainer": self.trainer.state_dict(),

@@ -15,7 +15,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from ..config.train import TrainConfig
-from ..tracking.checkpoint import load_state_dict_checked
+from ..tracking.checkpoint import CheckpointError, load_state_dict_checked
 from .ema import EMA
 
 T = TypeVar("T")
@@ -28,6 +28,26 @@ def per_unet(value: Any, num_unets: int) -> List[Any]:
             raise ValueError(f"expected {num_unets} values (one per U-Net), got {len(value)}")
         return list(value)
     return [value] * num_unets
+
+
+ADAM_BETAS = (0.9, 0.99)
+"""AdamW betas, as DALLE2-pytorch's optimizer."""
+ADAM_EPS = 1e-8
+
+
+def parameter_groups(unet: nn.Module, weight_decay: float, *, group: bool = True) -> List[Dict[str, Any]]:
+    """AdamW parameter groups as DALLE2-pytorch forms them: decay on tensors of 2 or more dimensions
+    (weight matrices, kernels, embeddings), none on the rest (biases, norm scales, scalars).
+
+    Without `group`, one group decays everything. Empty groups are left out.
+    """
+    parameters = list(unet.parameters())
+    if not group:
+        return [{"params": parameters, "weight_decay": weight_decay}]
+    decayed = [p for p in parameters if p.ndim >= 2]
+    plain = [p for p in parameters if p.ndim < 2]
+    groups = [{"params": decayed, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
 
 
 def warmup_factor(step: int, warmup_steps: Optional[int]) -> float:
@@ -77,10 +97,13 @@ class DecoderTrainer:
         self.optimizers: Dict[int, torch.optim.Optimizer] = {}
         self.schedulers: Dict[int, torch.optim.lr_scheduler.LambdaLR] = {}
         self.emas: Dict[int, EMA] = {}
+        self.lrs = lrs
+        self.wds = wds
         fused = accelerator.device.type == "cuda"
         for number in self.trained_unets:
             unet = decoder.unets[number - 1]
-            optimizer = torch.optim.AdamW(unet.parameters(), lr=lrs[number - 1], weight_decay=wds[number - 1], fused=fused or None)
+            groups = parameter_groups(unet, wds[number - 1], group=config.group_wd_params)
+            optimizer = torch.optim.AdamW(groups, lr=lrs[number - 1], betas=ADAM_BETAS, eps=ADAM_EPS, fused=fused or None)
             warmup = config.for_unet("warmup_steps", number - 1)
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step, warmup=warmup: warmup_factor(step, warmup))
             # Not wrapped by Accelerate: with several optimizers the loss scaler must unscale each
@@ -88,7 +111,10 @@ class DecoderTrainer:
             self.optimizers[number] = optimizer
             self.schedulers[number] = scheduler
             if config.use_ema:
-                self.emas[number] = EMA(unet, config.ema_beta)
+                self.emas[number] = EMA(
+                    unet, config.ema_beta, update_after_step=config.ema_update_after_step,
+                    update_every=config.ema_update_every, warmup=config.ema_warmup,
+                )
 
         # One wrapper around the whole decoder: its forward picks the U-Net by number, so
         # DistributedDataParallel sees the other U-Nets as unused in that step and, being unused on
@@ -244,32 +270,135 @@ class DecoderTrainer:
             state["scaler"] = self.accelerator.scaler.state_dict()
         return state
 
-    def load_state_dict(self, state: Dict[str, Any], *, weights_only: bool = False) -> None:
-        """Restore a `state_dict()`; with `weights_only`, take the decoder weights and nothing else.
+    def load_state_dict(self, state: Dict[str, Any], *, weights_only: bool = False) -> List[str]:
+        """Restore a `state_dict()` (or one converted from a DALLE2-pytorch checkpoint); returns notes for the user.
 
-        Optimizer, scheduler and EMA states are restored for the U-Nets trained in both runs, so a
-        run may train a different set of U-Nets than the checkpoint's (e.g. fine-tuning the upsampler).
+        With `weights_only`, take the decoder weights and nothing else. Otherwise optimizer,
+        scheduler and EMA states are restored for the U-Nets trained in both runs, so a run may
+        train a different set of U-Nets than the checkpoint's (e.g. fine-tuning the upsampler);
+        whatever cannot be carried over is named in the returned notes. The learning rates and
+        weight decays of the current config are applied to the restored optimizers.
         """
-        load_state_dict_checked(self.decoder, state["decoder"], source="checkpoint decoder weights")
+        notes: List[str] = []
+        if state.get("partial_decoder"):
+            notes += self._load_present_unets(state["decoder"])
+        else:
+            load_state_dict_checked(self.decoder, state["decoder"], source="checkpoint decoder weights")
         if weights_only:
             for number, ema in self.emas.items():
                 ema.copy_from(self.decoder.unets[number - 1])
-            return
+            return notes
+        optimizers, by_name = state.get("optimizers", {}), state.get("optimizers_by_name", {})
+        schedulers, scheduler_steps = state.get("schedulers", {}), state.get("scheduler_steps", {})
+        emas = state.get("emas", {})
+        saved_trained = [int(n) for n in state.get("trained_unets", [])]
         for number in self.trained_unets:
             key = str(number)
-            if key in state.get("optimizers", {}):
-                self.optimizers[number].load_state_dict(state["optimizers"][key])
-            if key in state.get("schedulers", {}):
-                self.schedulers[number].load_state_dict(state["schedulers"][key])
+            optimizer = self.optimizers[number]
+            try:
+                if key in optimizers:
+                    optimizer.load_state_dict(optimizers[key])
+                elif key in by_name:
+                    self._load_optimizer_by_name(number, by_name[key])
+                else:
+                    notes.append(f"U-Net {number}: the checkpoint has no optimizer state for it (not trained there); "
+                                 "its optimizer starts fresh")
+            except (ValueError, KeyError, RuntimeError) as error:
+                optimizer.state.clear()
+                notes.append(f"U-Net {number}: optimizer state not carried over ({error}); its optimizer starts fresh")
+            if key in schedulers:
+                self.schedulers[number].load_state_dict(schedulers[key])
+            elif key in scheduler_steps:
+                self.schedulers[number].last_epoch = int(scheduler_steps[key])
             if number in self.emas:
-                if key in state.get("emas", {}):
-                    self.emas[number].load_state_dict(state["emas"][key])
+                if key in emas:
+                    self.emas[number].load_state_dict(emas[key])
                 else:
                     self.emas[number].copy_from(self.decoder.unets[number - 1])
+                    if saved_trained:
+                        notes.append(f"U-Net {number}: no EMA in the checkpoint; the average starts from the loaded weights")
+            self._apply_hyperparameters(number)
+        frozen = sorted(set(saved_trained) - set(self.trained_unets))
+        if frozen:
+            notes.append(f"U-Net(s) {', '.join(map(str, frozen))}: frozen now (train.unet_training_mask); their weights "
+                         "are loaded, their optimizer and EMA states in the checkpoint are not used")
+        dropped = sorted(set(int(n) for n in emas) & set(self.trained_unets) - set(self.emas))
+        if dropped:
+            notes.append(f"EMA state of U-Net(s) {', '.join(map(str, dropped))} not used: train.use_ema is false")
         if "scaler" in state and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(state["scaler"])
         counters = state.get("counters", {})
         self.step = int(counters.get("step", 0))
-        self.micro_step = int(counters.get("micro_step", 0))
+        self.micro_step = int(counters.get("micro_step", self.step * self.grad_accum))
         self.nonfinite_steps = int(counters.get("nonfinite_steps", 0))
         self.nonfinite_streak = int(counters.get("nonfinite_streak", 0))
+        return notes
+
+    def _load_present_unets(self, weights: Dict[str, torch.Tensor]) -> List[str]:
+        """Load the U-Nets a (DALLE2-pytorch) checkpoint holds; the others keep their weights, with a note."""
+        notes = []
+        for number, unet in enumerate(self.decoder.unets, start=1):
+            prefix = f"unets.{number - 1}."
+            own = {name[len(prefix):]: tensor for name, tensor in weights.items() if name.startswith(prefix)}
+            if own:
+                load_state_dict_checked(unet, own, source=f"checkpoint weights of U-Net {number}")
+            else:
+                notes.append(f"U-Net {number}: not in the checkpoint (the run that wrote it did not train it); "
+                             "it keeps its initial weights")
+        known = tuple(f"unets.{index}." for index in range(self.num_unets))
+        extra = sorted({name.split(".")[1] for name in weights if not name.startswith(known) and name.startswith("unets.")})
+        if extra:
+            raise CheckpointError(f"the checkpoint has weights of U-Net(s) {', '.join(str(int(i) + 1) for i in extra)}, "
+                                  f"but the configured decoder has {self.num_unets}")
+        return notes
+
+    def _load_optimizer_by_name(self, number: int, saved: Dict[str, Any]) -> None:
+        """Restore Adam moments saved per parameter name (converted from DALLE2-pytorch), in our order."""
+        unet = self.decoder.unets[number - 1]
+        optimizer = self.optimizers[number]
+        by_param = {id(p): name for name, p in unet.named_parameters()}
+        per_name = saved["state"]
+        names = [by_param[id(p)] for group in optimizer.param_groups for p in group["params"]]
+        unknown = sorted(set(per_name) - set(names))
+        if unknown:
+            raise KeyError(f"moments saved for {len(unknown)} parameter(s) this U-Net does not have, e.g. {unknown[0]}")
+        # Parameters without saved moments (never given a gradient there) start theirs at zero.
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                entry = per_name.get(by_param[id(p)])
+                if entry is not None and tuple(entry["exp_avg"].shape) != tuple(p.shape):
+                    raise ValueError(f"moments of {by_param[id(p)]} have shape {tuple(entry['exp_avg'].shape)}, "
+                                     f"the parameter {tuple(p.shape)}")
+        # The usual loader casts and places each state like its parameter (the step stays a CPU tensor).
+        optimizer.load_state_dict({
+            "state": {index: per_name[name] for index, name in enumerate(names) if name in per_name},
+            "param_groups": [
+                {**{k: v for k, v in group.items() if k != "params"},
+                 "params": list(range(start, start + len(group["params"])))}
+                for group, start in zip(optimizer.param_groups, _starts(optimizer.param_groups))
+            ],
+        })
+
+    def _apply_hyperparameters(self, number: int) -> None:
+        """The current config's learning rate, weight decay and Adam settings on a restored optimizer."""
+        optimizer, scheduler = self.optimizers[number], self.schedulers[number]
+        lr, wd = self.lrs[number - 1], self.wds[number - 1]
+        decays = [g["weight_decay"] for g in parameter_groups(self.decoder.unets[number - 1], wd,
+                                                              group=self.config.group_wd_params)]
+        if len(decays) != len(optimizer.param_groups):
+            raise CheckpointError(f"U-Net {number}: {len(optimizer.param_groups)} optimizer parameter groups, expected {len(decays)}")
+        for group, decay in zip(optimizer.param_groups, decays):
+            group.update(initial_lr=lr, weight_decay=decay, betas=ADAM_BETAS, eps=ADAM_EPS)
+        scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+        factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * factor
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def _starts(groups: Sequence[Dict[str, Any]]) -> List[int]:
+    starts, total = [], 0
+    for group in groups:
+        starts.append(total)
+        total += len(group["params"])
+    return starts

@@ -1,0 +1,108 @@
+"""`dalle2-convert-checkpoint IN OUT.safetensors`: a DALLE2-pytorch checkpoint or model file as our model save.
+
+The input is a DALLE2-pytorch trainer checkpoint (`DecoderTrainer.save`, the tracker's
+`checkpoint`), a model file (`model.pth`, as the community's released decoders), or a file of
+this package. It is read weights-only (only the `packaging` version object these files hold is
+allowed besides tensors and plain containers), names are mapped, and the weights are checked
+against the decoder the config describes before anything is written. The output is a
+safetensors model save (EMA weights by default) that `load_model_weights`, `tracker.load` and
+`dalle2-evaluate-decoder` take, with the config in its metadata.
+
+The config is the one given with `--config_file`, else the one the input file records
+(DALLE2-pytorch files record the run's config; its unset options are left to our defaults).
+Exit status: 0 written, 1 a problem with the input or the config (one line on stderr).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+EXIT_OK, EXIT_ERROR = 0, 1
+
+
+def _without_unset(value: Any) -> Any:
+    """A DALLE2-pytorch config dump without its None entries (pydantic writes every unset option as None)."""
+    if isinstance(value, dict):
+        return {key: _without_unset(item) for key, item in value.items() if item is not None}
+    if isinstance(value, list):
+        return [_without_unset(item) for item in value]
+    return value
+
+
+def _config(loaded, config_file: Optional[str]):
+    from .config import ConfigError, ConfigWarning, TrainDecoderConfig
+
+    if config_file is not None:
+        from .cli import load_config
+
+        return load_config(config_file)[0], config_file
+    if loaded.config_json is None:
+        raise ConfigError([f"{loaded.source} records no config; give the run's config with --config_file"],
+                          source="dalle2-convert-checkpoint")
+    raw = json.loads(loaded.config_json)
+    if loaded.origin != "dalle2_decoder":
+        raw = _without_unset(raw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConfigWarning)  # options of the reference's trainer we do not use
+        return TrainDecoderConfig.from_dict(raw, source=f"the config recorded in {loaded.source}"), "the input file"
+
+
+def convert(source: str, output: str, *, config_file: Optional[str] = None, use_ema: bool = True) -> str:
+    """Write `output` (safetensors) from `source`; returns a one-line summary. Raises CheckpointError / ConfigError."""
+    from .tracking import CheckpointError, load_state_dict_checked, read_file, save_model
+    from .tracking.checkpoint import checkpoint_weights
+
+    if not output.endswith(".safetensors"):
+        raise CheckpointError(f"{output}: the output must be a .safetensors file")
+    loaded = read_file(source)
+    config, config_from = _config(loaded, config_file)
+    decoder = config.decoder.create()
+    if loaded.kind == "model":
+        weights, which = loaded.model_state, "the model file's weights"
+    else:
+        weights = checkpoint_weights(loaded.state, use_ema=use_ema)
+        has_ema = bool(loaded.state["trainer"].get("emas"))
+        which = "EMA weights" if use_ema and has_ema else "trained weights (no EMA)" if use_ema else "trained weights"
+    absent = [n for n in range(1, len(decoder.unets) + 1) if not any(k.startswith(f"unets.{n - 1}.") for k in weights)]
+    if absent and len(absent) < len(decoder.unets):
+        raise CheckpointError(
+            f"{source} has no weights for U-Net(s) {', '.join(map(str, absent))} (the run that wrote it froze them); "
+            "a model save needs every U-Net: fine-tune from it with tracker.load instead"
+        )
+    load_state_dict_checked(decoder, weights, source=source)  # every U-Net present, every name and shape right
+    save_model(output, decoder.state_dict(), step=loaded.step, config_json=config.to_json(indent=None))
+    notes = "".join(f"; {note}" for note in loaded.notes)
+    return (f"wrote {output}: {len(config.decoder.unets)} U-Net(s), {which}, step {loaded.step}, "
+            f"config from {config_from}{notes}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dalle2-convert-checkpoint", description=__doc__.split("\n\n")[0])
+    parser.add_argument("input", help="DALLE2-pytorch checkpoint or model file (.pth), or a file of this package")
+    parser.add_argument("output", help="the model save to write (.safetensors)")
+    parser.add_argument("--config_file", "--config-file", dest="config_file", default=None, metavar="PATH",
+                        help="the run's JSON config (default: the config recorded in the input)")
+    parser.add_argument("--no_ema", "--no-ema", dest="no_ema", action="store_true",
+                        help="from a checkpoint, write the trained weights instead of the EMA weights")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from .config import ConfigError
+    from .tracking import CheckpointError
+
+    args = build_parser().parse_args(argv)
+    try:
+        print(convert(args.input, args.output, config_file=args.config_file, use_ema=not args.no_ema), flush=True)
+    except (CheckpointError, ConfigError) as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return EXIT_ERROR
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
