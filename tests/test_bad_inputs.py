@@ -33,7 +33,7 @@ from dalle2_decoder import cli
 from dalle2_decoder.data import BadDataError, create_dataloaders
 from dalle2_decoder.evaluation.cli import main as evaluate_main
 from dalle2_decoder.tracking.checkpoint import CHECKPOINT_FORMAT, MODEL_FORMAT
-from dalle2_decoder.failures import EXIT_BUG, EXIT_CHECKPOINT, EXIT_CONFIG, EXIT_DATA, EXIT_IO, report
+from dalle2_decoder.failures import EXIT_BUG, EXIT_CHECKPOINT, EXIT_CONFIG, EXIT_DATA, EXIT_IO, EXIT_USAGE, report
 
 from .conftest import REPO_ROOT
 from .data_fixtures import data_config, keys_of, write_dataset
@@ -624,7 +624,7 @@ def test_evaluate_misuse(capsys, world):
     config.write_text(json.dumps(world.raw))
     (world.tmp / "ok.pth").write_bytes(b"PK\x03\x04" + b"\x00" * 60)
     code = evaluate_main(["--config_file", str(config), "--checkpoint", str(world.tmp / "ok.pth"), "--n_samples", "0"])
-    assert_reported(code, capsys.readouterr().err, EXIT_CONFIG, ["--n_samples", "at least 1"])
+    assert_reported(code, capsys.readouterr().err, EXIT_USAGE, ["--n_samples", "at least 1"])
     code = evaluate_main(["--config_file", str(config), "--checkpoint", str(world.tmp / "ok.pth")])
     assert_reported(code, capsys.readouterr().err, EXIT_CONFIG, ["config.json", "enables no metric"])
     raw = set_path(copy.deepcopy(world.raw), "train.device", _cuda_device())
@@ -662,7 +662,7 @@ def test_prepare_checks_its_arguments_before_loading_clip(capsys, monkeypatch, w
     (world.tmp / "pics").mkdir()
     (world.tmp / "pics" / "a.png").write_bytes(odd_image(8, 8))
     monkeypatch.setattr(prepare, "load_clip_embedder", lambda *args: pytest.fail("CLIP loaded before the arguments were checked"))
-    assert_reported(prepare.main(argv(world.tmp)), capsys.readouterr().err, EXIT_CONFIG, needles)
+    assert_reported(prepare.main(argv(world.tmp)), capsys.readouterr().err, EXIT_USAGE, needles)
 
 
 # --- real commands (subprocesses) ----------------------------------------------------------------
@@ -685,7 +685,7 @@ def test_real_commands_report_one_line(world):
     assert_reported(evaluate.returncode, evaluate.stderr, EXIT_CHECKPOINT, ["--checkpoint", "notes.pth"], out=evaluate.stdout)
     prepare = run_command([sys.executable, "-m", "dalle2_decoder.data.prepare", "--images", "/nonexistent", "--out",
                            str(world.tmp / "out")])
-    assert_reported(prepare.returncode, prepare.stderr, EXIT_CONFIG, ["--images", "/nonexistent"], out=prepare.stdout)
+    assert_reported(prepare.returncode, prepare.stderr, EXIT_USAGE, ["--images", "/nonexistent"], out=prepare.stdout)
 
 
 @pytest.mark.slow
@@ -750,7 +750,7 @@ def test_read_only_and_full_filesystems_are_found_at_start(world):
     assert_reported(full_check["code"], full_check["err"], EXIT_IO, ["no space left for a checkpoint", str(full)])
     assert_reported(ro_train["code"], ro_train["err"], EXIT_IO, ["tracker.save[0].save_latest_to", "Read-only"])
     assert "dalle2-decoder training" not in ro_train["out"]  # not a single step was trained
-    assert_reported(ro_prepare["code"], ro_prepare["err"], EXIT_CONFIG, ["--out", "Read-only file system"])
+    assert_reported(ro_prepare["code"], ro_prepare["err"], EXIT_USAGE, ["--out", "Read-only file system"])
     assert_reported(full_save["code"], full_save["err"], EXIT_IO, ["no space left on device", str(full)])
 
 

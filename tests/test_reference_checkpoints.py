@@ -252,3 +252,15 @@ def test_tracker_load_takes_reference_checkpoints_from_a_url_and_from_a_wandb_ru
     assert loaded.kind == "model" and loaded.origin == "dalle2-pytorch"
     decoder = cfg.decoder.create()
     decoder.load_state_dict(loaded.model_state)
+
+
+def test_a_reference_checkpoint_in_an_all_cosine_cascade_gets_a_schedule_note():
+    from dalle2_decoder.tracking.reference import schedule_note
+
+    # Our documented default (cosine everywhere) vs the reference's code (linear for the last U-Net):
+    # a reference checkpoint meeting an all-cosine cascade is told how to get the reference's rule.
+    assert "beta_schedule\": null" in schedule_note(["cosine", "cosine"])
+    assert schedule_note(["cosine", "linear"]) is None
+    assert schedule_note(["cosine"]) is None  # one U-Net: both rules give cosine
+    decoder = TrainDecoderConfig.from_dict(raw_config()).decoder.create()
+    assert decoder.beta_schedules == ["cosine", "linear"]  # the fixture's explicit null is the reference's rule

@@ -55,12 +55,15 @@ class GaussianDiffusion(nn.Module):
         super().__init__()
         self.beta_schedule = beta_schedule
         self.num_timesteps = timesteps
-        betas = make_beta_schedule(beta_schedule, timesteps)  # float64 for the derived constants
-        alphas = 1.0 - betas
-        alphas_cumprod = torch.cumprod(alphas, dim=0)
-        alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
-        # DDPM eq. 7: variance of q(x_{t-1} | x_t, x_0).
-        posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+        # Constants, computed on the CPU whatever device context the model is built under (e.g. the meta
+        # device, which cannot be read back, when the pre-flight check sizes a checkpoint).
+        with torch.device("cpu"):
+            betas = make_beta_schedule(beta_schedule, timesteps)  # float64 for the derived constants
+            alphas = 1.0 - betas
+            alphas_cumprod = torch.cumprod(alphas, dim=0)
+            alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+            # DDPM eq. 7: variance of q(x_{t-1} | x_t, x_0).
+            posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
 
         def register(name: str, value: torch.Tensor) -> None:
             self.register_buffer(name, value.to(torch.float32), persistent=False)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -210,3 +210,18 @@ def config_json(payload: Mapping[str, Any]) -> Optional[str]:
 def reference_step(payload: Mapping[str, Any]) -> int:
     steps = payload.get("steps")
     return int(torch.as_tensor(steps).max()) if steps is not None else 0
+
+
+def schedule_note(beta_schedules: Sequence[str]) -> Optional[str]:
+    """A note when a DALLE2-pytorch checkpoint meets a cascade whose every U-Net has the cosine schedule.
+
+    The reference's code gives the last U-Net of a cascade a linear schedule when its config leaves
+    `beta_schedule` out, while the configuration reference documents cosine (our default): a
+    checkpoint trained that way samples wrongly under all-cosine, and neither file can tell.
+    """
+    if len(beta_schedules) > 1 and all(schedule == "cosine" for schedule in beta_schedules):
+        return ("decoder.beta_schedule is cosine for every U-Net; if this DALLE2-pytorch checkpoint was trained with "
+                "beta_schedule left out, its last U-Net used a linear schedule: set \"beta_schedule\": null (the "
+                "reference's rule) or list the schedules (docs/MIGRATING.md)")
+    return None
+

@@ -24,6 +24,7 @@ from .. import __version__
 from ..config.root import TrainDecoderConfig
 from ..tracking import capture_rng_state, create_tracker, restore_rng_state
 from ..tracking.checkpoint import training_state
+from ..tracking.reference import REFERENCE_ORIGIN, schedule_note
 from .batches import BatchPreparer, SampleExamples
 from .resume import describe_changes, position_is_kept, reference_progress
 from .stopping import StopRequest
@@ -236,6 +237,10 @@ class TrainingRun:
         loaded = self.tracker.load(broadcast=broadcast_object_list if self.accelerator.num_processes > 1 else None)
         if loaded is None:
             return
+        if loaded.origin == REFERENCE_ORIGIN:
+            note = schedule_note(self.trainer.decoder.beta_schedules)
+            if note:
+                self.tracker.info(f"note: {note}")
         if loaded.kind == "model":
             notes = self.trainer.load_state_dict(
                 {"decoder": loaded.model_state, "partial_decoder": loaded.partial}, weights_only=True

@@ -47,6 +47,9 @@ def run_config(tracker_path: str, unet_training_mask=None) -> Dict:
             "unets": [dict(UNET), dict(UNET)],
             "image_sizes": [8, 16],
             "timesteps": 32,
+            # null: the reference's own rule (cosine, then linear for the last U-Net), which our default
+            # (cosine for every U-Net, as the configuration reference documents) differs from
+            "beta_schedule": None,
             "loss_type": "l2",
             "learned_variance": True,
         },
