@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import sys
+import threading
 from typing import Any, Iterable, List
 
 MASK = "***"
@@ -153,18 +154,30 @@ OUTPUT = Redactor()
 class _RedactingStream:
     """Stands in for sys.stdout / sys.stderr: every write is redacted, everything else delegated.
 
-    A tool that patches `write` on the stream object (wandb's console capture does, at import)
-    patches the inner stream instead, so it sees the redacted text.
+    A tool that patches `write` on this object (wandb's console capture does, when imported after
+    this is installed) gets the redacted text: its hook is called with it, and its call back to the
+    original `write` (this one) passes straight through to the inner stream.
     """
 
     def __init__(self, inner, redactor: Redactor) -> None:
         object.__setattr__(self, "_inner", inner)
         object.__setattr__(self, "_redactor", redactor)
+        object.__setattr__(self, "_hook", None)
+        object.__setattr__(self, "_local", threading.local())
 
     def write(self, text):
+        local = self._local
+        if getattr(local, "inside", False):  # the hook calling back the write it replaced
+            return self._inner.write(text)
         if isinstance(text, str):
             text = self._redactor.text(text)
-        return self._inner.write(text)
+        if self._hook is None:
+            return self._inner.write(text)
+        local.inside = True
+        try:
+            return self._hook(text)
+        finally:
+            local.inside = False
 
     def writelines(self, lines) -> None:
         for line in lines:
@@ -174,7 +187,10 @@ class _RedactingStream:
         return getattr(self._inner, name)
 
     def __setattr__(self, name: str, value) -> None:
-        setattr(self._inner, name, value)
+        if name == "write":
+            object.__setattr__(self, "_hook", value)
+        else:
+            setattr(self._inner, name, value)
 
 
 class _RedactingFilter(logging.Filter):
