@@ -135,8 +135,9 @@ def overwrite_plan(data_path: Path, protected: Sequence[Path] = ()) -> Tuple[Lis
     return remove, keep
 
 
-def clean_staging(data_path: Path) -> List[Path]:
-    """Remove what a killed process left half-done: staging folders of saves and pending uploads.
+def clean_staging(data_path: Path, destinations: Sequence[Path] = ()) -> List[Path]:
+    """Remove what a killed process left half-done: staging folders of saves, pending uploads, and
+    the temporary files beside local save `destinations` (`.<name>.<pid>-<id>.tmp`).
 
     Call only while no save of this run is in progress (at setup and at the end of a run). Returns
     what was removed. Failed uploads (`uploads/*/failed/`) are kept: they are the only copies.
@@ -144,6 +145,8 @@ def clean_staging(data_path: Path) -> List[Path]:
     path = Path(data_path)
     stray = sorted((path / ".staging").glob("step_*")) + sorted(path.glob("uploads/*/pending/step_*"))
     stray += sorted(path.glob(f".{RUN_STATE_FILE}.*.tmp"))
+    for destination in destinations:
+        stray += sorted(Path(destination).parent.glob(f".{Path(destination).name}.*-*.tmp"))
     for item in stray:
         if item.is_dir() and not item.is_symlink():
             shutil.rmtree(item, ignore_errors=True)

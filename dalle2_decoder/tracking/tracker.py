@@ -347,7 +347,7 @@ class Tracker:
                 if success and not interrupted:
                     self.run_state.finished = True
                     write_run_state(self.data_path, self.run_state)
-                clean_staging(self.data_path)  # no save is in progress now; a kill's leftovers go
+                clean_staging(self.data_path, local_destinations(self.config, self.data_path))  # no save in progress now
             finally:
                 try:
                     self.logger.finish(success)
@@ -465,7 +465,7 @@ def create_tracker(
         data_path, overwrite=config.overwrite_data_path, auto_resume=log.auto_resume,
         protected=protected_paths(config, full_config_dict, data_path), say=lambda text: print(OUTPUT.text(text), flush=True),
     )
-    stray = clean_staging(data_path)
+    stray = clean_staging(data_path, local_destinations(config, data_path))
     if stray:
         print(f"removed {len(stray)} unfinished save(s) left in {data_path} by a process that was stopped mid-save", flush=True)
     now = time.time()
@@ -537,6 +537,18 @@ def _local_data_paths(value: Any) -> List[Path]:
     elif isinstance(value, str) and value.startswith("file://"):
         found.append(Path(value[len("file://"):].split("{")[0]))
     return found
+
+
+def local_destinations(config: TrackerConfig, data_path: Path) -> List[Path]:
+    """The files local savers write (relative paths are under `data_path`)."""
+    paths = []
+    for save in config.save:
+        if isinstance(save, LocalSaveConfig):
+            for dest in filter(None, (save.save_latest_to, save.save_best_to)):
+                path = Path(dest).expanduser()
+                paths.append(path if path.is_absolute() else data_path / path)
+    paths.append(data_path / RESUME_CHECKPOINT)
+    return paths
 
 
 def protected_paths(config: TrackerConfig, full_config_dict: Mapping[str, Any], data_path: Path) -> List[Path]:
