@@ -12,6 +12,7 @@ def shard_of(key: str) -> int:
     return int(key[:-4])  # keys are <shard number><4-digit index>
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("epoch", [0, 1])
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_capped_epoch_splits_shards_among_two_ranks_of_two_workers(tmp_path, epoch, shuffle):

@@ -23,6 +23,7 @@ def metrics_lines(data_path):
     return [json.loads(line) for line in (data_path / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_short_last_batch_counts_by_its_size_and_losses_are_logged_as_window_means(demo_data, tmp_path, monkeypatch):
     monkeypatch.setattr(loop_module, "LOG_EVERY_N_STEPS", 3)
     data_path = tmp_path / "run"
@@ -50,6 +51,7 @@ def test_short_last_batch_counts_by_its_size_and_losses_are_logged_as_window_mea
         assert line["train/samples_per_s"] > 0 and line["train/lr/unet1"] > 0
 
 
+@pytest.mark.slow
 def test_a_streak_of_nonfinite_steps_stops_the_run_keeping_the_last_good_checkpoint(demo_data, tmp_path):
     data_path = tmp_path / "run"
     config = TrainDecoderConfig.from_dict(tiny_config(demo_data, data_path, epochs=3, epoch_samples=16,
@@ -73,6 +75,7 @@ def test_a_streak_of_nonfinite_steps_stops_the_run_keeping_the_last_good_checkpo
     assert all(torch.isfinite(tensor).all() for tensor in latest.state["trainer"]["decoder"].values())
 
 
+@pytest.mark.slow
 def test_train_cond_scale_guides_the_sample_grids(demo_data, tmp_path, monkeypatch):
     config = TrainDecoderConfig.from_dict(tiny_config(demo_data, tmp_path / "run", epochs=1, cond_scale=2.5))
     run = TrainingRun(config)

@@ -147,6 +147,7 @@ SAVE_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_latest_and_best_stay_whole_when_a_kill_cuts_their_placement(tmp_path):
     script = tmp_path / "save.py"
     script.write_text(SAVE_SCRIPT)
@@ -192,6 +193,7 @@ FILE_SECRET = "hf_file_token_51e0c4d8a9"  # the hub token, only in the token_pat
 SECRETS = (KEY_SECRET, URL_SECRET, ENV_SECRET, FILE_SECRET)
 
 
+@pytest.mark.slow
 def test_no_secret_from_any_source_in_any_byte_written_printed_or_uploaded(tmp_path, monkeypatch, capfd):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setattr(hub_constants, "HF_TOKEN_PATH", str(tmp_path / "no-login" / "token"))
