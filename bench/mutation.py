@@ -182,6 +182,9 @@ MUTANTS: List[Mutant] = [
            [T_TRAINLOOP], "same_weights"),
     Mutant("a signal is recorded but never honoured", "signals",
            [(STOP, "        self.signal_name = signal.Signals(signum).name", "        pass")], [T_TRAINLOOP], "same_weights"),
+    Mutant("a signal to one rank stops that rank alone", "signals",
+           [(STOP, "        if accelerator.num_processes == 1:\n            return self.requested\n", "        return self.requested\n")],
+           ["tests/test_reliability_signals.py"]),
     Mutant("non-finite streak never stops the run", "signals",
            [(LOOP, "                if trainer.too_many_nonfinite:", "                if False:")], [T_LOOP], "nonfinite"),
 ]
