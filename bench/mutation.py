@@ -94,6 +94,9 @@ MUTANTS: List[Mutant] = [
     Mutant("train.cond_scale not passed to the sample grids", "diffusion",
            [(LOOP, "self.cond_scale = per_unet(config.train.cond_scale, len(config.decoder.unets))",
              "self.cond_scale = per_unet(1.0, len(config.decoder.unets))")], [T_LOOP], "cond_scale"),
+    Mutant("U-Net option scale_skip_connection silently ignored", "diffusion",
+           [(UNET, "self.skip_scale = 2**-0.5 if scale_skip_connection else 1.0", "self.skip_scale = 1.0")],
+           ["tests/test_options_table.py"], "scale_skip"),
     # --- EMA --------------------------------------------------------------------------------
     Mutant("EMA moves away from the weights", "ema",
            [(EMA, "torch._foreach_lerp_(ema_params, new_params, 1.0 - decay)",

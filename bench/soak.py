@@ -65,9 +65,22 @@ def make_config(data: Path, run: Path, hub_url: str, token_file: Path) -> dict:
 
 def start(config_file: Path, log: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
-    handle = open(log, "ab")
+    handle = open(log, "wb")
     return subprocess.Popen([sys.executable, str(REPO / "train_decoder.py"), "--config_file", str(config_file)],
                             stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=config_file.parent)
+
+
+def leftover_processes(config_file: Path, exclude: int) -> list:
+    """Processes still running this config (e.g. dataloader workers orphaned by a kill)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != exclude:
+            try:
+                if str(config_file).encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
 
 
 def strays(run: Path):
@@ -78,7 +91,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kills", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-wait", type=float, default=25.0, help="longest wait before a signal, seconds")
+    parser.add_argument("--max-wait", type=float, default=20.0, help="longest wait after start-up before the signal, seconds")
     parser.add_argument("--keep", help="work in this folder (kept) instead of a temporary one")
     args = parser.parse_args()
     from dalle2_decoder.tracking import read_file
@@ -96,7 +109,7 @@ def main() -> int:
     token_file.write_text(TOKEN)
     figures = {"kills": {"SIGKILL": 0, "SIGTERM": 0, "SIGUSR1": 0}, "finished_early": 0, "latest_loads": 0,
                "no_latest_yet": 0, "strays_after_clean_stop": 0, "strays_left_after_restart": 0,
-               "outside_changed": 0, "failures": []}
+               "outside_changed": 0, "leftover_processes": 0, "failures": []}
     began = time.time()
     with HubServer(work / "hub", token=TOKEN) as hub:
         run, baseline_run = work / "run", work / "baseline"
@@ -109,18 +122,25 @@ def main() -> int:
         while sum(figures["kills"].values()) < args.kills:
             rounds += 1
             left_before = strays(run)
-            process = start(config_file, work / "soak.log")
-            wait = chooser.uniform(3.0, args.max_wait)
+            log = work / "logs" / f"round_{rounds:03d}.log"
+            log.parent.mkdir(exist_ok=True)
+            process = start(config_file, log)
+            # the signal handlers are installed before the start-up summary is printed: from then on
+            # a signal must lead to a clean stop (earlier, the default action ends the process)
+            ready_by = time.time() + 600
+            while process.poll() is None and time.time() < ready_by and b"dalle2-decoder training" not in log.read_bytes():
+                time.sleep(0.1)
+            wait = chooser.uniform(0.5, args.max_wait)
             deadline = time.time() + wait
             while time.time() < deadline and process.poll() is None:
                 time.sleep(0.05)
-            if process.poll() is not None:  # the run ended before the signal: start over from scratch
+            if process.poll() is not None and process.returncode == 0:  # ended before the signal: start over
                 figures["finished_early"] += 1
-                if process.returncode != 0:
-                    figures["failures"].append(f"round {rounds}: exit {process.returncode} before the signal")
-                    break
                 subprocess.run(["rm", "-rf", str(run)], check=True)
                 continue
+            if process.poll() is not None:
+                figures["failures"].append(f"round {rounds}: exit {process.returncode} before the signal, see {log}")
+                break
             name = chooser.choice(["SIGKILL", "SIGTERM", "SIGUSR1"])
             process.send_signal(getattr(signal, name))
             try:
@@ -144,14 +164,21 @@ def main() -> int:
                 figures["no_latest_yet"] += 1
             if name != "SIGKILL" and strays(run):
                 figures["strays_after_clean_stop"] += 1
+            time.sleep(2.0)  # workers of a killed process notice within a few seconds
+            orphans = leftover_processes(config_file, exclude=process.pid)
+            if orphans:
+                figures["leftover_processes"] += 1
+                figures["failures"].append(f"round {rounds}: processes left running after {name}: {orphans}")
+                for pid in orphans:
+                    os.kill(pid, signal.SIGKILL)
             if (tree_digest(data), config_file.read_bytes()) != outside_before:
                 figures["outside_changed"] += 1
             print(f"round {rounds}: {name} after {wait:.1f}s, exit {code}", flush=True)
 
         # let the interrupted run finish, then compare with an uninterrupted one
-        final = start(config_file, work / "soak.log")
+        final = start(config_file, work / "logs" / "final.log")
         final_code = final.wait()
-        baseline = start(baseline_file, work / "baseline.log")
+        baseline = start(baseline_file, work / "logs" / "baseline.log")
         baseline_code = baseline.wait()
         equal = None
         if final_code == 0 and baseline_code == 0:
