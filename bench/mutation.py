@@ -171,6 +171,9 @@ MUTANTS: List[Mutant] = [
     Mutant("environment secrets not masked", "secrets",
            [(REDACT, "        return self._secrets + secrets_from_environment()", "        return list(self._secrets)")],
            [T_TRACK], "secret"),
+    Mutant("command line recorded by wandb unmasked", "secrets",
+           [(TRACKER, "        sys.argv = [OUTPUT.text(arg) for arg in sys.argv]", "        sys.argv = list(sys.argv)")],
+           [T_TRACK], "wandb"),
     # --- metric pooling ---------------------------------------------------------------------
     Mutant("training loss logged as the window's last value", "pooling",
            [(LOOP, "loss_sums[number] += loss", "loss_sums[number] = loss")],

@@ -236,3 +236,33 @@ def test_no_secret_from_any_source_in_any_byte_written_printed_or_uploaded(tmp_p
         assert secret not in out and secret not in err, secret
         for path in files:
             assert secret.encode() not in path.read_bytes(), (secret, path)
+
+
+@pytest.mark.slow
+def test_wandb_run_records_neither_the_secret_command_line_nor_printed_secrets(tmp_path, monkeypatch):
+    from dalle2_decoder.config import WandbLogConfig
+
+    wandb_dir = tmp_path / "wandb-dir"
+    wandb_dir.mkdir()
+    for name, value in (("WANDB_MODE", "offline"), ("WANDB_DIR", str(wandb_dir)), ("WANDB_SILENT", "true"),
+                        ("MY_SERVICE_TOKEN", ENV_SECRET)):
+        monkeypatch.setenv(name, value)
+    url = f"https://reader:{URL_SECRET}@data.example.org/shards/{{00000..00009}}.tar"
+    argv = ["train_decoder.py", "--config_file", "c.json", "--set", f"data.webdataset_base_url={url}",
+            "--set", f"extra.service_api_key={KEY_SECRET}"]
+    monkeypatch.setattr(sys, "argv", list(argv))
+    config = tracker_config(tmp_path / "run", log=WandbLogConfig(log_type="wandb", wandb_entity="team",
+                                                                 wandb_project="decoder"), save=[])
+    tracker = create_tracker(config, full_config_dict={"data": {"webdataset_base_url": url},
+                                                       "extra": {"service_api_key": KEY_SECRET}},
+                             is_main_process=True)
+    print(f"printed during the run: {url} {KEY_SECRET} {ENV_SECRET}", flush=True)
+    tracker.log({"loss": 1.0}, step=1)
+    tracker.finish()
+    assert sys.argv == argv  # given back when the run ends
+    files = [path for path in wandb_dir.rglob("*") if path.is_file()]
+    # the command line wandb recorded (in the run's metadata record), masked
+    assert any(b"data.webdataset_base_url=https://reader:***@" in path.read_bytes() for path in files), [p.name for p in files]
+    for secret in (URL_SECRET, KEY_SECRET, ENV_SECRET):
+        for path in files:
+            assert secret.encode() not in path.read_bytes(), (secret, path)
