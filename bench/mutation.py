@@ -46,6 +46,7 @@ T_LOOP = "tests/test_reliability_loop.py"
 T_DATA = "tests/test_reliability_data.py"
 T_LOADER = "tests/test_data_loader.py"
 T_TRAINER = "tests/test_training_trainer.py"
+T_EMA = "tests/test_training_trainer.py::test_ema_decay_warms_up_then_reaches_beta"
 T_TRAINLOOP = "tests/test_training_loop.py"
 T_DIFF = "tests/test_models_diffusion.py"
 T_DEC = "tests/test_models_decoder.py"
@@ -100,11 +101,11 @@ MUTANTS: List[Mutant] = [
     # --- EMA --------------------------------------------------------------------------------
     Mutant("EMA moves away from the weights", "ema",
            [(EMA, "torch._foreach_lerp_(ema_params, new_params, 1.0 - decay)",
-             "torch._foreach_lerp_(ema_params, new_params, decay)")], [T_TRAINER], "ema"),
+             "torch._foreach_lerp_(ema_params, new_params, decay)")], [T_EMA]),
     Mutant("EMA warm-up ignored (decay = beta from the first step)", "ema",
-           [(EMA, "decay = min(self.beta, (1.0 + n) / (10.0 + n))", "decay = self.beta")], [T_TRAINER], "ema"),
+           [(EMA, "decay = min(self.beta, (1.0 + n) / (10.0 + n))", "decay = self.beta")], [T_EMA]),
     Mutant("EMA update count not advanced", "ema",
-           [(EMA, "        self.num_updates += 1\n", "")], [T_TRAINER], "ema"),
+           [(EMA, "        self.num_updates += 1\n", "")], [T_EMA]),
     # --- data sharding ----------------------------------------------------------------------
     Mutant("capped epochs: every rank reads the same shards", "sharding",
            [(PLAN, "shards = tuple(order[rank * workers + worker::slots])", "shards = tuple(order[worker::workers])")],
@@ -245,6 +246,7 @@ def main(argv: Sequence[str] = ()) -> int:
     parser.add_argument("--only", default="", help="run the mutants whose name or area contains this text")
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
     parser.add_argument("--timeout", type=int, default=900, help="seconds for one mutant's tests")
+    parser.add_argument("--start", type=int, default=1, help="begin at this mutant number (of those chosen)")
     parser.add_argument("--baseline", action="store_true", help="first check that every listed test passes unmutated")
     args = parser.parse_args(argv or None)
     chosen = [m for m in MUTANTS if args.only.lower() in (m.name + " " + m.area).lower()]
@@ -263,6 +265,8 @@ def main(argv: Sequence[str] = ()) -> int:
                 verdict, elapsed, tail = run_tests(root, clean, args.timeout)
                 print(f"baseline {' '.join(tests[0])} -k {tests[1]!r}: {'ok' if verdict == 'MISSED' else 'FAILING'} ({elapsed:.0f}s) {tail}", flush=True)
         for index, mutant in enumerate(chosen, start=1):
+            if index < args.start:
+                continue
             try:
                 originals = apply(root, mutant)
             except ValueError as error:
