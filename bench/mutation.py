@@ -246,6 +246,7 @@ def main(argv: Sequence[str] = ()) -> int:
     parser.add_argument("--only", default="", help="run the mutants whose name or area contains this text")
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
     parser.add_argument("--timeout", type=int, default=900, help="seconds for one mutant's tests")
+    parser.add_argument("--check", action="store_true", help="only check that every mutant still applies (no tests)")
     parser.add_argument("--start", type=int, default=1, help="begin at this mutant number (of those chosen)")
     parser.add_argument("--baseline", action="store_true", help="first check that every listed test passes unmutated")
     args = parser.parse_args(argv or None)
@@ -254,6 +255,16 @@ def main(argv: Sequence[str] = ()) -> int:
         for index, mutant in enumerate(chosen, start=1):
             print(f"{index:2d}. [{mutant.area}] {mutant.name}: {' '.join(mutant.tests)} {('-k ' + mutant.k) if mutant.k else ''}")
         return 0
+    if args.check:
+        stale = 0
+        for index, mutant in enumerate(chosen, start=1):
+            for file, old, _ in mutant.edits:
+                count = (REPO / file).read_text().count(old)
+                if count != 1:
+                    stale += 1
+                    print(f"{index:2d}. STALE [{mutant.area}] {mutant.name}: {file} has the text {count} times")
+        print(f"{len(chosen) - stale} of {len(chosen)} mutants apply")
+        return 1 if stale else 0
     print(f"{len(chosen)} mutants", flush=True)
     results = []
     with tempfile.TemporaryDirectory(prefix="dalle2-mutation-") as folder:

@@ -51,7 +51,7 @@ def make_config(data: Path, run: Path, hub_url: str, token_file: Path) -> dict:
         "data": {"webdataset_base_url": str(data / "shards") + "/{}.tar", "img_embeddings_url": str(data / "img_emb"),
                  "num_workers": 1, "batch_size": 4, "start_shard": 0, "end_shard": 7, "shard_width": 6,
                  "index_width": 4, "splits": {"train": 0.75, "val": 0.125, "test": 0.125}},
-        "train": {"epochs": 6, "lr": 1e-3, "device": "cpu", "epoch_samples": 64, "validation_samples": 8,
+        "train": {"epochs": 3, "lr": 1e-3, "device": "cpu", "epoch_samples": 64, "validation_samples": 8,
                   "save_every_n_samples": 16, "n_sample_images": 2},
         "tracker": {
             "data_path": str(run),
@@ -92,6 +92,8 @@ def main() -> int:
     parser.add_argument("--kills", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-wait", type=float, default=20.0, help="longest wait after start-up before the signal, seconds")
+    parser.add_argument("--minutes", type=float, default=0.0,
+                        help="stop sending signals after this many minutes (then the final comparison), 0: no limit")
     parser.add_argument("--keep", help="work in this folder (kept) instead of a temporary one")
     args = parser.parse_args()
     from dalle2_decoder.tracking import read_file
@@ -119,7 +121,8 @@ def main() -> int:
         outside_before = tree_digest(data), config_file.read_bytes()
 
         rounds = 0
-        while sum(figures["kills"].values()) < args.kills:
+        stop_at = began + args.minutes * 60 if args.minutes else float("inf")
+        while sum(figures["kills"].values()) < args.kills and time.time() < stop_at:
             rounds += 1
             left_before = strays(run)
             log = work / "logs" / f"round_{rounds:03d}.log"
@@ -177,9 +180,8 @@ def main() -> int:
 
         # let the interrupted run finish, then compare with an uninterrupted one
         final = start(config_file, work / "logs" / "final.log")
-        final_code = final.wait()
-        baseline = start(baseline_file, work / "logs" / "baseline.log")
-        baseline_code = baseline.wait()
+        baseline = start(baseline_file, work / "logs" / "baseline.log")  # side by side: same config, own folder
+        final_code, baseline_code = final.wait(), baseline.wait()
         equal = None
         if final_code == 0 and baseline_code == 0:
             import torch
