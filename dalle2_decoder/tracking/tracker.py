@@ -521,6 +521,14 @@ def create_tracker(
     )
 
 
+def _pattern_folder(text: str) -> Path:
+    """The folder a shard pattern reads from (`shards/{}.tar` and `shards/part-{}.tar`: `shards`)."""
+    if "{" not in text:
+        return Path(text)
+    head = text.split("{")[0]
+    return Path(head) if head.endswith("/") or not head else Path(head).parent
+
+
 def _local_data_paths(value: Any) -> List[Path]:
     """Local paths inside the data section's URL strings (a shard pattern counts as its folder)."""
     found: List[Path] = []
@@ -533,9 +541,9 @@ def _local_data_paths(value: Any) -> List[Path]:
     elif isinstance(value, str) and value and "://" not in value[:12] and not value.startswith("pipe:"):
         text = value[len("file:"):] if value.startswith("file:") else value
         if "/" in text or "{" in text:
-            found.append(Path(text.split("{")[0]).parent if "{" in text else Path(text))
+            found.append(_pattern_folder(text))
     elif isinstance(value, str) and value.startswith("file://"):
-        found.append(Path(value[len("file://"):].split("{")[0]))
+        found.append(_pattern_folder(value[len("file://"):]))
     return found
 
 
