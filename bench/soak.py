@@ -83,6 +83,11 @@ def leftover_processes(config_file: Path, exclude: int) -> list:
     return found
 
 
+def finished(run: Path) -> bool:
+    state = run / "run_state.json"
+    return state.exists() and json.loads(state.read_text()).get("finished") is True
+
+
 def strays(run: Path):
     return sorted(run.glob(".staging/step_*")) + sorted(run.glob("uploads/*/pending/step_*"))
 
@@ -111,7 +116,7 @@ def main() -> int:
     token_file.write_text(TOKEN)
     figures = {"kills": {"SIGKILL": 0, "SIGTERM": 0, "SIGUSR1": 0}, "finished_early": 0, "latest_loads": 0,
                "no_latest_yet": 0, "strays_after_clean_stop": 0, "strays_left_after_restart": 0,
-               "outside_changed": 0, "leftover_processes": 0, "failures": []}
+               "outside_changed": 0, "leftover_processes": 0, "completed_runs": 0, "failures": []}
     began = time.time()
     with HubServer(work / "hub", token=TOKEN) as hub:
         run, baseline_run = work / "run", work / "baseline"
@@ -124,6 +129,9 @@ def main() -> int:
         stop_at = began + args.minutes * 60 if args.minutes else float("inf")
         while sum(figures["kills"].values()) < args.kills and time.time() < stop_at:
             rounds += 1
+            if finished(run):  # the last signal came after the run's end: start a new run in a fresh folder
+                figures["completed_runs"] += 1
+                subprocess.run(["rm", "-rf", str(run)], check=True)
             left_before = strays(run)
             log = work / "logs" / f"round_{rounds:03d}.log"
             log.parent.mkdir(exist_ok=True)
@@ -167,8 +175,12 @@ def main() -> int:
                 figures["no_latest_yet"] += 1
             if name != "SIGKILL" and strays(run):
                 figures["strays_after_clean_stop"] += 1
-            time.sleep(2.0)  # workers of a killed process notice within a few seconds
+            # dataloader workers of a killed process check their parent every 5 s: give them 10
+            grace_until = time.time() + 10.0
             orphans = leftover_processes(config_file, exclude=process.pid)
+            while orphans and time.time() < grace_until:
+                time.sleep(0.5)
+                orphans = leftover_processes(config_file, exclude=process.pid)
             if orphans:
                 figures["leftover_processes"] += 1
                 figures["failures"].append(f"round {rounds}: processes left running after {name}: {orphans}")
@@ -179,9 +191,9 @@ def main() -> int:
             print(f"round {rounds}: {name} after {wait:.1f}s, exit {code}", flush=True)
 
         # let the interrupted run finish, then compare with an uninterrupted one
-        final = start(config_file, work / "logs" / "final.log")
+        final = None if finished(run) else start(config_file, work / "logs" / "final.log")
         baseline = start(baseline_file, work / "logs" / "baseline.log")  # side by side: same config, own folder
-        final_code, baseline_code = final.wait(), baseline.wait()
+        final_code, baseline_code = (final.wait() if final else 0), baseline.wait()
         equal = None
         if final_code == 0 and baseline_code == 0:
             import torch
