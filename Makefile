@@ -1,5 +1,6 @@
 # Set-up and everyday commands. Each target creates .venv and installs what it needs on first use.
 #   make test   - install (once) and run the whole test suite
+#   make test-fast - the same without the tests marked slow (-m "not slow")
 #   make demo   - install (once), write the demo dataset to demo_data/ and train the CPU demo (~5 min)
 #   make check-examples - validate every example config with --check
 
@@ -8,11 +9,13 @@ VENV ?= .venv
 VENV_PYTHON := $(VENV)/bin/python
 # Rewritten whenever the requirements or the package metadata change, so installs run only then.
 INSTALLED := $(VENV)/.dalle2-decoder-installed
-TEST_TIMEOUT ?= 300
+# Per-test limit, the same as setup.cfg's [tool:pytest] timeout; tests that run a subprocess give
+# it at most 600 s, below this, so their own message comes first.
+TEST_TIMEOUT ?= 900
 PYTEST_ARGS ?=
 DEMO_DATA ?= demo_data
 
-.PHONY: install test demo demo-data check-examples
+.PHONY: install test test-fast demo demo-data check-examples
 
 $(VENV_PYTHON):
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +30,9 @@ install: $(INSTALLED)
 
 test: $(INSTALLED)
 	$(VENV_PYTHON) -m pytest tests -q --timeout=$(TEST_TIMEOUT) $(PYTEST_ARGS)
+
+test-fast: $(INSTALLED)
+	$(VENV_PYTHON) -m pytest tests -q --timeout=$(TEST_TIMEOUT) -m "not slow" $(PYTEST_ARGS)
 
 $(DEMO_DATA)/data_config.json: | $(INSTALLED)
 	$(VENV_PYTHON) -m dalle2_decoder.data.demo --out $(DEMO_DATA)

@@ -6,6 +6,7 @@ import functools
 import http.server
 import os
 import shutil
+import sysconfig
 import threading
 
 import boto3
@@ -137,7 +138,8 @@ def test_pipe_cat_shards(tmp_path):
 
 
 def test_pipe_aws_s3_cp(tmp_path, s3_env):
-    aws = shutil.which("aws")
+    # the test extra installs awscli into this environment, whose scripts folder may not be on PATH
+    aws = shutil.which("aws", path=os.pathsep.join([sysconfig.get_path("scripts"), os.environ.get("PATH", "")]))
     assert aws, "the aws command line is needed for pipe: shards from s3"
     dataset = write_dataset(str(tmp_path), SIZES, embeddings="shard")
     upload(str(tmp_path), "pipe-bucket", s3_env)

@@ -111,7 +111,7 @@ def test_non_empty_data_path_is_refused_with_the_ways_forward(tmp_path):
     assert (tmp_path / "run" / "old.txt").read_text() == "keep me"
 
     tracker = make(tmp_path, overwrite_data_path=True)
-    assert not (tmp_path / "run" / "old.txt").exists()
+    assert (tmp_path / "run" / "old.txt").read_text() == "keep me"  # not the tracker's: never removed
     tracker.finish()
     with pytest.raises(DataPathError, match="holds the finished run"):
         make(tmp_path)

@@ -30,6 +30,7 @@ def wandb_dir(tmp_path, monkeypatch):
     return folder
 
 
+@pytest.mark.slow
 def test_offline_run_holds_metrics_images_config_and_saved_files(tmp_path, wandb_dir, monkeypatch):
     monkeypatch.setenv("WANDB_API_KEY", SECRET)  # a secret known from the environment, masked wherever it appears
     log = WandbLogConfig(log_type="wandb", wandb_entity="team", wandb_project="decoder", wandb_run_name="first try")
@@ -128,6 +129,7 @@ def run_training(script: Path, data_path: Path, mode: str):
     return process, json.loads(results[-1][len("RESULT "):])
 
 
+@pytest.mark.slow
 def test_auto_resume_across_two_processes(tmp_path, wandb_dir):
     script = tmp_path / "train.py"
     script.write_text(TRAIN_SCRIPT)

@@ -284,5 +284,16 @@ def wandb_config(run_dir: Path) -> Dict[str, object]:
 
 
 def wandb_run_dirs(wandb_dir: Path, run_id: str) -> List[Path]:
-    """The offline run folders of `run_id` under `wandb_dir`, oldest first."""
-    return sorted(Path(wandb_dir).glob(f"wandb/offline-run-*-{run_id}"))
+    """The offline run folders of `run_id` under `wandb_dir`, oldest first.
+
+    wandb names them `offline-run-<YYYYmmdd_HHMMSS>-<id>`; a second process of the same run started
+    within the same second gets `-1` (then `-2`, ...) appended, so both shapes are matched and the
+    order is (time, suffix), not the folder name alone.
+    """
+    pattern = re.compile(rf"offline-run-(\d{{8}}_\d{{6}})-{re.escape(run_id)}(?:-(\d+))?")
+    found = []
+    for path in Path(wandb_dir).glob("wandb/offline-run-*"):
+        match = pattern.fullmatch(path.name)
+        if match:
+            found.append(((match[1], int(match[2] or 0)), path))
+    return [path for _, path in sorted(found)]

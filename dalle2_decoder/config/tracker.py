@@ -199,7 +199,8 @@ class TrackerConfig:
     data_path: str = "./.tracker-data"
     """Folder for run data: logs, sample grids, local saves, auto-resume state."""
     overwrite_data_path: bool = False
-    """Delete an existing non-empty `data_path` at start instead of failing."""
+    """Start a fresh run in an existing non-empty `data_path` instead of failing: the previous run's
+    tracker files are removed (never a file the config reads or names; see docs/TRACKING.md)."""
     upload_retries: int = 3
     """Attempts for each upload before the failure is reported (training goes on)."""
 

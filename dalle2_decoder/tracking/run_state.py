@@ -12,7 +12,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Optional
+from typing import Callable, List, Optional, Sequence, Tuple
 
 RUN_STATE_FILE = "run_state.json"
 
@@ -44,25 +44,56 @@ class RunState:
 
 
 def read_run_state(data_path: Path) -> Optional[RunState]:
-    """The run state stored in `data_path`, or None when there is none (or it is unreadable)."""
+    """The run state stored in `data_path`, or None when there is none.
+
+    A run_state.json that exists but cannot be read is an error, not "no run": treating it as
+    absent would start a fresh run over (and with `overwrite_data_path`, clear) an interrupted one.
+    """
     path = Path(data_path) / RUN_STATE_FILE
+    if not path.exists():
+        return None
+    how = (
+        f"it records the run in {Path(data_path)}; restore it (its latest checkpoint is usually "
+        "latest.pth or resume/latest_checkpoint.pt there), or delete it to treat the folder as not holding a run"
+    )
     try:
         raw = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+    except (OSError, ValueError) as error:
+        raise DataPathError(f"{path} cannot be read ({error}); {how}") from error
     known = {field.name for field in fields(RunState)}
-    if not isinstance(raw, dict) or "run_id" not in raw:
-        return None
-    return RunState(**{key: value for key, value in raw.items() if key in known})
+    if not isinstance(raw, dict) or not isinstance(raw.get("run_id"), str):
+        raise DataPathError(f"{path} is not a run state (no run_id); {how}")
+    try:
+        return RunState(**{key: value for key, value in raw.items() if key in known})
+    except TypeError as error:
+        raise DataPathError(f"{path} is not a run state ({error}); {how}") from error
 
 
 def write_run_state(data_path: Path, state: RunState) -> None:
-    """Atomically replace `data_path/run_state.json`."""
+    """Atomically replace `data_path/run_state.json` (data on disk before the rename, and the rename itself)."""
     state.updated_at = time.time()
     path = Path(data_path) / RUN_STATE_FILE
     temp = path.with_name(f".{RUN_STATE_FILE}.{os.getpid()}.tmp")
-    temp.write_text(json.dumps(asdict(state), indent=2) + "\n")
+    with open(temp, "w") as handle:
+        handle.write(json.dumps(asdict(state), indent=2) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
     os.replace(temp, path)
+    _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename inside `folder` durable (not possible on every platform: then skipped)."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
 
 
 def _refuse_to_delete(path: Path) -> Optional[str]:
@@ -76,12 +107,65 @@ def _refuse_to_delete(path: Path) -> Optional[str]:
     return None
 
 
-def prepare_data_path(data_path: Path, *, overwrite: bool, auto_resume: bool) -> Optional[RunState]:
+TRACKER_ENTRIES = ("run_state.json", "metrics.jsonl", "samples", ".staging", "uploads", "downloads", "resume", "wandb")
+"""What the tracker itself writes directly under `data_path`: all that `overwrite_data_path` removes."""
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def overwrite_plan(data_path: Path, protected: Sequence[Path] = ()) -> Tuple[List[Path], List[Path]]:
+    """What `overwrite_data_path` removes from `data_path`, and the tracker entries it keeps.
+
+    Only the tracker's own entries (`TRACKER_ENTRIES`, and leftovers of its temporary files) are
+    removed; an entry holding a `protected` path (the file `tracker.load` names, a saver's
+    destination, the data the config reads) is kept whole. Everything else in the folder is the
+    user's and is never touched.
+    """
+    path = Path(data_path)
+    protected = [Path(item).expanduser().resolve() for item in protected]
+    remove, keep = [], []
+    for child in sorted(path.iterdir()) if path.is_dir() else []:
+        ours = child.name in TRACKER_ENTRIES or child.name.startswith(f".{RUN_STATE_FILE}.")
+        if not ours:
+            continue
+        resolved = child.resolve() if not child.is_symlink() else child.absolute()
+        (keep if any(_inside(item, resolved) for item in protected) else remove).append(child)
+    return remove, keep
+
+
+def clean_staging(data_path: Path, destinations: Sequence[Path] = ()) -> List[Path]:
+    """Remove what a killed process left half-done: staging folders of saves, pending uploads, and
+    the temporary files beside local save `destinations` (`.<name>.<pid>-<id>.tmp`).
+
+    Call only while no save of this run is in progress (at setup and at the end of a run). Returns
+    what was removed. Failed uploads (`uploads/*/failed/`) are kept: they are the only copies.
+    """
+    path = Path(data_path)
+    stray = sorted((path / ".staging").glob("step_*")) + sorted(path.glob("uploads/*/pending/step_*"))
+    stray += sorted(path.glob(f".{RUN_STATE_FILE}.*.tmp"))
+    for destination in destinations:
+        stray += sorted(Path(destination).parent.glob(f".{Path(destination).name}.*-*.tmp"))
+    for item in stray:
+        if item.is_dir() and not item.is_symlink():
+            shutil.rmtree(item, ignore_errors=True)
+        else:
+            item.unlink(missing_ok=True)
+    return stray
+
+
+def prepare_data_path(
+    data_path: Path, *, overwrite: bool, auto_resume: bool, protected: Sequence[Path] = (),
+    say: Callable[[str], None] = print,
+) -> Optional[RunState]:
     """Make `data_path` ready for this run; return the interrupted run's state when auto-resuming it.
 
     - auto_resume and `data_path` holds an unfinished run: keep everything, return its state;
     - `data_path` missing or empty: create it;
-    - otherwise, with `overwrite`: delete its content; without: raise DataPathError saying how to go on.
+    - otherwise, with `overwrite`: remove the tracker's own entries (see `overwrite_plan`; never a
+      `protected` path), saying what; without: raise DataPathError saying how to go on.
+    An unreadable run_state.json raises DataPathError (see `read_run_state`).
     """
     path = Path(data_path).expanduser().resolve()
     if path.exists() and not path.is_dir():
@@ -93,8 +177,13 @@ def prepare_data_path(data_path: Path, *, overwrite: bool, auto_resume: bool) ->
         if overwrite:
             reason = _refuse_to_delete(path)
             if reason:
-                raise DataPathError(f"tracker.overwrite_data_path is set but {path} is not deleted: {reason}")
-            for child in path.iterdir():
+                raise DataPathError(f"tracker.overwrite_data_path is set but {path} is not cleared: {reason}")
+            remove, keep = overwrite_plan(path, protected)
+            if remove:
+                say(f"tracker.overwrite_data_path: removing the previous run's {', '.join(item.name for item in remove)} from {path}")
+            if keep:
+                say(f"tracker.overwrite_data_path: keeping {', '.join(item.name for item in keep)} (they hold files the config reads or names)")
+            for child in remove:
                 if child.is_dir() and not child.is_symlink():
                     shutil.rmtree(child)
                 else:
@@ -111,7 +200,8 @@ def prepare_data_path(data_path: Path, *, overwrite: bool, auto_resume: bool) ->
                 how = ""
             raise DataPathError(
                 f"tracker.data_path {path} {found}. To go on, {how}delete the folder yourself, "
-                "choose another tracker.data_path, or set tracker.overwrite_data_path to true to delete its content"
+                "choose another tracker.data_path, or set tracker.overwrite_data_path to true to start a fresh "
+                "run there (it removes the tracker's own files of the previous run, nothing else)"
             )
     path.mkdir(parents=True, exist_ok=True)
     return None

@@ -13,6 +13,7 @@ import os
 import platform
 import shutil
 import socket
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -31,8 +32,8 @@ from ..config.tracker import (
 from .checkpoint import LoadedCheckpoint, read_file, save_checkpoint, save_model
 from .loaders import LoadError, LocalLoader, UrlLoader, WandbLoader
 from .loggers import ConsoleLogger, ImagesLike, WandbLogger, generate_run_id, to_uint8_images
-from .redact import redact, scrub_strings, secrets_from_environment
-from .run_state import RunState, prepare_data_path, read_run_state, write_run_state
+from .redact import OUTPUT, install_output_redaction, redact, scrub_strings, secrets_in
+from .run_state import RunState, clean_staging, prepare_data_path, read_run_state, write_run_state
 from .savers import HuggingfaceSaver, LocalSaver, SaveFile, Uploader, WandbSaver, link_or_copy, resolve_hub_token
 
 StateSource = Union[Mapping[str, Any], Callable[[], Mapping[str, Any]], None]
@@ -122,6 +123,7 @@ class Tracker:
         auto_resuming: bool,
         config_dict: Dict[str, Any],
         known_secrets: Sequence[str] = (),
+        restore_argv: Optional[List[str]] = None,
     ):
         self.config = config
         self.data_path = data_path
@@ -133,8 +135,14 @@ class Tracker:
         self.auto_resuming = auto_resuming
         self.config_dict = config_dict
         self.config_json = json.dumps(config_dict)
-        self.known_secrets = list(known_secrets)
+        self._known_secrets = list(known_secrets)
+        self._restore_argv = restore_argv
         self._finished = False
+
+    @property
+    def known_secrets(self) -> List[str]:
+        """Every secret masked in what this tracker writes: the config's, the hub tokens, the environment's."""
+        return self._known_secrets + OUTPUT.secrets
 
     # --- logging -------------------------------------------------------------------------------
 
@@ -152,8 +160,8 @@ class Tracker:
         self.logger.log_images(name, to_uint8_images(images), captions, step)
 
     def info(self, message: str) -> None:
-        """Print a progress message (main process only, like everything here)."""
-        print(message, flush=True)
+        """Print a progress message (main process only, like everything here), secrets masked."""
+        print(OUTPUT.text(message), flush=True)
 
     # --- loading -------------------------------------------------------------------------------
 
@@ -349,10 +357,17 @@ class Tracker:
         try:
             self.uploader.close()
         finally:
-            if success and not interrupted:
-                self.run_state.finished = True
-                write_run_state(self.data_path, self.run_state)
-            self.logger.finish(success)
+            try:
+                if success and not interrupted:
+                    self.run_state.finished = True
+                    write_run_state(self.data_path, self.run_state)
+                clean_staging(self.data_path, local_destinations(self.config, self.data_path))  # no save in progress now
+            finally:
+                try:
+                    self.logger.finish(success)
+                finally:
+                    if self._restore_argv is not None:
+                        sys.argv = self._restore_argv
 
     def __enter__(self) -> "Tracker":
         return self
@@ -456,8 +471,17 @@ def create_tracker(
     if problems:
         raise TrackerSetupError(problems)
 
-    config_dict = redact(dict(full_config_dict), known_secrets=hub_tokens.values())
-    resumed = prepare_data_path(data_path, overwrite=config.overwrite_data_path, auto_resume=log.auto_resume)
+    # One redaction for everything printed, logged, saved or uploaded from here on.
+    config_secrets = secrets_in(dict(full_config_dict))
+    install_output_redaction(config_secrets + list(hub_tokens.values()))
+    config_dict = redact(dict(full_config_dict), known_secrets=config_secrets + list(hub_tokens.values()))
+    resumed = prepare_data_path(
+        data_path, overwrite=config.overwrite_data_path, auto_resume=log.auto_resume,
+        protected=protected_paths(config, full_config_dict, data_path), say=lambda text: print(OUTPUT.text(text), flush=True),
+    )
+    stray = clean_staging(data_path, local_destinations(config, data_path))
+    if stray:
+        print(f"removed {len(stray)} unfinished save(s) left in {data_path} by a process that was stopped mid-save", flush=True)
     now = time.time()
     if resumed is not None:
         run_state = dataclasses.replace(resumed, attempts=resumed.attempts + 1)
@@ -474,6 +498,9 @@ def create_tracker(
         else:
             run_id, resume = log.wandb_run_id or run_state.run_id, None
         wandb_dir = None if os.environ.get("WANDB_DIR") else data_path
+        # wandb records the command line; a secret given there (e.g. `--set ...token=...`) is masked
+        restore_argv = sys.argv
+        sys.argv = [OUTPUT.text(arg) for arg in sys.argv]
         logger = WandbLogger(
             entity=log.wandb_entity, project=log.wandb_project, run_name=log.wandb_run_name, run_id=run_id,
             resume=resume, config=config_dict, wandb_dir=wandb_dir,
@@ -481,14 +508,17 @@ def create_tracker(
         run_state.run_id = logger.run_id
         run_state.wandb_run_path = logger.run_path
     else:
+        restore_argv = None
         logger = ConsoleLogger(data_path)
-    write_run_state(data_path, run_state)
 
     try:
+        write_run_state(data_path, run_state)
         loader = _create_loader(config, logger, data_path, resuming_wandb=resumed is not None or log.resume)
         savers = _create_savers(config, logger, data_path, hub_tokens)
     except BaseException:
         logger.finish(success=False)
+        if restore_argv is not None:
+            sys.argv = restore_argv
         raise
     return Tracker(
         config,
@@ -500,8 +530,63 @@ def create_tracker(
         run_state=run_state,
         auto_resuming=resumed is not None,
         config_dict=config_dict,
-        known_secrets=list(hub_tokens.values()) + secrets_from_environment(),
+        known_secrets=config_secrets + list(hub_tokens.values()),
+        restore_argv=restore_argv,
     )
+
+
+def _pattern_folder(text: str) -> Path:
+    """The folder a shard pattern reads from (`shards/{}.tar` and `shards/part-{}.tar`: `shards`)."""
+    if "{" not in text:
+        return Path(text)
+    head = text.split("{")[0]
+    return Path(head) if head.endswith("/") or not head else Path(head).parent
+
+
+def _local_data_paths(value: Any) -> List[Path]:
+    """Local paths inside the data section's URL strings (a shard pattern counts as its folder)."""
+    found: List[Path] = []
+    if isinstance(value, dict):
+        for item in value.values():
+            found.extend(_local_data_paths(item))
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            found.extend(_local_data_paths(item))
+    elif isinstance(value, str) and value and "://" not in value[:12] and not value.startswith("pipe:"):
+        text = value[len("file:"):] if value.startswith("file:") else value
+        if "/" in text or "{" in text:
+            found.append(_pattern_folder(text))
+    elif isinstance(value, str) and value.startswith("file://"):
+        found.append(_pattern_folder(value[len("file://"):]))
+    return found
+
+
+def local_destinations(config: TrackerConfig, data_path: Path) -> List[Path]:
+    """The files local savers write (relative paths are under `data_path`)."""
+    paths = []
+    for save in config.save:
+        if isinstance(save, LocalSaveConfig):
+            for dest in filter(None, (save.save_latest_to, save.save_best_to)):
+                path = Path(dest).expanduser()
+                paths.append(path if path.is_absolute() else data_path / path)
+    paths.append(data_path / RESUME_CHECKPOINT)
+    return paths
+
+
+def protected_paths(config: TrackerConfig, full_config_dict: Mapping[str, Any], data_path: Path) -> List[Path]:
+    """Files `overwrite_data_path` must never remove: the `tracker.load` file, local saver
+    destinations, and what the data section reads (relative paths as the process sees them)."""
+    paths: List[Path] = []
+    if isinstance(config.load, LocalLoadConfig):
+        paths.append(Path(config.load.file_path))
+    for save in config.save:
+        if isinstance(save, LocalSaveConfig):
+            for dest in filter(None, (save.save_latest_to, save.save_best_to, save.save_meta_to)):
+                path = Path(dest).expanduser()
+                paths.append(path if path.is_absolute() else data_path / path)
+    data = full_config_dict.get("data") if isinstance(full_config_dict, Mapping) else None
+    paths.extend(_local_data_paths(data or {}))
+    return paths
 
 
 def _create_loader(config: TrackerConfig, logger, data_path: Path, resuming_wandb: bool):

@@ -24,6 +24,7 @@ from .. import __version__
 from ..config.root import TrainDecoderConfig
 from ..tracking import capture_rng_state, create_tracker, restore_rng_state
 from ..tracking.checkpoint import training_state
+from ..tracking.redact import install_output_redaction, secrets_in
 from ..tracking.reference import REFERENCE_ORIGIN, schedule_note
 from .batches import BatchPreparer, SampleExamples
 from .resume import describe_changes, position_is_kept, reference_progress
@@ -185,6 +186,8 @@ class TrainingRun:
 
     def __init__(self, config: TrainDecoderConfig, *, accelerator: Optional[Accelerator] = None):
         self.config = config
+        # Before anything can print a data URL: one redaction for all output (see docs/TRACKING.md).
+        install_output_redaction(secrets_in(config.to_dict()))
         self.accelerator = accelerator or create_accelerator(config)
         acc = self.accelerator
         # Same initial weights on every rank; afterwards each rank draws its own noise.
@@ -339,9 +342,8 @@ class TrainingRun:
         acc, trainer, progress = self.accelerator, self.trainer, self.progress
         loader = self.loaders["train"]
         loader.set_epoch(progress.epoch)
-        batch_samples = self.config.data.batch_size * acc.num_processes
         loss_sums = {n: torch.zeros((), device=acc.device) for n in trainer.trained_unets}
-        steps_in_window = 0
+        steps_in_window = window_samples = 0
         window_start = time.perf_counter()
         bar = tqdm(total=len(loader), initial=progress.batches_in_epoch, desc=f"epoch {progress.epoch + 1} train",
                    disable=not acc.is_main_process, dynamic_ncols=True, leave=False)
@@ -358,21 +360,25 @@ class TrainingRun:
         try:
             for batch in iterator:
                 batch = self.batches.prepare(batch)
+                # every rank's batch has this size (a short last batch included: exact epochs give
+                # each rank the same number of samples), so the samples of this step are size x ranks
+                step_samples = batch["image"].shape[0] * acc.num_processes
                 losses = trainer.train_step(batch)
                 for number, loss in losses.items():
                     loss_sums[number] += loss
                 steps_in_window += 1
                 progress.batches_in_epoch += 1
-                progress.samples_seen += batch_samples
+                progress.samples_seen += step_samples
+                window_samples += step_samples
                 bar.update(1)
 
                 if steps_in_window == LOG_EVERY_N_STEPS:
-                    metrics = self._window_metrics(loss_sums, steps_in_window, batch_samples, window_start)
+                    metrics = self._window_metrics(loss_sums, steps_in_window, window_samples, window_start)
                     self.tracker.log(metrics, step=progress.samples_seen)
                     postfix = {k.split("/")[-1]: f"{v:.4f}" for k, v in metrics.items() if k.startswith("train/loss")}
                     bar.set_postfix({**postfix, "samples/s": f"{metrics['train/samples_per_s']:.1f}"})
                     loss_sums = {n: torch.zeros((), device=acc.device) for n in trainer.trained_unets}
-                    steps_in_window, window_start = 0, time.perf_counter()
+                    steps_in_window, window_samples, window_start = 0, 0, time.perf_counter()
 
                 if trainer.too_many_nonfinite:
                     raise TrainingStopped(
@@ -394,7 +400,7 @@ class TrainingRun:
             self.tracker.log({"train/nonfinite_steps": trainer.nonfinite_steps}, step=progress.samples_seen)
         return True
 
-    def _window_metrics(self, loss_sums, steps: int, batch_samples: int, window_start: float) -> Dict[str, float]:
+    def _window_metrics(self, loss_sums, steps: int, samples: int, window_start: float) -> Dict[str, float]:
         acc = self.accelerator
         numbers = sorted(loss_sums)
         stacked = torch.stack([loss_sums[n] / steps for n in numbers])
@@ -403,7 +409,7 @@ class TrainingRun:
         elapsed = max(time.perf_counter() - window_start, 1e-9)
         metrics = {f"train/loss/unet{n}": v for n, v in zip(numbers, values)}
         metrics.update({f"train/lr/unet{n}": self.trainer.unet_lr(n) for n in numbers})
-        metrics["train/samples_per_s"] = steps * batch_samples / elapsed
+        metrics["train/samples_per_s"] = samples / elapsed
         metrics["epoch"] = self.progress.epoch + 1
         return metrics
 

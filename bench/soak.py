@@ -1,0 +1,219 @@
+"""Soak: short training runs on the demo data, killed at random moments, each followed by auto-resume.
+
+    python bench/soak.py --kills 50            # writes under a temporary folder, prints the figures
+
+Each round starts `train_decoder.py` on a tiny decoder (saves every few steps, locally and to the
+loopback hub server of tests/tracking_servers.py, with `auto_resume`), waits a random time, and
+sends SIGKILL, SIGTERM or SIGUSR1 (so kills fall during training, saving and uploading). After
+each round it checks:
+
+- the latest checkpoint (`latest.pth`) always loads;
+- after a clean stop (SIGTERM / SIGUSR1: the run saves and finishes as interrupted) no staging
+  copy or pending upload remains; after a SIGKILL, the next start removes them (checked then);
+- nothing outside the run's folders changed (the data folder and the config are hashed).
+
+At the end the run is left to finish, and its final weights are compared with an uninterrupted
+run of the same config (exact resume makes them equal). Figures: kills by signal, rounds that had
+saved, stray copies found, mismatches, and the wall time.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+TOKEN = "hf_soak_token_0123456789"
+
+
+def tree_digest(folder: Path) -> Dict[str, str]:
+    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def make_config(data: Path, run: Path, hub_url: str, token_file: Path) -> dict:
+    return {
+        "seed": 1,
+        "decoder": {"unets": [{"dim": 8, "image_embed_dim": 32, "dim_mults": [1, 2], "attn_heads": 2, "attn_dim_head": 8,
+                               "cond_dim": 16, "num_resnet_blocks": 1}],
+                    "image_sizes": [16], "timesteps": 10, "learned_variance": False},
+        "data": {"webdataset_base_url": str(data / "shards") + "/{}.tar", "img_embeddings_url": str(data / "img_emb"),
+                 "num_workers": 1, "batch_size": 4, "start_shard": 0, "end_shard": 7, "shard_width": 6,
+                 "index_width": 4, "splits": {"train": 0.75, "val": 0.125, "test": 0.125}},
+        "train": {"epochs": 3, "lr": 1e-3, "device": "cpu", "epoch_samples": 64, "validation_samples": 8,
+                  "save_every_n_samples": 16, "n_sample_images": 2},
+        "tracker": {
+            "data_path": str(run),
+            "log": {"log_type": "console", "auto_resume": True},
+            "save": [{"save_to": "local", "save_latest_to": "latest.pth", "save_best_to": "best.pth"},
+                     {"save_to": "huggingface", "huggingface_repo": "soak/decoder", "huggingface_endpoint": hub_url,
+                      "token_path": str(token_file), "save_latest_to": "latest.pt"}],
+        },
+    }
+
+
+def start(config_file: Path, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    handle = open(log, "wb")
+    return subprocess.Popen([sys.executable, str(REPO / "train_decoder.py"), "--config_file", str(config_file)],
+                            stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=config_file.parent)
+
+
+def leftover_processes(config_file: Path, exclude: int) -> list:
+    """Processes still running this config (e.g. dataloader workers orphaned by a kill)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != exclude:
+            try:
+                if str(config_file).encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
+
+
+def finished(run: Path) -> bool:
+    state = run / "run_state.json"
+    return state.exists() and json.loads(state.read_text()).get("finished") is True
+
+
+def strays(run: Path):
+    return sorted(run.glob(".staging/step_*")) + sorted(run.glob("uploads/*/pending/step_*"))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kills", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-wait", type=float, default=20.0, help="longest wait after start-up before the signal, seconds")
+    parser.add_argument("--minutes", type=float, default=0.0,
+                        help="stop sending signals after this many minutes (then the final comparison), 0: no limit")
+    parser.add_argument("--keep", help="work in this folder (kept) instead of a temporary one")
+    args = parser.parse_args()
+    from dalle2_decoder.tracking import read_file
+    from tests.tracking_servers import HubServer
+
+    chooser = random.Random(args.seed)
+    work = Path(args.keep or tempfile.mkdtemp(prefix="dalle2-soak-"))
+    work.mkdir(parents=True, exist_ok=True)
+    data = work / "demo"
+    if not (data / "data_config.json").exists():
+        subprocess.run([sys.executable, "-m", "dalle2_decoder.data.demo", "--out", str(data), "--num-images", "256",
+                        "--image-size", "16", "--embed-dim", "32", "--shard-size", "32"], check=True,
+                       env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL)
+    token_file = work / "hub_token"
+    token_file.write_text(TOKEN)
+    figures = {"kills": {"SIGKILL": 0, "SIGTERM": 0, "SIGUSR1": 0}, "finished_early": 0, "latest_loads": 0,
+               "no_latest_yet": 0, "strays_after_clean_stop": 0, "strays_left_after_restart": 0,
+               "outside_changed": 0, "leftover_processes": 0, "completed_runs": 0, "failures": []}
+    began = time.time()
+    with HubServer(work / "hub", token=TOKEN) as hub:
+        run, baseline_run = work / "run", work / "baseline"
+        config_file, baseline_file = work / "soak.json", work / "baseline.json"
+        config_file.write_text(json.dumps(make_config(data, run, hub.url, token_file), indent=2))
+        baseline_file.write_text(json.dumps(make_config(data, baseline_run, hub.url, token_file), indent=2))
+        outside_before = tree_digest(data), config_file.read_bytes()
+
+        rounds = 0
+        stop_at = began + args.minutes * 60 if args.minutes else float("inf")
+        while sum(figures["kills"].values()) < args.kills and time.time() < stop_at:
+            rounds += 1
+            if finished(run):  # the last signal came after the run's end: start a new run in a fresh folder
+                figures["completed_runs"] += 1
+                subprocess.run(["rm", "-rf", str(run)], check=True)
+            left_before = strays(run)
+            log = work / "logs" / f"round_{rounds:03d}.log"
+            log.parent.mkdir(exist_ok=True)
+            process = start(config_file, log)
+            # the signal handlers are installed before the start-up summary is printed: from then on
+            # a signal must lead to a clean stop (earlier, the default action ends the process)
+            ready_by = time.time() + 600
+            while process.poll() is None and time.time() < ready_by and b"dalle2-decoder training" not in log.read_bytes():
+                time.sleep(0.1)
+            wait = chooser.uniform(0.5, args.max_wait)
+            deadline = time.time() + wait
+            while time.time() < deadline and process.poll() is None:
+                time.sleep(0.05)
+            if process.poll() is not None and process.returncode == 0:  # ended before the signal: start over
+                figures["finished_early"] += 1
+                subprocess.run(["rm", "-rf", str(run)], check=True)
+                continue
+            if process.poll() is not None:
+                figures["failures"].append(f"round {rounds}: exit {process.returncode} before the signal, see {log}")
+                break
+            name = chooser.choice(["SIGKILL", "SIGTERM", "SIGUSR1"])
+            process.send_signal(getattr(signal, name))
+            try:
+                code = process.wait(timeout=300)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                figures["failures"].append(f"round {rounds}: {name} did not stop the run in 300 s")
+                break
+            figures["kills"][name] += 1
+            if name != "SIGKILL" and code != 0:
+                figures["failures"].append(f"round {rounds}: {name} gave exit status {code}")
+            if left_before and any(path.exists() for path in left_before):
+                figures["strays_left_after_restart"] += 1
+            if (run / "latest.pth").exists():
+                try:
+                    read_file(run / "latest.pth")
+                    figures["latest_loads"] += 1
+                except Exception as error:  # the point of the soak: report, keep going
+                    figures["failures"].append(f"round {rounds}: latest.pth does not load after {name}: {error}")
+            else:
+                figures["no_latest_yet"] += 1
+            if name != "SIGKILL" and strays(run):
+                figures["strays_after_clean_stop"] += 1
+            # dataloader workers of a killed process check their parent every 5 s: give them 10
+            grace_until = time.time() + 10.0
+            orphans = leftover_processes(config_file, exclude=process.pid)
+            while orphans and time.time() < grace_until:
+                time.sleep(0.5)
+                orphans = leftover_processes(config_file, exclude=process.pid)
+            if orphans:
+                figures["leftover_processes"] += 1
+                figures["failures"].append(f"round {rounds}: processes left running after {name}: {orphans}")
+                for pid in orphans:
+                    os.kill(pid, signal.SIGKILL)
+            if (tree_digest(data), config_file.read_bytes()) != outside_before:
+                figures["outside_changed"] += 1
+            print(f"round {rounds}: {name} after {wait:.1f}s, exit {code}", flush=True)
+
+        # let the interrupted run finish, then compare with an uninterrupted one
+        final = None if finished(run) else start(config_file, work / "logs" / "final.log")
+        baseline = start(baseline_file, work / "logs" / "baseline.log")  # side by side: same config, own folder
+        final_code, baseline_code = (final.wait() if final else 0), baseline.wait()
+        equal = None
+        if final_code == 0 and baseline_code == 0:
+            import torch
+
+            a = read_file(run / "latest.pth").state["trainer"]["decoder"]
+            b = read_file(baseline_run / "latest.pth").state["trainer"]["decoder"]
+            equal = a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+        else:
+            figures["failures"].append(f"final run exit {final_code}, baseline exit {baseline_code}")
+        if strays(run):
+            figures["failures"].append(f"stray copies after the final run: {strays(run)}")
+    figures["final_weights_equal_uninterrupted"] = equal
+    figures["rounds"] = rounds
+    figures["wall_s"] = round(time.time() - began, 1)
+    print(json.dumps(figures, indent=2))
+    problems = (figures["failures"] or figures["strays_after_clean_stop"] or figures["strays_left_after_restart"]
+                or figures["outside_changed"] or equal is not True)
+    print("soak:", "FAILED" if problems else "passed", f"({sum(figures['kills'].values())} kills, work folder {work})")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
