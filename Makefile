@@ -14,8 +14,14 @@ INSTALLED := $(VENV)/.dalle2-decoder-installed
 TEST_TIMEOUT ?= 900
 PYTEST_ARGS ?=
 DEMO_DATA ?= demo_data
+# Command-line tools the tests use that are not libraries of the package: the aws CLI (for
+# `pipe:aws s3 cp ...` shards). They live in a venv of their own, so their pins (awscli pins one
+# botocore release) never fight the package's; only the commands are put on the tests' PATH.
+TOOLS_VENV ?= .venv-tools
+TOOLS_PATH := $(CURDIR)/$(TOOLS_VENV)/path
+TOOLS := $(TOOLS_PATH)/aws
 
-.PHONY: install test test-fast demo demo-data check-examples
+.PHONY: install test test-fast plain-install-check demo demo-data check-examples
 
 $(VENV_PYTHON):
 	$(PYTHON) -m venv $(VENV)
@@ -26,13 +32,23 @@ $(INSTALLED): $(VENV_PYTHON) requirements.txt setup.cfg setup.py
 	$(VENV_PYTHON) -m pip install -e ".[test,clip]"
 	touch $(INSTALLED)
 
-install: $(INSTALLED)
+$(TOOLS):
+	$(PYTHON) -m venv $(TOOLS_VENV)
+	$(TOOLS_VENV)/bin/python -m pip install -q awscli
+	mkdir -p $(TOOLS_PATH)
+	ln -sf ../bin/aws $(TOOLS)
 
-test: $(INSTALLED)
-	$(VENV_PYTHON) -m pytest tests -q --timeout=$(TEST_TIMEOUT) $(PYTEST_ARGS)
+install: $(INSTALLED) $(TOOLS)
 
-test-fast: $(INSTALLED)
-	$(VENV_PYTHON) -m pytest tests -q --timeout=$(TEST_TIMEOUT) -m "not slow" $(PYTEST_ARGS)
+test: $(INSTALLED) $(TOOLS)
+	PATH="$(TOOLS_PATH):$$PATH" $(VENV_PYTHON) -m pytest tests -q --timeout=$(TEST_TIMEOUT) $(PYTEST_ARGS)
+
+test-fast: $(INSTALLED) $(TOOLS)
+	PATH="$(TOOLS_PATH):$$PATH" $(VENV_PYTHON) -m pytest tests -q --timeout=$(TEST_TIMEOUT) -m "not slow" $(PYTEST_ARGS)
+
+# The plain install path CI also checks: a fresh venv, torch first, then the built wheel alone.
+plain-install-check:
+	bash scripts/ci_plain_install.sh
 
 $(DEMO_DATA)/data_config.json: | $(INSTALLED)
 	$(VENV_PYTHON) -m dalle2_decoder.data.demo --out $(DEMO_DATA)

@@ -138,9 +138,10 @@ def test_pipe_cat_shards(tmp_path):
 
 
 def test_pipe_aws_s3_cp(tmp_path, s3_env):
-    # the test extra installs awscli into this environment, whose scripts folder may not be on PATH
-    aws = shutil.which("aws", path=os.pathsep.join([sysconfig.get_path("scripts"), os.environ.get("PATH", "")]))
-    assert aws, "the aws command line is needed for pipe: shards from s3"
+    # `make test` installs the aws CLI in a tools venv of its own and puts it on PATH (see the Makefile);
+    # an environment that has it in its own scripts folder works too.
+    aws = shutil.which("aws", path=os.pathsep.join([os.environ.get("PATH", ""), sysconfig.get_path("scripts")]))
+    assert aws, "the aws command line is needed for pipe: shards from s3 (make test installs it in .venv-tools)"
     dataset = write_dataset(str(tmp_path), SIZES, embeddings="shard")
     upload(str(tmp_path), "pipe-bucket", s3_env)
     base = f"pipe:{aws} --endpoint-url {s3_env} s3 cp s3://pipe-bucket/shards/{{}}.tar -"
