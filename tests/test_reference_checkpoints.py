@@ -4,9 +4,11 @@ reference, continue training here, fine-tune an upsampler end to end, and conver
 import copy
 import io
 import json
+import os
 import pickle
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -252,6 +254,13 @@ def test_tracker_load_takes_reference_checkpoints_from_a_url_and_from_a_wandb_ru
     assert loaded.kind == "model" and loaded.origin == "dalle2-pytorch"
     decoder = cfg.decoder.create()
     decoder.load_state_dict(loaded.model_state)
+    # A restart of the same run within the same second: wandb's folder gets a `-1` suffix, and its
+    # (newer) copy is the one loaded.
+    restarted = tmp_path / "wandb" / "offline-run-20260101_000000-abc123-1" / "files"
+    restarted.mkdir(parents=True)
+    shutil.copy(FIXTURES / "checkpoint.pth", restarted / "model.pth")
+    os.utime(restarted / "model.pth", (time.time() + 10, time.time() + 10))
+    assert loader.fetch() == restarted / "model.pth"
 
 
 def test_a_reference_checkpoint_in_an_all_cosine_cascade_gets_a_schedule_note():

@@ -138,7 +138,9 @@ class WandbLoader:
     def _local_copy(self, run_id: str) -> Optional[Path]:
         candidates = []
         for root in self.wandb_roots:
-            candidates.extend(root.glob(f"*run-*-{run_id}/files/{self.config.wandb_file_path}"))
+            # `run-<time>-<id>`, and `run-<time>-<id>-<n>` for a restart within the same second
+            for pattern in (f"*run-*-{run_id}", f"*run-*-{run_id}-[0-9]*"):
+                candidates.extend(root.glob(f"{pattern}/files/{self.config.wandb_file_path}"))
         candidates = [path for path in candidates if path.is_file()]
         return max(candidates, key=lambda path: path.stat().st_mtime) if candidates else None
 
