@@ -21,6 +21,9 @@ if TYPE_CHECKING:  # imported lazily: building a config must not need torch
 CLIP_MAKES = ("openai", "open_clip")
 LOSS_TYPES = ("l1", "l2", "huber")
 BETA_SCHEDULES = ("cosine", "linear", "quadratic", "jsd", "sigmoid")
+# The names of dalle2_decoder.models.samplers.SAMPLERS (kept here so that checking a config needs no torch;
+# tests/test_sample_command.py checks the two agree).
+SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_karras", "unipc", "unipc_karras")
 
 
 @attrs.frozen
@@ -90,6 +93,10 @@ class DecoderConfig:
     """Diffusion timesteps used in training and full-chain sampling."""
     sample_timesteps: Union[None, int, List[Optional[int]]] = None
     """DDIM sampling steps, one value or one per U-Net; None samples the full chain."""
+    samplers: Union[None, str, List[Optional[str]]] = None
+    """Sampler, one or one per U-Net: ddpm, ddim, dpmpp_2m, dpmpp_2m_karras, unipc or unipc_karras, making
+    `sample_timesteps` network calls (all `timesteps` when null); null keeps the reference's DDPM, or DDIM where
+    `sample_timesteps` is set."""
     loss_type: str = "l2"
     """Loss: `l1`, `l2` or `huber`."""
     beta_schedule: Union[None, str, List[str]] = "cosine"
@@ -125,13 +132,17 @@ class DecoderConfig:
         problems += one_of("decoder.loss_type", self.loss_type, LOSS_TYPES)
         problems += in_range("decoder.image_cond_drop_prob", self.image_cond_drop_prob, 0.0, 1.0)
         problems += in_range("decoder.text_cond_drop_prob", self.text_cond_drop_prob, 0.0, 1.0)
-        for name in ("beta_schedule", "learned_variance", "sample_timesteps"):
+        for name in ("beta_schedule", "learned_variance", "sample_timesteps", "samplers"):
             problems += one_per_unet(f"decoder.{name}", getattr(self, name), num_unets)
         schedules = self.beta_schedule if isinstance(self.beta_schedule, list) else [self.beta_schedule]
         for index, schedule in enumerate(schedules):
             where = f"decoder.beta_schedule[{index}]" if isinstance(self.beta_schedule, list) else "decoder.beta_schedule"
             if schedule is not None:
                 problems += one_of(where, schedule, BETA_SCHEDULES)
+        for index, sampler in enumerate(per_unet(self.samplers, num_unets)):
+            if sampler is not None:
+                where = f"decoder.samplers[{index}]" if isinstance(self.samplers, list) else "decoder.samplers"
+                problems += one_of(where, sampler, SAMPLERS)
         for index, steps in enumerate(per_unet(self.sample_timesteps, num_unets)):
             if steps is not None and not 1 <= steps <= self.timesteps:
                 problems.append(f"decoder.sample_timesteps: U-Net {index} samples with {steps} steps; "
@@ -161,6 +172,7 @@ class DecoderConfig:
             channels=self.channels,
             timesteps=self.timesteps,
             sample_timesteps=self.sample_timesteps,
+            samplers=self.samplers,
             loss_type=self.loss_type,
             beta_schedule=self.beta_schedule,
             learned_variance=self.learned_variance,

@@ -13,8 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._compat import warn_no_effect
-from .gaussian_diffusion import GaussianDiffusion, ddim_timestep_pairs
+from .gaussian_diffusion import GaussianDiffusion
 from .lowres import LowresConditioner, resize_image
+from .samplers import SAMPLER_NAMES, Generators, ModelOutput, Schedule, randn, run_sampler
+from .schedules import make_beta_schedule
 from .unet import Unet
 
 LOSS_TYPES = ("l1", "l2", "huber")
@@ -37,6 +39,9 @@ class Decoder(nn.Module):
         channels: image channels.
         timesteps: diffusion steps of training and of full (DDPM) sampling.
         sample_timesteps: DDIM steps at sampling, per U-Net; None (or == timesteps) samples the full DDPM chain.
+            With `samplers`, the number of network calls of the chosen sampler (None: timesteps).
+        samplers: sampler per U-Net (see `samplers.SAMPLER_NAMES`); None keeps the reference's choice:
+            DDPM, or DDIM where sample_timesteps is set.
         loss_type: l1, l2 or huber (smooth L1).
         beta_schedule: noise schedule per U-Net: cosine (default), linear, quadratic, jsd or sigmoid.
         learned_variance: per U-Net, also predict the variance and train it with the hybrid loss of improved DDPM.
@@ -80,6 +85,7 @@ class Decoder(nn.Module):
         channels: int = 3,
         timesteps: int = 1000,
         sample_timesteps: Union[None, int, Sequence[Optional[int]]] = None,
+        samplers: Union[None, str, Sequence[Optional[str]]] = None,
         loss_type: str = "l2",
         beta_schedule: Union[None, str, Sequence[str]] = None,
         learned_variance: Union[bool, Sequence[bool]] = True,
@@ -163,6 +169,11 @@ class Decoder(nn.Module):
             if steps is not None and not 1 <= steps <= timesteps:
                 raise ValueError(f"Decoder: sample_timesteps of U-Net {i + 1} must be in [1, {timesteps}], got {steps}")
             self.sample_timesteps.append(None if steps == timesteps else steps)
+
+        self.samplers: List[Optional[str]] = _per_unet(samplers, n, "samplers")
+        for i, name in enumerate(self.samplers):
+            if name is not None and name not in SAMPLER_NAMES:
+                raise ValueError(f"Decoder: unknown sampler {name!r} for U-Net {i + 1}; choose one of {', '.join(SAMPLER_NAMES)}")
 
         schedules = [s if s is not None else "cosine" for s in _per_unet(beta_schedule, n, "beta_schedule")]
         self.diffusions = nn.ModuleList(GaussianDiffusion(s, timesteps) for s in schedules)
@@ -335,6 +346,13 @@ class Decoder(nn.Module):
         return loss
 
     # -------------------------------------------------------------------- sampling
+    def sampler_for(self, unet_number: int, sampler: Optional[str] = None, steps: Optional[int] = None) -> Tuple[str, Optional[int]]:
+        """(sampler name, steps) U-Net `unet_number` samples with; arguments override the configured ones."""
+        index = self._index(unet_number)
+        steps = steps if steps is not None else self.sample_timesteps[index]
+        name = sampler or self.samplers[index] or ("ddpm" if steps is None else "ddim")
+        return name, steps
+
     def _sample_unet(
         self,
         index: int,
@@ -342,39 +360,44 @@ class Decoder(nn.Module):
         *,
         cond_scale: float,
         unet_kwargs: dict,
-        generator: Optional[torch.Generator],
+        generator: Generators,
         device: torch.device,
+        sampler: str,
+        steps: Optional[int],
         progress: bool = False,
     ) -> torch.Tensor:
         unet, diffusion = self.unets[index], self.diffusions[index]
         b = shape[0]
-        x = torch.randn(shape, device=device, generator=generator)
-        steps = self.sample_timesteps[index]
-        if steps is None:
-            pairs = [(t, t - 1) for t in reversed(range(self.num_timesteps))]
-        else:
-            pairs = ddim_timestep_pairs(self.num_timesteps, steps)
-        x_start = None
+        x_start: List[Optional[torch.Tensor]] = [None]  # the last x_0 estimate, for self-conditioning
+
+        def denoise(x: torch.Tensor, t_now: int) -> ModelOutput:
+            t = torch.full((b,), t_now, device=device, dtype=torch.long)
+            self_cond = x_start[0] if unet.self_cond else None
+            out = unet.forward_with_cond_scale(x, t, cond_scale=cond_scale, self_cond=self_cond, **unet_kwargs).float()
+            pred, var_out = self._split_output(index, out)
+            if unet.self_cond:
+                x_start[0] = self._threshold(self._x_start_from_prediction(index, pred, x, t))
+            if var_out is not None:  # improved DDPM eq. 15's interpolation fraction
+                var_out = torch.sigmoid(var_out) if self.learned_variance_constrain_frac else (var_out + 1.0) / 2.0
+            return ModelOutput(pred, var_out)
+
+        schedule = Schedule.from_betas(
+            make_beta_schedule(diffusion.beta_schedule, diffusion.num_timesteps), self._objective(index), self._threshold
+        )
+        calls = steps or self.num_timesteps
+        bar = None
         if progress:
             from tqdm.auto import tqdm
 
-            pairs = tqdm(pairs, desc=f"sampling U-Net {index + 1}", leave=False, dynamic_ncols=True)
-        for t_now, t_prev in pairs:
-            t = torch.full((b,), t_now, device=device, dtype=torch.long)
-            self_cond = x_start if unet.self_cond else None
-            out = unet.forward_with_cond_scale(x, t, cond_scale=cond_scale, self_cond=self_cond, **unet_kwargs).float()
-            pred, var_out = self._split_output(index, out)
-            x_start = self._threshold(self._x_start_from_prediction(index, pred, x, t))
-            noise = torch.randn(shape, device=device, generator=generator)
-            if steps is None:
-                log_variance = (
-                    None if var_out is None else diffusion.model_log_variance(var_out, t, self.learned_variance_constrain_frac)
-                )
-                x = diffusion.ddpm_step(x, t, x_start, log_variance, noise)
-            else:
-                t_before = torch.full((b,), t_prev, device=device, dtype=torch.long)
-                x = diffusion.ddim_step(x, t, t_before, x_start, self.ddim_sampling_eta, noise)
-        return x
+            bar = tqdm(total=calls, desc=f"sampling U-Net {index + 1} ({sampler}, {calls} steps)", leave=False, dynamic_ncols=True)
+        try:
+            return run_sampler(
+                sampler, denoise, schedule, randn(shape, generator, device), steps=steps, generator=generator,
+                callback=None if bar is None else (lambda i, t, x: bar.update(1)), eta=self.ddim_sampling_eta,
+            )
+        finally:
+            if bar is not None:
+                bar.close()
 
     @torch.no_grad()
     def sample(
@@ -388,17 +411,22 @@ class Decoder(nn.Module):
         stop_at_unet_number: Optional[int] = None,
         image: Optional[torch.Tensor] = None,
         batch_size: Optional[int] = None,
-        generator: Optional[torch.Generator] = None,
-        seed: Optional[int] = None,
+        generator: Generators = None,
+        seed: Union[None, int, Sequence[int]] = None,
         progress: bool = False,
+        sampler: Union[None, str, Sequence[Optional[str]]] = None,
+        sample_timesteps: Union[None, int, Sequence[Optional[int]]] = None,
     ) -> torch.Tensor:
         """Images in [0, 1] at the size of the last U-Net run.
 
         cond_scale: classifier-free guidance scale, one for all U-Nets or one per U-Net.
         image: images in [0, 1] used as the low-res input when starting at an upsampler.
         batch_size: only needed when nothing else says it (an unconditional decoder).
-        generator / seed: make the sampling noise reproducible (seed builds a generator).
+        generator / seed: make the sampling noise reproducible (seed builds a generator). A list of
+            generators or seeds gives each sample its own: its image then depends on its seed alone,
+            not on the batch it is sampled in.
         progress: show a progress bar over each U-Net's sampling steps.
+        sampler / sample_timesteps: override the configured sampler and steps, one for all or one per U-Net.
         """
         start = self._index(start_at_unet_number)
         stop = self._index(stop_at_unet_number if stop_at_unet_number is not None else len(self.unets))
@@ -409,8 +437,10 @@ class Decoder(nn.Module):
         if not self.unconditional and image_embed is None:
             raise ValueError("Decoder.sample: image_embed is required unless the decoder is unconditional")
         device = next(self.parameters()).device
-        if seed is not None:
+        if isinstance(seed, int):
             generator = torch.Generator(device=device).manual_seed(seed)
+        elif seed is not None:
+            generator = [torch.Generator(device=device).manual_seed(int(s)) for s in seed]
         for candidate in (image_embed, image, text_encodings):
             if candidate is not None:
                 batch_size = candidate.shape[0]
@@ -418,6 +448,14 @@ class Decoder(nn.Module):
         if batch_size is None:
             raise ValueError("Decoder.sample: pass batch_size (no image_embed, image or text_encodings to infer it from)")
         cond_scales = _per_unet(cond_scale, len(self.unets), "cond_scale")
+        chosen = [
+            self.sampler_for(number, name, steps)
+            for number, name, steps in zip(
+                range(1, len(self.unets) + 1),
+                _per_unet(sampler, len(self.unets), "sampler"),
+                _per_unet(sample_timesteps, len(self.unets), "sample_timesteps"),
+            )
+        ]
 
         was_training = self.training
         self.eval()
@@ -440,6 +478,8 @@ class Decoder(nn.Module):
                     unet_kwargs=unet_kwargs,
                     generator=generator,
                     device=device,
+                    sampler=chosen[index][0],
+                    steps=chosen[index][1],
                     progress=progress,
                 )
                 current = ((x + 1) / 2).clamp(0, 1)

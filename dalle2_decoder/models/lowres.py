@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .gaussian_diffusion import GaussianDiffusion
+from .samplers import Generators, randn
 
 
 def resize_image(image: torch.Tensor, size: int) -> torch.Tensor:
@@ -79,7 +80,7 @@ class LowresConditioner(nn.Module):
         target_size: int,
         *,
         training: bool,
-        generator: Optional[torch.Generator] = None,
+        generator: Generators = None,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         b = image.shape[0]
         cond = resize_image(image, lower_size) if self.downsample_first else image
@@ -99,5 +100,5 @@ class LowresConditioner(nn.Module):
             level = torch.randint(0, steps, (b,), device=image.device, generator=generator)
         else:
             level = torch.full((b,), min(int(self.noise_sample_level * steps), steps - 1), device=image.device, dtype=torch.long)
-        noise = torch.randn(cond.shape, device=cond.device, dtype=cond.dtype, generator=generator)
+        noise = randn(cond.shape, generator, cond.device, cond.dtype)  # one generator per sample allowed
         return self.noise_schedule.q_sample(cond, level, noise), level
