@@ -126,7 +126,9 @@ def resolve_source(
         from .tracking.redact import redact_string
 
         return _download_url(text, Path(cache_dir) if cache_dir else default_cache_dir()), redact_string(text)
-    if _HUB_ID.match(text) and not text.startswith((".", "/")):
+    # A name ending like a weights file is a path that does not exist, not a hub repo.
+    looks_like_file = text.endswith((".safetensors", ".pt", ".pth", ".ckpt", ".bin", ".json"))
+    if _HUB_ID.match(text) and not looks_like_file:
         options = dict(revision=revision, endpoint=endpoint, token=token, cache_dir=cache_dir)
         if filename is None:
             card = _read_hub_config(_hub_download(text, HUB_CONFIG, **options), f"hub repo {text}")
