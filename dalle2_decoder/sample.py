@@ -386,7 +386,9 @@ def run(args) -> int:
         }
         out_dir = Path(args.out)
         write_outputs(out_dir, inputs, items, ordered, seeds=seeds, record=record)
-        print(f"wrote {len(items)} images, grid.png and samples.json to {out_dir}", file=sys.stderr, flush=True)
+        shares = [len(part) for part, _ in gathered]
+        print(f"wrote {len(items)} images, grid.png and samples.json to {out_dir} (images per process: {shares})",
+              file=sys.stderr, flush=True)
     if accelerator.num_processes > 1:
         accelerator.wait_for_everyone()
         accelerator.end_training()

@@ -163,6 +163,7 @@ def test_two_processes_write_one_output_set_equal_to_one_process(setup, tmp_path
     result = launch(tmp_path, "-m", "dalle2_decoder.sample", *common, "--batch_size", "2", "--out", str(tmp_path / "two"))
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stderr.count("wrote 6 images") == 1  # only the main process writes
+    assert "(images per process: [3, 3])" in result.stderr  # each process sampled its own half
     one, one_images = read_output(tmp_path / "one")
     two, two_images = read_output(tmp_path / "two")
     assert one["images"] == two["images"]  # the same (input, seed) list in the same order, no duplicates

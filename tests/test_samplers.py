@@ -273,3 +273,42 @@ def test_per_sample_generators_make_each_row_independent_of_the_batch():
     torch.testing.assert_close(batch[1:2], alone, rtol=0, atol=0)
     with pytest.raises(ValueError, match="one per sample"):
         randn((2, 2), gens, torch.device("cpu"))
+
+
+# --- the training loop and the evaluation sample with the configured sampler -----------------------------
+
+
+def test_training_sample_phase_and_evaluation_use_the_configured_sampler(tmp_path, monkeypatch):
+    from dalle2_decoder.config import TrainDecoderConfig
+    from dalle2_decoder.evaluation import run_evaluation
+    from dalle2_decoder.models.unet import Unet
+    from dalle2_decoder.training import TrainingRun
+
+    from .evaluation_fixtures import write_networks
+    from .training_fixtures import tiny_config, write_tiny_demo
+
+    data = write_tiny_demo(tmp_path / "demo")
+    networks = write_networks(tmp_path / "networks")
+    raw = tiny_config(data, tmp_path / "run", epochs=1, epoch_samples=8, validation_samples=4, n_sample_images=2)
+    raw["decoder"].update(samplers="dpmpp_2m_karras", sample_timesteps=3)  # of 20 timesteps
+    raw["evaluate"] = {"n_evaluation_samples": 4, "FID": {"feature": networks["features"], "normalize": True}}
+    run = TrainingRun(TrainDecoderConfig.from_dict(raw))
+    calls = []
+    original = Unet.forward_with_cond_scale
+
+    def counting(self, x, time, **kwargs):
+        calls.append(int(time[0]))
+        return original(self, x, time, **kwargs)
+
+    monkeypatch.setattr(Unet, "forward_with_cond_scale", counting)
+    # Karras points differ from the evenly spaced ones DDIM (the default with sample_timesteps) would use.
+    karras = solver_points(Schedule.from_betas(make_beta_schedule("cosine", 20)), 3, karras=True).timesteps
+    assert karras != spaced_timesteps(20, 3)[:-1]
+
+    run.examples = run.batches.pick_examples(run.loaders, 2)
+    run._sample_phase()  # grids of train and test examples: one 3-call sampling each
+    assert calls == karras * len(run.examples) and len(run.examples) == 2
+    calls.clear()
+    metrics = run_evaluation(run)  # 4 validation samples in one batch of 4
+    assert calls == karras and metrics["eval/samples"] == 4
+    run.tracker.finish()
