@@ -86,15 +86,17 @@ def test_embeddings_with_text_give_a_png_per_input_and_seed_a_grid_and_the_recor
     assert not np.array_equal(images[("row0", 3)], images[("row0", 5)])  # seeds differ
     assert not np.array_equal(images[("row0", 3)], images[("row1", 3)])  # inputs matter
 
-    # Each image is the decoder's sample for that input and seed alone.
+    # Each image is the decoder's sample for that input and seed alone (whatever batch the command put it in).
     from dalle2_decoder import load_decoder
 
     decoder = load_decoder(setup["model"])
-    text = torch.from_numpy(np.load(setup["root"] / "texts.npy"))[1:2, None]
-    alone = decoder.sample(image_embed=torch.from_numpy(setup["embeds"][1:2]), text_encodings=text,
-                           text_mask=torch.ones(1, 1, dtype=torch.bool), cond_scale=2.0, seed=[5])
-    expected = (alone[0].clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    assert np.abs(expected.astype(int) - images[("row1", 5)].astype(int)).max() <= 1
+    texts = torch.from_numpy(np.load(setup["root"] / "texts.npy"))[:, None]
+    for (name, seed), image in images.items():
+        row = int(name[len("row"):])
+        alone = decoder.sample(image_embed=torch.from_numpy(setup["embeds"][row : row + 1]), text_encodings=texts[row : row + 1],
+                               text_mask=torch.ones(1, 1, dtype=torch.bool), cond_scale=2.0, seed=[seed])
+        expected = (alone[0].clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        assert np.abs(expected.astype(int) - image.astype(int)).max() <= 1, (name, seed)
 
     # Text encodings condition the result.
     plain = tmp_path / "plain"
