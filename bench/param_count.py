@@ -1,11 +1,20 @@
-"""Parameter counts of our U-Nets against the reference implementation on the same configs.
+"""Parameter counts of our U-Nets against DALLE2-pytorch 1.15.6 on the same JSON configs.
 
-    python bench/param_count.py [--reference-python .venv-ref/bin/python]
+    python bench/param_count.py [--reference-python /work/refvenv/bin/python] [CONFIG.json ...]
 
-The configs are those of DALLE2-pytorch's example decoder configs (plus one exercising text
-conditioning and memory_efficient). The reference (dalle2_pytorch, kept out of this project's
-environment) is run in a subprocess with the other interpreter when it is not importable here.
-Exit status 1 when a ratio falls outside [0.75, 1.25].
+Configs: every example config of this repo (example_configs/*.json) and the reference's example
+decoder configs (train_decoder_config.example.json and .test.json, looked up in
+/work/reference_repo/configs or next to the installed reference). For each U-Net it prints:
+
+- ours: the U-Net our config pipeline builds (`TrainDecoderConfig.from_json_path(...).decoder.create()`),
+- unet: our `Unet` built with exactly the constructor arguments the reference's Decoder ended up
+  giving that U-Net (after its casting of lowres_cond, channels_out, ...): the U-Net alone,
+- ref: the reference's count from `DecoderConfig(**config["decoder"]).create()` (CLIP left out:
+  and beta_schedule left out: they do not change the U-Nets), run in a subprocess with the
+  reference's interpreter,
+
+and the ratios ours/ref and unet/ref. Exit status 1 unless every ratio is exactly 1.
+Models are built on the meta device (shapes only), so even 600M-parameter configs take seconds.
 """
 from __future__ import annotations
 
@@ -15,114 +24,141 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import Any, Dict, List
 
 REPO = Path(__file__).resolve().parents[1]
-TOLERANCE = 0.25
-
-# name -> (unet kwargs list, decoder kwargs); option names are shared by both implementations.
-CONFIGS: Dict[str, tuple] = {
-    "example 64px (train_decoder_config.example.json)": (
-        [dict(dim=128, image_embed_dim=768, cond_dim=64, channels=3, dim_mults=[1, 2, 4, 8], attn_dim_head=32, attn_heads=16)],
-        dict(image_sizes=[64], timesteps=1000, learned_variance=True),
-    ),
-    "dim 320, mults [1,2,3,4], cond_dim 512": (
-        [dict(dim=320, image_embed_dim=768, cond_dim=512, channels=3, dim_mults=[1, 2, 3, 4], attn_dim_head=32, attn_heads=16)],
-        dict(image_sizes=[64], timesteps=1000, learned_variance=True),
-    ),
-    "2-U-Net upsampler (train_upsampler_config.test.json)": (
-        [
-            dict(dim=16, image_embed_dim=768, cond_dim=16, channels=3, dim_mults=[1, 2, 4, 8], attn_dim_head=16, attn_heads=4,
-                 self_attn=[False, True, True, True])
-            for _ in range(2)
-        ],
-        dict(image_sizes=[64, 256], timesteps=10, learned_variance=True),
-    ),
-    "text-conditioned, memory_efficient upsampler": (
-        [
-            dict(dim=64, image_embed_dim=768, text_embed_dim=768, cond_dim=128, cond_on_text_encodings=True, dim_mults=[1, 2, 4],
-                 self_attn=[False, True, True], num_resnet_blocks=2, attn_heads=8, attn_dim_head=32),
-            dict(dim=32, image_embed_dim=768, cond_dim=128, dim_mults=[1, 2, 4, 8], memory_efficient=True,
-                 num_resnet_blocks=[1, 2, 2, 3], init_cross_embed=False),
-        ],
-        dict(image_sizes=[64, 256], timesteps=1000, learned_variance=[True, False]),
-    ),
-}
+DEFAULT_REFERENCE_PYTHON = "/work/refvenv/bin/python"
+REFERENCE_CONFIG_DIRS = [Path("/work/reference_repo/configs"), REPO / "reference_repo" / "configs"]
+REFERENCE_CONFIG_NAMES = ["train_decoder_config.example.json", "train_decoder_config.test.json"]
 
 
-def _count(module) -> int:
-    return sum(p.numel() for p in module.parameters())
+def default_configs() -> List[Path]:
+    configs = sorted((REPO / "example_configs").glob("*.json"))
+    for name in REFERENCE_CONFIG_NAMES:
+        found = next((d / name for d in REFERENCE_CONFIG_DIRS if (d / name).exists()), None)
+        if found is None:
+            print(f"note: reference config {name} not found in {[str(d) for d in REFERENCE_CONFIG_DIRS]}", file=sys.stderr)
+        else:
+            configs.append(found)
+    return configs
 
 
-def count_ours() -> Dict[str, List[int]]:
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def reference_side(paths: List[str]) -> Dict[str, Any]:
+    """Runs under the reference's interpreter: per config, each U-Net's count and final constructor arguments."""
+    import warnings
+
     import torch
 
-    from dalle2_decoder.models import Decoder, Unet
+    warnings.filterwarnings("ignore")
+    from dalle2_pytorch.train_configs import DecoderConfig
 
-    counts = {}
-    for name, (unet_kwargs, decoder_kwargs) in CONFIGS.items():
-        with torch.device("meta"):  # shapes only: no memory, no init time
-            decoder = Decoder([Unet(**kw) for kw in unet_kwargs], **decoder_kwargs)
-        counts[name] = [_count(u) for u in decoder.unets]
-    return counts
+    out: Dict[str, Any] = {}
+    for path in paths:
+        raw = json.loads(Path(path).read_text())["decoder"]
+        # Left out: they do not shape the U-Nets, and the reference's schema types them
+        # differently from ours (a CLIP section it would load; a single beta_schedule string).
+        raw.pop("clip", None)
+        raw.pop("beta_schedule", None)
+        try:
+            with torch.device("meta"):
+                decoder = DecoderConfig(**raw).create()
+        except Exception as err:  # reported per config; the others still run
+            out[path] = {"error": f"{type(err).__name__}: {err}"}
+            continue
+        unets = []
+        for unet in decoder.unets:
+            # A recast reference U-Net nests its extra kwargs once per cast: flatten them.
+            kwargs, extra = dict(unet._locals), {}
+            while "kwargs" in kwargs:
+                extra.update(kwargs.pop("kwargs"))
+                kwargs.update({k: v for k, v in extra.items() if k not in kwargs})
+                extra = {}
+            unets.append({"count": sum(p.numel() for p in unet.parameters()), "kwargs": _jsonable(kwargs)})
+        out[path] = {"unets": unets}
+    return out
 
 
-def count_reference() -> Dict[str, List[int]]:
-    import torch
-    from dalle2_pytorch import Decoder, Unet
-
-    counts = {}
-    for name, (unet_kwargs, decoder_kwargs) in CONFIGS.items():
-        with torch.device("meta"):
-            decoder = Decoder(unet=[Unet(**kw) for kw in unet_kwargs], **decoder_kwargs)
-        counts[name] = [_count(u) for u in decoder.unets]
-    return counts
-
-
-def reference_counts(reference_python: str) -> Dict[str, List[int]] | None:
-    """Reference counts in-process if dalle2_pytorch imports here, else via the other interpreter."""
-    try:
-        import dalle2_pytorch  # noqa: F401
-
-        return count_reference()
-    except ImportError:
-        pass
-    if not Path(reference_python).exists():
-        return None
+def reference_counts(reference_python: str, paths: List[str]) -> Dict[str, Any]:
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    proc = subprocess.run([reference_python, __file__, "--reference-json"], capture_output=True, text=True, env=env)
+    env.pop("PYTHONPATH", None)  # the reference's interpreter must not see this project
+    proc = subprocess.run(
+        [reference_python, __file__, "--reference-json", *paths], capture_output=True, text=True, env=env, cwd="/"
+    )
     if proc.returncode != 0:
-        print(f"reference run failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
-        return None
+        raise SystemExit(f"reference run failed ({reference_python}):\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def our_counts(path: str, reference_kwargs: List[Dict[str, Any]]) -> Dict[str, Any]:
+    import warnings
+
+    import torch
+
+    from dalle2_decoder.config import TrainDecoderConfig
+    from dalle2_decoder.models import Unet
+
+    result: Dict[str, Any] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            with torch.device("meta"):
+                decoder = TrainDecoderConfig.from_json_path(path).decoder.create()
+            result["pipeline"] = [sum(p.numel() for p in u.parameters()) for u in decoder.unets]
+        except Exception as err:
+            result["pipeline_error"] = f"{type(err).__name__}: {err}"
+        alone = []
+        for kwargs in reference_kwargs:
+            with torch.device("meta"):
+                alone.append(sum(p.numel() for p in Unet(**kwargs).parameters()))
+        result["unet"] = alone
+    return result
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reference-python", default=str(REPO / ".venv-ref" / "bin" / "python"))
+    parser.add_argument("configs", nargs="*", type=Path, help="JSON configs (default: the example configs, ours and the reference's)")
+    parser.add_argument("--reference-python", default=DEFAULT_REFERENCE_PYTHON)
     parser.add_argument("--reference-json", action="store_true", help=argparse.SUPPRESS)  # subprocess mode
     args = parser.parse_args()
+    paths = [str(p.resolve()) for p in (args.configs or default_configs())]
     if args.reference_json:
-        print(json.dumps(count_reference()))
+        print(json.dumps(reference_side(paths)))
         return 0
+    if not Path(args.reference_python).exists():
+        print(f"reference interpreter {args.reference_python} not found (pass --reference-python)", file=sys.stderr)
+        return 2
 
     sys.path.insert(0, str(REPO))
-    ours = count_ours()
-    reference = reference_counts(args.reference_python)
-    if reference is None:
-        print("reference (dalle2_pytorch) not available: printing our counts only")
+    reference = reference_counts(args.reference_python, paths)
     ok = True
-    print(f"{'config':55s} {'U-Net':>5s} {'ours':>13s} {'reference':>13s} {'ratio':>7s}")
-    for name, counts in ours.items():
-        for i, n in enumerate(counts):
-            if reference is None:
-                print(f"{name:55s} {i + 1:5d} {n:13,d}")
-                continue
-            ref = reference[name][i]
-            ratio = n / ref
-            within = abs(ratio - 1) <= TOLERANCE
-            ok &= within
-            print(f"{name:55s} {i + 1:5d} {n:13,d} {ref:13,d} {ratio:7.3f}{'' if within else '  OUT OF RANGE'}")
+    print(f"{'config':42s} {'U-Net':>5s} {'ours':>13s} {'unet':>13s} {'ref':>13s} {'ours/ref':>8s} {'unet/ref':>8s}")
+    for path in paths:
+        label = Path(path).name
+        ref = reference[path]
+        if "error" in ref:
+            print(f"{label:42s} reference rejects it: {ref['error']}")
+            continue
+        ours = our_counts(path, [u["kwargs"] for u in ref["unets"]])
+        if "pipeline_error" in ours:
+            ok = False
+            print(f"{label:42s} our config pipeline fails: {ours['pipeline_error']}")
+        for i, entry in enumerate(ref["unets"]):
+            n_ref = entry["count"]
+            n_unet = ours["unet"][i]
+            n_ours = ours.get("pipeline", [None] * len(ref["unets"]))[i] if len(ours.get("pipeline", [])) > i else None
+            ratio_ours = f"{n_ours / n_ref:8.3f}" if n_ours is not None else f"{'-':>8s}"
+            ok &= n_ours == n_ref and n_unet == n_ref
+            shown = f"{n_ours:13,d}" if n_ours is not None else f"{'-':>13s}"
+            flag = "" if (n_ours == n_ref and n_unet == n_ref) else "  DIFFERS"
+            print(f"{label:42s} {i + 1:5d} {shown} {n_unet:13,d} {n_ref:13,d} {ratio_ours} {n_unet / n_ref:8.3f}{flag}")
     return 0 if ok else 1
 
 

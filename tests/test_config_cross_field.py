@@ -115,8 +115,7 @@ def test_per_unet_lists_have_one_entry_per_unet(minimal_config, config_problems,
     assert config_problems(minimal_config) == []
 
 
-@pytest.mark.parametrize("name, value", [("beta_schedule", ["cosine"]), ("learned_variance", [True, False, True]),
-                                         ("sample_timesteps", [50])])
+@pytest.mark.parametrize("name, value", [("beta_schedule", ["cosine"]), ("sample_timesteps", [50])])
 def test_decoder_per_unet_lists(minimal_config, config_problems, name, value):
     two_unets(minimal_config)
     minimal_config["decoder"][name] = value
@@ -124,6 +123,62 @@ def test_decoder_per_unet_lists(minimal_config, config_problems, name, value):
         f"decoder.{name}: has {len(value)} entries but decoder.unets has 2 U-Nets; "
         "give one value for all U-Nets or one per U-Net"
     ]
+
+
+def test_learned_variance_list_is_padded_not_extended(minimal_config, config_problems):
+    two_unets(minimal_config)
+    minimal_config["decoder"]["learned_variance"] = [True]  # padded with false, as the reference
+    assert config_problems(minimal_config) == []
+    minimal_config["decoder"]["learned_variance"] = [True, False, True]
+    assert config_problems(minimal_config) == [
+        "decoder.learned_variance: has 3 entries but decoder.unets has 2 U-Nets; a shorter list is padded with false"
+    ]
+
+
+@pytest.mark.parametrize("name", ["use_noise_for_lowres_cond", "use_blur_for_lowres_cond"])
+def test_lowres_augmentation_lists(minimal_config, config_problems, name):
+    two_unets(minimal_config)
+    minimal_config["decoder"][name] = [True]  # one per upsampler
+    assert config_problems(minimal_config) == []
+    minimal_config["decoder"][name] = [False, True]  # one per U-Net
+    assert config_problems(minimal_config) == []
+    minimal_config["decoder"][name] = [True, True]
+    assert config_problems(minimal_config) == [f"decoder.{name}[0]: must be false (U-Net 1 has no low-res input)"]
+    minimal_config["decoder"][name] = [True, True, True]
+    assert config_problems(minimal_config)[0].startswith(f"decoder.{name}: has 3 entries")
+
+
+def test_upsampler_needs_an_augmentation_and_no_image_embed_dim(minimal_config, config_problems):
+    two_unets(minimal_config)
+    del minimal_config["decoder"]["unets"][1]["image_embed_dim"]  # upsamplers do not see the embedding
+    assert config_problems(minimal_config) == []
+    minimal_config["decoder"]["use_blur_for_lowres_cond"] = False
+    assert config_problems(minimal_config) == [
+        "decoder: U-Net 2 (an upsampler) needs noise or blur augmentation of its low-res input; "
+        "set use_noise_for_lowres_cond or use_blur_for_lowres_cond"
+    ]
+    minimal_config["decoder"]["use_blur_for_lowres_cond"] = True
+    minimal_config["decoder"]["image_embed_all_unets"] = True
+    assert config_problems(minimal_config) == ["decoder.unets[1].image_embed_dim: required option missing"]
+
+
+def test_default_schedules_need_more_than_20_timesteps_in_a_cascade(minimal_config, config_problems):
+    minimal_config["decoder"]["timesteps"] = 10
+    assert config_problems(minimal_config) == []  # one U-Net: cosine
+    two_unets(minimal_config)
+    assert config_problems(minimal_config) == [
+        "decoder.beta_schedule (null: linear for the last U-Net of a cascade): U-Net 2's linear schedule has betas of "
+        "1 or more with decoder.timesteps = 10; use more than 20 timesteps or the cosine schedule"
+    ]
+    minimal_config["decoder"]["beta_schedule"] = "cosine"
+    assert config_problems(minimal_config) == []
+
+
+def test_unconditional_unets_need_no_image_embed_dim(minimal_config, config_problems):
+    del minimal_config["decoder"]["unets"][0]["image_embed_dim"]
+    assert config_problems(minimal_config) == ["decoder.unets[0].image_embed_dim: required option missing"]
+    minimal_config["decoder"]["unconditional"] = True
+    assert config_problems(minimal_config) == []
 
 
 def test_lr_may_be_zero_only_for_frozen_unets(minimal_config, config_problems):

@@ -6,9 +6,10 @@ import torch
 import torch.nn.functional as F
 
 from dalle2_decoder.models import Decoder, Unet
+from dalle2_decoder.models.decoder import ReplayedNoise, TrainingDraws
 from dalle2_decoder.models.lowres import LowresConditioner, gaussian_blur
 
-EMBED = 8
+EMBED = 12  # not cond_dim: the reference (and so our U-Net) skips the image projection when they are equal
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -24,7 +25,8 @@ def tiny_unet(**overrides) -> Unet:
 
 
 def tiny_decoder(num_unets=1, unet_overrides=None, **overrides) -> Decoder:
-    kwargs = dict(image_sizes=[8, 16][:num_unets], timesteps=20)
+    # cosine throughout: the reference's default linear schedule for the last U-Net needs over 20 steps.
+    kwargs = dict(image_sizes=[8, 16][:num_unets], timesteps=20, beta_schedule="cosine")
     kwargs.update(overrides)
     return Decoder([tiny_unet(**(unet_overrides or {})) for _ in range(num_unets)], **kwargs)
 
@@ -37,7 +39,7 @@ def batch(n=4, size=16, seed=0):
 def randomise_outputs(decoder: Decoder) -> Decoder:
     torch.manual_seed(1)
     for unet in decoder.unets:
-        torch.nn.init.normal_(unet.final_conv.weight, std=0.3)
+        torch.nn.init.normal_(unet.to_out.weight, std=0.3)
     return decoder
 
 
@@ -101,7 +103,7 @@ def test_learned_variance_loss_is_finite_and_trains_the_variance_channels():
         assert torch.isfinite(loss)
         decoder.zero_grad()
         loss.backward()
-        weight_grad = decoder.unets[0].final_conv.weight.grad
+        weight_grad = decoder.unets[0].to_out.weight.grad
         assert weight_grad[3:].abs().sum() > 0  # variance channels
         assert weight_grad[:3].abs().sum() > 0  # mean channels
 
@@ -118,9 +120,87 @@ def test_variational_term_does_not_move_the_mean(monkeypatch):
     vb_only = decoder(images, image_embed=embeds)
     decoder.zero_grad()
     vb_only.backward()
-    grad = decoder.unets[0].final_conv.weight.grad
+    grad = decoder.unets[0].to_out.weight.grad
     assert grad[:3].abs().sum() == 0 and grad[3:].abs().sum() > 0
     assert 0 < vb_only < full
+
+
+def _fixed_draws(size=8, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return TrainingDraws(times=torch.tensor([0, 4, 9, 19]), noise=torch.randn(4, 3, size, size, generator=g))
+
+
+def test_vb_term_is_unscaled_by_default_and_scaled_by_timesteps_as_an_option():
+    images, embeds = batch(size=8)
+    losses = {}
+    for name, options in {"simple": dict(vb_loss_weight=0.0), "reference": {}, "scaled": dict(vb_loss_scale_timesteps=True)}.items():
+        torch.manual_seed(0)
+        decoder = randomise_outputs(tiny_decoder(learned_variance=True, **options))
+        losses[name] = decoder(images, image_embed=embeds, draws=_fixed_draws()).item()
+    reference_vb = losses["reference"] - losses["simple"]
+    assert reference_vb > 0
+    assert losses["scaled"] - losses["simple"] == pytest.approx(20 * reference_vb, rel=1e-4)
+
+
+@pytest.mark.parametrize("objective", ["eps", "x0", "v"])
+def test_vb_mean_reads_the_prediction_as_noise_unless_asked(objective):
+    images, embeds = batch(size=8)
+    losses = []
+    for option in (False, True):
+        torch.manual_seed(0)
+        decoder = randomise_outputs(tiny_decoder(learned_variance=True, vb_loss_weight=1.0, vb_mean_from_objective=option,
+                                                 predict_x_start=objective == "x0", predict_v=objective == "v"))
+        losses.append(decoder(images, image_embed=embeds, draws=_fixed_draws()).item())
+    # The reference reads the prediction as noise in L_vlb; only x_0 / v objectives see a difference.
+    assert (losses[0] == pytest.approx(losses[1], rel=1e-6)) == (objective == "eps")
+
+
+def test_self_conditioning_draw_and_our_per_sample_variant():
+    images, embeds = batch(size=8)
+    torch.manual_seed(0)
+    decoder = randomise_outputs(tiny_decoder(unet_overrides=dict(self_cond=True), learned_variance=False, image_cond_drop_prob=0.0))
+    torch.nn.init.normal_(decoder.unets[0].init_conv.weight, std=0.3)
+    draws = _fixed_draws()
+    on = decoder(images, image_embed=embeds, draws=TrainingDraws(times=draws.times, noise=draws.noise, self_cond=True))
+    off = decoder(images, image_embed=embeds, draws=TrainingDraws(times=draws.times, noise=draws.noise, self_cond=False))
+    assert on.item() != pytest.approx(off.item(), rel=1e-6)
+    # Without a fixed draw, the batch is self-conditioned with probability self_cond_prob.
+    torch.manual_seed(0)
+    values = {round(decoder(images, image_embed=embeds, draws=draws).item(), 6) for _ in range(8)}
+    assert values == {round(on.item(), 6), round(off.item(), 6)}
+    never = randomise_outputs(tiny_decoder(unet_overrides=dict(self_cond=True), learned_variance=False,
+                                           image_cond_drop_prob=0.0, self_cond_prob=0.0))
+    never.load_state_dict(decoder.state_dict())
+    assert never(images, image_embed=embeds, draws=draws).item() == pytest.approx(off.item(), rel=1e-6)
+    ours = tiny_decoder(unet_overrides=dict(self_cond=True), self_cond_x_start=True, image_cond_drop_prob=0.0)
+    assert torch.isfinite(ours(images, image_embed=embeds))
+
+
+def test_training_draws_fix_every_random_choice():
+    decoder = randomise_outputs(tiny_decoder(num_unets=2, use_noise_for_lowres_cond=True, image_cond_drop_prob=0.0,
+                                             text_cond_drop_prob=0.0))
+    images, embeds = batch(size=16)
+    g = torch.Generator().manual_seed(1)
+    draws = TrainingDraws(times=torch.tensor([1, 2, 3, 4]), noise=torch.randn(4, 3, 16, 16, generator=g),
+                          lowres_noise_level=torch.tensor([0, 10, 500, 999]), lowres_noise=torch.randn(4, 3, 16, 16, generator=g),
+                          blur=(True, 0.8, 3))
+    a = decoder(images, image_embed=embeds, unet_number=2, draws=draws)
+    torch.manual_seed(123)
+    assert torch.equal(decoder(images, image_embed=embeds, unet_number=2, draws=draws), a)
+    unblurred = TrainingDraws(**{**draws.__dict__, "blur": (False, 0.0, 0)})
+    assert not torch.equal(decoder(images, image_embed=embeds, unet_number=2, draws=unblurred), a)
+
+
+def test_images_in_minus_one_to_one_without_normalisation():
+    decoder = randomise_outputs(tiny_decoder(auto_normalize_img=False, timesteps=5))
+    normalising = tiny_decoder(timesteps=5)
+    normalising.load_state_dict(decoder.state_dict())
+    images, embeds = batch(size=8)
+    draws = _fixed_draws(seed=4)
+    draws.times = draws.times.clamp(max=4)
+    torch.testing.assert_close(decoder(images * 2 - 1, image_embed=embeds, draws=draws),
+                               normalising(images, image_embed=embeds, draws=draws))
+    torch.testing.assert_close(decoder.sample(image_embed=embeds, seed=1), normalising.sample(image_embed=embeds, seed=1) * 2 - 1)
 
 
 # -------------------------------------------------------------------- cascade
@@ -128,9 +208,30 @@ def test_decoder_casts_the_unets():
     decoder = tiny_decoder(num_unets=2, use_noise_for_lowres_cond=True)
     first, second = decoder.unets
     assert not first.lowres_cond and second.lowres_cond and second.lowres_noise_cond
-    assert first.cond_on_image_embeds and second.cond_on_image_embeds
+    # As DALLE2-pytorch (and the unCLIP paper): only the first U-Net sees the image embedding.
+    assert first.cond_on_image_embeds and not second.cond_on_image_embeds
+    everywhere = tiny_decoder(num_unets=2, image_embed_all_unets=True)
+    assert all(unet.cond_on_image_embeds for unet in everywhere.unets)
     unconditional = tiny_decoder(unconditional=True, unet_overrides=dict(image_embed_dim=None))
     assert not unconditional.unets[0].cond_on_image_embeds
+    # An upsampler needs no image_embed_dim; U-Net 1 of a conditional decoder does.
+    Decoder([tiny_unet(), tiny_unet(image_embed_dim=None)], image_sizes=[8, 16], beta_schedule="cosine")
+    with pytest.raises(ValueError, match="U-Net 1 .*needs image_embed_dim"):
+        Decoder([tiny_unet(image_embed_dim=None)], image_sizes=[8])
+    with pytest.raises(ValueError, match="U-Net 2 .*needs image_embed_dim"):
+        Decoder([tiny_unet(), tiny_unet(image_embed_dim=None)], image_sizes=[8, 16], image_embed_all_unets=True)
+
+
+def test_upsampler_ignores_the_image_embedding():
+    decoder = randomise_outputs(tiny_decoder(num_unets=2, blur_prob=0.0))
+    images, embeds = batch(size=16)
+    draws = TrainingDraws(times=torch.tensor([3, 5, 7, 9]), noise=torch.randn(4, 3, 16, 16))
+    a = decoder(images, image_embed=embeds, unet_number=2, draws=draws)
+    b = decoder(images, image_embed=torch.randn_like(embeds), unet_number=2, draws=draws)
+    assert torch.equal(a, b)
+    c = decoder(images, image_embed=embeds, unet_number=1, draws=TrainingDraws(times=draws.times, noise=draws.noise[..., :8, :8]))
+    d = decoder(images, image_embed=torch.randn_like(embeds), unet_number=1, draws=TrainingDraws(times=draws.times, noise=draws.noise[..., :8, :8]))
+    assert not torch.equal(c, d)
 
 
 def test_two_unet_cascade_trains_each_unet():
@@ -153,40 +254,95 @@ def test_two_unet_cascade_trains_each_unet():
 
 
 def test_per_unet_options_and_their_length_check():
-    decoder = tiny_decoder(num_unets=2, beta_schedule=["cosine", "linear"], learned_variance=[True, False])
+    decoder = tiny_decoder(num_unets=2, beta_schedule=["cosine", "linear"], learned_variance=[True, False], timesteps=25)
     assert [d.beta_schedule for d in decoder.diffusions] == ["cosine", "linear"]
     assert [u.channels_out for u in decoder.unets] == [6, 3]
     with pytest.raises(ValueError, match="2 U-Nets"):
         tiny_decoder(num_unets=2, beta_schedule=["cosine"])
 
 
+def test_reference_defaults_for_schedules_and_learned_variance():
+    # beta_schedule left out: cosine, and linear for the last U-Net of a cascade.
+    pair = Decoder([tiny_unet(), tiny_unet()], image_sizes=[8, 16], timesteps=25)
+    assert [d.beta_schedule for d in pair.diffusions] == ["cosine", "linear"]
+    triple = Decoder([tiny_unet(), tiny_unet(), tiny_unet()], image_sizes=[4, 8, 16], timesteps=25)
+    assert [d.beta_schedule for d in triple.diffusions] == ["cosine", "cosine", "linear"]
+    assert Decoder(tiny_unet(), image_sizes=[8]).diffusions[0].beta_schedule == "cosine"
+    # learned_variance true (the default) or a short list is padded with false: the first U-Net only.
+    assert pair.learned_variance == [True, False] and [u.channels_out for u in pair.unets] == [6, 3]
+    short = Decoder([tiny_unet(), tiny_unet(), tiny_unet()], image_sizes=[4, 8, 16], beta_schedule="cosine",
+                    learned_variance=[False, True])
+    assert short.learned_variance == [False, True, False]
+    with pytest.raises(ValueError, match="learned_variance has 3 entries"):
+        tiny_decoder(learned_variance=[True, True, True])
+
+
+def test_lowres_flags_per_unet():
+    three = [tiny_unet(), tiny_unet(), tiny_unet()]
+    decoder = Decoder(three, image_sizes=[4, 8, 16], beta_schedule="cosine",
+                      use_noise_for_lowres_cond=[True, False], use_blur_for_lowres_cond=[False, False, True])
+    assert [u.lowres_noise_cond for u in decoder.unets] == [False, True, False]
+    assert [c.use_blur for c in decoder.lowres_conditioners[1:]] == [False, True]
+    with pytest.raises(ValueError, match="U-Net 2 .*noise or blur"):
+        Decoder(three, image_sizes=[4, 8, 16], beta_schedule="cosine", use_blur_for_lowres_cond=False)
+    with pytest.raises(ValueError, match=r"use_noise_for_lowres_cond\[0\]"):
+        Decoder(three, image_sizes=[4, 8, 16], beta_schedule="cosine", use_noise_for_lowres_cond=[True, True, True])
+    with pytest.raises(ValueError, match="one per upsampler"):
+        Decoder(three, image_sizes=[4, 8, 16], beta_schedule="cosine", use_noise_for_lowres_cond=[True])
+
+
 def test_lowres_augmentations():
     torch.manual_seed(0)
     image = torch.rand(4, 3, 16, 16)
-    sharp = LowresConditioner(timesteps=100, use_blur=False)
-    blurred = LowresConditioner(timesteps=100, use_blur=True, blur_prob=1.0, blur_sigma=(0.5, 2.0), blur_kernel_size=5)
-    clean, level = sharp(image, 8, 16, training=True)
-    assert level is None and clean.shape == (4, 3, 16, 16) and clean.min() >= -1 and clean.max() <= 1
-    soft, _ = blurred(image, 8, 16, training=True)
+    sharp = LowresConditioner(use_blur=False)
+    clean, level = sharp(image, target_size=16, downsample_size=8)
+    # Nearest-neighbour down and up again: 2x2 blocks of one source pixel each.
+    assert level is None and clean.shape == (4, 3, 16, 16)
+    torch.testing.assert_close(clean, image[..., ::2, ::2].repeat_interleave(2, -1).repeat_interleave(2, -2))
+    blurred = LowresConditioner(use_blur=True, blur_prob=1.0, blur_sigma=(0.5, 2.0), blur_kernel_size=5)
+    soft, _ = blurred(image, target_size=16, downsample_size=8)
     assert soft.diff(dim=-1).abs().mean() < clean.diff(dim=-1).abs().mean()
-    # No blur at sampling time.
-    torch.testing.assert_close(blurred(image, 8, 16, training=False)[0], clean)
-    noisy = LowresConditioner(timesteps=100, use_blur=False, use_noise=True, noise_sample_level=0.3)
-    out, level = noisy(image, 8, 16, training=False)
-    assert torch.equal(level, torch.full((4,), 30)) and not torch.allclose(out, clean)
-    _, train_levels = noisy(image, 8, 16, training=True)
-    assert train_levels.unique().numel() > 1
+    # One blur decision per batch: with the decision fixed to "no", the output is the sharp one.
+    torch.testing.assert_close(blurred(image, target_size=16, downsample_size=8, blur=(False, 0.0, 0))[0], clean)
+    never = LowresConditioner(use_blur=True, blur_prob=0.0)
+    torch.testing.assert_close(never(image, target_size=16, downsample_size=8)[0], clean)
+    noisy = LowresConditioner(use_blur=False, use_noise=True)
+    out, levels = noisy(image, target_size=16, downsample_size=8)
+    assert levels.min() >= 0 and levels.max() < 1000 and not torch.allclose(out, clean)
+    # The augmentation schedule is the reference's fixed 1000-step linear one, whatever the decoder's T.
+    fixed = torch.full((4,), 999)
+    noise = torch.randn(4, 3, 16, 16)
+    out, _ = noisy(image, target_size=16, downsample_size=8, noise_level=fixed, noise=noise)
+    schedule = noisy.noise_schedule
+    assert schedule.num_timesteps == 1000 and schedule.beta_schedule == "linear"
+    torch.testing.assert_close(out, (schedule.q_sample(clean * 2 - 1, fixed, noise) + 1) / 2)
 
 
 def test_gaussian_blur_preserves_constants_and_mass():
     image = torch.full((2, 3, 8, 8), 0.7)
-    torch.testing.assert_close(gaussian_blur(image, torch.tensor([0.5, 2.0]), 5), image)
+    torch.testing.assert_close(gaussian_blur(image, 1.5, 5), image)
+    impulse = torch.zeros(1, 1, 9, 9)
+    impulse[..., 4, 4] = 1
+    out = gaussian_blur(impulse, 1.0, 3)
+    assert out.sum().item() == pytest.approx(1.0, abs=1e-6)
+    k = torch.exp(-torch.tensor([1.0, 0.0, 1.0]) / 2)
+    k = k / k.sum()
+    torch.testing.assert_close(out[0, 0, 3:6, 3:6], k[:, None] * k[None, :])
 
 
 def test_random_crop_trains_upsampler_on_patches():
     decoder = tiny_decoder(num_unets=2, random_crop_sizes=[None, 8])
     images, embeds = batch(size=16)
     assert torch.isfinite(decoder(images, image_embed=embeds, unet_number=2))
+    # One offset per sample (as kornia's RandomCrop in the reference), the same for image and low-res input.
+    target = torch.arange(4 * 16 * 16, dtype=torch.float32).reshape(4, 1, 16, 16).expand(4, 3, 16, 16)
+    torch.manual_seed(0)
+    crops, same = decoder._random_crop(8, target, target + 1)
+    assert crops.shape == (4, 3, 8, 8) and torch.equal(same, crops + 1)
+    corners = [int(crops[i, 0, 0, 0]) - i * 256 for i in range(4)]
+    torch.manual_seed(0)
+    tops, lefts = torch.randint(0, 9, (4,)).tolist(), torch.randint(0, 9, (4,)).tolist()
+    assert corners == [top * 16 + left for top, left in zip(tops, lefts)] and len(set(corners)) > 1
 
 
 def test_compat_only_options_warn_once():
@@ -205,10 +361,69 @@ def test_sampling_shape_range_and_determinism(sample_timesteps):
                                              use_noise_for_lowres_cond=True))
     _, embeds = batch(n=2)
     a = decoder.sample(image_embed=embeds, cond_scale=2.0, seed=7)
-    assert a.shape == (2, 3, 16, 16)
-    assert a.min() >= 0 and a.max() <= 1 and a.std() > 0
+    assert a.shape == (2, 3, 16, 16) and a.std() > 0
+    if sample_timesteps is None:
+        # DDPM's last step returns the clamped x_0 estimate itself.
+        assert a.min() >= 0 and a.max() <= 1
+    else:
+        # DDIM (as the reference) stops at alpha_bar_0 < 1 (0.97 at T = 10) and is not clamped: near [0, 1] only.
+        assert a.min() > -0.5 and a.max() < 1.5
     torch.testing.assert_close(decoder.sample(image_embed=embeds, cond_scale=2.0, seed=7), a, rtol=0, atol=0)
     assert not torch.equal(decoder.sample(image_embed=embeds, cond_scale=2.0, seed=8), a)
+
+
+def test_replayed_noise_reproduces_sampling_and_checks_what_it_is_given():
+    decoder = randomise_outputs(tiny_decoder(timesteps=5))
+    _, embeds = batch(n=2)
+    drawn = []
+
+    def recording(shape, device, dtype):
+        drawn.append(torch.randn(shape, device=device, dtype=dtype))
+        return drawn[-1]
+
+    a = decoder.sample(image_embed=embeds, noise=recording)
+    assert len(drawn) == 1 + 5  # the start, then one per DDPM step (the last unused, drawn as the reference)
+    replay = ReplayedNoise(drawn)
+    torch.testing.assert_close(decoder.sample(image_embed=embeds, noise=replay), a, rtol=0, atol=0)
+    assert replay.used == 6
+    torch.testing.assert_close(decoder.sample(image_embed=embeds, noise=list(drawn)), a, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="only 3 were given"):
+        decoder.sample(image_embed=embeds, noise=drawn[:3])
+    with pytest.raises(ValueError, match="shape"):
+        decoder.sample(image_embed=embeds, noise=[torch.zeros(1, 3, 8, 8)] * 6)
+
+
+def test_guidance_needs_condition_dropout():
+    decoder = tiny_decoder(timesteps=5, image_cond_drop_prob=0.0, text_cond_drop_prob=0.0)
+    _, embeds = batch(n=2)
+    with pytest.raises(ValueError, match="cond_scale"):
+        decoder.sample(image_embed=embeds, cond_scale=2.0, seed=0)
+    assert decoder.sample(image_embed=embeds, cond_scale=1.0, seed=0).shape == (2, 3, 8, 8)
+
+
+@pytest.mark.parametrize("sample_timesteps", [None, 3])
+def test_inpainting_keeps_the_known_region_and_fills_the_rest(sample_timesteps):
+    decoder = randomise_outputs(tiny_decoder(num_unets=2, timesteps=6, sample_timesteps=sample_timesteps))
+    images, embeds = batch(n=2, size=16)
+    mask = torch.zeros(2, 16, 16, dtype=torch.bool)
+    mask[:, :, :8] = True
+    out = decoder.sample(image_embed=embeds, inpaint_image=images, inpaint_mask=mask, inpaint_resample_times=2, seed=0)
+    assert torch.equal(out[:, :, mask[0]], images[:, :, mask[0]])
+    plain = decoder.sample(image_embed=embeds, seed=0)
+    assert not torch.allclose(out[:, :, ~mask[0]], images[:, :, ~mask[0]])
+    assert not torch.allclose(out, plain)
+    # More resampling draws more noise: (resample_times) denoisings and re-noisings per step.
+    counts = {}
+    for times in (1, 3):
+        drawn = []
+        decoder.sample(image_embed=embeds, inpaint_image=images, inpaint_mask=mask, inpaint_resample_times=times,
+                       noise=lambda shape, device, dtype: drawn.append(1) or torch.randn(shape, device=device, dtype=dtype))
+        counts[times] = len(drawn)
+    assert counts[3] > 2 * counts[1]
+    with pytest.raises(ValueError, match="both inpaint_image and inpaint_mask"):
+        decoder.sample(image_embed=embeds, inpaint_image=images)
+    with pytest.raises(ValueError, match="inpaint_mask must be"):
+        decoder.sample(image_embed=embeds, inpaint_image=images, inpaint_mask=mask[:, None])
 
 
 def test_sampling_start_and_stop_at_unet_numbers():

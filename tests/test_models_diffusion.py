@@ -23,7 +23,7 @@ def test_every_required_schedule_is_known():
 
 
 @pytest.mark.parametrize("name", SCHEDULES)
-@pytest.mark.parametrize("timesteps", [1, 10, 1000])
+@pytest.mark.parametrize("timesteps", [1, 25, 1000])
 def test_schedule_betas_in_unit_interval_and_alphas_cumprod_strictly_decreasing(name, timesteps):
     betas = make_beta_schedule(name, timesteps)
     assert betas.shape == (timesteps,)
@@ -43,6 +43,23 @@ def test_schedules_reach_near_pure_noise_at_the_last_step():
     for name in SCHEDULES:
         alphas_cumprod = torch.cumprod(1 - make_beta_schedule(name, 1000), dim=0)
         assert alphas_cumprod[-1] < 0.05, name
+
+
+@pytest.mark.parametrize("name", ["linear", "quadratic"])
+def test_scaled_schedules_with_too_few_steps_are_rejected(name):
+    # The reference scales the betas by 1000 / T: at T = 10 the last ones exceed 1 (NaN everywhere).
+    with pytest.raises(ValueError, match="more than 20 timesteps"):
+        make_beta_schedule(name, 10)
+    assert make_beta_schedule(name, 21).max() < 1
+
+
+def test_schedules_equal_the_reference_formulas():
+    # Spot values of DALLE2-pytorch 1.15.6's schedules (the full tables are covered by the parity fixtures).
+    cosine = make_beta_schedule("cosine", 1000)
+    assert cosine[-1] == 0.999 and abs(float(cosine[0]) - 4.1284e-05) < 1e-9
+    torch.testing.assert_close(make_beta_schedule("linear", 1000)[[0, -1]], torch.tensor([1e-4, 0.02], dtype=torch.float64))
+    jsd = make_beta_schedule("jsd", 4)
+    torch.testing.assert_close(jsd, torch.tensor([0.25, 1 / 3, 0.5, 0.999], dtype=torch.float64))
 
 
 def test_unknown_schedule_names_the_known_ones():
@@ -85,6 +102,13 @@ def test_learned_variance_interpolates_between_posterior_and_beta(diffusion):
     log_var = diffusion.model_log_variance(v, t)
     assert log_var[0].item() == pytest.approx(diffusion.posterior_log_variance_clipped[30].item(), rel=1e-5)
     assert log_var[1].item() == pytest.approx(math.log(diffusion.betas[30].item()), rel=1e-5)
+    # constrain_frac squashes (v + 1) / 2 with a sigmoid, in that order (as the reference).
+    frac = torch.sigmoid(torch.tensor(1.0)).item()
+    constrained = diffusion.model_log_variance(v, t, constrain_frac=True)
+    expected = frac * math.log(diffusion.betas[30].item()) + (1 - frac) * diffusion.posterior_log_variance_clipped[30].item()
+    assert constrained[1].item() == pytest.approx(expected, rel=1e-5)
+    # At t = 0 the posterior variance is 0; its log is floored at log(1e-20), as the reference.
+    assert diffusion.posterior_log_variance_clipped[0].item() == pytest.approx(math.log(1e-20), rel=1e-6)
 
 
 def test_kl_is_zero_for_equal_gaussians_and_positive_otherwise():
@@ -99,17 +123,33 @@ def test_discretized_likelihood_is_a_distribution_over_256_bins():
     assert log_p.exp().sum().item() == pytest.approx(1.0, abs=1e-3)
 
 
-def test_ddim_with_exact_x0_and_eta_zero_lands_on_x0_at_the_end(diffusion):
+def test_ddim_with_exact_x0_and_eta_zero_follows_the_noise_trajectory(diffusion):
     torch.manual_seed(0)
     x0, noise = torch.rand(2, 3, 4, 4) * 2 - 1, torch.randn(2, 3, 4, 4)
     t = torch.tensor([99, 99])
     x_t = diffusion.q_sample(x0, t, noise)
-    out = diffusion.ddim_step(x_t, t, torch.tensor([-1, -1]), x0, eta=0.0, noise=torch.randn_like(x0))
-    torch.testing.assert_close(out, x0, atol=1e-5, rtol=1e-5)
-    # An intermediate deterministic step stays on the same noise trajectory: x_{t'} = q_sample(x0, t', noise).
-    t_prev = torch.tensor([40, 40])
-    mid = diffusion.ddim_step(x_t, t, t_prev, x0, eta=0.0, noise=torch.randn_like(x0))
-    torch.testing.assert_close(mid, diffusion.q_sample(x0, t_prev, noise), atol=2e-3, rtol=1e-3)
+    # A deterministic step stays on the same trajectory: x_{t'} = q_sample(x0, t', noise), down to t' = 0
+    # (the reference's chain ends at alpha_bar_0, not at x_0 itself).
+    for t_next in (40, 0):
+        t_before = torch.tensor([t_next, t_next])
+        out = diffusion.ddim_step(x_t, t, t_before, x0, eta=0.0, noise=torch.randn_like(x0))
+        torch.testing.assert_close(out, diffusion.q_sample(x0, t_before, noise), atol=2e-3, rtol=1e-3)
+    # eta = 0 adds no noise; eta = 1 does, unless no noise is given (the last step).
+    t_before = torch.tensor([40, 40])
+    a = diffusion.ddim_step(x_t, t, t_before, x0, eta=1.0, noise=torch.randn_like(x0))
+    b = diffusion.ddim_step(x_t, t, t_before, x0, eta=1.0, noise=None)
+    assert not torch.allclose(a, b)
+
+
+def test_q_sample_from_to_moves_along_the_same_noise(diffusion):
+    x0, noise = torch.rand(2, 3, 4, 4) * 2 - 1, torch.randn(2, 3, 4, 4)
+    lo, hi = torch.tensor([10, 10]), torch.tensor([60, 60])
+    x_lo = diffusion.q_sample(x0, lo, noise)
+    # Given the noise already in the sample, it lands on the same trajectory at the later step.
+    torch.testing.assert_close(diffusion.q_sample_from_to(x_lo, lo, hi, noise), diffusion.q_sample(x0, hi, noise))
+    # With no noise it is the x_0-scaled sample alone.
+    a_lo, a_hi = diffusion.sqrt_alphas_cumprod[10], diffusion.sqrt_alphas_cumprod[60]
+    torch.testing.assert_close(diffusion.q_sample_from_to(x_lo, lo, hi, torch.zeros_like(x0)), x_lo * a_hi / a_lo)
 
 
 def test_ddpm_step_adds_no_noise_at_t0(diffusion):
@@ -120,11 +160,12 @@ def test_ddpm_step_adds_no_noise_at_t0(diffusion):
     torch.testing.assert_close(a, b)
 
 
-def test_ddim_timestep_pairs_cover_the_chain():
-    pairs = ddim_timestep_pairs(1000, 10)
-    assert len(pairs) == 10
-    assert pairs[0][0] == 999 and pairs[-1][1] == -1
-    assert all(t > t_prev for t, t_prev in pairs)
+def test_ddim_timestep_pairs_are_the_references():
+    # DALLE2-pytorch: steps + 1 points evenly over [0, T), rounded down, walked down to 0.
+    assert ddim_timestep_pairs(1000, 4) == [(800, 600), (600, 400), (400, 200), (200, 0)]
+    assert ddim_timestep_pairs(8, 3) == [(6, 4), (4, 2), (2, 0)]
+    pairs = ddim_timestep_pairs(10, 10)  # repeated points are skipped
+    assert all(t > t_next for t, t_next in pairs) and pairs[-1][1] == 0
     assert all(a[1] == b[0] for a, b in zip(pairs, pairs[1:]))
 
 

@@ -49,8 +49,8 @@ class UnetConfig:
 
     dim: int
     """Channels of the first resolution level."""
-    image_embed_dim: int
-    """Dimension of the CLIP image embeddings."""
+    image_embed_dim: Optional[int] = None
+    """Dimension of the CLIP image embeddings; required for U-Net 1 unless the decoder is unconditional."""
     dim_mults: Tuple[int, ...] = (1, 2, 4, 8)
     """Channel multiplier of each resolution level."""
     options: Dict[str, Any] = attrs.field(factory=dict)
@@ -99,10 +99,12 @@ class DecoderConfig:
     `sample_timesteps` is set."""
     loss_type: str = "l2"
     """Loss: `l1`, `l2` or `huber`."""
-    beta_schedule: Union[None, str, List[str]] = "cosine"
-    """Noise schedule, one or one per U-Net: cosine, linear, quadratic, jsd or sigmoid (null means cosine)."""
+    beta_schedule: Union[None, str, List[str]] = None
+    """Noise schedule, one or one per U-Net: cosine, linear, quadratic, jsd or sigmoid; null (the default) means
+    cosine, and linear for the last U-Net of a cascade (as DALLE2-pytorch)."""
     learned_variance: Union[bool, List[bool]] = True
-    """Learn the reverse-process variance (hybrid loss), one value or one per U-Net."""
+    """Learn the reverse-process variance (hybrid loss); one value or a list, padded with false to one per U-Net,
+    so `true` means the first U-Net only (as DALLE2-pytorch)."""
     image_cond_drop_prob: float = 0.1
     """Probability of dropping the image embedding in training (classifier-free guidance)."""
     text_cond_drop_prob: float = 0.5
@@ -132,8 +134,30 @@ class DecoderConfig:
         problems += one_of("decoder.loss_type", self.loss_type, LOSS_TYPES)
         problems += in_range("decoder.image_cond_drop_prob", self.image_cond_drop_prob, 0.0, 1.0)
         problems += in_range("decoder.text_cond_drop_prob", self.text_cond_drop_prob, 0.0, 1.0)
-        for name in ("beta_schedule", "learned_variance", "sample_timesteps", "samplers"):
+        unconditional = bool(self.options.get("unconditional", False))
+        embeds_everywhere = bool(self.options.get("image_embed_all_unets", False))
+        for index, unet in enumerate(self.unets):
+            if unet.image_embed_dim is None and not unconditional and (index == 0 or embeds_everywhere):
+                problems.append(f"decoder.unets[{index}].image_embed_dim: required option missing")
+        for name in ("beta_schedule", "sample_timesteps", "samplers"):
             problems += one_per_unet(f"decoder.{name}", getattr(self, name), num_unets)
+        if isinstance(self.learned_variance, list) and len(self.learned_variance) > num_unets:
+            problems.append(f"decoder.learned_variance: has {len(self.learned_variance)} entries but decoder.unets has "
+                            f"{num_unets} U-Net{'s' if num_unets != 1 else ''}; a shorter list is padded with false")
+        for name in ("use_noise_for_lowres_cond", "use_blur_for_lowres_cond"):
+            value = self.options.get(name)
+            if isinstance(value, list) and len(value) not in (num_unets - 1, num_unets):
+                problems.append(f"decoder.{name}: has {len(value)} entries; give one value, one per upsampler "
+                                f"({num_unets - 1}) or one per U-Net ({num_unets})")
+            elif isinstance(value, list) and len(value) == num_unets and num_unets and value[0]:
+                problems.append(f"decoder.{name}[0]: must be false (U-Net 1 has no low-res input)")
+        if num_unets > 1:
+            noise = per_unet(self.options.get("use_noise_for_lowres_cond", False), num_unets - 1)[-(num_unets - 1):]
+            blur = per_unet(self.options.get("use_blur_for_lowres_cond", True), num_unets - 1)[-(num_unets - 1):]
+            for offset, (n, b) in enumerate(zip(noise, blur)):
+                if not (n or b):
+                    problems.append(f"decoder: U-Net {offset + 2} (an upsampler) needs noise or blur augmentation of its "
+                                    "low-res input; set use_noise_for_lowres_cond or use_blur_for_lowres_cond")
         schedules = self.beta_schedule if isinstance(self.beta_schedule, list) else [self.beta_schedule]
         for index, schedule in enumerate(schedules):
             where = f"decoder.beta_schedule[{index}]" if isinstance(self.beta_schedule, list) else "decoder.beta_schedule"
@@ -143,6 +167,16 @@ class DecoderConfig:
             if sampler is not None:
                 where = f"decoder.samplers[{index}]" if isinstance(self.samplers, list) else "decoder.samplers"
                 problems += one_of(where, sampler, SAMPLERS)
+        resolved = (["cosine"] * max(num_unets - 1, 1) + ["linear"] * (num_unets > 1)) if self.beta_schedule is None \
+            else per_unet(self.beta_schedule, num_unets)
+        for index, schedule in enumerate(resolved):
+            # linear / quadratic scale the DDPM betas (up to 0.02 at T = 1000) by 1000 / T: beta_T = 20 / T.
+            if schedule in ("linear", "quadratic") and self.timesteps is not None and 1 < self.timesteps <= 20:
+                origin = "decoder.beta_schedule" if self.beta_schedule is not None else \
+                    "decoder.beta_schedule (null: linear for the last U-Net of a cascade)"
+                problems.append(f"{origin}: U-Net {index + 1}'s {schedule} schedule has betas of 1 or more with "
+                                f"decoder.timesteps = {self.timesteps}; use more than 20 timesteps or the cosine schedule")
+                break
         for index, steps in enumerate(per_unet(self.sample_timesteps, num_unets)):
             if steps is not None and not 1 <= steps <= self.timesteps:
                 problems.append(f"decoder.sample_timesteps: U-Net {index} samples with {steps} steps; "

@@ -73,8 +73,9 @@ class GaussianDiffusion(nn.Module):
         register("sqrt_recip_alphas_cumprod", (1.0 / alphas_cumprod).sqrt())
         register("sqrt_recipm1_alphas_cumprod", (1.0 / alphas_cumprod - 1.0).sqrt())
         register("posterior_variance", posterior_variance)
-        # The posterior variance is 0 at t = 0; use the t = 1 value there so its log stays finite.
-        register("posterior_log_variance_clipped", torch.log(torch.cat([posterior_variance[1:2], posterior_variance[1:]])))
+        # The posterior variance is 0 at t = 0; a floor of 1e-20 keeps its log finite (DALLE2-pytorch's
+        # choice, so that learned-variance outputs and VB terms at t = 0 equal the reference's).
+        register("posterior_log_variance_clipped", torch.log(posterior_variance.clamp(min=1e-20)))
         register("log_betas", torch.log(betas))
         # DDPM eq. 7: posterior mean = coef1 * x_0 + coef2 * x_t.
         register("posterior_mean_coef1", betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod))
@@ -92,6 +93,18 @@ class GaussianDiffusion(nn.Module):
             extract(self.sqrt_alphas_cumprod, t, x_start.ndim) * x_start
             + extract(self.sqrt_one_minus_alphas_cumprod, t, x_start.ndim) * noise
         )
+
+    def q_sample_from_to(self, x_from: torch.Tensor, from_t: torch.Tensor, to_t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Move a sample of q(x_from_t | x_0) to one of q(x_to_t | x_0) with the same x_0 estimate.
+
+        With a = sqrt(alpha_bar), s = sqrt(1 - alpha_bar): x_to = x_from a_to / a_from + noise (s_to a_from - s_from a_to) / a_from,
+        DALLE2-pytorch's re-noising step of RePaint-style inpainting (Lugmayr et al. 2022).
+        """
+        a_from = extract(self.sqrt_alphas_cumprod, from_t, x_from.ndim)
+        s_from = extract(self.sqrt_one_minus_alphas_cumprod, from_t, x_from.ndim)
+        a_to = extract(self.sqrt_alphas_cumprod, to_t, x_from.ndim)
+        s_to = extract(self.sqrt_one_minus_alphas_cumprod, to_t, x_from.ndim)
+        return x_from * (a_to / a_from) + noise * (s_to * a_from - s_from * a_to) / a_from
 
     def q_posterior(self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Mean and clipped log-variance of q(x_{t-1} | x_t, x_0) (DDPM eq. 6-7)."""
@@ -130,8 +143,14 @@ class GaussianDiffusion(nn.Module):
         )
 
     def model_log_variance(self, var_output: torch.Tensor, t: torch.Tensor, constrain_frac: bool = False) -> torch.Tensor:
-        """Improved DDPM eq. 15: log Sigma = v log beta_t + (1 - v) log beta~_t, v from the network."""
-        frac = torch.sigmoid(var_output) if constrain_frac else (var_output + 1.0) / 2.0
+        """Improved DDPM eq. 15: log Sigma = v log beta_t + (1 - v) log beta~_t, v = (output + 1) / 2.
+
+        constrain_frac squashes v with a sigmoid after that mapping (DALLE2-pytorch's
+        learned_variance_constrain_frac, applied in the same order).
+        """
+        frac = (var_output + 1.0) / 2.0
+        if constrain_frac:
+            frac = torch.sigmoid(frac)
         min_log = extract(self.posterior_log_variance_clipped, t, var_output.ndim)
         max_log = extract(self.log_betas, t, var_output.ndim)
         return frac * max_log + (1.0 - frac) * min_log
@@ -183,28 +202,32 @@ class GaussianDiffusion(nn.Module):
         self,
         x_t: torch.Tensor,
         t: torch.Tensor,
-        t_prev: torch.Tensor,
+        t_next: torch.Tensor,
         x_start: torch.Tensor,
         eta: float,
-        noise: torch.Tensor,
+        noise: Optional[torch.Tensor],
     ) -> torch.Tensor:
-        """DDIM (Song et al. 2021) eq. 12 from step t to t_prev (t_prev = -1 means x_0)."""
+        """DDIM (Song et al. 2021) eq. 12 from step t to the earlier step t_next (both in [0, T)).
+
+        sigma follows eq. 16 (eta = 0: deterministic DDIM, eta = 1: DDPM-like). `noise` None adds
+        none (the reference's last step, t_next = 0). As in DALLE2-pytorch, the chain ends at
+        alpha_bar_0, not at 1, so the result is sqrt(alpha_bar_0) x_0 plus a small noise direction.
+        """
         eps = self.predict_noise_from_start(x_t, t, x_start)
         alpha = extract(self.alphas_cumprod, t, x_t.ndim)
-        # alpha_bar at t_prev = -1 is 1 (the clean image); clamp the index and patch that case.
-        alpha_prev = torch.where(
-            (t_prev < 0).reshape(-1, *([1] * (x_t.ndim - 1))),
-            torch.ones_like(alpha),
-            extract(self.alphas_cumprod, t_prev.clamp(min=0), x_t.ndim),
-        )
-        # eq. 16: sigma interpolates between DDIM (eta = 0) and DDPM-like (eta = 1) sampling.
-        sigma = eta * ((1 - alpha_prev) / (1 - alpha) * (1 - alpha / alpha_prev)).clamp(min=0).sqrt()
-        direction = (1 - alpha_prev - sigma**2).clamp(min=0).sqrt() * eps
-        return alpha_prev.sqrt() * x_start + direction + sigma * noise
+        alpha_next = extract(self.alphas_cumprod, t_next, x_t.ndim)
+        c1 = eta * ((1 - alpha / alpha_next) * (1 - alpha_next) / (1 - alpha)).sqrt()
+        c2 = ((1 - alpha_next) - c1**2).sqrt()
+        out = x_start * alpha_next.sqrt() + c2 * eps
+        return out if noise is None else out + c1 * noise
 
 
 def ddim_timestep_pairs(num_timesteps: int, sample_timesteps: int) -> list[tuple[int, int]]:
-    """(t, t_prev) pairs from T-1 down to -1 over `sample_timesteps` evenly spaced steps."""
-    times = torch.linspace(-1, num_timesteps - 1, steps=sample_timesteps + 1).round().long().tolist()
+    """(t, t_next) pairs of DDIM sampling with `sample_timesteps` steps, as DALLE2-pytorch spaces them.
+
+    sample_timesteps + 1 points are spaced evenly over [0, T) (the step at T itself left out), rounded
+    down, and walked from the largest to 0; repeated points (when steps approach T) are skipped.
+    """
+    times = torch.linspace(0.0, num_timesteps, steps=sample_timesteps + 2)[:-1].int().tolist()
     times = list(reversed(times))
-    return list(zip(times[:-1], times[1:]))
+    return [(a, b) for a, b in zip(times[:-1], times[1:]) if a > b]

@@ -25,8 +25,9 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, 
 
 import torch
 
-Generators = Union[None, torch.Generator, Sequence[torch.Generator]]
-"""One generator for the batch, or one per sample (a sample's noise then depends on it alone)."""
+Generators = Union[None, torch.Generator, Sequence[torch.Generator], Callable[..., torch.Tensor]]
+"""One generator for the batch, one per sample (a sample's noise then depends on it alone), or a
+function (shape, device, dtype) -> noise (e.g. the decoder's replayable noise source)."""
 
 
 class ModelOutput(NamedTuple):
@@ -86,6 +87,8 @@ class Schedule:
 
 def randn(shape: Sequence[int], generator: Generators, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Standard normal noise; with one generator per sample, row i comes from generator i alone."""
+    if callable(generator):
+        return generator(tuple(shape), device, dtype)
     if generator is None or isinstance(generator, torch.Generator):
         return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
     if len(generator) != shape[0]:

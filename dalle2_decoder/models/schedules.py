@@ -1,8 +1,8 @@
 """Noise schedules: pure functions from a number of steps to the betas of q(x_t | x_{t-1}).
 
-Every schedule returns a float64 tensor of shape (timesteps,) with values in (0, 0.999], so
-alphas_cumprod is strictly decreasing and stays positive (a beta of exactly 1 would make
-1 / sqrt(alphas_cumprod) infinite at the last step and turn x_0 predictions into NaN).
+Every schedule returns a float64 tensor of shape (timesteps,) with values in [0, 0.999], equal
+to DALLE2-pytorch 1.15.6's (the derived constants are computed from it in float64 and stored
+in float32, as there).
 """
 from __future__ import annotations
 
@@ -11,14 +11,10 @@ from typing import Callable, Dict
 
 import torch
 
-# Upper bound on any beta; improved DDPM (Nichol & Dhariwal 2021, sec. 3.2) clips at 0.999 for the
-# same reason: the last steps of the cosine schedule would otherwise approach a singularity.
+# Upper bound on a cosine beta, as improved DDPM (Nichol & Dhariwal 2021, sec. 3.2): the last
+# steps of the cosine schedule would otherwise approach a singularity. The other schedules are
+# left unclipped, exactly as DALLE2-pytorch computes them (checked by the reference fixtures).
 MAX_BETA = 0.999
-MIN_BETA = 1e-8
-
-
-def _finish(betas: torch.Tensor) -> torch.Tensor:
-    return betas.clamp(MIN_BETA, MAX_BETA)
 
 
 def _linear_range(timesteps: int) -> tuple[float, float]:
@@ -29,35 +25,41 @@ def _linear_range(timesteps: int) -> tuple[float, float]:
 
 def cosine_beta_schedule(timesteps: int, s: float = 0.008) -> torch.Tensor:
     """Improved DDPM eq. 17: alpha_bar(t) = cos^2(((t/T + s) / (1 + s)) * pi / 2)."""
-    steps = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
+    steps = torch.linspace(0, timesteps, timesteps + 1, dtype=torch.float64) / timesteps
     alphas_cumprod = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
     alphas_cumprod = alphas_cumprod / alphas_cumprod[0]
     # beta_t = 1 - alpha_bar_t / alpha_bar_{t-1}
-    return _finish(1 - alphas_cumprod[1:] / alphas_cumprod[:-1])
+    return (1 - alphas_cumprod[1:] / alphas_cumprod[:-1]).clamp(0.0, MAX_BETA)
 
 
 def linear_beta_schedule(timesteps: int) -> torch.Tensor:
     """DDPM (Ho et al. 2020, sec. 4): betas linear from 1e-4 to 0.02 (for T = 1000)."""
     start, end = _linear_range(timesteps)
-    return _finish(torch.linspace(start, end, timesteps, dtype=torch.float64))
+    return torch.linspace(start, end, timesteps, dtype=torch.float64)
 
 
 def quadratic_beta_schedule(timesteps: int) -> torch.Tensor:
     """Betas whose square roots are linear between those of the linear schedule's ends."""
     start, end = _linear_range(timesteps)
-    return _finish(torch.linspace(start**0.5, end**0.5, timesteps, dtype=torch.float64) ** 2)
+    return torch.linspace(start**0.5, end**0.5, timesteps, dtype=torch.float64) ** 2
 
 
 def jsd_beta_schedule(timesteps: int) -> torch.Tensor:
-    """beta_t = 1 / (T - t + 1): 1/T, 1/(T-1), ..., 1 (Sohl-Dickstein et al. 2015), last clipped."""
-    return _finish(1.0 / torch.linspace(timesteps, 1, timesteps, dtype=torch.float64))
+    """beta_t = 1 / (T - t + 1): 1/T, 1/(T-1), ..., 1 (Sohl-Dickstein et al. 2015).
+
+    The last beta of exactly 1 makes alpha_bar_T zero and any x_0 prediction from the noise
+    infinite at the first sampling step (the reference turns it into NaN); it is clipped to
+    MAX_BETA here, the one documented difference from DALLE2-pytorch's schedules. The values are
+    computed in float32, as the reference does.
+    """
+    return (1.0 / torch.linspace(timesteps, 1, timesteps)).clamp(max=MAX_BETA).double()
 
 
 def sigmoid_beta_schedule(timesteps: int, low: float = -6.0, high: float = 6.0) -> torch.Tensor:
     """Betas following a sigmoid between the linear schedule's ends (slow start and end)."""
     start, end = _linear_range(timesteps)
     ramp = torch.sigmoid(torch.linspace(low, high, timesteps, dtype=torch.float64))
-    return _finish(ramp * (end - start) + start)
+    return ramp * (end - start) + start
 
 
 BETA_SCHEDULES: Dict[str, Callable[[int], torch.Tensor]] = {
@@ -69,10 +71,21 @@ BETA_SCHEDULES: Dict[str, Callable[[int], torch.Tensor]] = {
 }
 
 
+def default_beta_schedules(num_unets: int) -> list[str]:
+    """DALLE2-pytorch's default when beta_schedule is not given: cosine, and linear for the last U-Net of a cascade."""
+    return ["cosine"] * max(num_unets - 1, 1) + (["linear"] if num_unets > 1 else [])
+
+
 def make_beta_schedule(name: str, timesteps: int) -> torch.Tensor:
     """Betas of the named schedule; raises ValueError naming the known schedules otherwise."""
     if name not in BETA_SCHEDULES:
         raise ValueError(f"unknown beta_schedule {name!r}; choose one of {sorted(BETA_SCHEDULES)}")
     if timesteps < 1:
         raise ValueError(f"timesteps must be >= 1, got {timesteps}")
-    return BETA_SCHEDULES[name](timesteps)
+    betas = BETA_SCHEDULES[name](timesteps)
+    if bool((betas >= 1).any()):
+        # DALLE2-pytorch scales the DDPM range (1e-4 .. 0.02 at T = 1000) by 1000 / T, so with
+        # 20 steps or fewer the last betas reach 1 and every later constant is NaN; it trains on NaN.
+        raise ValueError(f"beta_schedule {name!r} with timesteps={timesteps} has betas of 1 or more (its range is scaled "
+                         "by 1000 / timesteps); use more than 20 timesteps or the cosine schedule")
+    return betas

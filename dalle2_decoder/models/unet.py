@@ -1,22 +1,35 @@
-"""The DALL-E 2 decoder U-Net (unCLIP, Ramesh et al. 2022, sec. 2.1).
+"""The DALL-E 2 decoder U-Net (unCLIP, Ramesh et al. 2022, sec. 2.1), architecture of DALLE2-pytorch 1.15.6.
 
 Conditioning, as the paper describes it: the CLIP image embedding is projected and added to the
-timestep embedding (which drives every ResNet block through a FiLM scale/shift), and projected
-into `num_image_tokens` extra tokens; those, the time tokens and the (optional) projected CLIP
-text encodings form the context that ResNet blocks below the top resolution cross-attend to.
-Classifier-free guidance replaces dropped conditioning by learned null embeddings.
+timestep embedding (the FiLM vector of every ResNet block), and projected into `num_image_tokens`
+extra tokens; those and the time tokens form the context that ResNet blocks below the top
+resolution cross-attend to, and the bottleneck additionally attends to the projected CLIP text
+encodings. Classifier-free guidance replaces dropped conditioning by learned null embeddings.
+
+Same constructor options, same modules, same parameter names and the same function as the
+reference, so that its configs build the same network and its weights load unchanged; the
+extensions of ours are options that are off by default (see the `Unet` docstring).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import LinearAttention2d, SelfAttention2d
-from .layers import CrossEmbed, ConvBlock, Downsample, NearestUpsample, PixelShuffleUpsample, ResnetBlock, SinusoidalPosEmb
+from ._compat import warn_no_effect
+from .attention import Attention, LinearAttention, Residual, ToSequence
+from .layers import (
+    CrossEmbedLayer,
+    Downsample,
+    NearestUpsample,
+    PixelShuffleUpsample,
+    ResnetBlock,
+    SinusoidalPosEmb,
+    UpsampleCombiner,
+)
 
 
 def _per_level(value: Any, levels: int, name: str) -> list:
@@ -28,51 +41,78 @@ def _per_level(value: Any, levels: int, name: str) -> list:
     return [value] * levels
 
 
+class _Reshape(nn.Module):
+    """(B, n * d) -> (B, n, d); parameter-free, kept as a module so layer indices match the reference's."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.n = n
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], self.n, -1)
+
+
 class Unet(nn.Module):
     """Denoising U-Net of one stage of the decoder cascade.
 
-    Args (names follow DALLE2-pytorch so that its configs load unchanged):
-        dim: channels of the first level; level i has dim * dim_mults[i].
+    Every option of DALLE2-pytorch 1.15.6's `Unet`, with its default and its effect (the module
+    tree and parameter names are the reference's, so `Unet(**kwargs)` here and there have equal
+    parameter counts and interchangeable state dicts).
+
+    Args:
+        dim: channels of the first level; level i has dim * dim_mults[i]. Time embeddings are 4 * dim wide.
         image_embed_dim: width of the CLIP image embedding (required when conditioning on it).
-        text_embed_dim: width of the CLIP text encodings (defaults to image_embed_dim).
-        cond_dim: width of the context tokens that cross-attention reads (defaults to dim).
+        text_embed_dim: width of the CLIP text encodings (required with cond_on_text_encodings; if
+            left out, image_embed_dim is used, where the reference would stop with an assertion).
+        cond_dim: width of the context tokens that cross-attention reads (defaults to dim). When it
+            equals image_embed_dim, the image embedding is used as tokens without a projection (as in
+            the reference): a (B, num_image_tokens, cond_dim) embedding as it is, a (B, cond_dim) one
+            repeated as every image token.
         num_image_tokens: context tokens the image embedding is projected into.
         num_time_tokens: context tokens the timestep embedding is projected into.
-        out_dim: legacy alias of channels_out.
-        dim_mults: channel multiplier of each resolution level (one level per entry).
+        out_dim: accepted and ignored, as in the reference (use channels_out).
+        dim_mults: channel multiplier of each resolution level (one level per entry). The final
+            block expects the top level to have dim channels (dim_mults[0] == 1, init_dim == dim),
+            as in the reference (which fails at the first forward otherwise; this is checked here).
         channels: image channels.
-        channels_out: output channels (the Decoder sets 2 * channels for learned variance).
+        channels_out: output channels (defaults to channels; the Decoder sets 2 * channels for learned variance).
         self_attn: full self-attention per level, one bool for all levels or a per-level list.
-        attn_dim_head: width of one self-attention head.
-        attn_heads: self-attention heads.
-        lowres_cond: take the upsampled low-resolution image as extra input (set by the Decoder on upsamplers).
-        lowres_noise_cond: condition on the noise level of the augmented low-res image (set by the Decoder).
+        attn_dim_head: width of one self-attention head (one key/value head is shared by all query heads).
+        attn_heads: self-attention query heads.
+        lowres_cond: take the upsampled low-resolution image as extra input, at the start and
+            before the output convolution (set by the Decoder on upsamplers).
+        lowres_noise_cond: add an embedding of the low-res image's noise level to the time vector (set by the Decoder).
         self_cond: take a previous x_0 estimate as extra input (self-conditioning, Chen et al. 2022).
         sparse_attn: linear attention at levels without full self-attention.
-        cosine_sim_cross_attn: cross-attention on l2-normalised queries and keys with a fixed scale.
-        cosine_sim_self_attn: self-attention on l2-normalised queries and keys with a fixed scale.
-        attend_at_middle: self-attention between the two ResNet blocks of the bottleneck.
-        cond_on_text_encodings: cross-attend to projected text encodings.
-        max_text_len: text tokens beyond this are dropped; also the length of the null text embedding.
-        cond_on_image_embeds: use the image embedding (the Decoder turns it on unless unconditional).
-        add_image_embeds_to_time: also add the projected image embedding to the time embedding.
-        init_dim: channels after the first convolution (defaults to dim).
+        cosine_sim_cross_attn: cross-attention on l2-normalised queries and keys with a fixed scale of 16.
+        cosine_sim_self_attn: self-attention on l2-normalised queries and keys with a fixed scale of 16.
+        attend_at_middle: accepted and ignored, as in the reference: the bottleneck always has
+            self-attention (see respect_attend_at_middle).
+        cond_on_text_encodings: the bottleneck cross-attends to projected text encodings too.
+        max_text_len: text tokens beyond this are dropped; shorter text is padded with null tokens to this length.
+        cond_on_image_embeds: use the image embedding (the Decoder turns it on for U-Net 1 unless unconditional).
+        add_image_embeds_to_time: also add the projected image embedding to the time vector.
+        init_dim: channels after the first layer (defaults to dim).
         init_conv_kernel_size: kernel of the first convolution when init_cross_embed is False.
         resnet_groups: GroupNorm groups, one int or a per-level list.
         resnet_weight_standardization: weight-standardised convolutions in the ResNet blocks.
-        num_resnet_blocks: ResNet blocks per level (after the entry block), one int or a per-level list.
+        num_resnet_blocks: ResNet blocks per level after the level's first block, one int or a per-level list.
         init_cross_embed: first layer is a multi-kernel cross-embedding instead of a single convolution.
-        init_cross_embed_kernel_sizes: kernels of that cross-embedding.
+        init_cross_embed_kernel_sizes: kernels of that cross-embedding (all odd).
         cross_embed_downsample: downsample with strided multi-kernel convolutions instead of space-to-depth.
-        cross_embed_downsample_kernel_sizes: kernels of those downsampling convolutions.
-        memory_efficient: downsample at the start of each level, so every level runs at half the resolution.
-        scale_skip_connection: multiply skip connections by 2^-0.5 before concatenation.
+        cross_embed_downsample_kernel_sizes: kernels of those downsampling convolutions (all even).
+        memory_efficient: downsample at the start of each level (so every level runs at half the
+            resolution) after an extra ResNet block at full resolution.
+        scale_skip_connection: multiply skip connections by 2^-0.5 before concatenation (Imagen).
         pixel_shuffle_upsample: upsample with a 1x1 conv and depth-to-space instead of nearest + 3x3 conv.
         final_conv_kernel_size: kernel of the output convolution.
-        combine_upsample_fmaps: feed every up level's feature map (resized) into the final block.
-        checkpoint_during_training: gradient checkpointing of blocks while training (saves memory at 256px+).
-        cross_attn_heads: heads of the ResNet blocks' cross-attention to the context (the reference fixes 8).
-        cross_attn_dim_head: head width of that cross-attention (the reference fixes 64).
+        combine_upsample_fmaps: feed every up level's feature map (resized) into the final block (U-Net squared).
+        checkpoint_during_training: gradient checkpointing of the ResNet blocks and bottleneck
+            attention while training (saves activation memory at high resolution).
+        cross_attn_heads: (ours) heads of the ResNet blocks' cross-attention; 8 in the reference.
+        cross_attn_dim_head: (ours) head width of that cross-attention; 64 in the reference.
+        respect_attend_at_middle: (ours, off by default) make attend_at_middle=False remove the
+            bottleneck self-attention, as its name promises; the reference ignores it.
     """
 
     def __init__(
@@ -119,10 +159,14 @@ class Unet(nn.Module):
         checkpoint_during_training: bool = False,
         cross_attn_heads: int = 8,
         cross_attn_dim_head: int = 64,
+        respect_attend_at_middle: bool = False,
     ):
         super().__init__()
         # Kept so that the Decoder can rebuild this U-Net with the settings it imposes (with_settings).
         self._config: Dict[str, Any] = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        warn_no_effect("Unet", "out_dim", out_dim, None)
+        if not respect_attend_at_middle:
+            warn_no_effect("Unet", "attend_at_middle", attend_at_middle, True)
 
         levels = len(dim_mults)
         if levels < 1:
@@ -133,139 +177,169 @@ class Unet(nn.Module):
             raise ValueError("Unet: text_embed_dim is required when cond_on_text_encodings is true")
 
         self.channels = channels
-        self.channels_out = channels_out if channels_out is not None else (out_dim if out_dim is not None else channels)
+        self.channels_out = channels_out if channels_out is not None else channels
         self.lowres_cond = lowres_cond
         self.lowres_noise_cond = lowres_noise_cond
         self.self_cond = self_cond
         self.cond_on_image_embeds = cond_on_image_embeds
-        self.add_image_embeds_to_time = cond_on_image_embeds and add_image_embeds_to_time
         self.cond_on_text_encodings = cond_on_text_encodings
         self.max_text_len = max_text_len
-        self.num_time_tokens = num_time_tokens
-        self.num_image_tokens = num_image_tokens
-        self.memory_efficient = memory_efficient
         self.checkpoint_during_training = checkpoint_during_training
-        self.skip_scale = 2**-0.5 if scale_skip_connection else 1.0
+        self.skip_connect_scale = 2**-0.5 if scale_skip_connection else 1.0
         # Every level but the last halves the resolution (memory_efficient: every level).
         self.downsample_factor = 2 ** (levels if memory_efficient else levels - 1)
 
         init_dim = init_dim if init_dim is not None else dim
+        # The final block is built for dim + dim input channels (the last up level's output and the
+        # first layer's): anything else would only fail at the first forward, as in the reference.
+        top_channels = init_dim if memory_efficient else dim * dim_mults[0]
+        if top_channels + init_dim != 2 * dim:
+            raise ValueError(
+                f"Unet: init_dim={init_dim} with dim={dim}, dim_mults[0]={dim_mults[0]}"
+                f"{', memory_efficient' if memory_efficient else ''} gives the final block {top_channels + init_dim} "
+                f"input channels instead of {2 * dim}; use init_dim == dim and dim_mults[0] == 1"
+            )
         cond_dim = cond_dim if cond_dim is not None else dim
         text_embed_dim = text_embed_dim if text_embed_dim is not None else image_embed_dim
         time_cond_dim = dim * 4
-        self.cond_dim = cond_dim
+        self.text_embed_dim = text_embed_dim if cond_on_text_encodings else None
 
-        # ---------------------------------------------------------------- conditioning
-        self.time_embed = nn.Sequential(SinusoidalPosEmb(dim), nn.Linear(dim, time_cond_dim), nn.SiLU())
-        # Upsamplers with noise-augmented inputs are told how noisy that input is (cascaded diffusion sec. 4.2).
-        self.lowres_noise_embed = (
-            nn.Sequential(SinusoidalPosEmb(dim), nn.Linear(dim, time_cond_dim), nn.SiLU()) if lowres_noise_cond else None
-        )
-        self.to_time_cond = nn.Linear(time_cond_dim, time_cond_dim)
-        self.to_time_tokens = nn.Linear(time_cond_dim, cond_dim * num_time_tokens)
-        if cond_on_image_embeds:
-            self.image_to_tokens = nn.Linear(image_embed_dim, cond_dim * num_image_tokens)
-            self.null_image_tokens = nn.Parameter(torch.randn(num_image_tokens, cond_dim))
-        if self.add_image_embeds_to_time:
-            self.image_to_hiddens = nn.Sequential(nn.Linear(image_embed_dim, time_cond_dim), nn.SiLU())
-            self.null_image_hiddens = nn.Parameter(torch.randn(time_cond_dim))
-        if cond_on_text_encodings:
-            self.text_to_tokens = nn.Linear(text_embed_dim, cond_dim)
-            self.null_text_tokens = nn.Parameter(torch.randn(max_text_len, cond_dim))
-        self.context_norm = nn.LayerNorm(cond_dim)
-
-        # ---------------------------------------------------------------- network
+        # ---------------------------------------------------------------- first layer
         in_channels = channels * (1 + int(lowres_cond) + int(self_cond))
         if init_cross_embed:
-            self.init_conv: nn.Module = CrossEmbed(in_channels, init_dim, init_cross_embed_kernel_sizes)
+            self.init_conv: nn.Module = CrossEmbedLayer(in_channels, init_dim, init_cross_embed_kernel_sizes, stride=1)
         else:
             self.init_conv = nn.Conv2d(in_channels, init_dim, init_conv_kernel_size, padding=init_conv_kernel_size // 2)
 
+        # ---------------------------------------------------------------- conditioning
+        self.to_time_hiddens = nn.Sequential(SinusoidalPosEmb(dim), nn.Linear(dim, time_cond_dim), nn.GELU())
+        self.to_time_tokens = nn.Sequential(nn.Linear(time_cond_dim, cond_dim * num_time_tokens), _Reshape(num_time_tokens))
+        self.to_time_cond = nn.Sequential(nn.Linear(time_cond_dim, time_cond_dim))
+        self.image_to_tokens: nn.Module = (
+            nn.Sequential(nn.Linear(image_embed_dim, cond_dim * num_image_tokens), _Reshape(num_image_tokens))
+            if cond_on_image_embeds and image_embed_dim != cond_dim
+            else nn.Identity()
+        )
+        self.to_image_hiddens = (
+            nn.Sequential(nn.Linear(image_embed_dim, time_cond_dim), nn.GELU())
+            if cond_on_image_embeds and add_image_embeds_to_time
+            else None
+        )
+        # Two token sets, each normalised: time + image tokens for the levels, plus text at the bottleneck.
+        self.norm_cond = nn.LayerNorm(cond_dim)
+        self.norm_mid_cond = nn.LayerNorm(cond_dim)
+        self.text_to_cond = nn.Linear(text_embed_dim, cond_dim) if cond_on_text_encodings else None
+        # Upsamplers with noise-augmented inputs are told how noisy that input is (Imagen, cascaded diffusion sec. 4.2).
+        self.to_lowres_noise_cond = (
+            nn.Sequential(SinusoidalPosEmb(dim), nn.Linear(dim, time_cond_dim), nn.GELU(), nn.Linear(time_cond_dim, time_cond_dim))
+            if lowres_noise_cond
+            else None
+        )
+        # Classifier-free guidance: what dropped conditioning is replaced by (always allocated, as in the reference).
+        self.null_image_embed = nn.Parameter(torch.randn(1, num_image_tokens, cond_dim))
+        self.null_image_hiddens = nn.Parameter(torch.randn(1, time_cond_dim))
+        self.null_text_embed = nn.Parameter(torch.randn(1, max_text_len, cond_dim))
+
+        # ---------------------------------------------------------------- network
         dims = [init_dim] + [dim * m for m in dim_mults]
         in_out = list(zip(dims[:-1], dims[1:]))
-        self_attn_per_level = _per_level(self_attn, levels, "self_attn")
+        self_attn_per_level = [bool(a) for a in _per_level(self_attn, levels, "self_attn")]
         blocks_per_level = _per_level(num_resnet_blocks, levels, "num_resnet_blocks")
         groups_per_level = _per_level(resnet_groups, levels, "resnet_groups")
 
-        def resnet(d_in: int, d_out: int, groups: int, cross: bool) -> ResnetBlock:
+        def resnet(d_in: int, d_out: int, groups: int, context_dim: Optional[int] = None) -> ResnetBlock:
             return ResnetBlock(
                 d_in,
                 d_out,
                 time_cond_dim=time_cond_dim,
+                cond_dim=context_dim,
                 groups=groups,
-                cond_dim=cond_dim if cross else None,
-                attn_heads=cross_attn_heads,
-                attn_dim_head=cross_attn_dim_head,
-                cosine_sim_cross_attn=cosine_sim_cross_attn,
                 weight_standardization=resnet_weight_standardization,
+                cosine_sim_cross_attn=cosine_sim_cross_attn,
+                cross_attn_heads=cross_attn_heads,
+                cross_attn_dim_head=cross_attn_dim_head,
             )
 
-        def level_attention(d: int, level: int) -> Optional[nn.Module]:
+        def self_attention(d: int) -> nn.Module:
+            return ToSequence(Residual(Attention(d, heads=attn_heads, dim_head=attn_dim_head, cosine_sim=cosine_sim_self_attn)))
+
+        def level_attention(d: int, level: int) -> nn.Module:
             if self_attn_per_level[level]:
-                return SelfAttention2d(d, heads=attn_heads, dim_head=attn_dim_head, cosine_sim=cosine_sim_self_attn)
+                return self_attention(d)
             if sparse_attn:
-                return LinearAttention2d(d, heads=attn_heads, dim_head=attn_dim_head)
-            return None
+                return Residual(LinearAttention(d, heads=attn_heads, dim_head=attn_dim_head))
+            return nn.Identity()
 
         def downsample(d_in: int, d_out: int) -> nn.Module:
             if cross_embed_downsample:
-                return CrossEmbed(d_in, d_out, cross_embed_downsample_kernel_sizes, stride=2)
+                return CrossEmbedLayer(d_in, d_out, cross_embed_downsample_kernel_sizes, stride=2)
             return Downsample(d_in, d_out)
 
         upsample = PixelShuffleUpsample if pixel_shuffle_upsample else NearestUpsample
 
+        self.init_resnet_block = resnet(init_dim, init_dim, groups_per_level[0]) if memory_efficient else None
+
+        # downs[level] = [pre-downsample, first block, blocks, attention, post-downsample]
         self.downs = nn.ModuleList()
-        skip_dims: List[List[int]] = []
+        skip_dims: List[int] = []
         for level, (d_in, d_out) in enumerate(in_out):
             is_last = level == levels - 1
-            # The top resolution skips cross-attention: it would cost the most and the paper's
+            # The top resolution skips cross-attention: it would cost the most, and the
             # conditioning reaches it through the FiLM time/image vector anyway.
-            cross = level > 0
+            context_dim = cond_dim if level > 0 else None
             work = d_out if memory_efficient else d_in
             groups = groups_per_level[level]
-            stage = nn.Module()
-            stage.pre = downsample(d_in, d_out) if memory_efficient else None
-            stage.entry = resnet(work, work, groups, cross=False)
-            stage.blocks = nn.ModuleList(resnet(work, work, groups, cross) for _ in range(blocks_per_level[level]))
-            stage.attn = level_attention(work, level)
-            if memory_efficient:
-                stage.post = None
-            elif is_last:
-                stage.post = nn.Conv2d(d_in, d_out, 3, padding=1)  # widen to the bottleneck width, same resolution
-            else:
-                stage.post = downsample(d_in, d_out)
-            self.downs.append(stage)
-            skip_dims.append([work] * (blocks_per_level[level] + 1))
+            skip_dims.append(work)
+            post = downsample(work, d_out) if not (is_last or memory_efficient) else nn.Conv2d(work, d_out, 1)
+            self.downs.append(
+                nn.ModuleList(
+                    [
+                        downsample(d_in, d_out) if memory_efficient else None,
+                        resnet(work, work, groups),
+                        nn.ModuleList(resnet(work, work, groups, context_dim) for _ in range(blocks_per_level[level])),
+                        level_attention(work, level),
+                        post,
+                    ]
+                )
+            )
 
         mid_dim = dims[-1]
-        self.mid_block1 = resnet(mid_dim, mid_dim, groups_per_level[-1], cross=True)
-        self.mid_attn = (
-            SelfAttention2d(mid_dim, heads=attn_heads, dim_head=attn_dim_head, cosine_sim=cosine_sim_self_attn)
-            if attend_at_middle
-            else None
-        )
-        self.mid_block2 = resnet(mid_dim, mid_dim, groups_per_level[-1], cross=True)
+        self.mid_block1 = resnet(mid_dim, mid_dim, groups_per_level[-1], cond_dim)
+        self.mid_attn = self_attention(mid_dim) if (attend_at_middle or not respect_attend_at_middle) else None
+        self.mid_block2 = resnet(mid_dim, mid_dim, groups_per_level[-1], cond_dim)
 
+        # ups[i] (bottom level first) = [first block, blocks, attention, upsample]
         self.ups = nn.ModuleList()
-        self.upsample_combiners = nn.ModuleList() if combine_upsample_fmaps else None
         for level in reversed(range(levels)):
             d_in, d_out = in_out[level]
             groups = groups_per_level[level]
-            stage = nn.Module()
-            stage.blocks = nn.ModuleList(resnet(d_out + skip, d_out, groups, cross=level > 0) for skip in reversed(skip_dims[level]))
-            stage.attn = level_attention(d_out, level)
-            stage.post = upsample(d_out, d_in) if (level > 0 or memory_efficient) else None
-            self.ups.append(stage)
-            if self.upsample_combiners is not None:
-                self.upsample_combiners.append(ConvBlock(d_out, dim, groups_per_level[0]))
+            context_dim = cond_dim if level > 0 else None
+            skip = skip_dims[level]
+            self.ups.append(
+                nn.ModuleList(
+                    [
+                        resnet(d_out + skip, d_out, groups, context_dim),
+                        nn.ModuleList(resnet(d_out + skip, d_out, groups, context_dim) for _ in range(blocks_per_level[level])),
+                        level_attention(d_out, level),
+                        upsample(d_out, d_in) if (level > 0 or memory_efficient) else nn.Identity(),
+                    ]
+                )
+            )
 
-        top_dim = init_dim if memory_efficient else in_out[0][1]
-        final_in = top_dim + init_dim + (dim * levels if combine_upsample_fmaps else 0)
-        self.final_block = resnet(final_in, dim, groups_per_level[0], cross=False)
-        self.final_conv = nn.Conv2d(dim, self.channels_out, final_conv_kernel_size, padding=final_conv_kernel_size // 2)
+        up_dims = [in_out[level][1] for level in reversed(range(levels))]
+        self.upsample_combiner = UpsampleCombiner(dim, enabled=combine_upsample_fmaps, dim_ins=up_dims, dim_outs=[dim] * levels)
+        self.final_resnet_block = resnet(self.upsample_combiner.dim_out + dim, dim, groups_per_level[0])
+        self.to_out = nn.Conv2d(
+            dim + (channels if lowres_cond else 0), self.channels_out, final_conv_kernel_size, padding=final_conv_kernel_size // 2
+        )
         # Zero output at init: the first prediction is 0 (the mean of eps / v), which keeps early steps stable.
-        nn.init.zeros_(self.final_conv.weight)
-        nn.init.zeros_(self.final_conv.bias)
+        nn.init.zeros_(self.to_out.weight)
+        nn.init.zeros_(self.to_out.bias)
+
+    @property
+    def final_conv(self) -> nn.Conv2d:
+        """The output convolution under its earlier name here (the reference's and the state dict's name is `to_out`)."""
+        return self.to_out
 
     # -------------------------------------------------------------------- construction helpers
     @property
@@ -275,22 +349,42 @@ class Unet(nn.Module):
 
     def with_settings(self, **overrides: Any) -> "Unet":
         """This U-Net if it already has these settings, else a fresh one built with them."""
-        changed = {k: v for k, v in overrides.items() if self._config[k] != v}
+        unknown = set(overrides) - set(self._config)
+        if unknown:
+            raise TypeError(f"Unet.with_settings: unknown options {sorted(unknown)}")
+        # Effective values: channels_out=None means `channels`, as the reference's cast compares it.
+        current = {**self._config, "channels_out": self.channels_out}
+        changed = {k: v for k, v in overrides.items() if current[k] != v}
         if not changed:
             return self
         return Unet(**{**self._config, **changed})
 
-    # -------------------------------------------------------------------- forward
-    def _run(self, module: nn.Module, *args: Any) -> torch.Tensor:
-        if self.checkpoint_during_training and self.training and torch.is_grad_enabled():
-            return checkpoint(module, *args, use_reentrant=False)
-        return module(*args)
+    def cast_model_parameters(
+        self,
+        *,
+        lowres_cond: bool,
+        lowres_noise_cond: bool,
+        channels: int,
+        channels_out: int,
+        cond_on_image_embeds: bool,
+        cond_on_text_encodings: bool,
+    ) -> "Unet":
+        """The reference's name for `with_settings` with the six settings a Decoder imposes."""
+        return self.with_settings(
+            lowres_cond=lowres_cond,
+            lowres_noise_cond=lowres_noise_cond,
+            channels=channels,
+            channels_out=channels_out,
+            cond_on_image_embeds=cond_on_image_embeds,
+            cond_on_text_encodings=cond_on_text_encodings,
+        )
 
+    # -------------------------------------------------------------------- forward
     @staticmethod
-    def _keep_mask(batch: int, drop_prob: float, device: torch.device) -> Optional[torch.Tensor]:
-        """Which samples keep their conditioning; None means all (no masking work at all)."""
+    def _keep_mask(batch: int, drop_prob: float, device: torch.device) -> torch.Tensor:
+        """Which samples keep their conditioning (bool (B,)); probabilities 0 and 1 draw no random numbers."""
         if drop_prob <= 0:
-            return None
+            return torch.ones(batch, dtype=torch.bool, device=device)
         if drop_prob >= 1:
             return torch.zeros(batch, dtype=torch.bool, device=device)
         return torch.rand(batch, device=device) >= drop_prob
@@ -301,165 +395,205 @@ class Unet(nn.Module):
         time: torch.Tensor,
         *,
         image_embed: Optional[torch.Tensor] = None,
-        text_encodings: Optional[torch.Tensor] = None,
-        text_mask: Optional[torch.Tensor] = None,
         lowres_cond_img: Optional[torch.Tensor] = None,
         lowres_noise_level: Optional[torch.Tensor] = None,
-        self_cond: Optional[torch.Tensor] = None,
+        text_encodings: Optional[torch.Tensor] = None,
         image_cond_drop_prob: float = 0.0,
         text_cond_drop_prob: float = 0.0,
+        blur_sigma: Any = None,
+        blur_kernel_size: Any = None,
+        disable_checkpoint: bool = False,
+        self_cond: Optional[torch.Tensor] = None,
+        text_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """Predict the network target for noisy images x (B, C, H, W) at integer timesteps time (B,).
+        """Predict the network target for noisy images x (B, C, H, W) at timesteps time (B,).
 
-        Conditioning of each sample is replaced by the null embeddings with the given probabilities.
+        Conditioning of each sample is replaced by the null embeddings with the given drop
+        probabilities. Text positions whose encoding is all zeros count as padding (the
+        reference's rule); `text_mask` (B, N) (ours) gives the valid positions explicitly instead.
+        `blur_sigma` and `blur_kernel_size` are accepted and unused, as in the reference.
         """
-        image_keep = self._keep_mask(x.shape[0], image_cond_drop_prob, x.device)
-        text_keep = self._keep_mask(x.shape[0], text_cond_drop_prob, x.device)
-        return self._forward(
-            x, time, image_embed, text_encodings, text_mask, lowres_cond_img, lowres_noise_level, self_cond, image_keep, text_keep
-        )
-
-    def forward_with_cond_scale(self, x: torch.Tensor, time: torch.Tensor, *, cond_scale: float = 1.0, **kwargs: Any) -> torch.Tensor:
-        """Classifier-free guidance (Ho & Salimans 2022, eq. 6): null + cond_scale * (cond - null).
-
-        Conditional and null predictions run as one doubled batch. Only the first `channels`
-        outputs are guided; learned-variance outputs come from the conditional prediction.
-        """
-        if cond_scale == 1:
-            return self.forward(x, time, **kwargs)
+        del blur_sigma, blur_kernel_size
         b = x.shape[0]
-
-        def twice(value: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-            return None if value is None else torch.cat([value, value], dim=0)
-
-        keep = torch.cat([torch.ones(b, dtype=torch.bool, device=x.device), torch.zeros(b, dtype=torch.bool, device=x.device)])
-        out = self._forward(
-            twice(x),
-            twice(time),
-            twice(kwargs.get("image_embed")),
-            twice(kwargs.get("text_encodings")),
-            twice(kwargs.get("text_mask")),
-            twice(kwargs.get("lowres_cond_img")),
-            twice(kwargs.get("lowres_noise_level")),
-            twice(kwargs.get("self_cond")),
-            keep,
-            keep,
+        image_keep = self._keep_mask(b, image_cond_drop_prob, x.device)
+        text_keep = self._keep_mask(b, text_cond_drop_prob, x.device)
+        return self._forward(
+            x, time, image_embed, lowres_cond_img, lowres_noise_level, text_encodings, text_mask, self_cond, image_keep, text_keep,
+            disable_checkpoint,
         )
-        cond, null = out.chunk(2, dim=0)
-        guided = null[:, : self.channels] + (cond[:, : self.channels] - null[:, : self.channels]) * cond_scale
-        return torch.cat([guided, cond[:, self.channels :]], dim=1)
-
-    def _conditioning(
-        self,
-        time: torch.Tensor,
-        image_embed: Optional[torch.Tensor],
-        text_encodings: Optional[torch.Tensor],
-        text_mask: Optional[torch.Tensor],
-        lowres_noise_level: Optional[torch.Tensor],
-        image_keep: Optional[torch.Tensor],
-        text_keep: Optional[torch.Tensor],
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The FiLM vector (B, time_cond_dim) and the context tokens (B, M, cond_dim)."""
-        b = time.shape[0]
-        hiddens = self.time_embed(time)
-        if self.lowres_noise_embed is not None:
-            if lowres_noise_level is None:
-                raise ValueError("Unet: lowres_noise_level is required (lowres_noise_cond is on)")
-            hiddens = hiddens + self.lowres_noise_embed(lowres_noise_level)
-        tokens = [self.to_time_tokens(hiddens).reshape(b, self.num_time_tokens, -1)]
-
-        if self.cond_on_image_embeds:
-            if image_embed is None:
-                raise ValueError("Unet: image_embed is required (this U-Net is conditioned on image embeddings)")
-            image_tokens = self.image_to_tokens(image_embed).reshape(b, self.num_image_tokens, -1)
-            if image_keep is not None:
-                image_tokens = torch.where(image_keep[:, None, None], image_tokens, self.null_image_tokens.to(image_tokens.dtype))
-            tokens.append(image_tokens)
-            if self.add_image_embeds_to_time:
-                image_hiddens = self.image_to_hiddens(image_embed)
-                if image_keep is not None:
-                    image_hiddens = torch.where(image_keep[:, None], image_hiddens, self.null_image_hiddens.to(image_hiddens.dtype))
-                hiddens = hiddens + image_hiddens
-
-        if self.cond_on_text_encodings:
-            if text_encodings is None:
-                # No text at all (e.g. unconditional sampling): every sample attends to the null text.
-                tokens.append(self.null_text_tokens[None].expand(b, -1, -1).to(tokens[0].dtype))
-            else:
-                text_encodings = text_encodings[:, : self.max_text_len]
-                n = text_encodings.shape[1]
-                text_tokens = self.text_to_tokens(text_encodings)
-                keep = None if text_mask is None else text_mask[:, :n, None].bool()
-                if text_keep is not None:
-                    keep = text_keep[:, None, None] if keep is None else keep & text_keep[:, None, None]
-                if keep is not None:
-                    # Padding and dropped text become null tokens rather than an attention mask, so
-                    # SDPA keeps its fused mask-free kernels.
-                    text_tokens = torch.where(keep, text_tokens, self.null_text_tokens[:n].to(text_tokens.dtype))
-                tokens.append(text_tokens)
-
-        context = self.context_norm(torch.cat(tokens, dim=1))
-        return self.to_time_cond(hiddens), context
 
     def _forward(
         self,
         x: torch.Tensor,
         time: torch.Tensor,
         image_embed: Optional[torch.Tensor],
-        text_encodings: Optional[torch.Tensor],
-        text_mask: Optional[torch.Tensor],
         lowres_cond_img: Optional[torch.Tensor],
         lowres_noise_level: Optional[torch.Tensor],
+        text_encodings: Optional[torch.Tensor],
+        text_mask: Optional[torch.Tensor],
         self_cond: Optional[torch.Tensor],
-        image_keep: Optional[torch.Tensor],
-        text_keep: Optional[torch.Tensor],
+        image_keep: torch.Tensor,
+        text_keep: torch.Tensor,
+        disable_checkpoint: bool,
     ) -> torch.Tensor:
+        """forward() with the per-sample keep masks (bool (B,)) of the image and text conditioning given."""
         height, width = x.shape[-2:]
         if height % self.downsample_factor or width % self.downsample_factor:
             raise ValueError(f"Unet: image size {height}x{width} must be divisible by {self.downsample_factor} for these dim_mults")
-        time_cond, context = self._conditioning(time, image_embed, text_encodings, text_mask, lowres_noise_level, image_keep, text_keep)
 
+        # ---------------------------------------------------------------- input
         inputs = [x]
-        if self.lowres_cond:
-            if lowres_cond_img is None:
-                raise ValueError("Unet: lowres_cond_img is required (this U-Net is an upsampler)")
-            inputs.append(lowres_cond_img.to(x.dtype))
         if self.self_cond:
             inputs.append(torch.zeros_like(x) if self_cond is None else self_cond.to(x.dtype))
+        if self.lowres_cond:
+            if lowres_cond_img is None:
+                raise ValueError("Unet: lowres_cond_img is required (this U-Net is an upsampler: lowres_cond)")
+            lowres_cond_img = lowres_cond_img.to(x.dtype)
+            inputs.append(lowres_cond_img)
+        elif lowres_cond_img is not None:
+            raise ValueError("Unet: lowres_cond_img given to a U-Net built without lowres_cond")
         h = self.init_conv(torch.cat(inputs, dim=1) if len(inputs) > 1 else x)
-        init_h = h
+        first = h
+
+        # ---------------------------------------------------------------- conditioning
+        time_hiddens = self.to_time_hiddens(time.to(h.dtype))
+        time_tokens = self.to_time_tokens(time_hiddens)
+        t = self.to_time_cond(time_hiddens)
+        if lowres_noise_level is not None:
+            if self.to_lowres_noise_cond is None:
+                raise ValueError("Unet: lowres_noise_level given to a U-Net built without lowres_noise_cond")
+            t = t + self.to_lowres_noise_cond(lowres_noise_level.to(h.dtype))
+
+        if image_embed is not None and self.to_image_hiddens is not None:
+            image_hiddens = self.to_image_hiddens(image_embed)
+            t = t + torch.where(image_keep[:, None], image_hiddens, self.null_image_hiddens.to(image_hiddens.dtype))
+
+        tokens = [time_tokens]
+        if self.cond_on_image_embeds:
+            if image_embed is None:
+                raise ValueError("Unet: image_embed is required (this U-Net is conditioned on image embeddings)")
+            image_tokens = self.image_to_tokens(image_embed)
+            if image_tokens.ndim == 2:
+                # image_embed_dim == cond_dim: no projection, the embedding itself is every image token.
+                # (The reference broadcasts it against the null tokens, which gives this for a batch of
+                # one and fails or mixes samples for larger batches.)
+                image_tokens = image_tokens[:, None].expand(-1, self.null_image_embed.shape[1], -1)
+            tokens.append(torch.where(image_keep[:, None, None], image_tokens, self.null_image_embed.to(image_tokens.dtype)))
+        c = torch.cat(tokens, dim=1) if len(tokens) > 1 else time_tokens
+
+        mid_c = c
+        if text_encodings is not None and self.cond_on_text_encodings:
+            text_tokens = self._text_tokens(text_encodings, text_mask, text_keep)
+            mid_c = torch.cat((c, text_tokens), dim=1)
+        c = self.norm_cond(c)
+        mid_c = self.norm_mid_cond(mid_c)
+
+        # ---------------------------------------------------------------- network
+        run = self._runner(disable_checkpoint)
+        if self.init_resnet_block is not None:
+            h = run(self.init_resnet_block, h, t)
 
         skips: List[torch.Tensor] = []
-        for stage in self.downs:
-            if stage.pre is not None:
-                h = stage.pre(h)
-            h = self._run(stage.entry, h, time_cond)
-            for block in stage.blocks:
+        for pre, first_block, blocks, attn, post in self.downs:
+            if pre is not None:
+                h = pre(h)
+            h = run(first_block, h, t, c)
+            for block in blocks:
+                h = run(block, h, t, c)
                 skips.append(h)
-                h = self._run(block, h, time_cond, context)
-            if stage.attn is not None:
-                h = self._run(stage.attn, h)
+            h = attn(h)
             skips.append(h)
-            if stage.post is not None:
-                h = stage.post(h)
+            h = post(h)
 
-        h = self._run(self.mid_block1, h, time_cond, context)
+        h = run(self.mid_block1, h, t, mid_c)
         if self.mid_attn is not None:
-            h = self._run(self.mid_attn, h)
-        h = self._run(self.mid_block2, h, time_cond, context)
+            h = run(self.mid_attn, h)
+        h = run(self.mid_block2, h, t, mid_c)
 
-        combined: List[torch.Tensor] = []
-        for i, stage in enumerate(self.ups):
-            for block in stage.blocks:
-                h = self._run(block, torch.cat([h, skips.pop() * self.skip_scale], dim=1), time_cond, context)
-            if stage.attn is not None:
-                h = self._run(stage.attn, h)
-            if self.upsample_combiners is not None:
-                combined.append(self.upsample_combiners[i](h))
-            if stage.post is not None:
-                h = stage.post(h)
+        def with_skip(fmap: torch.Tensor) -> torch.Tensor:
+            return torch.cat((fmap, skips.pop() * self.skip_connect_scale), dim=1)
 
-        final_inputs = [h, init_h]
-        final_inputs += [F.interpolate(c, size=h.shape[-2:], mode="nearest") for c in combined]
-        h = self._run(self.final_block, torch.cat(final_inputs, dim=1), time_cond)
-        return self.final_conv(h)
+        up_fmaps: List[torch.Tensor] = []
+        for first_block, blocks, attn, upsample in self.ups:
+            h = run(first_block, with_skip(h), t, c)
+            for block in blocks:
+                h = run(block, with_skip(h), t, c)
+            h = attn(h)
+            up_fmaps.append(h)
+            h = upsample(h)
+
+        h = self.upsample_combiner(h, up_fmaps)
+        h = run(self.final_resnet_block, torch.cat((h, first), dim=1), t)
+        if self.lowres_cond:
+            h = torch.cat((h, lowres_cond_img), dim=1)
+        return self.to_out(h)
+
+    def _text_tokens(self, text_encodings: torch.Tensor, text_mask: Optional[torch.Tensor], text_keep: torch.Tensor) -> torch.Tensor:
+        """Projected text (B, max_text_len, cond_dim); padding and dropped samples become the null text tokens."""
+        b, n, width = text_encodings.shape
+        if b != text_keep.shape[0]:
+            raise ValueError(f"Unet: text_encodings has batch size {b}, the images {text_keep.shape[0]}")
+        if width != self.text_embed_dim:
+            raise ValueError(f"Unet: text_encodings are {width} wide but this U-Net was built with text_embed_dim={self.text_embed_dim}")
+        if text_mask is None:
+            valid = (text_encodings != 0).any(dim=-1)
+        else:
+            if text_mask.shape != (b, n):
+                raise ValueError(f"Unet: text_mask has shape {tuple(text_mask.shape)}, expected {(b, n)}")
+            valid = text_mask.bool()
+        tokens = self.text_to_cond(text_encodings[:, : self.max_text_len])
+        valid = valid[:, : self.max_text_len]
+        missing = self.max_text_len - tokens.shape[1]
+        if missing > 0:
+            tokens = F.pad(tokens, (0, 0, 0, missing))
+            valid = F.pad(valid, (0, missing), value=False)
+        keep = valid[:, :, None] & text_keep[:, None, None]
+        return torch.where(keep, tokens, self.null_text_embed.to(tokens.dtype))
+
+    def _runner(self, disable_checkpoint: bool) -> Callable[..., torch.Tensor]:
+        if self.checkpoint_during_training and self.training and not disable_checkpoint and torch.is_grad_enabled():
+
+            def run(module: nn.Module, *args: Any) -> torch.Tensor:
+                return checkpoint(module, *args, use_reentrant=False)
+
+            return run
+        return lambda module, *args: module(*args)
+
+    def forward_with_cond_scale(
+        self, x: torch.Tensor, time: torch.Tensor, *, cond_scale: float = 1.0, guide_learned_variance: bool = True, **kwargs: Any
+    ) -> torch.Tensor:
+        """Classifier-free guidance (Ho & Salimans 2022): null + cond_scale * (cond - null).
+
+        The conditional and the null prediction (image and text dropped) run as one doubled batch,
+        which computes per sample what two passes compute. All output channels are guided, as in
+        the reference; with guide_learned_variance=False (ours) the channels past `channels` (the
+        learned-variance outputs) are taken from the conditional prediction instead.
+        """
+        if cond_scale == 1:
+            return self.forward(x, time, **kwargs)
+        for name in ("image_cond_drop_prob", "text_cond_drop_prob"):
+            if kwargs.get(name, 0.0) != 0.0:
+                raise ValueError(f"Unet.forward_with_cond_scale: {name} cannot be combined with guidance")
+            kwargs.pop(name, None)
+        b = x.shape[0]
+
+        def twice(value: Any) -> Any:
+            return torch.cat([value, value], dim=0) if isinstance(value, torch.Tensor) else value
+
+        doubled = {k: twice(kwargs.pop(k, None)) for k in _FORWARD_INPUTS}
+        disable_checkpoint = bool(kwargs.pop("disable_checkpoint", False))
+        for name in ("blur_sigma", "blur_kernel_size"):
+            kwargs.pop(name, None)
+        if kwargs:
+            raise TypeError(f"Unet.forward_with_cond_scale: unexpected arguments {sorted(kwargs)}")
+        keep = torch.arange(2 * b, device=x.device) < b
+        out = self._forward(twice(x), twice(time), **doubled, image_keep=keep, text_keep=keep, disable_checkpoint=disable_checkpoint)
+        cond, null = out.chunk(2, dim=0)
+        guided = null + (cond - null) * cond_scale
+        if not guide_learned_variance:
+            guided = torch.cat([guided[:, : self.channels], cond[:, self.channels :]], dim=1)
+        return guided
+
+
+# The tensor inputs of Unet._forward besides x and time, in its argument order.
+_FORWARD_INPUTS = ("image_embed", "lowres_cond_img", "lowres_noise_level", "text_encodings", "text_mask", "self_cond")

@@ -1,0 +1,90 @@
+"""Parameter names of DALLE2-pytorch 1.15.6 state dicts -> ours (the one place that maps them).
+
+Our U-Net uses the reference's module tree and names (`downs.1.2.0.cross_attn.to_kv.weight`,
+...), so a U-Net's state maps one to one; what this module adds is the checking: prefixes the
+reference's wrappers add are removed, and the Decoder's entries that are not network weights are
+dropped with a reason that callers can report.
+"""
+from __future__ import annotations
+
+import re
+from typing import Dict, List, Mapping, Tuple
+
+import torch
+
+# Prefixes put in front of every name by wrappers the reference (or torch) may have saved through.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+_UNET_KEY = re.compile(r"^unets\.(\d+)\.(.+)$")
+
+# Entries of the reference Decoder's state dict that are not U-Net weights, with why they are dropped.
+_DROPPED_DECODER_PREFIXES: Tuple[Tuple[str, str], ...] = (
+    ("clip.", "the CLIP model is loaded from its own checkpoint, not stored with the decoder"),
+    ("vaes.", "latent-diffusion VAEs are not supported here (the reference's default is an identity VAE)"),
+    ("noise_schedulers.", "noise schedules are buffers recomputed from the config"),
+    ("lowres_conds.", "the low-res conditioner has no weights"),
+    ("lowres_cond.", "the low-res conditioner has no weights"),
+)
+# Buffers (non-persistent in spirit) that reference versions saved; recomputed here.
+_DROPPED_DECODER_NAMES = {"_dummy": "a device-tracking buffer of the reference"}
+
+
+def _strip_wrappers(name: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if name.startswith(prefix):
+                name, changed = name[len(prefix) :], True
+    return name
+
+
+def unet_state_from_reference(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Our `Unet` state dict from the reference's `Unet.state_dict()` (names are shared; wrapper prefixes removed)."""
+    out: Dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        ours = _strip_wrappers(name)
+        if ours in out:
+            raise ValueError(f"reference U-Net state: {name!r} and another entry both map to {ours!r}")
+        out[ours] = tensor
+    return out
+
+
+def unet_state_to_reference(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The reference's `Unet` state dict from ours (the identity on names)."""
+    return dict(state)
+
+
+def decoder_state_from_reference_with_dropped(
+    state: Mapping[str, torch.Tensor],
+) -> Tuple[Dict[str, torch.Tensor], List[Tuple[str, str]]]:
+    """Our Decoder's U-Net weights (`unets.{i}.`-prefixed) from the reference Decoder's state dict.
+
+    Returns (state, dropped) where dropped lists (name, reason) for every entry left out. An entry
+    that is neither a U-Net weight nor a known non-network entry is an error naming it.
+    """
+    out: Dict[str, torch.Tensor] = {}
+    dropped: List[Tuple[str, str]] = []
+    for name, tensor in state.items():
+        bare = _strip_wrappers(name)
+        match = _UNET_KEY.match(bare)
+        if match:
+            index, rest = match.groups()
+            out[f"unets.{index}.{_strip_wrappers(rest)}"] = tensor
+            continue
+        reason = _DROPPED_DECODER_NAMES.get(bare) or next(
+            (why for prefix, why in _DROPPED_DECODER_PREFIXES if bare.startswith(prefix)), None
+        )
+        if reason is None:
+            raise ValueError(f"reference decoder state: unexpected entry {name!r} (neither a U-Net weight nor a known buffer)")
+        dropped.append((name, reason))
+    return out, dropped
+
+
+def decoder_state_from_reference(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Our Decoder's U-Net weights from the reference Decoder's state dict (non-network entries dropped)."""
+    return decoder_state_from_reference_with_dropped(state)[0]
+
+
+def decoder_state_to_reference(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The reference Decoder's U-Net entries from our Decoder's (`unets.{i}.` entries only; names shared)."""
+    return {name: tensor for name, tensor in state.items() if _UNET_KEY.match(name)}
