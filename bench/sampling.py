@@ -147,7 +147,7 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--feature_dim", type=int, default=16)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--output", default="bench_sampling.json")
+    parser.add_argument("--output", default=".tracker-data/bench_sampling.json", help="results as JSON (an ignored folder)")
     args = parser.parse_args()
 
     from dalle2_decoder.config import TrainDecoderConfig
@@ -160,6 +160,7 @@ def main() -> None:
     cond_scale = config.train.cond_scale
     embed, text, real = test_inputs(config, args.n_inputs, device)
     size = decoder.image_sizes[-1]
+    Path(args.output).resolve().parent.mkdir(parents=True, exist_ok=True)
     suite = MetricSuite({"FID": {"feature": feature_file(Path(args.output).resolve().parent, args.feature_dim), "normalize": True}},
                         device=device, image_size=size)
     T = decoder.num_timesteps
