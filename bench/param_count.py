@@ -19,6 +19,7 @@ Models are built on the meta device (shapes only), so even 600M-parameter config
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -106,14 +107,24 @@ def our_counts(path: str, reference_kwargs: List[Dict[str, Any]]) -> Dict[str, A
     from dalle2_decoder.models import Unet
 
     result: Dict[str, Any] = {}
+    # Only the U-Nets go to the meta device: the Decoder computes schedule constants on real tensors.
+    real_init = Unet.__init__
+
+    @functools.wraps(real_init)  # keeps the signature, which the config checks options against
+    def meta_init(self, *args: Any, **kwargs: Any) -> None:
+        with torch.device("meta"):
+            real_init(self, *args, **kwargs)
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        Unet.__init__ = meta_init  # type: ignore[method-assign]
         try:
-            with torch.device("meta"):
-                decoder = TrainDecoderConfig.from_json_path(path).decoder.create()
+            decoder = TrainDecoderConfig.from_json_path(path).decoder.create()
             result["pipeline"] = [sum(p.numel() for p in u.parameters()) for u in decoder.unets]
         except Exception as err:
             result["pipeline_error"] = f"{type(err).__name__}: {err}"
+        finally:
+            Unet.__init__ = real_init  # type: ignore[method-assign]
         alone = []
         for kwargs in reference_kwargs:
             with torch.device("meta"):

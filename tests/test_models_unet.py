@@ -400,3 +400,14 @@ def test_lowres_inputs_given_to_the_wrong_unet_are_clear_errors():
         run(unet, inputs(), lowres_noise_level=torch.zeros(2))
     with pytest.raises(ValueError, match="text_embed_dim=10"):
         run(unet, {**inputs(), "text_encodings": torch.randn(2, 4, 7)})
+
+
+def test_timesteps_keep_full_precision_under_bf16_autocast():
+    # The reference casts t to the activation dtype; bf16 rounds 987 to 988, making them one timestep.
+    torch.manual_seed(0)
+    unet = randomise_output(tiny_unet()).eval()
+    batch = inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a = run(unet, {**batch, "time": torch.tensor([987, 987])})
+        b = run(unet, {**batch, "time": torch.tensor([988, 988])})
+    assert torch.bfloat16 == a.dtype and not torch.equal(a, b)

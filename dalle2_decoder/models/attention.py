@@ -28,10 +28,15 @@ def _layer_norm(dim: int) -> nn.Module:
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, cosine_sim: bool) -> torch.Tensor:
-    """softmax(scale * q k^T) v over (B, heads, N, d) tensors; cosine_sim l2-normalises q and k first."""
+    """softmax(scale * q k^T) v over (B, heads, N, d) queries and (B, heads or 1, M, d) keys/values.
+
+    cosine_sim l2-normalises q and k first. One key/value head is shared by all query heads
+    (grouped-query SDPA, so the shared head is never materialised per query head).
+    """
     if cosine_sim:
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    shared = k.shape[1] != q.shape[1]
+    return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=shared)
 
 
 class Residual(nn.Module):
@@ -82,8 +87,8 @@ class Attention(nn.Module):
         q = self.to_q(x).reshape(b, n, self.heads, -1).transpose(1, 2)  # (B, h, N, d)
         k, v = self.to_kv(x).chunk(2, dim=-1)  # (B, N, d) each
         null_k, null_v = self.null_kv.to(x.dtype).unbind(0)
-        k = torch.cat((null_k.expand(b, 1, -1), k), dim=1)[:, None].expand(-1, self.heads, -1, -1)
-        v = torch.cat((null_v.expand(b, 1, -1), v), dim=1)[:, None].expand(-1, self.heads, -1, -1)
+        k = torch.cat((null_k.expand(b, 1, -1), k), dim=1)[:, None]  # (B, 1, 1 + N, d): one head for all
+        v = torch.cat((null_v.expand(b, 1, -1), v), dim=1)[:, None]
         out = _attend(q, k, v, self.scale, self.cosine_sim)
         return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
 

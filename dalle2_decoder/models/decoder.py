@@ -139,8 +139,9 @@ class Decoder(nn.Module):
         blur_sigma: blur sigma, or a (low, high) range drawn from per batch.
         blur_kernel_size: odd blur kernel size, or a (low, high) range drawn from per batch.
         lowres_noise_sample_level: augmentation noise level (fraction of 1000 steps) used at sampling.
-        clip_denoised / clip_x_start: clamp (or dynamically threshold) the predicted x_0 at sampling;
-            x_0 is left unclamped only when one of them is false (the reference ignores both).
+        clip_denoised: clamp (or dynamically threshold) the predicted x_0 at sampling; false leaves it
+            unclamped (the reference ignores this option and always clamps).
+        clip_x_start: the same, under the reference's other name; x_0 is clamped only when both are true.
         use_dynamic_thres: clamp x_0 by dynamic thresholding (Imagen sec. 2.3) instead of to [-1, 1].
         dynamic_thres_percentile: percentile of |x_0| used as the dynamic threshold.
         p2_loss_weight_gamma: per U-Net, P2 weighting gamma (0 disables it).
@@ -149,14 +150,17 @@ class Decoder(nn.Module):
         auto_normalize_img: images are given and returned in [0, 1] (False: in [-1, 1]).
         random_crop_sizes: per U-Net, train upsamplers on random crops of this size (None: whole image).
         image_size: accepted for compatibility; no effect (image_sizes sets the resolutions).
-        vae, predict_x_start_for_latent_diffusion, clip_adapter_overrides: accepted for compatibility; no effect.
+        vae: accepted for compatibility; no effect (no latent diffusion here).
+        predict_x_start_for_latent_diffusion: accepted for compatibility; no effect.
+        clip_adapter_overrides: accepted for compatibility; no effect (CLIP lives outside the Decoder).
 
     Options of this package, off by default (DALLE2-pytorch behaves as with the default):
         image_embed_all_unets: condition every U-Net, not only the first, on the image embedding.
         vb_loss_scale_timesteps: multiply L_vlb by T (improved DDPM eq. 16's sum over steps).
         vb_mean_from_objective: in L_vlb, derive the model mean from the U-Net's own objective (x_0 or
             v); the reference always reads the prediction as noise there.
-        min_snr_loss_weight / min_snr_gamma: weight the loss by min(SNR, gamma) (Min-SNR).
+        min_snr_loss_weight: weight the loss by min(SNR, min_snr_gamma) (Min-SNR, Hang et al. 2023).
+        min_snr_gamma: the Min-SNR clip value.
         self_cond_prob: how often a batch is self-conditioned in training (the reference: 0.5).
         self_cond_x_start: self-condition on the clamped x_0 estimate, drawn per sample (the reference
             feeds the raw prediction, one draw per batch).

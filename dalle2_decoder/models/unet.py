@@ -456,13 +456,13 @@ class Unet(nn.Module):
         first = h
 
         # ---------------------------------------------------------------- conditioning
-        time_hiddens = self.to_time_hiddens(time.to(h.dtype))
+        time_hiddens = self._embed(self.to_time_hiddens, time, h.dtype)
         time_tokens = self.to_time_tokens(time_hiddens)
         t = self.to_time_cond(time_hiddens)
         if lowres_noise_level is not None:
             if self.to_lowres_noise_cond is None:
                 raise ValueError("Unet: lowres_noise_level given to a U-Net built without lowres_noise_cond")
-            t = t + self.to_lowres_noise_cond(lowres_noise_level.to(h.dtype))
+            t = t + self._embed(self.to_lowres_noise_cond, lowres_noise_level, h.dtype)
 
         if image_embed is not None and self.to_image_hiddens is not None:
             image_hiddens = self.to_image_hiddens(image_embed)
@@ -527,6 +527,16 @@ class Unet(nn.Module):
         if self.lowres_cond:
             h = torch.cat((h, lowres_cond_img), dim=1)
         return self.to_out(h)
+
+    @staticmethod
+    def _embed(mlp: nn.Sequential, value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """mlp (sinusoidal embedding, then layers) of a timestep-like value, the sinusoids always in fp32.
+
+        The reference casts the value to the activation dtype first; under bf16 autocast that rounds
+        t = 987 to 988 and moves every sinusoid. In fp32 both are the same computation.
+        """
+        sinusoids = mlp[0](value.float())
+        return mlp[1:](sinusoids.to(dtype))
 
     def _text_tokens(self, text_encodings: torch.Tensor, text_mask: Optional[torch.Tensor], text_keep: torch.Tensor) -> torch.Tensor:
         """Projected text (B, max_text_len, cond_dim); padding and dropped samples become the null text tokens."""

@@ -80,6 +80,16 @@ CASES: Dict[str, tuple] = {
         dict(checkpoint_during_training=True, self_attn=[False, True], cond_on_text_encodings=True, text_embed_dim=TEXT),
         dict(train_mode=True, text_len=4),
     ),
+    "memory_efficient_cross_embed_sparse_weight_standardized": (
+        dict(memory_efficient=True, cross_embed_downsample=True, sparse_attn=True, resnet_weight_standardization=True,
+             lowres_cond=True, lowres_noise_cond=True),
+        dict(lowres=True, noise_level=True),
+    ),
+    "four_levels_reference_attention_defaults": (
+        dict(dim_mults=[1, 1, 2, 2], num_resnet_blocks=2, attn_heads=16, attn_dim_head=32, self_attn=[False, False, True, True],
+             cond_on_text_encodings=True, text_embed_dim=TEXT, max_text_len=8),
+        dict(text_len=8),
+    ),
     "stored_reference_init": (
         dict(dim_mults=[1], cond_on_text_encodings=True, text_embed_dim=TEXT, self_attn=True, max_text_len=4,
              init_cross_embed_kernel_sizes=[3, 5]),
