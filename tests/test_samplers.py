@@ -312,3 +312,48 @@ def test_training_sample_phase_and_evaluation_use_the_configured_sampler(tmp_pat
     metrics = run_evaluation(run)  # 4 validation samples in one batch of 4
     assert calls == karras and metrics["eval/samples"] == 4
     run.tracker.finish()
+
+
+# --- the decoder's choice of sampler --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sampler, steps, calls", [
+    (None, None, 20),             # the reference's DDPM over every timestep
+    (None, 4, 4),                 # the reference's DDIM where sample_timesteps is set
+    ("ddim", None, 19),           # DDIM over all 20 timesteps: the reference spacing skips a repeated point
+    ("ddpm", 4, 4),               # respaced DDPM (samplers.ddpm)
+    ("dpmpp_2m_karras", 3, 3),
+    ("unipc", 5, 5),
+])
+def test_decoder_calls_its_unets_as_the_chosen_sampler_says(sampler, steps, calls, monkeypatch):
+    from .test_models_decoder import EMBED, randomise_outputs, tiny_decoder
+
+    decoder = randomise_outputs(tiny_decoder(num_unets=2, learned_variance=[True, False]))
+    counts = {0: 0, 1: 0}
+    for index, unet in enumerate(decoder.unets):
+        original = unet.forward_with_cond_scale
+
+        def counting(*args, _index=index, _original=original, **kwargs):
+            counts[_index] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(unet, "forward_with_cond_scale", counting)
+    embed = torch.randn(2, EMBED, generator=torch.Generator().manual_seed(0))
+    images = decoder.sample(image_embed=embed, sampler=sampler, sample_timesteps=steps, seed=[3, 4])
+    assert counts == {0: calls, 1: calls} and images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
+    # one seed per image: the second image alone is the same
+    alone = decoder.sample(image_embed=embed[1:], sampler=sampler, sample_timesteps=steps, seed=[4])
+    torch.testing.assert_close(alone, images[1:], atol=1e-4, rtol=0)
+
+
+def test_decoder_rejects_unknown_samplers_and_inpainting_off_the_reference_chains():
+    from .test_models_decoder import EMBED, tiny_decoder
+
+    with pytest.raises(ValueError, match="unknown sampler 'dpm'"):
+        tiny_decoder(samplers="dpm")
+    decoder = tiny_decoder(samplers="unipc", sample_timesteps=3)
+    embed = torch.randn(1, EMBED)
+    with pytest.raises(ValueError, match="steps must|sample_timesteps of U-Net 1 must be in"):
+        decoder.sample(image_embed=embed, sample_timesteps=0)
+    with pytest.raises(ValueError, match=r"inpainting \(RePaint\) runs on the ddpm or ddim chain"):
+        decoder.sample(image_embed=embed, inpaint_image=torch.rand(1, 3, 8, 8), inpaint_mask=torch.ones(1, 8, 8, dtype=torch.bool))
