@@ -343,7 +343,7 @@ def test_decoder_calls_its_unets_as_the_chosen_sampler_says(sampler, steps, call
     assert counts == {0: calls, 1: calls} and images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
     # one seed per image: the second image alone is the same
     alone = decoder.sample(image_embed=embed[1:], sampler=sampler, sample_timesteps=steps, seed=[4])
-    torch.testing.assert_close(alone, images[1:], atol=1e-4, rtol=0)
+    torch.testing.assert_close(alone, images[1:], atol=1e-3, rtol=0)  # batch vs alone: float rounding only
 
 
 def test_decoder_rejects_unknown_samplers_and_inpainting_off_the_reference_chains():
