@@ -88,7 +88,9 @@ def test_token_from_hf_token_and_weights_through_lfs(tmp_path, monkeypatch):
         tracker = make(tmp_path, [save])
         tracker.save(step=1, checkpoint_state=state(1.0))
         tracker.finish()
-        assert hub.lfs_uploads and hub.commits[0]["files"] == [("lfsFile", "latest.pt")]
+        # the weights through LFS; the card and config.json that load_decoder reads (small) as regular files
+        assert hub.lfs_uploads and hub.commits[0]["files"] == [("lfsFile", "latest.pt"), ("file", "config.json"),
+                                                               ("file", "README.md")]
         assert read_file(hub.root / "me" / "dec" / "latest.pt").state["samples_seen"] == 1
 
 

@@ -3,7 +3,8 @@
 - `FileServer`: serves a folder over HTTP (checkpoint URLs).
 - `HubServer`: a small Hugging Face Hub-compatible HTTP API that the real `huggingface_hub.HfApi`
   client talks to: repo creation, preupload, the git LFS batch API with basic PUT transfers, and
-  ndjson commits with base64 and LFS files. Committed files are stored under `root/<repo_id>/`.
+  ndjson commits with base64 and LFS files. Committed files are stored under `root/<repo_id>/` and
+  served back at `/<repo_id>/resolve/<revision>/<path>` (HEAD and GET, as `hf_hub_download` asks).
   By default every file is a regular (base64) upload; with `lfs=True`, weight files (.pt,
   .safetensors, ...) go through LFS as on the real hub, which needs the client's Xet transfer off
   (`HF_HUB_DISABLE_XET=1`): this server does not speak the Xet protocol.
@@ -70,6 +71,8 @@ class HubServer(_Server):
         self.requests: List[Tuple[str, str]] = []
         self.commits: List[Dict] = []
         self.lfs_uploads: List[str] = []
+        self.heads: Dict[str, str] = {}  # repo id -> last commit oid
+        self.validated_metadata: List[Dict] = []  # README metadata the client asked to validate
         self._lock = threading.Lock()
         hub = self
 
@@ -85,6 +88,9 @@ class HubServer(_Server):
 
             def do_GET(self):
                 hub._handle(self, "GET")
+
+            def do_HEAD(self):
+                hub._handle(self, "HEAD")
 
         super().__init__(Handler)
 
@@ -130,6 +136,8 @@ class HubServer(_Server):
 
         if method == "POST" and path == "/api/repos/create":
             return self._create_repo(request, json.loads(body))
+        if method == "POST" and path == "/api/validate-yaml":  # the client checks a README's metadata before committing it
+            return self._validate_yaml(request, json.loads(body)["content"])
         match = re.fullmatch(r"/api/models/(?P<repo>[^/]+/[^/]+)/(?P<action>preupload|commit)/(?P<rev>[^/]+)", path)
         if method == "POST" and match:
             if not self.repo_dir(match["repo"]).is_dir():
@@ -140,6 +148,9 @@ class HubServer(_Server):
         match = re.fullmatch(r"/(?P<repo>[^/]+/[^/]+)\.git/info/lfs/objects/batch", path)
         if method == "POST" and match:
             return self._lfs_batch(request, json.loads(body))
+        match = re.fullmatch(r"/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)", path)
+        if method in ("GET", "HEAD") and match:
+            return self._resolve(request, match["repo"], match["file"], send_body=method == "GET")
         match = re.fullmatch(r"/lfs-upload/(?P<oid>[0-9a-f]{64})", path)
         if method == "PUT" and match:
             if hashlib.sha256(body).hexdigest() != match["oid"]:
@@ -161,6 +172,35 @@ class HubServer(_Server):
             return self._reply(request, 409, {"error": "You already created this model repo", "url": f"{self.url}/{repo_id}"})
         folder.mkdir(parents=True)
         return self._reply(request, 200, {"url": f"{self.url}/{repo_id}", "name": repo_id})
+
+    def _validate_yaml(self, request, content: str):
+        import yaml
+
+        match = re.match(r"---\n(.*?)\n---\n", content, re.S)
+        try:
+            metadata = yaml.safe_load(match.group(1)) if match else {}
+        except yaml.YAMLError as error:
+            return self._reply(request, 400, {"error": f"invalid YAML metadata: {error}"})
+        if not isinstance(metadata, dict):
+            return self._reply(request, 400, {"error": "the metadata must be a YAML mapping"})
+        with self._lock:
+            self.validated_metadata.append(metadata)
+        return self._reply(request, 200, {"errors": [], "warnings": []})
+
+    def _resolve(self, request, repo_id: str, file: str, send_body: bool):
+        target = self.repo_dir(repo_id) / file
+        if not self.repo_dir(repo_id).is_dir():
+            return self._reply(request, 404, {"error": "Repository not found"}, error_code="RepoNotFound")
+        if not target.is_file():
+            return self._reply(request, 404, {"error": "Entry not found"}, error_code="EntryNotFound")
+        data = target.read_bytes()
+        request.send_response(200)
+        request.send_header("Content-Length", str(len(data)))
+        request.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
+        request.send_header("X-Repo-Commit", self.heads.get(repo_id, "0" * 40))
+        request.end_headers()
+        if send_body:
+            request.wfile.write(data)
 
     def _preupload(self, request, payload):
         files = [
@@ -206,6 +246,7 @@ class HubServer(_Server):
         oid = hashlib.sha1(body).hexdigest()
         with self._lock:
             self.commits.append({"summary": lines[0]["value"]["summary"], "files": written})
+            self.heads[repo_id] = oid
         return self._reply(request, 200, {"commitUrl": f"{self.url}/{repo_id}/commit/{oid}", "commitOid": oid})
 
 

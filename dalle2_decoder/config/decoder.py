@@ -21,6 +21,9 @@ if TYPE_CHECKING:  # imported lazily: building a config must not need torch
 CLIP_MAKES = ("openai", "open_clip")
 LOSS_TYPES = ("l1", "l2", "huber")
 BETA_SCHEDULES = ("cosine", "linear", "quadratic", "jsd", "sigmoid")
+# The names of dalle2_decoder.models.samplers.SAMPLERS (kept here so that checking a config needs no torch;
+# tests/test_sample_command.py checks the two agree).
+SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_karras", "unipc", "unipc_karras")
 
 
 @attrs.frozen
@@ -90,6 +93,10 @@ class DecoderConfig:
     """Diffusion timesteps used in training and full-chain sampling."""
     sample_timesteps: Union[None, int, List[Optional[int]]] = None
     """DDIM sampling steps, one value or one per U-Net; None samples the full chain."""
+    samplers: Union[None, str, List[Optional[str]]] = None
+    """Sampler, one or one per U-Net: ddpm, ddim, dpmpp_2m, dpmpp_2m_karras, unipc or unipc_karras, making
+    `sample_timesteps` network calls (all `timesteps` when null); null keeps the reference's DDPM, or DDIM where
+    `sample_timesteps` is set."""
     loss_type: str = "l2"
     """Loss: `l1`, `l2` or `huber`."""
     beta_schedule: Union[None, str, List[str]] = "cosine"
@@ -133,7 +140,7 @@ class DecoderConfig:
         for index, unet in enumerate(self.unets):
             if unet.image_embed_dim is None and not unconditional and (index == 0 or embeds_everywhere):
                 problems.append(f"decoder.unets[{index}].image_embed_dim: required option missing")
-        for name in ("beta_schedule", "sample_timesteps"):
+        for name in ("beta_schedule", "sample_timesteps", "samplers"):
             problems += one_per_unet(f"decoder.{name}", getattr(self, name), num_unets)
         if isinstance(self.learned_variance, list) and len(self.learned_variance) > num_unets:
             problems.append(f"decoder.learned_variance: has {len(self.learned_variance)} entries but decoder.unets has "
@@ -157,6 +164,10 @@ class DecoderConfig:
             where = f"decoder.beta_schedule[{index}]" if isinstance(self.beta_schedule, list) else "decoder.beta_schedule"
             if schedule is not None:
                 problems += one_of(where, schedule, BETA_SCHEDULES)
+        for index, sampler in enumerate(per_unet(self.samplers, num_unets)):
+            if sampler is not None:
+                where = f"decoder.samplers[{index}]" if isinstance(self.samplers, list) else "decoder.samplers"
+                problems += one_of(where, sampler, SAMPLERS)
         resolved = (["cosine"] * max(num_unets - 1, 1) + ["linear"] * (num_unets > 1)) if self.beta_schedule is None \
             else per_unet(self.beta_schedule, num_unets)
         for index, schedule in enumerate(resolved):
@@ -196,6 +207,7 @@ class DecoderConfig:
             channels=self.channels,
             timesteps=self.timesteps,
             sample_timesteps=self.sample_timesteps,
+            samplers=self.samplers,
             loss_type=self.loss_type,
             beta_schedule=self.beta_schedule,
             learned_variance=self.learned_variance,

@@ -19,7 +19,8 @@ from torch import nn
 from ._compat import warn_no_effect
 from .gaussian_diffusion import GaussianDiffusion, ddim_timestep_pairs
 from .lowres import LOWRES_NOISE_TIMESTEPS, LowresConditioner, resize_image
-from .schedules import default_beta_schedules
+from .samplers import SAMPLER_NAMES, Generators, ModelOutput, Schedule, randn, run_sampler
+from .schedules import default_beta_schedules, make_beta_schedule
 from .unet import Unet
 
 LOSS_TYPES = ("l1", "l2", "huber")
@@ -115,6 +116,9 @@ class Decoder(nn.Module):
         channels: image channels.
         timesteps: diffusion steps of training and of full (DDPM) sampling.
         sample_timesteps: DDIM steps at sampling, per U-Net; None (or == timesteps) samples the full DDPM chain.
+            With `samplers`, the number of network calls of the chosen sampler (None: timesteps).
+        samplers: sampler per U-Net (see `samplers.SAMPLER_NAMES`); None keeps the reference's choice:
+            DDPM, or DDIM where sample_timesteps is set.
         loss_type: l1, l2 or huber (smooth L1).
         beta_schedule: noise schedule per U-Net (cosine, linear, quadratic, jsd, sigmoid); None: cosine,
             and linear for the last U-Net of a cascade.
@@ -170,6 +174,7 @@ class Decoder(nn.Module):
         channels: int = 3,
         timesteps: int = 1000,
         sample_timesteps: Union[None, int, Sequence[Optional[int]]] = None,
+        samplers: Union[None, str, Sequence[Optional[str]]] = None,
         loss_type: str = "l2",
         beta_schedule: Union[None, str, Sequence[str]] = None,
         learned_variance: Union[bool, Sequence[bool]] = True,
@@ -261,6 +266,10 @@ class Decoder(nn.Module):
             if steps is not None and not 1 <= steps <= timesteps:
                 raise ValueError(f"Decoder: sample_timesteps of U-Net {i + 1} must be in [1, {timesteps}], got {steps}")
             self.sample_timesteps.append(None if steps == timesteps else steps)
+        self.samplers: List[Optional[str]] = _per_unet(samplers, n, "samplers")
+        for i, name in enumerate(self.samplers):
+            if name is not None and name not in SAMPLER_NAMES:
+                raise ValueError(f"Decoder: unknown sampler {name!r} for U-Net {i + 1}; choose one of {', '.join(SAMPLER_NAMES)}")
 
         schedules = default_beta_schedules(n) if beta_schedule is None else _per_unet(beta_schedule, n, "beta_schedule")
         self.beta_schedules = list(schedules)
@@ -506,17 +515,28 @@ class Decoder(nn.Module):
         device: torch.device,
         inpainting: Optional[Inpainting] = None,
         progress: bool = False,
+        sampler: Optional[str] = None,
+        steps: Optional[int] = None,
     ) -> torch.Tensor:
         """Sample one U-Net's images in [-1, 1] (the per-U-Net loop: DDPM, or DDIM with fewer steps).
 
         This is the one place a U-Net's denoising chain runs; other samplers hook in here. Noise
         is drawn through `noise_fn` in the reference's order, so that replayed noise reproduces it.
         """
+        sampler, steps = self.sampler_for(index + 1, sampler, steps)
+        if not (sampler == "ddim" or (sampler == "ddpm" and steps is None)):
+            # Another sampler (samplers.py): the reference chains below stay as they are.
+            if inpainting is not None:
+                raise ValueError(f"Decoder.sample: inpainting (RePaint) runs on the ddpm or ddim chain; U-Net {index + 1} "
+                                 f"samples with {sampler} {steps} steps")
+            return self._solve_unet(index, shape, sampler=sampler, steps=steps, cond_scale=cond_scale,
+                                    unet_kwargs=unet_kwargs, noise_fn=noise_fn, device=device, progress=progress)
+        if sampler == "ddim" and steps is None:
+            steps = self.num_timesteps  # DDIM over every timestep, not the DDPM chain
         unet, diffusion = self.unets[index], self.diffusions[index]
         objective = self._objective(index)
         b = shape[0]
         dtype = torch.float32
-        steps = self.sample_timesteps[index]
         if steps is None:
             pairs = [(t, t - 1) for t in reversed(range(self.num_timesteps))]
         else:
@@ -557,6 +577,56 @@ class Decoder(nn.Module):
             x = torch.where(inpainting.mask, inpainting.image, x)
         return x
 
+    def sampler_for(self, unet_number: int, sampler: Optional[str] = None, steps: Optional[int] = None) -> Tuple[str, Optional[int]]:
+        """(sampler name, steps; None: all timesteps) U-Net `unet_number` samples with; arguments override the config."""
+        index = self._index(unet_number)
+        steps = steps if steps is not None else self.sample_timesteps[index]
+        if steps is not None and not 1 <= steps <= self.num_timesteps:
+            raise ValueError(f"Decoder.sample: sample_timesteps of U-Net {unet_number} must be in [1, {self.num_timesteps}], got {steps}")
+        steps = None if steps == self.num_timesteps else steps
+        name = sampler or self.samplers[index] or ("ddpm" if steps is None else "ddim")
+        if name not in SAMPLER_NAMES:
+            raise ValueError(f"Decoder.sample: unknown sampler {name!r}; choose one of {', '.join(SAMPLER_NAMES)}")
+        return name, steps
+
+    def _solve_unet(
+        self, index: int, shape: Tuple[int, ...], *, sampler: str, steps: Optional[int], cond_scale: float,
+        unet_kwargs: dict, noise_fn: NoiseFn, device: torch.device, progress: bool,
+    ) -> torch.Tensor:
+        """One U-Net's images in [-1, 1] with a sampler of `samplers.py`, through a denoiser closure."""
+        unet, diffusion = self.unets[index], self.diffusions[index]
+        objective = self._objective(index)
+        b = shape[0]
+        x_start: List[Optional[torch.Tensor]] = [None]  # the last x_0 estimate, for self-conditioning
+
+        def denoise(x: torch.Tensor, t_now: int) -> ModelOutput:
+            t = torch.full((b,), t_now, device=device, dtype=torch.long)
+            self_cond = x_start[0] if unet.self_cond else None
+            out = unet.forward_with_cond_scale(x, t, cond_scale=cond_scale, self_cond=self_cond, **unet_kwargs).float()
+            pred, var_out = self._split_output(index, out)
+            if unet.self_cond:
+                x_start[0] = self._threshold(self._x_start_from_prediction(objective, diffusion, pred, x, t))
+            if var_out is not None:  # improved DDPM eq. 15's interpolation fraction
+                var_out = torch.sigmoid(var_out) if self.learned_variance_constrain_frac else (var_out + 1.0) / 2.0
+            return ModelOutput(pred, var_out)
+
+        schedule = Schedule.from_betas(make_beta_schedule(diffusion.beta_schedule, diffusion.num_timesteps), objective,
+                                       self._threshold)
+        calls = steps or self.num_timesteps
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=calls, desc=f"sampling U-Net {index + 1} ({sampler}, {calls} steps)", leave=False, dynamic_ncols=True)
+        try:
+            return run_sampler(
+                sampler, denoise, schedule, noise_fn(shape, device, torch.float32), steps=steps, generator=noise_fn,
+                callback=None if bar is None else (lambda i, t, x: bar.update(1)), eta=self.ddim_sampling_eta,
+            )
+        finally:
+            if bar is not None:
+                bar.close()
+
     def _inpainting(self, image: torch.Tensor, mask: torch.Tensor, size: int, resample_times: int) -> Inpainting:
         if mask.ndim != 3 or mask.shape[0] != image.shape[0] or mask.shape[-2:] != image.shape[-2:]:
             raise ValueError(f"Decoder.sample: inpaint_mask must be (B, H, W) matching inpaint_image {tuple(image.shape)}, "
@@ -580,10 +650,12 @@ class Decoder(nn.Module):
         inpaint_image: Optional[torch.Tensor] = None,
         inpaint_mask: Optional[torch.Tensor] = None,
         inpaint_resample_times: int = 5,
-        generator: Optional[torch.Generator] = None,
-        seed: Optional[int] = None,
+        generator: Generators = None,
+        seed: Union[None, int, Sequence[int]] = None,
         noise: Union[None, NoiseFn, Sequence[torch.Tensor]] = None,
         progress: bool = False,
+        sampler: Union[None, str, Sequence[Optional[str]]] = None,
+        sample_timesteps: Union[None, int, Sequence[Optional[int]]] = None,
     ) -> torch.Tensor:
         """Images in the input range ([0, 1] by default; not clamped) at the size of the last U-Net run.
 
@@ -593,10 +665,13 @@ class Decoder(nn.Module):
         inpaint_image / inpaint_mask: images (B, C, H, W) and a bool mask (B, H, W), true where the
             image is kept; every U-Net fills in the rest (RePaint), resampling each step
             `inpaint_resample_times` times.
-        generator / seed: make the sampling noise reproducible (seed builds a generator).
+        generator / seed: make the sampling noise reproducible (seed builds a generator). A list of
+            generators or seeds gives each sample its own: its image then depends on its seed alone,
+            not on the batch it is sampled in.
         noise: instead, where the noise comes from: a function (shape, device, dtype) -> tensor, or
             a list of tensors used in order (see ReplayedNoise).
         progress: show a progress bar over each U-Net's sampling steps.
+        sampler / sample_timesteps: override the configured sampler and steps, one for all or one per U-Net.
         """
         start = self._index(start_at_unet_number)
         stop = self._index(stop_at_unet_number if stop_at_unet_number is not None else len(self.unets))
@@ -614,11 +689,13 @@ class Decoder(nn.Module):
                              "(image_cond_drop_prob or text_cond_drop_prob above 0)")
         device = next(self.parameters()).device
         if noise is None:
-            if seed is not None:
+            if isinstance(seed, int):
                 generator = torch.Generator(device=device).manual_seed(seed)
+            elif seed is not None:
+                generator = [torch.Generator(device=device).manual_seed(int(s)) for s in seed]
 
             def noise_fn(shape: Tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-                return torch.randn(shape, device=device, dtype=dtype, generator=generator)
+                return randn(shape, generator, device, dtype)  # one generator per sample when a list
         elif callable(noise):
             noise_fn = noise
         else:
@@ -629,6 +706,11 @@ class Decoder(nn.Module):
                 break
         if batch_size is None:
             raise ValueError("Decoder.sample: pass batch_size (no image_embed, image or text_encodings to infer it from)")
+
+        samplers = _per_unet(sampler, len(self.unets), "sampler")
+        steps_per_unet = _per_unet(sample_timesteps, len(self.unets), "sample_timesteps")
+        for number in range(start + 1, stop + 2):  # bad names or steps fail before any sampling
+            self.sampler_for(number, samplers[number - 1], steps_per_unet[number - 1])
 
         was_training = self.training
         self.eval()
@@ -666,6 +748,8 @@ class Decoder(nn.Module):
                     device=device,
                     inpainting=inpainting,
                     progress=progress,
+                    sampler=samplers[index],
+                    steps=steps_per_unet[index],
                 )
                 current = self.unnormalize(x)
         finally:

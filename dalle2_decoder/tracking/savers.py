@@ -117,9 +117,16 @@ class HuggingfaceSaver:
         if not self._repo_ready:
             self.api.create_repo(self.config.huggingface_repo, exist_ok=True)
             self._repo_ready = True
+        operations = [CommitOperationAdd(path_in_repo=file.dest, path_or_fileobj=str(file.local)) for file in files]
+        # With the weights go a model card and a config.json naming them, so that
+        # `dalle2_decoder.load_decoder("user/repo")` finds everything (see dalle2_decoder/hub_card.py).
+        from ..hub_card import card_files
+
+        for path_in_repo, content in card_files(self.config, files, step).items():
+            operations.append(CommitOperationAdd(path_in_repo=path_in_repo, path_or_fileobj=content))
         self.api.create_commit(
             repo_id=self.config.huggingface_repo,
-            operations=[CommitOperationAdd(path_in_repo=file.dest, path_or_fileobj=str(file.local)) for file in files],
+            operations=operations,
             commit_message=f"dalle2_decoder save at step {step}: " + ", ".join(file.dest for file in files),
         )
 

@@ -174,7 +174,9 @@ def summary_lines(config: TrainDecoderConfig, accelerator: Accelerator, trainer:
     for number, unet in enumerate(trainer.decoder.unets, start=1):
         state = "trained" if number in trainer.trained_unets else "frozen"
         size = config.decoder.image_sizes[number - 1]
-        lines.append(f"  U-Net {number}        {count_parameters(unet) / 1e6:.2f}M parameters, {size}px, {state}")
+        sampler, steps = trainer.decoder.sampler_for(number)  # what sample grids and evaluation use
+        lines.append(f"  U-Net {number}        {count_parameters(unet) / 1e6:.2f}M parameters, {size}px, {state}, "
+                     f"samples with {sampler} ({steps or config.decoder.timesteps} steps)")
     return lines
 
 
