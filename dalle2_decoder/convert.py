@@ -21,7 +21,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-EXIT_OK, EXIT_ERROR = 0, 1
+EXIT_OK = 0
 
 
 def _without_unset(value: Any) -> Any:
@@ -88,20 +88,22 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the run's JSON config (default: the config recorded in the input)")
     parser.add_argument("--no_ema", "--no-ema", dest="no_ema", action="store_true",
                         help="from a checkpoint, write the trained weights instead of the EMA weights")
+    parser.add_argument("--debug", action="store_true",
+                        help="print the full traceback of errors too (they are one line each without it)")
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .config import ConfigError
-    from .tracking import CheckpointError
+    from .failures import guarded
 
     args = build_parser().parse_args(argv)
-    try:
+
+    def body() -> int:
         print(convert(args.input, args.output, config_file=args.config_file, use_ema=not args.no_ema), flush=True)
-    except (CheckpointError, ConfigError) as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        return EXIT_ERROR
-    return EXIT_OK
+        return EXIT_OK
+
+    # One line per problem and an exit status by kind, as every command (see `failures`).
+    return guarded(body, debug=args.debug)
 
 
 if __name__ == "__main__":

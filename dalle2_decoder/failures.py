@@ -88,9 +88,10 @@ def _kinds() -> List[Tuple[tuple, int]]:
         return BadDataError, DataSetupError, ShardReadError, PreprocessingError
 
     def checkpoint_errors():
+        from .loading import DecoderLoadError
         from .tracking import CheckpointError, LoadError
 
-        return CheckpointError, LoadError
+        return CheckpointError, LoadError, DecoderLoadError
 
     def io_errors():
         from .clip import ClipLoadError

@@ -23,11 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-EXIT_OK, EXIT_USAGE, EXIT_DATA, EXIT_MODEL, EXIT_ENVIRONMENT = 0, 2, 3, 4, 5
+from .failures import UsageError
+
+EXIT_OK = 0
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
-class SampleInputError(RuntimeError):
+class SampleInputError(UsageError):
     """The options or inputs cannot be used (missing, unreadable, or not fitting the decoder)."""
 
 
@@ -71,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--endpoint", default=None, help="hub endpoint for a hub repo id (default: the hub client's)")
     parser.add_argument("--token", default=None, help="hub token (default: the hub client's login or HF_TOKEN)")
     parser.add_argument("--cache_dir", "--cache-dir", dest="cache_dir", default=None, help="download cache folder")
+    parser.add_argument("--debug", action="store_true",
+                        help="print the full traceback of errors too (they are one line each without it)")
     return parser
 
 
@@ -395,35 +399,13 @@ def run(args) -> int:
     return EXIT_OK
 
 
-def _exit_status(error: BaseException) -> int:
-    """The exit status for a known kind of problem; 0 for an error that is a bug (re-raised)."""
-    from .clip import ClipLoadError
-    from .config import ConfigError
-    from .data import BadDataError, DataSetupError, PreprocessingError
-    from .loading import DecoderLoadError
-    from .tracking import CheckpointError, LoadError
-
-    for kinds, status in (((SampleInputError, ConfigError), EXIT_USAGE),
-                          ((BadDataError, DataSetupError, PreprocessingError), EXIT_DATA),
-                          ((DecoderLoadError, CheckpointError, LoadError), EXIT_MODEL),
-                          ((ClipLoadError,), EXIT_ENVIRONMENT)):
-        if isinstance(error, kinds):
-            return status
-    return 0
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The command; problems are reported as one line with an exit status by kind (see `failures`)."""
+    from .failures import guarded
+
     args = build_parser().parse_args(argv)
     speaks = os.environ.get("RANK", "0") == "0"
-    try:
-        return run(args)
-    except Exception as error:
-        status = _exit_status(error)
-        if not status:
-            raise  # not a problem with the user's input: a bug, with its traceback
-        if speaks:
-            print(f"error: {error}", file=sys.stderr, flush=True)
-        return status
+    return guarded(lambda: run(args), debug=args.debug, speaks=speaks)
 
 
 if __name__ == "__main__":

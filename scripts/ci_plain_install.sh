@@ -36,7 +36,7 @@ metadata = zipfile.ZipFile(wheel).read(dist_info + "METADATA").decode()
 assert f"Version: {version}" in metadata, "wheel metadata lacks the package version"
 assert "# dalle2-decoder" in metadata, "wheel metadata lacks the README"
 entry_points = zipfile.ZipFile(wheel).read(dist_info + "entry_points.txt").decode()
-for command in ("dalle2-train-decoder", "dalle2-evaluate-decoder"):
+for command in ("dalle2-train-decoder", "dalle2-evaluate-decoder", "dalle2-sample-decoder", "dalle2-convert-checkpoint"):
     assert command in entry_points, f"console command {command} missing from the wheel"
 assert not any("/tests/" in n or n.startswith("tests/") for n in names), "tests shipped in the wheel"
 print(f"wheel ok: {len(names)} files, version {version}, README and console commands present")

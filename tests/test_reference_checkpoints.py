@@ -16,6 +16,7 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
+from dalle2_decoder.failures import EXIT_CHECKPOINT
 from dalle2_decoder.config import TrainDecoderConfig
 from dalle2_decoder.tracking import CheckpointFormatError, load_model_weights, read_file
 from dalle2_decoder.tracking.reference import version_metadata_allowed
@@ -185,7 +186,7 @@ def test_convert_writes_our_model_save_from_reference_files(tmp_path):
     model = reference_payload("model.pth")["model"]
     for name, tensor in read_file(tmp_path / "m.safetensors").model_state.items():
         assert torch.equal(tensor, model[name]), name
-    assert main([str(FIXTURES / "upsampler_checkpoint.pth"), str(tmp_path / "u.safetensors")]) == 1
+    assert main([str(FIXTURES / "upsampler_checkpoint.pth"), str(tmp_path / "u.safetensors")]) == EXIT_CHECKPOINT
     assert not (tmp_path / "u.safetensors").exists()
     setup = (REPO_ROOT / "setup.cfg").read_text()
     assert "dalle2-convert-checkpoint = dalle2_decoder.convert:main" in setup
