@@ -251,6 +251,11 @@ def test_wandb_run_records_neither_the_secret_command_line_nor_printed_secrets(t
     argv = ["train_decoder.py", "--config_file", "c.json", "--set", f"data.webdataset_base_url={url}",
             "--set", f"extra.service_api_key={KEY_SECRET}"]
     monkeypatch.setattr(sys, "argv", list(argv))
+    # wandb reads the command line once per process, at its first setup; a run of its own starts with
+    # it, as a training process does (earlier wandb tests in this process would have set it up already).
+    import wandb
+
+    wandb.teardown()
     config = tracker_config(tmp_path / "run", log=WandbLogConfig(log_type="wandb", wandb_entity="team",
                                                                  wandb_project="decoder"), save=[])
     tracker = create_tracker(config, full_config_dict={"data": {"webdataset_base_url": url},
