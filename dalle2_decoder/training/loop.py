@@ -25,6 +25,7 @@ from ..config.root import TrainDecoderConfig
 from ..tracking import capture_rng_state, create_tracker, restore_rng_state
 from .batches import BatchPreparer, SampleExamples
 from .stopping import StopRequest
+from .threads import compute_threads_for
 from .trainer import DecoderTrainer, per_unet
 
 log = logging.getLogger(__name__)
@@ -92,13 +93,14 @@ def create_accelerator(config: TrainDecoderConfig) -> Accelerator:
                 raise RuntimeError(f"train.device is {train.device} but CUDA is not available here; set train.device to \"cpu\"")
             torch.cuda.set_device(device.index or 0)
         accelerator = Accelerator(mixed_precision=precision, cpu=cpu, kwargs_handlers=[ddp])
-    if accelerator.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        # Compute threads that compete with the dataloader workers (and the other processes) for the
-        # same cores spin and stall: on CPU, give each process the cores its workers leave free.
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        threads = max(1, cores // accelerator.num_processes - config.data.num_workers)
-        torch.set_num_threads(threads)
-        notes.append(f"CPU training with {threads} compute thread(s) per process (set OMP_NUM_THREADS to choose)")
+    # On the CPU, each process's share of the node's cores goes to compute, less what its data
+    # workers turn out to use (measured during training, see `threads.py`).
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    accelerator.compute_threads = compute_threads_for(accelerator.device.type, local_processes)
+    if accelerator.compute_threads is not None:
+        threads = accelerator.compute_threads.start()
+        notes.append(f"CPU training with {threads} compute thread(s) per process, one fewer per core the data "
+                     "workers keep busy (set OMP_NUM_THREADS to choose)")
     if precision == "bf16" and accelerator.device.type == "cpu" and not train.mixed_precision:
         notes.append("train.amp on the CPU runs bf16 autocast, which is slower than fp32 on most CPUs")
     for note in notes:
@@ -306,6 +308,8 @@ class TrainingRun:
                 bar.update(1)
 
                 if steps_in_window == LOG_EVERY_N_STEPS:
+                    if getattr(acc, "compute_threads", None) is not None:
+                        acc.compute_threads.update()
                     metrics = self._window_metrics(loss_sums, steps_in_window, batch_samples, window_start)
                     self.tracker.log(metrics, step=progress.samples_seen)
                     postfix = {k.split("/")[-1]: f"{v:.4f}" for k, v in metrics.items() if k.startswith("train/loss")}
@@ -452,3 +456,21 @@ def main(config: TrainDecoderConfig) -> int:
     except setup_errors() as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 1
+    except RuntimeError as error:
+        if not lost_peer(error):
+            raise
+        # A node or process died: the collective it left fails here (gloo/NCCL close the connection)
+        # and this process ends too, instead of the launcher printing only a child's traceback.
+        print(f"error: lost contact with another process of this run (a node or process died, or the network "
+              f"failed; see the other nodes' logs). The last checkpoint is kept. {type(error).__name__}: {error}",
+              file=sys.stderr, flush=True)
+        return 1
+
+
+def lost_peer(error: BaseException) -> bool:
+    """True for the error a collective raises when another rank is gone."""
+    import torch.distributed as dist
+
+    text = str(error)
+    return isinstance(error, getattr(dist, "DistError", ())) or any(
+        marker in text for marker in ("Connection closed by peer", "Connection reset by peer", "NCCL", "gloo/transport"))
