@@ -75,8 +75,10 @@ def end_all(nodes: List[subprocess.Popen]) -> None:
 def test_two_launchers_train_as_one_job_with_global_ranks(demo_data, tmp_path, per_node):
     world = 2 * per_node
     data_path = tmp_path / "run"
-    # 8 samples a step over all ranks at 2 ranks, 16 at 4: two steps an epoch either way... at least 2.
-    raw = tiny_config(demo_data, data_path, epochs=2, epoch_samples=8 * world, save_every_n_samples=10_000)
+    # Two steps an epoch on every rank (batch 4); 4 of the 6 shards train, one per rank at 4 ranks.
+    raw = tiny_config(demo_data, data_path, epochs=2, epoch_samples=8 * world, validation_samples=None,
+                      save_every_n_samples=10_000)
+    raw["data"]["splits"] = {"train": 0.67, "val": 0.17, "test": 0.16}
     raw["tracker"]["log"]["auto_resume"] = False
     config = tmp_path / "config.json"
     config.write_text(json.dumps(raw))
