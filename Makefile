@@ -10,6 +10,9 @@ VENV_PYTHON := $(VENV)/bin/python
 INSTALLED := $(VENV)/.dalle2-decoder-installed
 TEST_TIMEOUT ?= 300
 PYTEST_ARGS ?=
+# The CUDA-marked tests (tests/test_cuda.py) need a GPU: deselected here, run by bench/gpu_check.sh
+# on a GPU machine (`make test PYTEST_MARKERS=` runs everything).
+PYTEST_MARKERS ?= not cuda
 DEMO_DATA ?= demo_data
 
 .PHONY: install test demo demo-data check-examples
@@ -26,7 +29,7 @@ $(INSTALLED): $(VENV_PYTHON) requirements.txt setup.cfg setup.py
 install: $(INSTALLED)
 
 test: $(INSTALLED)
-	$(VENV_PYTHON) -m pytest tests -q --timeout=$(TEST_TIMEOUT) $(PYTEST_ARGS)
+	$(VENV_PYTHON) -m pytest tests -q --timeout=$(TEST_TIMEOUT) -m "$(PYTEST_MARKERS)" $(PYTEST_ARGS)
 
 $(DEMO_DATA)/data_config.json: | $(INSTALLED)
 	$(VENV_PYTHON) -m dalle2_decoder.data.demo --out $(DEMO_DATA)

@@ -79,19 +79,27 @@ class ComputeThreads:
         # Workers started since the last call (a new epoch) count from zero.
         used = sum(max(0.0, seconds - before.get(pid, 0.0)) for pid, seconds in usage.items())
         self.worker_cores = used / (now - last[0])
-        # Give up the k-th thread once the workers use more than k - 0.5 (+ margin) cores; take it
-        # back below k - 0.5 (- margin): a thread that shares a core with a busy worker stalls the rest.
-        reserved = self.cores - self.threads
-        if self.worker_cores > reserved + 0.5 + self.HYSTERESIS:
-            reserved = math.floor(self.worker_cores + 0.5 - self.HYSTERESIS)
-        elif self.worker_cores < reserved - 0.5 - self.HYSTERESIS:
-            reserved = max(0, math.floor(self.worker_cores + 0.5 + self.HYSTERESIS))
-        threads = max(1, self.cores - reserved)
+        threads = threads_for(self.cores, self.threads, self.worker_cores, self.HYSTERESIS)
         if threads == self.threads:
             return None
         self.threads = threads
         torch.set_num_threads(threads)
         return threads
+
+
+def threads_for(cores: int, threads: int, worker_cores: float, margin: float = ComputeThreads.HYSTERESIS) -> int:
+    """Compute threads for `cores` cores when the workers keep `worker_cores` cores' worth busy.
+
+    The k-th core is given up once the workers use more than k - 0.5 (+ margin) cores and taken
+    back below k - 0.5 (- margin): a compute thread that shares its core with a busy worker stalls
+    the other threads at every synchronisation, while a worker that is mostly idle costs little.
+    """
+    reserved = cores - threads
+    if worker_cores > reserved + 0.5 + margin:
+        reserved = math.floor(worker_cores + 0.5 - margin)
+    elif worker_cores < reserved - 0.5 - margin:
+        reserved = max(0, math.floor(worker_cores + 0.5 + margin))
+    return max(1, cores - reserved)
 
 
 def compute_threads_for(device_type: str, local_processes: int) -> Optional[ComputeThreads]:
