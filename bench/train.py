@@ -53,7 +53,7 @@ REFERENCE_JSON = {
     },
     "train": {
         "epochs": 2, "lr": 1e-4, "wd": 0.01, "max_grad_norm": 0.5, "save_every_n_samples": 100000,
-        "n_sample_images": 2, "device": "cpu", "epoch_samples": 160, "validation_samples": 32, "use_ema": True,
+        "n_sample_images": 2, "device": "cpu", "epoch_samples": 64, "validation_samples": 16, "use_ema": True,
         "ema_beta": 0.99, "amp": False, "unet_training_mask": [True],
     },
     "evaluate": {"n_evaluation_samples": 2},
@@ -107,7 +107,7 @@ def against_reference(args) -> None:
                 print(f"{name}: {took:.1f} s (load before {loads[name][-1]})", file=sys.stderr, flush=True)
     medians = {name: _median(values) for name, values in times.items()}
     print(json.dumps({
-        "config": "REFERENCE_JSON in bench/train.py (64px U-Net dim 16, 2 epochs of 160 samples, 1 worker, CPU)",
+        "config": "REFERENCE_JSON in bench/train.py (64px U-Net dim 16, 2 epochs of 64 samples, 1 worker, CPU)",
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "wall_seconds": times,
         "median_seconds": medians,

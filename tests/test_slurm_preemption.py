@@ -44,7 +44,13 @@ def test_preempted_job_saves_requeues_resumes_and_ends_with_the_weights_of_an_un
 
     # The job saves, the script requeues it: SLURM holds a requeued job for two minutes before it is
     # eligible again; lift that hold (as an operator would) so the test does not wait.
-    wait_for(lambda: int(job_info(cluster, job.job_id).get("Restarts", "0")) == 1, 300, "the job to be requeued")
+    def requeued() -> bool:
+        info = job_info(cluster, job.job_id)
+        # A job that ended instead (the signal killed the launchers, say) will never be requeued.
+        assert info.get("JobState") not in ("FAILED", "COMPLETED", "CANCELLED", "TIMEOUT"), (info, job.output)
+        return int(info.get("Restarts", "0")) == 1
+
+    wait_for(requeued, 300, "the job to be requeued")
     first_run = job.output
     assert "SIGUSR1: asking the training processes to save and stop" in first_run
     assert "SIGUSR1: saving a checkpoint and exiting" in first_run
