@@ -92,7 +92,7 @@ def against_reference(args) -> None:
         loads = {name: [] for name in runs}
         for repeat in range(args.repeats):
             for name, command in runs.items():
-                folder = os.path.join(scratch, f"run-{repeat}-{len(times[name])}-{name.split(',')[0]}")
+                folder = os.path.join(scratch, f"run-{repeat}-{list(runs).index(name)}")
                 os.makedirs(folder)
                 env = {**os.environ, "PYTHONPATH": str(REPO), **envs[name]}
                 if name == "reference":
