@@ -13,6 +13,9 @@ INSTALLED := $(VENV)/.dalle2-decoder-installed
 # it at most 600 s, below this, so their own message comes first.
 TEST_TIMEOUT ?= 900
 PYTEST_ARGS ?=
+# The CUDA-marked tests (tests/test_cuda.py) need a GPU: deselected here, run by bench/gpu_check.sh
+# on a GPU machine (`make test PYTEST_MARKERS=` runs everything).
+PYTEST_MARKERS ?= not cuda
 DEMO_DATA ?= demo_data
 # Command-line tools the tests use that are not libraries of the package: the aws CLI (for
 # `pipe:aws s3 cp ...` shards). They live in a venv of their own, so their pins (awscli pins one
@@ -41,10 +44,10 @@ $(TOOLS):
 install: $(INSTALLED) $(TOOLS)
 
 test: $(INSTALLED) $(TOOLS)
-	PATH="$(TOOLS_PATH):$$PATH" $(VENV_PYTHON) -m pytest tests -q --timeout=$(TEST_TIMEOUT) $(PYTEST_ARGS)
+	PATH="$(TOOLS_PATH):$$PATH" $(VENV_PYTHON) -m pytest tests -q --timeout=$(TEST_TIMEOUT) -m "$(PYTEST_MARKERS)" $(PYTEST_ARGS)
 
 test-fast: $(INSTALLED) $(TOOLS)
-	PATH="$(TOOLS_PATH):$$PATH" $(VENV_PYTHON) -m pytest tests -q --timeout=$(TEST_TIMEOUT) -m "not slow" $(PYTEST_ARGS)
+	PATH="$(TOOLS_PATH):$$PATH" $(VENV_PYTHON) -m pytest tests -q --timeout=$(TEST_TIMEOUT) -m "not slow and $(PYTEST_MARKERS)" $(PYTEST_ARGS)
 
 # The plain install path CI also checks: a fresh venv, torch first, then the built wheel alone.
 plain-install-check:

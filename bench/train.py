@@ -10,6 +10,19 @@ compute the loop delivers. Figures only: nothing here asserts a speed.
 
 The demo config reads `demo_data/`: run `make demo-data` (or `python -m dalle2_decoder.data.demo
 --out demo_data`) first.
+
+Against the reference implementation, end to end (`--reference`):
+
+    python bench/train.py --reference /work/refvenv/bin/python \
+        --reference-script /work/reference_repo/train_decoder.py [--repeats 3] [--old-policy]
+
+writes a 64px demo dataset and one JSON that both implementations accept (REFERENCE_JSON below: a
+2-epoch 64px U-Net, 1 data worker, CPU), then runs `train_decoder.py --config_file` of each as a
+user would, whole (start-up, data, training, validation, sampling, saving), alternating, `--repeats`
+times, and prints the median wall time of each, the ratio (reference / ours: above 1 means ours is
+faster) and the load average before each run (other processes on the machine disturb wall time).
+`--old-policy` adds runs of ours with one compute thread (OMP_NUM_THREADS=1), what the former thread
+policy chose for one worker on 2 cores.
 """
 from __future__ import annotations
 
@@ -25,13 +38,99 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
+REFERENCE_JSON = {
+    "seed": 0,
+    "decoder": {
+        "unets": [{"dim": 16, "image_embed_dim": 64, "dim_mults": [1, 2, 4], "attn_dim_head": 16, "attn_heads": 2}],
+        "image_sizes": [64], "channels": 3, "timesteps": 100, "loss_type": "l2", "beta_schedule": ["cosine"],
+        "learned_variance": False,
+    },
+    "data": {
+        "webdataset_base_url": "DATA/shards/{}.tar", "img_embeddings_url": "DATA/img_emb",
+        "num_workers": 1, "batch_size": 16, "start_shard": 0, "end_shard": 11, "shard_width": 6, "index_width": 4,
+        "splits": {"train": 0.75, "val": 0.125, "test": 0.125}, "shuffle_train": False, "resample_train": False,
+        "preprocessing": {"ToTensor": True},
+    },
+    "train": {
+        "epochs": 2, "lr": 1e-4, "wd": 0.01, "max_grad_norm": 0.5, "save_every_n_samples": 100000,
+        "n_sample_images": 2, "device": "cpu", "epoch_samples": 64, "validation_samples": 16, "use_ema": True,
+        "ema_beta": 0.99, "amp": False, "unet_training_mask": [True],
+    },
+    "evaluate": {"n_evaluation_samples": 2},
+    "tracker": {
+        "data_path": "./tracker", "overwrite_data_path": True, "log": {"log_type": "console"},
+        "load": {"load_from": None}, "save": [{"save_to": "local", "save_latest_to": "latest.pth"}],
+    },
+}
+"""The end-to-end comparison's config (`DATA` becomes the generated dataset's folder)."""
+
+
+def _median(values):
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def against_reference(args) -> None:
+    import subprocess
+
+    from dalle2_decoder.data.demo import generate_demo_dataset
+
+    with tempfile.TemporaryDirectory(prefix="bench-e2e-") as scratch:
+        data = os.path.join(scratch, "data")
+        generate_demo_dataset(data, num_images=1200, image_size=64, embed_dim=64, shard_size=100)
+        config = os.path.join(scratch, "config.json")
+        with open(config, "w") as handle:
+            handle.write(json.dumps(REFERENCE_JSON, indent=2).replace("DATA/", data + "/"))
+        runs = {"ours": [sys.executable, str(REPO / "train_decoder.py"), "--config_file", config],
+                "reference": [args.reference, args.reference_script, "--config_file", config]}
+        envs = {"ours": {}, "reference": {}}
+        if args.old_policy:
+            runs["ours, 1 thread (former policy)"] = runs["ours"]
+            envs["ours, 1 thread (former policy)"] = {"OMP_NUM_THREADS": "1"}
+        times = {name: [] for name in runs}
+        loads = {name: [] for name in runs}
+        for repeat in range(args.repeats):
+            for name, command in runs.items():
+                folder = os.path.join(scratch, f"run-{repeat}-{list(runs).index(name)}")
+                os.makedirs(folder)
+                env = {**os.environ, "PYTHONPATH": str(REPO), **envs[name]}
+                if name == "reference":
+                    env.pop("PYTHONPATH")
+                loads[name].append(round(os.getloadavg()[0], 2))
+                start = time.perf_counter()
+                result = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True)
+                took = time.perf_counter() - start
+                if result.returncode != 0:
+                    raise SystemExit(f"{name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+                times[name].append(round(took, 1))
+                print(f"{name}: {took:.1f} s (load before {loads[name][-1]})", file=sys.stderr, flush=True)
+    medians = {name: _median(values) for name, values in times.items()}
+    print(json.dumps({
+        "config": "REFERENCE_JSON in bench/train.py (64px U-Net dim 16, 2 epochs of 64 samples, 1 worker, CPU)",
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "wall_seconds": times,
+        "median_seconds": medians,
+        "load_average_before_each_run": loads,
+        "ratio_reference_over_ours": round(medians["reference"] / medians["ours"], 3),
+    }, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default=str(REPO / "example_configs" / "demo_cpu.json"))
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps timed in each measurement")
     parser.add_argument("--warmup", type=int, default=5, help="steps before timing starts")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--reference", metavar="PYTHON", help="the reference's interpreter: compare end to end")
+    parser.add_argument("--reference-script", default="/work/reference_repo/train_decoder.py",
+                        help="the reference's train_decoder.py")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each implementation (medians count)")
+    parser.add_argument("--old-policy", action="store_true", help="also run ours with one compute thread")
     args = parser.parse_args()
+    if args.reference:
+        against_reference(args)
+        return
 
     import torch
 

@@ -1,7 +1,8 @@
 """Training-step throughput of our decoder, side by side with the reference implementation.
 
     python bench/train_step.py [--steps 10] [--repeats 2] [--device cpu|cuda] [--amp] [--channels-last]
-                               [--threads N] [--reference-python .venv-ref/bin/python] [--only ours|reference]
+                               [--compile] [--configs 64px 256px] [--threads N]
+                               [--reference-python .venv-ref/bin/python] [--only ours|reference]
 
 For each config (the CPU demo config, from example_configs/demo_cpu.json when it exists, else a
 demo-like U-Net; and a 64px U-Net with dim 32, dim_mults [1, 2, 4], batch 16) it prints training
@@ -53,6 +54,19 @@ def bench_configs() -> Dict[str, Dict[str, Any]]:
         decoder=dict(image_sizes=[64], timesteps=1000),
         batch=16,
     )
+    # GPU-sized: a base U-Net at 64px and an upsampler-sized one at 256px (bench/gpu_check.sh).
+    configs["64px GPU, dim 128, mults [1,2,3,4], batch 64"] = dict(
+        unet=dict(dim=128, image_embed_dim=768, cond_dim=128, dim_mults=[1, 2, 3, 4],
+                  self_attn=[False, True, True, True], attn_dim_head=32, attn_heads=8),
+        decoder=dict(image_sizes=[64], timesteps=1000),
+        batch=64,
+    )
+    configs["256px GPU, dim 64, mults [1,2,4,8], batch 16"] = dict(
+        unet=dict(dim=64, image_embed_dim=768, cond_dim=128, dim_mults=[1, 2, 4, 8],
+                  self_attn=[False, False, False, True], attn_dim_head=32, attn_heads=8),
+        decoder=dict(image_sizes=[256], timesteps=1000),
+        batch=16,
+    )
     return configs
 
 
@@ -86,7 +100,8 @@ def _sync(device: "torch.device") -> None:
 
 
 def run_worker(
-    impl: str, config_name: str, steps: int, device_name: str, amp: bool, channels_last: bool, threads: Optional[int]
+    impl: str, config_name: str, steps: int, device_name: str, amp: bool, channels_last: bool, threads: Optional[int],
+    compile_unet: bool = False,
 ) -> Dict[str, Any]:
     import torch
 
@@ -128,12 +143,16 @@ def run_worker(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for _ in range(3):  # warm-up: allocator, kernels, lazy init
-        step()
+    step()  # lazy init, then the model FLOPs of one step, counted on the eager model
     flop_counter = FlopCounterMode(display=False)
     with flop_counter:
         step()
     flops_per_step = flop_counter.get_total_flops()
+    if compile_unet:  # the U-Net's forward only: the decoder around it (noise, loss) stays eager
+        unet = decoder.unets[0]
+        unet.forward = torch.compile(unet.forward)
+    for _ in range(3):  # warm-up: allocator, kernels (and compilation with --compile)
+        step()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     _sync(device)
@@ -164,7 +183,7 @@ def run_worker(
 # ------------------------------------------------------------------------ driver
 def run_in_subprocess(python: str, impl: str, name: str, args: argparse.Namespace) -> Optional[Dict[str, Any]]:
     command = [python, __file__, "--worker", impl, "--config", name, "--steps", str(args.steps), "--device", args.device]
-    command += ["--amp"] * args.amp + ["--channels-last"] * args.channels_last
+    command += ["--amp"] * args.amp + ["--channels-last"] * args.channels_last + ["--compile"] * args.compile
     if args.threads:
         command += ["--threads", str(args.threads)]
     env = dict(os.environ, PYTHONWARNINGS="ignore")
@@ -182,6 +201,10 @@ def main() -> int:
     parser.add_argument("--device", default=None)
     parser.add_argument("--amp", action="store_true", help="bf16 autocast")
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the U-Net's forward")
+    parser.add_argument("--configs", nargs="+", default=None,
+                        help="run only the configs whose names contain one of these words (e.g. '64px GPU')")
+    parser.add_argument("--json", default=None, help="also append each result as one JSON line to this file")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (CPU default: 1)")
     parser.add_argument("--reference-python", default=str(REPO / ".venv-ref" / "bin" / "python"))
     parser.add_argument("--only", choices=["ours", "reference"], default=None)
@@ -195,7 +218,8 @@ def main() -> int:
     if args.threads is None and args.device == "cpu" and not args.worker:
         args.threads = 1
     if args.worker:
-        result = run_worker(args.worker, args.config, args.steps, args.device, args.amp, args.channels_last, args.threads)
+        result = run_worker(args.worker, args.config, args.steps, args.device, args.amp, args.channels_last, args.threads,
+                            args.compile)
         print(json.dumps(result))
         return 0
 
@@ -207,9 +231,10 @@ def main() -> int:
             print(f"reference interpreter {args.reference_python} not found: our figures only")
     if args.only == "reference":
         impls.pop("ours")
-    print(f"device {args.device}, amp(bf16) {args.amp}, channels_last {args.channels_last}, {args.steps} timed steps, "
-          f"best of {args.repeats}, threads {args.threads or 'default'}")
-    for name in bench_configs():
+    print(f"device {args.device}, amp(bf16) {args.amp}, channels_last {args.channels_last}, compile {args.compile}, "
+          f"{args.steps} timed steps, best of {args.repeats}, threads {args.threads or 'default'}")
+    names = [n for n in bench_configs() if not args.configs or any(word in n for word in args.configs)]
+    for name in names:
         best: Dict[str, Dict[str, Any]] = {}
         for _ in range(args.repeats):
             for impl, python in impls.items():  # alternate, so drifting machine load hits both alike
@@ -224,6 +249,11 @@ def main() -> int:
                   f"peak mem {r['peak_memory_mib']:8.1f} MiB  {r['flops_per_step'] / 1e9:8.2f} GFLOP/step  "
                   f"{r['achieved_flops'] / 1e9:8.2f} GFLOP/s = {100 * r['mfu']:5.1f}% of matmul peak "
                   f"({r['matmul_peak_flops'] / 1e9:.1f} GFLOP/s)")
+        if args.json:
+            with open(args.json, "a") as handle:
+                for impl, r in best.items():
+                    handle.write(json.dumps({"config": name, "impl": impl, "device": args.device, "bf16": args.amp,
+                                             "channels_last": args.channels_last, "compile": args.compile, **r}) + "\n")
         if "ours" in best and "reference" in best:
             o, r = best["ours"], best["reference"]
             print(f"  ours / reference: samples/s x{o['samples_per_s'] / r['samples_per_s']:.2f}, "

@@ -109,11 +109,17 @@ def _kinds() -> List[Tuple[tuple, int]]:
 
         return (TrainingStopped,)
 
+    def peer_lost():
+        from .training.loop import PeerLostError
+
+        return (PeerLostError,)
+
     add(EXIT_DATA, data_errors)
     add(EXIT_CHECKPOINT, checkpoint_errors)
     add(EXIT_IO, io_errors)
     add(EXIT_CONFIG, config_file_errors)
     add(EXIT_STOPPED, stopped)
+    add(EXIT_IO, peer_lost)
     return table
 
 

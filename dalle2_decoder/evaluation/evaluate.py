@@ -124,8 +124,9 @@ def evaluation_loader(config, accelerator, val_loader=None):
 
 
 def build_suite(config, accelerator, unets: Sequence[int]) -> MetricSuite:
-    """The configured metrics, built on the main process first (so only it downloads weights into the cache)."""
-    with accelerator.main_process_first():
+    """The configured metrics, built on each node's local main process first (only it downloads weights into the cache)."""
+    # Per node: weights are cached on local disks, so each node's local main process fetches them first.
+    with accelerator.local_main_process_first():
         return MetricSuite(config.evaluate.metrics(), device=accelerator.device, image_size=final_image_size(config, unets))
 
 

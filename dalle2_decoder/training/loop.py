@@ -29,6 +29,7 @@ from ..tracking.reference import REFERENCE_ORIGIN, schedule_note
 from .batches import BatchPreparer, SampleExamples
 from .resume import describe_changes, position_is_kept, reference_progress
 from .stopping import StopRequest
+from .threads import compute_threads_for
 from .trainer import DecoderTrainer, per_unet
 
 log = logging.getLogger(__name__)
@@ -103,13 +104,14 @@ def create_accelerator(config: TrainDecoderConfig, *, purpose: str = "training")
                 raise RuntimeError(f"train.device is {train.device} but CUDA is not available here; set train.device to \"cpu\"")
             torch.cuda.set_device(device.index or 0)
         accelerator = Accelerator(mixed_precision=precision, cpu=cpu, kwargs_handlers=[ddp])
-    if accelerator.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        # Compute threads that compete with the dataloader workers (and the other processes) for the
-        # same cores spin and stall: on CPU, give each process the cores its workers leave free.
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        threads = max(1, cores // accelerator.num_processes - config.data.num_workers)
-        torch.set_num_threads(threads)
-        notes.append(f"CPU {purpose} with {threads} compute thread(s) per process (set OMP_NUM_THREADS to choose)")
+    # On the CPU, each process's share of the node's cores goes to compute, less what its data
+    # workers turn out to use (measured during training, see `threads.py`).
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    accelerator.compute_threads = compute_threads_for(accelerator.device.type, local_processes)
+    if accelerator.compute_threads is not None:
+        threads = accelerator.compute_threads.start()
+        notes.append(f"CPU {purpose} with {threads} compute thread(s) per process, one fewer per core the data "
+                     "workers keep busy (set OMP_NUM_THREADS to choose)")
     for note in notes:
         if accelerator.is_main_process:
             print(f"note: {note}", flush=True)
@@ -375,6 +377,8 @@ class TrainingRun:
                 bar.update(1)
 
                 if steps_in_window == LOG_EVERY_N_STEPS:
+                    if getattr(acc, "compute_threads", None) is not None:
+                        acc.compute_threads.update()
                     metrics = self._window_metrics(loss_sums, steps_in_window, window_samples, window_start)
                     self.tracker.log(metrics, step=progress.samples_seen)
                     postfix = {k.split("/")[-1]: f"{v:.4f}" for k, v in metrics.items() if k.startswith("train/loss")}
@@ -526,4 +530,27 @@ def main(config: TrainDecoderConfig) -> int:
     """Train a decoder as the config says: 0 done or stopped by a signal. Errors propagate to the
     command line, which reports each as one line with an exit status by kind (`dalle2_decoder.failures`)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return TrainingRun(config).execute()
+    try:
+        return TrainingRun(config).execute()
+    except RuntimeError as error:
+        if not lost_peer(error):
+            raise
+        # A node or process died: the collective it left fails here (gloo/NCCL close the connection)
+        # and this process ends too, with one line, instead of the launcher printing a child's traceback.
+        raise PeerLostError(
+            "lost contact with another process of this run (a node or process died, or the network failed; see the "
+            f"other nodes' logs). The last checkpoint is kept. {type(error).__name__}: {error}"
+        ) from error
+
+
+class PeerLostError(RuntimeError):
+    """Another process of the run is gone (reported as one line, exit status 5: I/O or environment)."""
+
+
+def lost_peer(error: BaseException) -> bool:
+    """True for the error a collective raises when another rank is gone."""
+    import torch.distributed as dist
+
+    text = str(error)
+    return isinstance(error, getattr(dist, "DistError", ())) or any(
+        marker in text for marker in ("Connection closed by peer", "Connection reset by peer", "NCCL", "gloo/transport"))

@@ -1,0 +1,77 @@
+"""Pre-emption end to end on a real SLURM cluster: warning signal, save, requeue, auto-resume, same weights.
+
+The shipped sbatch script asks SLURM for SIGUSR1 to its batch shell before the time limit
+(`#SBATCH --signal=B:USR1@...`). `scancel --signal=USR1 --batch` is what slurmctld does then, sent
+now rather than minutes before a time limit. The signal has to cross srun, `accelerate launch` and
+torchrun's agent to reach the training processes on both nodes; they save at the next step and
+exit cleanly; the script requeues the job; the requeued job auto-resumes from the checkpoint.
+"""
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import torch
+
+from .slurm_jobs import final_weights, job_config, job_info, slurm_cluster, submit, wait_for  # noqa: F401 (fixture)
+from .training_fixtures import write_tiny_demo
+
+pytestmark = pytest.mark.slow
+
+TRAIN = dict(epochs=2, epoch_samples=48, save_every_n_samples=10_000)
+"""6 steps an epoch on each of the 2 ranks: the signal lands inside the first epoch."""
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory):
+    return write_tiny_demo(tmp_path_factory.mktemp("demo"))
+
+
+def test_preempted_job_saves_requeues_resumes_and_ends_with_the_weights_of_an_uninterrupted_job(
+        slurm_cluster, demo_data, tmp_path):
+    cluster = slurm_cluster
+    uninterrupted = tmp_path / "uninterrupted"
+    job = submit(cluster, job_config(demo_data, uninterrupted, tmp_path, **TRAIN), tmp_path)
+    assert job.returncode == 0, job.output
+
+    interrupted = tmp_path / "interrupted"
+    job = submit(cluster, job_config(demo_data, interrupted, tmp_path, **TRAIN), tmp_path, wait=False)
+    # The training processes have installed their handlers once the main one prints its summary.
+    wait_for(lambda: "dalle2-decoder training" in job.output, 300, "the job to start training")
+    signalled = subprocess.run(["scancel", "--signal=USR1", "--batch", job.job_id], env=cluster.env(),
+                               capture_output=True, text=True, timeout=30)
+    assert signalled.returncode == 0, signalled.stderr
+
+    # The job saves, the script requeues it, and SLURM starts it again after its requeue hold (about
+    # two minutes, while the old job's credential stays revoked: lifting the hold early makes the
+    # restart fail with "Job credential revoked").
+    def requeued() -> bool:
+        info = job_info(cluster, job.job_id)
+        # A job that ended instead (the signal killed the launchers, say) will never be requeued.
+        assert info.get("JobState") not in ("FAILED", "COMPLETED", "CANCELLED", "TIMEOUT"), (info, job.output)
+        return int(info.get("Restarts", "0")) == 1
+
+    wait_for(requeued, 300, "the job to be requeued")
+    first_run = job.output
+    assert "SIGUSR1: asking the training processes to save and stop" in first_run
+    assert "SIGUSR1: saving a checkpoint and exiting" in first_run
+    assert f"saved after SIGUSR1: requeueing job {job.job_id}" in first_run
+    wait_for(lambda: job_info(cluster, job.job_id).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"), 600,
+             "the requeued job to finish")
+    info = job_info(cluster, job.job_id)
+    output = job.output
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, output)
+
+    # The requeued job (restart 1) resumed mid-epoch from the checkpoint saved at the signal.
+    assert f"job {job.job_id} (restart 1)" in output
+    resumed = [line for line in output.splitlines() if line.startswith("resumed from auto-resume")]
+    assert len(resumed) == 1 and f"{interrupted / 'latest.pth'}: epoch 1," in resumed[0], output
+    samples_at_stop = int(resumed[0].split(", ")[1].split()[0])
+    assert 0 < samples_at_stop < 48, resumed[0]  # stopped inside the first epoch, not at its end
+    assert "parameters identical across 2 processes" in output and output.count("training finished") == 1
+
+    expected, got = final_weights(uninterrupted), final_weights(interrupted)
+    assert expected.keys() == got.keys()
+    worst = max((got[name].double() - expected[name].double()).abs().max().item() for name in expected)
+    assert worst < 1e-6, f"max difference {worst}"
+    assert any(not torch.equal(value, torch.zeros_like(value)) for value in got.values())
