@@ -125,6 +125,7 @@ DECODER_TABLE: Dict[str, Entry] = {
     "min_snr_loss_weight": Entry(True, "loss"),
     "min_snr_gamma": Entry(1.0, "loss", {"min_snr_loss_weight": True}),
     "ddim_sampling_eta": Entry(1.0, "sample", {"sample_timesteps": 4}),
+    "samplers": Entry("dpmpp_2m", "sample", {"sample_timesteps": 4}),
     "self_cond_prob": Entry(1.0, "loss", {"unet_self_cond": True}),
     "image_size": Entry(16, "same"),  # ignored by the reference too: image_sizes is what counts
     "random_crop_sizes": Entry([None, 8], "loss", LOWRES, unet=2),

@@ -238,36 +238,46 @@ def test_no_secret_from_any_source_in_any_byte_written_printed_or_uploaded(tmp_p
             assert secret.encode() not in path.read_bytes(), (secret, path)
 
 
-@pytest.mark.slow
-def test_wandb_run_records_neither_the_secret_command_line_nor_printed_secrets(tmp_path, monkeypatch):
-    from dalle2_decoder.config import WandbLogConfig
+WANDB_RUN = """
+import sys
+from dalle2_decoder.config import WandbLogConfig
+from dalle2_decoder.tracking import create_tracker
+from tests.test_reliability_tracking import KEY_SECRET, tracker_config
 
+url, run_dir = sys.argv[1], sys.argv[2]
+argv = ["train_decoder.py", "--config_file", "c.json", "--set", f"data.webdataset_base_url={url}",
+        "--set", f"extra.service_api_key={KEY_SECRET}"]
+sys.argv = list(argv)
+config = tracker_config(run_dir, log=WandbLogConfig(log_type="wandb", wandb_entity="team", wandb_project="decoder"),
+                        save=[])
+tracker = create_tracker(config, full_config_dict={"data": {"webdataset_base_url": url},
+                                                   "extra": {"service_api_key": KEY_SECRET}}, is_main_process=True)
+print(f"printed during the run: {url} {KEY_SECRET}", flush=True)
+import os
+print(f"and the environment's: {os.environ['MY_SERVICE_TOKEN']}", flush=True)
+tracker.log({"loss": 1.0}, step=1)
+tracker.finish()
+assert sys.argv == argv, sys.argv  # given back when the run ends
+"""
+
+
+@pytest.mark.slow
+def test_wandb_run_records_neither_the_secret_command_line_nor_printed_secrets(tmp_path):
+    # A process of its own, as a training run is: wandb reads the command line once per process, at
+    # its first setup, and keeps global state that other tests in this process would share.
     wandb_dir = tmp_path / "wandb-dir"
     wandb_dir.mkdir()
-    for name, value in (("WANDB_MODE", "offline"), ("WANDB_DIR", str(wandb_dir)), ("WANDB_SILENT", "true"),
-                        ("MY_SERVICE_TOKEN", ENV_SECRET)):
-        monkeypatch.setenv(name, value)
+    env = dict(os.environ, WANDB_MODE="offline", WANDB_DIR=str(wandb_dir), WANDB_SILENT="true",
+               MY_SERVICE_TOKEN=ENV_SECRET, PYTHONPATH=str(REPO_ROOT))
     url = f"https://reader:{URL_SECRET}@data.example.org/shards/{{00000..00009}}.tar"
-    argv = ["train_decoder.py", "--config_file", "c.json", "--set", f"data.webdataset_base_url={url}",
-            "--set", f"extra.service_api_key={KEY_SECRET}"]
-    monkeypatch.setattr(sys, "argv", list(argv))
-    # wandb reads the command line once per process, at its first setup; a run of its own starts with
-    # it, as a training process does (earlier wandb tests in this process would have set it up already).
-    import wandb
-
-    wandb.teardown()
-    config = tracker_config(tmp_path / "run", log=WandbLogConfig(log_type="wandb", wandb_entity="team",
-                                                                 wandb_project="decoder"), save=[])
-    tracker = create_tracker(config, full_config_dict={"data": {"webdataset_base_url": url},
-                                                       "extra": {"service_api_key": KEY_SECRET}},
-                             is_main_process=True)
-    print(f"printed during the run: {url} {KEY_SECRET} {ENV_SECRET}", flush=True)
-    tracker.log({"loss": 1.0}, step=1)
-    tracker.finish()
-    assert sys.argv == argv  # given back when the run ends
+    result = subprocess.run([sys.executable, "-c", WANDB_RUN, url, str(tmp_path / "run")], capture_output=True,
+                            text=True, env=env, cwd=REPO_ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "printed during the run" in result.stdout
     files = [path for path in wandb_dir.rglob("*") if path.is_file()]
     # the command line wandb recorded (in the run's metadata record), masked
     assert any(b"data.webdataset_base_url=https://reader:***@" in path.read_bytes() for path in files), [p.name for p in files]
     for secret in (URL_SECRET, KEY_SECRET, ENV_SECRET):
+        assert secret not in result.stdout and secret not in result.stderr, secret
         for path in files:
             assert secret.encode() not in path.read_bytes(), (secret, path)

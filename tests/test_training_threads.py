@@ -47,9 +47,12 @@ def test_the_busy_childs_cpu_time_is_measured_and_threads_follow(keep_threads):
     finally:
         child.kill()
         child.wait()
-    policy._last = (time.monotonic() - 1.0, {})  # a window in which no worker ran
+    # A window in which no worker ran: the baseline is every child's CPU time now (other children of
+    # the test process, e.g. a wandb service started by an earlier test, count only for what they use
+    # from here on, which is next to nothing).
+    policy._last = (time.monotonic() - 1.0, children_cpu_seconds())
     policy.update()
-    assert policy.worker_cores == 0 and policy.threads == 2 == torch.get_num_threads()
+    assert policy.worker_cores < 0.25 and policy.threads == 2 == torch.get_num_threads()
 
 
 def test_user_choice_and_gpus_turn_the_policy_off(monkeypatch):
