@@ -101,7 +101,9 @@ class LocalSlurmCluster:
             "SlurmdUser=root",
             "AuthType=auth/munge",
             "CredType=cred/munge",
-            f"AuthInfo=socket={self.root / 'munge' / 'munge.socket'}",
+            # cred_expire: also how long a requeued job waits before it may start again (120 s by
+            # default); short here, so the pre-emption test does not sit out two minutes.
+            f"AuthInfo=socket={self.root / 'munge' / 'munge.socket'},cred_expire=10",
             f"StateSaveLocation={self.root / 'state'}",
             f"SlurmdSpoolDir={self.root / 'spool'}/%n",
             f"SlurmctldPidFile={self.root / 'run' / 'slurmctld.pid'}",

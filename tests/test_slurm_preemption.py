@@ -42,9 +42,9 @@ def test_preempted_job_saves_requeues_resumes_and_ends_with_the_weights_of_an_un
                                capture_output=True, text=True, timeout=30)
     assert signalled.returncode == 0, signalled.stderr
 
-    # The job saves, the script requeues it, and SLURM starts it again after its requeue hold (about
-    # two minutes, while the old job's credential stays revoked: lifting the hold early makes the
-    # restart fail with "Job credential revoked").
+    # The job saves, the script requeues it, and SLURM starts it again after its requeue hold (the
+    # credential lifetime, cred_expire: 10 s in the test cluster, 120 s by default; the old job's
+    # credential stays revoked until then, so lifting the hold early fails with "Job credential revoked").
     def requeued() -> bool:
         info = job_info(cluster, job.job_id)
         # A job that ended instead (the signal killed the launchers, say) will never be requeued.
