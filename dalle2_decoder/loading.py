@@ -172,6 +172,7 @@ def load(
 ) -> LoadedDecoder:
     """`load_decoder`, also returning the configuration and step recorded with the weights."""
     from .tracking import CheckpointError, load_state_dict_checked, read_file
+    from .tracking.checkpoint import checkpoint_weights
 
     path, where = resolve_source(source, filename=filename, revision=revision, endpoint=endpoint, token=token,
                                  cache_dir=cache_dir)
@@ -186,14 +187,9 @@ def load(
             load_state_dict_checked(decoder, loaded.model_state, source=where)
             kind = "model"
         else:
-            trainer_state = loaded.state["trainer"]
-            load_state_dict_checked(decoder, trainer_state["decoder"], source=f"{where} (decoder)")
-            emas = trainer_state.get("emas", {}) if use_ema else {}
-            for key, ema_state in emas.items():
-                number = int(key)
-                averaged = {name[len("averaged."):]: value for name, value in ema_state.items() if name.startswith("averaged.")}
-                load_state_dict_checked(decoder.unets[number - 1], averaged, source=f"{where} (EMA of U-Net {number})")
-            kind = "ema" if emas else "trained"
+            # The checkpoint's weights with each U-Net's EMA average where it has one (one rule, in tracking).
+            load_state_dict_checked(decoder, checkpoint_weights(loaded.state, use_ema=use_ema), source=where)
+            kind = "ema" if use_ema and loaded.state["trainer"].get("emas") else "trained"
     except CheckpointError as error:
         raise DecoderLoadError(str(error)) from error
     decoder.to(device).eval().requires_grad_(False)
