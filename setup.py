@@ -1,4 +1,5 @@
 """Packaging lives in setup.cfg; this file lets older tools and `pip install -e .` find it."""
+
 from setuptools import setup
 
 setup()

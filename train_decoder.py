@@ -7,6 +7,7 @@
 
 See README.md and docs/CONFIG.md.
 """
+
 import sys
 
 from dalle2_decoder.cli import main

@@ -15,16 +15,17 @@ before. Then, in one run:
   fraction of the PIL ceiling measured around it. The target is at least 0.8 per worker.
 Every measurement is repeated --repeats times, in rounds, and the medians are printed.
 """
+
 from __future__ import annotations
 
 import argparse
 import io
-import warnings
 import os
 import sys
 import tarfile
 import tempfile
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -52,8 +53,9 @@ def write_bench_data(out: str, num_images: int, size: int, embed_dim: int = 512)
         for i in range(num_images):
             buffer = io.BytesIO()
             photo_like(rng, size).save(buffer, format="JPEG", quality=90)
-            writer.add(buffer.getvalue(), caption=f"image {i}",
-                       image_embed=rng.standard_normal(embed_dim).astype(np.float32))
+            writer.add(
+                buffer.getvalue(), caption=f"image {i}", image_embed=rng.standard_normal(embed_dim).astype(np.float32)
+            )
 
 
 def jpeg_bytes_of(shard_dir: str) -> list:
@@ -88,7 +90,9 @@ def ceiling(jpegs: list, batch_size: int) -> dict:
     # What any loader also pays: gathering the images into batch tensors (fresh memory each batch).
     start = time.perf_counter()
     for first in range(0, len(jpegs), batch_size):
-        torch.stack([to_tensor(Image.open(io.BytesIO(data)).convert("RGB")) for data in jpegs[first:first + batch_size]])
+        torch.stack(
+            [to_tensor(Image.open(io.BytesIO(data)).convert("RGB")) for data in jpegs[first : first + batch_size]]
+        )
     batched = len(jpegs) / (time.perf_counter() - start)
     return {"pil": pil, "torchvision": torchvision, "pil_batched": batched}
 
@@ -98,7 +102,9 @@ def loader_rate(data_dir: str, workers: int, batch_size: int, uint8_images: bool
     config = DataConfig(
         webdataset_base_url=os.path.join(data_dir, "shards", "{}.tar"),
         img_embeddings_url=os.path.join(data_dir, "img_emb"),
-        num_workers=workers, batch_size=batch_size, shuffle_train=True,
+        num_workers=workers,
+        batch_size=batch_size,
+        shuffle_train=True,
         splits=DataSplits(train=1.0, val=0.0, test=0.0),
     )
     loader = create_dataloaders(config, seed=0, uint8_images=uint8_images)["train"]
@@ -126,8 +132,10 @@ def main() -> int:
         if not os.path.exists(os.path.join(data_dir, "shards")):
             write_bench_data(data_dir, args.num_images, args.image_size)
         jpegs = jpeg_bytes_of(os.path.join(data_dir, "shards"))
-        print(f"{len(jpegs)} JPEGs of {args.image_size}px, mean {np.mean([len(j) for j in jpegs]) / 1024:.1f} KiB; "
-              f"{os.cpu_count()} cores on this machine; medians of {args.repeats} rounds")
+        print(
+            f"{len(jpegs)} JPEGs of {args.image_size}px, mean {np.mean([len(j) for j in jpegs]) / 1024:.1f} KiB; "
+            f"{os.cpu_count()} cores on this machine; medians of {args.repeats} rounds"
+        )
         # float batches: the public default; uint8 batches: what the training loop asks for (it
         # scales them on its device, where that is free, and they are a quarter of the memory).
         runs = [(uint8, workers) for uint8 in (False, True) for workers in args.workers]
@@ -143,17 +151,21 @@ def main() -> int:
                 rate = loader_rate(data_dir, run[1], args.batch_size, run[0])
                 rates[run].append((rate, (before + pil_ceiling(sample)) / 2))
         median = lambda values: float(np.median(values))  # noqa: E731
-        print(f"ceiling, one core: PIL decode + ToTensor {median([c['pil'] for c in ceilings]):.0f} samples/s; "
-              f"torchvision.io.decode_jpeg + float {median([c['torchvision'] for c in ceilings]):.0f} samples/s; "
-              f"PIL + ToTensor + torch.stack into batches of {args.batch_size} "
-              f"{median([c['pil_batched'] for c in ceilings]):.0f} samples/s")
+        print(
+            f"ceiling, one core: PIL decode + ToTensor {median([c['pil'] for c in ceilings]):.0f} samples/s; "
+            f"torchvision.io.decode_jpeg + float {median([c['torchvision'] for c in ceilings]):.0f} samples/s; "
+            f"PIL + ToTensor + torch.stack into batches of {args.batch_size} "
+            f"{median([c['pil_batched'] for c in ceilings]):.0f} samples/s"
+        )
         for (uint8_images, workers), measured in rates.items():
             steady = median([rate["steady"] for rate, _ in measured])
             ratio = median([rate["steady"] / max(1, workers) / pil for rate, pil in measured])
-            print(f"loader ({'uint8' if uint8_images else 'float'} batches), {workers} worker(s): "
-                  f"{steady:.0f} samples/s steady, {steady / max(1, workers):.0f} per worker = "
-                  f"{ratio:.2f} of the PIL ceiling measured around it "
-                  f"({median([rate['with_startup'] for rate, _ in measured]):.0f} samples/s counting worker start-up)")
+            print(
+                f"loader ({'uint8' if uint8_images else 'float'} batches), {workers} worker(s): "
+                f"{steady:.0f} samples/s steady, {steady / max(1, workers):.0f} per worker = "
+                f"{ratio:.2f} of the PIL ceiling measured around it "
+                f"({median([rate['with_startup'] for rate, _ in measured]):.0f} samples/s counting worker start-up)"
+            )
     return 0
 
 

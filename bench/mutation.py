@@ -13,6 +13,7 @@ Prints caught / missed per mutant and a summary; the exit status is 1 when any m
 or stale. Not part of `make test` (it runs the relevant tests once per mutant: tens of minutes on
 2 cores).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Sequence, Tuple
 
@@ -71,136 +72,421 @@ TRAINER = "dalle2_decoder/training/trainer.py"
 
 MUTANTS: List[Mutant] = [
     # --- diffusion math --------------------------------------------------------------------
-    Mutant("linear schedule end point 0.02 -> 0.021", "diffusion",
-           [(SCHED, "return scale * 1e-4, scale * 0.02", "return scale * 1e-4, scale * 0.021")], [T_MODELS], "schedule"),
-    Mutant("cosine schedule offset s 0.008 -> 0.01", "diffusion",
-           [(SCHED, "def cosine_beta_schedule(timesteps: int, s: float = 0.008)",
-             "def cosine_beta_schedule(timesteps: int, s: float = 0.01)")], [T_MODELS], "schedule"),
-    Mutant("jsd schedule off by one", "diffusion",
-           [(SCHED, "1.0 / torch.linspace(timesteps, 1, timesteps", "1.0 / torch.linspace(timesteps + 1, 2, timesteps")],
-           [T_MODELS], "schedule"),
-    Mutant("quadratic schedule squares the ends, not their roots", "diffusion",
-           [(SCHED, "torch.linspace(start**0.5, end**0.5, timesteps, dtype=torch.float64) ** 2",
-             "torch.linspace(start, end, timesteps, dtype=torch.float64)")], [T_MODELS], "schedule"),
-    Mutant("sigmoid schedule range -6..6 -> -5..6", "diffusion",
-           [(SCHED, "low: float = -6.0", "low: float = -5.0")], [T_MODELS], "schedule"),
-    Mutant("Decoder.sample ignores cond_scale", "diffusion",
-           [(DEC, "out = unet.forward_with_cond_scale(x, t, cond_scale=cond_scale,",
-             "out = unet.forward_with_cond_scale(x, t, cond_scale=1.0,")], [T_MODELS], "guides"),
-    Mutant("Decoder.sample uses the first U-Net's scale for all", "diffusion",
-           [(DEC, "cond_scale=cond_scales[index],", "cond_scale=cond_scales[0],")], [T_MODELS], "guides"),
-    Mutant("guidance centred on cond instead of null", "diffusion",
-           [(UNET, "guided = null + (cond - null) * cond_scale", "guided = cond + (cond - null) * cond_scale")],
-           [T_MODELS], "guides"),
-    Mutant("train.cond_scale not passed to the sample grids", "diffusion",
-           [(LOOP, "self.cond_scale = per_unet(config.train.cond_scale, len(config.decoder.unets))",
-             "self.cond_scale = per_unet(1.0, len(config.decoder.unets))")], [T_LOOP], "cond_scale"),
-    Mutant("U-Net option scale_skip_connection silently ignored", "diffusion",
-           [(UNET, "self.skip_connect_scale = 2**-0.5 if scale_skip_connection else 1.0", "self.skip_connect_scale = 1.0")],
-           ["tests/test_options_table.py"], "scale_skip"),
+    Mutant(
+        "linear schedule end point 0.02 -> 0.021",
+        "diffusion",
+        [(SCHED, "return scale * 1e-4, scale * 0.02", "return scale * 1e-4, scale * 0.021")],
+        [T_MODELS],
+        "schedule",
+    ),
+    Mutant(
+        "cosine schedule offset s 0.008 -> 0.01",
+        "diffusion",
+        [
+            (
+                SCHED,
+                "def cosine_beta_schedule(timesteps: int, s: float = 0.008)",
+                "def cosine_beta_schedule(timesteps: int, s: float = 0.01)",
+            )
+        ],
+        [T_MODELS],
+        "schedule",
+    ),
+    Mutant(
+        "jsd schedule off by one",
+        "diffusion",
+        [(SCHED, "1.0 / torch.linspace(timesteps, 1, timesteps", "1.0 / torch.linspace(timesteps + 1, 2, timesteps")],
+        [T_MODELS],
+        "schedule",
+    ),
+    Mutant(
+        "quadratic schedule squares the ends, not their roots",
+        "diffusion",
+        [
+            (
+                SCHED,
+                "torch.linspace(start**0.5, end**0.5, timesteps, dtype=torch.float64) ** 2",
+                "torch.linspace(start, end, timesteps, dtype=torch.float64)",
+            )
+        ],
+        [T_MODELS],
+        "schedule",
+    ),
+    Mutant(
+        "sigmoid schedule range -6..6 -> -5..6",
+        "diffusion",
+        [(SCHED, "low: float = -6.0", "low: float = -5.0")],
+        [T_MODELS],
+        "schedule",
+    ),
+    Mutant(
+        "Decoder.sample ignores cond_scale",
+        "diffusion",
+        [
+            (
+                DEC,
+                "out = unet.forward_with_cond_scale(x, t, cond_scale=cond_scale,",
+                "out = unet.forward_with_cond_scale(x, t, cond_scale=1.0,",
+            )
+        ],
+        [T_MODELS],
+        "guides",
+    ),
+    Mutant(
+        "Decoder.sample uses the first U-Net's scale for all",
+        "diffusion",
+        [(DEC, "cond_scale=cond_scales[index],", "cond_scale=cond_scales[0],")],
+        [T_MODELS],
+        "guides",
+    ),
+    Mutant(
+        "guidance centred on cond instead of null",
+        "diffusion",
+        [(UNET, "guided = null + (cond - null) * cond_scale", "guided = cond + (cond - null) * cond_scale")],
+        [T_MODELS],
+        "guides",
+    ),
+    Mutant(
+        "train.cond_scale not passed to the sample grids",
+        "diffusion",
+        [
+            (
+                LOOP,
+                "self.cond_scale = per_unet(config.train.cond_scale, len(config.decoder.unets))",
+                "self.cond_scale = per_unet(1.0, len(config.decoder.unets))",
+            )
+        ],
+        [T_LOOP],
+        "cond_scale",
+    ),
+    Mutant(
+        "U-Net option scale_skip_connection silently ignored",
+        "diffusion",
+        [
+            (
+                UNET,
+                "self.skip_connect_scale = 2**-0.5 if scale_skip_connection else 1.0",
+                "self.skip_connect_scale = 1.0",
+            )
+        ],
+        ["tests/test_options_table.py"],
+        "scale_skip",
+    ),
     # --- EMA --------------------------------------------------------------------------------
-    Mutant("EMA moves away from the weights", "ema",
-           [(EMA, "torch._foreach_lerp_(ema_params, new_params, 1.0 - decay)",
-             "torch._foreach_lerp_(ema_params, new_params, decay)")], [T_EMA]),
-    Mutant("EMA warm-up ignored (decay = beta from the first step)", "ema",
-           [(EMA, "decay = min(self.beta, (1.0 + n) / (10.0 + n))", "decay = self.beta")], [T_EMA]),
-    Mutant("EMA update count not advanced", "ema",
-           [(EMA, "        self.num_updates += 1\n", "")], [T_EMA]),
+    Mutant(
+        "EMA moves away from the weights",
+        "ema",
+        [
+            (
+                EMA,
+                "torch._foreach_lerp_(ema_params, new_params, 1.0 - decay)",
+                "torch._foreach_lerp_(ema_params, new_params, decay)",
+            )
+        ],
+        [T_EMA],
+    ),
+    Mutant(
+        "EMA warm-up ignored (decay = beta from the first step)",
+        "ema",
+        [(EMA, "decay = min(self.beta, (1.0 + n) / (10.0 + n))", "decay = self.beta")],
+        [T_EMA],
+    ),
+    Mutant("EMA update count not advanced", "ema", [(EMA, "        self.num_updates += 1\n", "")], [T_EMA]),
     # --- data sharding ----------------------------------------------------------------------
-    Mutant("capped epochs: every rank reads the same shards", "sharding",
-           [(PLAN, "shards = tuple(order[rank * workers + worker::slots])", "shards = tuple(order[worker::workers])")],
-           [T_DATA]),
-    Mutant("capped epochs: workers of a rank share shards", "sharding",
-           [(PLAN, "shards = tuple(order[rank * workers + worker::slots])", "shards = tuple(order[rank::world_size])")],
-           [T_DATA]),
-    Mutant("exact epochs: every rank reads the first range", "sharding",
-           [(PLAN, "start, stop = rank * per_rank + local_start, rank * per_rank + local_stop",
-             "start, stop = local_start, local_stop")], [T_LOADER], "two_ranks"),
-    Mutant("exact epochs: worker batch split drops the remainder", "sharding",
-           [(PLAN, "return first, base + (1 if worker < extra else 0)", "return first, base")], [T_LOADER],
-           "two_ranks or every_sample_once"),
+    Mutant(
+        "capped epochs: every rank reads the same shards",
+        "sharding",
+        [(PLAN, "shards = tuple(order[rank * workers + worker::slots])", "shards = tuple(order[worker::workers])")],
+        [T_DATA],
+    ),
+    Mutant(
+        "capped epochs: workers of a rank share shards",
+        "sharding",
+        [(PLAN, "shards = tuple(order[rank * workers + worker::slots])", "shards = tuple(order[rank::world_size])")],
+        [T_DATA],
+    ),
+    Mutant(
+        "exact epochs: every rank reads the first range",
+        "sharding",
+        [
+            (
+                PLAN,
+                "start, stop = rank * per_rank + local_start, rank * per_rank + local_stop",
+                "start, stop = local_start, local_stop",
+            )
+        ],
+        [T_LOADER],
+        "two_ranks",
+    ),
+    Mutant(
+        "exact epochs: worker batch split drops the remainder",
+        "sharding",
+        [(PLAN, "return first, base + (1 if worker < extra else 0)", "return first, base")],
+        [T_LOADER],
+        "two_ranks or every_sample_once",
+    ),
     # --- resume -----------------------------------------------------------------------------
-    Mutant("resume restarts the progress counters", "resume",
-           [(LOOP, "self.progress = Progress.from_dict(state[\"progress\"])", "self.progress = Progress()")],
-           [T_TRAINLOOP], "same_weights"),
-    Mutant("resume does not skip the batches already trained on", "resume",
-           [(LOOP, "for _ in range(progress.batches_in_epoch):\n            next(iterator)",
-             "for _ in range(0):\n            next(iterator)")], [T_TRAINLOOP], "same_weights"),
-    Mutant("resume does not restore the RNG states", "resume",
-           [(LOOP, "            restore_rng_state(self._pending_rng)\n", "")], [T_TRAINLOOP], "same_weights"),
-    Mutant("a signal stops without saving", "resume",
-           [(LOOP, "saving a checkpoint and exiting\")\n                    self._save_phase(is_best=False)",
-             "saving a checkpoint and exiting\")")], [T_TRAINLOOP], "same_weights"),
+    Mutant(
+        "resume restarts the progress counters",
+        "resume",
+        [(LOOP, 'self.progress = Progress.from_dict(state["progress"])', "self.progress = Progress()")],
+        [T_TRAINLOOP],
+        "same_weights",
+    ),
+    Mutant(
+        "resume does not skip the batches already trained on",
+        "resume",
+        [
+            (
+                LOOP,
+                "for _ in range(progress.batches_in_epoch):\n            next(iterator)",
+                "for _ in range(0):\n            next(iterator)",
+            )
+        ],
+        [T_TRAINLOOP],
+        "same_weights",
+    ),
+    Mutant(
+        "resume does not restore the RNG states",
+        "resume",
+        [(LOOP, "            restore_rng_state(self._pending_rng)\n", "")],
+        [T_TRAINLOOP],
+        "same_weights",
+    ),
+    Mutant(
+        "a signal stops without saving",
+        "resume",
+        [
+            (
+                LOOP,
+                'saving a checkpoint and exiting")\n                    self._save_phase(is_best=False)',
+                'saving a checkpoint and exiting")',
+            )
+        ],
+        [T_TRAINLOOP],
+        "same_weights",
+    ),
     # --- checkpoint safety ------------------------------------------------------------------
-    Mutant("latest/best placed by a plain copy", "checkpoint",
-           [(SAVERS, "        try:\n            os.link(source, temp)\n        except OSError:\n            shutil.copyfile(source, temp)\n        os.replace(temp, target)",
-             "        shutil.copyfile(source, target)")], [T_TRACK], "placement"),
-    Mutant("run_state.json renamed without fsync", "checkpoint",
-           [(STATE, "        handle.flush()\n        os.fsync(handle.fileno())\n", "        handle.flush()\n")],
-           [T_TRACK], "disk_before"),
-    Mutant("unreadable run_state.json taken for no run", "checkpoint",
-           [(STATE, "        raise DataPathError(f\"{path} cannot be read ({error}); {how}\") from error", "        return None")],
-           [T_TRACK], "unreadable"),
-    Mutant("overwrite_data_path removes protected files too", "checkpoint",
-           [(STATE, "(keep if any(_inside(item, resolved) for item in protected) else remove).append(child)",
-             "remove.append(child)")], [T_TRACK], "overwrite"),
-    Mutant("overwrite_data_path empties the whole folder", "checkpoint",
-           [(STATE, "        if not ours:\n            continue\n", "")], [T_TRACK], "overwrite"),
-    Mutant("stray staging not cleaned at setup", "checkpoint",
-           [(TRACKER, "    stray = clean_staging(data_path, local_destinations(config, data_path))", "    stray = []")],
-           [T_TRACK], "placement"),
-    Mutant("stray staging not cleaned at the end of a run", "checkpoint",
-           [(TRACKER, "                clean_staging(self.data_path, local_destinations(self.config, self.data_path))", "                pass")],
-           [T_TRACK], "no_staging"),
-    Mutant("samples_seen counts a short batch as full", "checkpoint",
-           [(LOOP, "step_samples = batch[\"image\"].shape[0] * acc.num_processes",
-             "step_samples = self.config.data.batch_size * acc.num_processes")], [T_LOOP], "short_last_batch"),
+    Mutant(
+        "latest/best placed by a plain copy",
+        "checkpoint",
+        [
+            (
+                SAVERS,
+                "        try:\n            os.link(source, temp)\n        except OSError:\n            shutil.copyfile(source, temp)\n        os.replace(temp, target)",
+                "        shutil.copyfile(source, target)",
+            )
+        ],
+        [T_TRACK],
+        "placement",
+    ),
+    Mutant(
+        "run_state.json renamed without fsync",
+        "checkpoint",
+        [(STATE, "        handle.flush()\n        os.fsync(handle.fileno())\n", "        handle.flush()\n")],
+        [T_TRACK],
+        "disk_before",
+    ),
+    Mutant(
+        "unreadable run_state.json taken for no run",
+        "checkpoint",
+        [
+            (
+                STATE,
+                '        raise DataPathError(f"{path} cannot be read ({error}); {how}") from error',
+                "        return None",
+            )
+        ],
+        [T_TRACK],
+        "unreadable",
+    ),
+    Mutant(
+        "overwrite_data_path removes protected files too",
+        "checkpoint",
+        [
+            (
+                STATE,
+                "(keep if any(_inside(item, resolved) for item in protected) else remove).append(child)",
+                "remove.append(child)",
+            )
+        ],
+        [T_TRACK],
+        "overwrite",
+    ),
+    Mutant(
+        "overwrite_data_path empties the whole folder",
+        "checkpoint",
+        [(STATE, "        if not ours:\n            continue\n", "")],
+        [T_TRACK],
+        "overwrite",
+    ),
+    Mutant(
+        "stray staging not cleaned at setup",
+        "checkpoint",
+        [(TRACKER, "    stray = clean_staging(data_path, local_destinations(config, data_path))", "    stray = []")],
+        [T_TRACK],
+        "placement",
+    ),
+    Mutant(
+        "stray staging not cleaned at the end of a run",
+        "checkpoint",
+        [
+            (
+                TRACKER,
+                "                clean_staging(self.data_path, local_destinations(self.config, self.data_path))",
+                "                pass",
+            )
+        ],
+        [T_TRACK],
+        "no_staging",
+    ),
+    Mutant(
+        "samples_seen counts a short batch as full",
+        "checkpoint",
+        [
+            (
+                LOOP,
+                'step_samples = batch["image"].shape[0] * acc.num_processes',
+                "step_samples = self.config.data.batch_size * acc.num_processes",
+            )
+        ],
+        [T_LOOP],
+        "short_last_batch",
+    ),
     # --- secrets ----------------------------------------------------------------------------
-    Mutant("hub token from token_path not a secret", "secrets",
-           [(TRACKER, "    install_output_redaction(config_secrets + list(hub_tokens.values()))", "    install_output_redaction(config_secrets)"),
-            (TRACKER, "        known_secrets=config_secrets + list(hub_tokens.values()),", "        known_secrets=config_secrets,")],
-           [T_TRACK], "secret"),
-    Mutant("printed output not redacted", "secrets",
-           [(REDACT, "        if isinstance(text, str):\n            text = self._redactor.text(text)\n", "")], [T_TRACK], "secret"),
-    Mutant("logging not redacted", "secrets",
-           [(REDACT, "            handler.addFilter(_RedactingFilter(redactor))", "            pass")], [T_TRACK], "secret"),
-    Mutant("URL passwords kept", "secrets",
-           [(REDACT, "text = _URL_PASSWORD.sub(lambda match: f\"{match['head']}:{MASK}@\", text)", "text = text")],
-           [T_TRACK], "secret"),
-    Mutant("secret config values masked only under their key", "secrets",
-           [(REDACT, "            if secret_key and item:\n                found.append(item)\n", "")], [T_TRACK], "secret"),
-    Mutant("environment secrets not masked", "secrets",
-           [(REDACT, "        return self._secrets + secrets_from_environment()", "        return list(self._secrets)")],
-           [T_TRACK], "secret"),
-    Mutant("command line recorded by wandb unmasked", "secrets",
-           [(TRACKER, "        sys.argv = [OUTPUT.text(arg) for arg in sys.argv]", "        sys.argv = list(sys.argv)")],
-           [T_TRACK], "wandb"),
+    Mutant(
+        "hub token from token_path not a secret",
+        "secrets",
+        [
+            (
+                TRACKER,
+                "    install_output_redaction(config_secrets + list(hub_tokens.values()))",
+                "    install_output_redaction(config_secrets)",
+            ),
+            (
+                TRACKER,
+                "        known_secrets=config_secrets + list(hub_tokens.values()),",
+                "        known_secrets=config_secrets,",
+            ),
+        ],
+        [T_TRACK],
+        "secret",
+    ),
+    Mutant(
+        "printed output not redacted",
+        "secrets",
+        [(REDACT, "        if isinstance(text, str):\n            text = self._redactor.text(text)\n", "")],
+        [T_TRACK],
+        "secret",
+    ),
+    Mutant(
+        "logging not redacted",
+        "secrets",
+        [(REDACT, "            handler.addFilter(_RedactingFilter(redactor))", "            pass")],
+        [T_TRACK],
+        "secret",
+    ),
+    Mutant(
+        "URL passwords kept",
+        "secrets",
+        [(REDACT, "text = _URL_PASSWORD.sub(lambda match: f\"{match['head']}:{MASK}@\", text)", "text = text")],
+        [T_TRACK],
+        "secret",
+    ),
+    Mutant(
+        "secret config values masked only under their key",
+        "secrets",
+        [(REDACT, "            if secret_key and item:\n                found.append(item)\n", "")],
+        [T_TRACK],
+        "secret",
+    ),
+    Mutant(
+        "environment secrets not masked",
+        "secrets",
+        [(REDACT, "        return self._secrets + secrets_from_environment()", "        return list(self._secrets)")],
+        [T_TRACK],
+        "secret",
+    ),
+    Mutant(
+        "command line recorded by wandb unmasked",
+        "secrets",
+        [(TRACKER, "        sys.argv = [OUTPUT.text(arg) for arg in sys.argv]", "        sys.argv = list(sys.argv)")],
+        [T_TRACK],
+        "wandb",
+    ),
     # --- metric pooling ---------------------------------------------------------------------
-    Mutant("training loss logged as the window's last value", "pooling",
-           [(LOOP, "loss_sums[number] += loss", "loss_sums[number] = loss")],
-           [T_LOOP], "short_last_batch"),
-    Mutant("LPIPS-style mean pooled without the count", "pooling",
-           [(METRICS, "self.add_state(\"count\", torch.zeros((), dtype=torch.long), dist_reduce_fx=\"sum\")",
-             "self.add_state(\"count\", torch.zeros((), dtype=torch.long), dist_reduce_fx=\"max\")")],
-           ["tests/test_evaluation_distributed.py"], "pooled"),
+    Mutant(
+        "training loss logged as the window's last value",
+        "pooling",
+        [(LOOP, "loss_sums[number] += loss", "loss_sums[number] = loss")],
+        [T_LOOP],
+        "short_last_batch",
+    ),
+    Mutant(
+        "LPIPS-style mean pooled without the count",
+        "pooling",
+        [
+            (
+                METRICS,
+                'self.add_state("count", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")',
+                'self.add_state("count", torch.zeros((), dtype=torch.long), dist_reduce_fx="max")',
+            )
+        ],
+        ["tests/test_evaluation_distributed.py"],
+        "pooled",
+    ),
     # --- signal handling --------------------------------------------------------------------
-    Mutant("SIGUSR1 not handled", "signals",
-           [(STOP, "HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)", "HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT)")],
-           [T_TRAINLOOP], "same_weights"),
-    Mutant("a signal is recorded but never honoured", "signals",
-           [(STOP, "        self.signal_name = signal.Signals(signum).name", "        pass")], [T_TRAINLOOP], "same_weights"),
-    Mutant("a signal to one rank stops that rank alone", "signals",
-           [(STOP, "        if accelerator.num_processes == 1:\n            return self.requested\n", "        return self.requested\n")],
-           ["tests/test_reliability_signals.py"]),
-    Mutant("non-finite streak never stops the run", "signals",
-           [(LOOP, "                if trainer.too_many_nonfinite:", "                if False:")], [T_LOOP], "nonfinite"),
+    Mutant(
+        "SIGUSR1 not handled",
+        "signals",
+        [
+            (
+                STOP,
+                "HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)",
+                "HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT)",
+            )
+        ],
+        [T_TRAINLOOP],
+        "same_weights",
+    ),
+    Mutant(
+        "a signal is recorded but never honoured",
+        "signals",
+        [(STOP, "        self.signal_name = signal.Signals(signum).name", "        pass")],
+        [T_TRAINLOOP],
+        "same_weights",
+    ),
+    Mutant(
+        "a signal to one rank stops that rank alone",
+        "signals",
+        [
+            (
+                STOP,
+                "        if accelerator.num_processes == 1:\n            return self.requested\n",
+                "        return self.requested\n",
+            )
+        ],
+        ["tests/test_reliability_signals.py"],
+    ),
+    Mutant(
+        "non-finite streak never stops the run",
+        "signals",
+        [(LOOP, "                if trainer.too_many_nonfinite:", "                if False:")],
+        [T_LOOP],
+        "nonfinite",
+    ),
 ]
 
 
 def copy_tree(target: Path) -> None:
     """The repository's tracked and untracked-but-not-ignored files, copied to `target`."""
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True,
-                            check=True).stdout.decode().split("\0")
+    listed = (
+        subprocess.run(
+            ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True, check=True
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for name in filter(None, listed):
         source = REPO / name
         if source.is_file():
@@ -253,7 +539,9 @@ def main(argv: Sequence[str] = ()) -> int:
     chosen = [m for m in MUTANTS if args.only.lower() in (m.name + " " + m.area).lower()]
     if args.list:
         for index, mutant in enumerate(chosen, start=1):
-            print(f"{index:2d}. [{mutant.area}] {mutant.name}: {' '.join(mutant.tests)} {('-k ' + mutant.k) if mutant.k else ''}")
+            print(
+                f"{index:2d}. [{mutant.area}] {mutant.name}: {' '.join(mutant.tests)} {('-k ' + mutant.k) if mutant.k else ''}"
+            )
         return 0
     if args.check:
         stale = 0
@@ -274,7 +562,10 @@ def main(argv: Sequence[str] = ()) -> int:
             for tests in sorted({(tuple(m.tests), m.k) for m in chosen}):
                 clean = Mutant("baseline", "", [], tests[0], tests[1])
                 verdict, elapsed, tail = run_tests(root, clean, args.timeout)
-                print(f"baseline {' '.join(tests[0])} -k {tests[1]!r}: {'ok' if verdict == 'MISSED' else 'FAILING'} ({elapsed:.0f}s) {tail}", flush=True)
+                print(
+                    f"baseline {' '.join(tests[0])} -k {tests[1]!r}: {'ok' if verdict == 'MISSED' else 'FAILING'} ({elapsed:.0f}s) {tail}",
+                    flush=True,
+                )
         for index, mutant in enumerate(chosen, start=1):
             if index < args.start:
                 continue

@@ -16,6 +16,7 @@ decoder configs (train_decoder_config.example.json and .test.json, looked up in
 and the ratios ours/ref and unet/ref. Exit status 1 unless every ratio is exactly 1.
 Models are built on the meta device (shapes only), so even 600M-parameter configs take seconds.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,7 +39,9 @@ def default_configs() -> List[Path]:
     for name in REFERENCE_CONFIG_NAMES:
         found = next((d / name for d in REFERENCE_CONFIG_DIRS if (d / name).exists()), None)
         if found is None:
-            print(f"note: reference config {name} not found in {[str(d) for d in REFERENCE_CONFIG_DIRS]}", file=sys.stderr)
+            print(
+                f"note: reference config {name} not found in {[str(d) for d in REFERENCE_CONFIG_DIRS]}", file=sys.stderr
+            )
         else:
             configs.append(found)
     return configs
@@ -135,7 +138,9 @@ def our_counts(path: str, reference_kwargs: List[Dict[str, Any]]) -> Dict[str, A
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("configs", nargs="*", type=Path, help="JSON configs (default: the example configs, ours and the reference's)")
+    parser.add_argument(
+        "configs", nargs="*", type=Path, help="JSON configs (default: the example configs, ours and the reference's)"
+    )
     parser.add_argument("--reference-python", default=DEFAULT_REFERENCE_PYTHON)
     parser.add_argument("--reference-json", action="store_true", help=argparse.SUPPRESS)  # subprocess mode
     args = parser.parse_args()

@@ -11,6 +11,7 @@ U-Net, every DDPM / DDIM step, sampled and inpainted images; with a closed-form 
 and "(reference U-Nets)" end to end); other areas add their own kinds.
 --all also prints every case/output.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,8 +64,16 @@ def decoder_kind(kind: str) -> Callable[[], Dict[str, Tuple[float, float]]]:
 
 # kind -> function returning {case/output: (max |ours - reference|, max |reference|)}
 KINDS: Dict[str, Callable[[], Dict[str, Tuple[float, float]]]] = {"unet": unet_kind}
-for _kind in ("training loss", "DDPM step", "DDIM step", "sampled images", "inpainted images", "training loss (reference U-Nets)",
-              "sampled images (reference U-Nets)", "inpainted images (reference U-Nets)"):
+for _kind in (
+    "training loss",
+    "DDPM step",
+    "DDIM step",
+    "sampled images",
+    "inpainted images",
+    "training loss (reference U-Nets)",
+    "sampled images (reference U-Nets)",
+    "inpainted images (reference U-Nets)",
+):
     KINDS[f"decoder: {_kind}"] = decoder_kind(f"decoder: {_kind}")
 
 
@@ -87,7 +96,9 @@ def main() -> int:
         diff = results[worst][0]
         scale = max(v[1] for v in results.values())
         ok &= diff <= TOLERANCE
-        print(f"{kind:44s} {len(results):7d} {diff:11.2e} {scale:10.2f}  {worst}{'' if diff <= TOLERANCE else '  ABOVE 1e-5'}")
+        print(
+            f"{kind:44s} {len(results):7d} {diff:11.2e} {scale:10.2f}  {worst}{'' if diff <= TOLERANCE else '  ABOVE 1e-5'}"
+        )
         if args.all:
             for key, (d, s) in sorted(results.items()):
                 print(f"    {key:60s} {d:.2e} {s:.2f}")

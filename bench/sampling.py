@@ -20,6 +20,7 @@ by its index). Reported per (sampler, steps):
 Then the best sampler at 20 calls against DDIM at 20 calls, and the per-step overhead of our solver
 code against diffusers' scheduler for the same solver (why the samplers are our own code).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,7 +45,10 @@ class RandomFeatures(nn.Module):
     def __init__(self, dim: int = 32):
         super().__init__()
         self.layers = nn.Sequential(
-            nn.Conv2d(3, 32, 3, stride=2, padding=1), nn.GELU(), nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.GELU(),
+            nn.Conv2d(3, 32, 3, stride=2, padding=1),
+            nn.GELU(),
+            nn.Conv2d(32, 64, 3, stride=2, padding=1),
+            nn.GELU(),
             nn.Conv2d(64, dim, 3, stride=2, padding=1),
         )
 
@@ -63,8 +67,13 @@ def test_inputs(config, count: int, device):
     from dalle2_decoder.data import create_dataloaders
     from dalle2_decoder.training.batches import BatchPreparer
 
-    loader = create_dataloaders(config.data, seed=config.seed, validation_samples=None, test_samples=None,
-                                image_embed_dim=config.decoder.unets[0].image_embed_dim)["test"]
+    loader = create_dataloaders(
+        config.data,
+        seed=config.seed,
+        validation_samples=None,
+        test_samples=None,
+        image_embed_dim=config.decoder.unets[0].image_embed_dim,
+    )["test"]
     prepare = BatchPreparer(config, device=device).prepare
     embeds, texts, images = [], [], []
     for batch in loader:
@@ -96,9 +105,16 @@ def run_sampler(decoder, embed, text, *, sampler, steps, cond_scale, batch_size)
     try:
         for start in range(0, embed.shape[0], batch_size):
             rows = slice(start, start + batch_size)
-            out.append(decoder.sample(image_embed=embed[rows], text_encodings=None if text is None else text[rows],
-                                      cond_scale=cond_scale, seed=list(range(start, start + embed[rows].shape[0])),
-                                      sampler=sampler, sample_timesteps=steps))
+            out.append(
+                decoder.sample(
+                    image_embed=embed[rows],
+                    text_encodings=None if text is None else text[rows],
+                    cond_scale=cond_scale,
+                    seed=list(range(start, start + embed[rows].shape[0])),
+                    sampler=sampler,
+                    sample_timesteps=steps,
+                )
+            )
     finally:
         del unet.forward_with_cond_scale
     seconds = time.perf_counter() - started
@@ -127,8 +143,13 @@ def solver_overhead(steps: int = 20, shape=(16, 3, 64, 64), repeats: int = 5) ->
         started = time.perf_counter()
         dpmpp_2m(denoise, schedule, noise, steps=steps)
         ours.append((time.perf_counter() - started) / steps)
-        scheduler = DPMSolverMultistepScheduler(num_train_timesteps=1000, trained_betas=betas.numpy(),
-                                                thresholding=True, sample_max_value=1.0, timestep_spacing="trailing")
+        scheduler = DPMSolverMultistepScheduler(
+            num_train_timesteps=1000,
+            trained_betas=betas.numpy(),
+            thresholding=True,
+            sample_max_value=1.0,
+            timestep_spacing="trailing",
+        )
         started = time.perf_counter()
         scheduler.set_timesteps(steps)
         x = noise
@@ -147,7 +168,9 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--feature_dim", type=int, default=16)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--output", default=".tracker-data/bench_sampling.json", help="results as JSON (an ignored folder)")
+    parser.add_argument(
+        "--output", default=".tracker-data/bench_sampling.json", help="results as JSON (an ignored folder)"
+    )
     args = parser.parse_args()
 
     from dalle2_decoder.config import TrainDecoderConfig
@@ -161,34 +184,64 @@ def main() -> None:
     embed, text, real = test_inputs(config, args.n_inputs, device)
     size = decoder.image_sizes[-1]
     Path(args.output).resolve().parent.mkdir(parents=True, exist_ok=True)
-    suite = MetricSuite({"FID": {"feature": feature_file(Path(args.output).resolve().parent, args.feature_dim), "normalize": True}},
-                        device=device, image_size=size)
+    suite = MetricSuite(
+        {"FID": {"feature": feature_file(Path(args.output).resolve().parent, args.feature_dim), "normalize": True}},
+        device=device,
+        image_size=size,
+    )
     T = decoder.num_timesteps
-    print(f"model {loaded.source} (step {loaded.step}, {loaded.weights} weights), {T} timesteps, "
-          f"{embed.shape[0]} test inputs, {size}px, device {device}, {torch.get_num_threads()} threads", flush=True)
+    print(
+        f"model {loaded.source} (step {loaded.step}, {loaded.weights} weights), {T} timesteps, "
+        f"{embed.shape[0]} test inputs, {size}px, device {device}, {torch.get_num_threads()} threads",
+        flush=True,
+    )
 
     common = dict(cond_scale=cond_scale, batch_size=args.batch_size)
     ddpm_ref, ddpm_calls, ddpm_s = run_sampler(decoder, embed, text, sampler="ddpm", steps=T, **common)
     ode_ref, _, ode_s = run_sampler(decoder, embed, text, sampler="ddim", steps=T, **common)
-    rows = [{"sampler": "ddpm", "steps": T, "calls": ddpm_calls, "mse_ddpm": 0.0,
-             "mse_ode": float(((ddpm_ref - ode_ref) ** 2).mean()), "fid": fid(suite, real, ddpm_ref),
-             "s_per_image": ddpm_s / embed.shape[0]},
-            {"sampler": "ddim", "steps": T, "calls": T, "mse_ddpm": float(((ode_ref - ddpm_ref) ** 2).mean()),
-             "mse_ode": 0.0, "fid": fid(suite, real, ode_ref), "s_per_image": ode_s / embed.shape[0]}]
+    rows = [
+        {
+            "sampler": "ddpm",
+            "steps": T,
+            "calls": ddpm_calls,
+            "mse_ddpm": 0.0,
+            "mse_ode": float(((ddpm_ref - ode_ref) ** 2).mean()),
+            "fid": fid(suite, real, ddpm_ref),
+            "s_per_image": ddpm_s / embed.shape[0],
+        },
+        {
+            "sampler": "ddim",
+            "steps": T,
+            "calls": T,
+            "mse_ddpm": float(((ode_ref - ddpm_ref) ** 2).mean()),
+            "mse_ode": 0.0,
+            "fid": fid(suite, real, ode_ref),
+            "s_per_image": ode_s / embed.shape[0],
+        },
+    ]
     print(f"{'sampler':18s} {'steps':>5s} {'calls':>5s} {'mse_ddpm':>10s} {'mse_ode':>10s} {'fid':>9s} {'s/image':>8s}")
 
     def show(row):
-        print(f"{row['sampler']:18s} {row['steps']:5d} {row['calls']:5d} {row['mse_ddpm']:10.5f} {row['mse_ode']:10.5f} "
-              f"{row['fid']:9.4f} {row['s_per_image']:8.4f}", flush=True)
+        print(
+            f"{row['sampler']:18s} {row['steps']:5d} {row['calls']:5d} {row['mse_ddpm']:10.5f} {row['mse_ode']:10.5f} "
+            f"{row['fid']:9.4f} {row['s_per_image']:8.4f}",
+            flush=True,
+        )
 
     for row in rows:
         show(row)
     for steps in args.steps:
         for name in args.samplers:
             images, calls, seconds = run_sampler(decoder, embed, text, sampler=name, steps=steps, **common)
-            row = {"sampler": name, "steps": steps, "calls": calls,
-                   "mse_ddpm": float(((images - ddpm_ref) ** 2).mean()), "mse_ode": float(((images - ode_ref) ** 2).mean()),
-                   "fid": fid(suite, real, images), "s_per_image": seconds / embed.shape[0]}
+            row = {
+                "sampler": name,
+                "steps": steps,
+                "calls": calls,
+                "mse_ddpm": float(((images - ddpm_ref) ** 2).mean()),
+                "mse_ode": float(((images - ode_ref) ** 2).mean()),
+                "fid": fid(suite, real, images),
+                "s_per_image": seconds / embed.shape[0],
+            }
             rows.append(row)
             show(row)
             Path(args.output).write_text(json.dumps({"rows": rows}, indent=2))
@@ -199,20 +252,38 @@ def main() -> None:
         ddim20 = next(row for row in at20 if row["sampler"] == "ddim")
         best_ode = min((row for row in at20 if row["sampler"] != "ddpm"), key=lambda row: row["mse_ode"])
         best_fid = min(at20, key=lambda row: row["fid"])
-        summary = {"ddim_20": ddim20, "best_20_by_mse_ode": best_ode, "best_20_by_fid": best_fid,
-                   "mse_ode_ratio_best_vs_ddim": best_ode["mse_ode"] / max(ddim20["mse_ode"], 1e-12),
-                   "time_ratio_20_calls_vs_ddpm_full": ddim20["s_per_image"] / rows[0]["s_per_image"]}
-        print(f"\nat 20 U-Net calls: best ODE fidelity {best_ode['sampler']} mse_ode {best_ode['mse_ode']:.5f} vs ddim "
-              f"{ddim20['mse_ode']:.5f} ({summary['mse_ode_ratio_best_vs_ddim']:.2f}x); best FID {best_fid['sampler']} "
-              f"{best_fid['fid']:.4f} vs ddim {ddim20['fid']:.4f}; 20 calls take "
-              f"{summary['time_ratio_20_calls_vs_ddpm_full']:.3f}x the wall time of DDPM's {T}")
+        summary = {
+            "ddim_20": ddim20,
+            "best_20_by_mse_ode": best_ode,
+            "best_20_by_fid": best_fid,
+            "mse_ode_ratio_best_vs_ddim": best_ode["mse_ode"] / max(ddim20["mse_ode"], 1e-12),
+            "time_ratio_20_calls_vs_ddpm_full": ddim20["s_per_image"] / rows[0]["s_per_image"],
+        }
+        print(
+            f"\nat 20 U-Net calls: best ODE fidelity {best_ode['sampler']} mse_ode {best_ode['mse_ode']:.5f} vs ddim "
+            f"{ddim20['mse_ode']:.5f} ({summary['mse_ode_ratio_best_vs_ddim']:.2f}x); best FID {best_fid['sampler']} "
+            f"{best_fid['fid']:.4f} vs ddim {ddim20['fid']:.4f}; 20 calls take "
+            f"{summary['time_ratio_20_calls_vs_ddpm_full']:.3f}x the wall time of DDPM's {T}"
+        )
     overhead = solver_overhead()
-    print(f"solver arithmetic per step (DPM-Solver++ 2M, 16x3x64x64): ours {overhead['ours_s_per_step'] * 1e3:.3f} ms, "
-          f"diffusers {overhead['diffusers_s_per_step'] * 1e3:.3f} ms; one U-Net call here: "
-          f"{rows[1]['s_per_image'] / T * 1e3 * min(args.batch_size, embed.shape[0]):.1f} ms per batch")
-    Path(args.output).write_text(json.dumps({"rows": rows, "summary": summary, "solver_overhead": overhead,
-                                             "n_inputs": int(embed.shape[0]), "timesteps": T, "device": str(device)},
-                                            indent=2))
+    print(
+        f"solver arithmetic per step (DPM-Solver++ 2M, 16x3x64x64): ours {overhead['ours_s_per_step'] * 1e3:.3f} ms, "
+        f"diffusers {overhead['diffusers_s_per_step'] * 1e3:.3f} ms; one U-Net call here: "
+        f"{rows[1]['s_per_image'] / T * 1e3 * min(args.batch_size, embed.shape[0]):.1f} ms per batch"
+    )
+    Path(args.output).write_text(
+        json.dumps(
+            {
+                "rows": rows,
+                "summary": summary,
+                "solver_overhead": overhead,
+                "n_inputs": int(embed.shape[0]),
+                "timesteps": T,
+                "device": str(device),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

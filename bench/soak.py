@@ -16,6 +16,7 @@ At the end the run is left to finish, and its final weights are compared with an
 run of the same config (exact resume makes them equal). Figures: kills by signal, rounds that had
 saved, stray copies found, mismatches, and the wall time.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,27 +39,65 @@ TOKEN = "hf_soak_token_0123456789"
 
 
 def tree_digest(folder: Path) -> Dict[str, str]:
-    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
-            for path in sorted(folder.rglob("*")) if path.is_file()}
+    return {
+        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
 
 
 def make_config(data: Path, run: Path, hub_url: str, token_file: Path) -> dict:
     return {
         "seed": 1,
-        "decoder": {"unets": [{"dim": 8, "image_embed_dim": 32, "dim_mults": [1, 2], "attn_heads": 2, "attn_dim_head": 8,
-                               "cond_dim": 16, "num_resnet_blocks": 1}],
-                    "image_sizes": [16], "timesteps": 10, "learned_variance": False},
-        "data": {"webdataset_base_url": str(data / "shards") + "/{}.tar", "img_embeddings_url": str(data / "img_emb"),
-                 "num_workers": 1, "batch_size": 4, "start_shard": 0, "end_shard": 7, "shard_width": 6,
-                 "index_width": 4, "splits": {"train": 0.75, "val": 0.125, "test": 0.125}},
-        "train": {"epochs": 3, "lr": 1e-3, "device": "cpu", "epoch_samples": 64, "validation_samples": 8,
-                  "save_every_n_samples": 16, "n_sample_images": 2},
+        "decoder": {
+            "unets": [
+                {
+                    "dim": 8,
+                    "image_embed_dim": 32,
+                    "dim_mults": [1, 2],
+                    "attn_heads": 2,
+                    "attn_dim_head": 8,
+                    "cond_dim": 16,
+                    "num_resnet_blocks": 1,
+                }
+            ],
+            "image_sizes": [16],
+            "timesteps": 10,
+            "learned_variance": False,
+        },
+        "data": {
+            "webdataset_base_url": str(data / "shards") + "/{}.tar",
+            "img_embeddings_url": str(data / "img_emb"),
+            "num_workers": 1,
+            "batch_size": 4,
+            "start_shard": 0,
+            "end_shard": 7,
+            "shard_width": 6,
+            "index_width": 4,
+            "splits": {"train": 0.75, "val": 0.125, "test": 0.125},
+        },
+        "train": {
+            "epochs": 3,
+            "lr": 1e-3,
+            "device": "cpu",
+            "epoch_samples": 64,
+            "validation_samples": 8,
+            "save_every_n_samples": 16,
+            "n_sample_images": 2,
+        },
         "tracker": {
             "data_path": str(run),
             "log": {"log_type": "console", "auto_resume": True},
-            "save": [{"save_to": "local", "save_latest_to": "latest.pth", "save_best_to": "best.pth"},
-                     {"save_to": "huggingface", "huggingface_repo": "soak/decoder", "huggingface_endpoint": hub_url,
-                      "token_path": str(token_file), "save_latest_to": "latest.pt"}],
+            "save": [
+                {"save_to": "local", "save_latest_to": "latest.pth", "save_best_to": "best.pth"},
+                {
+                    "save_to": "huggingface",
+                    "huggingface_repo": "soak/decoder",
+                    "huggingface_endpoint": hub_url,
+                    "token_path": str(token_file),
+                    "save_latest_to": "latest.pt",
+                },
+            ],
         },
     }
 
@@ -66,8 +105,13 @@ def make_config(data: Path, run: Path, hub_url: str, token_file: Path) -> dict:
 def start(config_file: Path, log: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
     handle = open(log, "wb")
-    return subprocess.Popen([sys.executable, str(REPO / "train_decoder.py"), "--config_file", str(config_file)],
-                            stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=config_file.parent)
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "train_decoder.py"), "--config_file", str(config_file)],
+        stdout=handle,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=config_file.parent,
+    )
 
 
 def leftover_processes(config_file: Path, exclude: int) -> list:
@@ -96,9 +140,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kills", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-wait", type=float, default=20.0, help="longest wait after start-up before the signal, seconds")
-    parser.add_argument("--minutes", type=float, default=0.0,
-                        help="stop sending signals after this many minutes (then the final comparison), 0: no limit")
+    parser.add_argument(
+        "--max-wait", type=float, default=20.0, help="longest wait after start-up before the signal, seconds"
+    )
+    parser.add_argument(
+        "--minutes",
+        type=float,
+        default=0.0,
+        help="stop sending signals after this many minutes (then the final comparison), 0: no limit",
+    )
     parser.add_argument("--keep", help="work in this folder (kept) instead of a temporary one")
     args = parser.parse_args()
     from dalle2_decoder.tracking import read_file
@@ -109,14 +159,40 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     data = work / "demo"
     if not (data / "data_config.json").exists():
-        subprocess.run([sys.executable, "-m", "dalle2_decoder.data.demo", "--out", str(data), "--num-images", "256",
-                        "--image-size", "16", "--embed-dim", "32", "--shard-size", "32"], check=True,
-                       env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "dalle2_decoder.data.demo",
+                "--out",
+                str(data),
+                "--num-images",
+                "256",
+                "--image-size",
+                "16",
+                "--embed-dim",
+                "32",
+                "--shard-size",
+                "32",
+            ],
+            check=True,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            stdout=subprocess.DEVNULL,
+        )
     token_file = work / "hub_token"
     token_file.write_text(TOKEN)
-    figures = {"kills": {"SIGKILL": 0, "SIGTERM": 0, "SIGUSR1": 0}, "finished_early": 0, "latest_loads": 0,
-               "no_latest_yet": 0, "strays_after_clean_stop": 0, "strays_left_after_restart": 0,
-               "outside_changed": 0, "leftover_processes": 0, "completed_runs": 0, "failures": []}
+    figures = {
+        "kills": {"SIGKILL": 0, "SIGTERM": 0, "SIGUSR1": 0},
+        "finished_early": 0,
+        "latest_loads": 0,
+        "no_latest_yet": 0,
+        "strays_after_clean_stop": 0,
+        "strays_left_after_restart": 0,
+        "outside_changed": 0,
+        "leftover_processes": 0,
+        "completed_runs": 0,
+        "failures": [],
+    }
     began = time.time()
     with HubServer(work / "hub", token=TOKEN) as hub:
         run, baseline_run = work / "run", work / "baseline"
@@ -139,7 +215,9 @@ def main() -> int:
             # the signal handlers are installed before the start-up summary is printed: from then on
             # a signal must lead to a clean stop (earlier, the default action ends the process)
             ready_by = time.time() + 600
-            while process.poll() is None and time.time() < ready_by and b"dalle2-decoder training" not in log.read_bytes():
+            while (
+                process.poll() is None and time.time() < ready_by and b"dalle2-decoder training" not in log.read_bytes()
+            ):
                 time.sleep(0.1)
             wait = chooser.uniform(0.5, args.max_wait)
             deadline = time.time() + wait
@@ -209,8 +287,13 @@ def main() -> int:
     figures["rounds"] = rounds
     figures["wall_s"] = round(time.time() - began, 1)
     print(json.dumps(figures, indent=2))
-    problems = (figures["failures"] or figures["strays_after_clean_stop"] or figures["strays_left_after_restart"]
-                or figures["outside_changed"] or equal is not True)
+    problems = (
+        figures["failures"]
+        or figures["strays_after_clean_stop"]
+        or figures["strays_left_after_restart"]
+        or figures["outside_changed"]
+        or equal is not True
+    )
     print("soak:", "FAILED" if problems else "passed", f"({sum(figures['kills'].values())} kills, work folder {work})")
     return 1 if problems else 0
 

@@ -24,6 +24,7 @@ faster) and the load average before each run (other processes on the machine dis
 `--old-policy` adds runs of ours with one compute thread (OMP_NUM_THREADS=1), what the former thread
 policy chose for one worker on 2 cores.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,24 +43,49 @@ REFERENCE_JSON = {
     "seed": 0,
     "decoder": {
         "unets": [{"dim": 16, "image_embed_dim": 64, "dim_mults": [1, 2, 4], "attn_dim_head": 16, "attn_heads": 2}],
-        "image_sizes": [64], "channels": 3, "timesteps": 100, "loss_type": "l2", "beta_schedule": ["cosine"],
+        "image_sizes": [64],
+        "channels": 3,
+        "timesteps": 100,
+        "loss_type": "l2",
+        "beta_schedule": ["cosine"],
         "learned_variance": False,
     },
     "data": {
-        "webdataset_base_url": "DATA/shards/{}.tar", "img_embeddings_url": "DATA/img_emb",
-        "num_workers": 1, "batch_size": 16, "start_shard": 0, "end_shard": 11, "shard_width": 6, "index_width": 4,
-        "splits": {"train": 0.75, "val": 0.125, "test": 0.125}, "shuffle_train": False, "resample_train": False,
+        "webdataset_base_url": "DATA/shards/{}.tar",
+        "img_embeddings_url": "DATA/img_emb",
+        "num_workers": 1,
+        "batch_size": 16,
+        "start_shard": 0,
+        "end_shard": 11,
+        "shard_width": 6,
+        "index_width": 4,
+        "splits": {"train": 0.75, "val": 0.125, "test": 0.125},
+        "shuffle_train": False,
+        "resample_train": False,
         "preprocessing": {"ToTensor": True},
     },
     "train": {
-        "epochs": 2, "lr": 1e-4, "wd": 0.01, "max_grad_norm": 0.5, "save_every_n_samples": 100000,
-        "n_sample_images": 2, "device": "cpu", "epoch_samples": 64, "validation_samples": 16, "use_ema": True,
-        "ema_beta": 0.99, "amp": False, "unet_training_mask": [True],
+        "epochs": 2,
+        "lr": 1e-4,
+        "wd": 0.01,
+        "max_grad_norm": 0.5,
+        "save_every_n_samples": 100000,
+        "n_sample_images": 2,
+        "device": "cpu",
+        "epoch_samples": 64,
+        "validation_samples": 16,
+        "use_ema": True,
+        "ema_beta": 0.99,
+        "amp": False,
+        "unet_training_mask": [True],
     },
     "evaluate": {"n_evaluation_samples": 2},
     "tracker": {
-        "data_path": "./tracker", "overwrite_data_path": True, "log": {"log_type": "console"},
-        "load": {"load_from": None}, "save": [{"save_to": "local", "save_latest_to": "latest.pth"}],
+        "data_path": "./tracker",
+        "overwrite_data_path": True,
+        "log": {"log_type": "console"},
+        "load": {"load_from": None},
+        "save": [{"save_to": "local", "save_latest_to": "latest.pth"}],
     },
 }
 """The end-to-end comparison's config (`DATA` becomes the generated dataset's folder)."""
@@ -82,8 +108,10 @@ def against_reference(args) -> None:
         config = os.path.join(scratch, "config.json")
         with open(config, "w") as handle:
             handle.write(json.dumps(REFERENCE_JSON, indent=2).replace("DATA/", data + "/"))
-        runs = {"ours": [sys.executable, str(REPO / "train_decoder.py"), "--config_file", config],
-                "reference": [args.reference, args.reference_script, "--config_file", config]}
+        runs = {
+            "ours": [sys.executable, str(REPO / "train_decoder.py"), "--config_file", config],
+            "reference": [args.reference, args.reference_script, "--config_file", config],
+        }
         envs = {"ours": {}, "reference": {}}
         if args.old_policy:
             runs["ours, 1 thread (former policy)"] = runs["ours"]
@@ -106,14 +134,19 @@ def against_reference(args) -> None:
                 times[name].append(round(took, 1))
                 print(f"{name}: {took:.1f} s (load before {loads[name][-1]})", file=sys.stderr, flush=True)
     medians = {name: _median(values) for name, values in times.items()}
-    print(json.dumps({
-        "config": "REFERENCE_JSON in bench/train.py (64px U-Net dim 16, 2 epochs of 64 samples, 1 worker, CPU)",
-        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "wall_seconds": times,
-        "median_seconds": medians,
-        "load_average_before_each_run": loads,
-        "ratio_reference_over_ours": round(medians["reference"] / medians["ours"], 3),
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "config": "REFERENCE_JSON in bench/train.py (64px U-Net dim 16, 2 epochs of 64 samples, 1 worker, CPU)",
+                "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+                "wall_seconds": times,
+                "median_seconds": medians,
+                "load_average_before_each_run": loads,
+                "ratio_reference_over_ours": round(medians["reference"] / medians["ours"], 3),
+            },
+            indent=2,
+        )
+    )
 
 
 def main() -> None:
@@ -123,8 +156,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5, help="steps before timing starts")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--reference", metavar="PYTHON", help="the reference's interpreter: compare end to end")
-    parser.add_argument("--reference-script", default="/work/reference_repo/train_decoder.py",
-                        help="the reference's train_decoder.py")
+    parser.add_argument(
+        "--reference-script", default="/work/reference_repo/train_decoder.py", help="the reference's train_decoder.py"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="runs of each implementation (medians count)")
     parser.add_argument("--old-policy", action="store_true", help="also run ours with one compute thread")
     args = parser.parse_args()
@@ -144,8 +178,9 @@ def main() -> None:
     total_steps = args.warmup + args.steps
     with tempfile.TemporaryDirectory() as scratch:
         # One epoch just long enough; no periodic saves or grids inside the timed window.
-        raw["train"].update(epochs=1, epoch_samples=total_steps * batch_size, save_every_n_samples=10**12,
-                            validation_samples=batch_size)
+        raw["train"].update(
+            epochs=1, epoch_samples=total_steps * batch_size, save_every_n_samples=10**12, validation_samples=batch_size
+        )
         raw["tracker"].update(data_path=os.path.join(scratch, "run"), overwrite_data_path=True)
         raw["tracker"]["log"]["auto_resume"] = False
         from dalle2_decoder.config import TrainDecoderConfig
@@ -175,17 +210,22 @@ def main() -> None:
             original_step(batch)
         compute_rate = args.steps * batch_size / (time.perf_counter() - begin)
 
-    print(json.dumps({
-        "config": os.path.relpath(args.config, REPO),
-        "device": str(run.accelerator.device),
-        "threads": torch.get_num_threads(),
-        "batch_size": batch_size,
-        "timed_steps": args.steps,
-        "end_to_end_samples_per_s": round(loop_rate, 2),
-        "compute_only_samples_per_s": round(compute_rate, 2),
-        "ratio_end_to_end_over_compute": round(loop_rate / compute_rate, 3),
-        "whole_run_seconds_incl_setup_validation_sampling": round(wall, 1),
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "config": os.path.relpath(args.config, REPO),
+                "device": str(run.accelerator.device),
+                "threads": torch.get_num_threads(),
+                "batch_size": batch_size,
+                "timed_steps": args.steps,
+                "end_to_end_samples_per_s": round(loop_rate, 2),
+                "compute_only_samples_per_s": round(compute_rate, 2),
+                "ratio_end_to_end_over_compute": round(loop_rate / compute_rate, 3),
+                "whole_run_seconds_incl_setup_validation_sampling": round(wall, 1),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ which matters on a shared machine. On CPU the workers use --threads threads (def
 figures include samples per CPU-second (process time), which other processes' load disturbs far
 less than wall time does. Figures only: nothing here asserts a speed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,7 +25,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, Optional
+
+if TYPE_CHECKING:
+    import torch
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "example_configs" / "demo_cpu.json"
@@ -56,14 +60,28 @@ def bench_configs() -> Dict[str, Dict[str, Any]]:
     )
     # GPU-sized: a base U-Net at 64px and an upsampler-sized one at 256px (bench/gpu_check.sh).
     configs["64px GPU, dim 128, mults [1,2,3,4], batch 64"] = dict(
-        unet=dict(dim=128, image_embed_dim=768, cond_dim=128, dim_mults=[1, 2, 3, 4],
-                  self_attn=[False, True, True, True], attn_dim_head=32, attn_heads=8),
+        unet=dict(
+            dim=128,
+            image_embed_dim=768,
+            cond_dim=128,
+            dim_mults=[1, 2, 3, 4],
+            self_attn=[False, True, True, True],
+            attn_dim_head=32,
+            attn_heads=8,
+        ),
         decoder=dict(image_sizes=[64], timesteps=1000),
         batch=64,
     )
     configs["256px GPU, dim 64, mults [1,2,4,8], batch 16"] = dict(
-        unet=dict(dim=64, image_embed_dim=768, cond_dim=128, dim_mults=[1, 2, 4, 8],
-                  self_attn=[False, False, False, True], attn_dim_head=32, attn_heads=8),
+        unet=dict(
+            dim=64,
+            image_embed_dim=768,
+            cond_dim=128,
+            dim_mults=[1, 2, 4, 8],
+            self_attn=[False, False, False, True],
+            attn_dim_head=32,
+            attn_heads=8,
+        ),
         decoder=dict(image_sizes=[256], timesteps=1000),
         batch=16,
     )
@@ -100,7 +118,13 @@ def _sync(device: "torch.device") -> None:
 
 
 def run_worker(
-    impl: str, config_name: str, steps: int, device_name: str, amp: bool, channels_last: bool, threads: Optional[int],
+    impl: str,
+    config_name: str,
+    steps: int,
+    device_name: str,
+    amp: bool,
+    channels_last: bool,
+    threads: Optional[int],
     compile_unet: bool = False,
 ) -> Dict[str, Any]:
     import torch
@@ -182,7 +206,18 @@ def run_worker(
 
 # ------------------------------------------------------------------------ driver
 def run_in_subprocess(python: str, impl: str, name: str, args: argparse.Namespace) -> Optional[Dict[str, Any]]:
-    command = [python, __file__, "--worker", impl, "--config", name, "--steps", str(args.steps), "--device", args.device]
+    command = [
+        python,
+        __file__,
+        "--worker",
+        impl,
+        "--config",
+        name,
+        "--steps",
+        str(args.steps),
+        "--device",
+        args.device,
+    ]
     command += ["--amp"] * args.amp + ["--channels-last"] * args.channels_last + ["--compile"] * args.compile
     if args.threads:
         command += ["--threads", str(args.threads)]
@@ -202,8 +237,12 @@ def main() -> int:
     parser.add_argument("--amp", action="store_true", help="bf16 autocast")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile the U-Net's forward")
-    parser.add_argument("--configs", nargs="+", default=None,
-                        help="run only the configs whose names contain one of these words (e.g. '64px GPU')")
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        default=None,
+        help="run only the configs whose names contain one of these words (e.g. '64px GPU')",
+    )
     parser.add_argument("--json", default=None, help="also append each result as one JSON line to this file")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (CPU default: 1)")
     parser.add_argument("--reference-python", default=str(REPO / ".venv-ref" / "bin" / "python"))
@@ -218,8 +257,9 @@ def main() -> int:
     if args.threads is None and args.device == "cpu" and not args.worker:
         args.threads = 1
     if args.worker:
-        result = run_worker(args.worker, args.config, args.steps, args.device, args.amp, args.channels_last, args.threads,
-                            args.compile)
+        result = run_worker(
+            args.worker, args.config, args.steps, args.device, args.amp, args.channels_last, args.threads, args.compile
+        )
         print(json.dumps(result))
         return 0
 
@@ -231,8 +271,10 @@ def main() -> int:
             print(f"reference interpreter {args.reference_python} not found: our figures only")
     if args.only == "reference":
         impls.pop("ours")
-    print(f"device {args.device}, amp(bf16) {args.amp}, channels_last {args.channels_last}, compile {args.compile}, "
-          f"{args.steps} timed steps, best of {args.repeats}, threads {args.threads or 'default'}")
+    print(
+        f"device {args.device}, amp(bf16) {args.amp}, channels_last {args.channels_last}, compile {args.compile}, "
+        f"{args.steps} timed steps, best of {args.repeats}, threads {args.threads or 'default'}"
+    )
     names = [n for n in bench_configs() if not args.configs or any(word in n for word in args.configs)]
     for name in names:
         best: Dict[str, Dict[str, Any]] = {}
@@ -244,21 +286,37 @@ def main() -> int:
                     best[impl] = result
         print(f"\n{name}")
         for impl, r in best.items():
-            print(f"  {impl:9s} params {r['params']:>11,d}  {r['samples_per_s']:8.2f} samples/s  "
-                  f"{r['samples_per_cpu_s']:8.2f} samples/CPU-s  {r['step_ms']:8.1f} ms/step  "
-                  f"peak mem {r['peak_memory_mib']:8.1f} MiB  {r['flops_per_step'] / 1e9:8.2f} GFLOP/step  "
-                  f"{r['achieved_flops'] / 1e9:8.2f} GFLOP/s = {100 * r['mfu']:5.1f}% of matmul peak "
-                  f"({r['matmul_peak_flops'] / 1e9:.1f} GFLOP/s)")
+            print(
+                f"  {impl:9s} params {r['params']:>11,d}  {r['samples_per_s']:8.2f} samples/s  "
+                f"{r['samples_per_cpu_s']:8.2f} samples/CPU-s  {r['step_ms']:8.1f} ms/step  "
+                f"peak mem {r['peak_memory_mib']:8.1f} MiB  {r['flops_per_step'] / 1e9:8.2f} GFLOP/step  "
+                f"{r['achieved_flops'] / 1e9:8.2f} GFLOP/s = {100 * r['mfu']:5.1f}% of matmul peak "
+                f"({r['matmul_peak_flops'] / 1e9:.1f} GFLOP/s)"
+            )
         if args.json:
             with open(args.json, "a") as handle:
                 for impl, r in best.items():
-                    handle.write(json.dumps({"config": name, "impl": impl, "device": args.device, "bf16": args.amp,
-                                             "channels_last": args.channels_last, "compile": args.compile, **r}) + "\n")
+                    handle.write(
+                        json.dumps(
+                            {
+                                "config": name,
+                                "impl": impl,
+                                "device": args.device,
+                                "bf16": args.amp,
+                                "channels_last": args.channels_last,
+                                "compile": args.compile,
+                                **r,
+                            }
+                        )
+                        + "\n"
+                    )
         if "ours" in best and "reference" in best:
             o, r = best["ours"], best["reference"]
-            print(f"  ours / reference: samples/s x{o['samples_per_s'] / r['samples_per_s']:.2f}, "
-                  f"samples/CPU-s x{o['samples_per_cpu_s'] / r['samples_per_cpu_s']:.2f}, "
-                  f"peak memory x{o['peak_memory_mib'] / r['peak_memory_mib']:.2f}, params x{o['params'] / r['params']:.3f}")
+            print(
+                f"  ours / reference: samples/s x{o['samples_per_s'] / r['samples_per_s']:.2f}, "
+                f"samples/CPU-s x{o['samples_per_cpu_s'] / r['samples_per_cpu_s']:.2f}, "
+                f"peak memory x{o['peak_memory_mib'] / r['peak_memory_mib']:.2f}, params x{o['params'] / r['params']:.3f}"
+            )
     return 0
 
 

@@ -7,6 +7,7 @@ valid config with --check), 1 a bug (traceback), 2 usage or configuration, 3 dat
 5 I/O or environment, 6 training stopped; every problem is one line on stderr, without a
 traceback unless --debug is given.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -105,28 +106,50 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "train_decoder.py",
         description="Train a DALL-E 2 decoder from one JSON config (run it under `accelerate launch` for "
-                    "several GPUs or nodes).",
+        "several GPUs or nodes).",
     )
-    parser.add_argument("--config_file", "--config-file", dest="config_file", required=True, metavar="PATH",
-                        help="the JSON configuration of the run")
-    parser.add_argument("--check", action="store_true",
-                        help="validate only: print the resolved configuration (every default filled in) as JSON "
-                             "and exit 0, or print every problem and exit with its kind (2 config, 3 data, "
-                             "4 checkpoint, 5 I/O)")
-    parser.add_argument("--no-io", "--no_io", dest="no_io", action="store_true",
-                        help="with --check: check the configuration alone, not the device, data, paths and "
-                             "checkpoint it points at")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], type=parse_override,
-                        metavar="KEY.PATH=VALUE",
-                        help="override one option before validation, e.g. --set train.lr=3e-4 or "
-                             "--set decoder.unets[0].dim=64 (VALUE is JSON, else a string); repeatable")
+    parser.add_argument(
+        "--config_file",
+        "--config-file",
+        dest="config_file",
+        required=True,
+        metavar="PATH",
+        help="the JSON configuration of the run",
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="validate only: print the resolved configuration (every default filled in) as JSON "
+        "and exit 0, or print every problem and exit with its kind (2 config, 3 data, "
+        "4 checkpoint, 5 I/O)",
+    )
+    parser.add_argument(
+        "--no-io",
+        "--no_io",
+        dest="no_io",
+        action="store_true",
+        help="with --check: check the configuration alone, not the device, data, paths and checkpoint it points at",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        type=parse_override,
+        metavar="KEY.PATH=VALUE",
+        help="override one option before validation, e.g. --set train.lr=3e-4 or "
+        "--set decoder.unets[0].dim=64 (VALUE is JSON, else a string); repeatable",
+    )
     add_debug_option(parser)
     return parser
 
 
 def add_debug_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--debug", action="store_true",
-                        help="print the full traceback of errors too (they are one line each without it)")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="print the full traceback of errors too (they are one line each without it)",
+    )
 
 
 def _is_main_process() -> bool:
@@ -153,8 +176,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     speaks = _is_main_process()
     state = {}
-    return guarded(lambda: _main(args, speaks, state), debug=args.debug, speaks=speaks,
-                   write_paths=lambda: _write_paths(state.get("config")))
+    return guarded(
+        lambda: _main(args, speaks, state),
+        debug=args.debug,
+        speaks=speaks,
+        write_paths=lambda: _write_paths(state.get("config")),
+    )
 
 
 def _main(args: argparse.Namespace, speaks: bool, state: dict) -> int:
@@ -173,9 +200,12 @@ def _main(args: argparse.Namespace, speaks: bool, state: dict) -> int:
     run = _training_entry_point()
     if run is None:
         if speaks:
-            print(f"{args.config_file}: the configuration is valid, but training is not available yet: the training "
-                  f"loop ({TRAINING_MODULE}.main) arrives with the training issue. Use --check to see the resolved "
-                  "configuration.", file=sys.stderr)
+            print(
+                f"{args.config_file}: the configuration is valid, but training is not available yet: the training "
+                f"loop ({TRAINING_MODULE}.main) arrives with the training issue. Use --check to see the resolved "
+                "configuration.",
+                file=sys.stderr,
+            )
         return EXIT_UNAVAILABLE
     result = run(config)
     return result if isinstance(result, int) else EXIT_OK

@@ -10,6 +10,7 @@ open_clip model. Weights come from a local file (`pretrained`), a `local-dir:` f
 `open_clip_config.json` and the weights, or open_clip's cache (`cache_dir`); where nothing can be
 downloaded the error names the file to provide.
 """
+
 from __future__ import annotations
 
 import os
@@ -22,10 +23,17 @@ from torch import nn
 if TYPE_CHECKING:
     from .config.decoder import ClipConfig
 
-INSTALL_HINT = "open_clip is not installed: install it with `pip install dalle2-decoder[clip]` (or `pip install open_clip_torch`)"
+INSTALL_HINT = (
+    "open_clip is not installed: install it with `pip install dalle2-decoder[clip]` (or `pip install open_clip_torch`)"
+)
 
 # OpenAI's release names use '/' and '@336px'; open_clip's registry spells them with '-'.
-_OPENAI_FILE_NAMES = {"ViT-L/14": "ViT-L-14.pt", "ViT-B/32": "ViT-B-32.pt", "ViT-B/16": "ViT-B-16.pt", "ViT-L/14@336px": "ViT-L-14-336px.pt"}
+_OPENAI_FILE_NAMES = {
+    "ViT-L/14": "ViT-L-14.pt",
+    "ViT-B/32": "ViT-B-32.pt",
+    "ViT-B/16": "ViT-B-16.pt",
+    "ViT-L/14@336px": "ViT-L-14-336px.pt",
+}
 
 
 class ClipLoadError(RuntimeError):
@@ -63,7 +71,9 @@ class ClipEmbedder(nn.Module):
         # open_clip's CLIP keeps the text tower's modules on the model itself; CustomTextCLIP under `.text`.
         self._text_tower = getattr(model, "text", model)
         if not hasattr(self._text_tower, "ln_final"):
-            raise ClipLoadError("this CLIP's text tower has no per-token output (ln_final); use a CLIP with a transformer text tower")
+            raise ClipLoadError(
+                "this CLIP's text tower has no per-token output (ln_final); use a CLIP with a transformer text tower"
+            )
         self.train(False)
 
     def train(self, mode: bool = True) -> "ClipEmbedder":
@@ -107,14 +117,18 @@ class ClipEmbedder(nn.Module):
         captured = {}
         # The per-token states are the text transformer's final layer norm output, before pooling;
         # a hook reads them off the model's own encode_text rather than re-implementing the tower.
-        handle = self._text_tower.ln_final.register_forward_hook(lambda _m, _i, out: captured.__setitem__("tokens", out))
+        handle = self._text_tower.ln_final.register_forward_hook(
+            lambda _m, _i, out: captured.__setitem__("tokens", out)
+        )
         try:
             text_embed = F.normalize(self.model.encode_text(tokens).float(), dim=-1)
         finally:
             handle.remove()
         encodings = captured["tokens"].float()
         if encodings.shape[1] != tokens.shape[1]:
-            raise ClipLoadError("this CLIP pools before its final layer norm; per-token text encodings are not available")
+            raise ClipLoadError(
+                "this CLIP pools before its final layer norm; per-token text encodings are not available"
+            )
         mask = tokens != 0  # open_clip's tokenizers pad with 0
         return TextEncoding(text_embed, encodings * mask.unsqueeze(-1), mask)
 
@@ -134,22 +148,30 @@ def create_clip(config: "ClipConfig", device: torch.device | str = "cpu") -> Cli
     if config.make not in ("openai", "open_clip"):
         raise ClipLoadError(f"decoder.clip.make: unknown CLIP make {config.make!r} (use 'openai' or 'open_clip')")
     if config.pretrained is not None and not name.startswith(("local-dir:", "hf-hub:")):
-        looks_like_path = os.sep in config.pretrained or config.pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
+        looks_like_path = os.sep in config.pretrained or config.pretrained.endswith(
+            (".pt", ".pth", ".bin", ".safetensors")
+        )
         if looks_like_path and not os.path.isfile(config.pretrained):
             raise ClipLoadError(f"decoder.clip.pretrained: weights file {config.pretrained!r} does not exist")
 
     try:
         if config.make == "openai" and config.pretrained and os.path.isfile(config.pretrained):
             # OpenAI's own release files are TorchScript archives; open_clip converts them.
-            model = open_clip.load_openai_model(config.pretrained, precision="fp32", device="cpu", cache_dir=config.cache_dir)
+            model = open_clip.load_openai_model(
+                config.pretrained, precision="fp32", device="cpu", cache_dir=config.cache_dir
+            )
         else:
-            pretrained = config.pretrained if config.pretrained is not None else ("openai" if config.make == "openai" else None)
+            pretrained = (
+                config.pretrained if config.pretrained is not None else ("openai" if config.make == "openai" else None)
+            )
             if pretrained is None and not name.startswith(("local-dir:", "hf-hub:")):
                 raise ClipLoadError(
                     f"decoder.clip.pretrained: open_clip model {name!r} needs weights: a pretrained tag, a local file, "
                     "or a `local-dir:` model folder (a randomly initialised CLIP would give meaningless embeddings)"
                 )
-            model = open_clip.create_model(name, pretrained=pretrained, cache_dir=config.cache_dir, device="cpu", require_pretrained=True)
+            model = open_clip.create_model(
+                name, pretrained=pretrained, cache_dir=config.cache_dir, device="cpu", require_pretrained=True
+            )
     except ClipLoadError:
         raise
     except Exception as error:  # download failures surface as many types; all mean "provide the file"

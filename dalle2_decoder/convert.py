@@ -12,13 +12,13 @@ The config is the one given with `--config_file`, else the one the input file re
 (DALLE2-pytorch files record the run's config; its unset options are left to our defaults).
 Exit status: 0 written, 1 a problem with the input or the config (one line on stderr).
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import sys
 import warnings
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 EXIT_OK = 0
@@ -41,8 +41,10 @@ def _config(loaded, config_file: Optional[str]):
 
         return load_config(config_file)[0], config_file
     if loaded.config_json is None:
-        raise ConfigError([f"{loaded.source} records no config; give the run's config with --config_file"],
-                          source="dalle2-convert-checkpoint")
+        raise ConfigError(
+            [f"{loaded.source} records no config; give the run's config with --config_file"],
+            source="dalle2-convert-checkpoint",
+        )
     raw = json.loads(loaded.config_json)
     if loaded.origin != "dalle2_decoder":
         raw = _without_unset(raw)
@@ -76,20 +78,36 @@ def convert(source: str, output: str, *, config_file: Optional[str] = None, use_
     load_state_dict_checked(decoder, weights, source=source)  # every U-Net present, every name and shape right
     save_model(output, decoder.state_dict(), step=loaded.step, config_json=config.to_json(indent=None))
     notes = "".join(f"; {note}" for note in loaded.notes)
-    return (f"wrote {output}: {len(config.decoder.unets)} U-Net(s), {which}, step {loaded.step}, "
-            f"config from {config_from}{notes}")
+    return (
+        f"wrote {output}: {len(config.decoder.unets)} U-Net(s), {which}, step {loaded.step}, "
+        f"config from {config_from}{notes}"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dalle2-convert-checkpoint", description=__doc__.split("\n\n")[0])
     parser.add_argument("input", help="DALLE2-pytorch checkpoint or model file (.pth), or a file of this package")
     parser.add_argument("output", help="the model save to write (.safetensors)")
-    parser.add_argument("--config_file", "--config-file", dest="config_file", default=None, metavar="PATH",
-                        help="the run's JSON config (default: the config recorded in the input)")
-    parser.add_argument("--no_ema", "--no-ema", dest="no_ema", action="store_true",
-                        help="from a checkpoint, write the trained weights instead of the EMA weights")
-    parser.add_argument("--debug", action="store_true",
-                        help="print the full traceback of errors too (they are one line each without it)")
+    parser.add_argument(
+        "--config_file",
+        "--config-file",
+        dest="config_file",
+        default=None,
+        metavar="PATH",
+        help="the run's JSON config (default: the config recorded in the input)",
+    )
+    parser.add_argument(
+        "--no_ema",
+        "--no-ema",
+        dest="no_ema",
+        action="store_true",
+        help="from a checkpoint, write the trained weights instead of the EMA weights",
+    )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="print the full traceback of errors too (they are one line each without it)",
+    )
     return parser
 
 

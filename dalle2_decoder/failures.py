@@ -15,6 +15,7 @@ and `python -m dalle2_decoder.data.prepare`; docs/TROUBLESHOOTING.md lists the u
 
 `--debug` prints the traceback of the project's own errors as well.
 """
+
 from __future__ import annotations
 
 import errno
@@ -37,8 +38,14 @@ EXIT_IO = 5
 EXIT_STOPPED = 6
 EXIT_INTERRUPTED = 130
 
-KIND_NAMES = {EXIT_CONFIG: "configuration", EXIT_USAGE: "usage", EXIT_DATA: "data", EXIT_CHECKPOINT: "checkpoint", EXIT_IO: "I/O",
-              EXIT_STOPPED: "training stopped"}
+KIND_NAMES = {
+    EXIT_CONFIG: "configuration",
+    EXIT_USAGE: "usage",
+    EXIT_DATA: "data",
+    EXIT_CHECKPOINT: "checkpoint",
+    EXIT_IO: "I/O",
+    EXIT_STOPPED: "training stopped",
+}
 
 
 @attrs.frozen
@@ -191,8 +198,11 @@ def describe(error: BaseException, write_paths: Sequence[str] = ()) -> Optional[
     if isinstance(error, ConfigError):
         return EXIT_CONFIG, str(error).splitlines()
     if isinstance(error, PreflightError):
-        head = [f"{error.source}: {len(error.problems)} problem{'s' if len(error.problems) != 1 else ''}"] \
-            if error.source else []
+        head = (
+            [f"{error.source}: {len(error.problems)} problem{'s' if len(error.problems) != 1 else ''}"]
+            if error.source
+            else []
+        )
         return error.exit_code, head + [("  " if head else "error: ") + problem.message for problem in error.problems]
     if isinstance(error, UsageError):
         return EXIT_USAGE, [f"error: {line}" for line in str(error).splitlines()]
@@ -203,16 +213,23 @@ def describe(error: BaseException, write_paths: Sequence[str] = ()) -> Optional[
             line = _os_error_line(link)
             return EXIT_IO, [f"error: {line}" + (f" ({prefix})" if prefix and line not in prefix else "")]
     if any(isinstance(link, RuntimeError) and any(s in str(link) for s in _TORCH_WRITE_FAILURE) for link in chain):
-        low = [(path, free) for path in write_paths for free in [free_bytes(path)] if free is not None and free < 64 << 20]
+        low = [
+            (path, free) for path in write_paths for free in [free_bytes(path)] if free is not None and free < 64 << 20
+        ]
         if low:
             where = ", ".join(f"{path} ({free // 1024} KiB free)" for path, free in low)
-            return EXIT_IO, [f"error: no space left on device: writing a file failed on {where} ({clean_message(error)})"]
-        return EXIT_IO, [f"error: writing a file failed: {clean_message(error)}; check free space and permissions"
-                         + (f" of {', '.join(write_paths)}" if write_paths else "")]
+            return EXIT_IO, [
+                f"error: no space left on device: writing a file failed on {where} ({clean_message(error)})"
+            ]
+        return EXIT_IO, [
+            f"error: writing a file failed: {clean_message(error)}; check free space and permissions"
+            + (f" of {', '.join(write_paths)}" if write_paths else "")
+        ]
     for classes, kind in _kinds():
         if isinstance(error, classes):
-            return kind, [f"error: {line}" for line in clean_message(error).splitlines()[:1]] + \
-                [f"  {line}" for line in clean_message(error).splitlines()[1:]]
+            return kind, [f"error: {line}" for line in clean_message(error).splitlines()[:1]] + [
+                f"  {line}" for line in clean_message(error).splitlines()[1:]
+            ]
     if isinstance(error, OSError):
         return EXIT_IO, [f"error: {_os_error_line(error)}"]
     if isinstance(error, MemoryError):
@@ -220,8 +237,9 @@ def describe(error: BaseException, write_paths: Sequence[str] = ()) -> Optional[
     return None
 
 
-def report(error: BaseException, *, debug: bool = False, speaks: bool = True,
-           write_paths: Sequence[str] = (), stream=None) -> int:
+def report(
+    error: BaseException, *, debug: bool = False, speaks: bool = True, write_paths: Sequence[str] = (), stream=None
+) -> int:
     """Print `error` as the user should see it and return the exit status."""
     stream = stream or sys.stderr
     if isinstance(error, KeyboardInterrupt):
@@ -232,8 +250,12 @@ def report(error: BaseException, *, debug: bool = False, speaks: bool = True,
     if described is None:
         if speaks:
             traceback.print_exception(type(error), error, error.__traceback__, file=stream)
-            print(f"internal error (a bug in dalle2-decoder, please report it with the traceback above): "
-                  f"{type(error).__name__}: {clean_message(error)}", file=stream, flush=True)
+            print(
+                f"internal error (a bug in dalle2-decoder, please report it with the traceback above): "
+                f"{type(error).__name__}: {clean_message(error)}",
+                file=stream,
+                flush=True,
+            )
         return EXIT_BUG
     code, lines = described
     if speaks:
@@ -245,8 +267,13 @@ def report(error: BaseException, *, debug: bool = False, speaks: bool = True,
     return code
 
 
-def guarded(body: Callable[[], int], *, debug: bool = False, speaks: bool = True,
-            write_paths: Callable[[], Sequence[str]] = lambda: ()) -> int:
+def guarded(
+    body: Callable[[], int],
+    *,
+    debug: bool = False,
+    speaks: bool = True,
+    write_paths: Callable[[], Sequence[str]] = lambda: (),
+) -> int:
     """Run a command's body; any exception becomes its one-line report and exit status (see module doc)."""
     try:
         return body()

@@ -3,6 +3,7 @@
 `config.json` is what `load_decoder("user/repo")` reads first: the weights file to fetch, what kind
 of file it is, the step, and the run configuration (secrets already masked by the tracker).
 """
+
 from __future__ import annotations
 
 import json
@@ -49,7 +50,8 @@ def _card(repo: str, info: Dict[str, Any]) -> str:
         "",
         "A DALL-E 2 (unCLIP) decoder trained with dalle2-decoder: a cascade of "
         f"{len(sizes) or '?'} diffusion U-Net(s) turning CLIP image embeddings into "
-        f"{sizes[-1] if sizes else '?'}px images" + (f" (stages: {', '.join(f'{s}px' for s in sizes)})." if sizes else "."),
+        f"{sizes[-1] if sizes else '?'}px images"
+        + (f" (stages: {', '.join(f'{s}px' for s in sizes)})." if sizes else "."),
         "",
         f"- weights: `{info['weights']}` ({info['save_type']}; EMA weights are used when the file has them)",
         f"- saved at step {info['step']} (training samples seen)",
@@ -63,7 +65,7 @@ def _card(repo: str, info: Dict[str, Any]) -> str:
         "from dalle2_decoder import load_decoder",
         "",
         f'decoder = load_decoder("{repo}")',
-        "images = decoder.sample(image_embed=clip_image_embeddings, cond_scale=3.5, sampler=\"dpmpp_2m_karras\", "
+        'images = decoder.sample(image_embed=clip_image_embeddings, cond_scale=3.5, sampler="dpmpp_2m_karras", '
         "sample_timesteps=20)",
         "```",
         "",

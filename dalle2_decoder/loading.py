@@ -11,6 +11,7 @@ The source may be
 The decoder's configuration comes from the file's own metadata (every file training writes
 carries the run's config), so nothing but the source is needed.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -76,8 +77,16 @@ def _hub_download(repo_id: str, filename: str, *, revision, endpoint, token, cac
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError
 
     try:
-        return Path(hf_hub_download(repo_id, filename, revision=revision, endpoint=endpoint, token=token,
-                                    cache_dir=None if cache_dir is None else str(Path(cache_dir) / "hub")))
+        return Path(
+            hf_hub_download(
+                repo_id,
+                filename,
+                revision=revision,
+                endpoint=endpoint,
+                token=token,
+                cache_dir=None if cache_dir is None else str(Path(cache_dir) / "hub"),
+            )
+        )
     except EntryNotFoundError as error:
         raise DecoderLoadError(f"hub repo {repo_id} has no file {filename}") from error
     except RepositoryNotFoundError as error:
@@ -93,8 +102,10 @@ def _read_hub_config(path: Path, where: str) -> Dict[str, Any]:
     except (OSError, ValueError) as error:
         raise DecoderLoadError(f"{where}: {HUB_CONFIG} is not readable JSON ({error})") from error
     if not isinstance(card, dict) or card.get("format") != HUB_FORMAT or not isinstance(card.get("weights"), str):
-        raise DecoderLoadError(f"{where}: {HUB_CONFIG} was not written by dalle2_decoder (no 'format' {HUB_FORMAT!r} "
-                               "with a 'weights' file name)")
+        raise DecoderLoadError(
+            f"{where}: {HUB_CONFIG} was not written by dalle2_decoder (no 'format' {HUB_FORMAT!r} "
+            "with a 'weights' file name)"
+        )
     return card
 
 
@@ -142,8 +153,10 @@ def _decoder_config(config_json: Optional[str], where: str):
     from .config.structure import structure_at
 
     if not config_json:
-        raise DecoderLoadError(f"{where} records no configuration (a plain state dict?); load it into "
-                               "TrainDecoderConfig.from_json_path(cfg).decoder.create() instead")
+        raise DecoderLoadError(
+            f"{where} records no configuration (a plain state dict?); load it into "
+            "TrainDecoderConfig.from_json_path(cfg).decoder.create() instead"
+        )
     try:
         raw = json.loads(config_json)
     except ValueError as error:
@@ -174,8 +187,9 @@ def load(
     from .tracking import CheckpointError, load_state_dict_checked, read_file
     from .tracking.checkpoint import checkpoint_weights
 
-    path, where = resolve_source(source, filename=filename, revision=revision, endpoint=endpoint, token=token,
-                                 cache_dir=cache_dir)
+    path, where = resolve_source(
+        source, filename=filename, revision=revision, endpoint=endpoint, token=token, cache_dir=cache_dir
+    )
     try:
         loaded = read_file(path)
     except CheckpointError as error:
@@ -214,5 +228,13 @@ def load_decoder(
     client's, e.g. HF_ENDPOINT / HF_TOKEN). cache_dir: where URL downloads (and hub files) are kept.
     Raises `DecoderLoadError` with one clear message when the source cannot be used.
     """
-    return load(source, use_ema=use_ema, device=device, filename=filename, revision=revision, endpoint=endpoint,
-                token=token, cache_dir=cache_dir).decoder
+    return load(
+        source,
+        use_ema=use_ema,
+        device=device,
+        filename=filename,
+        revision=revision,
+        endpoint=endpoint,
+        token=token,
+        cache_dir=cache_dir,
+    ).decoder

@@ -10,6 +10,7 @@ not fail later for a reason that was knowable at start.
 Remote data (http, s3, `pipe:`) and remote checkpoints (url, wandb) are not fetched here: that
 would cost what the run itself costs. Problems are `failures.Problem`s: an exit status and a line.
 """
+
 from __future__ import annotations
 
 import logging
@@ -45,12 +46,21 @@ def device_problems(device: str) -> List[Problem]:
     if parsed.type == "cuda":
         if not torch.cuda.is_available():
             default = " (the default)" if device == "cuda:0" else ""
-            return [Problem(EXIT_IO, f"train.device: {device!r}{default} but CUDA is not available on this machine; "
-                                     "set train.device to \"cpu\" (e.g. --set train.device=cpu) or run where a GPU is")]
+            return [
+                Problem(
+                    EXIT_IO,
+                    f"train.device: {device!r}{default} but CUDA is not available on this machine; "
+                    'set train.device to "cpu" (e.g. --set train.device=cpu) or run where a GPU is',
+                )
+            ]
         count = torch.cuda.device_count()
         if parsed.index is not None and parsed.index >= count:
-            return [Problem(EXIT_IO, f"train.device: {device!r} but this machine has {count} CUDA device(s) "
-                                     f"(cuda:0..cuda:{count - 1})")]
+            return [
+                Problem(
+                    EXIT_IO,
+                    f"train.device: {device!r} but this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})",
+                )
+            ]
     elif parsed.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
         return [Problem(EXIT_IO, f"train.device: {device!r} but MPS is not available on this machine")]
     elif parsed.type not in ("cpu", "cuda", "mps", "meta") and not _backend_available(parsed.type):
@@ -78,8 +88,11 @@ def data_problems(config) -> List[Problem]:
         return []  # listed (or streamed) when the run starts; fetching here would cost as much
     problems: List[Problem] = []
     in_shards = data._embeddings_in_shards()
-    folders = [(name, getattr(data, name)) for name in ("img_embeddings_url", "text_embeddings_url")
-               if getattr(data, name) and not in_shards]
+    folders = [
+        (name, getattr(data, name))
+        for name in ("img_embeddings_url", "text_embeddings_url")
+        if getattr(data, name) and not in_shards
+    ]
     for name, folder in folders:
         if sources.url_kind(folder) == "local" and not os.path.isdir(sources.local_path(folder)):
             what = "is a file, not a folder" if os.path.exists(sources.local_path(folder)) else "does not exist"
@@ -88,8 +101,11 @@ def data_problems(config) -> List[Problem]:
         return problems
     try:
         shards = plan.discover_shards(
-            data.webdataset_base_url, start_shard=data.start_shard, end_shard=data.end_shard,
-            shard_width=data.shard_width, skip_missing_shards=data.skip_missing_shards,
+            data.webdataset_base_url,
+            start_shard=data.start_shard,
+            end_shard=data.end_shard,
+            shard_width=data.shard_width,
+            skip_missing_shards=data.skip_missing_shards,
         )
     except (plan.DataSetupError, ValueError, OSError) as error:
         return [Problem(EXIT_DATA, f"data.webdataset_base_url: {error}")]
@@ -105,9 +121,15 @@ def data_problems(config) -> List[Problem]:
         usable &= set(files)
         without = [number for number in numbers if number not in files]
         if without and not data.skip_missing_shards:
-            problems.append(Problem(EXIT_DATA, (
-                f"data.{name}: {len(without)} of {len(numbers)} shard(s) have no embedding file (*_<shard>.npy) in "
-                f"{folder}: {plan._ranges(without)} (set data.skip_missing_shards to leave those shards out)")))
+            problems.append(
+                Problem(
+                    EXIT_DATA,
+                    (
+                        f"data.{name}: {len(without)} of {len(numbers)} shard(s) have no embedding file (*_<shard>.npy) in "
+                        f"{folder}: {plan._ranges(without)} (set data.skip_missing_shards to leave those shards out)"
+                    ),
+                )
+            )
         paired = [(shard, files[shard.number]) for shard in shards if shard.number in files]
         problems += _embedding_dim_problems(config, name, folder, paired)
     if in_shards:
@@ -132,8 +154,12 @@ def _not_tar_problems(shards) -> List[Problem]:
     if not found:
         return []
     more = f" and {len(found) - 3} more" if len(found) > 3 else ""
-    return [Problem(EXIT_DATA, f"data.webdataset_base_url: {len(found)} shard(s) are not tar archives: "
-                               f"{'; '.join(found[:3])}{more}")]
+    return [
+        Problem(
+            EXIT_DATA,
+            f"data.webdataset_base_url: {len(found)} shard(s) are not tar archives: {'; '.join(found[:3])}{more}",
+        )
+    ]
 
 
 def _expected_dim(config, name: str) -> Optional[int]:
@@ -162,16 +188,31 @@ def _embedding_dim_problems(config, name: str, folder: str, paired) -> List[Prob
         except Exception as error:
             return [Problem(EXIT_DATA, f"data.{name}: {url} is not a readable .npy file ({error})")]
         if len(shape) != 2:
-            return [Problem(EXIT_DATA, f"data.{name}: {url} holds an array of shape {shape}; expected one row of "
-                                       f"{what} embedding per sample (rows x dimension)")]
+            return [
+                Problem(
+                    EXIT_DATA,
+                    f"data.{name}: {url} holds an array of shape {shape}; expected one row of "
+                    f"{what} embedding per sample (rows x dimension)",
+                )
+            ]
         if expected is not None and shape[1] != expected:
-            return [Problem(EXIT_DATA, f"data.{name}: {url} holds {shape[1]}-dimensional {what} embeddings but "
-                                       f"{source} is {expected} (expected {expected}, got {shape[1]})")]
+            return [
+                Problem(
+                    EXIT_DATA,
+                    f"data.{name}: {url} holds {shape[1]}-dimensional {what} embeddings but "
+                    f"{source} is {expected} (expected {expected}, got {shape[1]})",
+                )
+            ]
         entry = known.get(sources.shard_file_name(shard.url))
         if entry and entry[1] is not None and entry[1] == sources.byte_size(shard.url) and shape[0] < entry[0]:
-            return [Problem(EXIT_DATA, f"data.{name}: {url} has {shape[0]} rows but {shard.url} holds {entry[0]} "
-                                       f"samples (as {sizes_url} records): the embeddings belong to other shards "
-                                       "or were cut short")]
+            return [
+                Problem(
+                    EXIT_DATA,
+                    f"data.{name}: {url} has {shape[0]} rows but {shard.url} holds {entry[0]} "
+                    f"samples (as {sizes_url} records): the embeddings belong to other shards "
+                    "or were cut short",
+                )
+            ]
     return []
 
 
@@ -192,9 +233,15 @@ def _member_dim_problems(config, shards) -> List[Problem]:
             except Exception:
                 return []  # a bad member is bad data, counted during the run
             if shape and shape[-1] != expected:
-                return [Problem(EXIT_DATA, (
-                    f"data: the {member} members of {shards[0].url} hold {shape[-1]}-dimensional image embeddings "
-                    f"but decoder.unets[0].image_embed_dim is {expected} (expected {expected}, got {shape[-1]})"))]
+                return [
+                    Problem(
+                        EXIT_DATA,
+                        (
+                            f"data: the {member} members of {shards[0].url} hold {shape[-1]}-dimensional image embeddings "
+                            f"but decoder.unets[0].image_embed_dim is {expected} (expected {expected}, got {shape[-1]})"
+                        ),
+                    )
+                ]
     return []
 
 
@@ -202,9 +249,15 @@ def _split_problems(config, shard_count: int) -> List[Problem]:
     splits = config.data.splits
     asked = [name for name in ("train", "val", "test") if getattr(splits, name) > 0]
     if shard_count and shard_count < len(asked):
-        return [Problem(EXIT_DATA, (
-            f"data.splits: {shard_count} shard(s) found in {config.data.start_shard}..{config.data.end_shard} but "
-            f"{len(asked)} splits ({', '.join(asked)}) need a shard each; add shards or set the unneeded splits to 0"))]
+        return [
+            Problem(
+                EXIT_DATA,
+                (
+                    f"data.splits: {shard_count} shard(s) found in {config.data.start_shard}..{config.data.end_shard} but "
+                    f"{len(asked)} splits ({', '.join(asked)}) need a shard each; add shards or set the unneeded splits to 0"
+                ),
+            )
+        ]
     return []
 
 
@@ -258,14 +311,19 @@ def data_path_in_use_problem(config, data_path: str) -> Optional[Problem]:
     if previous is not None and not previous.finished and tracker.log.auto_resume:
         return None
     if previous is not None and not previous.finished:
-        found = f"holds the interrupted run {previous.run_id} (step {previous.step}); set tracker.log.auto_resume " \
-                "to true to continue it, or"
+        found = (
+            f"holds the interrupted run {previous.run_id} (step {previous.step}); set tracker.log.auto_resume "
+            "to true to continue it, or"
+        )
     elif previous is not None:
         found = f"holds the finished run {previous.run_id};"
     else:
         found = "is not empty;"
-    return Problem(EXIT_IO, f"tracker.data_path: {data_path} {found} delete the folder yourself, choose another "
-                            "tracker.data_path, or set tracker.overwrite_data_path to true to delete its content")
+    return Problem(
+        EXIT_IO,
+        f"tracker.data_path: {data_path} {found} delete the folder yourself, choose another "
+        "tracker.data_path, or set tracker.overwrite_data_path to true to delete its content",
+    )
 
 
 def estimated_checkpoint_bytes(config) -> Optional[int]:
@@ -324,14 +382,20 @@ def save_problems(config) -> List[Problem]:
     for folder in devices.values():
         free = free_bytes(folder)
         if free is not None and free < needed:
-            problems.append(Problem(EXIT_IO, (
-                f"tracker: no space left for a checkpoint on {_existing_ancestor(folder)}: {_mb(free)} free, "
-                f"a checkpoint needs about {_mb(needed)} (free some space or choose another tracker.data_path)")))
+            problems.append(
+                Problem(
+                    EXIT_IO,
+                    (
+                        f"tracker: no space left for a checkpoint on {_existing_ancestor(folder)}: {_mb(free)} free, "
+                        f"a checkpoint needs about {_mb(needed)} (free some space or choose another tracker.data_path)"
+                    ),
+                )
+            )
     return problems
 
 
 def _mb(count: int) -> str:
-    return f"{count / 2 ** 20:.1f} MiB"
+    return f"{count / 2**20:.1f} MiB"
 
 
 # --- checkpoints ------------------------------------------------------------------------------
@@ -345,8 +409,13 @@ def checkpoint_file_problems(path: str, where: str) -> List[Problem]:
     if not os.path.exists(shown):
         return [Problem(EXIT_CHECKPOINT, f"{where}: checkpoint file not found: {shown}")]
     if os.path.isdir(shown):
-        return [Problem(EXIT_CHECKPOINT, f"{where}: {shown} is a folder; give the checkpoint file inside it "
-                                         "(e.g. latest.pth or model.safetensors)")]
+        return [
+            Problem(
+                EXIT_CHECKPOINT,
+                f"{where}: {shown} is a folder; give the checkpoint file inside it "
+                "(e.g. latest.pth or model.safetensors)",
+            )
+        ]
     try:
         with open(shown, "rb") as handle:
             head = handle.read(16)
@@ -360,8 +429,13 @@ def checkpoint_file_problems(path: str, where: str) -> List[Problem]:
             return [Problem(EXIT_CHECKPOINT, f"{where}: {shown} is not a safetensors file (no safetensors header)")]
         return []
     if not head.startswith(_MAGIC):
-        return [Problem(EXIT_CHECKPOINT, f"{where}: {shown} is not a checkpoint written by torch.save (neither a "
-                                         ".pth/.pt zip archive nor a safetensors file)")]
+        return [
+            Problem(
+                EXIT_CHECKPOINT,
+                f"{where}: {shown} is not a checkpoint written by torch.save (neither a "
+                ".pth/.pt zip archive nor a safetensors file)",
+            )
+        ]
     return []
 
 

@@ -13,6 +13,7 @@ Exit statuses follow the other commands' (see docs/SAMPLING.md): 0 done, 1 a bug
 (bad options or inputs), 3 data, 4 the model cannot be loaded, 5 environment (CLIP, device); each
 problem is one line on stderr.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,46 +36,125 @@ class SampleInputError(UsageError):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dalle2-sample-decoder", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, metavar="SOURCE",
-                        help="checkpoint or model save (.pth/.pt/.safetensors), a folder, an http(s) URL, or a hub repo id")
+    parser.add_argument(
+        "--model",
+        required=True,
+        metavar="SOURCE",
+        help="checkpoint or model save (.pth/.pt/.safetensors), a folder, an http(s) URL, or a hub repo id",
+    )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", metavar="DIR", help="a folder of images: sample variations of each through CLIP")
     source.add_argument("--embeddings", metavar="FILE.npy", help="a .npy of image embeddings (N, D)")
-    source.add_argument("--test_split", "--test-split", dest="test_split", action="store_true",
-                        help="the test split of the run's data (its config from --config_file, else the one in the save)")
-    parser.add_argument("--text_encodings", "--text-encodings", dest="text_encodings", metavar="FILE.npy",
-                        help="with --embeddings: text encodings (N, L, W) or pooled text embeddings (N, W)")
-    parser.add_argument("--config_file", "--config-file", dest="config_file", metavar="PATH",
-                        help="run config whose data (and decoder.clip) to use instead of the one recorded in the save")
+    source.add_argument(
+        "--test_split",
+        "--test-split",
+        dest="test_split",
+        action="store_true",
+        help="the test split of the run's data (its config from --config_file, else the one in the save)",
+    )
+    parser.add_argument(
+        "--text_encodings",
+        "--text-encodings",
+        dest="text_encodings",
+        metavar="FILE.npy",
+        help="with --embeddings: text encodings (N, L, W) or pooled text embeddings (N, W)",
+    )
+    parser.add_argument(
+        "--config_file",
+        "--config-file",
+        dest="config_file",
+        metavar="PATH",
+        help="run config whose data (and decoder.clip) to use instead of the one recorded in the save",
+    )
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
     parser.add_argument("--seeds", type=int, nargs="+", metavar="S", help="the seeds of each input's samples")
     parser.add_argument("--seed", type=int, default=0, help="first seed when --seeds is not given (default 0)")
-    parser.add_argument("--num_per_input", "--num-per-input", dest="num_per_input", type=int, default=1, metavar="N",
-                        help="samples per input, seeds --seed .. --seed + N - 1 (default 1)")
+    parser.add_argument(
+        "--num_per_input",
+        "--num-per-input",
+        dest="num_per_input",
+        type=int,
+        default=1,
+        metavar="N",
+        help="samples per input, seeds --seed .. --seed + N - 1 (default 1)",
+    )
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="use only the first N inputs")
-    parser.add_argument("--cond_scale", "--cond-scale", dest="cond_scale", type=float, nargs="+", default=[1.0],
-                        metavar="S", help="classifier-free guidance scale, one for all U-Nets or one per U-Net")
-    parser.add_argument("--sampler", nargs="+", default=None, metavar="NAME",
-                        help="sampler, one for all U-Nets or one per U-Net (default: the config's)")
-    parser.add_argument("--steps", type=int, nargs="+", default=None, metavar="N",
-                        help="sampling steps (network calls), one for all U-Nets or one per U-Net (default: the config's)")
-    parser.add_argument("--batch_size", "--batch-size", dest="batch_size", type=int, default=16, metavar="B",
-                        help="images sampled at once per process (default 16)")
-    parser.add_argument("--stop_at_unet", "--stop-at-unet", dest="stop_at_unet", type=int, default=None, metavar="N",
-                        help="stop after U-Net N (numbered from 1; default: the last)")
-    parser.add_argument("--no_ema", "--no-ema", dest="no_ema", action="store_true",
-                        help="use a checkpoint's trained weights instead of its EMA weights")
+    parser.add_argument(
+        "--cond_scale",
+        "--cond-scale",
+        dest="cond_scale",
+        type=float,
+        nargs="+",
+        default=[1.0],
+        metavar="S",
+        help="classifier-free guidance scale, one for all U-Nets or one per U-Net",
+    )
+    parser.add_argument(
+        "--sampler",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="sampler, one for all U-Nets or one per U-Net (default: the config's)",
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="N",
+        help="sampling steps (network calls), one for all U-Nets or one per U-Net (default: the config's)",
+    )
+    parser.add_argument(
+        "--batch_size",
+        "--batch-size",
+        dest="batch_size",
+        type=int,
+        default=16,
+        metavar="B",
+        help="images sampled at once per process (default 16)",
+    )
+    parser.add_argument(
+        "--stop_at_unet",
+        "--stop-at-unet",
+        dest="stop_at_unet",
+        type=int,
+        default=None,
+        metavar="N",
+        help="stop after U-Net N (numbered from 1; default: the last)",
+    )
+    parser.add_argument(
+        "--no_ema",
+        "--no-ema",
+        dest="no_ema",
+        action="store_true",
+        help="use a checkpoint's trained weights instead of its EMA weights",
+    )
     parser.add_argument("--device", default=None, help="single-process device (default: cuda when available, else cpu)")
-    parser.add_argument("--clip_make", "--clip-make", dest="clip_make", default=None, help="CLIP for --images: openai or open_clip")
-    parser.add_argument("--clip_model", "--clip-model", dest="clip_model", default=None,
-                        help="CLIP model for --images (default: the config's decoder.clip)")
-    parser.add_argument("--clip_pretrained", "--clip-pretrained", dest="clip_pretrained", default=None,
-                        help="CLIP weights file or pretrained tag for --images")
+    parser.add_argument(
+        "--clip_make", "--clip-make", dest="clip_make", default=None, help="CLIP for --images: openai or open_clip"
+    )
+    parser.add_argument(
+        "--clip_model",
+        "--clip-model",
+        dest="clip_model",
+        default=None,
+        help="CLIP model for --images (default: the config's decoder.clip)",
+    )
+    parser.add_argument(
+        "--clip_pretrained",
+        "--clip-pretrained",
+        dest="clip_pretrained",
+        default=None,
+        help="CLIP weights file or pretrained tag for --images",
+    )
     parser.add_argument("--endpoint", default=None, help="hub endpoint for a hub repo id (default: the hub client's)")
     parser.add_argument("--token", default=None, help="hub token (default: the hub client's login or HF_TOKEN)")
     parser.add_argument("--cache_dir", "--cache-dir", dest="cache_dir", default=None, help="download cache folder")
-    parser.add_argument("--debug", action="store_true",
-                        help="print the full traceback of errors too (they are one line each without it)")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="print the full traceback of errors too (they are one line each without it)",
+    )
     return parser
 
 
@@ -105,7 +185,9 @@ def _per_unet(values: Optional[Sequence], count: int, option: str) -> Optional[l
     if len(values) == 1:
         return list(values) * count
     if len(values) != count:
-        raise SampleInputError(f"{option} has {len(values)} values but the decoder has {count} U-Nets; give one or one per U-Net")
+        raise SampleInputError(
+            f"{option} has {len(values)} values but the decoder has {count} U-Nets; give one or one per U-Net"
+        )
     return list(values)
 
 
@@ -133,15 +215,19 @@ def embeddings_inputs(args, decoder) -> Inputs:
         embeds = embeds[None]
     want = decoder.unets[0].config["image_embed_dim"]
     if embeds.dim() != 2 or embeds.shape[1] != want:
-        raise SampleInputError(f"--embeddings: {args.embeddings} has shape {tuple(embeds.shape)}; the decoder takes (N, {want})")
+        raise SampleInputError(
+            f"--embeddings: {args.embeddings} has shape {tuple(embeds.shape)}; the decoder takes (N, {want})"
+        )
     text = mask = None
     if args.text_encodings:
         text = _load_npy(args.text_encodings, "--text_encodings")
         if text.dim() == 2:
             text = text[:, None]  # pooled text embeddings: one context token each, as in training
         if text.dim() != 3 or text.shape[0] != embeds.shape[0]:
-            raise SampleInputError(f"--text_encodings: {args.text_encodings} has shape {tuple(text.shape)}; "
-                                   f"expected ({embeds.shape[0]}, L, W) to go with the {embeds.shape[0]} embeddings")
+            raise SampleInputError(
+                f"--text_encodings: {args.text_encodings} has shape {tuple(text.shape)}; "
+                f"expected ({embeds.shape[0]}, L, W) to go with the {embeds.shape[0]} embeddings"
+            )
         mask = text.abs().sum(-1) > 0  # zero rows are padding
     width = len(str(max(0, embeds.shape[0] - 1)))
     return Inputs([f"row{i:0{width}d}" for i in range(embeds.shape[0])], embeds, text, mask, "embeddings")
@@ -155,15 +241,20 @@ def _clip_config(args, run_config: Dict[str, Any]):
         from .config import TrainDecoderConfig
 
         clip = TrainDecoderConfig.from_json_path(args.config_file).decoder.clip
-        recorded = {} if clip is None else {"make": clip.make, "model": clip.model, "pretrained": clip.pretrained,
-                                            "cache_dir": clip.cache_dir}
+        recorded = (
+            {}
+            if clip is None
+            else {"make": clip.make, "model": clip.model, "pretrained": clip.pretrained, "cache_dir": clip.cache_dir}
+        )
     options = {key: value for key, value in recorded.items() if value is not None}
     for key, value in (("make", args.clip_make), ("model", args.clip_model), ("pretrained", args.clip_pretrained)):
         if value is not None:
             options[key] = value
     if "model" not in options:
-        raise SampleInputError("--images needs CLIP: the decoder's config has no decoder.clip; give --clip_model "
-                               "(and --clip_make / --clip_pretrained)")
+        raise SampleInputError(
+            "--images needs CLIP: the decoder's config has no decoder.clip; give --clip_model "
+            "(and --clip_make / --clip_pretrained)"
+        )
     return ClipConfig(**options)
 
 
@@ -185,7 +276,9 @@ def image_folder_inputs(args, decoder, run_config, device) -> Inputs:
     clip = create_clip(_clip_config(args, run_config), device=device)
     want = decoder.unets[0].config["image_embed_dim"]
     if clip.image_embed_dim != want:
-        raise SampleInputError(f"CLIP gives {clip.image_embed_dim}-dimensional image embeddings but the decoder takes {want}")
+        raise SampleInputError(
+            f"CLIP gives {clip.image_embed_dim}-dimensional image embeddings but the decoder takes {want}"
+        )
     embeds = []
     for path in files:
         try:
@@ -217,9 +310,15 @@ def test_split_inputs(args, run_config, device) -> Inputs:
 
     config = run_config_for(args, run_config)
     # Every process reads the whole split the same way, so the inputs (and their order) do not depend on ranks.
-    loader = create_dataloaders(config.data, seed=config.seed, rank=0, world_size=1, validation_samples=None,
-                                test_samples=None, image_embed_dim=None if config.decoder.clip else
-                                config.decoder.unets[0].image_embed_dim)["test"]
+    loader = create_dataloaders(
+        config.data,
+        seed=config.seed,
+        rank=0,
+        world_size=1,
+        validation_samples=None,
+        test_samples=None,
+        image_embed_dim=None if config.decoder.clip else config.decoder.unets[0].image_embed_dim,
+    )["test"]
     if len(loader) == 0:
         raise SampleInputError(f"the test split of {config.data.webdataset_base_url} is empty (data.splits.test)")
     prepare = BatchPreparer(config, device=device).prepare
@@ -231,7 +330,9 @@ def test_split_inputs(args, run_config, device) -> Inputs:
         embeds.append(batch["image_embed"].cpu())
         if "text_encodings" in batch:
             texts.append(batch["text_encodings"].cpu())
-            masks.append(batch["text_mask"].cpu() if "text_mask" in batch else (batch["text_encodings"].abs().sum(-1) > 0).cpu())
+            masks.append(
+                batch["text_mask"].cpu() if "text_mask" in batch else (batch["text_encodings"].abs().sum(-1) > 0).cpu()
+            )
         if args.limit is not None and len(ids) >= args.limit:
             break
     count = len(ids) if args.limit is None else min(len(ids), args.limit)
@@ -298,7 +399,9 @@ def write_outputs(out_dir: Path, inputs: Inputs, items, images, *, seeds, record
     for (index, seed), pixels in zip(items, images):
         name = f"{index:05d}_{_safe(inputs.ids[index])}_seed{seed}.png"
         Image.fromarray(pixels).save(image_dir / name)
-        entries.append({"file": f"images/{name}", "input": inputs.ids[index], "input_index": index, "seed": seed, **record})
+        entries.append(
+            {"file": f"images/{name}", "input": inputs.ids[index], "input_index": index, "seed": seed, **record}
+        )
     grid = make_grid(torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2), nrow=len(seeds), padding=2)
     Image.fromarray(grid.permute(1, 2, 0).numpy()).save(out_dir / "grid.png")
     summary = {"model": record["checkpoint"], "inputs": inputs.kind, "count": len(entries), "images": entries}
@@ -328,8 +431,14 @@ def run(args) -> int:
     if args.text_encodings and not args.embeddings:
         raise SampleInputError("--text_encodings goes with --embeddings")
     seeds = _seeds(args)
-    loaded = load(args.model, use_ema=not args.no_ema, device=device, endpoint=args.endpoint, token=args.token,
-                  cache_dir=args.cache_dir)
+    loaded = load(
+        args.model,
+        use_ema=not args.no_ema,
+        device=device,
+        endpoint=args.endpoint,
+        token=args.token,
+        cache_dir=args.cache_dir,
+    )
     decoder = loaded.decoder
     count = decoder.num_unets
     stop = args.stop_at_unet or count
@@ -345,16 +454,24 @@ def run(args) -> int:
             raise SampleInputError(f"--sampler {name}: unknown; choose one of {', '.join(SAMPLER_NAMES)}")
     for value in steps or []:
         if not 1 <= value <= decoder.num_timesteps:
-            raise SampleInputError(f"--steps {value}: must be between 1 and the decoder's {decoder.num_timesteps} timesteps")
-    chosen = [decoder.sampler_for(n, None if samplers is None else samplers[n - 1], None if steps is None else steps[n - 1])
-              for n in range(1, stop + 1)]
+            raise SampleInputError(
+                f"--steps {value}: must be between 1 and the decoder's {decoder.num_timesteps} timesteps"
+            )
+    chosen = [
+        decoder.sampler_for(n, None if samplers is None else samplers[n - 1], None if steps is None else steps[n - 1])
+        for n in range(1, stop + 1)
+    ]
 
     if args.embeddings:
         inputs = embeddings_inputs(args, decoder)
         if args.limit is not None:
-            inputs = Inputs(inputs.ids[: args.limit], inputs.image_embed[: args.limit],
-                            None if inputs.text_encodings is None else inputs.text_encodings[: args.limit],
-                            None if inputs.text_mask is None else inputs.text_mask[: args.limit], inputs.kind)
+            inputs = Inputs(
+                inputs.ids[: args.limit],
+                inputs.image_embed[: args.limit],
+                None if inputs.text_encodings is None else inputs.text_encodings[: args.limit],
+                None if inputs.text_mask is None else inputs.text_mask[: args.limit],
+                inputs.kind,
+            )
     elif args.images:
         inputs = image_folder_inputs(args, decoder, loaded.config, device)
     else:
@@ -364,12 +481,27 @@ def run(args) -> int:
     items = [(index, seed) for index in range(len(inputs.ids)) for seed in seeds]
     mine = items[accelerator.process_index :: accelerator.num_processes]
     if main_process:
-        plan = ", ".join(f"U-Net {n}: {name} {calls or decoder.num_timesteps} steps" for n, (name, calls) in enumerate(chosen, 1))
-        print(f"sampling {len(items)} images ({len(inputs.ids)} inputs x {len(seeds)} seeds) on "
-              f"{accelerator.num_processes} process(es), {device}; {plan}", file=sys.stderr, flush=True)
+        plan = ", ".join(
+            f"U-Net {n}: {name} {calls or decoder.num_timesteps} steps" for n, (name, calls) in enumerate(chosen, 1)
+        )
+        print(
+            f"sampling {len(items)} images ({len(inputs.ids)} inputs x {len(seeds)} seeds) on "
+            f"{accelerator.num_processes} process(es), {device}; {plan}",
+            file=sys.stderr,
+            flush=True,
+        )
     with torch.no_grad():
-        images = sample_items(decoder, inputs, mine, args=args, samplers=samplers, steps=steps, cond_scale=cond_scale,
-                              device=device, show=main_process)
+        images = sample_items(
+            decoder,
+            inputs,
+            mine,
+            args=args,
+            samplers=samplers,
+            steps=steps,
+            cond_scale=cond_scale,
+            device=device,
+            show=main_process,
+        )
     if accelerator.num_processes > 1:
         gathered = gather_object([(mine, images)])
     else:
@@ -391,8 +523,11 @@ def run(args) -> int:
         out_dir = Path(args.out)
         write_outputs(out_dir, inputs, items, ordered, seeds=seeds, record=record)
         shares = [len(part) for part, _ in gathered]
-        print(f"wrote {len(items)} images, grid.png and samples.json to {out_dir} (images per process: {shares})",
-              file=sys.stderr, flush=True)
+        print(
+            f"wrote {len(items)} images, grid.png and samples.json to {out_dir} (images per process: {shares})",
+            file=sys.stderr,
+            flush=True,
+        )
     if accelerator.num_processes > 1:
         accelerator.wait_for_everyone()
         accelerator.end_training()

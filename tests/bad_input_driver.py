@@ -8,6 +8,7 @@ Each job is `{"command": "train" | "evaluate" | "prepare", "argv": [...]}`, or
 `{"command": "torch_save", "path": P, "bytes": N, "write_paths": [...]}`, which writes a tensor
 of N bytes with torch.save and reports the failure as the commands do.
 """
+
 from __future__ import annotations
 
 import contextlib

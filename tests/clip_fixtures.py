@@ -3,6 +3,7 @@
 Nothing is downloaded: the config is small enough to build in a second, and its random weights
 are saved beside it, so the adapter's real loading path (open_clip reading a local folder) runs.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,7 +23,13 @@ def write_tiny_open_clip(folder: Path, seed: int = 0) -> str:
     model_cfg = {
         "embed_dim": TINY_EMBED_DIM,
         "vision_cfg": {"image_size": TINY_IMAGE_SIZE, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-        "text_cfg": {"context_length": TINY_CONTEXT, "vocab_size": 49408, "width": TINY_TEXT_WIDTH, "heads": 2, "layers": 1},
+        "text_cfg": {
+            "context_length": TINY_CONTEXT,
+            "vocab_size": 49408,
+            "width": TINY_TEXT_WIDTH,
+            "heads": 2,
+            "layers": 1,
+        },
     }
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": {}}))

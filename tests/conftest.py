@@ -1,4 +1,5 @@
 """Shared fixtures: the repository root and small valid configurations to start tests from."""
+
 from __future__ import annotations
 
 import copy

@@ -1,5 +1,6 @@
 """Shards and embedding files written by the data tests themselves (plain tarfile + numpy, so the
 test data does not depend on the package's own writer)."""
+
 from __future__ import annotations
 
 import functools

@@ -5,6 +5,7 @@ written by scripts/reference_fixtures/decoder_cases.py from DALLE2-pytorch 1.15.
 is not needed here. Both decoders run the same closed-form stand-in network
 (scripts/reference_fixtures/standin_network.py), so differences come from the decoder alone.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -22,8 +23,16 @@ from dalle2_decoder.models.reference_names import decoder_state_from_reference
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures" / "reference" / "decoder"
 REAL = " (reference U-Nets)"
-KINDS = ("training loss", "DDPM step", "DDIM step", "sampled images", "inpainted images",
-         "training loss" + REAL, "sampled images" + REAL, "inpainted images" + REAL)
+KINDS = (
+    "training loss",
+    "DDPM step",
+    "DDIM step",
+    "sampled images",
+    "inpainted images",
+    "training loss" + REAL,
+    "sampled images" + REAL,
+    "inpainted images" + REAL,
+)
 
 
 def _load_script(name: str):
@@ -57,7 +66,7 @@ def build_decoder(meta: Dict[str, Any], tensors: Dict[str, torch.Tensor]) -> Dec
         unets.append(Unet(**kwargs))
     decoder = Decoder(unets, **meta["decoder"])
     if meta["network"] == "init":
-        reference_state = {key[len("state."):]: value for key, value in tensors.items() if key.startswith("state.")}
+        reference_state = {key[len("state.") :]: value for key, value in tensors.items() if key.startswith("state.")}
         decoder.load_state_dict(decoder_state_from_reference(reference_state), strict=True)
         return decoder
     if meta["network"] == "synthetic":
@@ -67,7 +76,7 @@ def build_decoder(meta: Dict[str, Any], tensors: Dict[str, torch.Tensor]) -> Dec
         return decoder
     for index, unet in enumerate(decoder.unets):
         prefix = f"standin.{index}."
-        coefficients = {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
+        coefficients = {key[len(prefix) :]: value for key, value in tensors.items() if key.startswith(prefix)}
         standin_network.install(unet, coefficients)
     return decoder
 
@@ -122,7 +131,9 @@ def compare_case(name: str, scales: Dict[str, float] | None = None) -> Dict[str,
         kwargs["image"] = image
     images = decoder.sample(image_embed, text, noise=noise, **kwargs)
     if noise.used != len(noise.tensors):
-        raise AssertionError(f"{name}: sampling used {noise.used} noise tensors, the reference drew {len(noise.tensors)}")
+        raise AssertionError(
+            f"{name}: sampling used {noise.used} noise tensors, the reference drew {len(noise.tensors)}"
+        )
     note(("inpainted images" if inpainting else "sampled images") + suffix, images, tensors["sample.images"])
     if suffix:
         return diffs
@@ -131,12 +142,16 @@ def compare_case(name: str, scales: Dict[str, float] | None = None) -> Dict[str,
     for index, unet in enumerate(decoder.unets):
         count = meta["trace_counts"][index]
         if len(unet.standin_trace) != count:
-            raise AssertionError(f"{name}: U-Net {index + 1} was called {len(unet.standin_trace)} times, the reference {count}")
+            raise AssertionError(
+                f"{name}: U-Net {index + 1} was called {len(unet.standin_trace)} times, the reference {count}"
+            )
         steps = decoder.sample_timesteps[index]
         kind = "DDPM step" if steps is None else "DDIM step"
         for call, (x, t) in enumerate(unet.standin_trace):
             reference_t = tensors[f"sample.trace.{index}.{call:04d}.t"]
             if not torch.equal(t, reference_t):
-                raise AssertionError(f"{name}: U-Net {index + 1} call {call} at timesteps {t.tolist()}, the reference at {reference_t.tolist()}")
+                raise AssertionError(
+                    f"{name}: U-Net {index + 1} call {call} at timesteps {t.tolist()}, the reference at {reference_t.tolist()}"
+                )
             note(kind, x, tensors[f"sample.trace.{index}.{call:04d}.x"])
     return diffs

@@ -3,6 +3,7 @@
 Run as a script (under `accelerate launch`), it computes the metrics on a fixed set of images
 split unevenly across the ranks and writes rank 0's values as JSON: see test_evaluation_distributed.py.
 """
+
 from __future__ import annotations
 
 import json
@@ -50,7 +51,11 @@ def write_networks(folder: Path) -> Dict[str, str]:
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(11)
     paths = {}
-    for name, module in (("features", TinyFeatures(FEATURE_DIM)), ("logits", TinyFeatures(CLASSES, scale=20.0)), ("lpips", TinyLpipsNet())):
+    for name, module in (
+        ("features", TinyFeatures(FEATURE_DIM)),
+        ("logits", TinyFeatures(CLASSES, scale=20.0)),
+        ("lpips", TinyLpipsNet()),
+    ):
         path = folder / f"{name}.pt"
         torch.jit.script(module.eval()).save(str(path))
         paths[name] = str(path)
@@ -91,7 +96,7 @@ def _distributed_main(out_path: str, networks: str, count: int) -> None:
     batch = 4 if state.process_index == 0 else 3
     real, generated = real[mine], generated[mine]
     for start in range(0, real.shape[0], batch):
-        suite.update(real[start:start + batch], generated[start:start + batch])
+        suite.update(real[start : start + batch], generated[start : start + batch])
 
     values = suite.compute(seed=3)
     values["samples"] = pooled_count(real.shape[0], state)

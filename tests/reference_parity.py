@@ -4,6 +4,7 @@ Shared by tests/test_reference_parity_unet.py and bench/reference_parity.py. Nee
 reference nor network: weights are stored in the fixture or rebuilt from its seed with
 scripts/reference_fixtures/synthetic_weights.py (the generator's own code, plain torch).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -73,7 +74,11 @@ class UnetCase:
         with torch.set_grad_enabled(train):
             if call["method"] == "forward":
                 out = unet(
-                    x, time, image_cond_drop_prob=call["image_cond_drop_prob"], text_cond_drop_prob=call["text_cond_drop_prob"], **inputs
+                    x,
+                    time,
+                    image_cond_drop_prob=call["image_cond_drop_prob"],
+                    text_cond_drop_prob=call["text_cond_drop_prob"],
+                    **inputs,
                 )
             else:
                 out = unet.forward_with_cond_scale(x, time, cond_scale=call["cond_scale"], **inputs)

@@ -1,4 +1,5 @@
 """A tiny trained decoder run (checkpoint, model save, config) for the loading and sampling tests."""
+
 from __future__ import annotations
 
 import json

@@ -15,6 +15,7 @@ each, `SLURM_NODEID` differs, and the ranks meet over TCP on 127.0.0.1.
 The daemons run as root (as slurmd must, to start jobs); `ensure_installed()` installs Debian's
 `slurm-wlm` and `munge` with apt-get when they are missing, as CI runs as root.
 """
+
 from __future__ import annotations
 
 import os
@@ -45,8 +46,10 @@ def ensure_installed() -> None:
     if not missing:
         return
     if os.geteuid() != 0 or _find("apt-get") is None:
-        raise SlurmSetupError(f"{', '.join(missing)} not found; install Debian's slurm-wlm and munge (as root: "
-                              "apt-get install slurm-wlm munge)")
+        raise SlurmSetupError(
+            f"{', '.join(missing)} not found; install Debian's slurm-wlm and munge (as root: "
+            "apt-get install slurm-wlm munge)"
+        )
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     for command in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "slurm-wlm", "munge"]):
         result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
@@ -134,8 +137,9 @@ class LocalSlurmCluster:
             "SchedulerParameters=sched_interval=2",
         ]
         for name, port in zip(self.nodes, node_ports):
-            lines.append(f"NodeName={name} NodeHostname={host} NodeAddr=127.0.0.1 Port={port} CPUs={self.cpus} "
-                         "State=UNKNOWN")
+            lines.append(
+                f"NodeName={name} NodeHostname={host} NodeAddr=127.0.0.1 Port={port} CPUs={self.cpus} State=UNKNOWN"
+            )
         lines.append(f"PartitionName={self.partition} Nodes=ALL Default=YES MaxTime=INFINITE State=UP")
         self.conf.write_text("\n".join(lines) + "\n")
         key = self.root / "munge" / "munge.key"
@@ -158,25 +162,41 @@ class LocalSlurmCluster:
     def _daemon(self, name: str, command: List[str]) -> None:
         log = open(self.logs / f"{name}.stdout", "ab")
         # A session of its own: the daemon and whatever it starts can be signalled as one group.
-        self._daemons[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env(),
-                                               start_new_session=True)
+        self._daemons[name] = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=self.env(), start_new_session=True
+        )
         log.close()
 
     def start(self, timeout: float = 60.0) -> "LocalSlurmCluster":
         """Write the config, start munged, slurmctld and the slurmd, and wait until every node is idle."""
         ensure_installed()
         if os.geteuid() != 0:
-            raise SlurmSetupError("the local SLURM cluster runs its daemons as root (slurmd starts the jobs); run as root")
+            raise SlurmSetupError(
+                "the local SLURM cluster runs its daemons as root (slurmd starts the jobs); run as root"
+            )
         self._write_config()
         try:
             munge = self.root / "munge"
-            self._daemon("munged", [_find("munged"), "--foreground", "--force", f"--socket={munge / 'munge.socket'}",
-                                    f"--key-file={munge / 'munge.key'}", f"--pid-file={munge / 'munged.pid'}",
-                                    f"--log-file={self.logs / 'munged.log'}", f"--seed-file={munge / 'munged.seed'}"])
+            self._daemon(
+                "munged",
+                [
+                    _find("munged"),
+                    "--foreground",
+                    "--force",
+                    f"--socket={munge / 'munge.socket'}",
+                    f"--key-file={munge / 'munge.key'}",
+                    f"--pid-file={munge / 'munged.pid'}",
+                    f"--log-file={self.logs / 'munged.log'}",
+                    f"--seed-file={munge / 'munged.seed'}",
+                ],
+            )
             self._wait_for(lambda: (munge / "munge.socket").exists(), timeout, "munged to open its socket")
             self._daemon("slurmctld", [_find("slurmctld"), "-D", "-i", "-f", str(self.conf)])
-            self._wait_for(lambda: self._run("scontrol", "ping").returncode == 0 and "UP" in self._run("scontrol", "ping").stdout,
-                           timeout, "slurmctld to answer")
+            self._wait_for(
+                lambda: self._run("scontrol", "ping").returncode == 0 and "UP" in self._run("scontrol", "ping").stdout,
+                timeout,
+                "slurmctld to answer",
+            )
             for node in self.nodes:
                 self._daemon(f"slurmd-{node}", [_find("slurmd"), "-D", "-N", node, "-f", str(self.conf)])
             self._wait_for(self._all_idle, timeout, "every node to be idle")
@@ -198,15 +218,19 @@ class LocalSlurmCluster:
         while time.monotonic() < deadline:
             for name, process in self._daemons.items():
                 if process.poll() is not None:
-                    raise SlurmSetupError(f"{name} exited with status {process.returncode} while waiting for {what}; "
-                                          f"logs in {self.logs}:\n{self.log_tail()}")
+                    raise SlurmSetupError(
+                        f"{name} exited with status {process.returncode} while waiting for {what}; "
+                        f"logs in {self.logs}:\n{self.log_tail()}"
+                    )
             try:
                 if condition():
                     return
             except (subprocess.SubprocessError, OSError):
                 pass
             time.sleep(0.3)
-        raise SlurmSetupError(f"timed out after {timeout:.0f} s waiting for {what}; logs in {self.logs}:\n{self.log_tail()}")
+        raise SlurmSetupError(
+            f"timed out after {timeout:.0f} s waiting for {what}; logs in {self.logs}:\n{self.log_tail()}"
+        )
 
     def log_tail(self, lines: int = 15) -> str:
         parts = []

@@ -1,8 +1,8 @@
 """Helpers of the SLURM tests: the cluster fixture, a job config, submitting the shipped sbatch script."""
+
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -57,16 +57,26 @@ class Job:
 def sbatch_command(output: Path, config: Path) -> list:
     """The shipped script as a user submits it, with this cluster's sizes given on the command line
     (which override the script's #SBATCH lines): no GPUs, one CPU process per node."""
-    env = ",".join([
-        "ALL",
-        f"VENV={sys.prefix}",  # the script activates it
-        "GPUS_PER_NODE=1",
-        f"MAIN_PROCESS_PORT={free_ports(1)[0]}",
-        "OMP_NUM_THREADS=1",  # two nodes share this host's cores
-        f"PYTHONPATH={REPO_ROOT}",
-    ])
-    return ["sbatch", "--parsable", "--gpus-per-node=0", "--cpus-per-task=1", f"--output={output}",
-            f"--export={env}", str(SBATCH), str(config)]
+    env = ",".join(
+        [
+            "ALL",
+            f"VENV={sys.prefix}",  # the script activates it
+            "GPUS_PER_NODE=1",
+            f"MAIN_PROCESS_PORT={free_ports(1)[0]}",
+            "OMP_NUM_THREADS=1",  # two nodes share this host's cores
+            f"PYTHONPATH={REPO_ROOT}",
+        ]
+    )
+    return [
+        "sbatch",
+        "--parsable",
+        "--gpus-per-node=0",
+        "--cpus-per-task=1",
+        f"--output={output}",
+        f"--export={env}",
+        str(SBATCH),
+        str(config),
+    ]
 
 
 def submit(cluster: LocalSlurmCluster, config: Path, folder: Path, *, wait: bool = True) -> Job:
@@ -75,8 +85,9 @@ def submit(cluster: LocalSlurmCluster, config: Path, folder: Path, *, wait: bool
     command = sbatch_command(output, config)
     if wait:
         command.insert(1, "--wait")
-    process = subprocess.Popen(command, cwd=REPO_ROOT, env=cluster.env(), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        command, cwd=REPO_ROOT, env=cluster.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     job_id = process.stdout.readline().strip().split(";")[0]
     job = Job(job_id=job_id, output_path=Path(str(output).replace("%j", job_id)))
     if not wait:
@@ -90,8 +101,9 @@ def submit(cluster: LocalSlurmCluster, config: Path, folder: Path, *, wait: bool
 
 
 def job_info(cluster: LocalSlurmCluster, job_id: str) -> Dict[str, str]:
-    result = subprocess.run(["scontrol", "show", "job", "-o", job_id], env=cluster.env(), capture_output=True,
-                            text=True, timeout=30)
+    result = subprocess.run(
+        ["scontrol", "show", "job", "-o", job_id], env=cluster.env(), capture_output=True, text=True, timeout=30
+    )
     return dict(item.split("=", 1) for item in result.stdout.split() if "=" in item)
 
 

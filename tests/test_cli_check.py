@@ -1,4 +1,5 @@
 """The command line: --check prints the resolved config or every problem; --set overrides options."""
+
 from __future__ import annotations
 
 import json
@@ -54,10 +55,25 @@ def test_warnings_go_to_stderr(capsys, minimal_config, write_config):
 
 def test_set_overrides_before_validation(capsys, minimal_config, write_config):
     path = write_config(minimal_config)
-    code, out, _ = run_main(capsys, "--config_file", path, "--check", "--no-io", "--set", "train.lr=3e-4",
-                            "--set", "decoder.unets[0].dim=32", "--set", "tracker.data_path=/scratch/run 1",
-                            "--set", "evaluate.FID.feature=64", "--set", "train.unet_training_mask=[true]",
-                            "--set", "data.preprocessing.RandomHorizontalFlip=true")
+    code, out, _ = run_main(
+        capsys,
+        "--config_file",
+        path,
+        "--check",
+        "--no-io",
+        "--set",
+        "train.lr=3e-4",
+        "--set",
+        "decoder.unets[0].dim=32",
+        "--set",
+        "tracker.data_path=/scratch/run 1",
+        "--set",
+        "evaluate.FID.feature=64",
+        "--set",
+        "train.unet_training_mask=[true]",
+        "--set",
+        "data.preprocessing.RandomHorizontalFlip=true",
+    )
     assert code == 0
     resolved = json.loads(out)
     assert resolved["train"]["lr"] == 3e-4
@@ -69,8 +85,17 @@ def test_set_overrides_before_validation(capsys, minimal_config, write_config):
 
 
 def test_set_values_are_validated_like_the_file(capsys, minimal_config, write_config):
-    code, _, err = run_main(capsys, "--config_file", write_config(minimal_config), "--check", "--no-io",
-                            "--set", "train.lrr=1", "--set", "train.epochs=\"ten\"")
+    code, _, err = run_main(
+        capsys,
+        "--config_file",
+        write_config(minimal_config),
+        "--check",
+        "--no-io",
+        "--set",
+        "train.lrr=1",
+        "--set",
+        'train.epochs="ten"',
+    )
     assert code == 1
     assert "  train.lrr: unknown option (did you mean lr?)" in err.splitlines()
     assert '  train.epochs: expected an integer, got "ten"' in err.splitlines()
@@ -113,8 +138,9 @@ def test_training_without_the_training_loop_exits_2(capsys, monkeypatch, minimal
     assert "training is not available yet" in err
 
 
-def test_training_calls_the_training_loop_with_the_config(capsys, monkeypatch, minimal_config, write_config,
-                                                          world_ready):
+def test_training_calls_the_training_loop_with_the_config(
+    capsys, monkeypatch, minimal_config, write_config, world_ready
+):
     received = []
     monkeypatch.setattr(cli, "_training_entry_point", lambda: lambda config: received.append(config) or 0)
     code, _, _ = run_main(capsys, "--config_file", write_config(minimal_config), "--set", "seed=7")
@@ -139,8 +165,13 @@ def test_only_rank_0_prints(capsys, monkeypatch, minimal_config, write_config):
 def test_train_decoder_script_reports_config_errors_without_a_traceback(minimal_config, write_config):
     minimal_config["decoder"]["unets"][0]["dim_mult"] = [1, 2]
     path = write_config(minimal_config)
-    result = subprocess.run([sys.executable, str(REPO_ROOT / "train_decoder.py"), "--config_file", str(path), "--check", "--no-io"],
-                            capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "train_decoder.py"), "--config_file", str(path), "--check", "--no-io"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO_ROOT,
+    )
     assert result.returncode == 1 and result.stdout == ""
     assert "Traceback" not in result.stderr
     assert "decoder.unets[0].dim_mult: unknown option (did you mean dim_mults?)" in result.stderr
@@ -153,7 +184,11 @@ def test_console_command_checks_a_config(minimal_config, write_config):
     (command,) = [entry for entry in entry_points(group="console_scripts") if entry.name == "dalle2-train-decoder"]
     assert command.value == "dalle2_decoder.cli:main"
     executable = os.path.join(sysconfig.get_path("scripts"), "dalle2-train-decoder")
-    result = subprocess.run([executable, "--config_file", str(write_config(minimal_config)), "--check", "--no-io"],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [executable, "--config_file", str(write_config(minimal_config)), "--check", "--no-io"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == TrainDecoderConfig.from_dict(minimal_config).to_dict()

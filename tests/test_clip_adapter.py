@@ -1,4 +1,5 @@
 """The CLIP adapter on a tiny open_clip model the test writes to disk (no download)."""
+
 import pytest
 import torch
 
@@ -29,7 +30,11 @@ def test_text_encodings_are_per_token_with_padding_mask(tiny_clip):
     encoded = tiny_clip.embed_texts(captions)
     assert encoded.text_embed.shape == (2, TINY_EMBED_DIM)
     assert torch.allclose(encoded.text_embed.norm(dim=-1), torch.ones(2), atol=1e-5)
-    assert encoded.text_encodings.shape == (2, TINY_CONTEXT, TINY_TEXT_WIDTH) == (2, tiny_clip.max_text_len, tiny_clip.text_embed_dim)
+    assert (
+        encoded.text_encodings.shape
+        == (2, TINY_CONTEXT, TINY_TEXT_WIDTH)
+        == (2, tiny_clip.max_text_len, tiny_clip.text_embed_dim)
+    )
     # Start token + words + end token are real; the longer caption has more real tokens.
     real = encoded.text_mask.sum(dim=1)
     assert real[1] > real[0] >= 3

@@ -1,4 +1,5 @@
 """The data preparation command embeds a folder of images with the real CLIP adapter (tiny local model)."""
+
 import json
 
 import numpy as np
@@ -20,8 +21,22 @@ def test_prepare_command_writes_clip_embeddings_that_load(tmp_path, capsys):
         Image.new("RGB", (40, 36), (40 * i, 200 - 30 * i, 90)).save(images / f"img{i}.jpg")
         (images / f"img{i}.txt").write_text(f"a flat picture, colour {i}")
     out = tmp_path / "out"
-    status = prepare.main(["--images", str(images), "--out", str(out), "--clip-make", "open_clip", "--clip-model", model,
-                           "--shard-size", "3", "--batch-size", "2"])
+    status = prepare.main(
+        [
+            "--images",
+            str(images),
+            "--out",
+            str(out),
+            "--clip-make",
+            "open_clip",
+            "--clip-model",
+            model,
+            "--shard-size",
+            "3",
+            "--batch-size",
+            "2",
+        ]
+    )
     assert status == 0
     data = json.loads(capsys.readouterr().out)["data"]
     img_files = sorted((out / "img_emb").iterdir())
@@ -32,8 +47,14 @@ def test_prepare_command_writes_clip_embeddings_that_load(tmp_path, capsys):
 
     # The rows are CLIP's embeddings of those very images, and the loader hands them out with them.
     clip = create_clip(ClipConfig(make="open_clip", model=model))
-    config = DataConfig(**data, batch_size=5, num_workers=0, splits=DataSplits(train=1.0, val=0.0, test=0.0),
-                        shuffle_train=False, preprocessing={"ToTensor": True})
+    config = DataConfig(
+        **data,
+        batch_size=5,
+        num_workers=0,
+        splits=DataSplits(train=1.0, val=0.0, test=0.0),
+        shuffle_train=False,
+        preprocessing={"ToTensor": True},
+    )
     (batch,) = list(create_dataloaders(config, seed=0)["train"])
     assert batch["text_embed"].shape == (5, TINY_EMBED_DIM)
     for key, embed in zip(batch["key"], batch["image_embed"]):
@@ -45,6 +66,8 @@ def test_prepare_command_writes_clip_embeddings_that_load(tmp_path, capsys):
 
 def test_prepare_command_names_missing_clip_weights(tmp_path, capsys):
     (tmp_path / "a.jpg").write_bytes(b"")
-    status = prepare.main(["--images", str(tmp_path), "--out", str(tmp_path / "out"), "--clip-weights", str(tmp_path / "ViT-L-14.pt")])
+    status = prepare.main(
+        ["--images", str(tmp_path), "--out", str(tmp_path / "out"), "--clip-weights", str(tmp_path / "ViT-L-14.pt")]
+    )
     assert status == 2
     assert "ViT-L-14.pt" in capsys.readouterr().err

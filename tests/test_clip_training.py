@@ -1,4 +1,5 @@
 """CLIP on the fly in the training run: embeddings and text encodings for data that has none."""
+
 import copy
 
 import pytest
@@ -76,5 +77,7 @@ def test_clip_that_does_not_fit_the_unets_is_a_clear_error(demo_data, clip_model
     config = clip_config(demo_data, tmp_path / "run", clip_model, keep_embeddings=False).to_dict()
     config["decoder"]["unets"][0]["image_embed_dim"] = 48
     run = TrainingRun(TrainDecoderConfig.from_dict(config))
-    with pytest.raises(ClipLoadError, match="16-dimensional image embeddings but decoder.unets\\[0\\].image_embed_dim is 48"):
+    with pytest.raises(
+        ClipLoadError, match="16-dimensional image embeddings but decoder.unets\\[0\\].image_embed_dim is 48"
+    ):
         run.execute()

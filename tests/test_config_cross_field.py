@@ -1,4 +1,5 @@
 """Cross-field checks: each rule, the message that names what to change, and the valid cases."""
+
 from __future__ import annotations
 
 import warnings
@@ -14,15 +15,27 @@ def two_unets(config):
     return config
 
 
-@pytest.mark.parametrize("splits", [{"train": 0.7, "val": 0.2, "test": 0.1}, {"train": 0.8, "val": 0.1, "test": 0.1},
-                                    {"train": 1.0, "val": 0.0, "test": 0.0}, {"train": 0.8, "val": 0.1}])
+@pytest.mark.parametrize(
+    "splits",
+    [
+        {"train": 0.7, "val": 0.2, "test": 0.1},
+        {"train": 0.8, "val": 0.1, "test": 0.1},
+        {"train": 1.0, "val": 0.0, "test": 0.0},
+        {"train": 0.8, "val": 0.1},
+    ],
+)
 def test_splits_summing_to_one_within_float_tolerance(minimal_config, config_problems, splits):
     minimal_config["data"]["splits"] = splits
     assert config_problems(minimal_config) == []
 
 
-@pytest.mark.parametrize("splits, total", [({"train": 0.8, "val": 0.15, "test": 0.1}, "0.8 + 0.15 + 0.1 = 1.05"),
-                                           ({"train": 0.5}, "0.5 + 0.15 + 0.1 = 0.75")])
+@pytest.mark.parametrize(
+    "splits, total",
+    [
+        ({"train": 0.8, "val": 0.15, "test": 0.1}, "0.8 + 0.15 + 0.1 = 1.05"),
+        ({"train": 0.5}, "0.5 + 0.15 + 0.1 = 0.75"),
+    ],
+)
 def test_splits_not_summing_to_one(minimal_config, config_problems, splits, total):
     minimal_config["data"]["splits"] = splits
     assert config_problems(minimal_config) == [f"data.splits: train + val + test must sum to 1 (got {total})"]
@@ -30,8 +43,10 @@ def test_splits_not_summing_to_one(minimal_config, config_problems, splits, tota
 
 def test_negative_split(minimal_config, config_problems):
     minimal_config["data"]["splits"] = {"train": 1.2, "val": -0.2, "test": 0.0}
-    assert config_problems(minimal_config) == ["data.splits.train: must be in [0.0, 1.0] (got 1.2)",
-                                               "data.splits.val: must be in [0.0, 1.0] (got -0.2)"]
+    assert config_problems(minimal_config) == [
+        "data.splits.train: must be in [0.0, 1.0] (got 1.2)",
+        "data.splits.val: must be in [0.0, 1.0] (got -0.2)",
+    ]
 
 
 def test_one_image_size_per_unet(minimal_config, config_problems):
@@ -100,8 +115,16 @@ def test_unet_training_mask_trains_something(minimal_config, config_problems):
     ]
 
 
-@pytest.mark.parametrize("name, value", [("lr", [1e-4, 2e-4, 3e-4]), ("wd", [0.01]), ("max_grad_norm", [0.5, 1.0, 1.0]),
-                                         ("cond_scale", [1.0]), ("warmup_steps", [100])])
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("lr", [1e-4, 2e-4, 3e-4]),
+        ("wd", [0.01]),
+        ("max_grad_norm", [0.5, 1.0, 1.0]),
+        ("cond_scale", [1.0]),
+        ("warmup_steps", [100]),
+    ],
+)
 def test_per_unet_lists_have_one_entry_per_unet(minimal_config, config_problems, name, value):
     two_unets(minimal_config)
     minimal_config["train"] = {name: value}
@@ -212,9 +235,11 @@ def test_images_need_an_embedding_source(minimal_config, config_problems):
         "data.img_embeddings_url: the decoder needs image embeddings and has no source for them; give "
         "img_embeddings_url, keep them in the shards (embeddings_in_shards), or set decoder.clip to compute them"
     ]
-    for fix in ({"data": dict(minimal_config["data"], img_embeddings_url="emb/img_emb")},
-                {"decoder": dict(minimal_config["decoder"], clip={"make": "open_clip", "model": "ViT-B-32"})},
-                {"decoder": dict(minimal_config["decoder"], unconditional=True)}):
+    for fix in (
+        {"data": dict(minimal_config["data"], img_embeddings_url="emb/img_emb")},
+        {"decoder": dict(minimal_config["decoder"], clip={"make": "open_clip", "model": "ViT-B-32"})},
+        {"decoder": dict(minimal_config["decoder"], unconditional=True)},
+    ):
         assert config_problems(dict(minimal_config, **fix)) == []
 
 
@@ -256,28 +281,48 @@ def test_wandb_resume_needs_a_run_id(minimal_config, config_problems):
 def test_empty_names_are_rejected(minimal_config, config_problems):
     minimal_config["tracker"]["log"] = {"log_type": "wandb", "wandb_entity": "", "wandb_project": "p"}
     minimal_config["tracker"]["save"] = [{"save_to": "huggingface", "huggingface_repo": " ", "save_latest_to": "x"}]
-    assert config_problems(minimal_config) == ["tracker.log.wandb_entity: must not be empty",
-                                               "tracker.save[0].huggingface_repo: must not be empty"]
+    assert config_problems(minimal_config) == [
+        "tracker.log.wandb_entity: must not be empty",
+        "tracker.save[0].huggingface_repo: must not be empty",
+    ]
 
 
 @pytest.mark.parametrize(
     "section, key, value, expected",
     [
         ("decoder", "loss_type", "l3", 'decoder.loss_type: unknown value "l3"; expected one of l1, l2, huber'),
-        ("decoder", "loss_type", "hubr", 'decoder.loss_type: unknown value "hubr" (did you mean huber?); '
-                                         "expected one of l1, l2, huber"),
-        ("decoder", "beta_schedule", "cosin", 'decoder.beta_schedule: unknown value "cosin" (did you mean cosine?); '
-                                              "expected one of cosine, linear, quadratic, jsd, sigmoid"),
+        (
+            "decoder",
+            "loss_type",
+            "hubr",
+            'decoder.loss_type: unknown value "hubr" (did you mean huber?); expected one of l1, l2, huber',
+        ),
+        (
+            "decoder",
+            "beta_schedule",
+            "cosin",
+            'decoder.beta_schedule: unknown value "cosin" (did you mean cosine?); '
+            "expected one of cosine, linear, quadratic, jsd, sigmoid",
+        ),
         ("decoder", "timesteps", 0, "decoder.timesteps: must be at least 1 (got 0)"),
-        ("decoder", "sample_timesteps", 2000, "decoder.sample_timesteps: U-Net 0 samples with 2000 steps; it must be "
-                                              "between 1 and decoder.timesteps (1000)"),
+        (
+            "decoder",
+            "sample_timesteps",
+            2000,
+            "decoder.sample_timesteps: U-Net 0 samples with 2000 steps; it must be "
+            "between 1 and decoder.timesteps (1000)",
+        ),
         ("decoder", "image_cond_drop_prob", 1.5, "decoder.image_cond_drop_prob: must be in [0.0, 1.0] (got 1.5)"),
         ("data", "num_workers", -1, "data.num_workers: must be at least 0 (got -1)"),
         ("train", "epochs", 0, "train.epochs: must be at least 1 (got 0)"),
         ("train", "ema_beta", 1.5, "train.ema_beta: must be in [0.0, 1.0] (got 1.5)"),
         ("train", "wd", -0.1, "train.wd: must be at least 0.0 (got -0.1)"),
-        ("train", "mixed_precision", "bf61",
-         'train.mixed_precision: unknown value "bf61" (did you mean bf16?); expected one of no, fp16, bf16'),
+        (
+            "train",
+            "mixed_precision",
+            "bf61",
+            'train.mixed_precision: unknown value "bf61" (did you mean bf16?); expected one of no, fp16, bf16',
+        ),
         ("train", "device", "gpu0", None),
         ("evaluate", "n_evaluation_samples", 0, "evaluate.n_evaluation_samples: must be at least 1 (got 0)"),
     ],

@@ -1,4 +1,5 @@
 """Every default stated by the configuration reference, as the loaded config sees it."""
+
 from __future__ import annotations
 
 import pytest
@@ -116,8 +117,11 @@ def test_wandb_log_defaults(minimal_config):
     [
         ({"load_from": "local", "file_path": "ckpt.pth"}, LocalLoadConfig, {"only_auto_resume": False}),
         ({"load_from": "url", "url": "http://host/ckpt.pth"}, UrlLoadConfig, {"only_auto_resume": False}),
-        ({"load_from": "wandb", "wandb_file_path": "latest.pth"}, WandbLoadConfig,
-         {"only_auto_resume": False, "wandb_run_path": None}),
+        (
+            {"load_from": "wandb", "wandb_file_path": "latest.pth"},
+            WandbLoadConfig,
+            {"only_auto_resume": False, "wandb_run_path": None},
+        ),
     ],
 )
 def test_loader_defaults(minimal_config, load, cls, expected):
@@ -133,8 +137,11 @@ def test_loader_defaults(minimal_config, load, cls, expected):
     "save, cls, expected",
     [
         ({"save_to": "local", "save_meta_to": "meta"}, LocalSaveConfig, {}),
-        ({"save_to": "huggingface", "huggingface_repo": "me/decoder", "save_meta_to": "meta"}, HuggingfaceSaveConfig,
-         {"token_path": None}),
+        (
+            {"save_to": "huggingface", "huggingface_repo": "me/decoder", "save_meta_to": "meta"},
+            HuggingfaceSaveConfig,
+            {"token_path": None},
+        ),
         ({"save_to": "wandb", "save_meta_to": "meta"}, WandbSaveConfig, {"wandb_run_path": None}),
     ],
 )
@@ -156,7 +163,14 @@ def test_to_dict_fills_in_every_default(loaded):
     assert resolved["train"]["device"] == "cuda:0"
     assert resolved["evaluate"]["n_evaluation_samples"] == 1000
     assert resolved["tracker"]["data_path"] == "./.tracker-data"
-    assert resolved["tracker"]["save"] == [{"save_to": "local", "save_latest_to": "latest.pth", "save_best_to": None,
-                                            "save_meta_to": None, "save_type": "checkpoint"}]
+    assert resolved["tracker"]["save"] == [
+        {
+            "save_to": "local",
+            "save_latest_to": "latest.pth",
+            "save_best_to": None,
+            "save_meta_to": None,
+            "save_type": "checkpoint",
+        }
+    ]
     assert resolved["tracker"]["load"] is None
     assert resolved["seed"] == 0

@@ -1,4 +1,5 @@
 """docs/CONFIG.md stays true to the classes: every option of every section, with its default."""
+
 from __future__ import annotations
 
 import json

@@ -2,6 +2,7 @@
 
 Every problem is reported at once, each as `path: reason` with the path in JSON notation.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,10 +22,16 @@ def test_misspelled_unet_option_names_the_closest_valid_one(minimal_config, conf
     [
         ((), "seeed", "seeed: unknown option (did you mean seed?)"),
         (("decoder",), "timestep", "decoder.timestep: unknown option (did you mean timesteps?)"),
-        (("decoder",), "use_blur_for_lowres_cnd",
-         "decoder.use_blur_for_lowres_cnd: unknown option (did you mean use_blur_for_lowres_cond?)"),
-        (("decoder", "unets", 0), "cond_on_text_encoding",
-         "decoder.unets[0].cond_on_text_encoding: unknown option (did you mean cond_on_text_encodings?)"),
+        (
+            ("decoder",),
+            "use_blur_for_lowres_cnd",
+            "decoder.use_blur_for_lowres_cnd: unknown option (did you mean use_blur_for_lowres_cond?)",
+        ),
+        (
+            ("decoder", "unets", 0),
+            "cond_on_text_encoding",
+            "decoder.unets[0].cond_on_text_encoding: unknown option (did you mean cond_on_text_encodings?)",
+        ),
         (("data",), "batchsize", "data.batchsize: unknown option (did you mean batch_size?)"),
         (("data",), "zzz", "data.zzz: unknown option"),
         (("tracker", "log"), "wandb_entity", "tracker.log.wandb_entity: unknown option"),
@@ -59,14 +66,16 @@ def test_wrong_types_are_strict(minimal_config, config_problems):
     minimal_config["data"]["batch_size"] = 2.5
     minimal_config["train"] = {"lr": [1e-4, "fast"], "wd": "none"}
     minimal_config["decoder"]["image_sizes"] = 64
-    assert sorted(config_problems(minimal_config)) == sorted([
-        'decoder.unets[0].dim: expected an integer, got "16"',
-        "decoder.image_sizes: expected a list of integers, got 64",
-        'data.shuffle_train: expected true or false, got "false"',
-        "data.batch_size: expected an integer, got 2.5",
-        'train.lr[1]: expected a number, got "fast"',
-        'train.wd: expected a number or a list of numbers, got "none"',
-    ])
+    assert sorted(config_problems(minimal_config)) == sorted(
+        [
+            'decoder.unets[0].dim: expected an integer, got "16"',
+            "decoder.image_sizes: expected a list of integers, got 64",
+            'data.shuffle_train: expected true or false, got "false"',
+            "data.batch_size: expected an integer, got 2.5",
+            'train.lr[1]: expected a number, got "fast"',
+            'train.wd: expected a number or a list of numbers, got "none"',
+        ]
+    )
 
 
 def test_integral_floats_are_integers(minimal_config):
@@ -118,15 +127,27 @@ def test_missing_required_options(minimal_config, config_problems, path, key, ex
 @pytest.mark.parametrize(
     "family, value, expected",
     [
-        ("log", {"log_type": "tensorboard"},
-         'tracker.log.log_type: unknown kind "tensorboard"; expected one of console, wandb'),
-        ("log", {"log_type": "wandbb", "wandb_entity": "e", "wandb_project": "p"},
-         'tracker.log.log_type: unknown kind "wandbb" (did you mean wandb?); expected one of console, wandb'),
+        (
+            "log",
+            {"log_type": "tensorboard"},
+            'tracker.log.log_type: unknown kind "tensorboard"; expected one of console, wandb',
+        ),
+        (
+            "log",
+            {"log_type": "wandbb", "wandb_entity": "e", "wandb_project": "p"},
+            'tracker.log.log_type: unknown kind "wandbb" (did you mean wandb?); expected one of console, wandb',
+        ),
         ("log", {"resume": False}, "tracker.log.log_type: required option missing (one of console, wandb)"),
-        ("load", {"load_from": "s3", "url": "s3://x"},
-         'tracker.load.load_from: unknown kind "s3"; expected one of local, url, wandb'),
-        ("save", {"save_to": "gcs", "save_latest_to": "x"},
-         'tracker.save[0].save_to: unknown kind "gcs"; expected one of local, huggingface, wandb'),
+        (
+            "load",
+            {"load_from": "s3", "url": "s3://x"},
+            'tracker.load.load_from: unknown kind "s3"; expected one of local, url, wandb',
+        ),
+        (
+            "save",
+            {"save_to": "gcs", "save_latest_to": "x"},
+            'tracker.save[0].save_to: unknown kind "gcs"; expected one of local, huggingface, wandb',
+        ),
     ],
 )
 def test_unknown_kinds(minimal_config, config_problems, family, value, expected):
@@ -228,7 +249,9 @@ def test_from_json_path_reports_unreadable_and_invalid_files(tmp_path):
     broken.write_text('{"decoder": {,}}')
     with pytest.raises(ConfigError) as caught:
         TrainDecoderConfig.from_json_path(broken)
-    assert caught.value.problems == ["not valid JSON: Expecting property name enclosed in double quotes at line 1, column 14"]
+    assert caught.value.problems == [
+        "not valid JSON: Expecting property name enclosed in double quotes at line 1, column 14"
+    ]
     listing = tmp_path / "list.json"
     listing.write_text(json.dumps([1, 2]))
     with pytest.raises(ConfigError) as caught:
@@ -257,5 +280,6 @@ def test_preprocessing_problems_use_the_data_pipeline_validator(monkeypatch):
 
     monkeypatch.setattr(preprocessing, "_validator", lambda: lambda spec: ["Resize: bad size", "spec is odd"])
     assert preprocessing.preprocessing_problems({"Resize": {"size": -1}}) == [
-        "data.preprocessing.Resize: bad size", "data.preprocessing: spec is odd",
+        "data.preprocessing.Resize: bad size",
+        "data.preprocessing: spec is odd",
     ]

@@ -1,4 +1,5 @@
 """The shipped example configs and the accelerate configs (the SLURM script runs on a real cluster: test_slurm*.py)."""
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,11 @@ ACCELERATE_CONFIGS = sorted((REPO_ROOT / "accelerate_configs").glob("*.yaml"))
 
 def test_the_examples_cover_each_use():
     assert {path.name for path in EXAMPLES} >= {
-        "decoder_64_precomputed.json", "decoder_64_to_256_cascade.json", "upsampler_finetune.json",
-        "decoder_clip_on_the_fly.json", "demo_cpu.json",
+        "decoder_64_precomputed.json",
+        "decoder_64_to_256_cascade.json",
+        "upsampler_finetune.json",
+        "decoder_clip_on_the_fly.json",
+        "demo_cpu.json",
     }
 
 
@@ -105,4 +109,3 @@ def test_accelerate_configs_cover_each_setup():
     assert configs["cpu_multi_process.yaml"].distributed_type.value == "MULTI_GPU"
     assert configs["cpu_multi_process.yaml"].use_cpu is True and configs["cpu_multi_process.yaml"].num_processes == 2
     assert configs["bf16.yaml"].mixed_precision == "bf16"
-

@@ -4,6 +4,7 @@
 The reference's further documented options are accepted and honoured, or accepted with a
 warning where they have no effect here.
 """
+
 from __future__ import annotations
 
 import copy
@@ -37,12 +38,17 @@ def test_reference_example_loads_unchanged():
     assert (unet.dim, unet.image_embed_dim, tuple(unet.dim_mults)) == (128, 768, (1, 2, 4, 8))
     assert unet.options == {"cond_dim": 64, "channels": 3, "attn_dim_head": 32, "attn_heads": 16}
     assert config.decoder.beta_schedule == ["cosine"]
-    assert config.data.preprocessing["RandomResizedCrop"] == {"size": [128, 128], "scale": [0.75, 1.0],
-                                                              "ratio": [1.0, 1.0]}
+    assert config.data.preprocessing["RandomResizedCrop"] == {
+        "size": [128, 128],
+        "scale": [0.75, 1.0],
+        "ratio": [1.0, 1.0],
+    }
     assert config.train.amp is False and config.train.n_sample_images == 6
     assert config.train.unet_training_mask == [True]
     assert config.evaluate.metrics() == {
-        "FID": {"feature": 64}, "IS": {"feature": 64, "splits": 10}, "KID": {"feature": 64, "subset_size": 10},
+        "FID": {"feature": 64},
+        "IS": {"feature": 64, "splits": 10},
+        "KID": {"feature": 64, "subset_size": 10},
         "LPIPS": {"net_type": "vgg", "reduction": "mean"},
     }
     tracker = config.tracker
@@ -59,17 +65,31 @@ def test_reference_example_loads_unchanged():
 def test_reference_test_config_shape_loads(reference_raw):
     """The reference's CPU test config: CLIP on the fly, resampled shards, console logging, one local saver."""
     raw = reference_raw
-    raw["decoder"]["unets"][0].update(dim=16, cond_dim=16, attn_dim_head=16, attn_heads=4,
-                                      self_attn=[False, True, True, True])
+    raw["decoder"]["unets"][0].update(
+        dim=16, cond_dim=16, attn_dim_head=16, attn_heads=4, self_attn=[False, True, True, True]
+    )
     raw["decoder"]["clip"] = {"make": "openai", "model": "ViT-L/14"}
     raw["decoder"]["timesteps"] = 10
-    raw["data"] = {"webdataset_base_url": "test_data/{}.tar", "num_workers": 4, "batch_size": 4, "start_shard": 0,
-                   "end_shard": 9, "shard_width": 1, "index_width": 1,
-                   "splits": {"train": 0.75, "val": 0.15, "test": 0.1}, "shuffle_train": False,
-                   "resample_train": True, "preprocessing": {"RandomResizedCrop": {"size": [224, 224]}, "ToTensor": True}}
+    raw["data"] = {
+        "webdataset_base_url": "test_data/{}.tar",
+        "num_workers": 4,
+        "batch_size": 4,
+        "start_shard": 0,
+        "end_shard": 9,
+        "shard_width": 1,
+        "index_width": 1,
+        "splits": {"train": 0.75, "val": 0.15, "test": 0.1},
+        "shuffle_train": False,
+        "resample_train": True,
+        "preprocessing": {"RandomResizedCrop": {"size": [224, 224]}, "ToTensor": True},
+    }
     raw["train"].update(epochs=1, lr=1e-16, device="cpu", epoch_samples=50, validation_samples=5)
-    raw["tracker"] = {"overwrite_data_path": True, "log": {"log_type": "console"}, "load": {"load_from": None},
-                      "save": [{"save_to": "local", "save_latest_to": "latest.pth"}]}
+    raw["tracker"] = {
+        "overwrite_data_path": True,
+        "log": {"log_type": "console"},
+        "load": {"load_from": None},
+        "save": [{"save_to": "local", "save_latest_to": "latest.pth"}],
+    }
     config = TrainDecoderConfig.from_dict(raw)
     assert config.decoder.clip.model == "ViT-L/14"
     assert config.decoder.unets[0].options["self_attn"] == [False, True, True, True]
@@ -78,13 +98,26 @@ def test_reference_test_config_shape_loads(reference_raw):
 
 def test_reference_trainer_options_are_honoured(reference_raw):
     raw = reference_raw
-    raw["train"].update(amp=True, warmup_steps=[500], find_unused_parameters=False, static_graph=True,
-                        save_immediately=True, cond_scale=[2.0], n_sample_images=3)
-    raw["decoder"].update(sample_timesteps=[64], image_cond_drop_prob=0.2, text_cond_drop_prob=0.3,
-                          learned_variance=[False])
+    raw["train"].update(
+        amp=True,
+        warmup_steps=[500],
+        find_unused_parameters=False,
+        static_graph=True,
+        save_immediately=True,
+        cond_scale=[2.0],
+        n_sample_images=3,
+    )
+    raw["decoder"].update(
+        sample_timesteps=[64], image_cond_drop_prob=0.2, text_cond_drop_prob=0.3, learned_variance=[False]
+    )
     config = TrainDecoderConfig.from_dict(raw)
     train = config.train
-    assert (train.amp, train.warmup_steps, train.find_unused_parameters, train.static_graph) == (True, [500], False, True)
+    assert (train.amp, train.warmup_steps, train.find_unused_parameters, train.static_graph) == (
+        True,
+        [500],
+        False,
+        True,
+    )
     assert (train.save_immediately, train.cond_scale, train.n_sample_images) == (True, [2.0], 3)
     assert train.for_unet("warmup_steps", 0) == 500 and train.for_unet("lr", 0) == 1e-4
     decoder = config.decoder
@@ -101,17 +134,19 @@ def test_reference_options_without_effect_are_accepted_with_a_warning(reference_
     with pytest.warns(ConfigWarning) as caught:
         config = TrainDecoderConfig.from_dict(raw)
     messages = [str(warning.message) for warning in caught]
-    assert sorted(messages) == sorted([
-        "tracker.save[0].save_all: option of the reference trainer that has no effect, ignored; save_latest_to, "
-        "save_best_to and save_meta_to decide what is saved",
-        "tracker.save[0].save_latest: option of the reference trainer that has no effect, ignored; save_latest_to, "
-        "save_best_to and save_meta_to decide what is saved",
-        "tracker.save[0].save_best: option of the reference trainer that has no effect, ignored; save_latest_to, "
-        "save_best_to and save_meta_to decide what is saved",
-        "tracker.load: load_from is null, so no checkpoint is loaded and file_path, only_auto_resume are ignored",
-        "decoder.image_size: accepted for compatibility and ignored; decoder.image_sizes sets the resolution of each "
-        "U-Net",
-    ])
+    assert sorted(messages) == sorted(
+        [
+            "tracker.save[0].save_all: option of the reference trainer that has no effect, ignored; save_latest_to, "
+            "save_best_to and save_meta_to decide what is saved",
+            "tracker.save[0].save_latest: option of the reference trainer that has no effect, ignored; save_latest_to, "
+            "save_best_to and save_meta_to decide what is saved",
+            "tracker.save[0].save_best: option of the reference trainer that has no effect, ignored; save_latest_to, "
+            "save_best_to and save_meta_to decide what is saved",
+            "tracker.load: load_from is null, so no checkpoint is loaded and file_path, only_auto_resume are ignored",
+            "decoder.image_size: accepted for compatibility and ignored; decoder.image_sizes sets the resolution of each "
+            "U-Net",
+        ]
+    )
     assert config.tracker.load is None
     assert config.tracker.save[1].save_best_to is None
 

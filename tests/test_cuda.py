@@ -3,6 +3,7 @@
 Marked `cuda`: they need a CUDA GPU and fail (never skip) without one. `make test` deselects them
 with `-m "not cuda"` on CPU machines; `bench/gpu_check.sh` runs them on a GPU machine.
 """
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """Bad data: skipped, counted by reason, batch counts kept; too much of it stops the run."""
+
 import logging
 import os
 import tarfile

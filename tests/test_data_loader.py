@@ -1,4 +1,5 @@
 """create_dataloaders on local shards: exact epochs, embeddings, splits, ranks and workers, capped epochs."""
+
 import collections
 import math
 
@@ -36,10 +37,17 @@ def check_batches(batches, dataset, *, text=False):
 @pytest.mark.parametrize("shard_width,index_width", [(6, 4), (3, 2), (5, 6)])
 @pytest.mark.parametrize("num_workers", [0, 1, 2])
 def test_every_sample_once_with_its_embedding_row(tmp_path, shard_width, index_width, num_workers):
-    dataset = write_dataset(str(tmp_path), SIZES, shard_width=shard_width, index_width=index_width, text=True,
-                            start_shard=3)
-    config = data_config(dataset, shard_width=shard_width, index_width=index_width, num_workers=num_workers,
-                         shuffle_train=num_workers == 2, shuffle_buffer=10)
+    dataset = write_dataset(
+        str(tmp_path), SIZES, shard_width=shard_width, index_width=index_width, text=True, start_shard=3
+    )
+    config = data_config(
+        dataset,
+        shard_width=shard_width,
+        index_width=index_width,
+        num_workers=num_workers,
+        shuffle_train=num_workers == 2,
+        shuffle_buffer=10,
+    )
     loader = create_dataloaders(config, seed=0)["train"]
     batches = list(loader)
     keys = keys_of(batches)
@@ -104,7 +112,11 @@ def test_splits_are_disjoint_deterministic_and_follow_the_seed(tmp_path):
 
     first = shards_by_phase(0)
     assert [len(first[p]) for p in ("train", "val", "test")] == [15, 3, 2]
-    assert not (first["train"] & first["val"]) and not (first["train"] & first["test"]) and not (first["val"] & first["test"])
+    assert (
+        not (first["train"] & first["val"])
+        and not (first["train"] & first["test"])
+        and not (first["val"] & first["test"])
+    )
     assert shards_by_phase(0) == first
     assert shards_by_phase(1) != first
 
@@ -184,9 +196,15 @@ def test_worker_random_augmentations_repeat_for_the_same_epoch_whatever_the_glob
     gradient.save(buffer, format="PNG")  # lossless: crops of a gradient differ visibly
     keys = [f"{shard:06d}{index:04d}" for shard in range(2) for index in range(4)]
     dataset = write_dataset(str(tmp_path), [4, 4], overrides={key: {"jpg": buffer.getvalue()} for key in keys})
-    config = DataConfig(webdataset_base_url=dataset.base_url, img_embeddings_url=dataset.img_embeddings_url,
-                        num_workers=1, batch_size=8, shuffle_train=False, splits=DataSplits(train=1.0, val=0.0, test=0.0),
-                        preprocessing={"RandomResizedCrop": {"size": 6}, "ToTensor": True})
+    config = DataConfig(
+        webdataset_base_url=dataset.base_url,
+        img_embeddings_url=dataset.img_embeddings_url,
+        num_workers=1,
+        batch_size=8,
+        shuffle_train=False,
+        splits=DataSplits(train=1.0, val=0.0, test=0.0),
+        preprocessing={"RandomResizedCrop": {"size": 6}, "ToTensor": True},
+    )
     loader = create_dataloaders(config, seed=0)["train"]
     images = []
     for global_seed in (1, 2):

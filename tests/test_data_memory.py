@@ -1,5 +1,6 @@
 """Recycled batch memory: reuse is what makes the loader fast, and it must never overwrite a
 batch that anyone still holds, in the main process or across the worker boundary."""
+
 from __future__ import annotations
 
 import gc
@@ -149,9 +150,14 @@ def test_every_batch_of_an_epoch_held_at_once_keeps_its_images(tmp_path, monkeyp
 
     monkeypatch.setattr(memory.BatchReleaser, "release", recording)
     monkeypatch.setattr(memory, "HUGE_PAGE", 256)  # these tiny batches take the recycled path too
-    config = DataConfig(webdataset_base_url=dataset.base_url, img_embeddings_url=dataset.img_embeddings_url,
-                        num_workers=num_workers, batch_size=2, shuffle_train=False,
-                        splits=DataSplits(train=1.0, val=0.0, test=0.0))
+    config = DataConfig(
+        webdataset_base_url=dataset.base_url,
+        img_embeddings_url=dataset.img_embeddings_url,
+        num_workers=num_workers,
+        batch_size=2,
+        shuffle_train=False,
+        splits=DataSplits(train=1.0, val=0.0, test=0.0),
+    )
     loader = create_dataloaders(config, seed=0, uint8_images=uint8_images)["train"]
     batches = list(loader)
     assert len(batches) == 18 > dataset_module.POOLED_BATCHES * max(1, num_workers)

@@ -2,6 +2,7 @@
 
 Every server listens on 127.0.0.1 only.
 """
+
 import functools
 import http.server
 import os
@@ -52,8 +53,12 @@ def s3_endpoint():
 
 @pytest.fixture
 def s3_env(s3_endpoint, monkeypatch):
-    for name, value in (("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test"),
-                        ("AWS_DEFAULT_REGION", "us-east-1"), ("AWS_ENDPOINT_URL", s3_endpoint)):
+    for name, value in (
+        ("AWS_ACCESS_KEY_ID", "test"),
+        ("AWS_SECRET_ACCESS_KEY", "test"),
+        ("AWS_DEFAULT_REGION", "us-east-1"),
+        ("AWS_ENDPOINT_URL", s3_endpoint),
+    ):
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("AWS_PROFILE", raising=False)
     return s3_endpoint
@@ -87,8 +92,14 @@ def test_http_shards_and_embedding_folder(http_root, with_sizes_file):
         with open(os.path.join(folder, "shards", "sizes.json"), "w") as file:
             file.write('{"0000.tar": 5, "0001.tar": 7, "0002.tar": 4}')
     config = data_config(
-        dataset, webdataset_base_url=f"{url}/shards/{{}}.tar", end_shard=2, shard_width=4, index_width=3,
-        img_embeddings_url=f"{url}/img_emb/", text_embeddings_url=f"{url}/text_emb/", num_workers=2,
+        dataset,
+        webdataset_base_url=f"{url}/shards/{{}}.tar",
+        end_shard=2,
+        shard_width=4,
+        index_width=3,
+        img_embeddings_url=f"{url}/img_emb/",
+        text_embeddings_url=f"{url}/text_emb/",
+        num_workers=2,
     )
     check(create_dataloaders(config, seed=0)["train"], dataset)
 
@@ -103,8 +114,9 @@ def test_http_needs_an_explicit_end_shard(http_root):
 def test_http_missing_shard_is_counted_not_fatal(http_root):
     folder, url = http_root
     dataset = write_dataset(folder, SIZES, embeddings="shard")
-    config = data_config(dataset, webdataset_base_url=f"{url}/shards/{{}}.tar", end_shard=3,
-                         max_bad_sample_fraction=0.5)
+    config = data_config(
+        dataset, webdataset_base_url=f"{url}/shards/{{}}.tar", end_shard=3, max_bad_sample_fraction=0.5
+    )
     loader = create_dataloaders(config, seed=0, epoch_samples=20)["train"]
     assert len(list(loader)) == 5  # shard 3 does not exist: the worker cycles through the others
     assert loader.stats["shard_read_errors"] >= 1
@@ -114,8 +126,12 @@ def test_s3_shards_and_embeddings(tmp_path, s3_env):
     dataset = write_dataset(str(tmp_path), SIZES, shard_width=5, index_width=4)
     upload(str(tmp_path), "data-bucket", s3_env)
     config = data_config(
-        dataset, webdataset_base_url="s3://data-bucket/shards/{}.tar", shard_width=5,
-        img_embeddings_url="s3://data-bucket/img_emb", num_workers=2, batch_size=3,
+        dataset,
+        webdataset_base_url="s3://data-bucket/shards/{}.tar",
+        shard_width=5,
+        img_embeddings_url="s3://data-bucket/img_emb",
+        num_workers=2,
+        batch_size=3,
     )
     check(create_dataloaders(config, seed=0)["train"], dataset)
 
@@ -124,8 +140,9 @@ def test_s3_missing_shards_listed(tmp_path, s3_env):
     dataset = write_dataset(str(tmp_path), [2, 2, 2, 2])
     os.remove(dataset.shard_path(2, 6))
     upload(str(tmp_path), "gappy-bucket", s3_env)
-    config = data_config(dataset, webdataset_base_url="s3://gappy-bucket/shards/{}.tar",
-                         img_embeddings_url="s3://gappy-bucket/img_emb")
+    config = data_config(
+        dataset, webdataset_base_url="s3://gappy-bucket/shards/{}.tar", img_embeddings_url="s3://gappy-bucket/img_emb"
+    )
     with pytest.raises(ValueError, match=r"1 shard\(s\) .* missing in 0..3: 2"):
         create_dataloaders(config, seed=0)
 

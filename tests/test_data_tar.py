@@ -1,5 +1,6 @@
 """The tar reader: our own parser of plain archives must read exactly what `tarfile` reads, in
 every format tarfile writes, and report a broken archive instead of reading past it."""
+
 from __future__ import annotations
 
 import gzip
@@ -54,7 +55,7 @@ class TrickleStream(io.RawIOBase):
 
     def read(self, size=-1):
         size = self._chunk if size is None or size < 0 else min(size, self._chunk)
-        piece = self._data[self._position:self._position + size]
+        piece = self._data[self._position : self._position + size]
         self._position += len(piece)
         return piece
 
@@ -73,7 +74,9 @@ MEMBERS = [
 
 @pytest.mark.parametrize("format", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
 def test_the_parser_reads_what_tarfile_reads_in_every_format(format):
-    members = MEMBERS if format != tarfile.USTAR_FORMAT else [m for m in MEMBERS if "long_" not in m[0] and m[0].isascii()]
+    members = (
+        MEMBERS if format != tarfile.USTAR_FORMAT else [m for m in MEMBERS if "long_" not in m[0] and m[0].isascii()]
+    )
     data = archive_bytes(members, format=format, mtime=1 if format == tarfile.USTAR_FORMAT else 1.5)
     expected = samples_via_tarfile(data)
     assert len(expected) == len({name.rsplit(".", 1)[0].split(".")[0] for name, _ in members})
@@ -86,7 +89,7 @@ def test_sizes_beyond_the_octal_field_and_base256_numbers_are_read():
     # Small stand-ins: a pax size record that overrides the header, and a base-256 mtime.
     info = tarfile.TarInfo("000001.jpg")
     info.size = 5
-    info.mtime = 8 ** 11 + 1  # does not fit the 11 octal digits: GNU writes base-256
+    info.mtime = 8**11 + 1  # does not fit the 11 octal digits: GNU writes base-256
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as archive:
         archive.addfile(info, io.BytesIO(b"12345"))

@@ -1,4 +1,5 @@
 """Preprocessing specs, the demo dataset generator and the prepare command."""
+
 import io
 import json
 import os
@@ -9,8 +10,14 @@ import torch
 from PIL import Image
 
 from dalle2_decoder.config import DataSplits
-from dalle2_decoder.data import PreprocessingError, build_transform, create_dataloaders, validate_preprocessing
-from dalle2_decoder.data import demo, prepare
+from dalle2_decoder.data import (
+    PreprocessingError,
+    build_transform,
+    create_dataloaders,
+    demo,
+    prepare,
+    validate_preprocessing,
+)
 
 try:
     from .data_fixtures import keys_of
@@ -20,13 +27,16 @@ except ImportError:
 
 # ----- preprocessing -----------------------------------------------------------------------------
 
+
 def test_transforms_by_name_with_arguments():
-    transform = build_transform({
-        "RandomResizedCrop": {"size": 16, "scale": [0.5, 1.0]},
-        "RandomHorizontalFlip": True,
-        "ColorJitter": {"brightness": 0.1},
-        "ToTensor": True,
-    })
+    transform = build_transform(
+        {
+            "RandomResizedCrop": {"size": 16, "scale": [0.5, 1.0]},
+            "RandomHorizontalFlip": True,
+            "ColorJitter": {"brightness": 0.1},
+            "ToTensor": True,
+        }
+    )
     image = transform(Image.new("RGB", (40, 30), (255, 128, 0)))
     assert image.shape == (3, 16, 16) and image.dtype == torch.float32
     assert 0.0 <= image.min() and image.max() <= 1.0
@@ -47,6 +57,7 @@ def test_unknown_transform_names_the_closest_valid_one():
 
 
 # ----- demo dataset ------------------------------------------------------------------------------
+
 
 def test_demo_dataset_is_learnable_and_loads(tmp_path):
     data = demo.generate_demo_dataset(str(tmp_path), num_images=60, image_size=32, embed_dim=40, shard_size=20)
@@ -71,7 +82,7 @@ def test_demo_dataset_is_learnable_and_loads(tmp_path):
     assert np.abs(first - other).max() > 0.05
     # Same caption, same text embedding; different pictures, different image embeddings.
     by_caption = {}
-    for caption, text_embed, image_embed in zip(batch["caption"], batch["text_embed"], batch["image_embed"]):
+    for caption, text_embed, _image_embed in zip(batch["caption"], batch["text_embed"], batch["image_embed"]):
         if caption in by_caption:
             assert torch.equal(by_caption[caption], text_embed)
         by_caption[caption] = text_embed
@@ -79,8 +90,22 @@ def test_demo_dataset_is_learnable_and_loads(tmp_path):
 
 
 def test_demo_command_line(tmp_path, capsys):
-    assert demo.main(["--out", str(tmp_path), "--num-images", "10", "--image-size", "16", "--embed-dim", "32",
-                      "--embeddings-in-shards"]) == 0
+    assert (
+        demo.main(
+            [
+                "--out",
+                str(tmp_path),
+                "--num-images",
+                "10",
+                "--image-size",
+                "16",
+                "--embed-dim",
+                "32",
+                "--embeddings-in-shards",
+            ]
+        )
+        == 0
+    )
     printed = json.loads(capsys.readouterr().out)
     assert printed == json.loads((tmp_path / "data_config.json").read_text())
     assert "img_embeddings_url" not in printed["data"]
@@ -89,6 +114,7 @@ def test_demo_command_line(tmp_path, capsys):
 
 
 # ----- prepare -----------------------------------------------------------------------------------
+
 
 class FakeClipEmbedder:
     """Test double for the CLIP adapter: deterministic embeddings of the pixels and of the text."""
@@ -102,7 +128,7 @@ class FakeClipEmbedder:
     def embed_images(self, images):
         self.seen_shapes.append(tuple(images.shape))
         means = images.mean(dim=(2, 3))  # (B, 3)
-        return torch.cat([means, means ** 2], dim=1)[:, : self.dim] + 0.01
+        return torch.cat([means, means**2], dim=1)[:, : self.dim] + 0.01
 
     def embed_texts(self, captions):
         return torch.tensor([[len(c), sum(map(ord, c)) % 97, 1, 2, 3, 4] for c in captions], dtype=torch.float32)
@@ -124,21 +150,32 @@ def test_prepare_folder_into_shards_and_embeddings(tmp_path):
     data = prepare.prepare_dataset(str(images), str(tmp_path / "out"), embedder, shard_size=3, batch_size=4)
     assert all(shape[1:] == (3, 16, 16) for shape in embedder.seen_shapes)
     sizes = json.loads((tmp_path / "out" / "shards" / "sizes.json").read_text())
-    assert {name: entry["samples"] for name, entry in sizes.items()} == {"000000.tar": 3, "000001.tar": 3, "000002.tar": 1}
+    assert {name: entry["samples"] for name, entry in sizes.items()} == {
+        "000000.tar": 3,
+        "000001.tar": 3,
+        "000002.tar": 1,
+    }
     assert all(entry["bytes"] == os.path.getsize(tmp_path / "out" / "shards" / name) for name, entry in sizes.items())
     from dalle2_decoder.config import DataConfig
 
-    config = DataConfig(**data, batch_size=7, num_workers=0, splits=DataSplits(train=1.0, val=0.0, test=0.0),
-                        shuffle_train=False, max_bad_sample_fraction=0.5,
-                        preprocessing={"Resize": 8, "CenterCrop": 8, "ToTensor": True})
+    config = DataConfig(
+        **data,
+        batch_size=7,
+        num_workers=0,
+        splits=DataSplits(train=1.0, val=0.0, test=0.0),
+        shuffle_train=False,
+        max_bad_sample_fraction=0.5,
+        preprocessing={"Resize": 8, "CenterCrop": 8, "ToTensor": True},
+    )
     loader = create_dataloaders(config, seed=0)["train"]
     (batch,) = list(loader)
     assert loader.stats["ok"] == 6 and loader.stats["missing_embedding"] == 1  # img5 has no caption
     order = [p for p, _ in prepare.find_images(str(images)) if "broken" not in p]
     expected = {f"{j // 3:06d}{j % 3:04d}": path for j, path in enumerate(order)}  # written in this order
     assert set(batch["key"]) == set(expected) - {key for key, path in expected.items() if "img5" in path}
-    for key, caption, image_embed, text_embed in zip(batch["key"], batch["caption"], batch["image_embed"],
-                                                     batch["text_embed"]):
+    for key, caption, image_embed, text_embed in zip(
+        batch["key"], batch["caption"], batch["image_embed"], batch["text_embed"]
+    ):
         stem = os.path.splitext(os.path.basename(expected[key]))[0]
         assert caption == f"picture number {stem[3:]}"
         pixels = torch.tensor(colours[stem], dtype=torch.float32) / 255
@@ -159,9 +196,15 @@ def test_batch_images_equal_torchvision_preprocessing(tmp_path):
     spec = {"Resize": 8, "CenterCrop": 6, "ToTensor": True, "Normalize": {"mean": [0.5] * 3, "std": [0.25] * 3}}
     reference = T.Compose([T.Resize(8), T.CenterCrop(6), T.ToTensor(), T.Normalize([0.5] * 3, [0.25] * 3)])
     for workers in (0, 1):
-        config = DataConfig(webdataset_base_url=dataset.base_url, img_embeddings_url=dataset.img_embeddings_url,
-                            num_workers=workers, batch_size=6, preprocessing=spec, shuffle_train=False,
-                            splits=DataSplits(train=1.0, val=0.0, test=0.0))
+        config = DataConfig(
+            webdataset_base_url=dataset.base_url,
+            img_embeddings_url=dataset.img_embeddings_url,
+            num_workers=workers,
+            batch_size=6,
+            preprocessing=spec,
+            shuffle_train=False,
+            splits=DataSplits(train=1.0, val=0.0, test=0.0),
+        )
         (batch,) = list(create_dataloaders(config, seed=0)["train"])
         for key, image in zip(batch["key"], batch["image"]):
             number, index = int(key[:6]), int(key[6:])
@@ -180,9 +223,15 @@ def test_uint8_batches_hold_the_same_pixels_as_float_batches(tmp_path):
     dataset = write_dataset(str(tmp_path), [3, 3])
     batches = {}
     for workers in (0, 1):
-        config = DataConfig(webdataset_base_url=dataset.base_url, img_embeddings_url=dataset.img_embeddings_url,
-                            num_workers=workers, batch_size=6, shuffle_train=False,
-                            preprocessing={"Resize": 8, "ToTensor": True}, splits=DataSplits(train=1.0, val=0.0, test=0.0))
+        config = DataConfig(
+            webdataset_base_url=dataset.base_url,
+            img_embeddings_url=dataset.img_embeddings_url,
+            num_workers=workers,
+            batch_size=6,
+            shuffle_train=False,
+            preprocessing={"Resize": 8, "ToTensor": True},
+            splits=DataSplits(train=1.0, val=0.0, test=0.0),
+        )
         for uint8 in (False, True):
             (batch,) = list(create_dataloaders(config, seed=0, uint8_images=uint8)["train"])
             batches[workers, uint8] = batch["image"]
@@ -190,8 +239,14 @@ def test_uint8_batches_hold_the_same_pixels_as_float_batches(tmp_path):
         assert batches[workers, True].dtype == torch.uint8 and batches[workers, False].dtype == torch.float32
         torch.testing.assert_close(batches[workers, True].float() / 255, batches[workers, False], rtol=0, atol=1e-6)
     # Tensor transforms need floats: with them the batch stays float whatever was asked.
-    config = DataConfig(webdataset_base_url=dataset.base_url, img_embeddings_url=dataset.img_embeddings_url,
-                        num_workers=0, batch_size=6, shuffle_train=False, splits=DataSplits(train=1.0, val=0.0, test=0.0),
-                        preprocessing={"ToTensor": True, "Normalize": {"mean": [0.5] * 3, "std": [0.5] * 3}})
+    config = DataConfig(
+        webdataset_base_url=dataset.base_url,
+        img_embeddings_url=dataset.img_embeddings_url,
+        num_workers=0,
+        batch_size=6,
+        shuffle_train=False,
+        splits=DataSplits(train=1.0, val=0.0, test=0.0),
+        preprocessing={"ToTensor": True, "Normalize": {"mean": [0.5] * 3, "std": [0.5] * 3}},
+    )
     (batch,) = list(create_dataloaders(config, seed=0, uint8_images=True)["train"])
     assert batch["image"].dtype == torch.float32 and batch["image"].min() < 0

@@ -1,4 +1,5 @@
 """Two processes (gloo on the CPU) give the same metric values as one process on the same samples."""
+
 import json
 import os
 import subprocess
@@ -18,8 +19,14 @@ COUNT = 21
 
 def launch(tmp_path, *arguments):
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-        str(REPO_ROOT / "accelerate_configs" / "cpu_multi_process.yaml"), "--main_process_port", "0", *arguments,
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO_ROOT / "accelerate_configs" / "cpu_multi_process.yaml"),
+        "--main_process_port",
+        "0",
+        *arguments,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
     return subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300, env=env)
@@ -29,7 +36,9 @@ def test_two_processes_compute_the_metrics_of_the_pooled_samples(tmp_path):
     networks = write_networks(tmp_path / "networks")
     out = tmp_path / "values.json"
     # Rank 0 takes 13 images in batches of 4, rank 1 takes 8 in batches of 3.
-    result = launch(tmp_path, str(REPO_ROOT / "tests" / "evaluation_fixtures.py"), str(out), json.dumps(networks), str(COUNT))
+    result = launch(
+        tmp_path, str(REPO_ROOT / "tests" / "evaluation_fixtures.py"), str(out), json.dumps(networks), str(COUNT)
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     two = json.loads(out.read_text())
     assert two["world_size"] == 2 and two["distributed"] is True and two["samples"] == COUNT
@@ -64,9 +73,19 @@ def test_the_command_under_accelerate_launch_evaluates_on_both_ranks(tmp_path):
     decoder = TrainDecoderConfig.from_dict(config).decoder.create()
     from safetensors.torch import save_file
 
-    save_file({name: tensor.contiguous() for name, tensor in decoder.state_dict().items()}, str(tmp_path / "model.safetensors"))
-    result = launch(tmp_path, "-m", "dalle2_decoder.evaluation", "--config_file", str(config_path),
-                    "--checkpoint", str(tmp_path / "model.safetensors"))
+    save_file(
+        {name: tensor.contiguous() for name, tensor in decoder.state_dict().items()},
+        str(tmp_path / "model.safetensors"),
+    )
+    result = launch(
+        tmp_path,
+        "-m",
+        "dalle2_decoder.evaluation",
+        "--config_file",
+        str(config_path),
+        "--checkpoint",
+        str(tmp_path / "model.safetensors"),
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 1, result.stdout  # only the main process prints the result

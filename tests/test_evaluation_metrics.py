@@ -1,4 +1,5 @@
 """Each metric on small images with tiny TorchScript networks, against an independent computation."""
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -35,7 +36,7 @@ def features(path, images):
 def suite_values(options, real, generated, batch=5, seed=0):
     suite = MetricSuite(options, device=torch.device("cpu"), image_size=IMAGE_SIZE)
     for start in range(0, real.shape[0], batch):
-        suite.update(real[start:start + batch], generated[start:start + batch])
+        suite.update(real[start : start + batch], generated[start : start + batch])
     return suite.compute(seed=seed), suite
 
 
@@ -56,8 +57,7 @@ def polynomial_mmd(x, y, degree=3, coef=1.0):
     gamma = 1.0 / x.shape[1]
     kxx, kyy, kxy = ((gamma * a @ b.T + coef) ** degree for a, b in ((x, x), (y, y), (x, y)))
     m = x.shape[0]
-    return ((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
-            - 2 * kxy.mean())
+    return (kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1)) - 2 * kxy.mean()
 
 
 def test_kid_matches_an_independent_polynomial_kernel_mmd(networks, images):
@@ -112,12 +112,14 @@ def test_lpips_with_a_torchscript_network_matches_an_independent_computation(net
         maps2 = [m.double().numpy() for m in network(quantised(generated) * 2 - 1)]
     per_image = np.zeros(COUNT)
     for a, b in zip(maps1, maps2):
-        a = a / np.sqrt((a ** 2).sum(1, keepdims=True) + 1e-10)
-        b = b / np.sqrt((b ** 2).sum(1, keepdims=True) + 1e-10)
+        a = a / np.sqrt((a**2).sum(1, keepdims=True) + 1e-10)
+        b = b / np.sqrt((b**2).sum(1, keepdims=True) + 1e-10)
         per_image += ((a - b) ** 2).sum(1).mean((1, 2))
     assert values["eval/LPIPS"] == pytest.approx(per_image.mean(), rel=1e-4)
     # The same images are at distance 0; `sum` adds the per-image distances.
-    assert suite_values({"LPIPS": metric_options(networks)["LPIPS"]}, real, real)[0]["eval/LPIPS"] == pytest.approx(0, abs=1e-9)
+    assert suite_values({"LPIPS": metric_options(networks)["LPIPS"]}, real, real)[0]["eval/LPIPS"] == pytest.approx(
+        0, abs=1e-9
+    )
     summed = suite_values({"LPIPS": {**metric_options(networks)["LPIPS"], "reduction": "sum"}}, real, generated)[0]
     assert summed["eval/LPIPS"] == pytest.approx(per_image.sum(), rel=1e-4)
 
@@ -142,16 +144,28 @@ def test_bad_metric_options_are_setup_errors_naming_the_option(networks, tmp_pat
         MetricSuite({"IS": {"feature": str(not_script)}}, device=device, image_size=IMAGE_SIZE)
     with pytest.raises(EvaluationSetupError, match=r"evaluate\.KID\.feature: 1000 is neither an Inception feature"):
         MetricSuite({"KID": {"feature": 1000}}, device=device, image_size=IMAGE_SIZE)
-    with pytest.raises(EvaluationSetupError, match=r"evaluate\.KID\.feature: .*features\.pt fails on a batch of 16px uint8 images \(set normalize"):
+    with pytest.raises(
+        EvaluationSetupError,
+        match=r"evaluate\.KID\.feature: .*features\.pt fails on a batch of 16px uint8 images \(set normalize",
+    ):
         MetricSuite({"KID": {"feature": networks["features"]}}, device=device, image_size=IMAGE_SIZE)
     with pytest.raises(EvaluationSetupError, match=r"evaluate\.KID: Argument `subsets`"):
-        MetricSuite({"KID": {"feature": networks["features"], "normalize": True, "subsets": 0}}, device=device, image_size=IMAGE_SIZE)
+        MetricSuite(
+            {"KID": {"feature": networks["features"], "normalize": True, "subsets": 0}},
+            device=device,
+            image_size=IMAGE_SIZE,
+        )
     with pytest.raises(EvaluationSetupError, match=r"evaluate\.LPIPS\.reduction"):
-        MetricSuite({"LPIPS": {"net_type": networks["lpips"], "reduction": "none"}}, device=device, image_size=IMAGE_SIZE)
+        MetricSuite(
+            {"LPIPS": {"net_type": networks["lpips"], "reduction": "none"}}, device=device, image_size=IMAGE_SIZE
+        )
 
 
 def test_unknown_metric_keys_are_config_errors(config_problems, minimal_config, networks):
-    minimal_config["evaluate"] = {"FID": {"feature": networks["features"], "normalise": True}, "LPIPS": {"weights_path": "x"}}
+    minimal_config["evaluate"] = {
+        "FID": {"feature": networks["features"], "normalise": True},
+        "LPIPS": {"weights_path": "x"},
+    }
     problems = config_problems(minimal_config)
     assert problems == ["evaluate.FID.normalise: unknown option (did you mean normalize?)"]
 
@@ -161,8 +175,9 @@ def test_a_torch_export_program_works_like_the_torchscript_file(tmp_path, images
 
     torch.manual_seed(0)
     network = TinyFeatures(FEATURE_DIM).eval()
-    program = torch.export.export(network, (torch.rand(2, 3, IMAGE_SIZE, IMAGE_SIZE),),
-                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
+    program = torch.export.export(
+        network, (torch.rand(2, 3, IMAGE_SIZE, IMAGE_SIZE),), dynamic_shapes=({0: torch.export.Dim("batch")},)
+    )
     torch.export.save(program, str(tmp_path / "features.pt2"))
     torch.jit.script(network).save(str(tmp_path / "features.pt"))
     real, generated = images

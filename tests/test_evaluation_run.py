@@ -1,4 +1,5 @@
 """The evaluate phase inside a tiny training run, and the stand-alone command on its checkpoints."""
+
 import json
 
 import pytest
@@ -10,8 +11,16 @@ from dalle2_decoder.training import TrainingRun, main
 from .evaluation_fixtures import metric_options, write_networks
 from .training_fixtures import tiny_config, write_tiny_demo
 
-METRIC_KEYS = {"eval/FID", "eval/IS_mean", "eval/IS_std", "eval/KID_mean", "eval/KID_std", "eval/LPIPS", "eval/samples",
-               "eval/seconds"}
+METRIC_KEYS = {
+    "eval/FID",
+    "eval/IS_mean",
+    "eval/IS_std",
+    "eval/KID_mean",
+    "eval/KID_std",
+    "eval/LPIPS",
+    "eval/samples",
+    "eval/seconds",
+}
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +101,16 @@ def test_the_command_evaluates_a_saved_checkpoint(trained, tmp_path, capsys, wri
     raw, data_path = trained
     config_path = write_config(raw)
     output = tmp_path / "metrics.jsonl"
-    argv = ["--config_file", str(config_path), "--checkpoint", str(data_path / "latest.pth"), "--n_samples", "6",
-            "--output", str(output)]
+    argv = [
+        "--config_file",
+        str(config_path),
+        "--checkpoint",
+        str(data_path / "latest.pth"),
+        "--n_samples",
+        "6",
+        "--output",
+        str(output),
+    ]
     assert evaluate_main(argv) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["step"] == 8 and METRIC_KEYS <= set(printed) and printed["eval/samples"] == 6
@@ -116,9 +133,17 @@ def test_the_command_reports_problems_in_one_line(trained, tmp_path, capsys, wri
     err = capsys.readouterr().err
     assert err.strip().splitlines() == [f"error: --checkpoint: checkpoint file not found: {tmp_path / 'none.pth'}"]
     no_metrics = dict(raw, evaluate={})
-    assert evaluate_main(["--config_file", str(write_config(no_metrics)), "--checkpoint", str(data_path / "latest.pth")]) == 1
+    assert (
+        evaluate_main(["--config_file", str(write_config(no_metrics)), "--checkpoint", str(data_path / "latest.pth")])
+        == 1
+    )
     assert "enables no metric" in capsys.readouterr().err
     missing_network = json.loads(json.dumps(raw))
     missing_network["evaluate"]["FID"]["feature"] = str(tmp_path / "gone.pt")
-    assert evaluate_main(["--config_file", str(write_config(missing_network)), "--checkpoint", str(data_path / "latest.pth")]) == 1
+    assert (
+        evaluate_main(
+            ["--config_file", str(write_config(missing_network)), "--checkpoint", str(data_path / "latest.pth")]
+        )
+        == 1
+    )
     assert "error: evaluate.FID.feature: " in capsys.readouterr().err

@@ -1,4 +1,5 @@
 """Offline backbones: Inception and LPIPS weights from a local file, and clear errors when a download fails."""
+
 import pytest
 import torch
 
@@ -56,8 +57,11 @@ def test_inception_weights_from_a_local_file(offline, tmp_path):
     state = random_inception_state()
     weights = tmp_path / "my-inception.pth"
     torch.save(state, weights)
-    suite = MetricSuite({"FID": {"feature": 64, "weights_path": str(weights)}, "IS": {"feature": 64, "weights_path": str(weights)}},
-                        device=CPU, image_size=16)
+    suite = MetricSuite(
+        {"FID": {"feature": 64, "weights_path": str(weights)}, "IS": {"feature": 64, "weights_path": str(weights)}},
+        device=CPU,
+        image_size=16,
+    )
     loaded = suite.metrics["FID"].inception.Conv2d_1a_3x3.conv.weight
     assert torch.equal(loaded, state["Conv2d_1a_3x3.conv.weight"])
     generator = torch.Generator().manual_seed(1)
@@ -67,8 +71,14 @@ def test_inception_weights_from_a_local_file(offline, tmp_path):
     assert values["eval/FID"] > 0 and values["eval/IS_mean"] > 0.999  # IS is at least 1 up to rounding
     # FID's own option name works too; naming two different files is an error.
     MetricSuite({"FID": {"feature": 64, "feature_extractor_weights_path": str(weights)}}, device=CPU, image_size=16)
-    with pytest.raises(EvaluationSetupError, match="weights_path and feature_extractor_weights_path name different files"):
-        MetricSuite({"FID": {"weights_path": str(weights), "feature_extractor_weights_path": "other.pth"}}, device=CPU, image_size=16)
+    with pytest.raises(
+        EvaluationSetupError, match="weights_path and feature_extractor_weights_path name different files"
+    ):
+        MetricSuite(
+            {"FID": {"weights_path": str(weights), "feature_extractor_weights_path": "other.pth"}},
+            device=CPU,
+            image_size=16,
+        )
 
 
 def test_weights_files_must_exist_and_hold_only_tensors(offline, tmp_path):
@@ -76,11 +86,16 @@ def test_weights_files_must_exist_and_hold_only_tensors(offline, tmp_path):
         MetricSuite({"KID": {"weights_path": str(tmp_path / "nothing.pth")}}, device=CPU, image_size=16)
     pickled = tmp_path / "pickled.pth"
     torch.save({"object": object()}, pickled)  # not loadable with weights_only
-    with pytest.raises(EvaluationSetupError, match=r"evaluate\.FID\.weights_path: .*pickled\.pth is not a weights-only state dict"):
+    with pytest.raises(
+        EvaluationSetupError, match=r"evaluate\.FID\.weights_path: .*pickled\.pth is not a weights-only state dict"
+    ):
         MetricSuite({"FID": {"weights_path": str(pickled)}}, device=CPU, image_size=16)
     wrong = tmp_path / "wrong.pth"
     torch.save({"conv.weight": torch.zeros(1)}, wrong)
-    with pytest.raises(EvaluationSetupError, match=r"evaluate\.LPIPS\.weights_path: .*does not load into torchvision's squeeze backbone"):
+    with pytest.raises(
+        EvaluationSetupError,
+        match=r"evaluate\.LPIPS\.weights_path: .*does not load into torchvision's squeeze backbone",
+    ):
         MetricSuite({"LPIPS": {"net_type": "squeeze", "weights_path": str(wrong)}}, device=CPU, image_size=16)
 
 

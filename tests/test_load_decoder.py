@@ -1,4 +1,5 @@
 """`load_decoder`: a ready decoder from a local file, a folder, a URL or a hub repo written by the saver."""
+
 from __future__ import annotations
 
 import json
@@ -32,7 +33,7 @@ def no_ambient_hub_login(tmp_path, monkeypatch):
 
 def ema_weights(checkpoint):
     ema = read_file(checkpoint).state["trainer"]["emas"]["1"]
-    return {name[len("averaged."):]: value for name, value in ema.items() if name.startswith("averaged.")}
+    return {name[len("averaged.") :]: value for name, value in ema.items() if name.startswith("averaged.")}
 
 
 def assert_unet_weights(decoder, expected):
@@ -64,7 +65,7 @@ def test_a_checkpoint_gives_its_ema_weights_unless_asked_otherwise(run):
     trained = load(run["checkpoint"], use_ema=False)
     assert trained.weights == "trained"
     raw = read_file(run["checkpoint"]).state["trainer"]["decoder"]
-    assert_unet_weights(trained.decoder, {k[len("unets.0."):]: v for k, v in raw.items() if k.startswith("unets.0.")})
+    assert_unet_weights(trained.decoder, {k[len("unets.0.") :]: v for k, v in raw.items() if k.startswith("unets.0.")})
     assert any(not torch.equal(expected[k], raw[f"unets.0.{k}"]) for k in expected)  # EMA differs from trained
 
 
@@ -81,14 +82,20 @@ def test_a_url_is_downloaded_once_into_the_cache(run, tmp_path):
             load_decoder(f"{server.url}/missing.safetensors", cache_dir=tmp_path / "cache")
 
 
-@pytest.mark.parametrize("save_type, dest, lfs", [("model", "decoder.safetensors", False),
-                                                   ("checkpoint", "checkpoints/latest.pt", True)])
+@pytest.mark.parametrize(
+    "save_type, dest, lfs", [("model", "decoder.safetensors", False), ("checkpoint", "checkpoints/latest.pt", True)]
+)
 def test_a_hub_repo_written_by_the_saver_loads_by_its_id(run, tmp_path, monkeypatch, save_type, dest, lfs):
     monkeypatch.setattr(hub_constants, "HF_HUB_DISABLE_XET", True)  # the loopback hub speaks LFS, not Xet
     source = run["model"] if save_type == "model" else run["checkpoint"]
     with HubServer(tmp_path / "hub", token=TOKEN, lfs=lfs) as hub:
-        config = HuggingfaceSaveConfig(save_to="huggingface", huggingface_repo="team/tiny-decoder",
-                                       huggingface_endpoint=hub.url, save_latest_to=dest, save_type=save_type)
+        config = HuggingfaceSaveConfig(
+            save_to="huggingface",
+            huggingface_repo="team/tiny-decoder",
+            huggingface_endpoint=hub.url,
+            save_latest_to=dest,
+            save_type=save_type,
+        )
         HuggingfaceSaver(config, TOKEN).put([SaveFile(source, dest)], step=8)
 
         repo = hub.root / "team" / "tiny-decoder"

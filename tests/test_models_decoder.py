@@ -1,4 +1,5 @@
 """The Decoder: losses, learned variance, the cascade, low-res conditioning, sampling, training."""
+
 import warnings
 
 import pytest
@@ -17,8 +18,17 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def tiny_unet(**overrides) -> Unet:
     kwargs = dict(
-        dim=8, image_embed_dim=EMBED, cond_dim=8, dim_mults=(1, 2), num_resnet_blocks=1, attn_heads=2, attn_dim_head=4,
-        cross_attn_heads=2, cross_attn_dim_head=4, init_cross_embed=False, init_conv_kernel_size=3,
+        dim=8,
+        image_embed_dim=EMBED,
+        cond_dim=8,
+        dim_mults=(1, 2),
+        num_resnet_blocks=1,
+        attn_heads=2,
+        attn_dim_head=4,
+        cross_attn_heads=2,
+        cross_attn_dim_head=4,
+        init_cross_embed=False,
+        init_conv_kernel_size=3,
     )
     kwargs.update(overrides)
     return Unet(**kwargs)
@@ -48,8 +58,13 @@ def randomise_outputs(decoder: Decoder) -> Decoder:
 @pytest.mark.parametrize("objective", ["eps", "x0", "v"])
 def test_each_loss_type_and_objective_matches_a_manual_computation(loss_type, loss_fn, objective):
     decoder = randomise_outputs(
-        tiny_decoder(loss_type=loss_type, learned_variance=False, image_cond_drop_prob=0.0,
-                     predict_x_start=objective == "x0", predict_v=objective == "v")
+        tiny_decoder(
+            loss_type=loss_type,
+            learned_variance=False,
+            image_cond_drop_prob=0.0,
+            predict_x_start=objective == "x0",
+            predict_v=objective == "v",
+        )
     )
     images, embeds = batch(size=8)
     torch.manual_seed(5)
@@ -81,7 +96,11 @@ def test_loss_weighting_scales_each_sample(weighting):
     torch.manual_seed(5)
     t = torch.randint(0, 20, (4,))
     diffusion = plain.diffusions[0]
-    w = diffusion.p2_loss_weight(t, 1.0, 1.0) if "p2_loss_weight_gamma" in weighting else diffusion.min_snr_loss_weight(t, 5.0, "eps")
+    w = (
+        diffusion.p2_loss_weight(t, 1.0, 1.0)
+        if "p2_loss_weight_gamma" in weighting
+        else diffusion.min_snr_loss_weight(t, 5.0, "eps")
+    )
     per_sample = []
     for i in range(4):  # one sample at a time with the same timestep and noise draws
         torch.manual_seed(5)
@@ -90,7 +109,9 @@ def test_loss_weighting_scales_each_sample(weighting):
         x_t = diffusion.q_sample(images[i : i + 1] * 2 - 1, t[i : i + 1], noise)
         per_sample.append(F.mse_loss(plain.unets[0](x_t, t[i : i + 1], image_embed=embeds[i : i + 1]), noise))
     torch.manual_seed(5)
-    torch.testing.assert_close(weighted(images, image_embed=embeds), (torch.stack(per_sample) * w).mean(), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        weighted(images, image_embed=embeds), (torch.stack(per_sample) * w).mean(), atol=1e-5, rtol=1e-4
+    )
 
 
 def test_learned_variance_loss_is_finite_and_trains_the_variance_channels():
@@ -133,7 +154,11 @@ def _fixed_draws(size=8, seed=3):
 def test_vb_term_is_unscaled_by_default_and_scaled_by_timesteps_as_an_option():
     images, embeds = batch(size=8)
     losses = {}
-    for name, options in {"simple": dict(vb_loss_weight=0.0), "reference": {}, "scaled": dict(vb_loss_scale_timesteps=True)}.items():
+    for name, options in {
+        "simple": dict(vb_loss_weight=0.0),
+        "reference": {},
+        "scaled": dict(vb_loss_scale_timesteps=True),
+    }.items():
         torch.manual_seed(0)
         decoder = randomise_outputs(tiny_decoder(learned_variance=True, **options))
         losses[name] = decoder(images, image_embed=embeds, draws=_fixed_draws()).item()
@@ -148,8 +173,15 @@ def test_vb_mean_reads_the_prediction_as_noise_unless_asked(objective):
     losses = []
     for option in (False, True):
         torch.manual_seed(0)
-        decoder = randomise_outputs(tiny_decoder(learned_variance=True, vb_loss_weight=1.0, vb_mean_from_objective=option,
-                                                 predict_x_start=objective == "x0", predict_v=objective == "v"))
+        decoder = randomise_outputs(
+            tiny_decoder(
+                learned_variance=True,
+                vb_loss_weight=1.0,
+                vb_mean_from_objective=option,
+                predict_x_start=objective == "x0",
+                predict_v=objective == "v",
+            )
+        )
         losses.append(decoder(images, image_embed=embeds, draws=_fixed_draws()).item())
     # The reference reads the prediction as noise in L_vlb; only x_0 / v objectives see a difference.
     assert (losses[0] == pytest.approx(losses[1], rel=1e-6)) == (objective == "eps")
@@ -158,18 +190,25 @@ def test_vb_mean_reads_the_prediction_as_noise_unless_asked(objective):
 def test_self_conditioning_draw_and_our_per_sample_variant():
     images, embeds = batch(size=8)
     torch.manual_seed(0)
-    decoder = randomise_outputs(tiny_decoder(unet_overrides=dict(self_cond=True), learned_variance=False, image_cond_drop_prob=0.0))
+    decoder = randomise_outputs(
+        tiny_decoder(unet_overrides=dict(self_cond=True), learned_variance=False, image_cond_drop_prob=0.0)
+    )
     torch.nn.init.normal_(decoder.unets[0].init_conv.weight, std=0.3)
     draws = _fixed_draws()
     on = decoder(images, image_embed=embeds, draws=TrainingDraws(times=draws.times, noise=draws.noise, self_cond=True))
-    off = decoder(images, image_embed=embeds, draws=TrainingDraws(times=draws.times, noise=draws.noise, self_cond=False))
+    off = decoder(
+        images, image_embed=embeds, draws=TrainingDraws(times=draws.times, noise=draws.noise, self_cond=False)
+    )
     assert on.item() != pytest.approx(off.item(), rel=1e-6)
     # Without a fixed draw, the batch is self-conditioned with probability self_cond_prob.
     torch.manual_seed(0)
     values = {round(decoder(images, image_embed=embeds, draws=draws).item(), 6) for _ in range(8)}
     assert values == {round(on.item(), 6), round(off.item(), 6)}
-    never = randomise_outputs(tiny_decoder(unet_overrides=dict(self_cond=True), learned_variance=False,
-                                           image_cond_drop_prob=0.0, self_cond_prob=0.0))
+    never = randomise_outputs(
+        tiny_decoder(
+            unet_overrides=dict(self_cond=True), learned_variance=False, image_cond_drop_prob=0.0, self_cond_prob=0.0
+        )
+    )
     never.load_state_dict(decoder.state_dict())
     assert never(images, image_embed=embeds, draws=draws).item() == pytest.approx(off.item(), rel=1e-6)
     ours = tiny_decoder(unet_overrides=dict(self_cond=True), self_cond_x_start=True, image_cond_drop_prob=0.0)
@@ -177,13 +216,18 @@ def test_self_conditioning_draw_and_our_per_sample_variant():
 
 
 def test_training_draws_fix_every_random_choice():
-    decoder = randomise_outputs(tiny_decoder(num_unets=2, use_noise_for_lowres_cond=True, image_cond_drop_prob=0.0,
-                                             text_cond_drop_prob=0.0))
+    decoder = randomise_outputs(
+        tiny_decoder(num_unets=2, use_noise_for_lowres_cond=True, image_cond_drop_prob=0.0, text_cond_drop_prob=0.0)
+    )
     images, embeds = batch(size=16)
     g = torch.Generator().manual_seed(1)
-    draws = TrainingDraws(times=torch.tensor([1, 2, 3, 4]), noise=torch.randn(4, 3, 16, 16, generator=g),
-                          lowres_noise_level=torch.tensor([0, 10, 500, 999]), lowres_noise=torch.randn(4, 3, 16, 16, generator=g),
-                          blur=(True, 0.8, 3))
+    draws = TrainingDraws(
+        times=torch.tensor([1, 2, 3, 4]),
+        noise=torch.randn(4, 3, 16, 16, generator=g),
+        lowres_noise_level=torch.tensor([0, 10, 500, 999]),
+        lowres_noise=torch.randn(4, 3, 16, 16, generator=g),
+        blur=(True, 0.8, 3),
+    )
     a = decoder(images, image_embed=embeds, unet_number=2, draws=draws)
     torch.manual_seed(123)
     assert torch.equal(decoder(images, image_embed=embeds, unet_number=2, draws=draws), a)
@@ -198,9 +242,12 @@ def test_images_in_minus_one_to_one_without_normalisation():
     images, embeds = batch(size=8)
     draws = _fixed_draws(seed=4)
     draws.times = draws.times.clamp(max=4)
-    torch.testing.assert_close(decoder(images * 2 - 1, image_embed=embeds, draws=draws),
-                               normalising(images, image_embed=embeds, draws=draws))
-    torch.testing.assert_close(decoder.sample(image_embed=embeds, seed=1), normalising.sample(image_embed=embeds, seed=1) * 2 - 1)
+    torch.testing.assert_close(
+        decoder(images * 2 - 1, image_embed=embeds, draws=draws), normalising(images, image_embed=embeds, draws=draws)
+    )
+    torch.testing.assert_close(
+        decoder.sample(image_embed=embeds, seed=1), normalising.sample(image_embed=embeds, seed=1) * 2 - 1
+    )
 
 
 # -------------------------------------------------------------------- cascade
@@ -229,8 +276,18 @@ def test_upsampler_ignores_the_image_embedding():
     a = decoder(images, image_embed=embeds, unet_number=2, draws=draws)
     b = decoder(images, image_embed=torch.randn_like(embeds), unet_number=2, draws=draws)
     assert torch.equal(a, b)
-    c = decoder(images, image_embed=embeds, unet_number=1, draws=TrainingDraws(times=draws.times, noise=draws.noise[..., :8, :8]))
-    d = decoder(images, image_embed=torch.randn_like(embeds), unet_number=1, draws=TrainingDraws(times=draws.times, noise=draws.noise[..., :8, :8]))
+    c = decoder(
+        images,
+        image_embed=embeds,
+        unet_number=1,
+        draws=TrainingDraws(times=draws.times, noise=draws.noise[..., :8, :8]),
+    )
+    d = decoder(
+        images,
+        image_embed=torch.randn_like(embeds),
+        unet_number=1,
+        draws=TrainingDraws(times=draws.times, noise=draws.noise[..., :8, :8]),
+    )
     assert not torch.equal(c, d)
 
 
@@ -254,7 +311,9 @@ def test_two_unet_cascade_trains_each_unet():
 
 
 def test_per_unet_options_and_their_length_check():
-    decoder = tiny_decoder(num_unets=2, beta_schedule=["cosine", "linear"], learned_variance=[True, False], timesteps=25)
+    decoder = tiny_decoder(
+        num_unets=2, beta_schedule=["cosine", "linear"], learned_variance=[True, False], timesteps=25
+    )
     assert [d.beta_schedule for d in decoder.diffusions] == ["cosine", "linear"]
     assert [u.channels_out for u in decoder.unets] == [6, 3]
     with pytest.raises(ValueError, match="2 U-Nets"):
@@ -270,8 +329,12 @@ def test_reference_defaults_for_schedules_and_learned_variance():
     assert Decoder(tiny_unet(), image_sizes=[8]).diffusions[0].beta_schedule == "cosine"
     # learned_variance true (the default) or a short list is padded with false: the first U-Net only.
     assert pair.learned_variance == [True, False] and [u.channels_out for u in pair.unets] == [6, 3]
-    short = Decoder([tiny_unet(), tiny_unet(), tiny_unet()], image_sizes=[4, 8, 16], beta_schedule="cosine",
-                    learned_variance=[False, True])
+    short = Decoder(
+        [tiny_unet(), tiny_unet(), tiny_unet()],
+        image_sizes=[4, 8, 16],
+        beta_schedule="cosine",
+        learned_variance=[False, True],
+    )
     assert short.learned_variance == [False, True, False]
     with pytest.raises(ValueError, match="learned_variance has 3 entries"):
         tiny_decoder(learned_variance=[True, True, True])
@@ -279,8 +342,13 @@ def test_reference_defaults_for_schedules_and_learned_variance():
 
 def test_lowres_flags_per_unet():
     three = [tiny_unet(), tiny_unet(), tiny_unet()]
-    decoder = Decoder(three, image_sizes=[4, 8, 16], beta_schedule="cosine",
-                      use_noise_for_lowres_cond=[True, False], use_blur_for_lowres_cond=[False, False, True])
+    decoder = Decoder(
+        three,
+        image_sizes=[4, 8, 16],
+        beta_schedule="cosine",
+        use_noise_for_lowres_cond=[True, False],
+        use_blur_for_lowres_cond=[False, False, True],
+    )
     assert [u.lowres_noise_cond for u in decoder.unets] == [False, True, False]
     assert [c.use_blur for c in decoder.lowres_conditioners[1:]] == [False, True]
     with pytest.raises(ValueError, match="U-Net 2 .*noise or blur"):
@@ -357,8 +425,9 @@ def test_compat_only_options_warn_once():
 # -------------------------------------------------------------------- sampling
 @pytest.mark.parametrize("sample_timesteps", [None, 4])
 def test_sampling_shape_range_and_determinism(sample_timesteps):
-    decoder = randomise_outputs(tiny_decoder(num_unets=2, sample_timesteps=sample_timesteps, timesteps=10,
-                                             use_noise_for_lowres_cond=True))
+    decoder = randomise_outputs(
+        tiny_decoder(num_unets=2, sample_timesteps=sample_timesteps, timesteps=10, use_noise_for_lowres_cond=True)
+    )
     _, embeds = batch(n=2)
     a = decoder.sample(image_embed=embeds, cond_scale=2.0, seed=7)
     assert a.shape == (2, 3, 16, 16) and a.std() > 0
@@ -416,8 +485,15 @@ def test_inpainting_keeps_the_known_region_and_fills_the_rest(sample_timesteps):
     counts = {}
     for times in (1, 3):
         drawn = []
-        decoder.sample(image_embed=embeds, inpaint_image=images, inpaint_mask=mask, inpaint_resample_times=times,
-                       noise=lambda shape, device, dtype: drawn.append(1) or torch.randn(shape, device=device, dtype=dtype))
+        decoder.sample(
+            image_embed=embeds,
+            inpaint_image=images,
+            inpaint_mask=mask,
+            inpaint_resample_times=times,
+            noise=lambda shape, device, dtype, drawn=drawn: (
+                drawn.append(1) or torch.randn(shape, device=device, dtype=dtype)
+            ),
+        )
         counts[times] = len(drawn)
     assert counts[3] > 2 * counts[1]
     with pytest.raises(ValueError, match="both inpaint_image and inpaint_mask"):
@@ -448,8 +524,12 @@ def test_unconditional_decoder_samples_with_batch_size():
 
 def test_sampling_with_text_and_self_conditioning():
     decoder = randomise_outputs(
-        tiny_decoder(timesteps=5, unet_overrides=dict(cond_on_text_encodings=True, text_embed_dim=6, self_cond=True),
-                     use_dynamic_thres=True, predict_v=True)
+        tiny_decoder(
+            timesteps=5,
+            unet_overrides=dict(cond_on_text_encodings=True, text_embed_dim=6, self_cond=True),
+            use_dynamic_thres=True,
+            predict_v=True,
+        )
     )
     images, embeds = batch(size=8)
     text = torch.randn(4, 3, 6)
@@ -462,16 +542,30 @@ def test_sampling_with_text_and_self_conditioning():
 # -------------------------------------------------------------------- it learns
 def test_tiny_decoder_memorises_eight_images():
     torch.manual_seed(0)
-    unet = Unet(8, image_embed_dim=EMBED, cond_dim=8, dim_mults=(1, 2), num_resnet_blocks=1, attn_heads=2, attn_dim_head=8,
-                cross_attn_heads=2, cross_attn_dim_head=8, init_cross_embed=False, init_conv_kernel_size=3)
+    unet = Unet(
+        8,
+        image_embed_dim=EMBED,
+        cond_dim=8,
+        dim_mults=(1, 2),
+        num_resnet_blocks=1,
+        attn_heads=2,
+        attn_dim_head=8,
+        cross_attn_heads=2,
+        cross_attn_dim_head=8,
+        init_cross_embed=False,
+        init_conv_kernel_size=3,
+    )
     decoder = Decoder([unet], image_sizes=[16], timesteps=100, learned_variance=False, image_cond_drop_prob=0.0)
     # Eight structured images (stripes of different frequencies and colours) and their "embeddings".
     g = torch.Generator().manual_seed(0)
     xs = torch.linspace(0, 1, 16)
-    images = torch.stack([
-        (torch.sin(xs * (i + 1) * 3) * 0.5 + 0.5)[None, None, :].expand(3, 16, 16) * torch.rand(3, 1, 1, generator=g)
-        for i in range(8)
-    ])
+    images = torch.stack(
+        [
+            (torch.sin(xs * (i + 1) * 3) * 0.5 + 0.5)[None, None, :].expand(3, 16, 16)
+            * torch.rand(3, 1, 1, generator=g)
+            for i in range(8)
+        ]
+    )
     embeds = torch.randn(8, EMBED, generator=g)
 
     def held_out_loss() -> float:

@@ -1,4 +1,5 @@
 """Noise schedules and the diffusion math, independent of any network."""
+
 import math
 
 import pytest
@@ -57,7 +58,9 @@ def test_schedules_equal_the_reference_formulas():
     # Spot values of DALLE2-pytorch 1.15.6's schedules (the full tables are covered by the parity fixtures).
     cosine = make_beta_schedule("cosine", 1000)
     assert cosine[-1] == 0.999 and abs(float(cosine[0]) - 4.1284e-05) < 1e-9
-    torch.testing.assert_close(make_beta_schedule("linear", 1000)[[0, -1]], torch.tensor([1e-4, 0.02], dtype=torch.float64))
+    torch.testing.assert_close(
+        make_beta_schedule("linear", 1000)[[0, -1]], torch.tensor([1e-4, 0.02], dtype=torch.float64)
+    )
     jsd = make_beta_schedule("jsd", 4)
     torch.testing.assert_close(jsd, torch.tensor([0.25, 1 / 3, 0.5, 0.999], dtype=torch.float64))
 
@@ -93,7 +96,9 @@ def test_posterior_mean_matches_closed_form(diffusion):
     a_bar_prev = diffusion.alphas_cumprod_prev[t].view(-1, 1, 1, 1).double()
     expected = (a_bar_prev.sqrt() * b * x0 + (1 - b).sqrt() * (1 - a_bar_prev) * x_t) / (1 - a_bar)
     torch.testing.assert_close(mean.double(), expected, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(log_var.exp().double(), (b * (1 - a_bar_prev) / (1 - a_bar)).expand_as(log_var), atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(
+        log_var.exp().double(), (b * (1 - a_bar_prev) / (1 - a_bar)).expand_as(log_var), atol=1e-6, rtol=1e-4
+    )
 
 
 def test_learned_variance_interpolates_between_posterior_and_beta(diffusion):
@@ -105,7 +110,9 @@ def test_learned_variance_interpolates_between_posterior_and_beta(diffusion):
     # constrain_frac squashes (v + 1) / 2 with a sigmoid, in that order (as the reference).
     frac = torch.sigmoid(torch.tensor(1.0)).item()
     constrained = diffusion.model_log_variance(v, t, constrain_frac=True)
-    expected = frac * math.log(diffusion.betas[30].item()) + (1 - frac) * diffusion.posterior_log_variance_clipped[30].item()
+    expected = (
+        frac * math.log(diffusion.betas[30].item()) + (1 - frac) * diffusion.posterior_log_variance_clipped[30].item()
+    )
     assert constrained[1].item() == pytest.approx(expected, rel=1e-5)
     # At t = 0 the posterior variance is 0; its log is floored at log(1e-20), as the reference.
     assert diffusion.posterior_log_variance_clipped[0].item() == pytest.approx(math.log(1e-20), rel=1e-6)

@@ -1,4 +1,5 @@
 """The U-Net: shapes, options, conditioning, classifier-free guidance, the constructor contract."""
+
 import inspect
 
 import pytest
@@ -71,14 +72,43 @@ def test_constructor_contract_keyword_only_defaults_and_documented(cls, position
 
 # Every constructor option of DALLE2-pytorch 1.15.6's Unet with its default there.
 REFERENCE_DEFAULTS = dict(
-    image_embed_dim=None, text_embed_dim=None, cond_dim=None, num_image_tokens=4, num_time_tokens=2, out_dim=None,
-    dim_mults=(1, 2, 4, 8), channels=3, channels_out=None, self_attn=False, attn_dim_head=32, attn_heads=16,
-    lowres_cond=False, lowres_noise_cond=False, self_cond=False, sparse_attn=False, cosine_sim_cross_attn=False,
-    cosine_sim_self_attn=False, attend_at_middle=True, cond_on_text_encodings=False, max_text_len=256,
-    cond_on_image_embeds=False, add_image_embeds_to_time=True, init_dim=None, init_conv_kernel_size=7, resnet_groups=8,
-    resnet_weight_standardization=False, num_resnet_blocks=2, init_cross_embed=True, init_cross_embed_kernel_sizes=(3, 7, 15),
-    cross_embed_downsample=False, cross_embed_downsample_kernel_sizes=(2, 4), memory_efficient=False,
-    scale_skip_connection=False, pixel_shuffle_upsample=True, final_conv_kernel_size=1, combine_upsample_fmaps=False,
+    image_embed_dim=None,
+    text_embed_dim=None,
+    cond_dim=None,
+    num_image_tokens=4,
+    num_time_tokens=2,
+    out_dim=None,
+    dim_mults=(1, 2, 4, 8),
+    channels=3,
+    channels_out=None,
+    self_attn=False,
+    attn_dim_head=32,
+    attn_heads=16,
+    lowres_cond=False,
+    lowres_noise_cond=False,
+    self_cond=False,
+    sparse_attn=False,
+    cosine_sim_cross_attn=False,
+    cosine_sim_self_attn=False,
+    attend_at_middle=True,
+    cond_on_text_encodings=False,
+    max_text_len=256,
+    cond_on_image_embeds=False,
+    add_image_embeds_to_time=True,
+    init_dim=None,
+    init_conv_kernel_size=7,
+    resnet_groups=8,
+    resnet_weight_standardization=False,
+    num_resnet_blocks=2,
+    init_cross_embed=True,
+    init_cross_embed_kernel_sizes=(3, 7, 15),
+    cross_embed_downsample=False,
+    cross_embed_downsample_kernel_sizes=(2, 4),
+    memory_efficient=False,
+    scale_skip_connection=False,
+    pixel_shuffle_upsample=True,
+    final_conv_kernel_size=1,
+    combine_upsample_fmaps=False,
     checkpoint_during_training=False,
 )
 # Ours, each off (= the reference's behaviour) by default.
@@ -86,7 +116,9 @@ OUR_OPTIONS = dict(cross_attn_heads=8, cross_attn_dim_head=64, respect_attend_at
 
 
 def test_every_reference_option_exists_with_the_reference_default_and_ours_are_off():
-    params = {p.name: p.default for p in inspect.signature(Unet.__init__).parameters.values() if p.name not in ("self", "dim")}
+    params = {
+        p.name: p.default for p in inspect.signature(Unet.__init__).parameters.values() if p.name not in ("self", "dim")
+    }
     assert params == {**REFERENCE_DEFAULTS, **OUR_OPTIONS}
 
 
@@ -128,8 +160,15 @@ def test_options_build_and_train(overrides):
 
 def test_options_change_the_network():
     base = sum(p.numel() for p in tiny_unet().parameters())
-    for overrides in [dict(self_attn=True), dict(sparse_attn=True), dict(num_resnet_blocks=2), dict(dim_mults=(1, 2, 4)),
-                      dict(attn_heads=4, self_attn=True), dict(cond_dim=16), dict(combine_upsample_fmaps=True)]:
+    for overrides in [
+        dict(self_attn=True),
+        dict(sparse_attn=True),
+        dict(num_resnet_blocks=2),
+        dict(dim_mults=(1, 2, 4)),
+        dict(attn_heads=4, self_attn=True),
+        dict(cond_dim=16),
+        dict(combine_upsample_fmaps=True),
+    ]:
         assert sum(p.numel() for p in tiny_unet(**overrides).parameters()) != base, overrides
 
 
@@ -285,11 +324,24 @@ def test_with_settings_rebuilds_only_when_something_changes():
 
 def test_cast_model_parameters_is_with_settings():
     unet = tiny_unet()
-    assert unet.cast_model_parameters(
-        lowres_cond=False, lowres_noise_cond=False, channels=3, channels_out=3, cond_on_image_embeds=True, cond_on_text_encodings=True
-    ) is unet
+    assert (
+        unet.cast_model_parameters(
+            lowres_cond=False,
+            lowres_noise_cond=False,
+            channels=3,
+            channels_out=3,
+            cond_on_image_embeds=True,
+            cond_on_text_encodings=True,
+        )
+        is unet
+    )
     cast = unet.cast_model_parameters(
-        lowres_cond=True, lowres_noise_cond=True, channels=3, channels_out=6, cond_on_image_embeds=False, cond_on_text_encodings=True
+        lowres_cond=True,
+        lowres_noise_cond=True,
+        channels=3,
+        channels_out=6,
+        cond_on_image_embeds=False,
+        cond_on_text_encodings=True,
     )
     assert cast.lowres_cond and cast.to_lowres_noise_cond is not None and cast.to_out.out_channels == 6
     assert cast.to_image_hiddens is None and isinstance(cast.image_to_tokens, torch.nn.Identity)

@@ -5,6 +5,7 @@ shipped multi_node.yaml). Global ranks decide data shards, logging and saving; e
 ranks only count its own processes. A node that dies must make the other exit with an error,
 not hang.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,14 +40,36 @@ def launch_nodes(config: Path, folder: Path, per_node: int) -> List[subprocess.P
     port = free_ports(1)[0]
     nodes = []
     for rank in (0, 1):
-        command = [sys.executable, "-m", "accelerate.commands.launch",
-                   "--config_file", str(REPO_ROOT / "accelerate_configs" / "multi_node.yaml"),
-                   "--num_machines", "2", "--num_processes", str(2 * per_node), "--machine_rank", str(rank),
-                   "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
-                   str(REPO_ROOT / "train_decoder.py"), "--config_file", str(config)]
+        command = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(REPO_ROOT / "accelerate_configs" / "multi_node.yaml"),
+            "--num_machines",
+            "2",
+            "--num_processes",
+            str(2 * per_node),
+            "--machine_rank",
+            str(rank),
+            "--main_process_ip",
+            "127.0.0.1",
+            "--main_process_port",
+            str(port),
+            str(REPO_ROOT / "train_decoder.py"),
+            "--config_file",
+            str(config),
+        ]
         log = open(folder / f"node{rank}.log", "w")
-        nodes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=folder,
-                                      env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}))
+        nodes.append(
+            subprocess.Popen(
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=folder,
+                env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)},
+            )
+        )
         log.close()
     return nodes
 
@@ -76,8 +99,9 @@ def test_two_launchers_train_as_one_job_with_global_ranks(demo_data, tmp_path, p
     world = 2 * per_node
     data_path = tmp_path / "run"
     # Two steps an epoch on every rank (batch 4); 4 of the 6 shards train, one per rank at 4 ranks.
-    raw = tiny_config(demo_data, data_path, epochs=2, epoch_samples=8 * world, validation_samples=None,
-                      save_every_n_samples=10_000)
+    raw = tiny_config(
+        demo_data, data_path, epochs=2, epoch_samples=8 * world, validation_samples=None, save_every_n_samples=10_000
+    )
     raw["data"]["splits"] = {"train": 0.67, "val": 0.17, "test": 0.16}
     raw["tracker"]["log"]["auto_resume"] = False
     config = tmp_path / "config.json"

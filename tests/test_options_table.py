@@ -16,6 +16,7 @@ thresholding on), and the effect that must be seen:
 U-Net options that only matter with another one on take it in `base` (e.g. `image_embed_dim`
 needs `cond_on_image_embeds`, which the Decoder turns on for the first U-Net).
 """
+
 from __future__ import annotations
 
 import inspect
@@ -26,8 +27,7 @@ from typing import Any, Dict, NamedTuple
 import pytest
 import torch
 
-from dalle2_decoder.models import Decoder, Unet
-from dalle2_decoder.models import _compat
+from dalle2_decoder.models import Decoder, Unet, _compat
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -110,7 +110,9 @@ DECODER_TABLE: Dict[str, Entry] = {
     "predict_x_start": Entry(True, "loss"),
     "predict_v": Entry(True, "loss"),
     "use_noise_for_lowres_cond": Entry(True, "loss", LOWRES, unet=2),
-    "use_blur_for_lowres_cond": Entry(False, "loss", {**LOWRES, "blur_prob": 1.0, "use_noise_for_lowres_cond": True}, unet=2),
+    "use_blur_for_lowres_cond": Entry(
+        False, "loss", {**LOWRES, "blur_prob": 1.0, "use_noise_for_lowres_cond": True}, unet=2
+    ),
     "lowres_downsample_first": Entry(False, "loss", LOWRES, unet=2),
     "blur_prob": Entry(0.0, "loss", {**LOWRES, "blur_prob": 1.0}, unet=2),
     "blur_sigma": Entry(1.5, "loss", {**LOWRES, "blur_prob": 1.0}, unet=2),
@@ -165,9 +167,19 @@ def name_seeded(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def unet_kwargs(**options) -> Dict[str, Any]:
-    kwargs = dict(dim=8, image_embed_dim=EMBED, cond_dim=8, dim_mults=(1, 2), num_resnet_blocks=1, attn_heads=2,
-                  attn_dim_head=4, cross_attn_heads=2, cross_attn_dim_head=4, init_cross_embed=False,
-                  init_conv_kernel_size=3)
+    kwargs = dict(
+        dim=8,
+        image_embed_dim=EMBED,
+        cond_dim=8,
+        dim_mults=(1, 2),
+        num_resnet_blocks=1,
+        attn_heads=2,
+        attn_dim_head=4,
+        cross_attn_heads=2,
+        cross_attn_dim_head=4,
+        init_cross_embed=False,
+        init_conv_kernel_size=3,
+    )
     kwargs.update(options)
     return kwargs
 

@@ -1,7 +1,7 @@
 """DALLE2-pytorch 1.15.6 checkpoints (written by its own trainer and tracker, see
 scripts/reference_fixtures/checkpoint_cases.py): they load weights-only, sample like the
 reference, continue training here, fine-tune an upsampler end to end, and convert."""
-import copy
+
 import io
 import json
 import os
@@ -16,8 +16,8 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
-from dalle2_decoder.failures import EXIT_CHECKPOINT
 from dalle2_decoder.config import TrainDecoderConfig
+from dalle2_decoder.failures import EXIT_CHECKPOINT
 from dalle2_decoder.tracking import CheckpointFormatError, load_model_weights, read_file
 from dalle2_decoder.tracking.reference import version_metadata_allowed
 from dalle2_decoder.training.trainer import DecoderTrainer
@@ -47,8 +47,10 @@ def reference_param_names(model_state, index: int, groups):
     """The reference optimizer's parameter numbering, worked out independently: U-Net entries in
     order, split into tensors of 2+ dimensions, then the rest (get_optimizer's grouping)."""
     prefix = f"unets.{index}."
-    names = [n[len(prefix):] for n in model_state if n.startswith(prefix)]
-    ordered = [n for n in names if model_state[prefix + n].ndim >= 2] + [n for n in names if model_state[prefix + n].ndim < 2]
+    names = [n[len(prefix) :] for n in model_state if n.startswith(prefix)]
+    ordered = [n for n in names if model_state[prefix + n].ndim >= 2] + [
+        n for n in names if model_state[prefix + n].ndim < 2
+    ]
     numbers = [i for group in groups for i in group["params"]]
     return dict(zip(numbers, ordered))
 
@@ -82,8 +84,9 @@ def test_weights_only_loading_allows_the_version_object_and_nothing_more(tmp_pat
     # Any other object is refused, also next to a version, and without running its code.
     import argparse
 
-    (tmp_path / "other.pth").write_bytes(_pickle_with({"model": weights, "version": Version("1.0"),
-                                                     "args": argparse.Namespace(a=1)}))
+    (tmp_path / "other.pth").write_bytes(
+        _pickle_with({"model": weights, "version": Version("1.0"), "args": argparse.Namespace(a=1)})
+    )
     with pytest.raises(CheckpointFormatError) as error:
         read_file(tmp_path / "other.pth")
     assert "other.pth" in str(error.value) and "weights-only" in str(error.value) and "\n" not in str(error.value)
@@ -103,14 +106,23 @@ def test_a_version_pickled_by_packaging_before_26_loads(tmp_path, monkeypatch):
         pytest.skip("this packaging has no _Version to write an old-style pickle with")
 
     def old_style(self, protocol):
-        state = {"_version": version._Version(epoch=0, release=(1, 15, 6), dev=None, pre=None, post=None, local=None),
-                 "_key": (0, (1, 15, 6), _structures.Infinity, _structures.NegativeInfinity,
-                          _structures.Infinity, _structures.NegativeInfinity)}
+        state = {
+            "_version": version._Version(epoch=0, release=(1, 15, 6), dev=None, pre=None, post=None, local=None),
+            "_key": (
+                0,
+                (1, 15, 6),
+                _structures.Infinity,
+                _structures.NegativeInfinity,
+                _structures.Infinity,
+                _structures.NegativeInfinity,
+            ),
+        }
         return copyreg.__newobj__, (version.Version,), state
 
     monkeypatch.setattr(version.Version, "__reduce_ex__", old_style)
-    (tmp_path / "old.pth").write_bytes(_pickle_with({"model": {"unets.0.w": torch.ones(1)},
-                                                   "version": version.Version("1.15.6")}))
+    (tmp_path / "old.pth").write_bytes(
+        _pickle_with({"model": {"unets.0.w": torch.ones(1)}, "version": version.Version("1.15.6")})
+    )
     monkeypatch.undo()
     loaded = read_file(tmp_path / "old.pth")
     assert loaded.origin == "dalle2-pytorch" and torch.equal(loaded.model_state["unets.0.w"], torch.ones(1))
@@ -143,15 +155,22 @@ def test_a_reference_checkpoint_continues_training_here():
         assert len(saved["state"]) > 100
         for number_in_ref, entry in saved["state"].items():
             state = optimizer.state[params[numbering[number_in_ref]]]
-            assert torch.equal(state["exp_avg"], entry["exp_avg"]) and torch.equal(state["exp_avg_sq"], entry["exp_avg_sq"])
+            assert torch.equal(state["exp_avg"], entry["exp_avg"]) and torch.equal(
+                state["exp_avg_sq"], entry["exp_avg_sq"]
+            )
             assert float(state["step"]) == float(entry["step"]) == 3
         assert trainer.schedulers[number].last_epoch == 3 and trainer.unet_lr(number) == pytest.approx(1e-3)
     # The steps go on from there.
     generator = torch.Generator().manual_seed(0)
-    batch = {"image": torch.rand(2, 3, 16, 16, generator=generator), "image_embed": torch.randn(2, 32, generator=generator)}
+    batch = {
+        "image": torch.rand(2, 3, 16, 16, generator=generator),
+        "image_embed": torch.randn(2, 32, generator=generator),
+    }
     trainer.train_step(batch)
     assert trainer.step == 4 and int(trainer.emas[1].num_updates) == 4
-    first = next(p for p in trainer.decoder.unets[0].parameters() if p.grad is None and p in trainer.optimizers[1].state)
+    first = next(
+        p for p in trainer.decoder.unets[0].parameters() if p.grad is None and p in trainer.optimizers[1].state
+    )
     assert float(trainer.optimizers[1].state[first]["step"]) == 4
 
 
@@ -168,8 +187,13 @@ def test_an_upsampler_checkpoint_fine_tunes_the_upsampler_and_says_what_it_lacks
 def test_convert_writes_our_model_save_from_reference_files(tmp_path):
     payload = reference_payload("checkpoint.pth")
     out = tmp_path / "decoder.safetensors"
-    done = subprocess.run([sys.executable, "-m", "dalle2_decoder.convert", str(FIXTURES / "checkpoint.pth"), str(out)],
-                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "dalle2_decoder.convert", str(FIXTURES / "checkpoint.pth"), str(out)],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert "EMA weights" in done.stdout
     converted = read_file(out)
@@ -199,13 +223,29 @@ def test_fine_tuning_from_a_reference_checkpoint_end_to_end(tmp_path, capsys, mo
     from dalle2_decoder.training import main
 
     data = generate_demo_dataset(str(tmp_path / "demo"), num_images=48, image_size=16, embed_dim=32, shard_size=12)
-    raw = raw_config(epochs=2, unet_training_mask=[False, True], lr=[0.0, 3e-5], epoch_samples=8,
-                     validation_samples=4, n_sample_images=2, save_every_n_samples=1000)
-    raw["data"] = {**data, "num_workers": 0, "batch_size": 4, "start_shard": 0, "end_shard": 3,
-                   "splits": {"train": 0.5, "val": 0.25, "test": 0.25}}
-    raw["tracker"] = {"data_path": str(tmp_path / "run"), "log": {"log_type": "console"},
-                      "load": {"load_from": "local", "file_path": str(FIXTURES / "checkpoint.pth")},
-                      "save": [{"save_to": "local", "save_latest_to": "latest_{epoch}.pth"}]}
+    raw = raw_config(
+        epochs=2,
+        unet_training_mask=[False, True],
+        lr=[0.0, 3e-5],
+        epoch_samples=8,
+        validation_samples=4,
+        n_sample_images=2,
+        save_every_n_samples=1000,
+    )
+    raw["data"] = {
+        **data,
+        "num_workers": 0,
+        "batch_size": 4,
+        "start_shard": 0,
+        "end_shard": 3,
+        "splits": {"train": 0.5, "val": 0.25, "test": 0.25},
+    }
+    raw["tracker"] = {
+        "data_path": str(tmp_path / "run"),
+        "log": {"log_type": "console"},
+        "load": {"load_from": "local", "file_path": str(FIXTURES / "checkpoint.pth")},
+        "save": [{"save_to": "local", "save_latest_to": "latest_{epoch}.pth"}],
+    }
     assert main(TrainDecoderConfig.from_dict(raw)) == 0
     out = capsys.readouterr().out
     assert "(a DALLE2-pytorch checkpoint): epoch 1, 12 samples seen, step 3" in out
@@ -235,9 +275,15 @@ def test_tracker_load_takes_reference_checkpoints_from_a_url_and_from_a_wandb_ru
     cfg = config()
     with FileServer(FIXTURES) as server:
         tracker = create_tracker(
-            TrackerConfig(log=ConsoleLogConfig(log_type="console"), save=[], data_path=str(tmp_path / "run"),
-                          load=UrlLoadConfig(load_from="url", url=f"{server.url}/checkpoint.pth")),
-            full_config_dict={}, is_main_process=True)
+            TrackerConfig(
+                log=ConsoleLogConfig(log_type="console"),
+                save=[],
+                data_path=str(tmp_path / "run"),
+                load=UrlLoadConfig(load_from="url", url=f"{server.url}/checkpoint.pth"),
+            ),
+            full_config_dict={},
+            is_main_process=True,
+        )
         loaded = tracker.load()
         tracker.finish()
     assert loaded.kind == "checkpoint" and loaded.origin == "dalle2-pytorch" and loaded.step == 3
@@ -249,8 +295,13 @@ def test_tracker_load_takes_reference_checkpoints_from_a_url_and_from_a_wandb_ru
     files = tmp_path / "wandb" / "offline-run-20260101_000000-abc123" / "files"
     files.mkdir(parents=True)
     shutil.copy(FIXTURES / "model.pth", files / "model.pth")
-    loader = WandbLoader(WandbLoadConfig(load_from="wandb", wandb_file_path="model.pth", wandb_run_path="team/proj/abc123"),
-                         run_path=None, wandb_roots=[tmp_path / "wandb"], offline=True, download_dir=tmp_path / "dl")
+    loader = WandbLoader(
+        WandbLoadConfig(load_from="wandb", wandb_file_path="model.pth", wandb_run_path="team/proj/abc123"),
+        run_path=None,
+        wandb_roots=[tmp_path / "wandb"],
+        offline=True,
+        download_dir=tmp_path / "dl",
+    )
     loaded = read_file(loader.fetch())
     assert loaded.kind == "model" and loaded.origin == "dalle2-pytorch"
     decoder = cfg.decoder.create()
@@ -269,7 +320,7 @@ def test_a_reference_checkpoint_in_an_all_cosine_cascade_gets_a_schedule_note():
 
     # Our documented default (cosine everywhere) vs the reference's code (linear for the last U-Net):
     # a reference checkpoint meeting an all-cosine cascade is told how to get the reference's rule.
-    assert "beta_schedule\": null" in schedule_note(["cosine", "cosine"])
+    assert 'beta_schedule": null' in schedule_note(["cosine", "cosine"])
     assert schedule_note(["cosine", "linear"]) is None
     assert schedule_note(["cosine"]) is None  # one U-Net: both rules give cosine
     decoder = TrainDecoderConfig.from_dict(raw_config()).decoder.create()

@@ -8,6 +8,7 @@ resampling. The `unets_*` cases run our reference-architecture U-Nets end to end
 reference's initial weights (through reference_names) or with the same synthetic weights.
 Regenerate with: /work/refvenv/bin/python scripts/reference_fixtures/generate.py --only decoder
 """
+
 import inspect
 import json
 import warnings
@@ -47,11 +48,32 @@ def test_fixtures_cover_every_decoder_option_and_stay_small():
     # Options of the reference's Decoder that change numbers (the others are compatibility-only,
     # ours and off by default, or pinned in tests/test_models_decoder.py: random_crop_sizes).
     reference_options = {
-        "image_sizes", "timesteps", "sample_timesteps", "image_cond_drop_prob", "text_cond_drop_prob", "loss_type",
-        "beta_schedule", "predict_x_start", "predict_v", "use_noise_for_lowres_cond", "use_blur_for_lowres_cond",
-        "lowres_downsample_first", "blur_prob", "blur_sigma", "blur_kernel_size", "lowres_noise_sample_level",
-        "learned_variance", "learned_variance_constrain_frac", "vb_loss_weight", "unconditional", "auto_normalize_img",
-        "use_dynamic_thres", "dynamic_thres_percentile", "p2_loss_weight_gamma", "p2_loss_weight_k", "ddim_sampling_eta",
+        "image_sizes",
+        "timesteps",
+        "sample_timesteps",
+        "image_cond_drop_prob",
+        "text_cond_drop_prob",
+        "loss_type",
+        "beta_schedule",
+        "predict_x_start",
+        "predict_v",
+        "use_noise_for_lowres_cond",
+        "use_blur_for_lowres_cond",
+        "lowres_downsample_first",
+        "blur_prob",
+        "blur_sigma",
+        "blur_kernel_size",
+        "lowres_noise_sample_level",
+        "learned_variance",
+        "learned_variance_constrain_frac",
+        "vb_loss_weight",
+        "unconditional",
+        "auto_normalize_img",
+        "use_dynamic_thres",
+        "dynamic_thres_percentile",
+        "p2_loss_weight_gamma",
+        "p2_loss_weight_k",
+        "ddim_sampling_eta",
     }
     assert reference_options <= set(inspect.signature(Decoder).parameters)
     assert reference_options - used == set()

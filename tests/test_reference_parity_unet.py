@@ -5,6 +5,7 @@ our Unet through reference_names and must reproduce every recorded output (condi
 dropped, image-only dropped, text-only dropped, guided with cond_scale 3) within 1e-5, with
 exactly the reference's parameter count and parameter names.
 """
+
 import pytest
 import torch
 
@@ -50,7 +51,9 @@ def test_cases_cover_every_reference_option():
     from dalle2_decoder.models import Unet
 
     defaults = {
-        p.name: p.default for p in inspect.signature(Unet.__init__).parameters.values() if p.default is not inspect.Parameter.empty
+        p.name: p.default
+        for p in inspect.signature(Unet.__init__).parameters.values()
+        if p.default is not inspect.Parameter.empty
     }
     ours_only = {"cross_attn_heads", "cross_attn_dim_head", "respect_attend_at_middle"}
     covered = set()

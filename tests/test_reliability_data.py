@@ -1,4 +1,5 @@
 """Capped epochs (train.epoch_samples) split the shards exactly among 2 ranks x 2 workers."""
+
 import collections
 
 import pytest

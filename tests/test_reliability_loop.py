@@ -1,4 +1,5 @@
 """The training loop's counting, loss logging, non-finite stop and guidance scale, on the tiny demo data."""
+
 import json
 
 import pytest
@@ -46,7 +47,7 @@ def test_short_last_batch_counts_by_its_size_and_losses_are_logged_as_window_mea
     logged = [line for line in metrics_lines(data_path) if "train/loss/unet1" in line]
     assert [line["step"] for line in logged] == [15, 30, 45]
     for index, line in enumerate(logged):
-        window = losses[3 * index: 3 * index + 3]
+        window = losses[3 * index : 3 * index + 3]
         assert line["train/loss/unet1"] == pytest.approx(sum(window) / 3, rel=1e-5)
         assert line["train/samples_per_s"] > 0 and line["train/lr/unet1"] > 0
 
@@ -54,8 +55,9 @@ def test_short_last_batch_counts_by_its_size_and_losses_are_logged_as_window_mea
 @pytest.mark.slow
 def test_a_streak_of_nonfinite_steps_stops_the_run_keeping_the_last_good_checkpoint(demo_data, tmp_path):
     data_path = tmp_path / "run"
-    config = TrainDecoderConfig.from_dict(tiny_config(demo_data, data_path, epochs=3, epoch_samples=16,
-                                                      validation_samples=None))
+    config = TrainDecoderConfig.from_dict(
+        tiny_config(demo_data, data_path, epochs=3, epoch_samples=16, validation_samples=None)
+    )
     run = TrainingRun(config)
     run.trainer.max_nonfinite_streak = 3
     original, calls = run.trainer.train_step, []

@@ -1,5 +1,6 @@
 """Diffusion math pinned to its definitions: guidance end to end through sampling, and every beta
 schedule equal to its published formula (written here independently, in numpy)."""
+
 import math
 
 import numpy as np
@@ -18,8 +19,17 @@ STEPS = 25  # a cascade's last U-Net defaults to the linear schedule, which need
 def tiny_decoder(num_unets: int) -> Decoder:
     torch.manual_seed(0)
     unets = [
-        Unet(dim=8, image_embed_dim=EMBED, cond_dim=8, dim_mults=(1, 2), num_resnet_blocks=1, attn_heads=2,
-             attn_dim_head=4, init_cross_embed=False, init_conv_kernel_size=3)
+        Unet(
+            dim=8,
+            image_embed_dim=EMBED,
+            cond_dim=8,
+            dim_mults=(1, 2),
+            num_resnet_blocks=1,
+            attn_heads=2,
+            attn_dim_head=4,
+            init_cross_embed=False,
+            init_conv_kernel_size=3,
+        )
         for _ in range(num_unets)
     ]
     # no learned variance: then every output channel is an image channel, guided
@@ -44,10 +54,12 @@ class GuidanceSpy:
             null = unet.forward(x, time, **kwargs, image_cond_drop_prob=1.0, text_cond_drop_prob=1.0)
             # the image channels are guided; learned-variance channels (if any) come from cond
             channels = unet.channels
-            expected = torch.cat([null[:, :channels] + cond_scale * (cond[:, :channels] - null[:, :channels]),
-                                  cond[:, channels:]], dim=1)
-            spy.calls.append((id(unet), float(cond_scale), float((out - expected).abs().max()),
-                              float((cond - null).abs().max())))
+            expected = torch.cat(
+                [null[:, :channels] + cond_scale * (cond[:, :channels] - null[:, :channels]), cond[:, channels:]], dim=1
+            )
+            spy.calls.append(
+                (id(unet), float(cond_scale), float((out - expected).abs().max()), float((cond - null).abs().max()))
+            )
             return out
 
         monkeypatch.setattr(Unet, "forward_with_cond_scale", wrapped)
@@ -105,8 +117,13 @@ def published_sigmoid(T):
     return np.array([start + (end - start) / (1 + math.exp(-(-6 + 12 * i / (T - 1)))) for i in range(T)])
 
 
-PUBLISHED = {"cosine": published_cosine, "linear": published_linear, "quadratic": published_quadratic,
-             "jsd": published_jsd, "sigmoid": published_sigmoid}
+PUBLISHED = {
+    "cosine": published_cosine,
+    "linear": published_linear,
+    "quadratic": published_quadratic,
+    "jsd": published_jsd,
+    "sigmoid": published_sigmoid,
+}
 
 
 def test_every_schedule_has_a_published_formula_here():

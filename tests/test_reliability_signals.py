@@ -1,4 +1,5 @@
 """A stop signal sent to one rank of a two-process run stops every rank at the same step."""
+
 import os
 import signal
 import subprocess
@@ -38,16 +39,30 @@ def rank_pids(launcher_pid: int) -> dict:
 def test_sigusr1_to_one_rank_stops_both_at_the_same_step(tmp_path, write_config):
     data = write_tiny_demo(tmp_path / "demo")
     data_path = tmp_path / "run"
-    config = tiny_config(data, data_path, epochs=1000, epoch_samples=400, validation_samples=8,
-                         save_every_n_samples=100000)
+    config = tiny_config(
+        data, data_path, epochs=1000, epoch_samples=400, validation_samples=8, save_every_n_samples=100000
+    )
     path = write_config(config)
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-        str(REPO_ROOT / "accelerate_configs" / "cpu_multi_process.yaml"), "--main_process_port", "0",
-        str(REPO_ROOT / "train_decoder.py"), "--config_file", str(path),
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO_ROOT / "accelerate_configs" / "cpu_multi_process.yaml"),
+        "--main_process_port",
+        "0",
+        str(REPO_ROOT / "train_decoder.py"),
+        "--config_file",
+        str(path),
     ]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
-                               env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)})
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)},
+    )
     lines = []
     reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
     reader.start()

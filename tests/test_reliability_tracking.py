@@ -1,12 +1,11 @@
 """Nothing lost, nothing leaked: overwrite_data_path, damaged run state, kills during saves, secrets."""
-import json
+
 import logging
 import os
 import signal
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -42,7 +41,8 @@ def test_overwrite_removes_only_the_trackers_own_files_and_says_which(tmp_path, 
     run = tmp_path / "run"
     first = create_tracker(
         tracker_config(run, save=[LocalSaveConfig(save_to="local", save_latest_to="latest.pth")]),
-        full_config_dict={}, is_main_process=True,
+        full_config_dict={},
+        is_main_process=True,
     )
     first.log({"loss": 1.0}, step=1)
     first.log_images("grid", torch.rand(1, 3, 4, 4), None, step=1)
@@ -56,13 +56,17 @@ def test_overwrite_removes_only_the_trackers_own_files_and_says_which(tmp_path, 
     (run / "notes.txt").write_text("mine")
 
     config = tracker_config(
-        run, overwrite_data_path=True,
+        run,
+        overwrite_data_path=True,
         load=LocalLoadConfig(load_from="local", file_path=str(run / "resume" / "start.pt")),
         save=[LocalSaveConfig(save_to="local", save_latest_to="latest.pth")],
     )
     capsys.readouterr()
-    tracker = create_tracker(config, full_config_dict={"data": {"webdataset_base_url": str(run / "shards") + "/{}.tar"}},
-                             is_main_process=True)
+    tracker = create_tracker(
+        config,
+        full_config_dict={"data": {"webdataset_base_url": str(run / "shards") + "/{}.tar"}},
+        is_main_process=True,
+    )
     said = capsys.readouterr().out
     (removing,) = [line for line in said.splitlines() if "removing the previous run's" in line]
     assert all(name in removing for name in ("metrics.jsonl", "run_state.json", "samples"))
@@ -77,11 +81,15 @@ def test_overwrite_removes_only_the_trackers_own_files_and_says_which(tmp_path, 
     tracker.finish()
 
 
-@pytest.mark.parametrize("content", ["", "{\"run_id\": ", "[1, 2]", "{\"step\": 3}"])
+@pytest.mark.parametrize("content", ["", '{"run_id": ', "[1, 2]", '{"step": 3}'])
 def test_an_unreadable_run_state_is_an_error_and_nothing_is_removed(tmp_path, content):
     run = tmp_path / "run"
-    config = tracker_config(run, log=console(auto_resume=True), overwrite_data_path=True,
-                            save=[LocalSaveConfig(save_to="local", save_latest_to="latest.pth")])
+    config = tracker_config(
+        run,
+        log=console(auto_resume=True),
+        overwrite_data_path=True,
+        save=[LocalSaveConfig(save_to="local", save_latest_to="latest.pth")],
+    )
     tracker = create_tracker(config, full_config_dict={}, is_main_process=True)
     tracker.save(step=3, checkpoint_state={"w": torch.ones(2)})  # then the process dies
     (run / "run_state.json").write_text(content)  # e.g. cut by a crash
@@ -155,8 +163,13 @@ def test_latest_and_best_stay_whole_when_a_kill_cuts_their_placement(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
 
     def start(step, mode):
-        return subprocess.run([sys.executable, str(script), str(run), str(step), mode], capture_output=True, text=True,
-                              env=env, timeout=300)
+        return subprocess.run(
+            [sys.executable, str(script), str(run), str(step), mode],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
 
     assert start(1, "clean").returncode == 0
     killed = start(2, "kill")
@@ -175,8 +188,11 @@ def test_latest_and_best_stay_whole_when_a_kill_cuts_their_placement(tmp_path):
 
 def test_a_run_that_ends_leaves_no_staging_copies(tmp_path):
     run = tmp_path / "run"
-    tracker = create_tracker(tracker_config(run, save=[LocalSaveConfig(save_to="local", save_latest_to="latest.pth")]),
-                             full_config_dict={}, is_main_process=True)
+    tracker = create_tracker(
+        tracker_config(run, save=[LocalSaveConfig(save_to="local", save_latest_to="latest.pth")]),
+        full_config_dict={},
+        is_main_process=True,
+    )
     stray = run / ".staging" / "step_5-deadbeef"  # as a save cut by a kill in another thread would leave it
     stray.mkdir(parents=True)
     (stray / "checkpoint.pt").write_bytes(b"x" * 100)
@@ -210,11 +226,21 @@ def test_no_secret_from_any_source_in_any_byte_written_printed_or_uploaded(tmp_p
             saves = [
                 LocalSaveConfig(save_to="local", save_latest_to="latest.pth", save_meta_to="meta"),
                 LocalSaveConfig(save_to="local", save_latest_to="model.pt", save_type="model"),
-                HuggingfaceSaveConfig(save_to="huggingface", huggingface_repo="team/decoder", token_path=str(token_file),
-                                      huggingface_endpoint=hub.url, save_latest_to="latest.pt", save_meta_to="meta"),
+                HuggingfaceSaveConfig(
+                    save_to="huggingface",
+                    huggingface_repo="team/decoder",
+                    token_path=str(token_file),
+                    huggingface_endpoint=hub.url,
+                    save_latest_to="latest.pt",
+                    save_meta_to="meta",
+                ),
             ]
-            tracker = create_tracker(tracker_config(tmp_path / "run", save=saves), full_config_dict=full_config,
-                                     is_main_process=True, retry_wait_s=0.0)
+            tracker = create_tracker(
+                tracker_config(tmp_path / "run", save=saves),
+                full_config_dict=full_config,
+                is_main_process=True,
+                retry_wait_s=0.0,
+            )
             everything = " ".join(SECRETS)
             tracker.info(f"data {url}; all: {everything}")  # the start-up summary goes this way
             logging.getLogger("dalle2_decoder.data.plan").warning("shard missing: %s (%s)", url, everything)
@@ -267,16 +293,30 @@ def test_wandb_run_records_neither_the_secret_command_line_nor_printed_secrets(t
     # its first setup, and keeps global state that other tests in this process would share.
     wandb_dir = tmp_path / "wandb-dir"
     wandb_dir.mkdir()
-    env = dict(os.environ, WANDB_MODE="offline", WANDB_DIR=str(wandb_dir), WANDB_SILENT="true",
-               MY_SERVICE_TOKEN=ENV_SECRET, PYTHONPATH=str(REPO_ROOT))
+    env = dict(
+        os.environ,
+        WANDB_MODE="offline",
+        WANDB_DIR=str(wandb_dir),
+        WANDB_SILENT="true",
+        MY_SERVICE_TOKEN=ENV_SECRET,
+        PYTHONPATH=str(REPO_ROOT),
+    )
     url = f"https://reader:{URL_SECRET}@data.example.org/shards/{{00000..00009}}.tar"
-    result = subprocess.run([sys.executable, "-c", WANDB_RUN, url, str(tmp_path / "run")], capture_output=True,
-                            text=True, env=env, cwd=REPO_ROOT, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", WANDB_RUN, url, str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO_ROOT,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "printed during the run" in result.stdout
     files = [path for path in wandb_dir.rglob("*") if path.is_file()]
     # the command line wandb recorded (in the run's metadata record), masked
-    assert any(b"data.webdataset_base_url=https://reader:***@" in path.read_bytes() for path in files), [p.name for p in files]
+    assert any(b"data.webdataset_base_url=https://reader:***@" in path.read_bytes() for path in files), [
+        p.name for p in files
+    ]
     for secret in (URL_SECRET, KEY_SECRET, ENV_SECRET):
         assert secret not in result.stdout and secret not in result.stderr, secret
         for path in files:

@@ -1,4 +1,5 @@
 """`dalle2-sample-decoder` end to end on the tiny demo data: every input kind, outputs, reproducibility, ranks, errors."""
+
 from __future__ import annotations
 
 import json
@@ -70,9 +71,25 @@ def test_sampler_names_in_the_config_are_the_samplers():
 
 def test_embeddings_with_text_give_a_png_per_input_and_seed_a_grid_and_the_record(setup, tmp_path):
     out = tmp_path / "out"
-    code = main(["--model", str(setup["model"]), "--embeddings", str(setup["root"] / "embeds.npy"),
-                 "--text_encodings", str(setup["root"] / "texts.npy"), "--seeds", "3", "5", "--batch_size", "3",
-                 "--cond_scale", "2.0", "--out", str(out)])
+    code = main(
+        [
+            "--model",
+            str(setup["model"]),
+            "--embeddings",
+            str(setup["root"] / "embeds.npy"),
+            "--text_encodings",
+            str(setup["root"] / "texts.npy"),
+            "--seeds",
+            "3",
+            "5",
+            "--batch_size",
+            "3",
+            "--cond_scale",
+            "2.0",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     summary, images = read_output(out)
     assert summary["count"] == 8 and summary["inputs"] == "embeddings"
@@ -92,23 +109,63 @@ def test_embeddings_with_text_give_a_png_per_input_and_seed_a_grid_and_the_recor
     decoder = load_decoder(setup["model"])
     texts = torch.from_numpy(np.load(setup["root"] / "texts.npy"))[:, None]
     for (name, seed), image in images.items():
-        row = int(name[len("row"):])
-        alone = decoder.sample(image_embed=torch.from_numpy(setup["embeds"][row : row + 1]), text_encodings=texts[row : row + 1],
-                               text_mask=torch.ones(1, 1, dtype=torch.bool), cond_scale=2.0, seed=[seed])
+        row = int(name[len("row") :])
+        alone = decoder.sample(
+            image_embed=torch.from_numpy(setup["embeds"][row : row + 1]),
+            text_encodings=texts[row : row + 1],
+            text_mask=torch.ones(1, 1, dtype=torch.bool),
+            cond_scale=2.0,
+            seed=[seed],
+        )
         expected = (alone[0].clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
         assert np.abs(expected.astype(int) - image.astype(int)).max() <= 1, (name, seed)
 
     # Text encodings condition the result.
     plain = tmp_path / "plain"
-    assert main(["--model", str(setup["model"]), "--embeddings", str(setup["root"] / "embeds.npy"), "--seeds", "3",
-                 "--cond_scale", "2.0", "--limit", "1", "--out", str(plain)]) == 0
+    assert (
+        main(
+            [
+                "--model",
+                str(setup["model"]),
+                "--embeddings",
+                str(setup["root"] / "embeds.npy"),
+                "--seeds",
+                "3",
+                "--cond_scale",
+                "2.0",
+                "--limit",
+                "1",
+                "--out",
+                str(plain),
+            ]
+        )
+        == 0
+    )
     assert not np.array_equal(read_output(plain)[1][("row0", 3)], images[("row0", 3)])
 
 
 def test_sampler_steps_and_stop_options_are_used_and_recorded(setup, tmp_path):
     out = tmp_path / "out"
-    code = main(["--model", str(setup["model"]), "--embeddings", str(setup["root"] / "embeds.npy"), "--limit", "2",
-                 "--num_per_input", "2", "--seed", "10", "--sampler", "ddim", "--steps", "4", "--out", str(out)])
+    code = main(
+        [
+            "--model",
+            str(setup["model"]),
+            "--embeddings",
+            str(setup["root"] / "embeds.npy"),
+            "--limit",
+            "2",
+            "--num_per_input",
+            "2",
+            "--seed",
+            "10",
+            "--sampler",
+            "ddim",
+            "--steps",
+            "4",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     summary, images = read_output(out)
     assert sorted(images) == [("row0", 10), ("row0", 11), ("row1", 10), ("row1", 11)]
@@ -142,8 +199,22 @@ def test_a_folder_of_images_through_clip(setup, tmp_path):
     out = tmp_path / "out"
     # The decoder's config has no decoder.clip: the command needs to be told which CLIP.
     assert main(["--model", str(raw_model), "--images", str(folder), "--out", str(out)]) == 2
-    code = main(["--model", str(raw_model), "--images", str(folder), "--clip_make", "open_clip", "--clip_model", clip,
-                 "--seeds", "0", "--out", str(out)])
+    code = main(
+        [
+            "--model",
+            str(raw_model),
+            "--images",
+            str(folder),
+            "--clip_make",
+            "open_clip",
+            "--clip_model",
+            clip,
+            "--seeds",
+            "0",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     summary, images = read_output(out)
     assert [entry["input"] for entry in summary["images"]] == ["a_dog", "b_cat"] and summary["inputs"] == "images"
@@ -151,18 +222,39 @@ def test_a_folder_of_images_through_clip(setup, tmp_path):
 
 
 def launch(tmp_path, *arguments):
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(REPO_ROOT / "accelerate_configs" / "cpu_multi_process.yaml"), "--main_process_port", "0", *arguments]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO_ROOT / "accelerate_configs" / "cpu_multi_process.yaml"),
+        "--main_process_port",
+        "0",
+        *arguments,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
     return subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300, env=env)
 
 
 @pytest.mark.slow
 def test_two_processes_write_one_output_set_equal_to_one_process(setup, tmp_path):
-    common = ["--model", str(setup["model"]), "--embeddings", str(setup["root"] / "embeds.npy"),
-              "--text_encodings", str(setup["root"] / "texts.npy"), "--seeds", "1", "2", "--limit", "3"]
+    common = [
+        "--model",
+        str(setup["model"]),
+        "--embeddings",
+        str(setup["root"] / "embeds.npy"),
+        "--text_encodings",
+        str(setup["root"] / "texts.npy"),
+        "--seeds",
+        "1",
+        "2",
+        "--limit",
+        "3",
+    ]
     assert main(common + ["--batch_size", "4", "--out", str(tmp_path / "one")]) == 0
-    result = launch(tmp_path, "-m", "dalle2_decoder.sample", *common, "--batch_size", "2", "--out", str(tmp_path / "two"))
+    result = launch(
+        tmp_path, "-m", "dalle2_decoder.sample", *common, "--batch_size", "2", "--out", str(tmp_path / "two")
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stderr.count("wrote 6 images") == 1  # only the main process writes
     assert "(images per process: [3, 3])" in result.stderr  # each process sampled its own half
@@ -172,21 +264,32 @@ def test_two_processes_write_one_output_set_equal_to_one_process(setup, tmp_path
     assert len({(e["input"], e["seed"]) for e in two["images"]}) == 6
     assert_images_match(one_images, two_images)
     assert sorted(p.name for p in (tmp_path / "two" / "images").iterdir()) == sorted(
-        p.name for p in (tmp_path / "one" / "images").iterdir())
+        p.name for p in (tmp_path / "one" / "images").iterdir()
+    )
 
 
-@pytest.mark.parametrize("arguments, status, message", [
-    (["--model", "MISSING/nothing.safetensors"], 4, "no such file or folder"),
-    (["--sampler", "dpm"], 2, "--sampler dpm: unknown; choose one of ddpm, ddim"),
-    (["--steps", "0"], 2, "--steps 0: must be between 1 and the decoder's 20 timesteps"),
-    (["--cond_scale", "1", "2"], 2, "--cond_scale has 2 values but the decoder has 1 U-Nets"),
-    (["--stop_at_unet", "2"], 2, "--stop_at_unet 2: the decoder has U-Nets 1..1"),
-    (["--seeds", "1", "1"], 2, "--seeds repeats a seed"),
-])
+@pytest.mark.parametrize(
+    "arguments, status, message",
+    [
+        (["--model", "MISSING/nothing.safetensors"], 4, "no such file or folder"),
+        (["--sampler", "dpm"], 2, "--sampler dpm: unknown; choose one of ddpm, ddim"),
+        (["--steps", "0"], 2, "--steps 0: must be between 1 and the decoder's 20 timesteps"),
+        (["--cond_scale", "1", "2"], 2, "--cond_scale has 2 values but the decoder has 1 U-Nets"),
+        (["--stop_at_unet", "2"], 2, "--stop_at_unet 2: the decoder has U-Nets 1..1"),
+        (["--seeds", "1", "1"], 2, "--seeds repeats a seed"),
+    ],
+)
 def test_bad_options_fail_with_one_line(setup, tmp_path, capsys, arguments, status, message):
     # a repeated option takes its last value, so `arguments` may replace the model too
-    argv = ["--model", str(setup["model"]), "--embeddings", str(setup["root"] / "embeds.npy"),
-            "--out", str(tmp_path / "out"), *arguments]
+    argv = [
+        "--model",
+        str(setup["model"]),
+        "--embeddings",
+        str(setup["root"] / "embeds.npy"),
+        "--out",
+        str(tmp_path / "out"),
+        *arguments,
+    ]
     assert main(argv) == status
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and message in err[-1]
@@ -195,10 +298,25 @@ def test_bad_options_fail_with_one_line(setup, tmp_path, capsys, arguments, stat
 
 def test_bad_embeddings_file_and_the_module_entry_point(setup, tmp_path):
     np.save(tmp_path / "wrong.npy", np.zeros((2, 5), np.float32))
-    result = subprocess.run([sys.executable, "-m", "dalle2_decoder.sample", "--model", str(setup["model"]),
-                             "--embeddings", str(tmp_path / "wrong.npy"), "--out", str(tmp_path / "out")],
-                            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dalle2_decoder.sample",
+            "--model",
+            str(setup["model"]),
+            "--embeddings",
+            str(tmp_path / "wrong.npy"),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        timeout=120,
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
-        f"error: --embeddings: {tmp_path / 'wrong.npy'} has shape (2, 5); the decoder takes (N, {EMBED_DIM})")
+        f"error: --embeddings: {tmp_path / 'wrong.npy'} has shape (2, 5); the decoder takes (N, {EMBED_DIM})"
+    )
     assert "Traceback" not in result.stderr

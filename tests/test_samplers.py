@@ -5,10 +5,12 @@ and the same initial noise (and, for DDPM, the same generator stream); every int
 agree. The model is a deterministic function of (x, t), so any difference in where the solvers
 evaluate it, or in the update formulas, shows up in the trajectory.
 """
+
 from __future__ import annotations
 
 import math
 
+import diffusers  # a test dependency (setup.cfg, extra "test")
 import pytest
 import torch
 
@@ -25,8 +27,6 @@ from dalle2_decoder.models.samplers import (
     unipc,
 )
 from dalle2_decoder.models.schedules import make_beta_schedule
-
-import diffusers  # a test dependency (setup.cfg, extra "test")
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 notes from inside diffusers
 
@@ -71,8 +71,13 @@ def dynamic(x, percentile=0.9):
 
 def ours(sampler, model, schedule, noise, **options):
     trajectory = []
-    out = sampler(lambda x, t: ModelOutput(model(x, t)), schedule, noise.clone(),
-                  callback=lambda i, t, x: trajectory.append(x.clone()), **options)
+    out = sampler(
+        lambda x, t: ModelOutput(model(x, t)),
+        schedule,
+        noise.clone(),
+        callback=lambda i, t, x: trajectory.append(x.clone()),
+        **options,
+    )
     return out, trajectory
 
 
@@ -93,7 +98,7 @@ def theirs(scheduler, model, noise, timesteps=None, steps=None, **step_options):
 def assert_same_trajectory(a, b, atol=1e-4, rtol=1e-4):
     assert len(a) == len(b)
     for step, (x, y) in enumerate(zip(a, b)):
-        torch.testing.assert_close(x, y, atol=atol, rtol=rtol, msg=lambda m: f"step {step}: {m}")
+        torch.testing.assert_close(x, y, atol=atol, rtol=rtol, msg=lambda m, step=step: f"step {step}: {m}")
 
 
 def threshold_options(kind):
@@ -117,8 +122,9 @@ def test_spaced_timesteps_are_the_reference_ddim_points():
 @pytest.mark.parametrize("karras", [False, True])
 def test_solver_points_match_diffusers(karras):
     betas, schedule = betas_and_schedule(schedule="linear")
-    scheduler = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=T, trained_betas=betas.numpy(),
-                                                      use_karras_sigmas=karras, timestep_spacing="trailing")
+    scheduler = diffusers.DPMSolverMultistepScheduler(
+        num_train_timesteps=T, trained_betas=betas.numpy(), use_karras_sigmas=karras, timestep_spacing="trailing"
+    )
     scheduler.set_timesteps(20)
     points = solver_points(schedule, 20, karras=karras)
     assert points.timesteps == scheduler.timesteps.tolist()
@@ -136,8 +142,13 @@ def test_ddpm_matches_diffusers(objective, steps):
     model = FakeModel(objective)
     noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
     out, mine = ours(ddpm, model, schedule, noise, steps=steps, generator=torch.Generator().manual_seed(2))
-    scheduler = diffusers.DDPMScheduler(num_train_timesteps=T, trained_betas=betas.numpy(), clip_sample=True,
-                                        prediction_type=PREDICTION_TYPES[objective], variance_type="fixed_small")
+    scheduler = diffusers.DDPMScheduler(
+        num_train_timesteps=T,
+        trained_betas=betas.numpy(),
+        clip_sample=True,
+        prediction_type=PREDICTION_TYPES[objective],
+        variance_type="fixed_small",
+    )
     timesteps = list(range(T - 1, -1, -1)) if steps is None else spaced_timesteps(T, steps)[:-1]
     _, reference = theirs(scheduler, model, noise, timesteps=timesteps, generator=torch.Generator().manual_seed(2))
     assert_same_trajectory(mine, reference)
@@ -155,10 +166,17 @@ def test_ddpm_with_learned_variance_matches_diffusers(steps):
         return ModelOutput(prediction, (variance + 1) / 2)  # the U-Net's [-1, 1] output as a fraction
 
     trajectory = []
-    ddpm(denoise, schedule, noise.clone(), steps=steps, generator=torch.Generator().manual_seed(2),
-         callback=lambda i, t, x: trajectory.append(x.clone()))
-    scheduler = diffusers.DDPMScheduler(num_train_timesteps=T, trained_betas=betas.numpy(), clip_sample=True,
-                                        variance_type="learned_range")
+    ddpm(
+        denoise,
+        schedule,
+        noise.clone(),
+        steps=steps,
+        generator=torch.Generator().manual_seed(2),
+        callback=lambda i, t, x: trajectory.append(x.clone()),
+    )
+    scheduler = diffusers.DDPMScheduler(
+        num_train_timesteps=T, trained_betas=betas.numpy(), clip_sample=True, variance_type="learned_range"
+    )
     timesteps = list(range(T - 1, -1, -1)) if steps is None else spaced_timesteps(T, steps)[:-1]
     _, reference = theirs(scheduler, model, noise, timesteps=timesteps, generator=torch.Generator().manual_seed(2))
     if steps is None:
@@ -168,8 +186,13 @@ def test_ddpm_with_learned_variance_matches_diffusers(steps):
         # the step ends at x_0); improved DDPM's respaced chain, and ours, adds none there: compare up to it.
         assert_same_trajectory(trajectory[:-1], reference[:-1])
     # the learned variance changes the result: the fixed posterior variance gives another trajectory
-    fixed = ddpm(lambda x, t: ModelOutput(model(x, t)[:, :3]), schedule, noise.clone(), steps=steps,
-                 generator=torch.Generator().manual_seed(2))
+    fixed = ddpm(
+        lambda x, t: ModelOutput(model(x, t)[:, :3]),
+        schedule,
+        noise.clone(),
+        steps=steps,
+        generator=torch.Generator().manual_seed(2),
+    )
     assert not torch.allclose(fixed, trajectory[-1], atol=1e-3)
 
 
@@ -184,8 +207,14 @@ def test_ddim_matches_diffusers(objective, threshold):
     model = FakeModel(objective)
     noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
     _, mine = ours(ddim, model, schedule, noise, steps=20)
-    scheduler = diffusers.DDIMScheduler(num_train_timesteps=T, trained_betas=betas.numpy(), timestep_spacing="trailing",
-                                        prediction_type=PREDICTION_TYPES[objective], clip_sample=False, **options)
+    scheduler = diffusers.DDIMScheduler(
+        num_train_timesteps=T,
+        trained_betas=betas.numpy(),
+        timestep_spacing="trailing",
+        prediction_type=PREDICTION_TYPES[objective],
+        clip_sample=False,
+        **options,
+    )
     _, reference = theirs(scheduler, model, noise, steps=20, eta=0.0, use_clipped_model_output=True)
     assert_same_trajectory(mine, reference)
 
@@ -195,10 +224,18 @@ def test_ddim_with_eta_draws_noise_from_the_generator_and_matches_diffusers():
     model = FakeModel("eps")
     noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
     _, mine = ours(ddim, model, schedule, noise, steps=10, eta=0.7, generator=torch.Generator().manual_seed(5))
-    scheduler = diffusers.DDIMScheduler(num_train_timesteps=T, trained_betas=betas.numpy(), timestep_spacing="trailing",
-                                        clip_sample=True)
-    _, reference = theirs(scheduler, model, noise, steps=10, eta=0.7, use_clipped_model_output=True,
-                          generator=torch.Generator().manual_seed(5))
+    scheduler = diffusers.DDIMScheduler(
+        num_train_timesteps=T, trained_betas=betas.numpy(), timestep_spacing="trailing", clip_sample=True
+    )
+    _, reference = theirs(
+        scheduler,
+        model,
+        noise,
+        steps=10,
+        eta=0.7,
+        use_clipped_model_output=True,
+        generator=torch.Generator().manual_seed(5),
+    )
     # diffusers draws noise on the last step too (scaled by 0), we do not: compare all but the last step's draw order
     assert_same_trajectory(mine, reference)
 
@@ -218,8 +255,15 @@ def test_dpmpp_2m_matches_diffusers(objective, karras, threshold):
     calls = list(model.calls)
     model.calls.clear()
     scheduler = diffusers.DPMSolverMultistepScheduler(
-        num_train_timesteps=T, trained_betas=betas.numpy(), prediction_type=PREDICTION_TYPES[objective],
-        algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=karras, timestep_spacing="trailing", **options)
+        num_train_timesteps=T,
+        trained_betas=betas.numpy(),
+        prediction_type=PREDICTION_TYPES[objective],
+        algorithm_type="dpmsolver++",
+        solver_order=2,
+        use_karras_sigmas=karras,
+        timestep_spacing="trailing",
+        **options,
+    )
     _, reference = theirs(scheduler, model, noise, steps=20)
     assert calls == model.calls and len(calls) == 20  # the same timesteps, one call each
     assert_same_trajectory(mine, reference)
@@ -238,9 +282,16 @@ def test_unipc_matches_diffusers(objective, karras, order, steps):
     calls = list(model.calls)
     model.calls.clear()
     scheduler = diffusers.UniPCMultistepScheduler(
-        num_train_timesteps=T, trained_betas=betas.numpy(), prediction_type=PREDICTION_TYPES[objective],
-        solver_order=order, solver_type="bh2", predict_x0=True, use_karras_sigmas=karras, timestep_spacing="trailing",
-        **options)
+        num_train_timesteps=T,
+        trained_betas=betas.numpy(),
+        prediction_type=PREDICTION_TYPES[objective],
+        solver_order=order,
+        solver_type="bh2",
+        predict_x0=True,
+        use_karras_sigmas=karras,
+        timestep_spacing="trailing",
+        **options,
+    )
     _, reference = theirs(scheduler, model, noise, steps=steps)
     assert calls == model.calls and len(calls) == steps
     assert_same_trajectory(mine, reference)
@@ -317,14 +368,17 @@ def test_training_sample_phase_and_evaluation_use_the_configured_sampler(tmp_pat
 # --- the decoder's choice of sampler --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sampler, steps, calls", [
-    (None, None, 20),             # the reference's DDPM over every timestep
-    (None, 4, 4),                 # the reference's DDIM where sample_timesteps is set
-    ("ddim", None, 19),           # DDIM over all 20 timesteps: the reference spacing skips a repeated point
-    ("ddpm", 4, 4),               # respaced DDPM (samplers.ddpm)
-    ("dpmpp_2m_karras", 3, 3),
-    ("unipc", 5, 5),
-])
+@pytest.mark.parametrize(
+    "sampler, steps, calls",
+    [
+        (None, None, 20),  # the reference's DDPM over every timestep
+        (None, 4, 4),  # the reference's DDIM where sample_timesteps is set
+        ("ddim", None, 19),  # DDIM over all 20 timesteps: the reference spacing skips a repeated point
+        ("ddpm", 4, 4),  # respaced DDPM (samplers.ddpm)
+        ("dpmpp_2m_karras", 3, 3),
+        ("unipc", 5, 5),
+    ],
+)
 def test_decoder_calls_its_unets_as_the_chosen_sampler_says(sampler, steps, calls, monkeypatch):
     from .test_models_decoder import EMBED, randomise_outputs, tiny_decoder
 
@@ -356,4 +410,6 @@ def test_decoder_rejects_unknown_samplers_and_inpainting_off_the_reference_chain
     with pytest.raises(ValueError, match="steps must|sample_timesteps of U-Net 1 must be in"):
         decoder.sample(image_embed=embed, sample_timesteps=0)
     with pytest.raises(ValueError, match=r"inpainting \(RePaint\) runs on the ddpm or ddim chain"):
-        decoder.sample(image_embed=embed, inpaint_image=torch.rand(1, 3, 8, 8), inpaint_mask=torch.ones(1, 8, 8, dtype=torch.bool))
+        decoder.sample(
+            image_embed=embed, inpaint_image=torch.rand(1, 3, 8, 8), inpaint_mask=torch.ones(1, 8, 8, dtype=torch.bool)
+        )

@@ -4,14 +4,15 @@ The cluster (tests/slurm_cluster.py) is started by the tests themselves and inst
 when missing (as root). Each job trains the tiny demo config on the CPU, one process per node,
 over gloo; `sbatch --wait` returns when the job is over.
 """
+
 from __future__ import annotations
 
 import json
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
+
 from dalle2_decoder.tracking import read_file
 
 from .conftest import REPO_ROOT
@@ -27,8 +28,9 @@ def demo_data(tmp_path_factory):
     return write_tiny_demo(tmp_path_factory.mktemp("demo"))
 
 
-def test_two_node_job_trains_with_one_rank_per_node_and_only_the_main_process_writing(slurm_cluster, demo_data,
-                                                                                       tmp_path):
+def test_two_node_job_trains_with_one_rank_per_node_and_only_the_main_process_writing(
+    slurm_cluster, demo_data, tmp_path
+):
     data_path = tmp_path / "run"
     config = job_config(demo_data, data_path, tmp_path, epochs=2, epoch_samples=32, save_every_n_samples=16)
     job = submit(slurm_cluster, config, tmp_path)
@@ -64,8 +66,13 @@ def test_cluster_stop_ends_daemons_steps_and_job_tasks(tmp_path):
     try:
         script = tmp_path / "sleep.sbatch"
         script.write_text("#!/bin/bash\n#SBATCH --nodes=2\nsrun sleep 600\n")
-        submitted = subprocess.run(["sbatch", "--parsable", f"--output={tmp_path / 'sleep.out'}", str(script)],
-                                   env=cluster.env(), capture_output=True, text=True, timeout=30)
+        submitted = subprocess.run(
+            ["sbatch", "--parsable", f"--output={tmp_path / 'sleep.out'}", str(script)],
+            env=cluster.env(),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert submitted.returncode == 0, submitted.stderr
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not any("sleep 600" in line for line in running_processes(root)):
@@ -83,7 +90,9 @@ def test_a_failed_start_leaves_nothing_running(tmp_path, monkeypatch):
     from . import slurm_cluster
 
     real_find = slurm_cluster._find
-    monkeypatch.setattr(slurm_cluster, "_find", lambda program: "/bin/false" if program == "slurmd" else real_find(program))
+    monkeypatch.setattr(
+        slurm_cluster, "_find", lambda program: "/bin/false" if program == "slurmd" else real_find(program)
+    )
     root = tmp_path / "cluster"
     cluster = LocalSlurmCluster(root, nodes=2)
     try:
@@ -102,7 +111,9 @@ def test_the_script_for_people_starts_and_stops_a_cluster(tmp_path):
         assert started.returncode == 0, started.stdout + started.stderr
         assert f"export SLURM_CONF={root.resolve() / 'slurm.conf'}" in started.stdout
         env = LocalSlurmCluster(root).env()
-        sinfo = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], env=env, capture_output=True, text=True, timeout=30)
+        sinfo = subprocess.run(
+            ["sinfo", "-h", "-N", "-o", "%N %t"], env=env, capture_output=True, text=True, timeout=30
+        )
         assert sinfo.stdout.split() == ["node1", "idle", "node2", "idle"], sinfo.stdout + sinfo.stderr
     finally:
         stopped = subprocess.run(["bash", str(script), "stop", str(root)], capture_output=True, text=True, timeout=120)

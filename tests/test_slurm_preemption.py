@@ -6,6 +6,7 @@ now rather than minutes before a time limit. The signal has to cross srun, `acce
 torchrun's agent to reach the training processes on both nodes; they save at the next step and
 exit cleanly; the script requeues the job; the requeued job auto-resumes from the checkpoint.
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -28,7 +29,8 @@ def demo_data(tmp_path_factory):
 
 
 def test_preempted_job_saves_requeues_resumes_and_ends_with_the_weights_of_an_uninterrupted_job(
-        slurm_cluster, demo_data, tmp_path):
+    slurm_cluster, demo_data, tmp_path
+):
     cluster = slurm_cluster
     uninterrupted = tmp_path / "uninterrupted"
     job = submit(cluster, job_config(demo_data, uninterrupted, tmp_path, **TRAIN), tmp_path)
@@ -38,8 +40,13 @@ def test_preempted_job_saves_requeues_resumes_and_ends_with_the_weights_of_an_un
     job = submit(cluster, job_config(demo_data, interrupted, tmp_path, **TRAIN), tmp_path, wait=False)
     # The training processes have installed their handlers once the main one prints its summary.
     wait_for(lambda: "dalle2-decoder training" in job.output, 300, "the job to start training")
-    signalled = subprocess.run(["scancel", "--signal=USR1", "--batch", job.job_id], env=cluster.env(),
-                               capture_output=True, text=True, timeout=30)
+    signalled = subprocess.run(
+        ["scancel", "--signal=USR1", "--batch", job.job_id],
+        env=cluster.env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert signalled.returncode == 0, signalled.stderr
 
     # The job saves, the script requeues it, and SLURM starts it again after its requeue hold (the
@@ -56,8 +63,11 @@ def test_preempted_job_saves_requeues_resumes_and_ends_with_the_weights_of_an_un
     assert "SIGUSR1: asking the training processes to save and stop" in first_run
     assert "SIGUSR1: saving a checkpoint and exiting" in first_run
     assert f"saved after SIGUSR1: requeueing job {job.job_id}" in first_run
-    wait_for(lambda: job_info(cluster, job.job_id).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"), 600,
-             "the requeued job to finish")
+    wait_for(
+        lambda: job_info(cluster, job.job_id).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"),
+        600,
+        "the requeued job to finish",
+    )
     info = job_info(cluster, job.job_id)
     output = job.output
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, output)

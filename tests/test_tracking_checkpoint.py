@@ -1,4 +1,5 @@
 """Checkpoint and model files: atomic writes, weights-only reads, strict loading, RNG states."""
+
 import json
 import os
 import random
@@ -144,8 +145,13 @@ def test_a_checkpoint_without_the_run_state_is_named_when_training_would_use_it(
     from dalle2_decoder.tracking.checkpoint import training_state
 
     torch.save({"format": "dalle2_decoder.checkpoint/1", "state": {"progress": {}}}, tmp_path / "no_trainer.pth")
-    torch.save({"format": "dalle2_decoder.checkpoint/1", "state": {"trainer": {"decoder": {}}}}, tmp_path / "no_progress.pth")
-    for name, says in (("no_trainer.pth", "without its trainer state"), ("no_progress.pth", "without its 'progress' entry")):
+    torch.save(
+        {"format": "dalle2_decoder.checkpoint/1", "state": {"trainer": {"decoder": {}}}}, tmp_path / "no_progress.pth"
+    )
+    for name, says in (
+        ("no_trainer.pth", "without its trainer state"),
+        ("no_progress.pth", "without its 'progress' entry"),
+    ):
         loaded = read_file(tmp_path / name)
         with pytest.raises(CheckpointError) as error:
             training_state(loaded)
@@ -220,15 +226,25 @@ def test_save_paths_fill_in_the_reference_trackers_fields(tmp_path):
 
     config = TrackerConfig(
         log=ConsoleLogConfig(log_type="console", auto_resume=True),
-        save=[LocalSaveConfig(save_to="local", save_latest_to="ckpt_{epoch:02d}_{sample}_{samples_seen}.pth",
-                              save_best_to="best_{next_task}.pth"),
-              LocalSaveConfig(save_to="local", save_latest_to="model_{epoch}.pt", save_type="model")],
+        save=[
+            LocalSaveConfig(
+                save_to="local",
+                save_latest_to="ckpt_{epoch:02d}_{sample}_{samples_seen}.pth",
+                save_best_to="best_{next_task}.pth",
+            ),
+            LocalSaveConfig(save_to="local", save_latest_to="model_{epoch}.pt", save_type="model"),
+        ],
         data_path=str(tmp_path / "run"),
     )
     tracker = create_tracker(config, full_config_dict={}, is_main_process=True)
     state = {"trainer": {"decoder": {"w": torch.ones(1)}}, "progress": {}}
-    tracker.save(step=96, checkpoint_state=state, model_state={"w": torch.ones(1)}, is_best=True,
-                 fields={"epoch": 3, "sample": 32, "next_task": "sample", "validation_losses": [0.5]})
+    tracker.save(
+        step=96,
+        checkpoint_state=state,
+        model_state={"w": torch.ones(1)},
+        is_best=True,
+        fields={"epoch": 3, "sample": 32, "next_task": "sample", "validation_losses": [0.5]},
+    )
     tracker.save(step=128, checkpoint_state=state, model_state={"w": torch.ones(1)}, fields={"epoch": 4})
     tracker.finish()
     run = tmp_path / "run"
@@ -239,11 +255,15 @@ def test_save_paths_fill_in_the_reference_trackers_fields(tmp_path):
 
 
 def test_unknown_save_path_fields_are_config_errors(config_problems, minimal_config):
-    minimal_config["tracker"]["save"] = {"save_to": "local", "save_latest_to": "latest_{epoc}.pth",
-                                         "save_best_to": "best_{epoch.pth"}
+    minimal_config["tracker"]["save"] = {
+        "save_to": "local",
+        "save_latest_to": "latest_{epoc}.pth",
+        "save_best_to": "best_{epoch.pth",
+    }
     problems = config_problems(minimal_config)
     assert any(p.startswith("tracker.save[0].save_latest_to: unknown field {epoc}") for p in problems), problems
-    assert any(p.startswith("tracker.save[0].save_best_to: 'best_{epoch.pth' is not a valid path template")
-               for p in problems), problems
+    assert any(
+        p.startswith("tracker.save[0].save_best_to: 'best_{epoch.pth' is not a valid path template") for p in problems
+    ), problems
     minimal_config["tracker"]["save"] = {"save_to": "local", "save_latest_to": "latest_{epoch:03d}_{{x}}.pth"}
     assert config_problems(minimal_config) == []

@@ -1,4 +1,5 @@
 """The tracker with the console logger, local saves, local and url loading, and its setup checks."""
+
 import json
 
 import numpy as np
@@ -125,10 +126,15 @@ def test_an_interrupted_run_is_pointed_to_auto_resume(tmp_path):
 
 def test_local_saves_latest_best_meta_and_model(tmp_path):
     saves = [
-        LocalSaveConfig(save_to="local", save_latest_to="checkpoints/latest.pt", save_best_to="checkpoints/best.pt",
-                        save_meta_to="meta"),
-        LocalSaveConfig(save_to="local", save_latest_to=str(tmp_path / "export" / "decoder.safetensors"),
-                        save_type="model"),
+        LocalSaveConfig(
+            save_to="local",
+            save_latest_to="checkpoints/latest.pt",
+            save_best_to="checkpoints/best.pt",
+            save_meta_to="meta",
+        ),
+        LocalSaveConfig(
+            save_to="local", save_latest_to=str(tmp_path / "export" / "decoder.safetensors"), save_type="model"
+        ),
     ]
     tracker = make(tmp_path, save=saves)
     calls = []
@@ -138,8 +144,11 @@ def test_local_saves_latest_best_meta_and_model(tmp_path):
         return {"model": {"w": torch.full((2,), 1.0)}, "samples_seen": 100}
 
     tracker.save(step=100, checkpoint_state=checkpoint_state, model_state={"w": torch.full((2,), 2.0)}, is_best=True)
-    tracker.save(step=200, checkpoint_state={"model": {"w": torch.full((2,), 3.0)}, "samples_seen": 200},
-                 model_state={"w": torch.full((2,), 4.0)})
+    tracker.save(
+        step=200,
+        checkpoint_state={"model": {"w": torch.full((2,), 3.0)}, "samples_seen": 200},
+        model_state={"w": torch.full((2,), 4.0)},
+    )
     run = tmp_path / "run"
     assert calls == ["checkpoint"]  # built once, however many savers use it
     assert read_file(run / "checkpoints" / "latest.pt").state["samples_seen"] == 200
@@ -171,8 +180,11 @@ def test_local_load_and_only_auto_resume(tmp_path):
     assert not loaded.auto_resumed and str(source) in loaded.source
     tracker.finish()
 
-    fresh = make(tmp_path, load=LocalLoadConfig(load_from="local", file_path=str(source), only_auto_resume=True),
-                 overwrite_data_path=True)
+    fresh = make(
+        tmp_path,
+        load=LocalLoadConfig(load_from="local", file_path=str(source), only_auto_resume=True),
+        overwrite_data_path=True,
+    )
     assert fresh.load() is None
 
 
@@ -215,14 +227,18 @@ def test_url_loading_from_a_local_http_server(tmp_path, capsys):
         assert "downloaded" in capsys.readouterr().out
         tracker.finish()
 
-        missing = make(tmp_path, load=UrlLoadConfig(load_from="url", url=f"{server.url}/ckpts/nope.pt?token=s3cr3t"),
-                       overwrite_data_path=True)
+        missing = make(
+            tmp_path,
+            load=UrlLoadConfig(load_from="url", url=f"{server.url}/ckpts/nope.pt?token=s3cr3t"),
+            overwrite_data_path=True,
+        )
         with pytest.raises(LoadError) as error:
             missing.load()
         assert "HTTP 404" in str(error.value) and "nope.pt" in str(error.value)
         assert "s3cr3t" not in str(error.value)
-    port_closed = make(tmp_path, load=UrlLoadConfig(load_from="url", url=f"{server.url}/ckpts/start.pt"),
-                       overwrite_data_path=True)
+    port_closed = make(
+        tmp_path, load=UrlLoadConfig(load_from="url", url=f"{server.url}/ckpts/start.pt"), overwrite_data_path=True
+    )
     with pytest.raises(LoadError, match="could not download the checkpoint from http://127.0.0.1"):
         port_closed.load()
 
@@ -242,5 +258,7 @@ def test_secrets_are_masked_in_configs(monkeypatch):
     for secret in ("hf_abc", "hunter2", "abcd", "env-secret-value", "hf_known"):
         assert secret not in text
     assert masked["tracker"]["save"][0]["token_path"] == "/home/me/.hf_token"
-    assert masked["data"]["webdataset_base_url"] == "https://user:***@example.org/shards/{}.tar?X-Amz-Signature=***&part=1"
+    assert (
+        masked["data"]["webdataset_base_url"] == "https://user:***@example.org/shards/{}.tar?X-Amz-Signature=***&part=1"
+    )
     assert masked["train"] == {"num_tokens": 77, "api_key": None}

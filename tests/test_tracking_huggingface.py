@@ -1,4 +1,5 @@
 """The huggingface saver, with the real huggingface_hub client against a loopback hub-compatible server."""
+
 import json
 import logging
 
@@ -26,14 +27,24 @@ def full_config(hub_save: HuggingfaceSaveConfig):
     # what the trainer passes: the whole run config as JSON data, here with secrets in odd places too
     return {
         "seed": 3,
-        "tracker": {"save": [{"save_to": "huggingface", "huggingface_repo": hub_save.huggingface_repo,
-                              "token_path": hub_save.token_path, "hf_token": TOKEN}]},
+        "tracker": {
+            "save": [
+                {
+                    "save_to": "huggingface",
+                    "huggingface_repo": hub_save.huggingface_repo,
+                    "token_path": hub_save.token_path,
+                    "hf_token": TOKEN,
+                }
+            ]
+        },
         "data": {"webdataset_base_url": f"https://user:{TOKEN}@example.org/{{}}.tar"},
     }
 
 
 def make(tmp_path, saves, **options):
-    config = TrackerConfig(log=ConsoleLogConfig(log_type="console"), save=saves, data_path=str(tmp_path / "run"), **options)
+    config = TrackerConfig(
+        log=ConsoleLogConfig(log_type="console"), save=saves, data_path=str(tmp_path / "run"), **options
+    )
     return create_tracker(config, full_config_dict=full_config(saves[0]), is_main_process=True, retry_wait_s=0.0)
 
 
@@ -48,11 +59,23 @@ def test_saves_arrive_at_the_requested_paths_and_carry_no_token(tmp_path):
     token_file.write_text(TOKEN + "\n")
     with HubServer(tmp_path / "hub", token=TOKEN) as hub:
         saves = [
-            HuggingfaceSaveConfig(save_to="huggingface", huggingface_repo="team/decoder", token_path=str(token_file),
-                                  huggingface_endpoint=hub.url, save_latest_to="checkpoints/latest.pt",
-                                  save_best_to="checkpoints/best.pt", save_meta_to="meta"),
-            HuggingfaceSaveConfig(save_to="huggingface", huggingface_repo="team/decoder", token_path=str(token_file),
-                                  huggingface_endpoint=hub.url, save_latest_to="decoder.safetensors", save_type="model"),
+            HuggingfaceSaveConfig(
+                save_to="huggingface",
+                huggingface_repo="team/decoder",
+                token_path=str(token_file),
+                huggingface_endpoint=hub.url,
+                save_latest_to="checkpoints/latest.pt",
+                save_best_to="checkpoints/best.pt",
+                save_meta_to="meta",
+            ),
+            HuggingfaceSaveConfig(
+                save_to="huggingface",
+                huggingface_repo="team/decoder",
+                token_path=str(token_file),
+                huggingface_endpoint=hub.url,
+                save_latest_to="decoder.safetensors",
+                save_type="model",
+            ),
         ]
         tracker = make(tmp_path, saves)
         tracker.save(step=10, checkpoint_state=state(10.0), model_state={"weight": torch.ones(2)}, is_best=True)
@@ -66,9 +89,12 @@ def test_saves_arrive_at_the_requested_paths_and_carry_no_token(tmp_path):
         assert json.loads((repo / "meta" / "run_metadata.json").read_text())["step"] == 20
         uploaded_config = (repo / "meta" / "config.json").read_text()
         assert json.loads(uploaded_config)["seed"] == 3
-        for text in (uploaded_config, read_file(repo / "checkpoints" / "latest.pt").config_json,
-                     read_file(repo / "decoder.safetensors").config_json,
-                     read_file(repo / "checkpoints" / "latest.pt").state["config_json"]):
+        for text in (
+            uploaded_config,
+            read_file(repo / "checkpoints" / "latest.pt").config_json,
+            read_file(repo / "decoder.safetensors").config_json,
+            read_file(repo / "checkpoints" / "latest.pt").state["config_json"],
+        ):
             assert TOKEN not in text
         for path in repo.rglob("*"):
             assert not path.is_file() or TOKEN.encode() not in path.read_bytes(), path
@@ -83,32 +109,49 @@ def test_token_from_hf_token_and_weights_through_lfs(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     monkeypatch.setattr(hub_constants, "HF_HUB_DISABLE_XET", True)  # this server speaks LFS, not Xet
     with HubServer(tmp_path / "hub", token=TOKEN, lfs=True) as hub:
-        save = HuggingfaceSaveConfig(save_to="huggingface", huggingface_repo="me/dec", huggingface_endpoint=hub.url,
-                                     save_latest_to="latest.pt")
+        save = HuggingfaceSaveConfig(
+            save_to="huggingface", huggingface_repo="me/dec", huggingface_endpoint=hub.url, save_latest_to="latest.pt"
+        )
         tracker = make(tmp_path, [save])
         tracker.save(step=1, checkpoint_state=state(1.0))
         tracker.finish()
         # the weights through LFS; the card and config.json that load_decoder reads (small) as regular files
-        assert hub.lfs_uploads and hub.commits[0]["files"] == [("lfsFile", "latest.pt"), ("file", "config.json"),
-                                                               ("file", "README.md")]
+        assert hub.lfs_uploads and hub.commits[0]["files"] == [
+            ("lfsFile", "latest.pt"),
+            ("file", "config.json"),
+            ("file", "README.md"),
+        ]
         assert read_file(hub.root / "me" / "dec" / "latest.pt").state["samples_seen"] == 1
 
 
 def test_token_from_the_hub_login_and_missing_token_is_an_error_at_start(tmp_path):
-    save = HuggingfaceSaveConfig(save_to="huggingface", huggingface_repo="me/dec", huggingface_endpoint="http://127.0.0.1:9",
-                                 save_latest_to="latest.pt")
-    with pytest.raises(TrackerSetupError, match="no hub token; log in with `hf auth login`, set HF_TOKEN, or point token_path"):
+    save = HuggingfaceSaveConfig(
+        save_to="huggingface",
+        huggingface_repo="me/dec",
+        huggingface_endpoint="http://127.0.0.1:9",
+        save_latest_to="latest.pt",
+    )
+    with pytest.raises(
+        TrackerSetupError, match="no hub token; log in with `hf auth login`, set HF_TOKEN, or point token_path"
+    ):
         make(tmp_path, [save])
     with pytest.raises(TrackerSetupError, match="cannot read token_path"):
-        make(tmp_path, [HuggingfaceSaveConfig(save_to="huggingface", huggingface_repo="me/dec",
-                                              token_path=str(tmp_path / "absent"))])
+        make(
+            tmp_path,
+            [
+                HuggingfaceSaveConfig(
+                    save_to="huggingface", huggingface_repo="me/dec", token_path=str(tmp_path / "absent")
+                )
+            ],
+        )
 
     login = tmp_path / "no-login" / "token"  # where `hf auth login` stores the token
     login.parent.mkdir()
     login.write_text(TOKEN)
     with HubServer(tmp_path / "hub", token=TOKEN) as hub:
-        save = HuggingfaceSaveConfig(save_to="huggingface", huggingface_repo="me/dec", huggingface_endpoint=hub.url,
-                                     save_latest_to="latest.pt")
+        save = HuggingfaceSaveConfig(
+            save_to="huggingface", huggingface_repo="me/dec", huggingface_endpoint=hub.url, save_latest_to="latest.pt"
+        )
         tracker = make(tmp_path, [save])
         tracker.save(step=1, checkpoint_state=state(1.0))
         tracker.finish()
@@ -120,8 +163,13 @@ def test_failed_uploads_are_retried_reported_and_training_goes_on(tmp_path, capl
     token_file.write_text(TOKEN)
     with HubServer(tmp_path / "hub", token=TOKEN) as hub:
         saves = [
-            HuggingfaceSaveConfig(save_to="huggingface", huggingface_repo="me/dec", token_path=str(token_file),
-                                  huggingface_endpoint=hub.url, save_latest_to="latest.pt"),
+            HuggingfaceSaveConfig(
+                save_to="huggingface",
+                huggingface_repo="me/dec",
+                token_path=str(token_file),
+                huggingface_endpoint=hub.url,
+                save_latest_to="latest.pt",
+            ),
             LocalSaveConfig(save_to="local", save_latest_to="local/latest.pt"),
         ]
         tracker = make(tmp_path, saves, upload_retries=3)
@@ -133,8 +181,9 @@ def test_failed_uploads_are_retried_reported_and_training_goes_on(tmp_path, capl
         assert len(tracker.upload_failures) == 1
         failure = tracker.upload_failures[0]
         assert "huggingface repo me/dec" in failure and "failed after 3 attempts" in failure and "500" in failure
-        assert any(record.levelno == logging.ERROR and "failed after 3 attempts" in record.message
-                   for record in caplog.records)
+        assert any(
+            record.levelno == logging.ERROR and "failed after 3 attempts" in record.message for record in caplog.records
+        )
         kept = list((tmp_path / "run" / "uploads").rglob("latest.pt"))
         assert len(kept) == 1 and str(kept[0]) in failure
         assert read_file(kept[0]).state["samples_seen"] == 5

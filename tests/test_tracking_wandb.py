@@ -1,4 +1,5 @@
 """The wandb logger, saver and loader with wandb in offline mode, and auto-resume across two processes."""
+
 import json
 import os
 import subprocess
@@ -70,10 +71,15 @@ def test_offline_run_holds_metrics_images_config_and_saved_files(tmp_path, wandb
     assert read_run_state(tmp_path / "run").wandb_run_path == f"team/decoder/{run_id}"
 
     # resuming that run by id: same wandb run, and the wandb loader finds the file the run saved
-    resume = WandbLogConfig(log_type="wandb", wandb_entity="team", wandb_project="decoder", wandb_run_id=run_id,
-                            resume=True)
-    config = TrackerConfig(log=resume, save=[], data_path=str(tmp_path / "run2"),
-                           load=WandbLoadConfig(load_from="wandb", wandb_file_path="checkpoints/latest.pt"))
+    resume = WandbLogConfig(
+        log_type="wandb", wandb_entity="team", wandb_project="decoder", wandb_run_id=run_id, resume=True
+    )
+    config = TrackerConfig(
+        log=resume,
+        save=[],
+        data_path=str(tmp_path / "run2"),
+        load=WandbLoadConfig(load_from="wandb", wandb_file_path="checkpoints/latest.pt"),
+    )
     tracker = create_tracker(config, full_config_dict={}, is_main_process=True)
     loaded = tracker.load()
     assert tracker.run_id == run_id
@@ -82,9 +88,12 @@ def test_offline_run_holds_metrics_images_config_and_saved_files(tmp_path, wandb
     assert len(wandb_run_dirs(wandb_dir, run_id)) == 2
 
     # a file the run does not have is a clear error
-    config = TrackerConfig(log=resume, save=[], data_path=str(tmp_path / "run3"),
-                           load=WandbLoadConfig(load_from="wandb", wandb_file_path="nope.pt",
-                                                wandb_run_path=f"team/decoder/{run_id}"))
+    config = TrackerConfig(
+        log=resume,
+        save=[],
+        data_path=str(tmp_path / "run3"),
+        load=WandbLoadConfig(load_from="wandb", wandb_file_path="nope.pt", wandb_run_path=f"team/decoder/{run_id}"),
+    )
     tracker = create_tracker(config, full_config_dict={}, is_main_process=True)
     with pytest.raises(Exception, match="wandb is offline and nope.pt of run .* is not in a local run folder"):
         tracker.load()
@@ -122,11 +131,12 @@ TRAIN_SCRIPT = textwrap.dedent(
 
 def run_training(script: Path, data_path: Path, mode: str):
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    process = subprocess.run([sys.executable, str(script), str(data_path), mode], capture_output=True, text=True,
-                             env=env, timeout=120)
+    process = subprocess.run(
+        [sys.executable, str(script), str(data_path), mode], capture_output=True, text=True, env=env, timeout=120
+    )
     results = [line for line in process.stdout.splitlines() if line.startswith("RESULT ")]
     assert results, process.stdout + process.stderr
-    return process, json.loads(results[-1][len("RESULT "):])
+    return process, json.loads(results[-1][len("RESULT ") :])
 
 
 @pytest.mark.slow
@@ -156,6 +166,11 @@ def test_auto_resume_across_two_processes(tmp_path, wandb_dir):
     assert read_file(second_dir / "files" / "latest.pt").state["samples_seen"] == 4
 
     # the finished run is not resumed again: the data path is now refused
-    third = subprocess.run([sys.executable, str(script), str(data_path), "finish"], capture_output=True, text=True,
-                           env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, timeout=120)
+    third = subprocess.run(
+        [sys.executable, str(script), str(data_path), "finish"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        timeout=120,
+    )
     assert third.returncode != 0 and "holds the finished run" in third.stderr

@@ -1,4 +1,5 @@
 """The training run end to end on a tiny demo dataset: phases, saves, resume, signals."""
+
 import json
 import os
 import signal
@@ -35,7 +36,12 @@ def test_every_phase_runs_and_writes_what_it_should(demo_data, tmp_path):
     assert len(val) == 2
     # sample: grids of real next to generated images for train and test examples, periodic and per epoch.
     grids = sorted((data_path / "samples" / "train_examples").glob("*.png"))
-    assert [p.name for p in grids] == ["step_000000012.png", "step_000000024.png", "step_000000036.png", "step_000000048.png"]
+    assert [p.name for p in grids] == [
+        "step_000000012.png",
+        "step_000000024.png",
+        "step_000000036.png",
+        "step_000000048.png",
+    ]
     captions = json.loads(grids[0].with_suffix(".json").read_text())["captions"]
     assert len(captions) == 4 and captions[0].startswith("real: a ") and captions[1].startswith("generated: a ")
     assert (data_path / "samples" / "test_examples").is_dir()
@@ -106,8 +112,13 @@ def test_sigterm_saves_and_a_requeued_job_auto_resumes(demo_data, tmp_path, writ
     assert json.loads((data_path / "run_state.json").read_text())["finished"] is False
 
     # The requeued job runs the same command (told here to end after the interrupted epoch).
-    requeued = subprocess.run(command + ["--set", f"train.epochs={progress['epoch'] + 1}"], capture_output=True,
-                              text=True, cwd=tmp_path, timeout=300)
+    requeued = subprocess.run(
+        command + ["--set", f"train.epochs={progress['epoch'] + 1}"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert requeued.returncode == 0, requeued.stdout + requeued.stderr
     assert f"resumed from auto-resume {data_path / 'latest.pth'}" in requeued.stdout
     assert f"{progress['batches_in_epoch'] * 4 + progress['epoch'] * 40} samples seen" in requeued.stdout
@@ -118,17 +129,27 @@ def test_sigterm_saves_and_a_requeued_job_auto_resumes(demo_data, tmp_path, writ
 
 def test_two_process_cpu_run_with_accelerate_launch(demo_data, tmp_path, write_config):
     data_path = tmp_path / "run"
-    config = tiny_config(demo_data, data_path, epochs=2, epoch_samples=32, validation_samples=8, save_every_n_samples=16)
+    config = tiny_config(
+        demo_data, data_path, epochs=2, epoch_samples=32, validation_samples=8, save_every_n_samples=16
+    )
     config["tracker"]["log"]["auto_resume"] = False
     path = write_config(config)
     # The shipped CPU multi-process accelerate config (2 processes, gloo).
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-        str(REPO_ROOT / "accelerate_configs" / "cpu_multi_process.yaml"), "--main_process_port", "0",
-        str(REPO_ROOT / "train_decoder.py"), "--config_file", str(path),
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO_ROOT / "accelerate_configs" / "cpu_multi_process.yaml"),
+        "--main_process_port",
+        "0",
+        str(REPO_ROOT / "train_decoder.py"),
+        "--config_file",
+        str(path),
     ]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=600,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(
+        command, capture_output=True, text=True, cwd=tmp_path, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     # Both ranks finish, with identical parameters (the loop compares fingerprints across ranks at the end).

@@ -1,9 +1,9 @@
 """A checkpoint continues its run, also when the config changed: each change applied or refused, and said."""
+
 import os
 import signal
 
 import pytest
-import torch
 
 from dalle2_decoder.config import TrainDecoderConfig
 from dalle2_decoder.tracking import read_file
@@ -43,7 +43,9 @@ def test_tracker_load_continues_the_run_with_more_epochs_and_another_rate(demo_d
     assert any(line.startswith("config change on resume: train.epochs: 1 -> 2: applied") for line in lines), lines
     assert any(line.startswith("config change on resume: train.lr: 0.001 -> 0.0005: applied") for line in lines), lines
     # Only what changed is listed (the data path of the tracker, the epochs and the rate).
-    assert all(line.split(": ")[1].split(":")[0] in ("tracker.data_path", "train.epochs", "train.lr") for line in lines), lines
+    assert all(
+        line.split(": ")[1].split(":")[0] in ("tracker.data_path", "train.epochs", "train.lr") for line in lines
+    ), lines
     assert "resumed from local file" in out and "epoch 2, 8 samples seen, step 2" in out
 
     state = read_file(tmp_path / "second" / "latest.pth").state
@@ -73,8 +75,9 @@ def test_auto_resume_applies_a_changed_learning_rate_and_says_so(demo_data, tmp_
     assert run.execute() == 0 and run.interrupted
     capsys.readouterr()
 
-    resumed = TrainingRun(TrainDecoderConfig.from_dict(tiny_config(demo_data, data_path, epochs=1, epoch_samples=16,
-                                                                   lr=2e-4)))
+    resumed = TrainingRun(
+        TrainDecoderConfig.from_dict(tiny_config(demo_data, data_path, epochs=1, epoch_samples=16, lr=2e-4))
+    )
     resumed.load_start_checkpoint()
     out = capsys.readouterr().out
     assert change_lines(out) == [
@@ -88,10 +91,18 @@ def test_auto_resume_applies_a_changed_learning_rate_and_says_so(demo_data, tmp_
 
 
 def test_every_change_is_applied_or_refused_in_one_line():
-    saved = {"seed": 1, "train": {"epochs": 1, "lr": 1e-3, "wd": 0.01}, "data": {"batch_size": 4, "num_workers": 2},
-             "tracker": {"data_path": "a"}}
-    current = {"seed": 1, "train": {"epochs": 3, "lr": 1e-3, "wd": 0.02}, "data": {"batch_size": 8, "num_workers": 2},
-               "tracker": {"data_path": "b"}}
+    saved = {
+        "seed": 1,
+        "train": {"epochs": 1, "lr": 1e-3, "wd": 0.01},
+        "data": {"batch_size": 4, "num_workers": 2},
+        "tracker": {"data_path": "a"},
+    }
+    current = {
+        "seed": 1,
+        "train": {"epochs": 3, "lr": 1e-3, "wd": 0.02},
+        "data": {"batch_size": 8, "num_workers": 2},
+        "tracker": {"data_path": "b"},
+    }
     changes = describe_changes(saved, current, epoch=1, mid_epoch=True)
     assert [c.path for c in changes] == ["data.batch_size", "tracker.data_path", "train.epochs", "train.wd"]
     by_path = {c.path: c for c in changes}
@@ -107,8 +118,14 @@ def test_every_change_is_applied_or_refused_in_one_line():
 
 
 def test_reference_progress_maps_each_next_task():
-    info = {"epoch": 2, "sample": 96, "next_task": "train", "samples_seen": 1000, "validation_losses": [0.5, 0.25],
-            "num_trained_unets": 2}
+    info = {
+        "epoch": 2,
+        "sample": 96,
+        "next_task": "train",
+        "samples_seen": 1000,
+        "validation_losses": [0.5, 0.25],
+        "num_trained_unets": 2,
+    }
     train = reference_progress(info, batch_samples=32, save_every=100)
     assert (train["epoch"], train["phase"], train["batches_in_epoch"], train["samples_seen"]) == (2, "train", 3, 1000)
     assert train["best_val_loss"] == 0.5 and train["next_save_at"] == 1100  # their mean over U-Nets, our sum

@@ -1,4 +1,5 @@
 """CPU compute threads chosen from what the data workers actually use (dalle2_decoder/training/threads.py)."""
+
 from __future__ import annotations
 
 import subprocess
@@ -34,7 +35,9 @@ def test_the_busy_childs_cpu_time_is_measured_and_threads_follow(keep_threads):
     policy = ComputeThreads(cores=2)
     assert policy.start() == 2 and torch.get_num_threads() == 2
     policy.update()  # first window starts
-    child = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 30\nwhile time.time() < end: pass"])
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import time\nend = time.time() + 30\nwhile time.time() < end: pass"]
+    )
     try:
         time.sleep(1.5)
         seconds = children_cpu_seconds()

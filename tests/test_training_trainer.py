@@ -14,8 +14,16 @@ EMBED_DIM = 8
 pytestmark = pytest.mark.usefixtures("one_thread")
 # Narrow attention (options of this package) keeps the U-Nets tiny: these tests are about training
 # mechanics, not the architecture (the reference's is tested in test_reference_parity_unet.py).
-TINY = {"cond_dim": 8, "num_resnet_blocks": 1, "attn_heads": 2, "attn_dim_head": 4, "cross_attn_heads": 2,
-        "cross_attn_dim_head": 4, "init_cross_embed": False, "init_conv_kernel_size": 3}
+TINY = {
+    "cond_dim": 8,
+    "num_resnet_blocks": 1,
+    "attn_heads": 2,
+    "attn_dim_head": 4,
+    "cross_attn_heads": 2,
+    "cross_attn_dim_head": 4,
+    "init_cross_embed": False,
+    "init_conv_kernel_size": 3,
+}
 
 
 def tiny_decoder(seed: int = 0):
@@ -38,7 +46,10 @@ def make_trainer(seed: int = 0, **train_options) -> DecoderTrainer:
 
 def batch(seed: int = 1, size: int = 4):
     generator = torch.Generator().manual_seed(seed)
-    return {"image": torch.rand(size, 3, 16, 16, generator=generator), "image_embed": torch.randn(size, EMBED_DIM, generator=generator)}
+    return {
+        "image": torch.rand(size, 3, 16, 16, generator=generator),
+        "image_embed": torch.randn(size, EMBED_DIM, generator=generator),
+    }
 
 
 def weights(module):
@@ -251,7 +262,9 @@ def test_gradients_are_clipped_to_max_grad_norm_before_the_step():
 
             def step(*args, number=number, original=original, optimizer=optimizer, **kwargs):
                 grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-                norms.setdefault(number, []).append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+                norms.setdefault(number, []).append(
+                    float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
+                )
                 return original(*args, **kwargs)
 
             optimizer.step = step
@@ -272,10 +285,12 @@ def test_static_graph_default_and_amp_without_effect_as_dalle2_pytorch(fresh_acc
     from dalle2_decoder.training.loop import create_accelerator
 
     assert TrainConfig().static_graph is True
-    raw = {"decoder": {"unets": [{"dim": 8, "image_embed_dim": 8}], "image_sizes": [16]},
-           "data": {"webdataset_base_url": "/tmp/x/{}.tar", "num_workers": 0},
-           "train": {"amp": True, "device": "cpu"},
-           "tracker": {"log": {"log_type": "console"}, "save": {"save_to": "local", "save_latest_to": "x.pth"}}}
+    raw = {
+        "decoder": {"unets": [{"dim": 8, "image_embed_dim": 8}], "image_sizes": [16]},
+        "data": {"webdataset_base_url": "/tmp/x/{}.tar", "num_workers": 0},
+        "train": {"amp": True, "device": "cpu"},
+        "tracker": {"log": {"log_type": "console"}, "save": {"save_to": "local", "save_latest_to": "x.pth"}},
+    }
     config = TrainDecoderConfig.from_dict(raw)
     assert any("train.amp: has no effect" in note for note in config.notes())
     assert create_accelerator(config).mixed_precision == "no"
@@ -286,10 +301,12 @@ def test_static_graph_is_used_with_one_trained_unet_only():
     from dalle2_decoder.training.loop import ddp_static_graph
 
     unet = {"dim": 8, "image_embed_dim": 8}
-    raw = {"decoder": {"unets": [unet, unet], "image_sizes": [16, 32]},
-           "data": {"webdataset_base_url": "/tmp/x/{}.tar", "num_workers": 0},
-           "train": {"device": "cpu"},
-           "tracker": {"log": {"log_type": "console"}, "save": {"save_to": "local", "save_latest_to": "x.pth"}}}
+    raw = {
+        "decoder": {"unets": [unet, unet], "image_sizes": [16, 32]},
+        "data": {"webdataset_base_url": "/tmp/x/{}.tar", "num_workers": 0},
+        "train": {"device": "cpu"},
+        "tracker": {"log": {"log_type": "console"}, "save": {"save_to": "local", "save_latest_to": "x.pth"}},
+    }
     static, why = ddp_static_graph(TrainDecoderConfig.from_dict(raw))
     assert static is False and why.startswith("train.static_graph: not used with 2 trained U-Nets")
     raw["train"]["unet_training_mask"] = [False, True]
@@ -311,7 +328,9 @@ def fresh_accelerate_state():
 
 
 def test_bf16_mixed_precision_steps_on_the_cpu(fresh_accelerate_state):
-    trainer = DecoderTrainer(tiny_decoder(), Accelerator(cpu=True, mixed_precision="bf16"), TrainConfig(device="cpu", lr=1e-3))
+    trainer = DecoderTrainer(
+        tiny_decoder(), Accelerator(cpu=True, mixed_precision="bf16"), TrainConfig(device="cpu", lr=1e-3)
+    )
     before = weights(trainer.decoder)
     losses = trainer.train_step(batch())
     assert trainer.accelerator.mixed_precision == "bf16"

@@ -13,6 +13,7 @@
 
 These are real HTTP servers on 127.0.0.1 (a free port), each in a daemon thread.
 """
+
 from __future__ import annotations
 
 import base64
@@ -25,7 +26,7 @@ import shutil
 import struct
 import threading
 import time
-from http.server import SimpleHTTPRequestHandler, BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -136,7 +137,9 @@ class HubServer(_Server):
 
         if method == "POST" and path == "/api/repos/create":
             return self._create_repo(request, json.loads(body))
-        if method == "POST" and path == "/api/validate-yaml":  # the client checks a README's metadata before committing it
+        if (
+            method == "POST" and path == "/api/validate-yaml"
+        ):  # the client checks a README's metadata before committing it
             return self._validate_yaml(request, json.loads(body)["content"])
         match = re.fullmatch(r"/api/models/(?P<repo>[^/]+/[^/]+)/(?P<action>preupload|commit)/(?P<rev>[^/]+)", path)
         if method == "POST" and match:
@@ -169,7 +172,9 @@ class HubServer(_Server):
         repo_id = f"{payload['organization']}/{payload['name']}" if payload.get("organization") else payload["name"]
         folder = self.repo_dir(repo_id)
         if folder.is_dir():
-            return self._reply(request, 409, {"error": "You already created this model repo", "url": f"{self.url}/{repo_id}"})
+            return self._reply(
+                request, 409, {"error": "You already created this model repo", "url": f"{self.url}/{repo_id}"}
+            )
         folder.mkdir(parents=True)
         return self._reply(request, 200, {"url": f"{self.url}/{repo_id}", "name": repo_id})
 

@@ -1,4 +1,5 @@
 """Typed configuration: frozen attrs classes structured from JSON."""
+
 from .data import DataConfig, DataSplits
 from .decoder import ClipConfig, DecoderConfig, UnetConfig
 from .errors import ConfigError, ConfigWarning
@@ -18,7 +19,23 @@ from .tracker import (
 from .train import TrainConfig
 
 __all__ = [
-    "ClipConfig", "ConfigError", "ConfigWarning", "ConsoleLogConfig", "DataConfig", "DataSplits", "DecoderConfig", "EvaluateConfig",
-    "HuggingfaceSaveConfig", "LocalLoadConfig", "LocalSaveConfig", "TrackerConfig", "TrainConfig",
-    "TrainDecoderConfig", "UnetConfig", "UrlLoadConfig", "WandbLoadConfig", "WandbLogConfig", "WandbSaveConfig",
+    "ClipConfig",
+    "ConfigError",
+    "ConfigWarning",
+    "ConsoleLogConfig",
+    "DataConfig",
+    "DataSplits",
+    "DecoderConfig",
+    "EvaluateConfig",
+    "HuggingfaceSaveConfig",
+    "LocalLoadConfig",
+    "LocalSaveConfig",
+    "TrackerConfig",
+    "TrainConfig",
+    "TrainDecoderConfig",
+    "UnetConfig",
+    "UrlLoadConfig",
+    "WandbLoadConfig",
+    "WandbLogConfig",
+    "WandbSaveConfig",
 ]

@@ -3,6 +3,7 @@
 Every helper returns a list of `path: reason` lines (empty when fine), so a section's `check`
 reads as one list of rules and every problem is reported, not just the first.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -38,8 +39,10 @@ def one_per_unet(path: str, value: Any, num_unets: Optional[int]) -> List[str]:
     """A list-valued option must have exactly one entry per U-Net."""
     if num_unets is None or not isinstance(value, (list, tuple)) or len(value) == num_unets:
         return []
-    return [f"{path}: has {len(value)} entries but decoder.unets has {num_unets} U-Net{'s' if num_unets != 1 else ''}; "
-            "give one value for all U-Nets or one per U-Net"]
+    return [
+        f"{path}: has {len(value)} entries but decoder.unets has {num_unets} U-Net{'s' if num_unets != 1 else ''}; "
+        "give one value for all U-Nets or one per U-Net"
+    ]
 
 
 def at_least(path: str, value: Any, minimum: float) -> List[str]:

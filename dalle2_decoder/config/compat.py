@@ -4,6 +4,7 @@ Most of its options have the same name and meaning here and need nothing. This p
 few that the reference accepted but that mean nothing (or something spelled differently) here,
 on the raw JSON before structuring, and returns a note for each option it drops.
 """
+
 from __future__ import annotations
 
 import copy
@@ -28,8 +29,10 @@ def adapt_reference_options(raw: Dict[str, Any]) -> Tuple[Dict[str, Any], List[s
             for name in IGNORED_SAVER_OPTIONS:
                 if name in saver:
                     del saver[name]
-                    notes.append(f"{path}.{name}: option of the reference trainer that has no effect, ignored; "
-                                 "save_latest_to, save_best_to and save_meta_to decide what is saved")
+                    notes.append(
+                        f"{path}.{name}: option of the reference trainer that has no effect, ignored; "
+                        "save_latest_to, save_best_to and save_meta_to decide what is saved"
+                    )
             for name in ("save_latest_to", "save_best_to"):
                 if saver.get(name) is False:  # the reference's way of switching one off
                     saver[name] = None
@@ -37,8 +40,10 @@ def adapt_reference_options(raw: Dict[str, Any]) -> Tuple[Dict[str, Any], List[s
         if isinstance(load, dict) and "load_from" in load and load["load_from"] is None:
             others = sorted(key for key in load if key != "load_from")
             if others:
-                notes.append(f"tracker.load: load_from is null, so no checkpoint is loaded and {', '.join(others)} "
-                             f"{'is' if len(others) == 1 else 'are'} ignored")
+                notes.append(
+                    f"tracker.load: load_from is null, so no checkpoint is loaded and {', '.join(others)} "
+                    f"{'is' if len(others) == 1 else 'are'} ignored"
+                )
             tracker["load"] = None
     decoder = raw.get("decoder")
     if isinstance(decoder, dict) and isinstance(decoder.get("clip"), dict):

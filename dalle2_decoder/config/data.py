@@ -1,4 +1,5 @@
 """`data`: where the webdataset shards and their CLIP embeddings are, and how they are loaded."""
+
 from __future__ import annotations
 
 import math
@@ -32,8 +33,10 @@ class DataSplits:
             problems += in_range(f"{path}.{name}", getattr(self, name), 0.0, 1.0)
         total = self.train + self.val + self.test
         if not math.isclose(total, 1.0, rel_tol=0.0, abs_tol=1e-6):
-            problems.append(f"{path}: train + val + test must sum to 1 (got {self.train:g} + {self.val:g} + "
-                            f"{self.test:g} = {total:g})")
+            problems.append(
+                f"{path}: train + val + test must sum to 1 (got {self.train:g} + {self.val:g} + "
+                f"{self.test:g} = {total:g})"
+            )
         return problems
 
 
@@ -85,11 +88,15 @@ class DataConfig:
 
         problems = self.splits.check("data.splits")
         if self.splits.train == 0:
-            problems.append("data.splits.train: 0 leaves no shard to train on; give the train split a positive fraction")
+            problems.append(
+                "data.splits.train: 0 leaves no shard to train on; give the train split a positive fraction"
+            )
         count = self.webdataset_base_url.count("{}")
         if count != 1:
-            problems.append(f"data.webdataset_base_url: must contain {{}} exactly once, where the shard number goes "
-                            f"(e.g. /data/shards/{{}}.tar); got {self.webdataset_base_url!r}")
+            problems.append(
+                f"data.webdataset_base_url: must contain {{}} exactly once, where the shard number goes "
+                f"(e.g. /data/shards/{{}}.tar); got {self.webdataset_base_url!r}"
+            )
         for name in ("img_embeddings_url", "text_embeddings_url"):
             folder = getattr(self, name)
             if folder is not None and not folder.strip():
@@ -97,22 +104,35 @@ class DataConfig:
         asked = [name for name in ("train", "val", "test") if getattr(self.splits, name) > 0]
         if self.end_shard != END_SHARD_UNSET and 1 <= self.end_shard - self.start_shard + 1 < len(asked):
             shards = self.end_shard - self.start_shard + 1
-            problems.append(f"data.end_shard: the range {self.start_shard}..{self.end_shard} holds {shards} shard"
-                            f"{'s' if shards != 1 else ''} but data.splits asks for {len(asked)} splits "
-                            f"({', '.join(asked)}), each needing a shard of its own; widen the range or set the "
-                            "unneeded splits to 0")
+            problems.append(
+                f"data.end_shard: the range {self.start_shard}..{self.end_shard} holds {shards} shard"
+                f"{'s' if shards != 1 else ''} but data.splits asks for {len(asked)} splits "
+                f"({', '.join(asked)}), each needing a shard of its own; widen the range or set the "
+                "unneeded splits to 0"
+            )
         problems += at_least("data.start_shard", self.start_shard, 0)
         if self.end_shard < self.start_shard:
-            problems.append(f"data.end_shard: must be at least data.start_shard ({self.start_shard}), got {self.end_shard}")
-        for name, minimum in (("num_workers", 0), ("batch_size", 1), ("shard_width", 1), ("index_width", 1),
-                              ("shuffle_buffer", 1)):
+            problems.append(
+                f"data.end_shard: must be at least data.start_shard ({self.start_shard}), got {self.end_shard}"
+            )
+        for name, minimum in (
+            ("num_workers", 0),
+            ("batch_size", 1),
+            ("shard_width", 1),
+            ("index_width", 1),
+            ("shuffle_buffer", 1),
+        ):
             problems += at_least(f"data.{name}", getattr(self, name), minimum)
         problems += in_range("data.max_bad_sample_fraction", self.max_bad_sample_fraction, 0.0, 1.0)
         if self.resample_train and self.shuffle_train:
-            problems.append("data.resample_train: cannot be combined with data.shuffle_train; set shuffle_train to "
-                            "false (resampling already draws shards at random)")
+            problems.append(
+                "data.resample_train: cannot be combined with data.shuffle_train; set shuffle_train to "
+                "false (resampling already draws shards at random)"
+            )
         if self.resample_train and root.train is not None and root.train.epoch_samples is None:
-            problems.append("data.resample_train: needs train.epoch_samples, since a resampled epoch never ends by itself")
+            problems.append(
+                "data.resample_train: needs train.epoch_samples, since a resampled epoch never ends by itself"
+            )
         problems += preprocessing_problems(self.preprocessing)
 
         decoder = root.decoder
@@ -120,19 +140,25 @@ class DataConfig:
             clip = decoder.clip is not None
             in_shards = self._embeddings_in_shards()
             if not decoder.options.get("unconditional", False) and not (self.img_embeddings_url or in_shards or clip):
-                problems.append("data.img_embeddings_url: the decoder needs image embeddings and has no source for them; "
-                                "give img_embeddings_url, keep them in the shards (embeddings_in_shards), or set "
-                                "decoder.clip to compute them")
+                problems.append(
+                    "data.img_embeddings_url: the decoder needs image embeddings and has no source for them; "
+                    "give img_embeddings_url, keep them in the shards (embeddings_in_shards), or set "
+                    "decoder.clip to compute them"
+                )
             text_unets = [index for index, unet in enumerate(decoder.unets) if unet.conditions_on_text]
             if text_unets and not (self.text_embeddings_url or in_shards or clip):
-                problems.append(f"data.text_embeddings_url: decoder.unets[{text_unets[0]}] conditions on text "
-                                "(cond_on_text_encodings) but there is no source of text embeddings; give "
-                                "text_embeddings_url, keep them in the shards (embeddings_in_shards), or set decoder.clip")
+                problems.append(
+                    f"data.text_embeddings_url: decoder.unets[{text_unets[0]}] conditions on text "
+                    "(cond_on_text_encodings) but there is no source of text embeddings; give "
+                    "text_embeddings_url, keep them in the shards (embeddings_in_shards), or set decoder.clip"
+                )
         return problems
 
     def notes(self, root: "TrainDecoderConfig") -> List[str]:
         notes = []
         if self.text_embeddings_url and root.decoder is not None and not root.decoder.conditions_on_text:
-            notes.append("data.text_embeddings_url: no U-Net conditions on text (cond_on_text_encodings), so the text "
-                         "embeddings are not used")
+            notes.append(
+                "data.text_embeddings_url: no U-Net conditions on text (cond_on_text_encodings), so the text "
+                "embeddings are not used"
+            )
         return notes

@@ -5,6 +5,7 @@ documented options are typed fields; every other key is kept in `options` after 
 against the constructor's signature (see `dalle2_decoder.config.structure`), so a misspelled key
 is still an error.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
@@ -122,12 +123,16 @@ class DecoderConfig:
         for index, unet in enumerate(self.unets):
             problems += unet.check(f"decoder.unets[{index}]")
         if len(self.image_sizes) != num_unets:
-            problems.append(f"decoder.image_sizes: has {len(self.image_sizes)} sizes but decoder.unets has {num_unets} "
-                            "U-Nets; give one output size per U-Net")
+            problems.append(
+                f"decoder.image_sizes: has {len(self.image_sizes)} sizes but decoder.unets has {num_unets} "
+                "U-Nets; give one output size per U-Net"
+            )
         for index, size in enumerate(self.image_sizes):
             problems += at_least(f"decoder.image_sizes[{index}]", size, 1)
         if any(later <= earlier for earlier, later in zip(self.image_sizes, self.image_sizes[1:])):
-            problems.append(f"decoder.image_sizes: sizes must increase from each U-Net to the next (got {self.image_sizes})")
+            problems.append(
+                f"decoder.image_sizes: sizes must increase from each U-Net to the next (got {self.image_sizes})"
+            )
         if self.clip is not None:
             problems += self.clip.check("decoder.clip")
         problems += at_least("decoder.channels", self.channels, 1)
@@ -143,53 +148,73 @@ class DecoderConfig:
         for name in ("beta_schedule", "sample_timesteps", "samplers"):
             problems += one_per_unet(f"decoder.{name}", getattr(self, name), num_unets)
         if isinstance(self.learned_variance, list) and len(self.learned_variance) > num_unets:
-            problems.append(f"decoder.learned_variance: has {len(self.learned_variance)} entries but decoder.unets has "
-                            f"{num_unets} U-Net{'s' if num_unets != 1 else ''}; a shorter list is padded with false")
+            problems.append(
+                f"decoder.learned_variance: has {len(self.learned_variance)} entries but decoder.unets has "
+                f"{num_unets} U-Net{'s' if num_unets != 1 else ''}; a shorter list is padded with false"
+            )
         for name in ("use_noise_for_lowres_cond", "use_blur_for_lowres_cond"):
             value = self.options.get(name)
             if isinstance(value, list) and len(value) not in (num_unets - 1, num_unets):
-                problems.append(f"decoder.{name}: has {len(value)} entries; give one value, one per upsampler "
-                                f"({num_unets - 1}) or one per U-Net ({num_unets})")
+                problems.append(
+                    f"decoder.{name}: has {len(value)} entries; give one value, one per upsampler "
+                    f"({num_unets - 1}) or one per U-Net ({num_unets})"
+                )
             elif isinstance(value, list) and len(value) == num_unets and num_unets and value[0]:
                 problems.append(f"decoder.{name}[0]: must be false (U-Net 1 has no low-res input)")
         if num_unets > 1:
-            noise = per_unet(self.options.get("use_noise_for_lowres_cond", False), num_unets - 1)[-(num_unets - 1):]
-            blur = per_unet(self.options.get("use_blur_for_lowres_cond", True), num_unets - 1)[-(num_unets - 1):]
+            noise = per_unet(self.options.get("use_noise_for_lowres_cond", False), num_unets - 1)[-(num_unets - 1) :]
+            blur = per_unet(self.options.get("use_blur_for_lowres_cond", True), num_unets - 1)[-(num_unets - 1) :]
             for offset, (n, b) in enumerate(zip(noise, blur)):
                 if not (n or b):
-                    problems.append(f"decoder: U-Net {offset + 2} (an upsampler) needs noise or blur augmentation of its "
-                                    "low-res input; set use_noise_for_lowres_cond or use_blur_for_lowres_cond")
+                    problems.append(
+                        f"decoder: U-Net {offset + 2} (an upsampler) needs noise or blur augmentation of its "
+                        "low-res input; set use_noise_for_lowres_cond or use_blur_for_lowres_cond"
+                    )
         schedules = self.beta_schedule if isinstance(self.beta_schedule, list) else [self.beta_schedule]
         for index, schedule in enumerate(schedules):
-            where = f"decoder.beta_schedule[{index}]" if isinstance(self.beta_schedule, list) else "decoder.beta_schedule"
+            where = (
+                f"decoder.beta_schedule[{index}]" if isinstance(self.beta_schedule, list) else "decoder.beta_schedule"
+            )
             if schedule is not None:
                 problems += one_of(where, schedule, BETA_SCHEDULES)
         for index, sampler in enumerate(per_unet(self.samplers, num_unets)):
             if sampler is not None:
                 where = f"decoder.samplers[{index}]" if isinstance(self.samplers, list) else "decoder.samplers"
                 problems += one_of(where, sampler, SAMPLERS)
-        resolved = (["cosine"] * max(num_unets - 1, 1) + ["linear"] * (num_unets > 1)) if self.beta_schedule is None \
+        resolved = (
+            (["cosine"] * max(num_unets - 1, 1) + ["linear"] * (num_unets > 1))
+            if self.beta_schedule is None
             else per_unet(self.beta_schedule, num_unets)
+        )
         for index, schedule in enumerate(resolved):
             # linear / quadratic scale the DDPM betas (up to 0.02 at T = 1000) by 1000 / T: beta_T = 20 / T.
             if schedule in ("linear", "quadratic") and self.timesteps is not None and 1 < self.timesteps <= 20:
-                origin = "decoder.beta_schedule" if self.beta_schedule is not None else \
-                    "decoder.beta_schedule (null: linear for the last U-Net of a cascade)"
-                problems.append(f"{origin}: U-Net {index + 1}'s {schedule} schedule has betas of 1 or more with "
-                                f"decoder.timesteps = {self.timesteps}; use more than 20 timesteps or the cosine schedule")
+                origin = (
+                    "decoder.beta_schedule"
+                    if self.beta_schedule is not None
+                    else "decoder.beta_schedule (null: linear for the last U-Net of a cascade)"
+                )
+                problems.append(
+                    f"{origin}: U-Net {index + 1}'s {schedule} schedule has betas of 1 or more with "
+                    f"decoder.timesteps = {self.timesteps}; use more than 20 timesteps or the cosine schedule"
+                )
                 break
         for index, steps in enumerate(per_unet(self.sample_timesteps, num_unets)):
             if steps is not None and not 1 <= steps <= self.timesteps:
-                problems.append(f"decoder.sample_timesteps: U-Net {index} samples with {steps} steps; "
-                                f"it must be between 1 and decoder.timesteps ({self.timesteps})")
+                problems.append(
+                    f"decoder.sample_timesteps: U-Net {index} samples with {steps} steps; "
+                    f"it must be between 1 and decoder.timesteps ({self.timesteps})"
+                )
         return problems
 
     def notes(self, root: "TrainDecoderConfig") -> List[str]:
         """Options that are accepted but have no effect."""
         notes = []
         if self.image_size is not None:
-            notes.append("decoder.image_size: accepted for compatibility and ignored; decoder.image_sizes sets the "
-                         "resolution of each U-Net")
+            notes.append(
+                "decoder.image_size: accepted for compatibility and ignored; decoder.image_sizes sets the "
+                "resolution of each U-Net"
+            )
         return notes
 
     @property

@@ -1,4 +1,5 @@
 """The one error a bad configuration raises, and the warning for accepted-but-ignored options."""
+
 from __future__ import annotations
 
 from typing import Iterable, List

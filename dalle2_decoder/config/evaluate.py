@@ -1,4 +1,5 @@
 """`evaluate`: image-quality metrics computed on generated validation images."""
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Dict, List, Optional

@@ -5,6 +5,7 @@ sections structured (see `TrainDecoderConfig.resolve`): numbers that are not fin
 range, U-Net options that must be positive, image sizes that the U-Nets can downsample, and a
 learning rate no optimiser survives.
 """
+
 from __future__ import annotations
 
 import math
@@ -13,7 +14,7 @@ from typing import Any, List, Union
 from .checks import per_unet, show
 from .structure import join_path
 
-SEED_MAX = 2 ** 32 - 1
+SEED_MAX = 2**32 - 1
 """numpy's seeding (used by the data pipeline and `accelerate.utils.set_seed`) takes 0 .. 2**32 - 1."""
 MIN_IMAGE_SIZE = 8
 """Smallest U-Net output size: below it the U-Nets' convolutions and attention have nothing to work on."""
@@ -54,13 +55,17 @@ def decoder_problems(decoder) -> List[str]:
         size = decoder.image_sizes[index]
         factor = _downsample_factor(unet.dim_mults, unet.options)
         if size < max(MIN_IMAGE_SIZE, factor):
-            problems.append(f"decoder.image_sizes[{index}]: {size} is too small for U-Net {index + 1}: it must be at "
-                            f"least {max(MIN_IMAGE_SIZE, factor)} (its dim_mults {list(unet.dim_mults)} halve the "
-                            f"image {int(math.log2(factor))} times)")
+            problems.append(
+                f"decoder.image_sizes[{index}]: {size} is too small for U-Net {index + 1}: it must be at "
+                f"least {max(MIN_IMAGE_SIZE, factor)} (its dim_mults {list(unet.dim_mults)} halve the "
+                f"image {int(math.log2(factor))} times)"
+            )
         elif size % factor:
-            problems.append(f"decoder.image_sizes[{index}]: {size} is not divisible by {factor}, the total downsampling "
-                            f"of U-Net {index + 1} (dim_mults {list(unet.dim_mults)}); use e.g. "
-                            f"{size - size % factor or factor} or {size + factor - size % factor}")
+            problems.append(
+                f"decoder.image_sizes[{index}]: {size} is not divisible by {factor}, the total downsampling "
+                f"of U-Net {index + 1} (dim_mults {list(unet.dim_mults)}); use e.g. "
+                f"{size - size % factor or factor} or {size + factor - size % factor}"
+            )
     return problems
 
 
@@ -70,8 +75,10 @@ def train_problems(train) -> List[str]:
     for index, lr in enumerate(per_unet(lrs, 1)):
         where = f"train.lr[{index}]" if isinstance(lrs, list) else "train.lr"
         if isinstance(lr, (int, float)) and math.isfinite(lr) and lr > MAX_LEARNING_RATE:
-            problems.append(f"{where}: {show(lr)} is far above any usable learning rate (at most "
-                            f"{MAX_LEARNING_RATE:g}; typical values are 1e-5 to 1e-3)")
+            problems.append(
+                f"{where}: {show(lr)} is far above any usable learning rate (at most "
+                f"{MAX_LEARNING_RATE:g}; typical values are 1e-5 to 1e-3)"
+            )
     return problems
 
 

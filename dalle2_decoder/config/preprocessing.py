@@ -5,6 +5,7 @@ which builds each transform); this module calls it and places each of its proble
 `data.preprocessing.<TransformName>`. `basic_preprocessing_problems` is the stand-in used when
 that function cannot be imported: it checks names and keyword arguments against torchvision.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -30,7 +31,9 @@ def basic_preprocessing_problems(spec: Mapping[str, Any]) -> List[str]:
             for key in arguments:
                 if key not in parameters:
                     match = closest(key, parameters)
-                    problems.append(f"{name}: unknown argument {show(key)}" + (f" (did you mean {match}?)" if match else ""))
+                    problems.append(
+                        f"{name}: unknown argument {show(key)}" + (f" (did you mean {match}?)" if match else "")
+                    )
         elif not isinstance(arguments, (bool, list, int, float, str)) and arguments is not None:
             problems.append(f"{name}: expected true, an object of arguments or a list, got {show(arguments)}")
     return problems

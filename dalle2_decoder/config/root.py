@@ -1,4 +1,5 @@
 """The whole run's configuration: one JSON file."""
+
 from __future__ import annotations
 
 import json
@@ -18,7 +19,6 @@ from .limits import cross_section_problems, non_finite_numbers
 from .structure import UnknownOptionError, converter, structure_at
 from .tracker import TrackerConfig
 from .train import TrainConfig
-
 
 _SECTION_ORDER = ("decoder", "data", "train", "evaluate", "tracker", "seed")  # the order of the reference's files
 
@@ -59,11 +59,17 @@ class TrainDecoderConfig:
         except OSError as error:
             raise ConfigError([f"cannot read the file: {error.strerror or error}"], source=path) from None
         except UnicodeDecodeError as error:
-            raise ConfigError([f"not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset {error.start}); "
-                               "save the config as UTF-8 JSON"], source=path) from None
+            raise ConfigError(
+                [
+                    f"not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset {error.start}); "
+                    "save the config as UTF-8 JSON"
+                ],
+                source=path,
+            ) from None
         except json.JSONDecodeError as error:
-            raise ConfigError([f"not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}"],
-                              source=path) from None
+            raise ConfigError(
+                [f"not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}"], source=path
+            ) from None
         except RecursionError:
             raise ConfigError(["not a usable config: its JSON is nested too deeply"], source=path) from None
 
@@ -129,8 +135,12 @@ class TrainDecoderConfig:
 
     def notes(self) -> List[str]:
         """Options that are accepted but have no effect, as `path: explanation` lines."""
-        return [note for section in _Sections.of(self).structured() if hasattr(section, "notes")
-                for note in section.notes(self)]
+        return [
+            note
+            for section in _Sections.of(self).structured()
+            if hasattr(section, "notes")
+            for note in section.notes(self)
+        ]
 
     # --- output -------------------------------------------------------------------------------
 
@@ -165,5 +175,8 @@ class _Sections:
         return cls(**{field.name: getattr(config, field.name) for field in attrs.fields(TrainDecoderConfig)})
 
     def structured(self) -> List[Any]:
-        return [section for section in (self.decoder, self.data, self.train, self.evaluate, self.tracker)
-                if section is not None]
+        return [
+            section
+            for section in (self.decoder, self.data, self.train, self.evaluate, self.tracker)
+            if section is not None
+        ]

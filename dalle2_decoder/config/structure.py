@@ -13,6 +13,7 @@ What the converter adds to cattrs' defaults:
   `{"load_from": null}` means no loader;
 - other unions (`1e-4` or `[1e-4, 3e-5]`) pick the member by the JSON value's shape.
 """
+
 from __future__ import annotations
 
 import ast
@@ -62,8 +63,14 @@ class UnknownOptionError(ConfigValueError):
 
 # --- describing types in messages ------------------------------------------------------------
 
-_NAMES = {int: ("an integer", "integers"), float: ("a number", "numbers"), bool: ("true or false", "booleans"),
-          str: ("a string", "strings"), NoneType: ("null", "nulls"), Any: ("any value", "values")}
+_NAMES = {
+    int: ("an integer", "integers"),
+    float: ("a number", "numbers"),
+    bool: ("true or false", "booleans"),
+    str: ("a string", "strings"),
+    NoneType: ("null", "nulls"),
+    Any: ("any value", "values"),
+}
 
 
 def _is_union(tp: Any) -> bool:

@@ -4,6 +4,7 @@ Each family is a union of classes told apart by a literal discriminator field (`
 `load_from`, `save_to`), so the JSON names the implementation and the class carries exactly the
 keys that implementation needs.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, List, Literal, Optional, Union
@@ -118,9 +119,12 @@ def save_path_field_problems(where: str, template: Optional[str]) -> List[str]:
         return [f"{where}: {template!r} is not a valid path template ({error}); write {{{{ and }}}} for literal braces"]
     unknown = [name for name in names if name.split(".")[0].split("[")[0] not in SAVE_PATH_FIELDS]
     if unknown:
-        return [f"{where}: unknown field {{{unknown[0]}}} in {template!r}; fields are "
-                + ", ".join(f"{{{name}}}" for name in SAVE_PATH_FIELDS)]
+        return [
+            f"{where}: unknown field {{{unknown[0]}}} in {template!r}; fields are "
+            + ", ".join(f"{{{name}}}" for name in SAVE_PATH_FIELDS)
+        ]
     return []
+
 
 # --- save ------------------------------------------------------------------------------------
 
@@ -206,7 +210,9 @@ class TrackerConfig:
 
     def check(self, root: "TrainDecoderConfig") -> List[str]:
         """Each logger, loader and saver has what its kind needs, and every saver saves something."""
-        problems = not_empty("tracker.data_path", self.data_path) + at_least("tracker.upload_retries", self.upload_retries, 1)
+        problems = not_empty("tracker.data_path", self.data_path) + at_least(
+            "tracker.upload_retries", self.upload_retries, 1
+        )
         logs_to_wandb = isinstance(self.log, WandbLogConfig)
         if logs_to_wandb:
             problems += not_empty("tracker.log.wandb_entity", self.log.wandb_entity)
@@ -220,8 +226,10 @@ class TrackerConfig:
         elif isinstance(self.load, WandbLoadConfig):
             problems += not_empty("tracker.load.wandb_file_path", self.load.wandb_file_path)
             if self.load.wandb_run_path is None and not logs_to_wandb:
-                problems.append("tracker.load.wandb_run_path: needed unless tracker.log.log_type is wandb (without it "
-                                "the checkpoint is taken from the logged run)")
+                problems.append(
+                    "tracker.load.wandb_run_path: needed unless tracker.log.log_type is wandb (without it "
+                    "the checkpoint is taken from the logged run)"
+                )
         if not self.save:
             problems.append("tracker.save: needs at least one saver")
         for index, saver in enumerate(self.save):
@@ -236,13 +244,17 @@ class TrackerConfig:
             if isinstance(saver, HuggingfaceSaveConfig):
                 problems += not_empty(f"{path}.huggingface_repo", saver.huggingface_repo)
             if isinstance(saver, WandbSaveConfig) and saver.wandb_run_path is None and not logs_to_wandb:
-                problems.append(f"{path}.wandb_run_path: needed unless tracker.log.log_type is wandb (without it "
-                                "saves go into the logged run)")
+                problems.append(
+                    f"{path}.wandb_run_path: needed unless tracker.log.log_type is wandb (without it "
+                    "saves go into the logged run)"
+                )
         return problems
 
     def notes(self, root: "TrainDecoderConfig") -> List[str]:
         notes = []
         if isinstance(self.log, ConsoleLogConfig) and self.log.resume:
-            notes.append("tracker.log.resume: the console logger has no remote run to resume, so this is ignored "
-                         "(auto_resume continues an interrupted run from tracker.data_path)")
+            notes.append(
+                "tracker.log.resume: the console logger has no remote run to resume, so this is ignored "
+                "(auto_resume continues an interrupted run from tracker.data_path)"
+            )
         return notes

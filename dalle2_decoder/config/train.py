@@ -1,4 +1,5 @@
 """`train`: optimisation, EMA, precision, epochs and the sample/save cadence."""
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, List, Optional, Union
@@ -89,10 +90,22 @@ class TrainConfig:
             problems += one_per_unet("train.unet_training_mask", self.unet_training_mask, num_unets)
             if not any(self.unet_training_mask):
                 problems.append("train.unet_training_mask: freezes every U-Net; at least one entry must be true")
-        for name, minimum in (("epochs", 1), ("save_every_n_samples", 1), ("n_sample_images", 1),
-                              ("epoch_samples", 1), ("validation_samples", 0), ("gradient_accumulation_steps", 1)):
+        for name, minimum in (
+            ("epochs", 1),
+            ("save_every_n_samples", 1),
+            ("n_sample_images", 1),
+            ("epoch_samples", 1),
+            ("validation_samples", 0),
+            ("gradient_accumulation_steps", 1),
+        ):
             problems += at_least(f"train.{name}", getattr(self, name), minimum)
-        for name, minimum in (("lr", 0.0), ("wd", 0.0), ("max_grad_norm", 0.0), ("cond_scale", 0.0), ("warmup_steps", 0)):
+        for name, minimum in (
+            ("lr", 0.0),
+            ("wd", 0.0),
+            ("max_grad_norm", 0.0),
+            ("cond_scale", 0.0),
+            ("warmup_steps", 0),
+        ):
             value = getattr(self, name)
             for index, item in enumerate(per_unet(value, 1)):
                 where = f"train.{name}[{index}]" if isinstance(value, list) else f"train.{name}"
@@ -100,8 +113,11 @@ class TrainConfig:
         if self.max_grad_norm is not None and 0 in per_unet(self.max_grad_norm, 1):
             problems.append("train.max_grad_norm: must be greater than 0 (null disables clipping)")
         for index, lr in enumerate(per_unet(self.lr, num_unets or 1)):
-            frozen = self.unet_training_mask is not None and index < len(self.unet_training_mask) \
+            frozen = (
+                self.unet_training_mask is not None
+                and index < len(self.unet_training_mask)
                 and not self.unet_training_mask[index]
+            )
             if lr == 0 and not frozen:
                 where = f"train.lr[{index}]" if isinstance(self.lr, list) else "train.lr"
                 problems.append(f"{where}: must be greater than 0 for a U-Net that is trained")
@@ -117,8 +133,10 @@ class TrainConfig:
     def notes(self, root: "TrainDecoderConfig") -> List[str]:
         notes = []
         if self.amp:
-            notes.append("train.amp: has no effect (as in DALLE2-pytorch, where precision comes from accelerate); "
-                         "set train.mixed_precision to bf16 or fp16 for mixed precision")
+            notes.append(
+                "train.amp: has no effect (as in DALLE2-pytorch, where precision comes from accelerate); "
+                "set train.mixed_precision to bf16 or fp16 for mixed precision"
+            )
         return notes
 
 

@@ -5,6 +5,7 @@ Runs inside each dataloader worker process (or in the main process when num_work
 Batches are built here, so a batch of images crosses the process boundary once; each batch
 carries the worker's running counts under `STATS_KEY`, which the loader takes out.
 """
+
 from __future__ import annotations
 
 import collections
@@ -20,9 +21,8 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.filters import shuffle as wds_shuffle
 
-from . import memory
+from . import memory, sources
 from . import plan as planning
-from . import sources
 from .stats import BadDataError, check_bad_fraction, format_counts, new_counts
 from .tar_reader import ShardReadError, iter_tar_samples
 
@@ -103,8 +103,15 @@ class ShardDataset(IterableDataset):
                 order, rank=s.rank, world_size=s.world_size, worker=worker, workers=workers, batch_size=s.batch_size
             )
         return planning.capped_worker_plan(
-            order, limit=s.limit, rank=s.rank, world_size=s.world_size, worker=worker, workers=workers,
-            batch_size=s.batch_size, resample=s.resample, what=s.limit_name,
+            order,
+            limit=s.limit,
+            rank=s.rank,
+            world_size=s.world_size,
+            worker=worker,
+            workers=workers,
+            batch_size=s.batch_size,
+            resample=s.resample,
+            what=s.limit_name,
         )
 
     def __len__(self) -> int:
@@ -136,8 +143,9 @@ class ShardDataset(IterableDataset):
                 sample = next(samples, None)
                 if sample is None:
                     if not recent:
-                        check_bad_fraction(counts, s.max_bad_fraction, where, final=True,
-                                           first_problems=self.first_problems)
+                        check_bad_fraction(
+                            counts, s.max_bad_fraction, where, final=True, first_problems=self.first_problems
+                        )
                         raise BadDataError(
                             f"{where}: no readable sample in its share of the data "
                             f"({len(plan.pieces) or len(plan.shards)} shard range(s)), so its batches cannot "
@@ -165,8 +173,12 @@ class ShardDataset(IterableDataset):
             result["image_embed"] = torch.from_numpy(np.stack([sample["image_embed"] for sample in batch]))
         if self.format.text_embed_source:
             result["text_embed"] = torch.from_numpy(np.stack([sample["text_embed"] for sample in batch]))
-        result[STATS_KEY] = {"worker": worker, "counts": dict(counts), "buffer": ticket,
-                             "problems": dict(self.first_problems)}
+        result[STATS_KEY] = {
+            "worker": worker,
+            "counts": dict(counts),
+            "buffer": ticket,
+            "problems": dict(self.first_problems),
+        }
         return result
 
     def _image_batch(self, images: List[torch.Tensor]):
@@ -205,8 +217,10 @@ class ShardDataset(IterableDataset):
 
     def _load_embeddings(self, shard: planning.Shard) -> Dict[str, np.ndarray]:
         arrays = {}
-        for name, source, url in (("image_embed", self.format.image_embed_source, shard.img_embeddings_url),
-                                  ("text_embed", self.format.text_embed_source, shard.text_embeddings_url)):
+        for name, source, url in (
+            ("image_embed", self.format.image_embed_source, shard.img_embeddings_url),
+            ("text_embed", self.format.text_embed_source, shard.text_embeddings_url),
+        ):
             if source != "folder":
                 continue
             try:
@@ -267,13 +281,16 @@ class ShardDataset(IterableDataset):
             except Exception:  # a pipe: command cut off early may report an error status; the data is read
                 pass
         if planned is not None and delivered < planned:
-            counted = f"the {shard.size} samples recorded in {shard.size_source}" if shard.size_source \
+            counted = (
+                f"the {shard.size} samples recorded in {shard.size_source}"
+                if shard.size_source
                 else "counted when the run started"
+            )
             lose("truncated_tar", ValueError(f"the shard has {piece.start + delivered} samples, fewer than {counted}"))
 
     def _attach_rows(self, sample: dict, arrays: Dict[str, np.ndarray]) -> None:
         key = sample["__key__"]
-        digits = key[-self.format.index_width:]
+        digits = key[-self.format.index_width :]
         if len(key) < self.format.index_width or not digits.isdigit():
             sample["__bad__"] = "bad_key"
             sample["__detail__"] = f"the key does not end in data.index_width={self.format.index_width} digits"
@@ -329,8 +346,9 @@ class ShardDataset(IterableDataset):
             counts[reason] += 1
             self._note_bad(reason, sample, detail, where)
             consecutive_bad += 1
-            check_bad_fraction(counts, self.settings.max_bad_fraction, where, final=False,
-                               first_problems=self.first_problems)
+            check_bad_fraction(
+                counts, self.settings.max_bad_fraction, where, final=False, first_problems=self.first_problems
+            )
             if consecutive_bad >= MAX_CONSECUTIVE_BAD:
                 raise BadDataError(f"{where}: {consecutive_bad} bad samples in a row; {self._first_problem_text()}")
 
@@ -339,8 +357,12 @@ class ShardDataset(IterableDataset):
             nonlocal consecutive_bad
             shape = tuple(decoded["image"].shape[:2])
             if shape != expected:
-                bad(sample, "image_size_mismatch", f"after preprocessing the image is {shape[0]}x{shape[1]} "
-                                                   f"(height x width); the batch needs {expected[0]}x{expected[1]}")
+                bad(
+                    sample,
+                    "image_size_mismatch",
+                    f"after preprocessing the image is {shape[0]}x{shape[1]} "
+                    f"(height x width); the batch needs {expected[0]}x{expected[1]}",
+                )
                 return False
             consecutive_bad = 0
             counts["ok"] += 1
@@ -349,8 +371,13 @@ class ShardDataset(IterableDataset):
         def decide() -> Iterator[dict]:
             nonlocal expected
             votes = collections.Counter(tuple(decoded["image"].shape[:2]) for decoded, _ in undecided)
-            expected = max(votes, key=lambda shape: (votes[shape], -next(
-                i for i, (d, _) in enumerate(undecided) if tuple(d["image"].shape[:2]) == shape)))
+            expected = max(
+                votes,
+                key=lambda shape: (
+                    votes[shape],
+                    -next(i for i, (d, _) in enumerate(undecided) if tuple(d["image"].shape[:2]) == shape),
+                ),
+            )
             for decoded, sample in undecided:
                 if judged(decoded, sample):
                     yield decoded
@@ -410,8 +437,11 @@ class ShardDataset(IterableDataset):
         if vector.ndim != 1:
             return None, "wrong_embedding_dim", f"{where} has shape {tuple(vector.shape)}, expected ({dim or 'D'},)"
         if dim is not None and vector.shape[0] != dim:
-            return None, "wrong_embedding_dim", (f"{where} has {vector.shape[0]} values, expected {dim} "
-                                                 f"(the model's {what} embedding dimension)")
+            return (
+                None,
+                "wrong_embedding_dim",
+                (f"{where} has {vector.shape[0]} values, expected {dim} (the model's {what} embedding dimension)"),
+            )
         if not np.issubdtype(vector.dtype, np.number):
             return None, "corrupt_embedding", f"{where} holds {vector.dtype} values, not numbers"
         vector = vector.astype(np.float32)
@@ -442,7 +472,11 @@ class ShardDataset(IterableDataset):
         extension = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
         if extension is None:
             members = sorted(k for k in sample if not k.startswith("__"))
-            return None, "no_image", f"members {', '.join(members) or 'none'}; expected one of {', '.join(IMAGE_EXTENSIONS)}"
+            return (
+                None,
+                "no_image",
+                f"members {', '.join(members) or 'none'}; expected one of {', '.join(IMAGE_EXTENSIONS)}",
+            )
         try:
             with Image.open(io.BytesIO(sample[extension])) as opened:
                 opened.load()
@@ -460,8 +494,14 @@ class ShardDataset(IterableDataset):
                     on = f" on a {size[0]}x{size[1]} image" if size else ""
                     return None, "transform_error", f"{step!r} failed{on}: {error}"
             if not isinstance(image, Image.Image):
-                return None, "transform_error", (f"the steps before ToTensor gave a {type(image).__name__}, not an "
-                                                 "image (put tensor transforms after ToTensor)")
+                return (
+                    None,
+                    "transform_error",
+                    (
+                        f"the steps before ToTensor gave a {type(image).__name__}, not an "
+                        "image (put tensor transforms after ToTensor)"
+                    ),
+                )
         pixels = torch.from_numpy(np.array(image))  # H, W(, C) uint8, as ToTensor reads it
         decoded["image"] = pixels if pixels.ndim == 3 else pixels.unsqueeze(-1)
         decoded["caption"] = sample["txt"].decode("utf-8", errors="replace").strip() if "txt" in sample else ""

@@ -10,6 +10,7 @@ background), L2-normalised: it determines the picture, so a tiny decoder can lea
 a CPU. The text embedding projects the caption's attributes (coarse position, no jitter) with
 another fixed matrix. Nothing here needs CLIP or a network.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,14 @@ from .writer import ShardSetWriter
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 COLOURS: Dict[str, Tuple[int, int, int]] = {
-    "red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (235, 210, 40),
-    "purple": (150, 60, 190), "orange": (240, 140, 30), "cyan": (40, 200, 210), "grey": (128, 128, 128),
+    "red": (220, 40, 40),
+    "green": (40, 180, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 210, 40),
+    "purple": (150, 60, 190),
+    "orange": (240, 140, 30),
+    "cyan": (40, 200, 210),
+    "grey": (128, 128, 128),
 }
 SIZES = ("small", "large")
 ROWS = ("top", "middle", "bottom")
@@ -41,9 +48,13 @@ def _features(shape: str, colour: str, size: str, x: float, y: float, background
     one_hot = lambda options, value: [1.0 if value == option else 0.0 for option in options]  # noqa: E731
     rgb = [c / 255.0 for c in COLOURS[colour]]
     return np.array(
-        one_hot(SHAPES, shape) + one_hot(list(COLOURS), colour) + rgb + [1.0 if size == "large" else -1.0]
+        one_hot(SHAPES, shape)
+        + one_hot(list(COLOURS), colour)
+        + rgb
+        + [1.0 if size == "large" else -1.0]
         + ([x * 2 - 1, y * 2 - 1] if exact else [0.0, 0.0])
-        + one_hot(ROWS, ROWS[min(2, int(y * 3))]) + one_hot(COLUMNS, COLUMNS[min(2, int(x * 3))])
+        + one_hot(ROWS, ROWS[min(2, int(y * 3))])
+        + one_hot(COLUMNS, COLUMNS[min(2, int(x * 3))])
         + [1.0 if background == "white" else -1.0],
         dtype=np.float64,
     )
@@ -86,15 +97,29 @@ def draw_shape(shape: str, colour: str, size: str, x: float, y: float, backgroun
     return image.resize((image_size, image_size), Image.BILINEAR)
 
 
-def generate_demo_dataset(out_dir: str, *, num_images: int = 4000, image_size: int = 64, embed_dim: int = 64,
-                          shard_size: int = 500, shard_width: int = 6, index_width: int = 4,
-                          embeddings_in_shards: bool = False, seed: int = 0) -> dict:
+def generate_demo_dataset(
+    out_dir: str,
+    *,
+    num_images: int = 4000,
+    image_size: int = 64,
+    embed_dim: int = 64,
+    shard_size: int = 500,
+    shard_width: int = 6,
+    index_width: int = 4,
+    embeddings_in_shards: bool = False,
+    seed: int = 0,
+) -> dict:
     """Write the demo dataset; returns the `data` config section (as a dict) that reads it."""
     image_projection, text_projection = _projection(embed_dim, 0), _projection(embed_dim, 1)
     rng = random.Random(seed)
-    with ShardSetWriter(out_dir, shard_size=shard_size, shard_width=shard_width, index_width=index_width,
-                        embeddings_in_shards=embeddings_in_shards,
-                        embedding_files=not embeddings_in_shards) as writer:
+    with ShardSetWriter(
+        out_dir,
+        shard_size=shard_size,
+        shard_width=shard_width,
+        index_width=index_width,
+        embeddings_in_shards=embeddings_in_shards,
+        embedding_files=not embeddings_in_shards,
+    ) as writer:
         for _ in range(num_images):
             shape, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
             size, background = rng.choice(SIZES), rng.choice(list(BACKGROUNDS))
@@ -106,7 +131,8 @@ def generate_demo_dataset(out_dir: str, *, num_images: int = 4000, image_size: i
             buffer = io.BytesIO()
             draw_shape(shape, colour, size, x, y, background, image_size).save(buffer, format="JPEG", quality=92)
             writer.add(
-                buffer.getvalue(), caption=caption,
+                buffer.getvalue(),
+                caption=caption,
                 image_embed=_embed(_features(shape, colour, size, x, y, background, True), image_projection),
                 text_embed=_embed(_features(shape, colour, size, x, y, background, False), text_projection),
             )
@@ -129,19 +155,30 @@ def main(argv=None) -> int:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--embed-dim", type=int, default=64, help="image (and text) embedding dimension")
     parser.add_argument("--shard-size", type=int, default=500, help="samples per shard")
-    parser.add_argument("--embeddings-in-shards", action="store_true",
-                        help="store embeddings as .npy members in the shards instead of per-shard files")
+    parser.add_argument(
+        "--embeddings-in-shards",
+        action="store_true",
+        help="store embeddings as .npy members in the shards instead of per-shard files",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     data = generate_demo_dataset(
-        args.out, num_images=args.num_images, image_size=args.image_size, embed_dim=args.embed_dim,
-        shard_size=args.shard_size, embeddings_in_shards=args.embeddings_in_shards, seed=args.seed,
+        args.out,
+        num_images=args.num_images,
+        image_size=args.image_size,
+        embed_dim=args.embed_dim,
+        shard_size=args.shard_size,
+        embeddings_in_shards=args.embeddings_in_shards,
+        seed=args.seed,
     )
     with open(os.path.join(args.out, "data_config.json"), "w") as file:
         json.dump({"data": data}, file, indent=2)
     print(json.dumps({"data": data}, indent=2))
-    print(f"wrote {args.num_images} samples to {args.out}; the `data` section above is in "
-          f"{os.path.join(args.out, 'data_config.json')}", file=sys.stderr)
+    print(
+        f"wrote {args.num_images} samples to {args.out}; the `data` section above is in "
+        f"{os.path.join(args.out, 'data_config.json')}",
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -1,4 +1,5 @@
 """`create_dataloaders`: the train, val and test loaders of one rank, from the `data` config."""
+
 from __future__ import annotations
 
 import hashlib
@@ -10,11 +11,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from . import memory
+from . import memory, sources
 from . import plan as planning
-from . import sources
 from .dataset import (
-    IMAGE_EMBED_MEMBERS, STATS_KEY, TEXT_EMBED_MEMBERS, PhaseSettings, SampleFormat, ShardDataset,
+    IMAGE_EMBED_MEMBERS,
+    STATS_KEY,
+    TEXT_EMBED_MEMBERS,
+    PhaseSettings,
+    SampleFormat,
+    ShardDataset,
 )
 from .stats import check_bad_fraction, format_counts, merge_counts, new_counts
 from .tar_reader import ShardReadError, iter_tar_samples
@@ -34,8 +39,15 @@ class ShardLoader:
       `padded`, `dropped_for_balance`, `shard_read_errors` (summed over this rank's workers).
     """
 
-    def __init__(self, dataset: ShardDataset, *, num_workers: int, pin_memory: bool = False,
-                 prefetch_factor: int = 2, dropped_for_balance: int = 0):
+    def __init__(
+        self,
+        dataset: ShardDataset,
+        *,
+        num_workers: int,
+        pin_memory: bool = False,
+        prefetch_factor: int = 2,
+        dropped_for_balance: int = 0,
+    ):
         self.dataset = dataset
         self.num_workers = num_workers
         self.pin_memory = pin_memory
@@ -83,7 +95,9 @@ class ShardLoader:
             # The workers' torch seeds come from this generator, not the global one: random
             # augmentations then depend only on (seed, phase, rank, epoch), so a resumed run that
             # reads its way back to the same batch sees the same augmented images.
-            generator=torch.Generator().manual_seed(_epoch_seed(settings.seed, settings.phase, settings.rank, self.dataset.epoch)),
+            generator=torch.Generator().manual_seed(
+                _epoch_seed(settings.seed, settings.phase, settings.rank, self.dataset.epoch)
+            ),
         )
         for batch in loader:
             report = batch.pop(STATS_KEY)
@@ -93,7 +107,9 @@ class ShardLoader:
                 batch["image"] = convert(received, pin_memory=self.pin_memory)
                 releaser.release(int(report["worker"]), report["buffer"], received)
                 if self.pin_memory:
-                    batch.update({k: v.pin_memory() for k, v in batch.items() if isinstance(v, torch.Tensor) and k != "image"})
+                    batch.update(
+                        {k: v.pin_memory() for k, v in batch.items() if isinstance(v, torch.Tensor) and k != "image"}
+                    )
             per_worker[int(report["worker"])] = report["counts"]
             for reason, text in report.get("problems", {}).items():
                 problems.setdefault(reason, text)
@@ -112,8 +128,9 @@ def _epoch_seed(seed: int, phase: str, rank: int, epoch: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def _infer_sample_format(data_config, shards: List[planning.Shard], transform, image_embed_dim, text_embed_dim,
-                         uint8_images: bool = False):
+def _infer_sample_format(
+    data_config, shards: List[planning.Shard], transform, image_embed_dim, text_embed_dim, uint8_images: bool = False
+):
     in_shards = data_config.embeddings_in_shards
     if in_shards is None:
         in_shards = data_config.img_embeddings_url is None
@@ -144,10 +161,15 @@ def _infer_sample_format(data_config, shards: List[planning.Shard], transform, i
     if text_source == "folder" and text_embed_dim is None:
         text_embed_dim = sources.npy_shape(shards[0].text_embeddings_url)[-1]
     return SampleFormat(
-        pil_transform=transform[0], tensor_transform=transform[1], index_width=data_config.index_width,
+        pil_transform=transform[0],
+        tensor_transform=transform[1],
+        index_width=data_config.index_width,
         image_shape=fixed_image_shape(transform[0]),
-        image_embed_source=image_source, text_embed_source=text_source,
-        image_embed_dim=image_embed_dim, text_embed_dim=text_embed_dim, uint8_images=uint8_images,
+        image_embed_source=image_source,
+        text_embed_source=text_source,
+        image_embed_dim=image_embed_dim,
+        text_embed_dim=text_embed_dim,
+        uint8_images=uint8_images,
     )
 
 
@@ -250,18 +272,27 @@ def create_dataloaders(
             total = sum(shard.size for shard in phase_shards)
             dropped = total - world_size * planning.exact_rank_samples(total, world_size)
         settings = PhaseSettings(
-            phase=phase, seed=seed, rank=rank, world_size=world_size,
-            num_workers=data_config.num_workers, batch_size=data_config.batch_size,
+            phase=phase,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+            num_workers=data_config.num_workers,
+            batch_size=data_config.batch_size,
             shuffle_shards=training and (data_config.shuffle_train or resample),
             shuffle_buffer=data_config.shuffle_buffer if training and data_config.shuffle_train else 0,
-            limit=limit, resample=resample, max_bad_fraction=data_config.max_bad_sample_fraction,
+            limit=limit,
+            resample=resample,
+            max_bad_fraction=data_config.max_bad_sample_fraction,
             limit_name=limit_names[phase],
         )
         dataset = ShardDataset(phase_shards, settings, sample_format)
         loaders[phase] = ShardLoader(
-            dataset, num_workers=data_config.num_workers, pin_memory=pin_memory,
+            dataset,
+            num_workers=data_config.num_workers,
+            pin_memory=pin_memory,
             dropped_for_balance=dropped if rank == 0 else 0,
         )
-        log.info("data (%s): %d shard(s), %d batch(es) per epoch on each rank",
-                 phase, len(phase_shards), len(loaders[phase]))
+        log.info(
+            "data (%s): %d shard(s), %d batch(es) per epoch on each rank", phase, len(phase_shards), len(loaders[phase])
+        )
     return loaders

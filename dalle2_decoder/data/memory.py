@@ -11,6 +11,7 @@ float batch of 64 images of 256px (50 MB) that costs about as much as decoding t
   once it has copied the batch out (`SharedBatchPool`).
 `bench/data.py` measures the effect against plain decoding.
 """
+
 from __future__ import annotations
 
 import math
@@ -89,7 +90,9 @@ if hasattr(os, "register_at_fork"):
 
 
 def _nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
-    return math.prod(shape) * (dtype.itemsize if hasattr(dtype, "itemsize") else torch.empty((), dtype=dtype).element_size())
+    return math.prod(shape) * (
+        dtype.itemsize if hasattr(dtype, "itemsize") else torch.empty((), dtype=dtype).element_size()
+    )
 
 
 def empty_batch(shape: Sequence[int], dtype: torch.dtype, *, pin_memory: bool = False) -> torch.Tensor:

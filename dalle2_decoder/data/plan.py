@@ -13,6 +13,7 @@ Two ways to run an epoch (see docs/DATA.md):
   its own disjoint subset of shards, cycling through it (or drawing shards with replacement
   when resampling) until it has filled its batches.
 """
+
 from __future__ import annotations
 
 import logging
@@ -141,7 +142,10 @@ def discover_shards(
         if without:
             log.warning(
                 "%d shard(s) have no embedding file in %s (data.%s) and are skipped: %s",
-                len(without), folder, field, _ranges(without),
+                len(without),
+                folder,
+                field,
+                _ranges(without),
             )
         shards = [attrs.evolve(s, **{field: files[s.number]}) for s in shards if s.number in files]
     if not shards:
@@ -175,7 +179,7 @@ def split_shards(shards: Sequence[Shard], fractions: Dict[str, float], seed: int
                 counts[i] += 1
     result, at = {}, 0
     for name, count in zip(names, counts):
-        result[name] = sorted(order[at:at + count], key=lambda s: s.number)
+        result[name] = sorted(order[at : at + count], key=lambda s: s.number)
         at += count
     return result
 
@@ -212,8 +216,13 @@ def count_samples(shards: Sequence[Shard], base_url: str) -> List[Shard]:
                 stale.append(f"{name} ({known[name][0]} samples recorded, {size} counted)")
         counted.append(attrs.evolve(shard, size=size, size_source=source))
     if stale:
-        log.warning("%s is stale for %d shard(s), which were counted instead: %s%s", sizes_url, len(stale),
-                    ", ".join(stale[:5]), ", ..." if len(stale) > 5 else "")
+        log.warning(
+            "%s is stale for %d shard(s), which were counted instead: %s%s",
+            sizes_url,
+            len(stale),
+            ", ".join(stale[:5]),
+            ", ..." if len(stale) > 5 else "",
+        )
     return counted
 
 
@@ -267,9 +276,7 @@ def exact_worker_plan(
     first_batch, count = _batch_split(n_batches, workers, worker)
     local_start = first_batch * batch_size
     local_stop = min((first_batch + count) * batch_size, per_rank)
-    batch_sizes = tuple(
-        min(batch_size, local_stop - start) for start in range(local_start, local_stop, batch_size)
-    )
+    batch_sizes = tuple(min(batch_size, local_stop - start) for start in range(local_start, local_stop, batch_size))
     start, stop = rank * per_rank + local_start, rank * per_rank + local_stop
     pieces, offset = [], 0
     for shard in order:
@@ -290,8 +297,16 @@ def capped_batches_per_rank(limit: int, world_size: int, batch_size: int, what: 
 
 
 def capped_worker_plan(
-    order: Sequence[Shard], *, limit: int, rank: int, world_size: int, worker: int, workers: int,
-    batch_size: int, resample: bool, what: str,
+    order: Sequence[Shard],
+    *,
+    limit: int,
+    rank: int,
+    world_size: int,
+    worker: int,
+    workers: int,
+    batch_size: int,
+    resample: bool,
+    what: str,
 ) -> WorkerPlan:
     """Capped mode: full batches for one worker, and the shards it reads (see module doc)."""
     n_batches = capped_batches_per_rank(limit, world_size, batch_size, what)
@@ -306,5 +321,5 @@ def capped_worker_plan(
                 f"with {what} set, each reader needs its own shard. Use fewer data.num_workers, more shards, "
                 "or leave the sample limit unset (exact epochs split shards by sample)"
             )
-        shards = tuple(order[rank * workers + worker::slots])
+        shards = tuple(order[rank * workers + worker :: slots])
     return WorkerPlan(batch_sizes=(batch_size,) * count, shards=shards, resample=resample)

@@ -10,6 +10,7 @@ The core, `prepare_dataset`, takes any embedder object with
     image_size: int                                        (optional, default 224: S above)
 The command line builds one from the CLIP adapter (`dalle2_decoder.clip`, local weights).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,9 +62,18 @@ def _stored_bytes(path: str, image: Image.Image, max_image_size: Optional[int]) 
     return buffer.getvalue(), "jpg"
 
 
-def prepare_dataset(image_folder: str, out_dir: str, embedder, *, shard_size: int = 1000, shard_width: int = 6,
-                    index_width: int = 4, batch_size: int = 64, max_image_size: Optional[int] = None,
-                    embeddings_in_shards: bool = False) -> dict:
+def prepare_dataset(
+    image_folder: str,
+    out_dir: str,
+    embedder,
+    *,
+    shard_size: int = 1000,
+    shard_width: int = 6,
+    index_width: int = 4,
+    batch_size: int = 64,
+    max_image_size: Optional[int] = None,
+    embeddings_in_shards: bool = False,
+) -> dict:
     """Write shards and embeddings for every readable image under `image_folder`.
 
     Returns the `data` config section (a dict) that reads the result. Images that do not decode
@@ -77,12 +87,17 @@ def prepare_dataset(image_folder: str, out_dir: str, embedder, *, shard_size: in
     to_model_input = T.Compose([T.Resize(side), T.CenterCrop(side), T.ToTensor()])
     embeds_texts = callable(getattr(embedder, "embed_texts", None))
     skipped = 0
-    with ShardSetWriter(out_dir, shard_size=shard_size, shard_width=shard_width, index_width=index_width,
-                        embeddings_in_shards=embeddings_in_shards,
-                        embedding_files=not embeddings_in_shards) as writer:
+    with ShardSetWriter(
+        out_dir,
+        shard_size=shard_size,
+        shard_width=shard_width,
+        index_width=index_width,
+        embeddings_in_shards=embeddings_in_shards,
+        embedding_files=not embeddings_in_shards,
+    ) as writer:
         for start in range(0, len(items), batch_size):
             batch = []
-            for path, caption in items[start:start + batch_size]:
+            for path, caption in items[start : start + batch_size]:
                 try:
                     with Image.open(path) as opened:
                         image = opened.convert("RGB")
@@ -105,10 +120,20 @@ def prepare_dataset(image_folder: str, out_dir: str, embedder, *, shard_size: in
                             text_embeds[row] = 0.0
             for row, (path, caption, image) in enumerate(batch):
                 data, extension = _stored_bytes(path, image, max_image_size)
-                writer.add(data, caption=caption or "", image_ext=extension, image_embed=image_embeds[row],
-                           text_embed=None if text_embeds is None else text_embeds[row])
-    log.info("wrote %d samples in %d shard(s) to %s (%d unreadable image(s) left out)",
-             len(items) - skipped, len(writer.sizes), out_dir, skipped)
+                writer.add(
+                    data,
+                    caption=caption or "",
+                    image_ext=extension,
+                    image_embed=image_embeds[row],
+                    text_embed=None if text_embeds is None else text_embeds[row],
+                )
+    log.info(
+        "wrote %d samples in %d shard(s) to %s (%d unreadable image(s) left out)",
+        len(items) - skipped,
+        len(writer.sizes),
+        out_dir,
+        skipped,
+    )
     data = {"webdataset_base_url": writer.base_url, "shard_width": shard_width, "index_width": index_width}
     if not embeddings_in_shards:
         data["img_embeddings_url"] = writer.embeddings_url("img_emb")
@@ -131,13 +156,17 @@ class ClipDataEmbedder:
         return self.clip.embed_texts(captions).text_embed
 
 
-def load_clip_embedder(make: str, model: str, weights: Optional[str], cache_dir: Optional[str] = None) -> ClipDataEmbedder:
+def load_clip_embedder(
+    make: str, model: str, weights: Optional[str], cache_dir: Optional[str] = None
+) -> ClipDataEmbedder:
     """CLIP through the adapter (`dalle2_decoder.clip`), with weights from a local file or cache."""
     from ..clip import create_clip
     from ..config import ClipConfig
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return ClipDataEmbedder(create_clip(ClipConfig(make=make, model=model, pretrained=weights, cache_dir=cache_dir), device))
+    return ClipDataEmbedder(
+        create_clip(ClipConfig(make=make, model=model, pretrained=weights, cache_dir=cache_dir), device)
+    )
 
 
 def main(argv=None) -> int:
@@ -145,7 +174,9 @@ def main(argv=None) -> int:
     parser.add_argument("--images", required=True, help="folder of images (and optional same-named .txt captions)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--clip-make", default="openai", choices=["openai", "open_clip"], help="CLIP implementation")
-    parser.add_argument("--clip-model", default="ViT-L/14", help="CLIP model name (or an open_clip `local-dir:` folder)")
+    parser.add_argument(
+        "--clip-model", default="ViT-L/14", help="CLIP model name (or an open_clip `local-dir:` folder)"
+    )
     parser.add_argument("--clip-weights", default=None, help="local weights file (or open_clip pretrained tag)")
     parser.add_argument("--clip-cache-dir", default=None, help="folder holding downloaded CLIP weights")
     parser.add_argument("--shard-size", type=int, default=1000)
@@ -186,14 +217,19 @@ def argument_problems(args: argparse.Namespace) -> List[str]:
     for name in ("shard_size", "shard_width", "index_width", "batch_size"):
         if getattr(args, name) < 1:
             problems.append(f"--{name.replace('_', '-')}: must be at least 1 (got {getattr(args, name)})")
-    if args.shard_size >= 1 and args.index_width >= 1 and args.shard_size > 10 ** args.index_width:
-        problems.append(f"--shard-size: {args.shard_size} samples do not fit --index-width {args.index_width} "
-                        f"(at most {10 ** args.index_width})")
+    if args.shard_size >= 1 and args.index_width >= 1 and args.shard_size > 10**args.index_width:
+        problems.append(
+            f"--shard-size: {args.shard_size} samples do not fit --index-width {args.index_width} "
+            f"(at most {10**args.index_width})"
+        )
     if args.max_image_size is not None and args.max_image_size < 1:
         problems.append(f"--max-image-size: must be at least 1 (got {args.max_image_size})")
     weights = args.clip_weights
-    if weights and (os.sep in weights or weights.endswith((".pt", ".pth", ".bin", ".safetensors"))) \
-            and not os.path.isfile(weights):
+    if (
+        weights
+        and (os.sep in weights or weights.endswith((".pt", ".pth", ".bin", ".safetensors")))
+        and not os.path.isfile(weights)
+    ):
         problems.append(f"--clip-weights: file not found: {weights}")
     return problems
 
@@ -207,8 +243,14 @@ def _main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     embedder = load_clip_embedder(args.clip_make, args.clip_model, args.clip_weights, args.clip_cache_dir)
     data = prepare_dataset(
-        args.images, args.out, embedder, shard_size=args.shard_size, shard_width=args.shard_width,
-        index_width=args.index_width, batch_size=args.batch_size, max_image_size=args.max_image_size,
+        args.images,
+        args.out,
+        embedder,
+        shard_size=args.shard_size,
+        shard_width=args.shard_width,
+        index_width=args.index_width,
+        batch_size=args.batch_size,
+        max_image_size=args.max_image_size,
         embeddings_in_shards=args.embeddings_in_shards,
     )
     print(json.dumps({"data": data}, indent=2))

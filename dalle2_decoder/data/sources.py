@@ -5,6 +5,7 @@ Shards are read as streams: local paths, `file://` and `pipe:` commands through 
 folders and shard prefixes. s3 endpoints and credentials come from the usual environment
 (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, ...), as for the aws command line.
 """
+
 from __future__ import annotations
 
 import glob
@@ -89,8 +90,8 @@ def list_shard_numbers(base_url: str, width: int) -> Optional[List[int]]:
         prefix_len = len(fs._strip_protocol(base_url.split("{}")[0] + "x")) - 1
     numbers = []
     for name in names:
-        digits = name[prefix_len:prefix_len + width]
-        if digits.isdigit() and regex.match(name[prefix_len + width:]):
+        digits = name[prefix_len : prefix_len + width]
+        if digits.isdigit() and regex.match(name[prefix_len + width :]):
             numbers.append(int(digits))
     return sorted(numbers)
 
@@ -169,7 +170,10 @@ def read_sizes_file(base_url: str) -> Tuple[Optional[str], Dict[str, Tuple[int, 
     for name, value in raw.items():
         try:
             if isinstance(value, dict):
-                entries[str(name)] = (int(value["samples"]), int(value["bytes"]) if value.get("bytes") is not None else None)
+                entries[str(name)] = (
+                    int(value["samples"]),
+                    int(value["bytes"]) if value.get("bytes") is not None else None,
+                )
             else:
                 entries[str(name)] = (int(value), None)
         except (KeyError, TypeError, ValueError):

@@ -4,6 +4,7 @@ Counts are plain `{name: int}` dicts so they can travel from worker processes in
 Invariant: `seen == ok + sum(bad reasons)`; `padded` and `dropped_for_balance` are not samples
 seen (see docs/DATA.md).
 """
+
 from __future__ import annotations
 
 from typing import Dict, Iterable, Mapping, Optional
@@ -67,8 +68,14 @@ def format_counts(counts: Mapping[str, int]) -> str:
     return text + (f"; {extras}" if extras else "")
 
 
-def check_bad_fraction(counts: Mapping[str, int], max_fraction: float, where: str, *, final: bool,
-                       first_problems: Optional[Mapping[str, str]] = None) -> None:
+def check_bad_fraction(
+    counts: Mapping[str, int],
+    max_fraction: float,
+    where: str,
+    *,
+    final: bool,
+    first_problems: Optional[Mapping[str, str]] = None,
+) -> None:
     """Raise BadDataError when the bad fraction is over the limit (mid-phase: once enough was seen).
 
     `first_problems`: the first bad sample of each reason with what was wrong, added to the message.

@@ -7,6 +7,7 @@ parsed by hand (a 512-byte header per member); `tarfile` reads compressed ones.
 Keys and extensions follow webdataset's rule (`base_plus_ext`: key up to the first dot of the
 file name), so shards written by webdataset's `TarWriter` read the same way.
 """
+
 from __future__ import annotations
 
 import os
@@ -145,7 +146,7 @@ def _pax_records(data: bytes) -> Dict[str, str]:
         length = int(data[position:space])
         if length <= 0:
             raise ValueError("bad pax record length")
-        key, _, value = data[space + 1:position + length - 1].partition(b"=")
+        key, _, value = data[space + 1 : position + length - 1].partition(b"=")
         records[key.decode("utf-8", "replace")] = value.decode("utf-8", "surrogateescape")
         position += length
     return records
@@ -170,14 +171,17 @@ def _iter_members(head: bytes, stream: IO[bytes]) -> Iterator[tuple]:
             return
         if len(block) < BLOCK:
             if first:
-                raise _BrokenArchive(f"the file is {len(block)} bytes, shorter than one tar header", None, not_a_tar=True)
+                raise _BrokenArchive(
+                    f"the file is {len(block)} bytes, shorter than one tar header", None, not_a_tar=True
+                )
             raise _BrokenArchive("unexpected end of data in a member header", None)
         if block.count(0) == BLOCK:
             return  # end-of-archive marker
         if not _checksum_ok(block):
             if first:
-                raise _BrokenArchive("its first 512 bytes are not a tar header (wrong file, or another format)",
-                                     None, not_a_tar=True)
+                raise _BrokenArchive(
+                    "its first 512 bytes are not a tar header (wrong file, or another format)", None, not_a_tar=True
+                )
             raise _BrokenArchive("bad checksum in a member header", None)
         first = False
         try:

@@ -6,6 +6,7 @@ arguments) or a single number/string (one positional argument); `false`/`null` l
 transform out. A `ToTensor` is appended when the spec has none, so images always leave the
 pipeline as float tensors in [0, 1] (unless the spec adds `Normalize` after it).
 """
+
 from __future__ import annotations
 
 import difflib
@@ -98,7 +99,7 @@ def split_transform(spec: Mapping[str, Any]) -> Tuple[Optional[Callable], Option
         raise PreprocessingError(problems)
     at = next((i for i, step in enumerate(steps) if isinstance(step, (T.ToTensor, T.PILToTensor))), len(steps))
     before = [step for step in steps[:at]]
-    after = [step for step in steps[at + 1:] if not isinstance(step, T.ConvertImageDtype)]
+    after = [step for step in steps[at + 1 :] if not isinstance(step, T.ConvertImageDtype)]
     return (T.Compose(before) if before else None), (T.Compose(after) if after else None)
 
 

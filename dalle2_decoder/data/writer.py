@@ -9,6 +9,7 @@ Layout under `out_dir`:
     img_emb/img_emb_000000.npy     row i = embedding of the sample with index i (clip-retrieval layout)
     text_emb/text_emb_000000.npy
 """
+
 from __future__ import annotations
 
 import io
@@ -29,9 +30,17 @@ def npy_bytes(array: np.ndarray) -> bytes:
 class ShardSetWriter:
     """Add samples one by one; shards roll over every `shard_size` samples. Use as a context manager."""
 
-    def __init__(self, out_dir: str, *, shard_size: int = 1000, shard_width: int = 6, index_width: int = 4,
-                 embeddings_in_shards: bool = False, embedding_files: bool = True):
-        if shard_size > 10 ** index_width:
+    def __init__(
+        self,
+        out_dir: str,
+        *,
+        shard_size: int = 1000,
+        shard_width: int = 6,
+        index_width: int = 4,
+        embeddings_in_shards: bool = False,
+        embedding_files: bool = True,
+    ):
+        if shard_size > 10**index_width:
             raise ValueError(f"shard_size {shard_size} does not fit index_width {index_width}")
         self.out_dir = out_dir
         self.shard_size = shard_size
@@ -73,8 +82,15 @@ class ShardSetWriter:
                 np.save(os.path.join(folder, f"{name}_{self._shard_name(self._shard)}.npy"), np.stack(rows))
         self._tar, self._rows = None, {}
 
-    def add(self, image_bytes: bytes, *, caption: Optional[str] = None, image_ext: str = "jpg",
-            image_embed: Optional[np.ndarray] = None, text_embed: Optional[np.ndarray] = None) -> str:
+    def add(
+        self,
+        image_bytes: bytes,
+        *,
+        caption: Optional[str] = None,
+        image_ext: str = "jpg",
+        image_embed: Optional[np.ndarray] = None,
+        text_embed: Optional[np.ndarray] = None,
+    ) -> str:
         """Write one sample; returns its key."""
         if self._tar is None or self._index >= self.shard_size:
             self._finish_shard()
@@ -99,8 +115,11 @@ class ShardSetWriter:
     def close(self) -> None:
         self._finish_shard()
         with open(os.path.join(self.shard_dir, "sizes.json"), "w") as file:
-            json.dump({name: {"samples": count, "bytes": self.byte_sizes[name]} for name, count in self.sizes.items()},
-                      file, indent=1)
+            json.dump(
+                {name: {"samples": count, "bytes": self.byte_sizes[name]} for name, count in self.sizes.items()},
+                file,
+                indent=1,
+            )
 
     def __enter__(self) -> "ShardSetWriter":
         return self

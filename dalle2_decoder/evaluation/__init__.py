@@ -7,6 +7,7 @@
 - `MetricSuite`: the configured torchmetrics metrics, computed once over the samples of all ranks.
 See docs/EVALUATION.md.
 """
+
 from .evaluate import build_suite, evaluate_decoder, evaluation_loader, prepare_evaluation, run_evaluation
 from .extractors import EvaluationSetupError
 from .metrics import MetricSuite, ScriptedLPIPS, canonical_order

@@ -11,6 +11,7 @@ appended as a JSON line to --output when given. Exit codes are those of the trai
 missing metric weights), 3 data, 4 checkpoint, 5 I/O or environment; each problem is one line
 on stderr, with a traceback only under --debug.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,18 +35,49 @@ def build_parser() -> argparse.ArgumentParser:
     from ..cli import parse_override
 
     parser = argparse.ArgumentParser(prog="python -m dalle2_decoder.evaluation", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config_file", "--config-file", dest="config_file", required=True, metavar="PATH",
-                        help="the run's JSON configuration (its evaluate, data and decoder sections are used)")
-    parser.add_argument("--checkpoint", required=True, metavar="PATH",
-                        help="a checkpoint (.pth) or model save (.safetensors / .pth) written by training")
-    parser.add_argument("--n_samples", "--n-samples", dest="n_samples", type=int, default=None, metavar="N",
-                        help="images to generate (default: evaluate.n_evaluation_samples)")
-    parser.add_argument("--no_ema", "--no-ema", dest="no_ema", action="store_true",
-                        help="evaluate a checkpoint's trained weights instead of its EMA weights")
+    parser.add_argument(
+        "--config_file",
+        "--config-file",
+        dest="config_file",
+        required=True,
+        metavar="PATH",
+        help="the run's JSON configuration (its evaluate, data and decoder sections are used)",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="PATH",
+        help="a checkpoint (.pth) or model save (.safetensors / .pth) written by training",
+    )
+    parser.add_argument(
+        "--n_samples",
+        "--n-samples",
+        dest="n_samples",
+        type=int,
+        default=None,
+        metavar="N",
+        help="images to generate (default: evaluate.n_evaluation_samples)",
+    )
+    parser.add_argument(
+        "--no_ema",
+        "--no-ema",
+        dest="no_ema",
+        action="store_true",
+        help="evaluate a checkpoint's trained weights instead of its EMA weights",
+    )
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: the config's seed)")
-    parser.add_argument("--output", metavar="PATH", default=None, help="append the metrics as one JSON line to this file")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], type=parse_override,
-                        metavar="KEY.PATH=VALUE", help="override one config option, as for train_decoder.py")
+    parser.add_argument(
+        "--output", metavar="PATH", default=None, help="append the metrics as one JSON line to this file"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        type=parse_override,
+        metavar="KEY.PATH=VALUE",
+        help="override one config option, as for train_decoder.py",
+    )
     from ..cli import add_debug_option
 
     add_debug_option(parser)
@@ -59,8 +91,9 @@ def load_decoder(config, checkpoint: str, *, use_ema: bool) -> Tuple[nn.Module, 
     try:
         loaded = read_file(checkpoint)
     except (KeyError, TypeError, ValueError) as error:  # a file with a format tag but not the entries it promises
-        raise CheckpointError(f"{checkpoint}: not a complete checkpoint or model save (missing or malformed "
-                              f"entry {error})") from error
+        raise CheckpointError(
+            f"{checkpoint}: not a complete checkpoint or model save (missing or malformed entry {error})"
+        ) from error
     decoder = config.decoder.create()
     if loaded.kind == "model":
         if not isinstance(loaded.model_state, dict):
@@ -69,22 +102,32 @@ def load_decoder(config, checkpoint: str, *, use_ema: bool) -> Tuple[nn.Module, 
         return decoder, loaded.step
     trainer_state = (loaded.state or {}).get("trainer") if isinstance(loaded.state, dict) else None
     if not isinstance(trainer_state, dict) or "decoder" not in trainer_state:
-        raise CheckpointError(f"{checkpoint}: a checkpoint without the 'trainer' entry that holds the decoder's "
-                              "weights (written by another program, or damaged)")
+        raise CheckpointError(
+            f"{checkpoint}: a checkpoint without the 'trainer' entry that holds the decoder's "
+            "weights (written by another program, or damaged)"
+        )
     load_state_dict_checked(decoder, trainer_state["decoder"], source=f"{loaded.source} (decoder)")
     if use_ema:
         for key, ema_state in trainer_state.get("emas", {}).items():
             number = int(key)
-            averaged = {name[len("averaged."):]: value for name, value in ema_state.items() if name.startswith("averaged.")}
-            load_state_dict_checked(decoder.unets[number - 1], averaged, source=f"{loaded.source} (EMA of U-Net {number})")
+            averaged = {
+                name[len("averaged.") :]: value for name, value in ema_state.items() if name.startswith("averaged.")
+            }
+            load_state_dict_checked(
+                decoder.unets[number - 1], averaged, source=f"{loaded.source} (EMA of U-Net {number})"
+            )
     return decoder, loaded.step
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     speaks = os.environ.get("RANK", "0") == "0"
-    return guarded(lambda: _main(args, speaks), debug=args.debug, speaks=speaks,
-                   write_paths=lambda: [os.path.dirname(os.path.abspath(args.output))] if args.output else [])
+    return guarded(
+        lambda: _main(args, speaks),
+        debug=args.debug,
+        speaks=speaks,
+        write_paths=lambda: [os.path.dirname(os.path.abspath(args.output))] if args.output else [],
+    )
 
 
 def _main(args: argparse.Namespace, speaks: bool) -> int:
@@ -104,16 +147,25 @@ def _main(args: argparse.Namespace, speaks: bool) -> int:
     if args.n_samples is not None:
         config = attrs.evolve(config, evaluate=attrs.evolve(config.evaluate, n_evaluation_samples=args.n_samples))
     if not config.evaluate.metrics():
-        raise PreflightError([Problem(EXIT_CONFIG, f"{args.config_file}: enables no metric: give evaluate.FID, IS, "
-                                                   "KID or LPIPS an object")])
+        raise PreflightError(
+            [
+                Problem(
+                    EXIT_CONFIG, f"{args.config_file}: enables no metric: give evaluate.FID, IS, KID or LPIPS an object"
+                )
+            ]
+        )
     if speaks:
         for note in notes:
             print(f"warning: {note}", file=sys.stderr)
     ensure_ready(config, source=args.config_file, purpose="evaluation")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON result alone
-        metrics, step = evaluate_checkpoint(config, args.checkpoint, use_ema=config.train.use_ema and not args.no_ema,
-                                            seed=config.seed if args.seed is None else args.seed)
+        metrics, step = evaluate_checkpoint(
+            config,
+            args.checkpoint,
+            use_ema=config.train.use_ema and not args.no_ema,
+            seed=config.seed if args.seed is None else args.seed,
+        )
     if metrics is not None:
         from ..tracking.loggers import json_safe
 
@@ -144,10 +196,19 @@ def evaluate_checkpoint(config, checkpoint: str, *, use_ema: bool, seed: int):
     loader = evaluation_loader(config, accelerator)
     prepare = BatchPreparer(config, device=accelerator.device).prepare
     metrics = evaluate_decoder(
-        decoder, loader, prepare, accelerator, suite,
-        n_samples=config.evaluate.n_evaluation_samples, unets=unets, image_size=final_image_size(config, unets),
-        cond_scale=per_unet(config.train.cond_scale, len(config.decoder.unets)), seed=seed,
-        info=(lambda message: print(message, file=sys.stderr, flush=True)) if accelerator.is_main_process else (lambda message: None),
+        decoder,
+        loader,
+        prepare,
+        accelerator,
+        suite,
+        n_samples=config.evaluate.n_evaluation_samples,
+        unets=unets,
+        image_size=final_image_size(config, unets),
+        cond_scale=per_unet(config.train.cond_scale, len(config.decoder.unets)),
+        seed=seed,
+        info=(lambda message: print(message, file=sys.stderr, flush=True))
+        if accelerator.is_main_process
+        else (lambda message: None),
     )
     shut_down(accelerator)
     return (metrics if accelerator.is_main_process else None), step

@@ -1,4 +1,5 @@
 """Generate images from validation embeddings on every rank and score them against the real ones."""
+
 from __future__ import annotations
 
 import math
@@ -82,7 +83,9 @@ def evaluate_decoder(
     total = pooled_count(done, accelerator)
     metrics: Dict[str, float] = {"eval/samples": float(total)}
     if total < n_samples:
-        info(f"evaluation: the validation split gave {total} samples of the {n_samples} asked for (evaluate.n_evaluation_samples)")
+        info(
+            f"evaluation: the validation split gave {total} samples of the {n_samples} asked for (evaluate.n_evaluation_samples)"
+        )
     if total < 2:
         info("evaluation: fewer than 2 samples; metrics skipped")
     else:
@@ -127,7 +130,9 @@ def build_suite(config, accelerator, unets: Sequence[int]) -> MetricSuite:
     """The configured metrics, built on each node's local main process first (only it downloads weights into the cache)."""
     # Per node: weights are cached on local disks, so each node's local main process fetches them first.
     with accelerator.local_main_process_first():
-        return MetricSuite(config.evaluate.metrics(), device=accelerator.device, image_size=final_image_size(config, unets))
+        return MetricSuite(
+            config.evaluate.metrics(), device=accelerator.device, image_size=final_image_size(config, unets)
+        )
 
 
 def prepare_evaluation(run) -> bool:
@@ -162,7 +167,15 @@ def run_evaluation(run) -> Dict[str, float]:
     state = _PER_RUN[run]
     with run.trainer.sampling_weights() as decoder:
         return evaluate_decoder(
-            decoder, state["loader"], run.batches.prepare, run.accelerator, state["suite"],
-            n_samples=config.evaluate.n_evaluation_samples, unets=unets, image_size=final_image_size(config, unets),
-            cond_scale=run.cond_scale, seed=config.seed, info=run.tracker.info,
+            decoder,
+            state["loader"],
+            run.batches.prepare,
+            run.accelerator,
+            state["suite"],
+            n_samples=config.evaluate.n_evaluation_samples,
+            unets=unets,
+            image_size=final_image_size(config, unets),
+            cond_scale=run.cond_scale,
+            seed=config.seed,
+            info=run.tracker.info,
         )

@@ -5,6 +5,7 @@ backbones (torchvision). Each metric therefore takes `weights_path`, a local cop
 download would fetch, and `feature` (FID, IS, KID) or `net_type` (LPIPS) may instead name a
 TorchScript file holding the user's own network. A failed download says which file to provide.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -68,7 +69,9 @@ def check_weights_file(where: str, path: str) -> Path:
     try:
         state = torch.load(resolved, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise EvaluationSetupError(f"{where}.weights_path: {resolved} is not a weights-only state dict ({error})") from error
+        raise EvaluationSetupError(
+            f"{where}.weights_path: {resolved} is not a weights-only state dict ({error})"
+        ) from error
     if not isinstance(state, dict):
         raise EvaluationSetupError(f"{where}.weights_path: {resolved} holds a {type(state).__name__}, not a state dict")
     return resolved.resolve()
@@ -139,7 +142,9 @@ def inception_from_file(where: str, weights: Path, feature, antialias: bool) -> 
 
     try:
         return NoTrainInceptionV3(
-            name="inception-v3-compat", features_list=[str(feature)], feature_extractor_weights_path=str(weights),
+            name="inception-v3-compat",
+            features_list=[str(feature)],
+            feature_extractor_weights_path=str(weights),
             antialias=antialias,
         )
     except Exception as error:

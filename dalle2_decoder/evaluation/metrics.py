@@ -6,6 +6,7 @@ value is that of the pooled samples, never an average of per-rank values. To mak
 independent of how samples were spread over ranks, pooled per-sample features are put in a
 canonical order and the random draws (IS splits, KID subsets) use a fixed seed.
 """
+
 from __future__ import annotations
 
 import math
@@ -56,7 +57,7 @@ class ScriptedLPIPS(Metric):
 
     @staticmethod
     def _unit(features: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
-        return features / torch.sqrt((features ** 2).sum(dim=1, keepdim=True) + eps)
+        return features / torch.sqrt((features**2).sum(dim=1, keepdim=True) + eps)
 
     def distances(self, image1: torch.Tensor, image2: torch.Tensor) -> torch.Tensor:
         if self.normalize:  # inputs in [0, 1]
@@ -79,7 +80,9 @@ def _weights_option(where: str, options: Dict[str, Any]) -> Optional[str]:
     path = options.pop("weights_path", None)
     native = options.pop("feature_extractor_weights_path", None)  # FID's own name for the same thing
     if path is not None and native is not None and path != native:
-        raise EvaluationSetupError(f"{where}: weights_path and feature_extractor_weights_path name different files; give one")
+        raise EvaluationSetupError(
+            f"{where}: weights_path and feature_extractor_weights_path name different files; give one"
+        )
     return path if path is not None else native
 
 
@@ -122,12 +125,20 @@ def build_inception_metric(name: str, options: Mapping[str, Any], *, device: tor
     feature = options.get("feature", DEFAULT_FEATURE[name])
     if isinstance(feature, str) and feature not in ex.INCEPTION_FEATURES:
         if weights is not None:
-            raise EvaluationSetupError(f"{where}.weights_path: only for the Inception network; {feature} is a TorchScript file")
+            raise EvaluationSetupError(
+                f"{where}.weights_path: only for the Inception network; {feature} is a TorchScript file"
+            )
         network = ex.load_torchscript(f"{where}.feature", feature, device)
         try:
-            options["feature"] = ex.ScriptedFeatures(network, takes_float=takes_float, probe_size=image_size, device=device)
+            options["feature"] = ex.ScriptedFeatures(
+                network, takes_float=takes_float, probe_size=image_size, device=device
+            )
         except Exception as error:
-            given = "floats in [0, 1]" if takes_float else "uint8 images (set normalize to true to give it floats in [0, 1])"
+            given = (
+                "floats in [0, 1]"
+                if takes_float
+                else "uint8 images (set normalize to true to give it floats in [0, 1])"
+            )
             raise EvaluationSetupError(
                 f"{where}.feature: {feature} fails on a batch of {image_size}px {given}: {error}"
             ) from error
@@ -151,14 +162,22 @@ def build_lpips_metric(options: Mapping[str, Any], *, device: torch.device) -> M
     options = dict(options)
     weights = _weights_option(where, options)
     if options.get("reduction", "mean") not in ("mean", "sum"):
-        raise EvaluationSetupError(f"{where}.reduction: must be \"mean\" or \"sum\" (one number is logged), not {options['reduction']!r}")
+        raise EvaluationSetupError(
+            f'{where}.reduction: must be "mean" or "sum" (one number is logged), not {options["reduction"]!r}'
+        )
     net_type = options.get("net_type", "alex")
     if net_type not in ex.LPIPS_NETS:
         if weights is not None:
-            raise EvaluationSetupError(f"{where}.weights_path: only for the alex/vgg/squeeze backbones; {net_type} is a TorchScript file")
+            raise EvaluationSetupError(
+                f"{where}.weights_path: only for the alex/vgg/squeeze backbones; {net_type} is a TorchScript file"
+            )
         network = ex.load_torchscript(f"{where}.net_type", net_type, device)
-        return ScriptedLPIPS(network, reduction=options.get("reduction", "mean"), normalize=bool(options.get("normalize", False)),
-                             sync_on_compute=False)
+        return ScriptedLPIPS(
+            network,
+            reduction=options.get("reduction", "mean"),
+            normalize=bool(options.get("normalize", False)),
+            sync_on_compute=False,
+        )
     url = ex.lpips_backbone_url(net_type)
     if weights is not None:
         path = ex.check_weights_file(where, weights)
@@ -172,8 +191,12 @@ def build_lpips_metric(options: Mapping[str, Any], *, device: torch.device) -> M
                 f"{where}.weights_path: {path} does not load into torchvision's {net_type} backbone "
                 f"(expected the contents of {ex.file_name(url)}): {error}"
             ) from error
-    return _with_download(where, f"LPIPS {net_type} backbone", url,
-                          lambda: _construct(where, LearnedPerceptualImagePatchSimilarity, options))
+    return _with_download(
+        where,
+        f"LPIPS {net_type} backbone",
+        url,
+        lambda: _construct(where, LearnedPerceptualImagePatchSimilarity, options),
+    )
 
 
 class MetricSuite:
@@ -241,7 +264,9 @@ def _pooled_compute(metric: Metric, seed: int, notes: List[str], name: str):
         if name == "KID":
             smallest = min(metric.real_features[0].shape[0], metric.fake_features[0].shape[0])
             if smallest < metric.subset_size:
-                notes.append(f"evaluate.KID: subset_size {metric.subset_size} is more than the {smallest} samples; using {smallest}")
+                notes.append(
+                    f"evaluate.KID: subset_size {metric.subset_size} is more than the {smallest} samples; using {smallest}"
+                )
                 configured, metric.subset_size = metric.subset_size, smallest
             else:
                 configured = metric.subset_size

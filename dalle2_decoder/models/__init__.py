@@ -1,4 +1,5 @@
 """The decoder model: U-Nets (`unet`), diffusion math (`gaussian_diffusion`, `schedules`) and the cascade (`decoder`)."""
+
 from .decoder import Decoder
 from .gaussian_diffusion import GaussianDiffusion
 from .schedules import BETA_SCHEDULES, make_beta_schedule

@@ -1,4 +1,5 @@
 """Options kept only so that configs written for the reference implementation still load."""
+
 from __future__ import annotations
 
 import warnings

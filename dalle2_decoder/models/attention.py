@@ -7,6 +7,7 @@ SDPA receives the explicit softmax scale the reference's arithmetic amounts to (
 which lets it pick a fused kernel (flash / memory-efficient) on GPU; no attention mask is ever
 needed because dropped or padded text is replaced by learned null tokens before attention.
 """
+
 from __future__ import annotations
 
 import math

@@ -7,6 +7,7 @@ By default every behaviour equals DALLE2-pytorch 1.15.6's `Decoder` (checked num
 tests/test_reference_parity_decoder.py); the options that differ from it are off by default and
 listed in docs/MODEL.md ("Differences from DALLE2-pytorch").
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -54,7 +55,9 @@ def _upsampler_flags(value: Any, count: int, name: str) -> List[bool]:
     if len(values) == count - 1:
         values = [False] + values
     if len(values) != count:
-        raise ValueError(f"Decoder: {name} has {len(values)} entries; give one per upsampler ({count - 1}) or per U-Net ({count})")
+        raise ValueError(
+            f"Decoder: {name} has {len(values)} entries; give one per upsampler ({count - 1}) or per U-Net ({count})"
+        )
     if values[0]:
         raise ValueError(f"Decoder: {name}[0] is true but U-Net 1 has no low-res input to augment")
     return values
@@ -73,10 +76,14 @@ class ReplayedNoise:
 
     def __call__(self, shape: Tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         if self.used >= len(self.tensors):
-            raise ValueError(f"ReplayedNoise: sampling asked for noise tensor {self.used + 1} but only {len(self.tensors)} were given")
+            raise ValueError(
+                f"ReplayedNoise: sampling asked for noise tensor {self.used + 1} but only {len(self.tensors)} were given"
+            )
         tensor = self.tensors[self.used]
         if tuple(tensor.shape) != tuple(shape):
-            raise ValueError(f"ReplayedNoise: noise tensor {self.used + 1} has shape {tuple(tensor.shape)}, sampling asked for {tuple(shape)}")
+            raise ValueError(
+                f"ReplayedNoise: noise tensor {self.used + 1} has shape {tuple(tensor.shape)}, sampling asked for {tuple(shape)}"
+            )
         self.used += 1
         return tensor.to(device=device, dtype=dtype)
 
@@ -269,7 +276,9 @@ class Decoder(nn.Module):
         self.samplers: List[Optional[str]] = _per_unet(samplers, n, "samplers")
         for i, name in enumerate(self.samplers):
             if name is not None and name not in SAMPLER_NAMES:
-                raise ValueError(f"Decoder: unknown sampler {name!r} for U-Net {i + 1}; choose one of {', '.join(SAMPLER_NAMES)}")
+                raise ValueError(
+                    f"Decoder: unknown sampler {name!r} for U-Net {i + 1}; choose one of {', '.join(SAMPLER_NAMES)}"
+                )
 
         schedules = default_beta_schedules(n) if beta_schedule is None else _per_unet(beta_schedule, n, "beta_schedule")
         self.beta_schedules = list(schedules)
@@ -279,8 +288,10 @@ class Decoder(nn.Module):
         use_blur = _upsampler_flags(use_blur_for_lowres_cond, n, "use_blur_for_lowres_cond")
         for i in range(1, n):
             if not (use_noise[i] or use_blur[i]):
-                raise ValueError(f"Decoder: U-Net {i + 1} (an upsampler) needs noise or blur augmentation of its low-res "
-                                 "input (use_noise_for_lowres_cond / use_blur_for_lowres_cond)")
+                raise ValueError(
+                    f"Decoder: U-Net {i + 1} (an upsampler) needs noise or blur augmentation of its low-res "
+                    "input (use_noise_for_lowres_cond / use_blur_for_lowres_cond)"
+                )
 
         # Impose what the cascade needs on each U-Net (as the reference does): upsamplers see the
         # low-res image, only the first sees the image embedding (unless image_embed_all_unets),
@@ -289,8 +300,10 @@ class Decoder(nn.Module):
         casted = []
         for i, unet in enumerate(unet_list):
             if self.image_conditioned[i] and unet.config["image_embed_dim"] is None:
-                raise ValueError(f"Decoder: U-Net {i + 1} (decoder.unets[{i}]) needs image_embed_dim: it is conditioned "
-                                 "on the image embedding")
+                raise ValueError(
+                    f"Decoder: U-Net {i + 1} (decoder.unets[{i}]) needs image_embed_dim: it is conditioned "
+                    "on the image embedding"
+                )
             casted.append(
                 unet.with_settings(
                     channels=channels,
@@ -303,7 +316,9 @@ class Decoder(nn.Module):
             )
         self.unets = nn.ModuleList(casted)
         self.lowres_conditioners = nn.ModuleList(
-            nn.Identity() if i == 0 else LowresConditioner(
+            nn.Identity()
+            if i == 0
+            else LowresConditioner(
                 downsample_first=lowres_downsample_first,
                 use_blur=use_blur[i],
                 blur_prob=blur_prob,
@@ -327,7 +342,9 @@ class Decoder(nn.Module):
 
     def _index(self, unet_number: int) -> int:
         if not 1 <= unet_number <= len(self.unets):
-            raise ValueError(f"unet_number must be in 1..{len(self.unets)} (U-Nets are numbered from 1), got {unet_number}")
+            raise ValueError(
+                f"unet_number must be in 1..{len(self.unets)} (U-Nets are numbered from 1), got {unet_number}"
+            )
         return unet_number - 1
 
     def get_unet(self, unet_number: int) -> Unet:
@@ -351,7 +368,9 @@ class Decoder(nn.Module):
             return pred, var
         return out, None
 
-    def _x_start_from_prediction(self, objective: str, diffusion: GaussianDiffusion, pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def _x_start_from_prediction(
+        self, objective: str, diffusion: GaussianDiffusion, pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:
         if objective == "v":
             return diffusion.predict_start_from_v(x_t, t, pred)
         if objective == "x0":
@@ -381,7 +400,9 @@ class Decoder(nn.Module):
         tops = torch.randint(0, h - crop + 1, (b,)).tolist()
         lefts = torch.randint(0, w - crop + 1, (b,)).tolist()
         return [
-            torch.stack([img[i, :, top : top + crop, left : left + crop] for i, (top, left) in enumerate(zip(tops, lefts))])
+            torch.stack(
+                [img[i, :, top : top + crop, left : left + crop] for i, (top, left) in enumerate(zip(tops, lefts))]
+            )
             for img in images
         ]
 
@@ -527,10 +548,21 @@ class Decoder(nn.Module):
         if not (sampler == "ddim" or (sampler == "ddpm" and steps is None)):
             # Another sampler (samplers.py): the reference chains below stay as they are.
             if inpainting is not None:
-                raise ValueError(f"Decoder.sample: inpainting (RePaint) runs on the ddpm or ddim chain; U-Net {index + 1} "
-                                 f"samples with {sampler} {steps} steps")
-            return self._solve_unet(index, shape, sampler=sampler, steps=steps, cond_scale=cond_scale,
-                                    unet_kwargs=unet_kwargs, noise_fn=noise_fn, device=device, progress=progress)
+                raise ValueError(
+                    f"Decoder.sample: inpainting (RePaint) runs on the ddpm or ddim chain; U-Net {index + 1} "
+                    f"samples with {sampler} {steps} steps"
+                )
+            return self._solve_unet(
+                index,
+                shape,
+                sampler=sampler,
+                steps=steps,
+                cond_scale=cond_scale,
+                unet_kwargs=unet_kwargs,
+                noise_fn=noise_fn,
+                device=device,
+                progress=progress,
+            )
         if sampler == "ddim" and steps is None:
             steps = self.num_timesteps  # DDIM over every timestep, not the DDPM chain
         unet, diffusion = self.unets[index], self.diffusions[index]
@@ -557,18 +589,29 @@ class Decoder(nn.Module):
                     known = diffusion.q_sample(inpainting.image, t, noise_fn(shape, device, dtype))
                     x = torch.where(inpainting.mask, known, x)
                 self_cond = x_start if unet.self_cond else None
-                out = unet.forward_with_cond_scale(x, t, cond_scale=cond_scale, self_cond=self_cond, **unet_kwargs).float()
+                out = unet.forward_with_cond_scale(
+                    x, t, cond_scale=cond_scale, self_cond=self_cond, **unet_kwargs
+                ).float()
                 pred, var_out = self._split_output(index, out)
                 x_start = self._threshold(self._x_start_from_prediction(objective, diffusion, pred, x, t))
                 if steps is None:
                     log_variance = (
-                        None if var_out is None else diffusion.model_log_variance(var_out, t, self.learned_variance_constrain_frac)
+                        None
+                        if var_out is None
+                        else diffusion.model_log_variance(var_out, t, self.learned_variance_constrain_frac)
                     )
                     x = diffusion.ddpm_step(x, t, x_start, log_variance, noise_fn(shape, device, dtype))
                     renoise_from = t - 1
                 else:
                     t_before = torch.full((b,), t_next, device=device, dtype=torch.long)
-                    x = diffusion.ddim_step(x, t, t_before, x_start, self.ddim_sampling_eta, None if is_last else noise_fn(shape, device, dtype))
+                    x = diffusion.ddim_step(
+                        x,
+                        t,
+                        t_before,
+                        x_start,
+                        self.ddim_sampling_eta,
+                        None if is_last else noise_fn(shape, device, dtype),
+                    )
                     renoise_from = t_before
                 if inpainting is not None and not (is_last or r == 0):
                     # Resampling: go back to step t and denoise again, harmonising the two regions.
@@ -577,12 +620,16 @@ class Decoder(nn.Module):
             x = torch.where(inpainting.mask, inpainting.image, x)
         return x
 
-    def sampler_for(self, unet_number: int, sampler: Optional[str] = None, steps: Optional[int] = None) -> Tuple[str, Optional[int]]:
+    def sampler_for(
+        self, unet_number: int, sampler: Optional[str] = None, steps: Optional[int] = None
+    ) -> Tuple[str, Optional[int]]:
         """(sampler name, steps; None: all timesteps) U-Net `unet_number` samples with; arguments override the config."""
         index = self._index(unet_number)
         steps = steps if steps is not None else self.sample_timesteps[index]
         if steps is not None and not 1 <= steps <= self.num_timesteps:
-            raise ValueError(f"Decoder.sample: sample_timesteps of U-Net {unet_number} must be in [1, {self.num_timesteps}], got {steps}")
+            raise ValueError(
+                f"Decoder.sample: sample_timesteps of U-Net {unet_number} must be in [1, {self.num_timesteps}], got {steps}"
+            )
         steps = None if steps == self.num_timesteps else steps
         name = sampler or self.samplers[index] or ("ddpm" if steps is None else "ddim")
         if name not in SAMPLER_NAMES:
@@ -590,8 +637,17 @@ class Decoder(nn.Module):
         return name, steps
 
     def _solve_unet(
-        self, index: int, shape: Tuple[int, ...], *, sampler: str, steps: Optional[int], cond_scale: float,
-        unet_kwargs: dict, noise_fn: NoiseFn, device: torch.device, progress: bool,
+        self,
+        index: int,
+        shape: Tuple[int, ...],
+        *,
+        sampler: str,
+        steps: Optional[int],
+        cond_scale: float,
+        unet_kwargs: dict,
+        noise_fn: NoiseFn,
+        device: torch.device,
+        progress: bool,
     ) -> torch.Tensor:
         """One U-Net's images in [-1, 1] with a sampler of `samplers.py`, through a denoiser closure."""
         unet, diffusion = self.unets[index], self.diffusions[index]
@@ -610,18 +666,30 @@ class Decoder(nn.Module):
                 var_out = torch.sigmoid(var_out) if self.learned_variance_constrain_frac else (var_out + 1.0) / 2.0
             return ModelOutput(pred, var_out)
 
-        schedule = Schedule.from_betas(make_beta_schedule(diffusion.beta_schedule, diffusion.num_timesteps), objective,
-                                       self._threshold)
+        schedule = Schedule.from_betas(
+            make_beta_schedule(diffusion.beta_schedule, diffusion.num_timesteps), objective, self._threshold
+        )
         calls = steps or self.num_timesteps
         bar = None
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=calls, desc=f"sampling U-Net {index + 1} ({sampler}, {calls} steps)", leave=False, dynamic_ncols=True)
+            bar = tqdm(
+                total=calls,
+                desc=f"sampling U-Net {index + 1} ({sampler}, {calls} steps)",
+                leave=False,
+                dynamic_ncols=True,
+            )
         try:
             return run_sampler(
-                sampler, denoise, schedule, noise_fn(shape, device, torch.float32), steps=steps, generator=noise_fn,
-                callback=None if bar is None else (lambda i, t, x: bar.update(1)), eta=self.ddim_sampling_eta,
+                sampler,
+                denoise,
+                schedule,
+                noise_fn(shape, device, torch.float32),
+                steps=steps,
+                generator=noise_fn,
+                callback=None if bar is None else (lambda i, t, x: bar.update(1)),
+                eta=self.ddim_sampling_eta,
             )
         finally:
             if bar is not None:
@@ -629,8 +697,10 @@ class Decoder(nn.Module):
 
     def _inpainting(self, image: torch.Tensor, mask: torch.Tensor, size: int, resample_times: int) -> Inpainting:
         if mask.ndim != 3 or mask.shape[0] != image.shape[0] or mask.shape[-2:] != image.shape[-2:]:
-            raise ValueError(f"Decoder.sample: inpaint_mask must be (B, H, W) matching inpaint_image {tuple(image.shape)}, "
-                             f"got {tuple(mask.shape)}")
+            raise ValueError(
+                f"Decoder.sample: inpaint_mask must be (B, H, W) matching inpaint_image {tuple(image.shape)}, "
+                f"got {tuple(mask.shape)}"
+            )
         image = resize_image(self.normalize(image), size)
         mask = resize_image(mask[:, None].float(), size).bool()
         return Inpainting(image=image, mask=mask, resample_times=resample_times)
@@ -682,11 +752,15 @@ class Decoder(nn.Module):
         if not self.unconditional and image_embed is None:
             raise ValueError("Decoder.sample: image_embed is required unless the decoder is unconditional")
         if (inpaint_image is None) != (inpaint_mask is None):
-            raise ValueError("Decoder.sample: give both inpaint_image and inpaint_mask (bool, (B, H, W)) to inpaint, or neither")
+            raise ValueError(
+                "Decoder.sample: give both inpaint_image and inpaint_mask (bool, (B, H, W)) to inpaint, or neither"
+            )
         cond_scales = _per_unet(cond_scale, len(self.unets), "cond_scale")
         if any(scale != 1 for scale in cond_scales[start : stop + 1]) and not self.can_classifier_guidance:
-            raise ValueError("Decoder.sample: cond_scale other than 1 needs a decoder trained with condition dropout "
-                             "(image_cond_drop_prob or text_cond_drop_prob above 0)")
+            raise ValueError(
+                "Decoder.sample: cond_scale other than 1 needs a decoder trained with condition dropout "
+                "(image_cond_drop_prob or text_cond_drop_prob above 0)"
+            )
         device = next(self.parameters()).device
         if noise is None:
             if isinstance(seed, int):
@@ -705,7 +779,9 @@ class Decoder(nn.Module):
                 batch_size = candidate.shape[0]
                 break
         if batch_size is None:
-            raise ValueError("Decoder.sample: pass batch_size (no image_embed, image or text_encodings to infer it from)")
+            raise ValueError(
+                "Decoder.sample: pass batch_size (no image_embed, image or text_encodings to infer it from)"
+            )
 
         samplers = _per_unet(sampler, len(self.unets), "sampler")
         steps_per_unet = _per_unet(sample_timesteps, len(self.unets), "sample_timesteps")
@@ -715,7 +791,9 @@ class Decoder(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            current = None if image is None else resize_image(image, self.image_sizes[start - 1]) if start > 0 else image
+            current = (
+                None if image is None else resize_image(image, self.image_sizes[start - 1]) if start > 0 else image
+            )
             for index in range(start, stop + 1):
                 size = self.image_sizes[index]
                 shape = (batch_size, self.channels, size, size)
@@ -726,7 +804,9 @@ class Decoder(nn.Module):
                     if conditioner.use_noise:
                         level = int(self.lowres_noise_sample_level * LOWRES_NOISE_TIMESTEPS)
                         lowres_level = torch.full((batch_size,), level, device=device, dtype=torch.long)
-                        lowres_img = conditioner.noise_image(lowres_img, lowres_level, noise_fn(tuple(lowres_img.shape), device, lowres_img.dtype))
+                        lowres_img = conditioner.noise_image(
+                            lowres_img, lowres_level, noise_fn(tuple(lowres_img.shape), device, lowres_img.dtype)
+                        )
                     lowres_img = self.normalize(lowres_img)
                 unet = self.unets[index]
                 unet_kwargs = dict(

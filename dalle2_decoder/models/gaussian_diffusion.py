@@ -5,6 +5,7 @@ the forward process, the posterior, conversions between the eps / x_0 / v parame
 the variational-bound terms of improved DDPM, loss weights, and single DDPM / DDIM steps.
 All functions take a batch of integer timesteps `t` (B,) and never synchronise with the host.
 """
+
 from __future__ import annotations
 
 import math
@@ -97,7 +98,9 @@ class GaussianDiffusion(nn.Module):
             + extract(self.sqrt_one_minus_alphas_cumprod, t, x_start.ndim) * noise
         )
 
-    def q_sample_from_to(self, x_from: torch.Tensor, from_t: torch.Tensor, to_t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def q_sample_from_to(
+        self, x_from: torch.Tensor, from_t: torch.Tensor, to_t: torch.Tensor, noise: torch.Tensor
+    ) -> torch.Tensor:
         """Move a sample of q(x_from_t | x_0) to one of q(x_to_t | x_0) with the same x_0 estimate.
 
         With a = sqrt(alpha_bar), s = sqrt(1 - alpha_bar): x_to = x_from a_to / a_from + noise (s_to a_from - s_from a_to) / a_from,
@@ -109,7 +112,9 @@ class GaussianDiffusion(nn.Module):
         s_to = extract(self.sqrt_one_minus_alphas_cumprod, to_t, x_from.ndim)
         return x_from * (a_to / a_from) + noise * (s_to * a_from - s_from * a_to) / a_from
 
-    def q_posterior(self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def q_posterior(
+        self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Mean and clipped log-variance of q(x_{t-1} | x_t, x_0) (DDPM eq. 6-7)."""
         mean = (
             extract(self.posterior_mean_coef1, t, x_t.ndim) * x_start
@@ -145,7 +150,9 @@ class GaussianDiffusion(nn.Module):
             - extract(self.sqrt_one_minus_alphas_cumprod, t, x_t.ndim) * v
         )
 
-    def model_log_variance(self, var_output: torch.Tensor, t: torch.Tensor, constrain_frac: bool = False) -> torch.Tensor:
+    def model_log_variance(
+        self, var_output: torch.Tensor, t: torch.Tensor, constrain_frac: bool = False
+    ) -> torch.Tensor:
         """Improved DDPM eq. 15: log Sigma = v log beta_t + (1 - v) log beta~_t, v = (output + 1) / 2.
 
         constrain_frac squashes v with a sigmoid after that mapping (DALLE2-pytorch's
@@ -160,7 +167,12 @@ class GaussianDiffusion(nn.Module):
 
     # ----------------------------------------------------------------- losses
     def vb_terms_bpd(
-        self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, model_mean: torch.Tensor, model_log_variance: torch.Tensor
+        self,
+        x_start: torch.Tensor,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        model_mean: torch.Tensor,
+        model_log_variance: torch.Tensor,
     ) -> torch.Tensor:
         """Per-sample L_t of the variational bound in bits per dimension (improved DDPM eq. 4-6).
 
@@ -168,7 +180,9 @@ class GaussianDiffusion(nn.Module):
         """
         true_mean, true_log_variance = self.q_posterior(x_start, x_t, t)
         kl = normal_kl(true_mean, true_log_variance, model_mean, model_log_variance).flatten(1).mean(1) / math.log(2.0)
-        nll = -discretized_gaussian_log_likelihood(x_start, model_mean, 0.5 * model_log_variance).flatten(1).mean(1) / math.log(2.0)
+        nll = -discretized_gaussian_log_likelihood(x_start, model_mean, 0.5 * model_log_variance).flatten(1).mean(
+            1
+        ) / math.log(2.0)
         return torch.where(t == 0, nll, kl)
 
     def p2_loss_weight(self, t: torch.Tensor, gamma: float, k: float) -> torch.Tensor:

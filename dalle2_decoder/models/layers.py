@@ -5,6 +5,7 @@ follow DALLE2-pytorch 1.15.6, so that its state dicts load without renaming (see
 `reference_names.py`). Arithmetic that affects results beyond float rounding (the order in
 which the sinusoidal frequencies are formed, the LayerNorm epsilon per dtype) is the reference's too.
 """
+
 from __future__ import annotations
 
 import math
@@ -122,7 +123,11 @@ class ResnetBlock(nn.Module):
         self.time_mlp = nn.Sequential(nn.SiLU(), nn.Linear(time_cond_dim, dim_out * 2))
         self.cross_attn = (
             CrossAttention(
-                dim_out, context_dim=cond_dim, heads=cross_attn_heads, dim_head=cross_attn_dim_head, cosine_sim=cosine_sim_cross_attn
+                dim_out,
+                context_dim=cond_dim,
+                heads=cross_attn_heads,
+                dim_head=cross_attn_dim_head,
+                cosine_sim=cosine_sim_cross_attn,
             )
             if cond_dim is not None
             else None

@@ -8,6 +8,7 @@ Everything here follows DALLE2-pytorch 1.15.6's `LowresConditioner`: nearest-nei
 one blur decision (and sigma, kernel size) per batch, and Imagen-style noise augmentation on a
 fixed 1000-step linear schedule whatever the decoder's own number of timesteps.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple, Union
@@ -71,7 +72,9 @@ class LowresConditioner(nn.Module):
         self.use_blur = use_blur
         self.blur_prob = blur_prob
         self.blur_sigma = tuple(blur_sigma) if isinstance(blur_sigma, (list, tuple)) else blur_sigma
-        self.blur_kernel_size = tuple(blur_kernel_size) if isinstance(blur_kernel_size, (list, tuple)) else blur_kernel_size
+        self.blur_kernel_size = (
+            tuple(blur_kernel_size) if isinstance(blur_kernel_size, (list, tuple)) else blur_kernel_size
+        )
         self.use_noise = use_noise
         self.input_range = input_range
         # A separate fixed linear schedule for the augmentation noise, independent of the U-Net's schedule.
@@ -135,5 +138,7 @@ class LowresConditioner(nn.Module):
         if self.noise_schedule is None:
             return cond, None
         if noise_level is None:
-            noise_level = torch.randint(0, LOWRES_NOISE_TIMESTEPS, (cond.shape[0],), device=cond.device, dtype=torch.long)
+            noise_level = torch.randint(
+                0, LOWRES_NOISE_TIMESTEPS, (cond.shape[0],), device=cond.device, dtype=torch.long
+            )
         return self.noise_image(cond, noise_level, noise), noise_level

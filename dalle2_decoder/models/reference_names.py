@@ -5,6 +5,7 @@ Our U-Net uses the reference's module tree and names (`downs.1.2.0.cross_attn.to
 reference's wrappers add are removed, and the Decoder's entries that are not network weights are
 dropped with a reason that callers can report.
 """
+
 from __future__ import annotations
 
 import re
@@ -75,7 +76,9 @@ def decoder_state_from_reference_with_dropped(
             (why for prefix, why in _DROPPED_DECODER_PREFIXES if bare.startswith(prefix)), None
         )
         if reason is None:
-            raise ValueError(f"reference decoder state: unexpected entry {name!r} (neither a U-Net weight nor a known buffer)")
+            raise ValueError(
+                f"reference decoder state: unexpected entry {name!r} (neither a U-Net weight nor a known buffer)"
+            )
         dropped.append((name, reason))
     return out, dropped
 

@@ -16,6 +16,7 @@ per-step coefficients are Python floats computed in float64 on the host, so samp
 on the device. The solvers were checked step by step against diffusers' schedulers
 (tests/test_samplers.py); they are written here from the papers, not taken from there.
 """
+
 from __future__ import annotations
 
 import functools
@@ -85,7 +86,9 @@ class Schedule:
         return self.threshold(x0)
 
 
-def randn(shape: Sequence[int], generator: Generators, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def randn(
+    shape: Sequence[int], generator: Generators, device: torch.device, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Standard normal noise; with one generator per sample, row i comes from generator i alone."""
     if callable(generator):
         return generator(tuple(shape), device, dtype)
@@ -291,7 +294,7 @@ def _unipc_coefficients(order: int, hh: float, rks: List[float]) -> Tuple[List[f
 def _solve(rks: List[float], b: List[float]) -> List[float]:
     """rho solving sum_k rho_k r_k^(j-1) = b_j (j = 1..len(rks)), the Vandermonde system of UniPC."""
     size = len(rks)
-    matrix = torch.tensor([[r ** j for r in rks] for j in range(size)], dtype=torch.float64)
+    matrix = torch.tensor([[r**j for r in rks] for j in range(size)], dtype=torch.float64)
     return torch.linalg.solve(matrix, torch.tensor(b[:size], dtype=torch.float64)).tolist()
 
 

@@ -4,6 +4,7 @@ Every schedule returns a float64 tensor of shape (timesteps,) with values in [0,
 to DALLE2-pytorch 1.15.6's (the derived constants are computed from it in float64 and stored
 in float32, as there).
 """
+
 from __future__ import annotations
 
 import math
@@ -86,6 +87,8 @@ def make_beta_schedule(name: str, timesteps: int) -> torch.Tensor:
     if bool((betas >= 1).any()):
         # DALLE2-pytorch scales the DDPM range (1e-4 .. 0.02 at T = 1000) by 1000 / T, so with
         # 20 steps or fewer the last betas reach 1 and every later constant is NaN; it trains on NaN.
-        raise ValueError(f"beta_schedule {name!r} with timesteps={timesteps} has betas of 1 or more (its range is scaled "
-                         "by 1000 / timesteps); use more than 20 timesteps or the cosine schedule")
+        raise ValueError(
+            f"beta_schedule {name!r} with timesteps={timesteps} has betas of 1 or more (its range is scaled "
+            "by 1000 / timesteps); use more than 20 timesteps or the cosine schedule"
+        )
     return betas

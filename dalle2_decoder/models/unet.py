@@ -10,6 +10,7 @@ Same constructor options, same modules, same parameter names and the same functi
 reference, so that its configs build the same network and its weights load unchanged; the
 extensions of ours are options that are off by default (see the `Unet` docstring).
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
@@ -213,7 +214,9 @@ class Unet(nn.Module):
 
         # ---------------------------------------------------------------- conditioning
         self.to_time_hiddens = nn.Sequential(SinusoidalPosEmb(dim), nn.Linear(dim, time_cond_dim), nn.GELU())
-        self.to_time_tokens = nn.Sequential(nn.Linear(time_cond_dim, cond_dim * num_time_tokens), _Reshape(num_time_tokens))
+        self.to_time_tokens = nn.Sequential(
+            nn.Linear(time_cond_dim, cond_dim * num_time_tokens), _Reshape(num_time_tokens)
+        )
         self.to_time_cond = nn.Sequential(nn.Linear(time_cond_dim, time_cond_dim))
         self.image_to_tokens: nn.Module = (
             nn.Sequential(nn.Linear(image_embed_dim, cond_dim * num_image_tokens), _Reshape(num_image_tokens))
@@ -231,7 +234,9 @@ class Unet(nn.Module):
         self.text_to_cond = nn.Linear(text_embed_dim, cond_dim) if cond_on_text_encodings else None
         # Upsamplers with noise-augmented inputs are told how noisy that input is (Imagen, cascaded diffusion sec. 4.2).
         self.to_lowres_noise_cond = (
-            nn.Sequential(SinusoidalPosEmb(dim), nn.Linear(dim, time_cond_dim), nn.GELU(), nn.Linear(time_cond_dim, time_cond_dim))
+            nn.Sequential(
+                SinusoidalPosEmb(dim), nn.Linear(dim, time_cond_dim), nn.GELU(), nn.Linear(time_cond_dim, time_cond_dim)
+            )
             if lowres_noise_cond
             else None
         )
@@ -261,7 +266,9 @@ class Unet(nn.Module):
             )
 
         def self_attention(d: int) -> nn.Module:
-            return ToSequence(Residual(Attention(d, heads=attn_heads, dim_head=attn_dim_head, cosine_sim=cosine_sim_self_attn)))
+            return ToSequence(
+                Residual(Attention(d, heads=attn_heads, dim_head=attn_dim_head, cosine_sim=cosine_sim_self_attn))
+            )
 
         def level_attention(d: int, level: int) -> nn.Module:
             if self_attn_per_level[level]:
@@ -319,7 +326,9 @@ class Unet(nn.Module):
                 nn.ModuleList(
                     [
                         resnet(d_out + skip, d_out, groups, context_dim),
-                        nn.ModuleList(resnet(d_out + skip, d_out, groups, context_dim) for _ in range(blocks_per_level[level])),
+                        nn.ModuleList(
+                            resnet(d_out + skip, d_out, groups, context_dim) for _ in range(blocks_per_level[level])
+                        ),
                         level_attention(d_out, level),
                         upsample(d_out, d_in) if (level > 0 or memory_efficient) else nn.Identity(),
                     ]
@@ -327,10 +336,15 @@ class Unet(nn.Module):
             )
 
         up_dims = [in_out[level][1] for level in reversed(range(levels))]
-        self.upsample_combiner = UpsampleCombiner(dim, enabled=combine_upsample_fmaps, dim_ins=up_dims, dim_outs=[dim] * levels)
+        self.upsample_combiner = UpsampleCombiner(
+            dim, enabled=combine_upsample_fmaps, dim_ins=up_dims, dim_outs=[dim] * levels
+        )
         self.final_resnet_block = resnet(self.upsample_combiner.dim_out + dim, dim, groups_per_level[0])
         self.to_out = nn.Conv2d(
-            dim + (channels if lowres_cond else 0), self.channels_out, final_conv_kernel_size, padding=final_conv_kernel_size // 2
+            dim + (channels if lowres_cond else 0),
+            self.channels_out,
+            final_conv_kernel_size,
+            padding=final_conv_kernel_size // 2,
         )
         # Zero output at init: the first prediction is 0 (the mean of eps / v), which keeps early steps stable.
         nn.init.zeros_(self.to_out.weight)
@@ -418,7 +432,16 @@ class Unet(nn.Module):
         image_keep = self._keep_mask(b, image_cond_drop_prob, x.device)
         text_keep = self._keep_mask(b, text_cond_drop_prob, x.device)
         return self._forward(
-            x, time, image_embed, lowres_cond_img, lowres_noise_level, text_encodings, text_mask, self_cond, image_keep, text_keep,
+            x,
+            time,
+            image_embed,
+            lowres_cond_img,
+            lowres_noise_level,
+            text_encodings,
+            text_mask,
+            self_cond,
+            image_keep,
+            text_keep,
             disable_checkpoint,
         )
 
@@ -439,7 +462,9 @@ class Unet(nn.Module):
         """forward() with the per-sample keep masks (bool (B,)) of the image and text conditioning given."""
         height, width = x.shape[-2:]
         if height % self.downsample_factor or width % self.downsample_factor:
-            raise ValueError(f"Unet: image size {height}x{width} must be divisible by {self.downsample_factor} for these dim_mults")
+            raise ValueError(
+                f"Unet: image size {height}x{width} must be divisible by {self.downsample_factor} for these dim_mults"
+            )
 
         # ---------------------------------------------------------------- input
         inputs = [x]
@@ -478,7 +503,9 @@ class Unet(nn.Module):
                 # (The reference broadcasts it against the null tokens, which gives this for a batch of
                 # one and fails or mixes samples for larger batches.)
                 image_tokens = image_tokens[:, None].expand(-1, self.null_image_embed.shape[1], -1)
-            tokens.append(torch.where(image_keep[:, None, None], image_tokens, self.null_image_embed.to(image_tokens.dtype)))
+            tokens.append(
+                torch.where(image_keep[:, None, None], image_tokens, self.null_image_embed.to(image_tokens.dtype))
+            )
         c = torch.cat(tokens, dim=1) if len(tokens) > 1 else time_tokens
 
         mid_c = c
@@ -538,13 +565,17 @@ class Unet(nn.Module):
         sinusoids = mlp[0](value.float())
         return mlp[1:](sinusoids.to(dtype))
 
-    def _text_tokens(self, text_encodings: torch.Tensor, text_mask: Optional[torch.Tensor], text_keep: torch.Tensor) -> torch.Tensor:
+    def _text_tokens(
+        self, text_encodings: torch.Tensor, text_mask: Optional[torch.Tensor], text_keep: torch.Tensor
+    ) -> torch.Tensor:
         """Projected text (B, max_text_len, cond_dim); padding and dropped samples become the null text tokens."""
         b, n, width = text_encodings.shape
         if b != text_keep.shape[0]:
             raise ValueError(f"Unet: text_encodings has batch size {b}, the images {text_keep.shape[0]}")
         if width != self.text_embed_dim:
-            raise ValueError(f"Unet: text_encodings are {width} wide but this U-Net was built with text_embed_dim={self.text_embed_dim}")
+            raise ValueError(
+                f"Unet: text_encodings are {width} wide but this U-Net was built with text_embed_dim={self.text_embed_dim}"
+            )
         if text_mask is None:
             valid = (text_encodings != 0).any(dim=-1)
         else:
@@ -570,7 +601,13 @@ class Unet(nn.Module):
         return lambda module, *args: module(*args)
 
     def forward_with_cond_scale(
-        self, x: torch.Tensor, time: torch.Tensor, *, cond_scale: float = 1.0, guide_learned_variance: bool = True, **kwargs: Any
+        self,
+        x: torch.Tensor,
+        time: torch.Tensor,
+        *,
+        cond_scale: float = 1.0,
+        guide_learned_variance: bool = True,
+        **kwargs: Any,
     ) -> torch.Tensor:
         """Classifier-free guidance (Ho & Salimans 2022): null + cond_scale * (cond - null).
 
@@ -597,7 +634,9 @@ class Unet(nn.Module):
         if kwargs:
             raise TypeError(f"Unet.forward_with_cond_scale: unexpected arguments {sorted(kwargs)}")
         keep = torch.arange(2 * b, device=x.device) < b
-        out = self._forward(twice(x), twice(time), **doubled, image_keep=keep, text_keep=keep, disable_checkpoint=disable_checkpoint)
+        out = self._forward(
+            twice(x), twice(time), **doubled, image_keep=keep, text_keep=keep, disable_checkpoint=disable_checkpoint
+        )
         cond, null = out.chunk(2, dim=0)
         guided = null + (cond - null) * cond_scale
         if not guide_learned_variance:

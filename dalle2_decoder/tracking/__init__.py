@@ -3,6 +3,7 @@
 `create_tracker(config.tracker, full_config_dict=..., is_main_process=...)` is the entry point;
 docs/TRACKING.md describes the protocol between the trainer and the tracker.
 """
+
 from .checkpoint import (
     CheckpointError,
     CheckpointFormatError,
@@ -23,8 +24,25 @@ from .savers import SaveError
 from .tracker import NullTracker, Tracker, TrackerSetupError, create_tracker
 
 __all__ = [
-    "CheckpointError", "CheckpointFormatError", "CheckpointMismatchError", "DataPathError", "LoadError", "LoadedCheckpoint", "NullTracker",
-    "RunState", "SaveError", "Tracker", "TrackerSetupError", "capture_rng_state", "create_tracker",
-    "load_model_weights", "load_state_dict_checked", "read_file", "read_run_state", "redact", "restore_rng_state",
-    "save_checkpoint", "save_model",
+    "CheckpointError",
+    "CheckpointFormatError",
+    "CheckpointMismatchError",
+    "DataPathError",
+    "LoadError",
+    "LoadedCheckpoint",
+    "NullTracker",
+    "RunState",
+    "SaveError",
+    "Tracker",
+    "TrackerSetupError",
+    "capture_rng_state",
+    "create_tracker",
+    "load_model_weights",
+    "load_state_dict_checked",
+    "read_file",
+    "read_run_state",
+    "redact",
+    "restore_rng_state",
+    "save_checkpoint",
+    "save_model",
 ]

@@ -11,6 +11,7 @@ Everything in a `.pt` file is restricted to what `torch.load(weights_only=True)`
 dicts, lists, tuples, str, int, float, bool, None), and this is checked before writing, so a file
 this package wrote can always be read back without unpickling arbitrary objects.
 """
+
 from __future__ import annotations
 
 import os
@@ -138,7 +139,9 @@ def _tensors_for_file(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tens
     return tensors
 
 
-def save_model(path: PathLike, model_state: Mapping[str, torch.Tensor], *, step: int, config_json: Optional[str] = None) -> Path:
+def save_model(
+    path: PathLike, model_state: Mapping[str, torch.Tensor], *, step: int, config_json: Optional[str] = None
+) -> Path:
     """Atomically write a model save: safetensors when `path` ends in `.safetensors`, else a weights-only `.pt`."""
     tensors = _tensors_for_file(model_state)
     if str(path).endswith(".safetensors"):
@@ -196,7 +199,8 @@ def _torch_load(path: Path) -> Any:
     except pickle.UnpicklingError as error:
         # torch's message: a generic first line, then the actual reason, then boilerplate
         reasons = [
-            line.strip() for line in str(error).splitlines()[1:]
+            line.strip()
+            for line in str(error).splitlines()[1:]
             if line.strip() and not line.strip().startswith(("Please file an issue", "Check the documentation"))
         ]
         if not reasons or reasons[0].startswith(("Unsupported operand", "invalid load key")):
@@ -209,10 +213,14 @@ def _torch_load(path: Path) -> Any:
             "could run arbitrary code"
         ) from error
     except EOFError as error:
-        raise CheckpointFormatError(f"{path}: the file ends before its content does (truncated or still being written)") from error
+        raise CheckpointFormatError(
+            f"{path}: the file ends before its content does (truncated or still being written)"
+        ) from error
     except (KeyError, ValueError, IndexError, UnicodeDecodeError) as error:
         # torch's legacy reader on bytes that are no pickle: e.g. KeyError(101) for text
-        raise CheckpointFormatError(f"{path}: not a PyTorch checkpoint file (.pth/.pt) nor a safetensors file") from error
+        raise CheckpointFormatError(
+            f"{path}: not a PyTorch checkpoint file (.pth/.pt) nor a safetensors file"
+        ) from error
     except (RuntimeError, OSError) as error:
         detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointFormatError(f"{path} is not a readable checkpoint or model file ({detail})") from error
@@ -220,7 +228,9 @@ def _torch_load(path: Path) -> Any:
 
 def _check_path(path: Path) -> None:
     if path.is_dir():
-        raise CheckpointError(f"{path} is a folder, not a checkpoint file; name the file in it (e.g. {path}/latest.pth)")
+        raise CheckpointError(
+            f"{path} is a folder, not a checkpoint file; name the file in it (e.g. {path}/latest.pth)"
+        )
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
     if path.stat().st_size == 0:
@@ -233,20 +243,26 @@ def _ours(payload: Mapping[str, Any], path: Path) -> LoadedCheckpoint:
     if tag == CHECKPOINT_FORMAT:
         state = payload.get("state")
         if not isinstance(state, Mapping):
-            raise CheckpointFormatError(f"{path}: a dalle2_decoder checkpoint without its 'state' entry; "
-                                        "the file is damaged or was edited")
-        return LoadedCheckpoint("checkpoint", int(payload.get("step", 0)), payload.get("config"), state=dict(state),
-                                source=str(path))
+            raise CheckpointFormatError(
+                f"{path}: a dalle2_decoder checkpoint without its 'state' entry; the file is damaged or was edited"
+            )
+        return LoadedCheckpoint(
+            "checkpoint", int(payload.get("step", 0)), payload.get("config"), state=dict(state), source=str(path)
+        )
     if tag == MODEL_FORMAT:
         model = payload.get("model")
         if not _tensor_mapping(model):
-            raise CheckpointFormatError(f"{path}: a dalle2_decoder model save without its 'model' weights; "
-                                        "the file is damaged or was edited")
-        return LoadedCheckpoint("model", int(payload.get("step", 0)), payload.get("config"), model_state=dict(model),
-                                source=str(path))
+            raise CheckpointFormatError(
+                f"{path}: a dalle2_decoder model save without its 'model' weights; the file is damaged or was edited"
+            )
+        return LoadedCheckpoint(
+            "model", int(payload.get("step", 0)), payload.get("config"), model_state=dict(model), source=str(path)
+        )
     known = f"{CHECKPOINT_FORMAT} or {MODEL_FORMAT}"
-    raise CheckpointFormatError(f"{path}: format {tag!r} is not one this version reads ({known}); "
-                                "it was written by another version of dalle2_decoder")
+    raise CheckpointFormatError(
+        f"{path}: format {tag!r} is not one this version reads ({known}); "
+        "it was written by another version of dalle2_decoder"
+    )
 
 
 def _tensor_mapping(value: Any) -> bool:
@@ -283,27 +299,52 @@ def read_file(path: PathLike) -> LoadedCheckpoint:
     try:
         if reference.is_reference_checkpoint(payload):
             state, notes = reference.convert_checkpoint(payload)
-            return LoadedCheckpoint("checkpoint", reference.reference_step(payload), reference.config_json(payload),
-                                    state=state, source=str(path),
-                                    origin=reference.REFERENCE_ORIGIN, partial=True, notes=tuple(notes))
-        if reference.is_reference_model(payload) or (_tensor_mapping(payload) and any(k.startswith("unets.") for k in payload)):
+            return LoadedCheckpoint(
+                "checkpoint",
+                reference.reference_step(payload),
+                reference.config_json(payload),
+                state=state,
+                source=str(path),
+                origin=reference.REFERENCE_ORIGIN,
+                partial=True,
+                notes=tuple(notes),
+            )
+        if reference.is_reference_model(payload) or (
+            _tensor_mapping(payload) and any(k.startswith("unets.") for k in payload)
+        ):
             weights, notes = reference.convert_model(payload)
-            return LoadedCheckpoint("model", 0, reference.config_json(payload), model_state=weights, source=str(path),
-                                    origin=reference.REFERENCE_ORIGIN, partial=True, notes=tuple(notes))
+            return LoadedCheckpoint(
+                "model",
+                0,
+                reference.config_json(payload),
+                model_state=weights,
+                source=str(path),
+                origin=reference.REFERENCE_ORIGIN,
+                partial=True,
+                notes=tuple(notes),
+            )
     except ValueError as error:  # the name mapping found an entry it does not know
-        raise CheckpointFormatError(f"{path}: a DALLE2-pytorch file whose weights cannot be mapped ({error})") from error
+        raise CheckpointFormatError(
+            f"{path}: a DALLE2-pytorch file whose weights cannot be mapped ({error})"
+        ) from error
     if _tensor_mapping(payload):
         return LoadedCheckpoint("model", 0, None, model_state=dict(payload), source=str(path))
     if isinstance(payload, Mapping) and not payload:
         raise CheckpointFormatError(f"{path}: holds an empty dictionary, no weights")
-    what = f"a dictionary with entries {sorted(map(str, payload))[:8]}" if isinstance(payload, Mapping) else f"a {type(payload).__name__}"
+    what = (
+        f"a dictionary with entries {sorted(map(str, payload))[:8]}"
+        if isinstance(payload, Mapping)
+        else f"a {type(payload).__name__}"
+    )
     raise CheckpointFormatError(
         f"{path}: {what}; neither a checkpoint or model save of dalle2_decoder or DALLE2-pytorch, "
         "nor a plain state dict of tensors"
     )
 
 
-def load_state_dict_checked(module: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
+def load_state_dict_checked(
+    module: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint"
+) -> None:
     """Load `state_dict` into `module`, first checking every name and shape.
 
     Raises CheckpointMismatchError listing all missing, unexpected and mis-shaped tensors at once,
@@ -349,11 +390,14 @@ def training_state(loaded: LoadedCheckpoint) -> Dict[str, Any]:
     state = loaded.state or {}
     trainer = state.get("trainer")
     if not isinstance(trainer, Mapping) or not isinstance(trainer.get("decoder"), Mapping):
-        raise CheckpointFormatError(f"{loaded.source}: a checkpoint without its trainer state "
-                                    "('state' -> 'trainer' -> 'decoder'); the file is damaged or was edited")
+        raise CheckpointFormatError(
+            f"{loaded.source}: a checkpoint without its trainer state "
+            "('state' -> 'trainer' -> 'decoder'); the file is damaged or was edited"
+        )
     if not isinstance(state.get("progress"), Mapping) and not isinstance(state.get("reference"), Mapping):
-        raise CheckpointFormatError(f"{loaded.source}: a checkpoint without its 'progress' entry; "
-                                    "the file is damaged or was edited")
+        raise CheckpointFormatError(
+            f"{loaded.source}: a checkpoint without its 'progress' entry; the file is damaged or was edited"
+        )
     return dict(state)
 
 
@@ -366,7 +410,7 @@ def checkpoint_weights(state: Mapping[str, Any], *, use_ema: bool = True) -> Dic
     if use_ema:
         for key, ema in trainer.get("emas", {}).items():
             prefix = f"unets.{int(key) - 1}."
-            averaged = {name[len("averaged."):]: t for name, t in ema.items() if name.startswith("averaged.")}
+            averaged = {name[len("averaged.") :]: t for name, t in ema.items() if name.startswith("averaged.")}
             weights.update({prefix + name: tensor for name, tensor in averaged.items()})
     return weights
 

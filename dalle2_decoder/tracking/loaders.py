@@ -3,6 +3,7 @@
 Each loader has `check()`, run when the tracker is created so that a wrong path or URL fails at
 start, and `fetch()`, which returns a local file (downloading it under `data_path/downloads/`).
 """
+
 from __future__ import annotations
 
 import os
@@ -31,8 +32,10 @@ class LocalLoader:
 
     def check(self) -> None:
         if self.path.is_dir():
-            raise LoadError(f"tracker.load.file_path: {self.path} is a folder, not a checkpoint file; "
-                            f"name the file in it (e.g. {self.path}/latest.pth)")
+            raise LoadError(
+                f"tracker.load.file_path: {self.path} is a folder, not a checkpoint file; "
+                f"name the file in it (e.g. {self.path}/latest.pth)"
+            )
         if not self.path.is_file():
             raise LoadError(f"tracker.load.file_path: checkpoint file not found: {self.path}")
 
@@ -77,18 +80,23 @@ class UrlLoader:
                     )
                 total = int(response.headers.get("Content-Length") or 0) or None
                 received = 0
-                with open(temp, "wb") as handle, tqdm(
-                    total=total, unit="B", unit_scale=True, desc=f"downloading {self.file_name}",
-                    file=sys.stderr, mininterval=1 if sys.stderr.isatty() else 30,
-                ) as progress:
+                with (
+                    open(temp, "wb") as handle,
+                    tqdm(
+                        total=total,
+                        unit="B",
+                        unit_scale=True,
+                        desc=f"downloading {self.file_name}",
+                        file=sys.stderr,
+                        mininterval=1 if sys.stderr.isatty() else 30,
+                    ) as progress,
+                ):
                     for chunk in response.iter_content(chunk_size=1 << 20):
                         handle.write(chunk)
                         received += len(chunk)
                         progress.update(len(chunk))
                 if total is not None and received != total:
-                    raise LoadError(
-                        f"download of {self.shown_url} ended early: {received} of {total} bytes received"
-                    )
+                    raise LoadError(f"download of {self.shown_url} ended early: {received} of {total} bytes received")
             os.replace(temp, target)
         except requests.RequestException as error:
             raise LoadError(
@@ -115,7 +123,12 @@ class WandbLoader:
     """
 
     def __init__(
-        self, config: WandbLoadConfig, *, run_path: Optional[str], wandb_roots: List[Path], offline: bool,
+        self,
+        config: WandbLoadConfig,
+        *,
+        run_path: Optional[str],
+        wandb_roots: List[Path],
+        offline: bool,
         download_dir: Path,
     ):
         self.config = config

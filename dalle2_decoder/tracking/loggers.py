@@ -6,6 +6,7 @@
 - `WandbLogger`: the same lines on stdout, and metrics, images with captions and the config in a
   wandb run (online or offline, as wandb's own settings say).
 """
+
 from __future__ import annotations
 
 import datetime

@@ -8,6 +8,7 @@ Three nets, because a token can hide in several places of a config:
 - any occurrence of a known secret value (the hub token in use, secret-looking environment
   variables) is masked wherever it appears in a string.
 """
+
 from __future__ import annotations
 
 import logging
@@ -67,7 +68,11 @@ def redact(value: Any, known_secrets: Iterable[str] = ()) -> Any:
 def _redact(value: Any, secrets: List[str]) -> Any:
     if isinstance(value, dict):
         return {
-            key: (MASK if isinstance(key, str) and is_secret_key(key) and value[key] not in (None, "") else _redact(item, secrets))
+            key: (
+                MASK
+                if isinstance(key, str) and is_secret_key(key) and value[key] not in (None, "")
+                else _redact(item, secrets)
+            )
             for key, item in value.items()
         }
     if isinstance(value, (list, tuple)):

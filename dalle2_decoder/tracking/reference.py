@@ -15,6 +15,7 @@ Names are mapped by `models.reference_names` (the one place that knows them). Ad
 stored in the converted state per parameter name (the reference's optimizer numbers parameters
 in its own grouping order), so the trainer can put them in its own order.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -41,7 +42,11 @@ def _version_classes() -> List[type]:
             classes.append(version._Version)
         from packaging import _structures
 
-        classes += [getattr(_structures, name) for name in ("InfinityType", "NegativeInfinityType") if hasattr(_structures, name)]
+        classes += [
+            getattr(_structures, name)
+            for name in ("InfinityType", "NegativeInfinityType")
+            if hasattr(_structures, name)
+        ]
     except ImportError:  # without packaging, such files are refused like any other object
         pass
     return classes
@@ -62,13 +67,22 @@ def _tensor_dict(value: Any) -> bool:
 
 
 def is_reference_checkpoint(payload: Any) -> bool:
-    return isinstance(payload, Mapping) and "format" not in payload and _tensor_dict(payload.get("model")) \
-        and "steps" in payload and any(key.startswith("optim") for key in payload)
+    return (
+        isinstance(payload, Mapping)
+        and "format" not in payload
+        and _tensor_dict(payload.get("model"))
+        and "steps" in payload
+        and any(key.startswith("optim") for key in payload)
+    )
 
 
 def is_reference_model(payload: Any) -> bool:
-    return isinstance(payload, Mapping) and "format" not in payload and _tensor_dict(payload.get("model")) \
+    return (
+        isinstance(payload, Mapping)
+        and "format" not in payload
+        and _tensor_dict(payload.get("model"))
         and not is_reference_checkpoint(payload)
+    )
 
 
 # --- names ---------------------------------------------------------------------------------------
@@ -99,7 +113,7 @@ def unet_weights(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
 
 def _unet_entries(state: Mapping[str, torch.Tensor], index: int) -> Dict[str, torch.Tensor]:
     prefix = f"unets.{index}."
-    return {name[len(prefix):]: tensor for name, tensor in state.items() if name.startswith(prefix)}
+    return {name[len(prefix) :]: tensor for name, tensor in state.items() if name.startswith(prefix)}
 
 
 # --- converting ----------------------------------------------------------------------------------
@@ -138,13 +152,16 @@ def _optimizer_by_name(model: Mapping[str, torch.Tensor], index: int, saved: Map
     averages = unet_weights({n: e["exp_avg"] for n, e in by_ref.items()})
     squares = unet_weights({n: e["exp_avg_sq"] for n, e in by_ref.items()})
     steps = unet_weights({n: torch.as_tensor(e["step"], dtype=torch.float32).reshape(()) for n, e in by_ref.items()})
-    return {"state": {name: {"step": steps[name], "exp_avg": averages[name], "exp_avg_sq": squares[name]}
-                      for name in averages}}
+    return {
+        "state": {
+            name: {"step": steps[name], "exp_avg": averages[name], "exp_avg_sq": squares[name]} for name in averages
+        }
+    }
 
 
 def _ema(ema: Mapping[str, torch.Tensor], index: int) -> Optional[Dict[str, torch.Tensor]]:
     prefix = f"{index}.ema_model."
-    averaged = {name[len(prefix):]: t for name, t in ema.items() if name.startswith(prefix)}
+    averaged = {name[len(prefix) :]: t for name, t in ema.items() if name.startswith(prefix)}
     if not averaged:
         return None
     initted = bool(ema.get(f"{index}.initted", torch.tensor(True)))
@@ -159,8 +176,14 @@ def convert_checkpoint(payload: Mapping[str, Any]) -> Tuple[Dict[str, Any], List
     model = payload["model"]
     weights, notes = decoder_weights(model)
     steps = [int(s) for s in torch.as_tensor(payload["steps"]).reshape(-1).tolist()]
-    trainer: Dict[str, Any] = {"decoder": weights, "partial_decoder": True, "optimizers_by_name": {},
-                               "scheduler_steps": {}, "emas": {}, "trained_unets": []}
+    trainer: Dict[str, Any] = {
+        "decoder": weights,
+        "partial_decoder": True,
+        "optimizers_by_name": {},
+        "scheduler_steps": {},
+        "emas": {},
+        "trained_unets": [],
+    }
     for index, step in enumerate(steps):
         number = str(index + 1)
         optimizer = payload.get(f"optim{index}")
@@ -170,7 +193,9 @@ def convert_checkpoint(payload: Mapping[str, Any]) -> Tuple[Dict[str, Any], List
         try:
             trainer["optimizers_by_name"][number] = _optimizer_by_name(model, index, optimizer)
         except (ValueError, KeyError) as error:
-            notes.append(f"U-Net {number}: the optimizer state of the DALLE2-pytorch checkpoint cannot be mapped ({error})")
+            notes.append(
+                f"U-Net {number}: the optimizer state of the DALLE2-pytorch checkpoint cannot be mapped ({error})"
+            )
         scheduler = payload.get(f"sched{index}") or {}
         trainer["scheduler_steps"][number] = int(scheduler.get("last_epoch", step))
         ema = _ema(payload.get("ema") or {}, index)
@@ -178,8 +203,10 @@ def convert_checkpoint(payload: Mapping[str, Any]) -> Tuple[Dict[str, Any], List
             trainer["emas"][number] = ema
     trained_steps = [steps[n - 1] for n in trainer["trained_unets"]] or [0]
     if len(set(trained_steps)) > 1:
-        notes.append(f"the U-Nets took different numbers of steps ({trained_steps}); the run continues counting from "
-                     f"{max(trained_steps)}")
+        notes.append(
+            f"the U-Nets took different numbers of steps ({trained_steps}); the run continues counting from "
+            f"{max(trained_steps)}"
+        )
     trainer["counters"] = {"step": max(trained_steps), "micro_step": max(trained_steps)}
     losses = payload.get("validation_losses") or []
     reference = {
@@ -220,8 +247,9 @@ def schedule_note(beta_schedules: Sequence[str]) -> Optional[str]:
     checkpoint trained that way samples wrongly under all-cosine, and neither file can tell.
     """
     if len(beta_schedules) > 1 and all(schedule == "cosine" for schedule in beta_schedules):
-        return ("decoder.beta_schedule is cosine for every U-Net; if this DALLE2-pytorch checkpoint was trained with "
-                "beta_schedule left out, its last U-Net used a linear schedule: set \"beta_schedule\": null (the "
-                "reference's rule) or list the schedules (docs/MIGRATING.md)")
+        return (
+            "decoder.beta_schedule is cosine for every U-Net; if this DALLE2-pytorch checkpoint was trained with "
+            'beta_schedule left out, its last U-Net used a linear schedule: set "beta_schedule": null (the '
+            "reference's rule) or list the schedules (docs/MIGRATING.md)"
+        )
     return None
-

@@ -4,6 +4,7 @@
 checkpoint is, and whether it finished. A second process with `auto_resume` reads it to continue
 an interrupted run: same wandb run, latest checkpoint.
 """
+
 from __future__ import annotations
 
 import json
@@ -156,7 +157,11 @@ def clean_staging(data_path: Path, destinations: Sequence[Path] = ()) -> List[Pa
 
 
 def prepare_data_path(
-    data_path: Path, *, overwrite: bool, auto_resume: bool, protected: Sequence[Path] = (),
+    data_path: Path,
+    *,
+    overwrite: bool,
+    auto_resume: bool,
+    protected: Sequence[Path] = (),
     say: Callable[[str], None] = print,
 ) -> Optional[RunState]:
     """Make `data_path` ready for this run; return the interrupted run's state when auto-resuming it.
@@ -180,9 +185,13 @@ def prepare_data_path(
                 raise DataPathError(f"tracker.overwrite_data_path is set but {path} is not cleared: {reason}")
             remove, keep = overwrite_plan(path, protected)
             if remove:
-                say(f"tracker.overwrite_data_path: removing the previous run's {', '.join(item.name for item in remove)} from {path}")
+                say(
+                    f"tracker.overwrite_data_path: removing the previous run's {', '.join(item.name for item in remove)} from {path}"
+                )
             if keep:
-                say(f"tracker.overwrite_data_path: keeping {', '.join(item.name for item in keep)} (they hold files the config reads or names)")
+                say(
+                    f"tracker.overwrite_data_path: keeping {', '.join(item.name for item in keep)} (they hold files the config reads or names)"
+                )
             for child in remove:
                 if child.is_dir() and not child.is_symlink():
                     shutil.rmtree(child)

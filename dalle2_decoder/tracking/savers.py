@@ -11,6 +11,7 @@ The tracker writes each file once (under `data_path/.staging/`); a saver receive
 Remote puts are retried by `Uploader`; a put that keeps failing is reported and training goes on,
 with the files kept under `data_path/uploads/`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -136,7 +137,9 @@ class WandbSaver:
 
     remote = True
 
-    def __init__(self, config: WandbSaveConfig, run_files_dir: Optional[Callable[[], Path]], save_in_run: Optional[Callable]):
+    def __init__(
+        self, config: WandbSaveConfig, run_files_dir: Optional[Callable[[], Path]], save_in_run: Optional[Callable]
+    ):
         self.config = config
         self._files_dir = run_files_dir
         self._save_in_run = save_in_run
@@ -223,7 +226,11 @@ class Uploader:
                     wait = self.wait_s * 2 ** (attempt - 1)
                     logger.warning(
                         "save to %s failed (attempt %d of %d), retrying in %.1fs: %s",
-                        saver.describe(), attempt, self.attempts, wait, message,
+                        saver.describe(),
+                        attempt,
+                        self.attempts,
+                        wait,
+                        message,
                     )
                     time.sleep(wait)
                     continue

@@ -4,6 +4,7 @@
 nothing) on every other process, so the training loop calls the same methods on every rank and
 never asks which rank it is. See docs/TRACKING.md for the protocol the trainer follows.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -76,7 +77,12 @@ class NullTracker:
         return received[0]
 
     def save(
-        self, *, step: int, checkpoint_state: StateSource = None, model_state: StateSource = None, is_best: bool = False,
+        self,
+        *,
+        step: int,
+        checkpoint_state: StateSource = None,
+        model_state: StateSource = None,
+        is_best: bool = False,
         fields: Optional[Mapping[str, Any]] = None,
     ) -> None:
         pass
@@ -96,7 +102,13 @@ class NullTracker:
 
 def save_path_fields(step: int, fields: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
     """Values for the `{epoch}`-style fields of save paths; what the caller does not give has a neutral value."""
-    values: Dict[str, Any] = {"epoch": 0, "sample": 0, "next_task": "train", "validation_losses": [], "samples_seen": step}
+    values: Dict[str, Any] = {
+        "epoch": 0,
+        "sample": 0,
+        "next_task": "train",
+        "validation_losses": [],
+        "samples_seen": step,
+    }
     values.update(fields or {})
     return values
 
@@ -191,7 +203,9 @@ class Tracker:
         if self.loader is None:
             return None
         if self.loader.config.only_auto_resume and not self.auto_resuming:
-            self.info(f"tracker.load ({self.loader.describe()}) is only_auto_resume and this run is new: starting fresh")
+            self.info(
+                f"tracker.load ({self.loader.describe()}) is only_auto_resume and this run is new: starting fresh"
+            )
             return None
         self.info(f"loading the start checkpoint from {self.loader.describe()}")
         path = self.loader.fetch()
@@ -200,7 +214,12 @@ class Tracker:
     # --- saving --------------------------------------------------------------------------------
 
     def save(
-        self, *, step: int, checkpoint_state: StateSource = None, model_state: StateSource = None, is_best: bool = False,
+        self,
+        *,
+        step: int,
+        checkpoint_state: StateSource = None,
+        model_state: StateSource = None,
+        is_best: bool = False,
         fields: Optional[Mapping[str, Any]] = None,
     ) -> None:
         """Save to every configured saver.
@@ -220,7 +239,9 @@ class Tracker:
             if (kind, suffix) not in artifacts:
                 if kind == "checkpoint":
                     state = scrub_strings(_evaluate(checkpoint_state, "checkpoint_state"), self.known_secrets)
-                    path = save_checkpoint(staging / f"checkpoint{suffix}", state, step=step, config_json=self.config_json)
+                    path = save_checkpoint(
+                        staging / f"checkpoint{suffix}", state, step=step, config_json=self.config_json
+                    )
                 else:
                     state = _evaluate(model_state, "model_state")
                     path = save_model(staging / f"model{suffix}", state, step=step, config_json=self.config_json)
@@ -293,7 +314,11 @@ class Tracker:
         self.uploader.submit(saver, kept, step, on_success=on_success, on_failure=on_failure)
 
     def _record_resume_point(
-        self, step: int, artifacts: Dict[Tuple[str, str], Path], checkpoint_state: StateSource, fields: Mapping[str, Any]
+        self,
+        step: int,
+        artifacts: Dict[Tuple[str, str], Path],
+        checkpoint_state: StateSource,
+        fields: Mapping[str, Any],
     ) -> None:
         """Remember the latest local resumable checkpoint in run_state.json (for auto-resume)."""
         latest: Optional[Path] = None
@@ -302,7 +327,9 @@ class Tracker:
             if isinstance(saver, LocalSaver) and config.save_type == "checkpoint" and config.save_latest_to:
                 latest = saver.resolve(config.save_latest_to.format(**fields))
         if latest is None:
-            have_state = ("checkpoint", ".pt") in artifacts or (self.config.log.auto_resume and checkpoint_state is not None)
+            have_state = ("checkpoint", ".pt") in artifacts or (
+                self.config.log.auto_resume and checkpoint_state is not None
+            )
             if not have_state:
                 return
             latest = self.data_path / RESUME_CHECKPOINT
@@ -332,7 +359,11 @@ class Tracker:
             ),
             "attempts": self.run_state.attempts,
             "host": socket.gethostname(),
-            "versions": {"dalle2_decoder": __version__, "torch": torch.__version__, "python": platform.python_version()},
+            "versions": {
+                "dalle2_decoder": __version__,
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+            },
         }
 
     @property
@@ -361,7 +392,9 @@ class Tracker:
                 if success and not interrupted:
                     self.run_state.finished = True
                     write_run_state(self.data_path, self.run_state)
-                clean_staging(self.data_path, local_destinations(self.config, self.data_path))  # no save in progress now
+                clean_staging(
+                    self.data_path, local_destinations(self.config, self.data_path)
+                )  # no save in progress now
             finally:
                 try:
                     self.logger.finish(success)
@@ -406,9 +439,13 @@ def _check_config(config: TrackerConfig, auto_resuming: bool) -> List[str]:
                         "model weights only (save_type: model), checkpoints are .pt files"
                     )
         if isinstance(save, WandbSaveConfig) and save.wandb_run_path is None and not is_wandb:
-            problems.append(f"{where}: saving to the current wandb run needs tracker.log.log_type 'wandb' (or set wandb_run_path)")
+            problems.append(
+                f"{where}: saving to the current wandb run needs tracker.log.log_type 'wandb' (or set wandb_run_path)"
+            )
         if isinstance(save, WandbSaveConfig) and save.wandb_run_path is not None and _wandb_offline():
-            problems.append(f"{where}: saving to another run (wandb_run_path) needs wandb online, but WANDB_MODE is offline")
+            problems.append(
+                f"{where}: saving to another run (wandb_run_path) needs wandb online, but WANDB_MODE is offline"
+            )
     load = config.load
     if load is not None and not (load.only_auto_resume and not auto_resuming):
         if isinstance(load, WandbLoadConfig) and load.wandb_run_path is None:
@@ -476,16 +513,24 @@ def create_tracker(
     install_output_redaction(config_secrets + list(hub_tokens.values()))
     config_dict = redact(dict(full_config_dict), known_secrets=config_secrets + list(hub_tokens.values()))
     resumed = prepare_data_path(
-        data_path, overwrite=config.overwrite_data_path, auto_resume=log.auto_resume,
-        protected=protected_paths(config, full_config_dict, data_path), say=lambda text: print(OUTPUT.text(text), flush=True),
+        data_path,
+        overwrite=config.overwrite_data_path,
+        auto_resume=log.auto_resume,
+        protected=protected_paths(config, full_config_dict, data_path),
+        say=lambda text: print(OUTPUT.text(text), flush=True),
     )
     stray = clean_staging(data_path, local_destinations(config, data_path))
     if stray:
-        print(f"removed {len(stray)} unfinished save(s) left in {data_path} by a process that was stopped mid-save", flush=True)
+        print(
+            f"removed {len(stray)} unfinished save(s) left in {data_path} by a process that was stopped mid-save",
+            flush=True,
+        )
     now = time.time()
     if resumed is not None:
         run_state = dataclasses.replace(resumed, attempts=resumed.attempts + 1)
-        print(f"auto-resume: continuing run {run_state.run_id} in {data_path} (attempt {run_state.attempts})", flush=True)
+        print(
+            f"auto-resume: continuing run {run_state.run_id} in {data_path} (attempt {run_state.attempts})", flush=True
+        )
     else:
         run_state = RunState(run_id=generate_run_id(), started_at=now)
 
@@ -502,8 +547,13 @@ def create_tracker(
         restore_argv = sys.argv
         sys.argv = [OUTPUT.text(arg) for arg in sys.argv]
         logger = WandbLogger(
-            entity=log.wandb_entity, project=log.wandb_project, run_name=log.wandb_run_name, run_id=run_id,
-            resume=resume, config=config_dict, wandb_dir=wandb_dir,
+            entity=log.wandb_entity,
+            project=log.wandb_project,
+            run_name=log.wandb_run_name,
+            run_id=run_id,
+            resume=resume,
+            config=config_dict,
+            wandb_dir=wandb_dir,
         )
         run_state.run_id = logger.run_id
         run_state.wandb_run_path = logger.run_path
@@ -553,11 +603,11 @@ def _local_data_paths(value: Any) -> List[Path]:
         for item in value:
             found.extend(_local_data_paths(item))
     elif isinstance(value, str) and value and "://" not in value[:12] and not value.startswith("pipe:"):
-        text = value[len("file:"):] if value.startswith("file:") else value
+        text = value[len("file:") :] if value.startswith("file:") else value
         if "/" in text or "{" in text:
             found.append(_pattern_folder(text))
     elif isinstance(value, str) and value.startswith("file://"):
-        found.append(_pattern_folder(value[len("file://"):]))
+        found.append(_pattern_folder(value[len("file://") :]))
     return found
 
 

@@ -1,4 +1,5 @@
 """From loader batches to model inputs: device placement, CLIP on the fly, text encodings, sample grids."""
+
 from __future__ import annotations
 
 from typing import Any, Dict, List, Sequence, Tuple
@@ -79,7 +80,9 @@ class BatchPreparer:
                 prepared["text_encodings"] = encoded.text_encodings
                 prepared["text_mask"] = encoded.text_mask
             else:
-                raise ValueError("the U-Nets condition on text but a batch has no text embeddings and decoder.clip is not set")
+                raise ValueError(
+                    "the U-Nets condition on text but a batch has no text embeddings and decoder.clip is not set"
+                )
         return prepared
 
     # --- sample grids ------------------------------------------------------------------------
@@ -100,7 +103,9 @@ class BatchPreparer:
         return examples
 
     @torch.no_grad()
-    def sample_grid(self, trainer, examples: SampleExamples, cond_scale: Sequence[float], unets: Sequence[int]) -> Tuple[List[torch.Tensor], List[str]]:
+    def sample_grid(
+        self, trainer, examples: SampleExamples, cond_scale: Sequence[float], unets: Sequence[int]
+    ) -> Tuple[List[torch.Tensor], List[str]]:
         """Real and generated images interleaved, with captions, at the last sampled U-Net's size."""
         batch = examples.batch
         start, stop = unets[0], unets[-1]
@@ -117,7 +122,9 @@ class BatchPreparer:
                 seed=SAMPLE_SEED,
                 progress=True,  # sampling runs on the main process only
             )
-        real = F.interpolate(batch["image"].float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        real = F.interpolate(
+            batch["image"].float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False
+        )
         images: List[torch.Tensor] = []
         captions: List[str] = []
         for index, caption in enumerate(examples.captions):

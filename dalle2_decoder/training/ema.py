@@ -1,4 +1,5 @@
 """Exponential moving average of one U-Net's weights, with DALLE2-pytorch's update rule by default."""
+
 from __future__ import annotations
 
 import copy
@@ -45,7 +46,12 @@ class EMA(nn.Module):
     """
 
     def __init__(
-        self, network: nn.Module, beta: float, *, update_after_step: int = 100, update_every: int = 10,
+        self,
+        network: nn.Module,
+        beta: float,
+        *,
+        update_after_step: int = 100,
+        update_every: int = 10,
         warmup: str = "power",
     ):
         super().__init__()
@@ -85,7 +91,9 @@ class EMA(nn.Module):
         if n == 0 or (n % self.update_every == 0 and n <= self.update_after_step):
             self.copy_from(network)
         elif n % self.update_every == 0:
-            self._average(network, ema_decay(n, beta=self.beta, warmup=self.warmup, update_after_step=self.update_after_step))
+            self._average(
+                network, ema_decay(n, beta=self.beta, warmup=self.warmup, update_after_step=self.update_after_step)
+            )
 
     def _average(self, network: nn.Module, decay: float) -> None:
         source = dict(network.named_parameters())

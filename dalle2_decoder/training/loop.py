@@ -4,6 +4,7 @@ Every counter is in training samples seen across all ranks, so logs, saves and r
 Every rank runs every phase and reaches the same collectives in the same order; only the tracker
 (a do-nothing stand-in on other ranks) differs, so the loop never asks which rank it is on.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -74,7 +75,11 @@ class Progress:
 
 def _launched() -> bool:
     """True under `accelerate launch` / torchrun, where the launcher chooses the device."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or "ACCELERATE_MIXED_PRECISION" in os.environ and "LOCAL_RANK" in os.environ
+    return (
+        int(os.environ.get("WORLD_SIZE", "1")) > 1
+        or "ACCELERATE_MIXED_PRECISION" in os.environ
+        and "LOCAL_RANK" in os.environ
+    )
 
 
 def create_accelerator(config: TrainDecoderConfig, *, purpose: str = "training") -> Accelerator:
@@ -95,13 +100,17 @@ def create_accelerator(config: TrainDecoderConfig, *, purpose: str = "training")
         # otherwise Accelerate treats the processes as independent single-process runs.
         cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
         accelerator = Accelerator(mixed_precision=precision, cpu=cpu, kwargs_handlers=[ddp])
-        notes.append(f"train.device ({train.device}) is superseded by the launcher: this process uses {accelerator.device}")
+        notes.append(
+            f"train.device ({train.device}) is superseded by the launcher: this process uses {accelerator.device}"
+        )
     else:
         device = torch.device(train.device)
         cpu = device.type == "cpu"
         if device.type == "cuda":
             if not torch.cuda.is_available():
-                raise RuntimeError(f"train.device is {train.device} but CUDA is not available here; set train.device to \"cpu\"")
+                raise RuntimeError(
+                    f'train.device is {train.device} but CUDA is not available here; set train.device to "cpu"'
+                )
             torch.cuda.set_device(device.index or 0)
         accelerator = Accelerator(mixed_precision=precision, cpu=cpu, kwargs_handlers=[ddp])
     # On the CPU, each process's share of the node's cores goes to compute, less what its data
@@ -110,8 +119,10 @@ def create_accelerator(config: TrainDecoderConfig, *, purpose: str = "training")
     accelerator.compute_threads = compute_threads_for(accelerator.device.type, local_processes)
     if accelerator.compute_threads is not None:
         threads = accelerator.compute_threads.start()
-        notes.append(f"CPU {purpose} with {threads} compute thread(s) per process, one fewer per core the data "
-                     "workers keep busy (set OMP_NUM_THREADS to choose)")
+        notes.append(
+            f"CPU {purpose} with {threads} compute thread(s) per process, one fewer per core the data "
+            "workers keep busy (set OMP_NUM_THREADS to choose)"
+        )
     for note in notes:
         if accelerator.is_main_process:
             print(f"note: {note}", flush=True)
@@ -128,8 +139,10 @@ def ddp_static_graph(config: TrainDecoderConfig) -> Tuple[bool, Optional[str]]:
     train = config.train
     trained = sum(1 for index in range(len(config.decoder.unets)) if train.trains_unet(index))
     if train.static_graph and trained > 1:
-        return False, (f"train.static_graph: not used with {trained} trained U-Nets (each one's backward pass uses "
-                       "other parameters, which a static DDP graph cannot take); set it to false to silence this")
+        return False, (
+            f"train.static_graph: not used with {trained} trained U-Nets (each one's backward pass uses "
+            "other parameters, which a static DDP graph cannot take); set it to false to silence this"
+        )
     return train.static_graph, None
 
 
@@ -177,8 +190,10 @@ def summary_lines(config: TrainDecoderConfig, accelerator: Accelerator, trainer:
         state = "trained" if number in trainer.trained_unets else "frozen"
         size = config.decoder.image_sizes[number - 1]
         sampler, steps = trainer.decoder.sampler_for(number)  # what sample grids and evaluation use
-        lines.append(f"  U-Net {number}        {count_parameters(unet) / 1e6:.2f}M parameters, {size}px, {state}, "
-                     f"samples with {sampler} ({steps or config.decoder.timesteps} steps)")
+        lines.append(
+            f"  U-Net {number}        {count_parameters(unet) / 1e6:.2f}M parameters, {size}px, {state}, "
+            f"samples with {sampler} ({steps or config.decoder.timesteps} steps)"
+        )
     return lines
 
 
@@ -221,7 +236,9 @@ class TrainingRun:
 
         prepare_evaluation(self)
         # Last: everything that can fail on a bad setup has been built, so no run folder is left half-started.
-        self.tracker = create_tracker(config.tracker, full_config_dict=config.to_dict(), is_main_process=acc.is_main_process)
+        self.tracker = create_tracker(
+            config.tracker, full_config_dict=config.to_dict(), is_main_process=acc.is_main_process
+        )
         self.progress = Progress(next_save_at=config.train.save_every_n_samples)
         self.stop = StopRequest()
         self.cond_scale = per_unet(config.train.cond_scale, len(config.decoder.unets))
@@ -260,7 +277,8 @@ class TrainingRun:
         reference = state.get("reference")
         if reference is not None:
             progress = reference_progress(
-                reference, batch_samples=self.config.data.batch_size * self.accelerator.num_processes,
+                reference,
+                batch_samples=self.config.data.batch_size * self.accelerator.num_processes,
                 save_every=self.config.train.save_every_n_samples,
             )
             saved_config = reference.get("config")
@@ -269,8 +287,9 @@ class TrainingRun:
             saved_config = json.loads(loaded.config_json) if loaded.config_json else None
         current = getattr(self.tracker, "config_dict", None) or self.config.to_dict()
         mid_epoch = progress["phase"] == "train" and progress["batches_in_epoch"] > 0
-        changes = describe_changes(saved_config, current, epoch=progress["epoch"], mid_epoch=mid_epoch,
-                                   reference=reference is not None)
+        changes = describe_changes(
+            saved_config, current, epoch=progress["epoch"], mid_epoch=mid_epoch, reference=reference is not None
+        )
         notes = self.trainer.load_state_dict(state["trainer"])
         self.progress = Progress.from_dict(progress)
         if any(c.path == "train.save_every_n_samples" for c in changes):
@@ -335,7 +354,9 @@ class TrainingRun:
                 self.progress.phase = "train"
                 self._save_phase(is_best=is_best)
             self._check_ranks_agree()
-            self.tracker.info(f"training finished: {self.config.train.epochs} epochs, {self.progress.samples_seen} samples")
+            self.tracker.info(
+                f"training finished: {self.config.train.epochs} epochs, {self.progress.samples_seen} samples"
+            )
             log.info("process %d of %d finished", self.accelerator.process_index + 1, self.accelerator.num_processes)
             return 0
         finally:
@@ -349,8 +370,14 @@ class TrainingRun:
         loss_sums = {n: torch.zeros((), device=acc.device) for n in trainer.trained_unets}
         steps_in_window = window_samples = 0
         window_start = time.perf_counter()
-        bar = tqdm(total=len(loader), initial=progress.batches_in_epoch, desc=f"epoch {progress.epoch + 1} train",
-                   disable=not acc.is_main_process, dynamic_ncols=True, leave=False)
+        bar = tqdm(
+            total=len(loader),
+            initial=progress.batches_in_epoch,
+            desc=f"epoch {progress.epoch + 1} train",
+            disable=not acc.is_main_process,
+            dynamic_ncols=True,
+            leave=False,
+        )
         iterator = iter(loader)
         # Mid-epoch resume: read past the batches already trained on, so the data (and the workers'
         # random augmentations) continue exactly where the interrupted run stopped.
@@ -428,7 +455,9 @@ class TrainingRun:
         loader.set_epoch(self.progress.epoch)
         sums = torch.zeros(len(trainer.trained_unets), device=acc.device)
         count = torch.zeros((), device=acc.device)
-        for batch in tqdm(loader, desc=f"epoch {self.progress.epoch + 1} validate", disable=not acc.is_main_process, leave=False):
+        for batch in tqdm(
+            loader, desc=f"epoch {self.progress.epoch + 1} validate", disable=not acc.is_main_process, leave=False
+        ):
             batch = self.batches.prepare(batch)
             losses = trainer.validation_losses(batch)
             size = batch["image"].shape[0]
@@ -458,7 +487,9 @@ class TrainingRun:
         self._last_sampled_at = self.progress.samples_seen
         if acc.is_main_process and self.trainer.trained_unets:
             for split, examples in self.examples.items():
-                images, captions = self.batches.sample_grid(self.trainer, examples, self.cond_scale, used_unets(self.config))
+                images, captions = self.batches.sample_grid(
+                    self.trainer, examples, self.cond_scale, used_unets(self.config)
+                )
                 self.tracker.log_images(f"{split}_examples", images, captions, step=self.progress.samples_seen)
         acc.wait_for_everyone()
 
@@ -472,7 +503,11 @@ class TrainingRun:
             # The end-of-epoch save (the epoch counter has moved on): named after the epoch it ends.
             fields = {"epoch": progress.epoch - 1, "sample": 0, "next_task": "sample"}
         else:
-            fields = {"epoch": progress.epoch, "sample": progress.batches_in_epoch * batch_samples, "next_task": "train"}
+            fields = {
+                "epoch": progress.epoch,
+                "sample": progress.batches_in_epoch * batch_samples,
+                "next_task": "train",
+            }
         fields.update(validation_losses=list(progress.validation_losses), samples_seen=progress.samples_seen)
         self.tracker.save(
             fields=fields,
@@ -522,8 +557,18 @@ def setup_errors() -> tuple:
     from ..evaluation import EvaluationSetupError
     from ..tracking import CheckpointError, DataPathError, LoadError, TrackerSetupError
 
-    return (ClipLoadError, BadDataError, DataSetupError, PreprocessingError, CheckpointError, DataPathError, LoadError,
-            TrackerSetupError, EvaluationSetupError, TrainingStopped)
+    return (
+        ClipLoadError,
+        BadDataError,
+        DataSetupError,
+        PreprocessingError,
+        CheckpointError,
+        DataPathError,
+        LoadError,
+        TrackerSetupError,
+        EvaluationSetupError,
+        TrainingStopped,
+    )
 
 
 def main(config: TrainDecoderConfig) -> int:
@@ -553,4 +598,5 @@ def lost_peer(error: BaseException) -> bool:
 
     text = str(error)
     return isinstance(error, getattr(dist, "DistError", ())) or any(
-        marker in text for marker in ("Connection closed by peer", "Connection reset by peer", "NCCL", "gloo/transport"))
+        marker in text for marker in ("Connection closed by peer", "Connection reset by peer", "NCCL", "gloo/transport")
+    )

@@ -7,6 +7,7 @@ one line each. What the loop cannot honour (e.g. the position inside an epoch af
 changed) is refused with its reason; a decoder whose weights no longer fit is refused by the load
 itself (CheckpointMismatchError names every tensor).
 """
+
 from __future__ import annotations
 
 import json
@@ -110,11 +111,18 @@ def _judge(path: str, old: Any, new: Any, *, epoch: int, mid_epoch: bool) -> Cha
     if path.startswith("train.ema") or path == "train.use_ema":
         return applied("used by the EMA from the next update; its saved average and count are kept")
     if path == "seed" or path.startswith("data."):
-        if mid_epoch and (path in ("seed", "data.batch_size") or path.startswith(("data.splits", "data.start_shard",
-                                                                               "data.end_shard", "data.webdataset"))):
-            return Change(path, old, new, False,
-                          f"the position inside epoch {epoch + 1} cannot be kept with other data or batches; "
-                          "that epoch's training restarts from its first batch; samples seen so far are kept")
+        if mid_epoch and (
+            path in ("seed", "data.batch_size")
+            or path.startswith(("data.splits", "data.start_shard", "data.end_shard", "data.webdataset"))
+        ):
+            return Change(
+                path,
+                old,
+                new,
+                False,
+                f"the position inside epoch {epoch + 1} cannot be kept with other data or batches; "
+                "that epoch's training restarts from its first batch; samples seen so far are kept",
+            )
         return applied("from the next batch drawn; the saved random-number states are not restored")
     if path.startswith("decoder."):
         return applied("the saved weights fit the changed decoder")
@@ -141,8 +149,14 @@ def reference_progress(info: Mapping[str, Any], *, batch_samples: int, save_ever
     trained = max(1, int(info.get("num_trained_unets", 1)))
     # The reference's validation loss is the mean over trained U-Nets; ours is their sum.
     best = min(losses) * trained if losses else math.inf
-    progress = {"epoch": epoch, "batches_in_epoch": 0, "phase": "train", "samples_seen": samples_seen,
-                "next_save_at": samples_seen + save_every, "best_val_loss": best}
+    progress = {
+        "epoch": epoch,
+        "batches_in_epoch": 0,
+        "phase": "train",
+        "samples_seen": samples_seen,
+        "next_save_at": samples_seen + save_every,
+        "best_val_loss": best,
+    }
     if task == "train":
         progress["batches_in_epoch"] = int(info.get("sample", 0)) // max(1, batch_samples)
     elif task == "val":

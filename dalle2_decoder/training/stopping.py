@@ -5,6 +5,7 @@ SIGINT. The handler only records the request; the loop then saves a checkpoint a
 so a requeued job auto-resumes. All ranks agree on the decision through one tiny all-reduce, so
 no rank stops while another waits in a collective.
 """
+
 from __future__ import annotations
 
 import signal

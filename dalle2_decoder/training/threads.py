@@ -8,6 +8,7 @@ the CPU time its workers really take (from /proc, every few steps), and gives up
 thread for each core's worth the workers keep busy; it takes them back when the workers use less.
 `OMP_NUM_THREADS` set by the user turns all of this off.
 """
+
 from __future__ import annotations
 
 import math

@@ -5,6 +5,7 @@ phases. A training step never reads a value back to the host except the gradient
 decides whether the step is finite, which all ranks agree on because it is computed after the
 gradients were all-reduced.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -82,7 +83,9 @@ class DecoderTrainer:
         mask = config.unet_training_mask or [True] * num_unets
         self.trained_unets: List[int] = [number for number, trained in enumerate(mask, start=1) if trained]
         # U-Nets that are sampled through or trained; others never leave the CPU.
-        self.used_unets = sorted(set(used_unets if used_unets is not None else range(1, num_unets + 1)) | set(self.trained_unets))
+        self.used_unets = sorted(
+            set(used_unets if used_unets is not None else range(1, num_unets + 1)) | set(self.trained_unets)
+        )
         self.grad_accum = max(1, config.gradient_accumulation_steps)
         self.max_nonfinite_streak = max_nonfinite_streak
 
@@ -103,17 +106,24 @@ class DecoderTrainer:
         for number in self.trained_unets:
             unet = decoder.unets[number - 1]
             groups = parameter_groups(unet, wds[number - 1], group=config.group_wd_params)
-            optimizer = torch.optim.AdamW(groups, lr=lrs[number - 1], betas=ADAM_BETAS, eps=ADAM_EPS, fused=fused or None)
+            optimizer = torch.optim.AdamW(
+                groups, lr=lrs[number - 1], betas=ADAM_BETAS, eps=ADAM_EPS, fused=fused or None
+            )
             warmup = config.for_unet("warmup_steps", number - 1)
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step, warmup=warmup: warmup_factor(step, warmup))
+            scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda step, warmup=warmup: warmup_factor(step, warmup)
+            )
             # Not wrapped by Accelerate: with several optimizers the loss scaler must unscale each
             # once, step each, then update once; the wrapper would update after every optimizer.
             self.optimizers[number] = optimizer
             self.schedulers[number] = scheduler
             if config.use_ema:
                 self.emas[number] = EMA(
-                    unet, config.ema_beta, update_after_step=config.ema_update_after_step,
-                    update_every=config.ema_update_every, warmup=config.ema_warmup,
+                    unet,
+                    config.ema_beta,
+                    update_after_step=config.ema_update_after_step,
+                    update_every=config.ema_update_every,
+                    warmup=config.ema_warmup,
                 )
 
         # One wrapper around the whole decoder: its forward picks the U-Net by number, so
@@ -130,7 +140,9 @@ class DecoderTrainer:
 
     def _place_on_device(self) -> None:
         device = self.accelerator.device
-        unused_prefixes = tuple(f"unets.{number - 1}." for number in range(1, self.num_unets + 1) if number not in self.used_unets)
+        unused_prefixes = tuple(
+            f"unets.{number - 1}." for number in range(1, self.num_unets + 1) if number not in self.used_unets
+        )
         with torch.no_grad():
             for name, tensor in list(self.decoder.named_parameters()) + list(self.decoder.named_buffers()):
                 if not name.startswith(unused_prefixes) or not unused_prefixes:
@@ -139,7 +151,11 @@ class DecoderTrainer:
             # Their weights stay on the CPU; DistributedDataParallel must not try to broadcast them.
             from torch.nn.parallel import DistributedDataParallel
 
-            ignored = [name for name, _ in list(self.decoder.named_parameters()) + list(self.decoder.named_buffers()) if name.startswith(unused_prefixes)]
+            ignored = [
+                name
+                for name, _ in list(self.decoder.named_parameters()) + list(self.decoder.named_buffers())
+                if name.startswith(unused_prefixes)
+            ]
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.decoder, ignored)
 
     # --- training --------------------------------------------------------------------------
@@ -182,7 +198,9 @@ class DecoderTrainer:
             if max_norm is not None:
                 norms.append(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
             else:
-                norms.append(torch.nn.utils.get_total_norm([p.grad for p in parameters]) if parameters else torch.zeros(()))
+                norms.append(
+                    torch.nn.utils.get_total_norm([p.grad for p in parameters]) if parameters else torch.zeros(())
+                )
         # Gradients are identical on every rank after the all-reduce, so every rank takes the same decision.
         finite = bool(torch.isfinite(torch.stack([n.float().to(self.accelerator.device) for n in norms])).all())
         scaler = self.accelerator.scaler
@@ -301,8 +319,10 @@ class DecoderTrainer:
                 elif key in by_name:
                     self._load_optimizer_by_name(number, by_name[key])
                 else:
-                    notes.append(f"U-Net {number}: the checkpoint has no optimizer state for it (not trained there); "
-                                 "its optimizer starts fresh")
+                    notes.append(
+                        f"U-Net {number}: the checkpoint has no optimizer state for it (not trained there); "
+                        "its optimizer starts fresh"
+                    )
             except (ValueError, KeyError, RuntimeError) as error:
                 optimizer.state.clear()
                 notes.append(f"U-Net {number}: optimizer state not carried over ({error}); its optimizer starts fresh")
@@ -316,12 +336,16 @@ class DecoderTrainer:
                 else:
                     self.emas[number].copy_from(self.decoder.unets[number - 1])
                     if saved_trained:
-                        notes.append(f"U-Net {number}: no EMA in the checkpoint; the average starts from the loaded weights")
+                        notes.append(
+                            f"U-Net {number}: no EMA in the checkpoint; the average starts from the loaded weights"
+                        )
             self._apply_hyperparameters(number)
         frozen = sorted(set(saved_trained) - set(self.trained_unets))
         if frozen:
-            notes.append(f"U-Net(s) {', '.join(map(str, frozen))}: frozen now (train.unet_training_mask); their weights "
-                         "are loaded, their optimizer and EMA states in the checkpoint are not used")
+            notes.append(
+                f"U-Net(s) {', '.join(map(str, frozen))}: frozen now (train.unet_training_mask); their weights "
+                "are loaded, their optimizer and EMA states in the checkpoint are not used"
+            )
         dropped = sorted(set(int(n) for n in emas) & set(self.trained_unets) - set(self.emas))
         if dropped:
             notes.append(f"EMA state of U-Net(s) {', '.join(map(str, dropped))} not used: train.use_ema is false")
@@ -339,17 +363,23 @@ class DecoderTrainer:
         notes = []
         for number, unet in enumerate(self.decoder.unets, start=1):
             prefix = f"unets.{number - 1}."
-            own = {name[len(prefix):]: tensor for name, tensor in weights.items() if name.startswith(prefix)}
+            own = {name[len(prefix) :]: tensor for name, tensor in weights.items() if name.startswith(prefix)}
             if own:
                 load_state_dict_checked(unet, own, source=f"checkpoint weights of U-Net {number}")
             else:
-                notes.append(f"U-Net {number}: not in the checkpoint (the run that wrote it did not train it); "
-                             "it keeps its initial weights")
+                notes.append(
+                    f"U-Net {number}: not in the checkpoint (the run that wrote it did not train it); "
+                    "it keeps its initial weights"
+                )
         known = tuple(f"unets.{index}." for index in range(self.num_unets))
-        extra = sorted({name.split(".")[1] for name in weights if not name.startswith(known) and name.startswith("unets.")})
+        extra = sorted(
+            {name.split(".")[1] for name in weights if not name.startswith(known) and name.startswith("unets.")}
+        )
         if extra:
-            raise CheckpointError(f"the checkpoint has weights of U-Net(s) {', '.join(str(int(i) + 1) for i in extra)}, "
-                                  f"but the configured decoder has {self.num_unets}")
+            raise CheckpointError(
+                f"the checkpoint has weights of U-Net(s) {', '.join(str(int(i) + 1) for i in extra)}, "
+                f"but the configured decoder has {self.num_unets}"
+            )
         return notes
 
     def _load_optimizer_by_name(self, number: int, saved: Dict[str, Any]) -> None:
@@ -367,26 +397,36 @@ class DecoderTrainer:
             for p in group["params"]:
                 entry = per_name.get(by_param[id(p)])
                 if entry is not None and tuple(entry["exp_avg"].shape) != tuple(p.shape):
-                    raise ValueError(f"moments of {by_param[id(p)]} have shape {tuple(entry['exp_avg'].shape)}, "
-                                     f"the parameter {tuple(p.shape)}")
+                    raise ValueError(
+                        f"moments of {by_param[id(p)]} have shape {tuple(entry['exp_avg'].shape)}, "
+                        f"the parameter {tuple(p.shape)}"
+                    )
         # The usual loader casts and places each state like its parameter (the step stays a CPU tensor).
-        optimizer.load_state_dict({
-            "state": {index: per_name[name] for index, name in enumerate(names) if name in per_name},
-            "param_groups": [
-                {**{k: v for k, v in group.items() if k != "params"},
-                 "params": list(range(start, start + len(group["params"])))}
-                for group, start in zip(optimizer.param_groups, _starts(optimizer.param_groups))
-            ],
-        })
+        optimizer.load_state_dict(
+            {
+                "state": {index: per_name[name] for index, name in enumerate(names) if name in per_name},
+                "param_groups": [
+                    {
+                        **{k: v for k, v in group.items() if k != "params"},
+                        "params": list(range(start, start + len(group["params"]))),
+                    }
+                    for group, start in zip(optimizer.param_groups, _starts(optimizer.param_groups))
+                ],
+            }
+        )
 
     def _apply_hyperparameters(self, number: int) -> None:
         """The current config's learning rate, weight decay and Adam settings on a restored optimizer."""
         optimizer, scheduler = self.optimizers[number], self.schedulers[number]
         lr, wd = self.lrs[number - 1], self.wds[number - 1]
-        decays = [g["weight_decay"] for g in parameter_groups(self.decoder.unets[number - 1], wd,
-                                                              group=self.config.group_wd_params)]
+        decays = [
+            g["weight_decay"]
+            for g in parameter_groups(self.decoder.unets[number - 1], wd, group=self.config.group_wd_params)
+        ]
         if len(decays) != len(optimizer.param_groups):
-            raise CheckpointError(f"U-Net {number}: {len(optimizer.param_groups)} optimizer parameter groups, expected {len(decays)}")
+            raise CheckpointError(
+                f"U-Net {number}: {len(optimizer.param_groups)} optimizer parameter groups, expected {len(decays)}"
+            )
         for group, decay in zip(optimizer.param_groups, decays):
             group.update(initial_lr=lr, weight_decay=decay, betas=ADAM_BETAS, eps=ADAM_EPS)
         scheduler.base_lrs = [lr] * len(optimizer.param_groups)

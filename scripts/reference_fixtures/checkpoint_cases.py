@@ -15,6 +15,7 @@ Writes under `tests/fixtures/reference/checkpoints/`:
 
 Run through `generate.py`; needs no import of dalle2_decoder.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -35,8 +36,17 @@ SAMPLE_BATCH = 2
 
 # Tiny on purpose: a checkpoint holds five copies of the weights (weights, EMA online and averaged
 # copies, two Adam moments). One resolution level keeps each U-Net near 23k parameters.
-UNET = {"dim": 4, "image_embed_dim": EMBED_DIM, "cond_dim": 4, "channels": 3, "dim_mults": [1],
-        "resnet_groups": 2, "attn_dim_head": 4, "attn_heads": 1, "num_resnet_blocks": 1}
+UNET = {
+    "dim": 4,
+    "image_embed_dim": EMBED_DIM,
+    "cond_dim": 4,
+    "channels": 3,
+    "dim_mults": [1],
+    "resnet_groups": 2,
+    "attn_dim_head": 4,
+    "attn_heads": 1,
+    "num_resnet_blocks": 1,
+}
 
 
 def run_config(tracker_path: str, unet_training_mask=None) -> Dict:
@@ -86,8 +96,16 @@ def run_config(tracker_path: str, unet_training_mask=None) -> Dict:
 
 
 # Keys of the train config that train_decoder.py consumes itself; the rest go to DecoderTrainer.
-LOOP_KEYS = ("epoch_samples", "validation_samples", "save_immediately", "epochs", "n_sample_images",
-             "save_every_n_samples", "unet_training_mask", "cond_scale")
+LOOP_KEYS = (
+    "epoch_samples",
+    "validation_samples",
+    "save_immediately",
+    "epochs",
+    "n_sample_images",
+    "save_every_n_samples",
+    "unet_training_mask",
+    "cond_scale",
+)
 
 
 @contextlib.contextmanager
@@ -118,8 +136,8 @@ def recorded_noise(seed: int, record: List[torch.Tensor]):
 def train_and_save(config_dict: Dict, work: pathlib.Path, data_seed: int):
     """Train STEPS optimizer steps as train_decoder.py does, then save through the reference tracker."""
     from accelerate import Accelerator
-    from dalle2_pytorch.trainer import DecoderTrainer
     from dalle2_pytorch.train_configs import TrainDecoderConfig
+    from dalle2_pytorch.trainer import DecoderTrainer
     from torch import nn
 
     config = TrainDecoderConfig(**json.loads(json.dumps(config_dict)))
@@ -147,8 +165,16 @@ def train_and_save(config_dict: Dict, work: pathlib.Path, data_seed: int):
                 trainer(images[step], image_embed=embeds[step], unet_number=number)
                 trainer.update(unet_number=number)
     samples = STEPS * BATCH
-    tracker.save(trainer, is_best=False, is_latest=True, epoch=0, sample=samples, next_task="train",
-                 validation_losses=[], samples_seen=samples)
+    tracker.save(
+        trainer,
+        is_best=False,
+        is_latest=True,
+        epoch=0,
+        sample=samples,
+        next_task="train",
+        validation_losses=[],
+        samples_seen=samples,
+    )
     return trainer, pathlib.Path(config.tracker.data_path)
 
 
@@ -198,7 +224,7 @@ def _generate(out_dir: pathlib.Path, temp: pathlib.Path, meta: Dict) -> None:
         "cond_scale": 1.0,
         "weights": "EMA (trainer.sample default)",
         "noise_order": "for each U-Net: torch.randn(shape) for the start, then torch.randn_like(x) at each of "
-                       "the timesteps (from T-1 down to 0); noise.0 .. noise.N-1 in the order drawn",
+        "the timesteps (from T-1 down to 0); noise.0 .. noise.N-1 in the order drawn",
         "num_noise": len(noise),
     }
 

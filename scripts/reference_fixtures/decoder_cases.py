@@ -16,6 +16,7 @@ recorded by wrapping torch's and Python's random functions while the reference r
 - sampling: every Gaussian tensor drawn, in order (our `Decoder.sample(noise=...)` replays them),
   and the input of every network call (`trace_*`), so each DDPM / DDIM step is compared.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -42,102 +43,232 @@ CASES: Dict[str, Dict[str, Any]] = {
     # Reference defaults (learned variance on U-Net 1 only, cosine then linear, blur), DDPM.
     "defaults_ddpm": dict(
         decoder=dict(image_sizes=[4, 8], timesteps=25, image_cond_drop_prob=0.0, text_cond_drop_prob=0.0),
-        unets=[{}, {}], coin=0.3, sample=dict(), train_times=[[24, 3], [0, 24]],
+        unets=[{}, {}],
+        coin=0.3,
+        sample=dict(),
+        train_times=[[24, 3], [0, 24]],
     ),
     # x_0 objective, l1, learned variance on both (constrained), p2 weighting, blur range, no blur drawn.
     "x0_l1_p2_ddpm": dict(
-        decoder=dict(image_sizes=[4, 8], timesteps=8, beta_schedule="cosine", predict_x_start=True, loss_type="l1", learned_variance=[True, True],
-                     learned_variance_constrain_frac=True, p2_loss_weight_gamma=[1.0, 0.5], p2_loss_weight_k=2,
-                     blur_sigma=[0.4, 0.8], blur_kernel_size=[3, 5], vb_loss_weight=0.01,
-                     image_cond_drop_prob=0.0, text_cond_drop_prob=0.0),
-        unets=[{}, {}], coin=0.7, sample=dict(),
+        decoder=dict(
+            image_sizes=[4, 8],
+            timesteps=8,
+            beta_schedule="cosine",
+            predict_x_start=True,
+            loss_type="l1",
+            learned_variance=[True, True],
+            learned_variance_constrain_frac=True,
+            p2_loss_weight_gamma=[1.0, 0.5],
+            p2_loss_weight_k=2,
+            blur_sigma=[0.4, 0.8],
+            blur_kernel_size=[3, 5],
+            vb_loss_weight=0.01,
+            image_cond_drop_prob=0.0,
+            text_cond_drop_prob=0.0,
+        ),
+        unets=[{}, {}],
+        coin=0.7,
+        sample=dict(),
     ),
     # v objective, huber, quadratic/sigmoid schedules, noise augmentation only (per-upsampler lists),
     # dynamic thresholding, blur range drawn, DDIM with eta.
     "v_huber_noise_ddim": dict(
-        decoder=dict(image_sizes=[4, 8], timesteps=25, predict_v=True, loss_type="huber", beta_schedule=["quadratic", "sigmoid"],
-                     learned_variance=[True], use_noise_for_lowres_cond=[True], use_blur_for_lowres_cond=[False],
-                     use_dynamic_thres=True, dynamic_thres_percentile=0.9, lowres_noise_sample_level=0.3,
-                     sample_timesteps=[3, 4], ddim_sampling_eta=0.5, image_cond_drop_prob=0.0, text_cond_drop_prob=0.0),
-        unets=[{}, {}], coin=0.3, sample=dict(),
+        decoder=dict(
+            image_sizes=[4, 8],
+            timesteps=25,
+            predict_v=True,
+            loss_type="huber",
+            beta_schedule=["quadratic", "sigmoid"],
+            learned_variance=[True],
+            use_noise_for_lowres_cond=[True],
+            use_blur_for_lowres_cond=[False],
+            use_dynamic_thres=True,
+            dynamic_thres_percentile=0.9,
+            lowres_noise_sample_level=0.3,
+            sample_timesteps=[3, 4],
+            ddim_sampling_eta=0.5,
+            image_cond_drop_prob=0.0,
+            text_cond_drop_prob=0.0,
+        ),
+        unets=[{}, {}],
+        coin=0.3,
+        sample=dict(),
     ),
     # Guidance (per-U-Net cond_scale), text conditioning, self-conditioning, noise and blur, jsd in DDIM.
     "guidance_text_selfcond_ddim": dict(
-        decoder=dict(image_sizes=[4, 8], timesteps=8, beta_schedule=["jsd", "cosine"], learned_variance=False,
-                     use_noise_for_lowres_cond=True, blur_sigma=0.5, sample_timesteps=3, ddim_sampling_eta=1.0,
-                     image_cond_drop_prob=1.0, text_cond_drop_prob=1.0),
+        decoder=dict(
+            image_sizes=[4, 8],
+            timesteps=8,
+            beta_schedule=["jsd", "cosine"],
+            learned_variance=False,
+            use_noise_for_lowres_cond=True,
+            blur_sigma=0.5,
+            sample_timesteps=3,
+            ddim_sampling_eta=1.0,
+            image_cond_drop_prob=1.0,
+            text_cond_drop_prob=1.0,
+        ),
         unets=[dict(cond_on_text_encodings=True, self_cond=True), dict(cond_on_text_encodings=True, self_cond=True)],
-        coin=0.2, sample=dict(cond_scale=[2.0, 1.5]), text=True, train_times=[[1, 5], [0, 6]],
+        coin=0.2,
+        sample=dict(cond_scale=[2.0, 1.5]),
+        text=True,
+        train_times=[[1, 5], [0, 6]],
     ),
     # Guidance through DDPM with learned variance and self-conditioning on U-Net 1.
     "guidance_learned_variance_ddpm": dict(
-        decoder=dict(image_sizes=[4, 8], timesteps=8, beta_schedule=["cosine", "cosine"], image_cond_drop_prob=1.0,
-                     text_cond_drop_prob=0.0),
-        unets=[dict(self_cond=True), {}], coin=0.6, sample=dict(cond_scale=3.0), train_times=[[0, 7], [7, 0]],
+        decoder=dict(
+            image_sizes=[4, 8],
+            timesteps=8,
+            beta_schedule=["cosine", "cosine"],
+            image_cond_drop_prob=1.0,
+            text_cond_drop_prob=0.0,
+        ),
+        unets=[dict(self_cond=True), {}],
+        coin=0.6,
+        sample=dict(cond_scale=3.0),
+        train_times=[[0, 7], [7, 0]],
     ),
     # Unconditional, images in [-1, 1] (no normalisation), no downsampling first, noise and blur.
     "unconditional_unnormalized": dict(
-        decoder=dict(image_sizes=[4, 8], timesteps=25, unconditional=True, auto_normalize_img=False, lowres_downsample_first=False,
-                     use_noise_for_lowres_cond=[False, True], blur_prob=1.0, blur_kernel_size=5, blur_sigma=1.2,
-                     beta_schedule="linear", sample_timesteps=[None, 5]),
-        unets=[dict(image_embed_dim=None), dict(image_embed_dim=None)], coin=0.9, sample=dict(batch_size=BATCH),
+        decoder=dict(
+            image_sizes=[4, 8],
+            timesteps=25,
+            unconditional=True,
+            auto_normalize_img=False,
+            lowres_downsample_first=False,
+            use_noise_for_lowres_cond=[False, True],
+            blur_prob=1.0,
+            blur_kernel_size=5,
+            blur_sigma=1.2,
+            beta_schedule="linear",
+            sample_timesteps=[None, 5],
+        ),
+        unets=[dict(image_embed_dim=None), dict(image_embed_dim=None)],
+        coin=0.9,
+        sample=dict(batch_size=BATCH),
     ),
     # Sampling from the upsampler on (a nearest-resized copy of) a given image, and stopping there.
     "start_at_upsampler": dict(
-        decoder=dict(image_sizes=[4, 8, 16], timesteps=6, beta_schedule="cosine", sample_timesteps=[None, 3, 2],
-                     use_noise_for_lowres_cond=[True, False], image_cond_drop_prob=0.0, text_cond_drop_prob=0.0),
-        unets=[{}, {}, {}], coin=0.3, sample=dict(start_at_unet_number=2, stop_at_unet_number=2, image=True),
+        decoder=dict(
+            image_sizes=[4, 8, 16],
+            timesteps=6,
+            beta_schedule="cosine",
+            sample_timesteps=[None, 3, 2],
+            use_noise_for_lowres_cond=[True, False],
+            image_cond_drop_prob=0.0,
+            text_cond_drop_prob=0.0,
+        ),
+        unets=[{}, {}, {}],
+        coin=0.3,
+        sample=dict(start_at_unet_number=2, stop_at_unet_number=2, image=True),
         train_times=[[1, 2], [3, 4], [5, 0]],
     ),
     # Inpainting with resampling, DDPM then DDIM.
     "inpaint_ddpm": dict(
-        decoder=dict(image_sizes=[4, 8], timesteps=6, beta_schedule="cosine", image_cond_drop_prob=0.0, text_cond_drop_prob=0.0),
-        unets=[{}, {}], coin=0.3, sample=dict(inpaint=True, inpaint_resample_times=2),
+        decoder=dict(
+            image_sizes=[4, 8], timesteps=6, beta_schedule="cosine", image_cond_drop_prob=0.0, text_cond_drop_prob=0.0
+        ),
+        unets=[{}, {}],
+        coin=0.3,
+        sample=dict(inpaint=True, inpaint_resample_times=2),
     ),
     "inpaint_ddim": dict(
-        decoder=dict(image_sizes=[4, 8], timesteps=25, sample_timesteps=[4, 3], ddim_sampling_eta=0.3, predict_x_start=True,
-                     image_cond_drop_prob=0.0, text_cond_drop_prob=0.0),
-        unets=[{}, {}], coin=0.3, sample=dict(inpaint=True, inpaint_resample_times=3),
+        decoder=dict(
+            image_sizes=[4, 8],
+            timesteps=25,
+            sample_timesteps=[4, 3],
+            ddim_sampling_eta=0.3,
+            predict_x_start=True,
+            image_cond_drop_prob=0.0,
+            text_cond_drop_prob=0.0,
+        ),
+        unets=[{}, {}],
+        coin=0.3,
+        sample=dict(inpaint=True, inpaint_resample_times=3),
     ),
     # Note: DALLE2-pytorch's linear / quadratic / sigmoid schedules scale their betas by 1000 / T, so
-# they need T > 20 (betas above 1 otherwise); cases using them run 25 steps.
-# A single U-Net with every schedule default and the reference's default timesteps count.
+    # they need T > 20 (betas above 1 otherwise); cases using them run 25 steps.
+    # A single U-Net with every schedule default and the reference's default timesteps count.
     "single_unet_t1000_ddim": dict(
         decoder=dict(image_sizes=[8], sample_timesteps=4, image_cond_drop_prob=0.0, text_cond_drop_prob=0.0),
-        unets=[{}], coin=0.3, sample=dict(), train_times=[[0, 999]],
+        unets=[{}],
+        coin=0.3,
+        sample=dict(),
+        train_times=[[0, 999]],
     ),
 }
 
 
 # End to end: the reference's real U-Nets (tiny), its initial weights stored in one case and
 # deterministic synthetic weights (a seed, see synthetic_weights.py) in the others.
-REAL_UNET = dict(dim=8, dim_mults=(1, 2), image_embed_dim=EMBED, text_embed_dim=TEXT_DIM, cond_dim=8, attn_heads=2,
-                 attn_dim_head=4, num_resnet_blocks=1, init_cross_embed=False, init_conv_kernel_size=3)
-CASES.update({
-    "unets_reference_init": dict(
-        # One resolution level (the reference's 8 x 64 cross-attention below the top level would
-        # make the stored weights megabytes); default schedules and learned variance.
-        network="init",
-        decoder=dict(image_sizes=[8, 16], timesteps=25, sample_timesteps=[3, 2], image_cond_drop_prob=0.0, text_cond_drop_prob=0.0),
-        unets=[dict(REAL_UNET, dim_mults=(1,)), dict(REAL_UNET, dim_mults=(1,))], coin=0.3, sample=dict(),
-    ),
-    # Few steps: guidance and the x_0 estimate at large t amplify fp32 rounding (batching the
-    # conditional and null passes alone moves a 12-step chain by ~2e-5), so a short chain keeps
-    # the comparison at the 1e-5 tolerance meaningful.
-    "unets_synthetic_guidance_text_ddpm": dict(
-        network="synthetic",
-        decoder=dict(image_sizes=[8, 16], timesteps=6, beta_schedule="cosine", use_noise_for_lowres_cond=True, image_cond_drop_prob=1.0,
-                     text_cond_drop_prob=1.0, learned_variance=[True, True]),
-        unets=[dict(REAL_UNET, cond_on_text_encodings=True, self_cond=True), dict(REAL_UNET, cond_on_text_encodings=True)],
-        coin=0.3, sample=dict(cond_scale=[1.5, 1.25]), text=True,
-    ),
-    "unets_synthetic_inpaint_ddim": dict(
-        network="synthetic",
-        decoder=dict(image_sizes=[8, 16], timesteps=25, predict_v=True, sample_timesteps=[4, 3], ddim_sampling_eta=0.5,
-                     image_cond_drop_prob=0.0, text_cond_drop_prob=0.0),
-        unets=[dict(REAL_UNET), dict(REAL_UNET, self_cond=True)], coin=0.4, sample=dict(inpaint=True, inpaint_resample_times=2),
-    ),
-})
+REAL_UNET = dict(
+    dim=8,
+    dim_mults=(1, 2),
+    image_embed_dim=EMBED,
+    text_embed_dim=TEXT_DIM,
+    cond_dim=8,
+    attn_heads=2,
+    attn_dim_head=4,
+    num_resnet_blocks=1,
+    init_cross_embed=False,
+    init_conv_kernel_size=3,
+)
+CASES.update(
+    {
+        "unets_reference_init": dict(
+            # One resolution level (the reference's 8 x 64 cross-attention below the top level would
+            # make the stored weights megabytes); default schedules and learned variance.
+            network="init",
+            decoder=dict(
+                image_sizes=[8, 16],
+                timesteps=25,
+                sample_timesteps=[3, 2],
+                image_cond_drop_prob=0.0,
+                text_cond_drop_prob=0.0,
+            ),
+            unets=[dict(REAL_UNET, dim_mults=(1,)), dict(REAL_UNET, dim_mults=(1,))],
+            coin=0.3,
+            sample=dict(),
+        ),
+        # Few steps: guidance and the x_0 estimate at large t amplify fp32 rounding (batching the
+        # conditional and null passes alone moves a 12-step chain by ~2e-5), so a short chain keeps
+        # the comparison at the 1e-5 tolerance meaningful.
+        "unets_synthetic_guidance_text_ddpm": dict(
+            network="synthetic",
+            decoder=dict(
+                image_sizes=[8, 16],
+                timesteps=6,
+                beta_schedule="cosine",
+                use_noise_for_lowres_cond=True,
+                image_cond_drop_prob=1.0,
+                text_cond_drop_prob=1.0,
+                learned_variance=[True, True],
+            ),
+            unets=[
+                dict(REAL_UNET, cond_on_text_encodings=True, self_cond=True),
+                dict(REAL_UNET, cond_on_text_encodings=True),
+            ],
+            coin=0.3,
+            sample=dict(cond_scale=[1.5, 1.25]),
+            text=True,
+        ),
+        "unets_synthetic_inpaint_ddim": dict(
+            network="synthetic",
+            decoder=dict(
+                image_sizes=[8, 16],
+                timesteps=25,
+                predict_v=True,
+                sample_timesteps=[4, 3],
+                ddim_sampling_eta=0.5,
+                image_cond_drop_prob=0.0,
+                text_cond_drop_prob=0.0,
+            ),
+            unets=[dict(REAL_UNET), dict(REAL_UNET, self_cond=True)],
+            coin=0.4,
+            sample=dict(inpaint=True, inpaint_resample_times=2),
+        ),
+    }
+)
 
 
 class Recorder:
@@ -201,8 +332,15 @@ def _build(case: Dict[str, Any], seed: int):
     options = dict(case["decoder"])
     unets = []
     for unet_options in case["unets"]:
-        kwargs = dict(dim=8, dim_mults=(1,), image_embed_dim=EMBED, text_embed_dim=TEXT_DIM, attn_heads=2, attn_dim_head=4,
-                      init_cross_embed=False)
+        kwargs = dict(
+            dim=8,
+            dim_mults=(1,),
+            image_embed_dim=EMBED,
+            text_embed_dim=TEXT_DIM,
+            attn_heads=2,
+            attn_dim_head=4,
+            init_cross_embed=False,
+        )
         kwargs.update(unet_options)
         unets.append(Unet(**kwargs))
     decoder = Decoder(unet=tuple(unets), **options)
@@ -250,10 +388,20 @@ def _run_case(name: str, case: Dict[str, Any], seed: int) -> tuple[Dict[str, Any
     if network == "init":
         for key, value in decoder.state_dict().items():
             tensors[f"state.{key}"] = value.detach().clone()
-    meta: Dict[str, Any] = {"case": name, "network": network, "seed": seed, "decoder": case["decoder"], "unets": case["unets"], "batch": BATCH,
-                            "channels": CHANNELS, "embed_dim": EMBED, "text_dim": TEXT_DIM,
-                            "sample": {k: v for k, v in case["sample"].items() if k not in ("inpaint", "image")},
-                            "sample_image": bool(case["sample"].get("image")), "train": []}
+    meta: Dict[str, Any] = {
+        "case": name,
+        "network": network,
+        "seed": seed,
+        "decoder": case["decoder"],
+        "unets": case["unets"],
+        "batch": BATCH,
+        "channels": CHANNELS,
+        "embed_dim": EMBED,
+        "text_dim": TEXT_DIM,
+        "sample": {k: v for k, v in case["sample"].items() if k not in ("inpaint", "image")},
+        "sample_image": bool(case["sample"].get("image")),
+        "train": [],
+    }
 
     # ---- training loss per U-Net, with the draws recorded
     decoder.train()

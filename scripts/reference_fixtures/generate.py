@@ -8,6 +8,7 @@ torch, for it to import); this script imports nothing from this project. One mod
 under its own subfolder; modules not present yet are skipped with a note. Deterministic (fixed
 seeds, CPU, fp32): re-running rewrites identical files.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -13,6 +13,7 @@ conditioned on them and the sample keeps its conditioning). Condition dropout mu
 Every call appends its (x, time) to `unet.standin_trace`, so tests compare whole sampling chains.
 Imported by scripts/reference_fixtures/decoder_cases.py and tests/test_reference_parity_decoder.py.
 """
+
 from __future__ import annotations
 
 import types
@@ -73,7 +74,9 @@ def standin_forward(
     return torch.tanh(h)
 
 
-def standin_forward_with_cond_scale(self, x: torch.Tensor, time: torch.Tensor, *, cond_scale: float = 1.0, **kwargs) -> torch.Tensor:
+def standin_forward_with_cond_scale(
+    self, x: torch.Tensor, time: torch.Tensor, *, cond_scale: float = 1.0, **kwargs
+) -> torch.Tensor:
     """Classifier-free guidance over all output channels, as DALLE2-pytorch's U-Net."""
     logits = self.forward(x, time, **kwargs)
     if cond_scale == 1:

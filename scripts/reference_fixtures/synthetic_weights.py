@@ -7,6 +7,7 @@ store only a seed: the generator fills the reference's U-Net with these values a
 fills ours with the same ones, parameter by parameter in sorted name order (our names equal the
 reference's). Plain torch, no import of either package, so both interpreters can run it.
 """
+
 from __future__ import annotations
 
 from typing import Dict, Iterable, Tuple

@@ -7,6 +7,7 @@ dict (`state.*`). Most cases use `synthetic_weights.synthetic_state(seed)` inste
 weights (see that module for why); the `stored_*` cases keep the reference's own initial weights
 (with the zero-initialised output convolution given values, so outputs are not all zero).
 """
+
 from __future__ import annotations
 
 import json
@@ -15,7 +16,6 @@ from typing import Any, Dict, List
 
 import torch
 from safetensors.torch import save_file
-
 from synthetic_weights import synthetic_state
 
 EMBED, TEXT, SIZE, BATCH = 12, 10, 8, 2
@@ -36,7 +36,10 @@ BASE: Dict[str, Any] = dict(
 # name -> (kwargs over BASE, options of the case)
 CASES: Dict[str, tuple] = {
     "base_image_and_text": (dict(cond_on_text_encodings=True, text_embed_dim=TEXT), dict(text_len=4)),
-    "text_longer_than_max_text_len": (dict(cond_on_text_encodings=True, text_embed_dim=TEXT, max_text_len=3), dict(text_len=5)),
+    "text_longer_than_max_text_len": (
+        dict(cond_on_text_encodings=True, text_embed_dim=TEXT, max_text_len=3),
+        dict(text_len=5),
+    ),
     "image_tokens_only_no_time_add": (dict(add_image_embeds_to_time=False, num_image_tokens=3, num_time_tokens=3), {}),
     "unconditional": (dict(cond_on_image_embeds=False), dict(image_embed=None)),
     "image_embed_dim_equals_cond_dim": (
@@ -45,54 +48,104 @@ CASES: Dict[str, tuple] = {
     ),
     "image_embed_vector_as_tokens_batch_of_one": (dict(image_embed_dim=8), dict(batch=1)),
     "upsampler_noise_cond_learned_variance": (
-        dict(lowres_cond=True, lowres_noise_cond=True, channels_out=6, cond_on_image_embeds=False,
-             cond_on_text_encodings=True, text_embed_dim=TEXT),
+        dict(
+            lowres_cond=True,
+            lowres_noise_cond=True,
+            channels_out=6,
+            cond_on_image_embeds=False,
+            cond_on_text_encodings=True,
+            text_embed_dim=TEXT,
+        ),
         dict(lowres=True, noise_level=True, text_len=4, image_embed=None),
     ),
     "upsampler_blur_only_one_channel": (dict(lowres_cond=True, channels=1), dict(lowres=True)),
-    "self_cond": (dict(self_cond=True, lowres_cond=True, lowres_noise_cond=True), dict(self_cond=True, lowres=True, noise_level=True)),
+    "self_cond": (
+        dict(self_cond=True, lowres_cond=True, lowres_noise_cond=True),
+        dict(self_cond=True, lowres=True, noise_level=True),
+    ),
     "memory_efficient_lists": (
         dict(memory_efficient=True, num_resnet_blocks=[1, 2], resnet_groups=[4, 8], self_attn=[False, True]),
         dict(size=8),
     ),
     "cross_embed_downsample_nearest_upsample": (
-        dict(cross_embed_downsample=True, cross_embed_downsample_kernel_sizes=[2, 4, 6], pixel_shuffle_upsample=False,
-             init_cross_embed_kernel_sizes=[3, 5]),
+        dict(
+            cross_embed_downsample=True,
+            cross_embed_downsample_kernel_sizes=[2, 4, 6],
+            pixel_shuffle_upsample=False,
+            init_cross_embed_kernel_sizes=[3, 5],
+        ),
         {},
     ),
     "weight_standardization_plain_init_conv": (
-        dict(resnet_weight_standardization=True, init_cross_embed=False, init_conv_kernel_size=5, final_conv_kernel_size=3,
-             out_dim=5, init_dim=8),
+        dict(
+            resnet_weight_standardization=True,
+            init_cross_embed=False,
+            init_conv_kernel_size=5,
+            final_conv_kernel_size=3,
+            out_dim=5,
+            init_dim=8,
+        ),
         {},
     ),
     "sparse_attn_three_levels": (dict(sparse_attn=True, dim_mults=[1, 2, 2], self_attn=[False, True, False]), {}),
     "cosine_sim_attention": (
-        dict(cosine_sim_self_attn=True, cosine_sim_cross_attn=True, self_attn=[False, True], cond_on_text_encodings=True, attn_dim_head=16,
-             text_embed_dim=TEXT),
+        dict(
+            cosine_sim_self_attn=True,
+            cosine_sim_cross_attn=True,
+            self_attn=[False, True],
+            cond_on_text_encodings=True,
+            attn_dim_head=16,
+            text_embed_dim=TEXT,
+        ),
         dict(text_len=4),
     ),
-    "combine_fmaps_scale_skip": (dict(combine_upsample_fmaps=True, scale_skip_connection=True, dim_mults=[1, 2, 4]), {}),
+    "combine_fmaps_scale_skip": (
+        dict(combine_upsample_fmaps=True, scale_skip_connection=True, dim_mults=[1, 2, 4]),
+        {},
+    ),
     "combine_fmaps_memory_efficient": (
         dict(combine_upsample_fmaps=True, memory_efficient=True, pixel_shuffle_upsample=False, attend_at_middle=False),
         {},
     ),
     "checkpoint_during_training": (
-        dict(checkpoint_during_training=True, self_attn=[False, True], cond_on_text_encodings=True, text_embed_dim=TEXT),
+        dict(
+            checkpoint_during_training=True, self_attn=[False, True], cond_on_text_encodings=True, text_embed_dim=TEXT
+        ),
         dict(train_mode=True, text_len=4),
     ),
     "memory_efficient_cross_embed_sparse_weight_standardized": (
-        dict(memory_efficient=True, cross_embed_downsample=True, sparse_attn=True, resnet_weight_standardization=True,
-             lowres_cond=True, lowres_noise_cond=True),
+        dict(
+            memory_efficient=True,
+            cross_embed_downsample=True,
+            sparse_attn=True,
+            resnet_weight_standardization=True,
+            lowres_cond=True,
+            lowres_noise_cond=True,
+        ),
         dict(lowres=True, noise_level=True),
     ),
     "four_levels_reference_attention_defaults": (
-        dict(dim_mults=[1, 1, 2, 2], num_resnet_blocks=2, attn_heads=16, attn_dim_head=32, self_attn=[False, False, True, True],
-             cond_on_text_encodings=True, text_embed_dim=TEXT, max_text_len=8),
+        dict(
+            dim_mults=[1, 1, 2, 2],
+            num_resnet_blocks=2,
+            attn_heads=16,
+            attn_dim_head=32,
+            self_attn=[False, False, True, True],
+            cond_on_text_encodings=True,
+            text_embed_dim=TEXT,
+            max_text_len=8,
+        ),
         dict(text_len=8),
     ),
     "stored_reference_init": (
-        dict(dim_mults=[1], cond_on_text_encodings=True, text_embed_dim=TEXT, self_attn=True, max_text_len=4,
-             init_cross_embed_kernel_sizes=[3, 5]),
+        dict(
+            dim_mults=[1],
+            cond_on_text_encodings=True,
+            text_embed_dim=TEXT,
+            self_attn=True,
+            max_text_len=4,
+            init_cross_embed_kernel_sizes=[3, 5],
+        ),
         dict(weights="stored", text_len=3),
     ),
 }
@@ -143,7 +196,13 @@ def run_call(unet, inputs: Dict[str, torch.Tensor], call: Dict[str, Any], train_
         x = x.clone().requires_grad_(True)  # checkpointing is skipped when nothing needs a gradient
     with torch.set_grad_enabled(train_mode):
         if call["method"] == "forward":
-            out = unet(x, time, image_cond_drop_prob=call["image_cond_drop_prob"], text_cond_drop_prob=call["text_cond_drop_prob"], **args)
+            out = unet(
+                x,
+                time,
+                image_cond_drop_prob=call["image_cond_drop_prob"],
+                text_cond_drop_prob=call["text_cond_drop_prob"],
+                **args,
+            )
         else:
             out = unet.forward_with_cond_scale(x, time, cond_scale=call["cond_scale"], **args)
     return out.detach().contiguous()
@@ -196,4 +255,6 @@ def generate(out_dir: Path) -> None:
         (out_dir / f"{name}.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
         save_file(tensors, str(out_dir / f"{name}.safetensors"), metadata={"case": name})
         index.append(name)
-    (out_dir / "index.json").write_text(json.dumps({"generator": "dalle2-pytorch 1.15.6", "cases": index}, indent=1) + "\n")
+    (out_dir / "index.json").write_text(
+        json.dumps({"generator": "dalle2-pytorch 1.15.6", "cases": index}, indent=1) + "\n"
+    )
