@@ -346,7 +346,7 @@ class Tracker:
     def _metadata(self, step: int, is_best: bool) -> Dict[str, Any]:
         import torch
 
-        from .. import __version__
+        from .._version import __version__
 
         return {
             "run_id": self.run_state.run_id,

@@ -21,7 +21,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list, gather_object, set_seed
 from tqdm.auto import tqdm
 
-from .. import __version__
+from .._version import __version__
 from ..config.root import TrainDecoderConfig
 from ..tracking import capture_rng_state, create_tracker, restore_rng_state
 from ..tracking.checkpoint import training_state

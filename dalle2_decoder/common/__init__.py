@@ -1,0 +1,4 @@
+"""The bottom layer: small rules every other package shares, each with one home.
+
+Nothing here imports another part of the package (tests/test_architecture.py checks it).
+"""
