@@ -1,5 +1,6 @@
 # Set-up and everyday commands. Each target creates .venv and installs what it needs on first use.
-#   make test   - install (once) and run the whole test suite
+#   make test   - install (once), lint, and run the whole test suite
+#   make lint   - ruff: lint and format check (pyproject.toml); `make format` rewrites the files
 #   make test-fast - the same without the tests marked slow (-m "not slow")
 #   make demo   - install (once), write the demo dataset to demo_data/ and train the CPU demo (~5 min)
 #   make check-examples - validate every example config with --check
@@ -24,7 +25,7 @@ TOOLS_VENV ?= .venv-tools
 TOOLS_PATH := $(CURDIR)/$(TOOLS_VENV)/path
 TOOLS := $(TOOLS_PATH)/aws
 
-.PHONY: install test test-fast plain-install-check demo demo-data check-examples
+.PHONY: install lint format test test-fast plain-install-check demo demo-data check-examples
 
 $(VENV_PYTHON):
 	$(PYTHON) -m venv $(VENV)
@@ -43,10 +44,19 @@ $(TOOLS):
 
 install: $(INSTALLED) $(TOOLS)
 
-test: $(INSTALLED) $(TOOLS)
+# Lint first: a finding fails the run in seconds rather than after the suite.
+lint: $(INSTALLED)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(INSTALLED)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+test: lint $(TOOLS)
 	PATH="$(TOOLS_PATH):$$PATH" $(VENV_PYTHON) -m pytest tests -q --timeout=$(TEST_TIMEOUT) -m "$(PYTEST_MARKERS)" $(PYTEST_ARGS)
 
-test-fast: $(INSTALLED) $(TOOLS)
+test-fast: lint $(TOOLS)
 	PATH="$(TOOLS_PATH):$$PATH" $(VENV_PYTHON) -m pytest tests -q --timeout=$(TEST_TIMEOUT) -m "not slow and $(PYTEST_MARKERS)" $(PYTEST_ARGS)
 
 # The plain install path CI also checks: a fresh venv, torch first, then the built wheel alone.

@@ -1,4 +1,4 @@
-"""The decoder model: U-Nets (`unet`), diffusion math (`gaussian_diffusion`, `schedules`) and the cascade (`decoder`)."""
+"""The decoder model: U-Nets (`unet`), diffusion math (`gaussian_diffusion`, `schedules`), the cascade (`decoder`)."""
 
 from .decoder import Decoder
 from .gaussian_diffusion import GaussianDiffusion

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..common.per_unet import per_unet
 from ._compat import warn_no_effect
 from .gaussian_diffusion import GaussianDiffusion, ddim_timestep_pairs
 from .lowres import LOWRES_NOISE_TIMESTEPS, LowresConditioner, resize_image
@@ -30,17 +31,8 @@ NoiseFn = Callable[[Tuple[int, ...], torch.device, torch.dtype], torch.Tensor]
 """Where sampling draws its Gaussian noise: (shape, device, dtype) -> tensor."""
 
 
-def _per_unet(value: Any, count: int, name: str) -> list:
-    """One value per U-Net: a single value is repeated, a list must have one entry per U-Net."""
-    if isinstance(value, (list, tuple)):
-        if len(value) != count:
-            raise ValueError(f"Decoder: {name} has {len(value)} entries but there are {count} U-Nets")
-        return list(value)
-    return [value] * count
-
-
 def _padded(value: Any, count: int, name: str, fill: Any) -> list:
-    """A single value or a list, padded with `fill` up to one entry per U-Net (the reference's learned_variance rule)."""
+    """A single value or a list, padded with `fill` to one entry per U-Net (the reference's learned_variance rule)."""
     values = list(value) if isinstance(value, (list, tuple)) else [value]
     if len(values) > count:
         raise ValueError(f"Decoder: {name} has {len(values)} entries but there are only {count} U-Nets")
@@ -77,12 +69,14 @@ class ReplayedNoise:
     def __call__(self, shape: Tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         if self.used >= len(self.tensors):
             raise ValueError(
-                f"ReplayedNoise: sampling asked for noise tensor {self.used + 1} but only {len(self.tensors)} were given"
+                f"ReplayedNoise: sampling asked for noise tensor {self.used + 1} "
+                f"but only {len(self.tensors)} were given"
             )
         tensor = self.tensors[self.used]
         if tuple(tensor.shape) != tuple(shape):
             raise ValueError(
-                f"ReplayedNoise: noise tensor {self.used + 1} has shape {tuple(tensor.shape)}, sampling asked for {tuple(shape)}"
+                f"ReplayedNoise: noise tensor {self.used + 1} has shape {tuple(tensor.shape)}, "
+                f"sampling asked for {tuple(shape)}"
             )
         self.used += 1
         return tensor.to(device=device, dtype=dtype)
@@ -231,7 +225,7 @@ class Decoder(nn.Module):
         n = len(unet_list)
         if n == 0:
             raise ValueError("Decoder: needs at least one U-Net")
-        self.image_sizes = [int(s) for s in _per_unet(list(image_sizes), n, "image_sizes")]
+        self.image_sizes = [int(s) for s in per_unet(list(image_sizes), n, name="Decoder: image_sizes")]
         if any(b <= a for a, b in zip(self.image_sizes, self.image_sizes[1:])):
             raise ValueError(f"Decoder: image_sizes must increase, got {self.image_sizes}")
         if loss_type not in LOSS_TYPES:
@@ -249,12 +243,14 @@ class Decoder(nn.Module):
         self.image_cond_drop_prob = image_cond_drop_prob
         self.text_cond_drop_prob = text_cond_drop_prob
         self.can_classifier_guidance = image_cond_drop_prob > 0 or text_cond_drop_prob > 0
-        self.predict_x_start = [bool(v) for v in _per_unet(predict_x_start, n, "predict_x_start")]
-        self.predict_v = [bool(v) for v in _per_unet(predict_v, n, "predict_v")]
+        self.predict_x_start = [bool(v) for v in per_unet(predict_x_start, n, name="Decoder: predict_x_start")]
+        self.predict_v = [bool(v) for v in per_unet(predict_v, n, name="Decoder: predict_v")]
         self.clip_x0 = clip_denoised and clip_x_start
         self.use_dynamic_thres = use_dynamic_thres
         self.dynamic_thres_percentile = dynamic_thres_percentile
-        self.p2_loss_weight_gamma = [float(g) for g in _per_unet(p2_loss_weight_gamma, n, "p2_loss_weight_gamma")]
+        self.p2_loss_weight_gamma = [
+            float(g) for g in per_unet(p2_loss_weight_gamma, n, name="Decoder: p2_loss_weight_gamma")
+        ]
         self.p2_loss_weight_k = p2_loss_weight_k
         self.min_snr_loss_weight = min_snr_loss_weight
         self.min_snr_gamma = min_snr_gamma
@@ -264,23 +260,27 @@ class Decoder(nn.Module):
         self.auto_normalize_img = auto_normalize_img
         self.input_range = (0.0, 1.0) if auto_normalize_img else (-1.0, 1.0)
         self.lowres_noise_sample_level = lowres_noise_sample_level
-        self.random_crop_sizes = _per_unet(random_crop_sizes, n, "random_crop_sizes")
+        self.random_crop_sizes = per_unet(random_crop_sizes, n, name="Decoder: random_crop_sizes")
         if self.random_crop_sizes[0] is not None:
             raise ValueError("Decoder: random_crop_sizes applies to upsamplers only; U-Net 1 must have None")
 
         self.sample_timesteps: List[Optional[int]] = []
-        for i, steps in enumerate(_per_unet(sample_timesteps, n, "sample_timesteps")):
+        for i, steps in enumerate(per_unet(sample_timesteps, n, name="Decoder: sample_timesteps")):
             if steps is not None and not 1 <= steps <= timesteps:
                 raise ValueError(f"Decoder: sample_timesteps of U-Net {i + 1} must be in [1, {timesteps}], got {steps}")
             self.sample_timesteps.append(None if steps == timesteps else steps)
-        self.samplers: List[Optional[str]] = _per_unet(samplers, n, "samplers")
+        self.samplers: List[Optional[str]] = per_unet(samplers, n, name="Decoder: samplers")
         for i, name in enumerate(self.samplers):
             if name is not None and name not in SAMPLER_NAMES:
                 raise ValueError(
                     f"Decoder: unknown sampler {name!r} for U-Net {i + 1}; choose one of {', '.join(SAMPLER_NAMES)}"
                 )
 
-        schedules = default_beta_schedules(n) if beta_schedule is None else _per_unet(beta_schedule, n, "beta_schedule")
+        schedules = (
+            default_beta_schedules(n)
+            if beta_schedule is None
+            else per_unet(beta_schedule, n, name="Decoder: beta_schedule")
+        )
         self.beta_schedules = list(schedules)
         self.diffusions = nn.ModuleList(GaussianDiffusion(s, timesteps) for s in schedules)
 
@@ -623,12 +623,13 @@ class Decoder(nn.Module):
     def sampler_for(
         self, unet_number: int, sampler: Optional[str] = None, steps: Optional[int] = None
     ) -> Tuple[str, Optional[int]]:
-        """(sampler name, steps; None: all timesteps) U-Net `unet_number` samples with; arguments override the config."""
+        """(sampler name, steps; None: all timesteps) U-Net `unet_number` samples with; arguments override config."""
         index = self._index(unet_number)
         steps = steps if steps is not None else self.sample_timesteps[index]
         if steps is not None and not 1 <= steps <= self.num_timesteps:
             raise ValueError(
-                f"Decoder.sample: sample_timesteps of U-Net {unet_number} must be in [1, {self.num_timesteps}], got {steps}"
+                f"Decoder.sample: sample_timesteps of U-Net {unet_number} must be in [1, {self.num_timesteps}], "
+                f"got {steps}"
             )
         steps = None if steps == self.num_timesteps else steps
         name = sampler or self.samplers[index] or ("ddpm" if steps is None else "ddim")
@@ -755,7 +756,7 @@ class Decoder(nn.Module):
             raise ValueError(
                 "Decoder.sample: give both inpaint_image and inpaint_mask (bool, (B, H, W)) to inpaint, or neither"
             )
-        cond_scales = _per_unet(cond_scale, len(self.unets), "cond_scale")
+        cond_scales = per_unet(cond_scale, len(self.unets), name="Decoder: cond_scale")
         if any(scale != 1 for scale in cond_scales[start : stop + 1]) and not self.can_classifier_guidance:
             raise ValueError(
                 "Decoder.sample: cond_scale other than 1 needs a decoder trained with condition dropout "
@@ -783,8 +784,8 @@ class Decoder(nn.Module):
                 "Decoder.sample: pass batch_size (no image_embed, image or text_encodings to infer it from)"
             )
 
-        samplers = _per_unet(sampler, len(self.unets), "sampler")
-        steps_per_unet = _per_unet(sample_timesteps, len(self.unets), "sample_timesteps")
+        samplers = per_unet(sampler, len(self.unets), name="Decoder: sampler")
+        steps_per_unet = per_unet(sample_timesteps, len(self.unets), name="Decoder: sample_timesteps")
         for number in range(start + 1, stop + 2):  # bad names or steps fail before any sampling
             self.sampler_for(number, samplers[number - 1], steps_per_unet[number - 1])
 

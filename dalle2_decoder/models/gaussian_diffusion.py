@@ -103,7 +103,8 @@ class GaussianDiffusion(nn.Module):
     ) -> torch.Tensor:
         """Move a sample of q(x_from_t | x_0) to one of q(x_to_t | x_0) with the same x_0 estimate.
 
-        With a = sqrt(alpha_bar), s = sqrt(1 - alpha_bar): x_to = x_from a_to / a_from + noise (s_to a_from - s_from a_to) / a_from,
+        With a = sqrt(alpha_bar), s = sqrt(1 - alpha_bar):
+        x_to = x_from a_to / a_from + noise (s_to a_from - s_from a_to) / a_from,
         DALLE2-pytorch's re-noising step of RePaint-style inpainting (Lugmayr et al. 2022).
         """
         a_from = extract(self.sqrt_alphas_cumprod, from_t, x_from.ndim)
@@ -190,7 +191,7 @@ class GaussianDiffusion(nn.Module):
         return (k + self.snr.gather(0, t)) ** -gamma
 
     def min_snr_loss_weight(self, t: torch.Tensor, gamma: float, objective: str) -> torch.Tensor:
-        """Hang et al. 2023 (Min-SNR), eq. 8 and its eps / v forms: min(SNR, gamma) relative to the target's own weight."""
+        """Hang et al. 2023 (Min-SNR), eq. 8 and its eps / v forms: min(SNR, gamma) relative to the target's weight."""
         snr = self.snr.gather(0, t)
         clipped = snr.clamp(max=gamma)
         if objective == "eps":

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..common.images import resize
 from .gaussian_diffusion import GaussianDiffusion
 
 LOWRES_NOISE_TIMESTEPS = 1000
@@ -30,7 +31,7 @@ def resize_image(image: torch.Tensor, size: int, clamp_range: Optional[Tuple[flo
     """
     if image.shape[-1] == size:
         return image
-    out = F.interpolate(image, size, mode="nearest")
+    out = resize(image, size, mode="nearest")
     return out if clamp_range is None else out.clamp(*clamp_range)
 
 

@@ -275,7 +275,9 @@ def dpmpp_2m(
 
 
 def _unipc_coefficients(order: int, hh: float, rks: List[float]) -> Tuple[List[float], float, float]:
-    """UniPC's B(h) = e^hh - 1 variant ("bh2"): the right-hand side b_k = (k-1)! phi_k(hh) hh / B(h) (Zhao et al. 2023, Thm 3.1).
+    """UniPC's B(h) = e^hh - 1 variant ("bh2").
+
+    The right-hand side b_k = (k-1)! phi_k(hh) hh / B(h) (Zhao et al. 2023, Thm 3.1).
 
     Returns (b_1..b_order, h phi_1(hh) = e^hh - 1, B(h)).
     """

@@ -352,7 +352,7 @@ class Unet(nn.Module):
 
     @property
     def final_conv(self) -> nn.Conv2d:
-        """The output convolution under its earlier name here (the reference's and the state dict's name is `to_out`)."""
+        """The output convolution under its earlier name here (the reference's and the state dict's: `to_out`)."""
         return self.to_out
 
     # -------------------------------------------------------------------- construction helpers
@@ -574,7 +574,8 @@ class Unet(nn.Module):
             raise ValueError(f"Unet: text_encodings has batch size {b}, the images {text_keep.shape[0]}")
         if width != self.text_embed_dim:
             raise ValueError(
-                f"Unet: text_encodings are {width} wide but this U-Net was built with text_embed_dim={self.text_embed_dim}"
+                f"Unet: text_encodings are {width} wide "
+                f"but this U-Net was built with text_embed_dim={self.text_embed_dim}"
             )
         if text_mask is None:
             valid = (text_encodings != 0).any(dim=-1)
