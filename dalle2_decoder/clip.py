@@ -14,11 +14,13 @@ downloaded the error names the file to provide.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, List, NamedTuple, Sequence
+from typing import TYPE_CHECKING, ClassVar, List, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .failures import EXIT_IO
 
 if TYPE_CHECKING:
     from .config.decoder import ClipConfig
@@ -38,6 +40,8 @@ _OPENAI_FILE_NAMES = {
 
 class ClipLoadError(RuntimeError):
     """CLIP could not be built: the message says what to install or which file to provide."""
+
+    exit_status: ClassVar[int] = EXIT_IO
 
 
 class TextEncoding(NamedTuple):

@@ -24,7 +24,21 @@ import json
 import re
 import types
 import typing
-from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Sequence, Tuple, Union, get_args, get_origin
+from typing import (
+    Any,
+    Callable,
+    ClassVar,
+    Dict,
+    List,
+    Literal,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+    get_args,
+    get_origin,
+)
 
 import attrs
 import cattrs
@@ -38,6 +52,7 @@ from cattrs.errors import (
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn
 from cattrs.v import format_exception
 
+from ..failures import EXIT_CONFIG
 from .checks import closest, show
 from .decoder import DecoderConfig, UnetConfig
 from .tracker import SaveConfig
@@ -50,6 +65,8 @@ converter = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
 
 class ConfigValueError(ValueError):
     """A value that does not fit its option; the message is shown as is after the option's path."""
+
+    exit_status: ClassVar[int] = EXIT_CONFIG
 
 
 class UnknownOptionError(ConfigValueError):

@@ -19,10 +19,11 @@ from __future__ import annotations
 import logging
 import math
 import random
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import attrs
 
+from ..failures import EXIT_DATA
 from . import sources
 from .tar_reader import count_local_tar_samples, count_stream_samples, not_a_tar_reason
 
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 
 class DataSetupError(ValueError):
     """The data configuration cannot be served: missing shards, no shards in range, too few shards."""
+
+    exit_status: ClassVar[int] = EXIT_DATA
 
 
 @attrs.frozen

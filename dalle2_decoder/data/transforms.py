@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torchvision import transforms as T
+
+from ..failures import EXIT_DATA
 
 # Wrappers that take other transforms or Python callables: they cannot be written in JSON.
 _NOT_CONFIGURABLE = {"Compose", "RandomApply", "RandomChoice", "RandomOrder", "Lambda", "InterpolationMode"}
@@ -38,6 +40,8 @@ class PreprocessingError(ValueError):
 
     `problems` holds `(transform_name, message)` pairs, one per problem, all found at once.
     """
+
+    exit_status: ClassVar[int] = EXIT_DATA
 
     def __init__(self, problems: List[Tuple[str, str]]):
         self.problems = problems

@@ -20,10 +20,12 @@ import random
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
+
+from ..failures import EXIT_CHECKPOINT
 
 CHECKPOINT_FORMAT = "dalle2_decoder.checkpoint/1"
 MODEL_FORMAT = "dalle2_decoder.model/1"
@@ -35,6 +37,8 @@ _PLAIN_TYPES = (str, int, float, bool, type(None))
 
 class CheckpointError(RuntimeError):
     """A checkpoint or model file cannot be written, read or used."""
+
+    exit_status: ClassVar[int] = EXIT_CHECKPOINT
 
 
 class CheckpointMismatchError(CheckpointError):

@@ -10,14 +10,17 @@ import os
 import sys
 import urllib.parse
 from pathlib import Path
-from typing import List, Optional
+from typing import ClassVar, List, Optional
 
 from ..config.tracker import LocalLoadConfig, UrlLoadConfig, WandbLoadConfig
+from ..failures import EXIT_CHECKPOINT
 from .redact import redact_string
 
 
 class LoadError(RuntimeError):
     """The configured checkpoint cannot be found or fetched."""
+
+    exit_status: ClassVar[int] = EXIT_CHECKPOINT
 
 
 class LocalLoader:

@@ -13,13 +13,17 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, ClassVar, List, Optional, Sequence, Tuple
+
+from ..failures import EXIT_IO
 
 RUN_STATE_FILE = "run_state.json"
 
 
 class DataPathError(RuntimeError):
     """`data_path` cannot be used as configured."""
+
+    exit_status: ClassVar[int] = EXIT_IO
 
 
 @dataclass

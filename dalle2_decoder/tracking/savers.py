@@ -23,15 +23,18 @@ import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, Union
+from typing import Callable, ClassVar, List, Optional, Union
 
 from ..config.tracker import HuggingfaceSaveConfig, LocalSaveConfig, WandbSaveConfig
+from ..failures import EXIT_IO
 
 logger = logging.getLogger(__name__)
 
 
 class SaveError(RuntimeError):
     """A saver cannot be set up as configured."""
+
+    exit_status: ClassVar[int] = EXIT_IO
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from ..config.tracker import (
     HuggingfaceSaveConfig,
@@ -30,6 +30,7 @@ from ..config.tracker import (
     WandbLogConfig,
     WandbSaveConfig,
 )
+from ..failures import EXIT_IO
 from .checkpoint import LoadedCheckpoint, read_file, save_checkpoint, save_model
 from .loaders import LoadError, LocalLoader, UrlLoader, WandbLoader
 from .loggers import ConsoleLogger, ImagesLike, WandbLogger, generate_run_id, to_uint8_images
@@ -48,6 +49,8 @@ RESUME_CHECKPOINT = Path("resume") / "latest_checkpoint.pt"
 
 class TrackerSetupError(ValueError):
     """The tracker configuration cannot work; lists every problem found."""
+
+    exit_status: ClassVar[int] = EXIT_IO
 
     def __init__(self, problems: Sequence[str]):
         self.problems = list(problems)
