@@ -27,6 +27,7 @@ from typing import Callable, ClassVar, List, Optional, Union
 
 from ..config.tracker import HuggingfaceSaveConfig, LocalSaveConfig, WandbSaveConfig
 from ..failures import EXIT_IO
+from .hub_card import card_files
 
 logger = logging.getLogger(__name__)
 
@@ -123,9 +124,7 @@ class HuggingfaceSaver:
             self._repo_ready = True
         operations = [CommitOperationAdd(path_in_repo=file.dest, path_or_fileobj=str(file.local)) for file in files]
         # With the weights go a model card and a config.json naming them, so that
-        # `dalle2_decoder.load_decoder("user/repo")` finds everything (see dalle2_decoder/hub_card.py).
-        from ..hub_card import card_files
-
+        # `dalle2_decoder.load_decoder("user/repo")` finds everything (see tracking/hub_card.py).
         for path_in_repo, content in card_files(self.config, files, step).items():
             operations.append(CommitOperationAdd(path_in_repo=path_in_repo, path_or_fileobj=content))
         self.api.create_commit(

@@ -10,7 +10,10 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from .loading import HUB_CONFIG, HUB_FORMAT
+HUB_CONFIG = "config.json"
+"""The file in a hub repo that says which weights to load (read by `dalle2_decoder.load_decoder`)."""
+HUB_FORMAT = "dalle2_decoder.hub/1"
+"""`config.json`'s `format`: the version of what this card promises the loader."""
 
 
 def embedded_config(path: Path) -> Optional[Dict[str, Any]]:
