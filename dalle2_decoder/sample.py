@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from .common.files import atomic_write_text
 from .failures import UsageError
 
 EXIT_OK = 0
@@ -405,9 +406,7 @@ def write_outputs(out_dir: Path, inputs: Inputs, items, images, *, seeds, record
     grid = make_grid(torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2), nrow=len(seeds), padding=2)
     Image.fromarray(grid.permute(1, 2, 0).numpy()).save(out_dir / "grid.png")
     summary = {"model": record["checkpoint"], "inputs": inputs.kind, "count": len(entries), "images": entries}
-    temp = out_dir / ".samples.json.tmp"
-    temp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(temp, out_dir / "samples.json")
+    atomic_write_text(out_dir / "samples.json", json.dumps(summary, indent=2) + "\n")
 
 
 def _safe(text: str) -> str:
