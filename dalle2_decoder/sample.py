@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from .common.files import atomic_write_text
+from .common.per_unet import per_unet
 from .failures import UsageError
 
 EXIT_OK = 0
@@ -181,15 +182,14 @@ def _seeds(args) -> List[int]:
 
 
 def _per_unet(values: Optional[Sequence], count: int, option: str) -> Optional[list]:
+    """An option given on the command line once (for every U-Net) or once per U-Net."""
     if values is None:
         return None
-    if len(values) == 1:
-        return list(values) * count
-    if len(values) != count:
+    if len(values) not in (1, count):
         raise SampleInputError(
             f"{option} has {len(values)} values but the decoder has {count} U-Nets; give one or one per U-Net"
         )
-    return list(values)
+    return per_unet(values[0] if len(values) == 1 else list(values), count, name=option)
 
 
 # --- inputs --------------------------------------------------------------------------------------
