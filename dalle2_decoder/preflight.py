@@ -125,8 +125,9 @@ def data_problems(config) -> List[Problem]:
                 Problem(
                     EXIT_DATA,
                     (
-                        f"data.{name}: {len(without)} of {len(numbers)} shard(s) have no embedding file (*_<shard>.npy) in "
-                        f"{folder}: {plan._ranges(without)} (set data.skip_missing_shards to leave those shards out)"
+                        f"data.{name}: {len(without)} of {len(numbers)} shard(s) have no embedding file "
+                        f"(*_<shard>.npy) in {folder}: {plan._ranges(without)} "
+                        "(set data.skip_missing_shards to leave those shards out)"
                     ),
                 )
             )
@@ -237,8 +238,9 @@ def _member_dim_problems(config, shards) -> List[Problem]:
                     Problem(
                         EXIT_DATA,
                         (
-                            f"data: the {member} members of {shards[0].url} hold {shape[-1]}-dimensional image embeddings "
-                            f"but decoder.unets[0].image_embed_dim is {expected} (expected {expected}, got {shape[-1]})"
+                            f"data: the {member} members of {shards[0].url} hold {shape[-1]}-dimensional image "
+                            f"embeddings but decoder.unets[0].image_embed_dim is {expected} "
+                            f"(expected {expected}, got {shape[-1]})"
                         ),
                     )
                 ]
@@ -253,8 +255,9 @@ def _split_problems(config, shard_count: int) -> List[Problem]:
             Problem(
                 EXIT_DATA,
                 (
-                    f"data.splits: {shard_count} shard(s) found in {config.data.start_shard}..{config.data.end_shard} but "
-                    f"{len(asked)} splits ({', '.join(asked)}) need a shard each; add shards or set the unneeded splits to 0"
+                    f"data.splits: {shard_count} shard(s) found in {config.data.start_shard}..{config.data.end_shard} "
+                    f"but {len(asked)} splits ({', '.join(asked)}) need a shard each; add shards or set the unneeded "
+                    "splits to 0"
                 ),
             )
         ]

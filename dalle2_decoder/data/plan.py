@@ -104,8 +104,8 @@ def discover_shards(
     reported in one error (or, with `skip_missing_shards`, one warning). http and `pipe:` sources
     cannot be listed, so they need an explicit `end_shard`; a shard missing there is found when it
     is read and counted as bad data. With the default `end_shard` only gaps between the first and
-    last shard found count as missing; with an explicit one, every number of the range must exist. Shards without an embedding file (when embedding folders are
-    given) are left out with a warning.
+    last shard found count as missing; with an explicit one, every number of the range must exist.
+    Shards without an embedding file (when embedding folders are given) are left out with a warning.
     """
     sources.check_base_url(base_url)
     if end_shard < start_shard:

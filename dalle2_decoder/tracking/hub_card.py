@@ -58,8 +58,9 @@ def _card(repo: str, info: Dict[str, Any]) -> str:
         "",
         f"- weights: `{info['weights']}` ({info['save_type']}; EMA weights are used when the file has them)",
         f"- saved at step {info['step']} (training samples seen)",
-        f"- diffusion timesteps: {decoder.get('timesteps', 1000)}; samplers: {decoder.get('samplers') or 'reference default'}"
-        f", sample_timesteps: {decoder.get('sample_timesteps')}",
+        f"- diffusion timesteps: {decoder.get('timesteps', 1000)}; "
+        f"samplers: {decoder.get('samplers') or 'reference default'}, "
+        f"sample_timesteps: {decoder.get('sample_timesteps')}",
         f"- the run configuration is in `{HUB_CONFIG}` (`config`), with secrets masked",
         "",
         "## Use",

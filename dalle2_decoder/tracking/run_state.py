@@ -170,11 +170,13 @@ def prepare_data_path(
             remove, keep = overwrite_plan(path, protected)
             if remove:
                 say(
-                    f"tracker.overwrite_data_path: removing the previous run's {', '.join(item.name for item in remove)} from {path}"
+                    "tracker.overwrite_data_path: removing the previous run's "
+                    f"{', '.join(item.name for item in remove)} from {path}"
                 )
             if keep:
                 say(
-                    f"tracker.overwrite_data_path: keeping {', '.join(item.name for item in keep)} (they hold files the config reads or names)"
+                    f"tracker.overwrite_data_path: keeping {', '.join(item.name for item in keep)} "
+                    "(they hold files the config reads or names)"
                 )
             for child in remove:
                 if child.is_dir() and not child.is_symlink():

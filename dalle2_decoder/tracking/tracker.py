@@ -172,7 +172,10 @@ class Tracker:
         self.logger.log(metrics, step)
 
     def log_images(self, name: str, images: ImagesLike, captions: Optional[Sequence[str]], step: int) -> None:
-        """Log sample images under `name`: a (B, 3, H, W) tensor in [0, 1] or a list of images; one caption each (or None)."""
+        """Log sample images under `name`: a (B, 3, H, W) tensor in [0, 1] or a list of images.
+
+        `captions`: one caption per image, or None.
+        """
         self.logger.log_images(name, to_uint8_images(images), captions, step)
 
     def info(self, message: str) -> None:
