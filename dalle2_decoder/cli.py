@@ -3,16 +3,14 @@
 The same entry point backs the installed `dalle2-train-decoder` command. `--check` validates the
 config and (unless `--no-io`) the world it points at (`dalle2_decoder.preflight`), the same
 checks every training run makes first. Exit codes (see `dalle2_decoder.failures`): 0 done (or a
-valid config with --check), 1 a bug (traceback), 2 usage or configuration, 3 data, 4 checkpoint,
-5 I/O or environment, 6 training stopped; every problem is one line on stderr, without a
+valid config with --check), 1 configuration, 2 usage, 3 data, 4 checkpoint, 5 I/O or environment,
+6 training stopped, 70 a bug (with its traceback); every problem is one line on stderr, without a
 traceback unless --debug is given.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import json
 import os
 import re
@@ -23,10 +21,7 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 from .config import ConfigError, ConfigWarning, TrainDecoderConfig
 from .config.checks import closest
 from .config.structure import join_path
-from .failures import EXIT_CONFIG, EXIT_OK, guarded
-
-TRAINING_MODULE = "dalle2_decoder.training"
-EXIT_UNAVAILABLE = EXIT_CONFIG
+from .failures import EXIT_OK, guarded
 
 _KEY = re.compile(r"[^.\[\]]+")
 _INDEX = re.compile(r"\[(\d+)\]")
@@ -197,18 +192,16 @@ def _main(args: argparse.Namespace, speaks: bool, state: dict) -> int:
     if args.check:
         print(config.to_json())
         return EXIT_OK
-    run = _training_entry_point()
-    if run is None:
-        if speaks:
-            print(
-                f"{args.config_file}: the configuration is valid, but training is not available yet: the training "
-                f"loop ({TRAINING_MODULE}.main) arrives with the training issue. Use --check to see the resolved "
-                "configuration.",
-                file=sys.stderr,
-            )
-        return EXIT_UNAVAILABLE
-    result = run(config)
+    result = train(config)
     return result if isinstance(result, int) else EXIT_OK
+
+
+def train(config: TrainDecoderConfig) -> int:
+    """Run the training loop on a checked config (its exit status)."""
+    # imported here, not at the top: `--check` answers without loading the training stack
+    from .training import main as run_training
+
+    return run_training(config)
 
 
 def _write_paths(config: Optional[TrainDecoderConfig]) -> List[str]:
@@ -223,12 +216,6 @@ def _write_paths(config: Optional[TrainDecoderConfig]) -> List[str]:
             if dest and getattr(save, "save_to", "") == "local":
                 paths.append(os.path.dirname(os.path.join(data_path, os.path.expanduser(dest))))
     return list(dict.fromkeys(paths))
-
-
-def _training_entry_point():
-    if importlib.util.find_spec(TRAINING_MODULE) is None:
-        return None
-    return getattr(importlib.import_module(TRAINING_MODULE), "main", None)
 
 
 if __name__ == "__main__":

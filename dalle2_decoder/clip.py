@@ -14,11 +14,14 @@ downloaded the error names the file to provide.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, List, NamedTuple, Sequence
+from typing import TYPE_CHECKING, ClassVar, List, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .common.images import resize
+from .failures import EXIT_IO
 
 if TYPE_CHECKING:
     from .config.decoder import ClipConfig
@@ -38,6 +41,8 @@ _OPENAI_FILE_NAMES = {
 
 class ClipLoadError(RuntimeError):
     """CLIP could not be built: the message says what to install or which file to provide."""
+
+    exit_status: ClassVar[int] = EXIT_IO
 
 
 class TextEncoding(NamedTuple):
@@ -96,9 +101,8 @@ class ClipEmbedder(nn.Module):
         """Images in [0, 1] of any size -> CLIP's input: shorter side resized, centre-cropped, normalised."""
         height, width = images.shape[-2:]
         scale = self.image_size / min(height, width)
-        if scale != 1.0:
-            new_size = (max(self.image_size, round(height * scale)), max(self.image_size, round(width * scale)))
-            images = F.interpolate(images.float(), size=new_size, mode="bicubic", antialias=True, align_corners=False)
+        new_size = (max(self.image_size, round(height * scale)), max(self.image_size, round(width * scale)))
+        images = resize(images, new_size, mode="bicubic")  # as CLIP's own preprocessing: bicubic, antialiased
         top = (images.shape[-2] - self.image_size) // 2
         left = (images.shape[-1] - self.image_size) // 2
         images = images[..., top : top + self.image_size, left : left + self.image_size].clamp(0.0, 1.0)

@@ -24,7 +24,7 @@ import re
 import shutil
 import sys
 import traceback
-from typing import Callable, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, ClassVar, List, Optional, Sequence, Tuple
 
 import attrs
 
@@ -72,62 +72,22 @@ class PreflightError(Exception):
 class UsageError(Exception):
     """A command-line argument that cannot work (checked before anything is loaded)."""
 
+    exit_status: ClassVar[int] = EXIT_USAGE
+
 
 # --- classifying errors -----------------------------------------------------------------------
+#
+# Every error the user can fix declares its kind where it is defined, as a class attribute
+# `exit_status: ClassVar[int] = EXIT_...` (inherited by subclasses), so this module needs no
+# import of the packages whose errors it reports: a failure while importing torch, or any other
+# module, is still reported. A class that also sets `reported_verbatim = True` (a configuration's
+# problems) is printed as its message, which already holds its header line.
 
 
-def _kinds() -> List[Tuple[tuple, int]]:
-    """(error classes, exit status): imported here, so a failure while importing torch is still reported."""
-    from .config import ConfigError
-
-    table: List[Tuple[tuple, int]] = [((ConfigError,), EXIT_CONFIG), ((UsageError,), EXIT_USAGE)]
-
-    def add(kind: int, loader: Callable[[], Iterable[type]]) -> None:
-        try:
-            table.append((tuple(loader()), kind))
-        except Exception:  # a module that cannot be imported has raised nothing to classify
-            pass
-
-    def data_errors():
-        from .data import BadDataError, DataSetupError, PreprocessingError
-        from .data.tar_reader import ShardReadError
-
-        return BadDataError, DataSetupError, ShardReadError, PreprocessingError
-
-    def checkpoint_errors():
-        from .loading import DecoderLoadError
-        from .tracking import CheckpointError, LoadError
-
-        return CheckpointError, LoadError, DecoderLoadError
-
-    def io_errors():
-        from .clip import ClipLoadError
-        from .tracking import DataPathError, SaveError, TrackerSetupError
-
-        return DataPathError, SaveError, TrackerSetupError, ClipLoadError
-
-    def config_file_errors():
-        from .evaluation import EvaluationSetupError
-
-        return (EvaluationSetupError,)
-
-    def stopped():
-        from .training.loop import TrainingStopped
-
-        return (TrainingStopped,)
-
-    def peer_lost():
-        from .training.loop import PeerLostError
-
-        return (PeerLostError,)
-
-    add(EXIT_DATA, data_errors)
-    add(EXIT_CHECKPOINT, checkpoint_errors)
-    add(EXIT_IO, io_errors)
-    add(EXIT_CONFIG, config_file_errors)
-    add(EXIT_STOPPED, stopped)
-    add(EXIT_IO, peer_lost)
-    return table
+def exit_status_of(error: BaseException) -> Optional[int]:
+    """The exit status `error`'s class declares (`exit_status`), or None where it declares none."""
+    status = getattr(type(error), "exit_status", None)
+    return status if isinstance(status, int) and not isinstance(status, bool) else None
 
 
 _WORKER_WRAPPED = re.compile(r"^Caught (\w+) in DataLoader worker process (\d+)\.\s*Original Traceback", re.S)
@@ -193,10 +153,9 @@ def describe(error: BaseException, write_paths: Sequence[str] = ()) -> Optional[
     `write_paths`: where the command writes (data path, save folders); a failed write that does
     not say why (torch's `basic_ios::clear: iostream error`) is checked against their free space.
     """
-    from .config import ConfigError
-
-    if isinstance(error, ConfigError):
-        return EXIT_CONFIG, str(error).splitlines()
+    if getattr(type(error), "reported_verbatim", False) and exit_status_of(error) is not None:
+        # a configuration's problems: the message is already the report, header line included
+        return exit_status_of(error), str(error).splitlines()
     if isinstance(error, PreflightError):
         head = (
             [f"{error.source}: {len(error.problems)} problem{'s' if len(error.problems) != 1 else ''}"]
@@ -225,11 +184,11 @@ def describe(error: BaseException, write_paths: Sequence[str] = ()) -> Optional[
             f"error: writing a file failed: {clean_message(error)}; check free space and permissions"
             + (f" of {', '.join(write_paths)}" if write_paths else "")
         ]
-    for classes, kind in _kinds():
-        if isinstance(error, classes):
-            return kind, [f"error: {line}" for line in clean_message(error).splitlines()[:1]] + [
-                f"  {line}" for line in clean_message(error).splitlines()[1:]
-            ]
+    kind = exit_status_of(error)
+    if kind is not None:
+        return kind, [f"error: {line}" for line in clean_message(error).splitlines()[:1]] + [
+            f"  {line}" for line in clean_message(error).splitlines()[1:]
+        ]
     if isinstance(error, OSError):
         return EXIT_IO, [f"error: {_os_error_line(error)}"]
     if isinstance(error, MemoryError):

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import logging
 import os
-import uuid
 from typing import List, Optional
 
+from .common.files import existing_ancestor, unwritable_folder_reason
 from .failures import EXIT_CHECKPOINT, EXIT_DATA, EXIT_IO, PreflightError, Problem, free_bytes
 
 log = logging.getLogger(__name__)
@@ -125,8 +125,9 @@ def data_problems(config) -> List[Problem]:
                 Problem(
                     EXIT_DATA,
                     (
-                        f"data.{name}: {len(without)} of {len(numbers)} shard(s) have no embedding file (*_<shard>.npy) in "
-                        f"{folder}: {plan._ranges(without)} (set data.skip_missing_shards to leave those shards out)"
+                        f"data.{name}: {len(without)} of {len(numbers)} shard(s) have no embedding file "
+                        f"(*_<shard>.npy) in {folder}: {plan._ranges(without)} "
+                        "(set data.skip_missing_shards to leave those shards out)"
                     ),
                 )
             )
@@ -237,8 +238,9 @@ def _member_dim_problems(config, shards) -> List[Problem]:
                     Problem(
                         EXIT_DATA,
                         (
-                            f"data: the {member} members of {shards[0].url} hold {shape[-1]}-dimensional image embeddings "
-                            f"but decoder.unets[0].image_embed_dim is {expected} (expected {expected}, got {shape[-1]})"
+                            f"data: the {member} members of {shards[0].url} hold {shape[-1]}-dimensional image "
+                            f"embeddings but decoder.unets[0].image_embed_dim is {expected} "
+                            f"(expected {expected}, got {shape[-1]})"
                         ),
                     )
                 ]
@@ -253,8 +255,9 @@ def _split_problems(config, shard_count: int) -> List[Problem]:
             Problem(
                 EXIT_DATA,
                 (
-                    f"data.splits: {shard_count} shard(s) found in {config.data.start_shard}..{config.data.end_shard} but "
-                    f"{len(asked)} splits ({', '.join(asked)}) need a shard each; add shards or set the unneeded splits to 0"
+                    f"data.splits: {shard_count} shard(s) found in {config.data.start_shard}..{config.data.end_shard} "
+                    f"but {len(asked)} splits ({', '.join(asked)}) need a shard each; add shards or set the unneeded "
+                    "splits to 0"
                 ),
             )
         ]
@@ -264,35 +267,10 @@ def _split_problems(config, shard_count: int) -> List[Problem]:
 # --- paths ------------------------------------------------------------------------------------
 
 
-def _existing_ancestor(path: str) -> str:
-    path = os.path.abspath(os.path.expanduser(path))
-    while not os.path.exists(path) and os.path.dirname(path) != path:
-        path = os.path.dirname(path)
-    return path
-
-
 def writable_problem(path: str, where: str) -> Optional[Problem]:
     """None when a file can be created at `path` (a folder, created if missing); else the problem."""
-    target = os.path.abspath(os.path.expanduser(path))
-    if os.path.exists(target) and not os.path.isdir(target):
-        return Problem(EXIT_IO, f"{where}: {target} exists and is not a folder")
-    folder = _existing_ancestor(target)
-    if not os.path.isdir(folder):
-        return Problem(EXIT_IO, f"{where}: {folder} is a file, so {target} cannot be created")
-    probe = os.path.join(folder, f".dalle2-write-test-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(probe, "wb") as handle:
-            handle.write(b"x")
-    except OSError as error:
-        reason = error.strerror or str(error)
-        shown = target if folder == target else f"{target} (its folder {folder})"
-        return Problem(EXIT_IO, f"{where}: {shown} is not writable: {reason}")
-    finally:
-        try:
-            os.unlink(probe)
-        except OSError:
-            pass
-    return None
+    reason = unwritable_folder_reason(path)
+    return Problem(EXIT_IO, f"{where}: {reason}") if reason else None
 
 
 def data_path_in_use_problem(config, data_path: str) -> Optional[Problem]:
@@ -375,7 +353,7 @@ def save_problems(config) -> List[Problem]:
     devices = {}
     for folder in folders:  # saves on the data path's filesystem are hard links to its staged copy
         try:
-            devices.setdefault(os.stat(_existing_ancestor(folder)).st_dev, folder)
+            devices.setdefault(os.stat(existing_ancestor(folder)).st_dev, folder)
         except OSError:
             continue
     needed = int(size * SPACE_MARGIN)
@@ -386,7 +364,7 @@ def save_problems(config) -> List[Problem]:
                 Problem(
                     EXIT_IO,
                     (
-                        f"tracker: no space left for a checkpoint on {_existing_ancestor(folder)}: {_mb(free)} free, "
+                        f"tracker: no space left for a checkpoint on {existing_ancestor(folder)}: {_mb(free)} free, "
                         f"a checkpoint needs about {_mb(needed)} (free some space or choose another tracker.data_path)"
                     ),
                 )

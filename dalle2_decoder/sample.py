@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from .common.files import atomic_write_text
+from .common.per_unet import per_unet
 from .failures import UsageError
 
 EXIT_OK = 0
@@ -180,15 +182,14 @@ def _seeds(args) -> List[int]:
 
 
 def _per_unet(values: Optional[Sequence], count: int, option: str) -> Optional[list]:
+    """An option given on the command line once (for every U-Net) or once per U-Net."""
     if values is None:
         return None
-    if len(values) == 1:
-        return list(values) * count
-    if len(values) != count:
+    if len(values) not in (1, count):
         raise SampleInputError(
             f"{option} has {len(values)} values but the decoder has {count} U-Nets; give one or one per U-Net"
         )
-    return list(values)
+    return per_unet(values[0] if len(values) == 1 else list(values), count, name=option)
 
 
 # --- inputs --------------------------------------------------------------------------------------
@@ -405,9 +406,7 @@ def write_outputs(out_dir: Path, inputs: Inputs, items, images, *, seeds, record
     grid = make_grid(torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2), nrow=len(seeds), padding=2)
     Image.fromarray(grid.permute(1, 2, 0).numpy()).save(out_dir / "grid.png")
     summary = {"model": record["checkpoint"], "inputs": inputs.kind, "count": len(entries), "images": entries}
-    temp = out_dir / ".samples.json.tmp"
-    temp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(temp, out_dir / "samples.json")
+    atomic_write_text(out_dir / "samples.json", json.dumps(summary, indent=2) + "\n")
 
 
 def _safe(text: str) -> str:

@@ -529,7 +529,7 @@ def test_world_mistakes_are_found_before_training(capsys, monkeypatch, world, na
     # --no-io leaves the world alone: the config itself is fine.
     assert run_check(capsys, world, target, "--no-io")[0] == 0
     # Training runs the same check first and never reaches the training loop.
-    monkeypatch.setattr(cli, "_training_entry_point", lambda: pytest.fail("training started"))
+    monkeypatch.setattr(cli, "train", lambda config: pytest.fail("training started"))
     assert cli.main(["--config_file", str(world.tmp / "config.json")]) == code
     capsys.readouterr()
 
@@ -733,7 +733,7 @@ def test_debug_shows_the_traceback_and_a_bug_always_does(capsys, monkeypatch, wo
     assert cli.main(["--config_file", str(path), "--debug"]) == EXIT_CONFIG
     err = capsys.readouterr().err
     assert "Traceback" in err and "seed: must be in 0..4294967295" in err
-    monkeypatch.setattr(cli, "_training_entry_point", lambda: lambda config: 1 / 0)
+    monkeypatch.setattr(cli, "train", lambda config: 1 / 0)
     path.write_text(json.dumps(world.raw))
     assert cli.main(["--config_file", str(path)]) == EXIT_BUG
     err = capsys.readouterr().err

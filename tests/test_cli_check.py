@@ -131,25 +131,18 @@ def world_ready(monkeypatch):
     monkeypatch.setattr("dalle2_decoder.preflight.ensure_ready", lambda *args, **kwargs: None)
 
 
-def test_training_without_the_training_loop_exits_2(capsys, monkeypatch, minimal_config, write_config, world_ready):
-    monkeypatch.setattr(cli, "_training_entry_point", lambda: None)
-    code, out, err = run_main(capsys, "--config_file", write_config(minimal_config))
-    assert code == 1 and out == ""
-    assert "training is not available yet" in err
-
-
 def test_training_calls_the_training_loop_with_the_config(
     capsys, monkeypatch, minimal_config, write_config, world_ready
 ):
     received = []
-    monkeypatch.setattr(cli, "_training_entry_point", lambda: lambda config: received.append(config) or 0)
+    monkeypatch.setattr(cli, "train", lambda config: received.append(config) or 0)
     code, _, _ = run_main(capsys, "--config_file", write_config(minimal_config), "--set", "seed=7")
     assert code == 0
     assert received == [TrainDecoderConfig.from_dict(dict(minimal_config, seed=7))]
 
 
 def test_config_errors_are_not_trained(capsys, monkeypatch, minimal_config, write_config):
-    monkeypatch.setattr(cli, "_training_entry_point", lambda: pytest.fail("training started on a bad config"))
+    monkeypatch.setattr(cli, "train", lambda config: pytest.fail("training started on a bad config"))
     minimal_config["train"] = {"epochs": 0}
     code, _, err = run_main(capsys, "--config_file", write_config(minimal_config))
     assert code == 1 and "train.epochs: must be at least 1 (got 0)" in err

@@ -71,3 +71,14 @@ def test_prepare_command_names_missing_clip_weights(tmp_path, capsys):
     )
     assert status == 2
     assert "ViT-L-14.pt" in capsys.readouterr().err
+
+
+def test_prepare_command_names_an_out_folder_it_cannot_create(tmp_path, capsys):
+    (tmp_path / "a.jpg").write_bytes(b"")
+    (tmp_path / "a-file").write_text("x")
+    out = tmp_path / "a-file" / "shards"
+    status = prepare.main(["--images", str(tmp_path), "--out", str(out), "--clip-weights", str(tmp_path / "w.pt")])
+    assert status == 2
+    err = capsys.readouterr().err
+    assert f"--out: {tmp_path / 'a-file'} is a file, so {out} cannot be created" in err
+    assert not out.exists()

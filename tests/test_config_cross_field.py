@@ -273,6 +273,32 @@ def test_wandb_savers_and_loaders_need_a_wandb_run(minimal_config, config_proble
     assert config_problems(minimal_config) == []
 
 
+def test_checkpoints_are_not_saved_as_safetensors(minimal_config, config_problems):
+    minimal_config["tracker"]["save"] = [
+        {"save_to": "local", "save_latest_to": "latest.safetensors"},
+        {"save_to": "huggingface", "huggingface_repo": "u/r", "save_best_to": "best.safetensors", "save_type": "model"},
+    ]
+    assert config_problems(minimal_config) == [
+        "tracker.save[0].save_latest_to: latest.safetensors ends in .safetensors but save_type is checkpoint; "
+        "safetensors holds model weights only (save_type: model), checkpoints are .pt files"
+    ]
+
+
+def test_savers_are_told_apart_by_save_to_not_by_the_save_type_they_share(minimal_config):
+    from dalle2_decoder.config import HuggingfaceSaveConfig, LocalSaveConfig, TrainDecoderConfig, WandbSaveConfig
+
+    minimal_config["tracker"]["log"] = {"log_type": "wandb", "wandb_entity": "t", "wandb_project": "p"}
+    minimal_config["tracker"]["save"] = [
+        {"save_to": "wandb", "save_type": "model", "save_latest_to": "a.pth"},
+        {"save_to": "huggingface", "huggingface_repo": "u/r", "save_type": "model", "save_best_to": "b.pth"},
+        {"save_to": "local", "save_type": "model", "save_meta_to": "meta"},
+    ]
+    savers = TrainDecoderConfig.from_dict(minimal_config).tracker.save
+    assert [type(saver) for saver in savers] == [WandbSaveConfig, HuggingfaceSaveConfig, LocalSaveConfig]
+    assert [saver.save_type for saver in savers] == ["model"] * 3
+    assert (savers[0].save_latest_to, savers[1].save_best_to, savers[2].save_meta_to) == ("a.pth", "b.pth", "meta")
+
+
 def test_wandb_resume_needs_a_run_id(minimal_config, config_problems):
     minimal_config["tracker"]["log"] = {"log_type": "wandb", "wandb_entity": "t", "wandb_project": "p", "resume": True}
     assert config_problems(minimal_config) == ["tracker.log.resume: needs tracker.log.wandb_run_id, the run to resume"]
@@ -309,7 +335,7 @@ def test_empty_names_are_rejected(minimal_config, config_problems):
             "decoder",
             "sample_timesteps",
             2000,
-            "decoder.sample_timesteps: U-Net 0 samples with 2000 steps; it must be "
+            "decoder.sample_timesteps: U-Net 1 samples with 2000 steps; it must be "
             "between 1 and decoder.timesteps (1000)",
         ),
         ("decoder", "image_cond_drop_prob", 1.5, "decoder.image_cond_drop_prob: must be in [0.0, 1.0] (got 1.5)"),

@@ -265,21 +265,19 @@ def test_from_json_path_loads(minimal_config, write_config):
     assert config.decoder.unets[0].dim == 16
 
 
-def test_basic_preprocessing_check_used_without_the_data_package():
-    from dalle2_decoder.config.preprocessing import basic_preprocessing_problems
+def test_preprocessing_problems_are_the_data_pipelines_own_at_each_transform():
+    from dalle2_decoder.config.preprocessing import preprocessing_problems
+    from dalle2_decoder.data import validate_preprocessing
 
-    assert basic_preprocessing_problems({"RandomResizedCrop": {"size": 64}, "ToTensor": True}) == []
-    assert basic_preprocessing_problems({"RandomResizeCrop": True, "Resize": {"sise": 64}, "ToTensor": True}) == [
-        "RandomResizeCrop: unknown transform (did you mean RandomResizedCrop?)",
-        'Resize: unknown argument "sise" (did you mean size?)',
+    spec = {"RandomResizeCrop": True, "Resize": {"sise": 64}, "ToTensor": True}
+    problems = preprocessing_problems(spec)
+    # one rule: the loader's validator and the config check give the same problems
+    assert problems == [f"data.preprocessing.{line}" for line in validate_preprocessing(spec)]
+    assert problems[0] == (
+        "data.preprocessing.RandomResizeCrop: unknown transform 'RandomResizeCrop'; did you mean 'RandomResizedCrop'?"
+    )
+    assert problems[1].startswith("data.preprocessing.Resize: bad arguments") and "sise" in problems[1]
+    assert preprocessing_problems(["Resize"]) == [
+        "data.preprocessing: must be an object of transform name -> arguments, got list"
     ]
-
-
-def test_preprocessing_problems_use_the_data_pipeline_validator(monkeypatch):
-    import dalle2_decoder.config.preprocessing as preprocessing
-
-    monkeypatch.setattr(preprocessing, "_validator", lambda: lambda spec: ["Resize: bad size", "spec is odd"])
-    assert preprocessing.preprocessing_problems({"Resize": {"size": -1}}) == [
-        "data.preprocessing.Resize: bad size",
-        "data.preprocessing: spec is odd",
-    ]
+    assert preprocessing_problems({"RandomResizedCrop": {"size": 64}, "ToTensor": True, "Normalize": False}) == []

@@ -119,6 +119,46 @@ def test_run_state_reaches_the_disk_before_it_is_renamed_into_place(tmp_path, mo
     assert read_run_state(tmp_path).run_id == "abc"
 
 
+# --- cut downloads -------------------------------------------------------------------------------
+
+
+def test_a_download_cut_short_leaves_the_previous_file_whole_and_no_part_behind(tmp_path):
+    import http.server
+    import threading
+
+    from dalle2_decoder.config import UrlLoadConfig
+    from dalle2_decoder.tracking import LoadError
+    from dalle2_decoder.tracking.loaders import UrlLoader
+
+    class CutShort(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):  # promises 1 MiB, sends 1 KiB, hangs up
+            self.send_response(200)
+            self.send_header("Content-Length", str(1 << 20))
+            self.end_headers()
+            self.wfile.write(b"x" * 1024)
+            self.wfile.flush()
+            self.close_connection = True
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), CutShort)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/latest.pth"
+        downloads = tmp_path / "downloads"
+        downloads.mkdir()
+        (downloads / "latest.pth").write_bytes(b"the previous download")
+        with pytest.raises(LoadError, match="latest.pth"):
+            UrlLoader(UrlLoadConfig(load_from="url", url=url), downloads, timeout_s=10).fetch()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert (downloads / "latest.pth").read_bytes() == b"the previous download"
+    assert os.listdir(downloads) == ["latest.pth"]
+
+
 # --- kills during saves --------------------------------------------------------------------------
 
 SAVE_SCRIPT = textwrap.dedent(

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from dalle2_decoder.common.files import atomic_write
 from dalle2_decoder.tracking import (
     CheckpointError,
     CheckpointMismatchError,
@@ -20,7 +21,7 @@ from dalle2_decoder.tracking import (
     save_checkpoint,
     save_model,
 )
-from dalle2_decoder.tracking.checkpoint import atomic_write, check_weights_only
+from dalle2_decoder.tracking.checkpoint import check_weights_only
 
 
 class TinyNet(nn.Module):

@@ -14,6 +14,7 @@ from dalle2_decoder.config import (
     TrackerConfig,
     UrlLoadConfig,
     WandbLoadConfig,
+    WandbLogConfig,
     WandbSaveConfig,
 )
 from dalle2_decoder.tracking import (
@@ -201,10 +202,18 @@ def test_problems_are_reported_together_at_start(tmp_path, monkeypatch):
         make(tmp_path, **config)
     problems = error.value.problems
     assert len(problems) == 4
-    assert any("latest.safetensors ends in .safetensors but save_type is checkpoint" in p for p in problems)
-    assert any("needs tracker.log.log_type 'wandb'" in p for p in problems)
+    # the configuration's own checks (the same lines config loading reports) and the start file's
+    assert "tracker.upload_retries: must be at least 1 (got 0)" in problems
+    assert any(
+        p.startswith(
+            "tracker.save[0].save_latest_to: latest.safetensors ends in .safetensors but save_type is checkpoint"
+        )
+        for p in problems
+    )
+    assert any(
+        p.startswith("tracker.save[1].wandb_run_path: needed unless tracker.log.log_type is wandb") for p in problems
+    )
     assert any("checkpoint file not found" in p and "missing.pt" in p for p in problems)
-    assert any("upload_retries must be at least 1" in p for p in problems)
     assert not (tmp_path / "run").exists()  # nothing was touched
 
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -212,8 +221,11 @@ def test_problems_are_reported_together_at_start(tmp_path, monkeypatch):
         make(tmp_path, save=[WandbSaveConfig(save_to="wandb", save_latest_to="x.pt", wandb_run_path="a/b/c")])
     with pytest.raises(TrackerSetupError, match="must be an http:// or https:// URL"):
         make(tmp_path, load=UrlLoadConfig(load_from="url", url="ftp://example.org/ck.pt"))
-    with pytest.raises(TrackerSetupError, match="wandb_run_path is not set and no wandb run is being resumed"):
+    with pytest.raises(TrackerSetupError, match="wandb_run_path: needed unless tracker.log.log_type is wandb"):
         make(tmp_path, load=WandbLoadConfig(load_from="wandb", wandb_file_path="latest.pt"))
+    wandb_log = WandbLogConfig(log_type="wandb", wandb_entity="team", wandb_project="decoder")
+    with pytest.raises(TrackerSetupError, match="wandb_run_path is not set and no wandb run is being resumed"):
+        make(tmp_path, log=wandb_log, load=WandbLoadConfig(load_from="wandb", wandb_file_path="latest.pt"))
 
 
 def test_url_loading_from_a_local_http_server(tmp_path, capsys):

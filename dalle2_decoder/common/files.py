@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import uuid
 from pathlib import Path
-from typing import Callable, Union
+from typing import Callable, Optional, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -54,3 +54,39 @@ def fsync_folder(folder: PathLike) -> None:
         pass
     finally:
         os.close(descriptor)
+
+
+def existing_ancestor(path: PathLike) -> str:
+    """`path` made absolute, or its nearest folder above that exists (the filesystem root at worst)."""
+    current = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    while not os.path.exists(current) and os.path.dirname(current) != current:
+        current = os.path.dirname(current)
+    return current
+
+
+def unwritable_folder_reason(path: PathLike) -> Optional[str]:
+    """None when files can be created in the folder `path` (created if missing); else why not.
+
+    Tries a real write (a small probe file, removed again) in the nearest existing folder, since
+    permissions, read-only mounts and quotas are only known by trying.
+    """
+    target = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    if os.path.exists(target) and not os.path.isdir(target):
+        return f"{target} exists and is not a folder"
+    folder = existing_ancestor(target)
+    if not os.path.isdir(folder):
+        return f"{folder} is a file, so {target} cannot be created"
+    probe = os.path.join(folder, f".dalle2-write-test-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(probe, "wb") as handle:
+            handle.write(b"x")
+    except OSError as error:
+        reason = error.strerror or str(error)
+        shown = target if folder == target else f"{target} (its folder {folder})"
+        return f"{shown} is not writable: {reason}"
+    finally:
+        try:
+            os.unlink(probe)
+        except OSError:
+            pass
+    return None

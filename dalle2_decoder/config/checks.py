@@ -10,6 +10,8 @@ import difflib
 import json
 from typing import Any, Iterable, List, Optional, Sequence, TypeVar, Union
 
+from ..common.per_unet import as_list, per_unet
+
 T = TypeVar("T")
 
 
@@ -28,11 +30,13 @@ def show(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def per_unet(value: Union[T, Sequence[T]], num_unets: int) -> List[T]:
-    """One value for each U-Net: a list is returned as is, a single value repeated."""
-    if isinstance(value, (list, tuple)):
-        return list(value)
-    return [value] * num_unets
+def entries(value: Union[T, Sequence[T]], num_unets: int) -> List[T]:
+    """A per-U-Net option's values for checking: a list as written, a single value once per U-Net.
+
+    Unlike `common.per_unet.per_unet`, a list of the wrong length is taken as it is: `one_per_unet`
+    reports its length, and the checks of its entries still run.
+    """
+    return as_list(value) if isinstance(value, (list, tuple)) else per_unet(value, num_unets)
 
 
 def one_per_unet(path: str, value: Any, num_unets: Optional[int]) -> List[str]:

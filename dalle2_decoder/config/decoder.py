@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
 
 import attrs
 
-from .checks import at_least, in_range, one_of, one_per_unet, per_unet
+from .checks import at_least, entries, in_range, one_of, one_per_unet
 
 if TYPE_CHECKING:  # imported lazily: building a config must not need torch
     from ..models.decoder import Decoder
@@ -162,8 +162,8 @@ class DecoderConfig:
             elif isinstance(value, list) and len(value) == num_unets and num_unets and value[0]:
                 problems.append(f"decoder.{name}[0]: must be false (U-Net 1 has no low-res input)")
         if num_unets > 1:
-            noise = per_unet(self.options.get("use_noise_for_lowres_cond", False), num_unets - 1)[-(num_unets - 1) :]
-            blur = per_unet(self.options.get("use_blur_for_lowres_cond", True), num_unets - 1)[-(num_unets - 1) :]
+            noise = entries(self.options.get("use_noise_for_lowres_cond", False), num_unets - 1)[-(num_unets - 1) :]
+            blur = entries(self.options.get("use_blur_for_lowres_cond", True), num_unets - 1)[-(num_unets - 1) :]
             for offset, (n, b) in enumerate(zip(noise, blur)):
                 if not (n or b):
                     problems.append(
@@ -177,14 +177,14 @@ class DecoderConfig:
             )
             if schedule is not None:
                 problems += one_of(where, schedule, BETA_SCHEDULES)
-        for index, sampler in enumerate(per_unet(self.samplers, num_unets)):
+        for index, sampler in enumerate(entries(self.samplers, num_unets)):
             if sampler is not None:
                 where = f"decoder.samplers[{index}]" if isinstance(self.samplers, list) else "decoder.samplers"
                 problems += one_of(where, sampler, SAMPLERS)
         resolved = (
             (["cosine"] * max(num_unets - 1, 1) + ["linear"] * (num_unets > 1))
             if self.beta_schedule is None
-            else per_unet(self.beta_schedule, num_unets)
+            else entries(self.beta_schedule, num_unets)
         )
         for index, schedule in enumerate(resolved):
             # linear / quadratic scale the DDPM betas (up to 0.02 at T = 1000) by 1000 / T: beta_T = 20 / T.
@@ -199,10 +199,10 @@ class DecoderConfig:
                     f"decoder.timesteps = {self.timesteps}; use more than 20 timesteps or the cosine schedule"
                 )
                 break
-        for index, steps in enumerate(per_unet(self.sample_timesteps, num_unets)):
+        for index, steps in enumerate(entries(self.sample_timesteps, num_unets)):
             if steps is not None and not 1 <= steps <= self.timesteps:
                 problems.append(
-                    f"decoder.sample_timesteps: U-Net {index} samples with {steps} steps; "
+                    f"decoder.sample_timesteps: U-Net {index + 1} samples with {steps} steps; "
                     f"it must be between 1 and decoder.timesteps ({self.timesteps})"
                 )
         return problems

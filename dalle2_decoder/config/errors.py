@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Iterable, List
+from typing import ClassVar, Iterable, List
+
+from ..failures import EXIT_CONFIG
 
 
 class ConfigError(ValueError):
@@ -11,6 +13,9 @@ class ConfigError(ValueError):
     Every problem found is listed, not just the first: structural ones (unknown keys, wrong types,
     missing required options) and cross-field ones (checks between options) alike.
     """
+
+    exit_status: ClassVar[int] = EXIT_CONFIG
+    reported_verbatim: ClassVar[bool] = True  # the message is the whole report, header included
 
     def __init__(self, problems: Iterable[str], source: str = "configuration"):
         self.problems: List[str] = list(problems)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 from typing import Any, List, Union
 
-from .checks import per_unet, show
+from ..common.per_unet import as_list
+from .checks import show
 from .structure import join_path
 
 SEED_MAX = 2**32 - 1
@@ -72,7 +73,7 @@ def decoder_problems(decoder) -> List[str]:
 def train_problems(train) -> List[str]:
     problems: List[str] = []
     lrs: Union[float, List[float]] = train.lr
-    for index, lr in enumerate(per_unet(lrs, 1)):
+    for index, lr in enumerate(as_list(lrs)):
         where = f"train.lr[{index}]" if isinstance(lrs, list) else "train.lr"
         if isinstance(lr, (int, float)) and math.isfinite(lr) and lr > MAX_LEARNING_RATE:
             problems.append(

@@ -1,59 +1,90 @@
-"""Checking `data.preprocessing` (torchvision transforms by name) while the configuration loads.
+"""`data.preprocessing`: torchvision transforms by name, checked while the configuration loads.
 
-The data pipeline owns the real validation (`dalle2_decoder.data.transforms.validate_preprocessing`,
-which builds each transform); this module calls it and places each of its problems at
-`data.preprocessing.<TransformName>`. `basic_preprocessing_problems` is the stand-in used when
-that function cannot be imported: it checks names and keyword arguments against torchvision.
+The spec is an ordered mapping `{TransformName: arguments}` as written in the JSON config, where
+the arguments are `true` (no arguments), an object (keyword arguments), a list (positional
+arguments) or a single number/string (one positional argument); `false`/`null` leaves the
+transform out. This module owns what a spec means (`transform_steps`) and its problems; the data
+pipeline (`dalle2_decoder.data.transforms`) builds its image transform from the same steps, so
+the config check and the loader cannot disagree.
 """
 
 from __future__ import annotations
 
+import difflib
+import functools
 import inspect
-from typing import Any, Callable, List, Mapping
+from typing import Any, Callable, Dict, List, Mapping, Tuple
 
-from .checks import closest, show
 from .structure import join_path
 
+# Wrappers that take other transforms or Python callables: they cannot be written in JSON.
+_NOT_CONFIGURABLE = {"Compose", "RandomApply", "RandomChoice", "RandomOrder", "Lambda", "InterpolationMode"}
 
-def basic_preprocessing_problems(spec: Mapping[str, Any]) -> List[str]:
-    """`Name: message` problems: unknown transform names and unknown keyword arguments."""
-    from torchvision import transforms
 
-    available = {name for name in dir(transforms) if name[:1].isupper() and inspect.isclass(getattr(transforms, name))}
-    problems = []
-    for name, arguments in spec.items():
-        if name not in available:
-            match = closest(name, available)
-            problems.append(f"{name}: unknown transform" + (f" (did you mean {match}?)" if match else ""))
+@functools.lru_cache(maxsize=None)
+def available_transforms() -> Dict[str, type]:
+    """Every transform name the preprocessing spec accepts (the classes of `torchvision.transforms`)."""
+    from torchvision import transforms  # imported on first use: loading a config stays light
+
+    found = {}
+    for name in dir(transforms):
+        obj = getattr(transforms, name)
+        if name[:1].isupper() and inspect.isclass(obj) and name not in _NOT_CONFIGURABLE and callable(obj):
+            found[name] = obj
+    return found
+
+
+def _arguments(value: Any) -> Tuple[tuple, dict]:
+    if value is True:
+        return (), {}
+    if isinstance(value, Mapping):
+        return (), dict(value)
+    if isinstance(value, (list, tuple)):
+        return tuple(value), {}
+    return (value,), {}
+
+
+def _closest(name: str) -> str:
+    available = available_transforms()
+    lowered = {known.lower(): known for known in available}
+    if name.lower() in lowered:
+        return lowered[name.lower()]
+    matches = difflib.get_close_matches(name, available, n=1, cutoff=0.0)
+    return matches[0] if matches else "ToTensor"
+
+
+def transform_steps(spec: Mapping[str, Any]) -> Tuple[List[Callable], List[Tuple[str, str]]]:
+    """(the spec's transforms, built in order; `(transform_name, message)` for each problem).
+
+    A transform is built to check it: its constructor's own message says what is wrong with
+    its arguments. A problem of the whole spec has the name "".
+    """
+    steps: List[Callable] = []
+    problems: List[Tuple[str, str]] = []
+    if not isinstance(spec, Mapping):
+        return steps, [("", f"must be an object of transform name -> arguments, got {type(spec).__name__}")]
+    for name, value in spec.items():
+        if value is False or value is None:
             continue
-        if isinstance(arguments, Mapping):
-            parameters = inspect.signature(getattr(transforms, name)).parameters
-            for key in arguments:
-                if key not in parameters:
-                    match = closest(key, parameters)
-                    problems.append(
-                        f"{name}: unknown argument {show(key)}" + (f" (did you mean {match}?)" if match else "")
-                    )
-        elif not isinstance(arguments, (bool, list, int, float, str)) and arguments is not None:
-            problems.append(f"{name}: expected true, an object of arguments or a list, got {show(arguments)}")
-    return problems
+        cls = available_transforms().get(name)
+        if cls is None:
+            problems.append((name, f"unknown transform {name!r}; did you mean {_closest(name)!r}?"))
+            continue
+        args, kwargs = _arguments(value)
+        try:
+            steps.append(cls(*args, **kwargs))
+        except Exception as error:  # the constructor's own message says what is wrong
+            problems.append((name, f"bad arguments {value!r} for torchvision.transforms.{name}: {error}"))
+    return steps, problems
 
 
-def _validator() -> Callable[[Mapping[str, Any]], List[str]]:
-    try:
-        from ..data.transforms import validate_preprocessing
-    except ImportError:
-        return basic_preprocessing_problems
-    return validate_preprocessing
+def validate_preprocessing(spec: Mapping[str, Any]) -> List[str]:
+    """Every problem of a preprocessing spec, as `"<TransformName>: <message>"` strings (empty if fine)."""
+    _, problems = transform_steps(spec)
+    return [f"{name}: {message}" if name else message for name, message in problems]
 
 
 def preprocessing_problems(spec: Mapping[str, Any], path: str = "data.preprocessing") -> List[str]:
     """Problems of a preprocessing spec as `path: reason` lines, each at its transform's path."""
-    lines = []
-    for problem in _validator()(spec):
-        name, separator, message = problem.partition(": ")
-        if separator and name in spec:
-            lines.append(f"{join_path(path, name)}: {message}")
-        else:
-            lines.append(f"{path}: {problem}")
-    return lines
+    _, problems = transform_steps(spec)
+    return [f"{join_path(path, name)}: {message}" if name else f"{path}: {message}" for name, message in problems]

@@ -24,7 +24,21 @@ import json
 import re
 import types
 import typing
-from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Sequence, Tuple, Union, get_args, get_origin
+from typing import (
+    Any,
+    Callable,
+    ClassVar,
+    Dict,
+    List,
+    Literal,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+    get_args,
+    get_origin,
+)
 
 import attrs
 import cattrs
@@ -38,6 +52,7 @@ from cattrs.errors import (
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn
 from cattrs.v import format_exception
 
+from ..failures import EXIT_CONFIG
 from .checks import closest, show
 from .decoder import DecoderConfig, UnetConfig
 from .tracker import SaveConfig
@@ -50,6 +65,8 @@ converter = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
 
 class ConfigValueError(ValueError):
     """A value that does not fit its option; the message is shown as is after the option's path."""
+
+    exit_status: ClassVar[int] = EXIT_CONFIG
 
 
 class UnknownOptionError(ConfigValueError):
@@ -234,15 +251,22 @@ def _mapping_hook_factory(tp: Any) -> Callable[[Any, Any], Any]:
 
 
 def _discriminator(members: Sequence[type]) -> Optional[str]:
-    """The name of the `Literal` field every member has (`log_type`, ...), if there is one."""
+    """The `Literal` field that tells the members apart (`log_type`, ...), if there is one.
+
+    Every member has it, and no two members share one of its values: a `Literal` field the members
+    have in common (the savers' `save_type`) does not say which member a JSON object is.
+    """
     names = None
+    values: Dict[str, List[Any]] = {}
     for member in members:
         hints = typing.get_type_hints(member)
         literal_fields = {a.name for a in attrs.fields(member) if get_origin(hints[a.name]) is Literal}
         names = literal_fields if names is None else names & literal_fields
+        for name in literal_fields:
+            values.setdefault(name, []).extend(get_args(hints[name]))
     first_fields = [a.name for a in attrs.fields(members[0])]
     for name in first_fields:
-        if names and name in names:
+        if names and name in names and len(set(values[name])) == len(values[name]):
             return name
     return None
 

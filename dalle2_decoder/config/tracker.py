@@ -129,12 +129,15 @@ def save_path_field_problems(where: str, template: Optional[str]) -> List[str]:
 # --- save ------------------------------------------------------------------------------------
 
 
-@attrs.frozen
-class LocalSaveConfig:
-    """Save checkpoints, models and metadata to local paths (relative paths are under `data_path`)."""
+@attrs.frozen(kw_only=True)
+class SaveTargets:
+    """What every saver writes and where; each saver adds where it writes to.
 
-    save_to: Literal["local"]
-    """Must be `local`."""
+    Paths are local paths for `local` (relative ones under `data_path`), paths in the repository
+    for `huggingface` and paths in the run's files for `wandb`. Shared by the three saver classes
+    (keyword-only, so each saver's own required options can follow these defaulted ones).
+    """
+
     save_latest_to: Optional[str] = None
     """Path of the latest save, overwritten each time."""
     save_best_to: Optional[str] = None
@@ -146,7 +149,15 @@ class LocalSaveConfig:
 
 
 @attrs.frozen
-class HuggingfaceSaveConfig:
+class LocalSaveConfig(SaveTargets):
+    """Save checkpoints, models and metadata to local paths (relative paths are under `data_path`)."""
+
+    save_to: Literal["local"]
+    """Must be `local`."""
+
+
+@attrs.frozen
+class HuggingfaceSaveConfig(SaveTargets):
     """Upload saves to a Hugging Face Hub model repository."""
 
     save_to: Literal["huggingface"]
@@ -157,32 +168,16 @@ class HuggingfaceSaveConfig:
     """File holding the hub token, when the hub client's login or `HF_TOKEN` is not available."""
     huggingface_endpoint: Optional[str] = None
     """Hub endpoint URL for self-hosted hubs; None uses the client's default (or `HF_ENDPOINT`)."""
-    save_latest_to: Optional[str] = None
-    """Path in the repository of the latest save."""
-    save_best_to: Optional[str] = None
-    """Path in the repository of the best save."""
-    save_meta_to: Optional[str] = None
-    """Folder in the repository for the config used and run metadata."""
-    save_type: Literal["checkpoint", "model"] = "checkpoint"
-    """`checkpoint`: everything needed to resume; `model`: weights only (EMA when enabled)."""
 
 
 @attrs.frozen
-class WandbSaveConfig:
+class WandbSaveConfig(SaveTargets):
     """Upload saves as files of a wandb run."""
 
     save_to: Literal["wandb"]
     """Must be `wandb`."""
     wandb_run_path: Optional[str] = None
     """Run to save into; None uses the current run (almost always what you want)."""
-    save_latest_to: Optional[str] = None
-    """Path in the run's files of the latest save."""
-    save_best_to: Optional[str] = None
-    """Path in the run's files of the best save."""
-    save_meta_to: Optional[str] = None
-    """Folder in the run's files for the config used and run metadata."""
-    save_type: Literal["checkpoint", "model"] = "checkpoint"
-    """`checkpoint`: everything needed to resume; `model`: weights only (EMA when enabled)."""
 
 
 SaveConfig = Union[LocalSaveConfig, HuggingfaceSaveConfig, WandbSaveConfig]
@@ -209,46 +204,8 @@ class TrackerConfig:
     """Attempts for each upload before the failure is reported (training goes on)."""
 
     def check(self, root: "TrainDecoderConfig") -> List[str]:
-        """Each logger, loader and saver has what its kind needs, and every saver saves something."""
-        problems = not_empty("tracker.data_path", self.data_path) + at_least(
-            "tracker.upload_retries", self.upload_retries, 1
-        )
-        logs_to_wandb = isinstance(self.log, WandbLogConfig)
-        if logs_to_wandb:
-            problems += not_empty("tracker.log.wandb_entity", self.log.wandb_entity)
-            problems += not_empty("tracker.log.wandb_project", self.log.wandb_project)
-            if self.log.resume and not self.log.wandb_run_id:
-                problems.append("tracker.log.resume: needs tracker.log.wandb_run_id, the run to resume")
-        if isinstance(self.load, LocalLoadConfig):
-            problems += not_empty("tracker.load.file_path", self.load.file_path)
-        elif isinstance(self.load, UrlLoadConfig):
-            problems += not_empty("tracker.load.url", self.load.url)
-        elif isinstance(self.load, WandbLoadConfig):
-            problems += not_empty("tracker.load.wandb_file_path", self.load.wandb_file_path)
-            if self.load.wandb_run_path is None and not logs_to_wandb:
-                problems.append(
-                    "tracker.load.wandb_run_path: needed unless tracker.log.log_type is wandb (without it "
-                    "the checkpoint is taken from the logged run)"
-                )
-        if not self.save:
-            problems.append("tracker.save: needs at least one saver")
-        for index, saver in enumerate(self.save):
-            path = f"tracker.save[{index}]"
-            targets = ("save_latest_to", "save_best_to", "save_meta_to")
-            for name in targets:
-                problems += not_empty(f"{path}.{name}", getattr(saver, name))
-            for name in ("save_latest_to", "save_best_to"):
-                problems += save_path_field_problems(f"{path}.{name}", getattr(saver, name))
-            if all(getattr(saver, name) is None for name in targets):
-                problems.append(f"{path}: saves nothing; set save_latest_to, save_best_to or save_meta_to")
-            if isinstance(saver, HuggingfaceSaveConfig):
-                problems += not_empty(f"{path}.huggingface_repo", saver.huggingface_repo)
-            if isinstance(saver, WandbSaveConfig) and saver.wandb_run_path is None and not logs_to_wandb:
-                problems.append(
-                    f"{path}.wandb_run_path: needed unless tracker.log.log_type is wandb (without it "
-                    "saves go into the logged run)"
-                )
-        return problems
+        """`tracker_problems`, and a training run saves somewhere (a tracker built in code may only log)."""
+        return tracker_problems(self) + (["tracker.save: needs at least one saver"] if not self.save else [])
 
     def notes(self, root: "TrainDecoderConfig") -> List[str]:
         notes = []
@@ -258,3 +215,60 @@ class TrackerConfig:
                 "(auto_resume continues an interrupted run from tracker.data_path)"
             )
         return notes
+
+
+def tracker_problems(tracker: TrackerConfig) -> List[str]:
+    """Each logger, loader and saver has what its kind needs, and each saver saves something.
+
+    The one home of the tracker's checks that need nothing but the configuration: config loading
+    reports them, and `create_tracker` applies them to a config built in code as well.
+    """
+    problems = not_empty("tracker.data_path", tracker.data_path) + at_least(
+        "tracker.upload_retries", tracker.upload_retries, 1
+    )
+    log, load = tracker.log, tracker.load
+    logs_to_wandb = isinstance(log, WandbLogConfig)
+    if logs_to_wandb:
+        problems += not_empty("tracker.log.wandb_entity", log.wandb_entity)
+        problems += not_empty("tracker.log.wandb_project", log.wandb_project)
+        if log.resume and not log.wandb_run_id:
+            problems.append("tracker.log.resume: needs tracker.log.wandb_run_id, the run to resume")
+    if isinstance(load, LocalLoadConfig):
+        problems += not_empty("tracker.load.file_path", load.file_path)
+    elif isinstance(load, UrlLoadConfig):
+        problems += not_empty("tracker.load.url", load.url)
+    elif isinstance(load, WandbLoadConfig):
+        problems += not_empty("tracker.load.wandb_file_path", load.wandb_file_path)
+        if load.wandb_run_path is None and not logs_to_wandb:
+            problems.append(
+                "tracker.load.wandb_run_path: needed unless tracker.log.log_type is wandb (without it "
+                "the checkpoint is taken from the logged run)"
+            )
+    for index, saver in enumerate(tracker.save):
+        problems += _saver_problems(f"tracker.save[{index}]", saver, logs_to_wandb)
+    return problems
+
+
+def _saver_problems(path: str, saver: SaveTargets, logs_to_wandb: bool) -> List[str]:
+    problems = []
+    targets = ("save_latest_to", "save_best_to", "save_meta_to")
+    for name in targets:
+        problems += not_empty(f"{path}.{name}", getattr(saver, name))
+    for name in ("save_latest_to", "save_best_to"):
+        template = getattr(saver, name)
+        problems += save_path_field_problems(f"{path}.{name}", template)
+        if template and template.endswith(".safetensors") and saver.save_type == "checkpoint":
+            problems.append(
+                f"{path}.{name}: {template} ends in .safetensors but save_type is checkpoint; safetensors "
+                "holds model weights only (save_type: model), checkpoints are .pt files"
+            )
+    if all(getattr(saver, name) is None for name in targets):
+        problems.append(f"{path}: saves nothing; set save_latest_to, save_best_to or save_meta_to")
+    if isinstance(saver, HuggingfaceSaveConfig):
+        problems += not_empty(f"{path}.huggingface_repo", saver.huggingface_repo)
+    if isinstance(saver, WandbSaveConfig) and saver.wandb_run_path is None and not logs_to_wandb:
+        problems.append(
+            f"{path}.wandb_run_path: needed unless tracker.log.log_type is wandb (without it "
+            "saves go into the logged run)"
+        )
+    return problems

@@ -6,7 +6,8 @@ from typing import TYPE_CHECKING, List, Optional, Union
 
 import attrs
 
-from .checks import at_least, in_range, one_of, one_per_unet, per_unet
+from ..common.per_unet import as_list
+from .checks import at_least, entries, in_range, one_of, one_per_unet
 
 if TYPE_CHECKING:
     from .root import TrainDecoderConfig
@@ -107,12 +108,12 @@ class TrainConfig:
             ("warmup_steps", 0),
         ):
             value = getattr(self, name)
-            for index, item in enumerate(per_unet(value, 1)):
+            for index, item in enumerate(as_list(value)):
                 where = f"train.{name}[{index}]" if isinstance(value, list) else f"train.{name}"
                 problems += at_least(where, item, minimum)
-        if self.max_grad_norm is not None and 0 in per_unet(self.max_grad_norm, 1):
+        if self.max_grad_norm is not None and 0 in as_list(self.max_grad_norm):
             problems.append("train.max_grad_norm: must be greater than 0 (null disables clipping)")
-        for index, lr in enumerate(per_unet(self.lr, num_unets or 1)):
+        for index, lr in enumerate(entries(self.lr, num_unets or 1)):
             frozen = (
                 self.unet_training_mask is not None
                 and index < len(self.unet_training_mask)

@@ -19,10 +19,11 @@ from __future__ import annotations
 import logging
 import math
 import random
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import attrs
 
+from ..failures import EXIT_DATA
 from . import sources
 from .tar_reader import count_local_tar_samples, count_stream_samples, not_a_tar_reason
 
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 
 class DataSetupError(ValueError):
     """The data configuration cannot be served: missing shards, no shards in range, too few shards."""
+
+    exit_status: ClassVar[int] = EXIT_DATA
 
 
 @attrs.frozen
@@ -101,8 +104,8 @@ def discover_shards(
     reported in one error (or, with `skip_missing_shards`, one warning). http and `pipe:` sources
     cannot be listed, so they need an explicit `end_shard`; a shard missing there is found when it
     is read and counted as bad data. With the default `end_shard` only gaps between the first and
-    last shard found count as missing; with an explicit one, every number of the range must exist. Shards without an embedding file (when embedding folders are
-    given) are left out with a warning.
+    last shard found count as missing; with an explicit one, every number of the range must exist.
+    Shards without an embedding file (when embedding folders are given) are left out with a warning.
     """
     sources.check_base_url(base_url)
     if end_shard < start_shard:

@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
+from ..common.files import unwritable_folder_reason
 from .writer import ShardSetWriter
 
 log = logging.getLogger(__name__)
@@ -199,8 +200,6 @@ def _has_an_image(folder: str) -> bool:
 
 def argument_problems(args: argparse.Namespace) -> List[str]:
     """Every problem of the arguments, found before CLIP (slow, large) is loaded."""
-    from ..preflight import writable_problem
-
     problems = []
     if not os.path.exists(args.images):
         problems.append(f"--images: folder not found: {args.images}")
@@ -211,9 +210,9 @@ def argument_problems(args: argparse.Namespace) -> List[str]:
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         problems.append(f"--out: {args.out} is a file, not a folder")
     else:
-        problem = writable_problem(args.out, "--out")
-        if problem:
-            problems.append(problem.message)
+        reason = unwritable_folder_reason(args.out)
+        if reason:
+            problems.append(f"--out: {reason}")
     for name in ("shard_size", "shard_width", "index_width", "batch_size"):
         if getattr(args, name) < 1:
             problems.append(f"--{name.replace('_', '-')}: must be at least 1 (got {getattr(args, name)})")

@@ -7,7 +7,9 @@ seen (see docs/DATA.md).
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, Mapping, Optional
+from typing import ClassVar, Dict, Iterable, Mapping, Optional
+
+from ..failures import EXIT_DATA
 
 BAD_REASONS = (
     "no_image",  # the sample has no jpg/jpeg/png/webp/bmp member
@@ -38,6 +40,8 @@ start of a small run are not a reason to stop); at the end of a phase it is alwa
 
 class BadDataError(RuntimeError):
     """More than `data.max_bad_sample_fraction` of the samples seen in a phase were bad."""
+
+    exit_status: ClassVar[int] = EXIT_DATA
 
 
 def new_counts() -> Dict[str, int]:

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import os
 import tarfile
-from typing import IO, Dict, Iterator, Optional
+from typing import IO, ClassVar, Dict, Iterator, Optional
 
 from webdataset.tariterators import base_plus_ext
+
+from ..failures import EXIT_DATA
 
 
 class ShardReadError(Exception):
@@ -23,6 +25,8 @@ class ShardReadError(Exception):
     `not_a_tar` is True when the file is no tar archive at all (empty, or its first block is not a
     tar header): nothing was cut off, the wrong file is there.
     """
+
+    exit_status: ClassVar[int] = EXIT_DATA
 
     def __init__(self, message: str, *, not_a_tar: bool = False):
         super().__init__(message)

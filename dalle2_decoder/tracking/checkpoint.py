@@ -17,13 +17,15 @@ from __future__ import annotations
 import os
 import pickle
 import random
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, ClassVar, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
+
+from ..common.files import atomic_write
+from ..failures import EXIT_CHECKPOINT
 
 CHECKPOINT_FORMAT = "dalle2_decoder.checkpoint/1"
 MODEL_FORMAT = "dalle2_decoder.model/1"
@@ -35,6 +37,8 @@ _PLAIN_TYPES = (str, int, float, bool, type(None))
 
 class CheckpointError(RuntimeError):
     """A checkpoint or model file cannot be written, read or used."""
+
+    exit_status: ClassVar[int] = EXIT_CHECKPOINT
 
 
 class CheckpointMismatchError(CheckpointError):
@@ -63,26 +67,6 @@ class CheckpointMismatchError(CheckpointError):
 
 
 # --- writing ---------------------------------------------------------------------------------
-
-
-def atomic_write(path: PathLike, write: Callable[[Path], None]) -> Path:
-    """Call `write(temp_path)` on a temporary file beside `path`, then rename it over `path`.
-
-    A reader sees the old file or the new one, never a partial write; a failed write leaves the
-    old file untouched and removes the temporary one.
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temp = target.with_name(f".{target.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(temp)
-        with open(temp, "rb") as handle:  # the data reaches the disk before the rename makes it visible
-            os.fsync(handle.fileno())
-        os.replace(temp, target)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    return target
 
 
 def check_weights_only(value: Any, where: str = "checkpoint") -> None:

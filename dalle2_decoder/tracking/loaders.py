@@ -6,18 +6,21 @@ start, and `fetch()`, which returns a local file (downloading it under `data_pat
 
 from __future__ import annotations
 
-import os
 import sys
 import urllib.parse
 from pathlib import Path
-from typing import List, Optional
+from typing import ClassVar, List, Optional
 
+from ..common.files import atomic_write
 from ..config.tracker import LocalLoadConfig, UrlLoadConfig, WandbLoadConfig
+from ..failures import EXIT_CHECKPOINT
 from .redact import redact_string
 
 
 class LoadError(RuntimeError):
     """The configured checkpoint cannot be found or fetched."""
+
+    exit_status: ClassVar[int] = EXIT_CHECKPOINT
 
 
 class LocalLoader:
@@ -69,9 +72,8 @@ class UrlLoader:
 
         self.check()
         target = self.download_dir / self.file_name
-        temp = target.with_name(f".{target.name}.{os.getpid()}.part")
-        self.download_dir.mkdir(parents=True, exist_ok=True)
-        try:
+
+        def download(temp: Path) -> None:
             with requests.get(self.config.url, stream=True, timeout=(10, self.timeout_s)) as response:
                 if response.status_code >= 400:
                     raise LoadError(
@@ -97,13 +99,13 @@ class UrlLoader:
                         progress.update(len(chunk))
                 if total is not None and received != total:
                     raise LoadError(f"download of {self.shown_url} ended early: {received} of {total} bytes received")
-            os.replace(temp, target)
+
+        try:
+            atomic_write(target, download)  # a cut download never leaves a partial checkpoint at `target`
         except requests.RequestException as error:
             raise LoadError(
                 f"could not download the checkpoint from {self.shown_url}: {redact_string(str(error))}"
             ) from error
-        finally:
-            temp.unlink(missing_ok=True)
         print(f"downloaded {self.shown_url} to {target}", flush=True)
         return target
 

@@ -8,18 +8,22 @@ an interrupted run: same wandb run, latest checkpoint.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, ClassVar, List, Optional, Sequence, Tuple
+
+from ..common.files import atomic_write_text
+from ..failures import EXIT_IO
 
 RUN_STATE_FILE = "run_state.json"
 
 
 class DataPathError(RuntimeError):
     """`data_path` cannot be used as configured."""
+
+    exit_status: ClassVar[int] = EXIT_IO
 
 
 @dataclass
@@ -74,27 +78,7 @@ def write_run_state(data_path: Path, state: RunState) -> None:
     """Atomically replace `data_path/run_state.json` (data on disk before the rename, and the rename itself)."""
     state.updated_at = time.time()
     path = Path(data_path) / RUN_STATE_FILE
-    temp = path.with_name(f".{RUN_STATE_FILE}.{os.getpid()}.tmp")
-    with open(temp, "w") as handle:
-        handle.write(json.dumps(asdict(state), indent=2) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temp, path)
-    _fsync_folder(path.parent)
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Make a rename inside `folder` durable (not possible on every platform: then skipped)."""
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
+    atomic_write_text(path, json.dumps(asdict(state), indent=2) + "\n")
 
 
 def _refuse_to_delete(path: Path) -> Optional[str]:
@@ -186,11 +170,13 @@ def prepare_data_path(
             remove, keep = overwrite_plan(path, protected)
             if remove:
                 say(
-                    f"tracker.overwrite_data_path: removing the previous run's {', '.join(item.name for item in remove)} from {path}"
+                    "tracker.overwrite_data_path: removing the previous run's "
+                    f"{', '.join(item.name for item in remove)} from {path}"
                 )
             if keep:
                 say(
-                    f"tracker.overwrite_data_path: keeping {', '.join(item.name for item in keep)} (they hold files the config reads or names)"
+                    f"tracker.overwrite_data_path: keeping {', '.join(item.name for item in keep)} "
+                    "(they hold files the config reads or names)"
                 )
             for child in remove:
                 if child.is_dir() and not child.is_symlink():

@@ -19,19 +19,23 @@ import os
 import shutil
 import threading
 import time
-import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, Union
+from typing import Callable, ClassVar, List, Optional, Union
 
+from ..common.files import atomic_write
 from ..config.tracker import HuggingfaceSaveConfig, LocalSaveConfig, WandbSaveConfig
+from ..failures import EXIT_IO
+from .hub_card import card_files
 
 logger = logging.getLogger(__name__)
 
 
 class SaveError(RuntimeError):
     """A saver cannot be set up as configured."""
+
+    exit_status: ClassVar[int] = EXIT_IO
 
 
 @dataclass(frozen=True)
@@ -43,19 +47,20 @@ class SaveFile:
 
 
 def link_or_copy(source: Path, target: Path) -> Path:
-    """Atomically make `target` hold the content of `source` (hard link when possible, else copy)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temp = target.with_name(f".{target.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-    try:
+    """Atomically make `target` hold the content of `source` (hard link when possible, else copy).
+
+    A hard link, not a copy, where the filesystem allows: a save places the same checkpoint (often
+    gigabytes) at latest, best and each upload's pending folder, which as copies would cost their
+    size in time and disk each; `atomic_write` still makes the placement whole or nothing.
+    """
+
+    def place(temp: Path) -> None:
         try:
             os.link(source, temp)
-        except OSError:
+        except OSError:  # another filesystem, or one without hard links
             shutil.copyfile(source, temp)
-        os.replace(temp, target)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    return target
+
+    return atomic_write(target, place)
 
 
 class LocalSaver:
@@ -120,9 +125,7 @@ class HuggingfaceSaver:
             self._repo_ready = True
         operations = [CommitOperationAdd(path_in_repo=file.dest, path_or_fileobj=str(file.local)) for file in files]
         # With the weights go a model card and a config.json naming them, so that
-        # `dalle2_decoder.load_decoder("user/repo")` finds everything (see dalle2_decoder/hub_card.py).
-        from ..hub_card import card_files
-
+        # `dalle2_decoder.load_decoder("user/repo")` finds everything (see tracking/hub_card.py).
         for path_in_repo, content in card_files(self.config, files, step).items():
             operations.append(CommitOperationAdd(path_in_repo=path_in_repo, path_or_fileobj=content))
         self.api.create_commit(

@@ -18,7 +18,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from ..config.tracker import (
     HuggingfaceSaveConfig,
@@ -29,7 +29,9 @@ from ..config.tracker import (
     WandbLoadConfig,
     WandbLogConfig,
     WandbSaveConfig,
+    tracker_problems,
 )
+from ..failures import EXIT_IO
 from .checkpoint import LoadedCheckpoint, read_file, save_checkpoint, save_model
 from .loaders import LoadError, LocalLoader, UrlLoader, WandbLoader
 from .loggers import ConsoleLogger, ImagesLike, WandbLogger, generate_run_id, to_uint8_images
@@ -48,6 +50,8 @@ RESUME_CHECKPOINT = Path("resume") / "latest_checkpoint.pt"
 
 class TrackerSetupError(ValueError):
     """The tracker configuration cannot work; lists every problem found."""
+
+    exit_status: ClassVar[int] = EXIT_IO
 
     def __init__(self, problems: Sequence[str]):
         self.problems = list(problems)
@@ -168,7 +172,10 @@ class Tracker:
         self.logger.log(metrics, step)
 
     def log_images(self, name: str, images: ImagesLike, captions: Optional[Sequence[str]], step: int) -> None:
-        """Log sample images under `name`: a (B, 3, H, W) tensor in [0, 1] or a list of images; one caption each (or None)."""
+        """Log sample images under `name`: a (B, 3, H, W) tensor in [0, 1] or a list of images.
+
+        `captions`: one caption per image, or None.
+        """
         self.logger.log_images(name, to_uint8_images(images), captions, step)
 
     def info(self, message: str) -> None:
@@ -412,48 +419,35 @@ class Tracker:
 # --- construction --------------------------------------------------------------------------------
 
 
-def _save_targets(config) -> List[str]:
-    return [path for path in (config.save_latest_to, config.save_best_to) if path]
-
-
 def _wandb_offline() -> bool:
     return os.environ.get("WANDB_MODE", "") in ("offline", "dryrun", "disabled")
 
 
 def _check_config(config: TrackerConfig, auto_resuming: bool) -> List[str]:
-    """Cross-field problems that can be found without touching anything."""
-    problems = []
+    """Problems that can be found without touching anything.
+
+    The configuration's own checks (`config.tracker.tracker_problems`, which config loading
+    reports too), then what depends on this run and machine: the environment, whether a run is
+    being resumed, the start checkpoint's file.
+    """
+    problems = tracker_problems(config)
     log = config.log
     is_wandb = isinstance(log, WandbLogConfig)
-    if config.upload_retries < 1:
-        problems.append(f"tracker.upload_retries must be at least 1, got {config.upload_retries}")
-    if is_wandb and log.resume and not log.wandb_run_id:
-        problems.append("tracker.log: resume is true but wandb_run_id is not set (which run should be resumed?)")
     for index, save in enumerate(config.save):
-        where = f"tracker.save[{index}] ({save.save_to})"
-        if save.save_type == "checkpoint":
-            for path in _save_targets(save):
-                if path.endswith(".safetensors"):
-                    problems.append(
-                        f"{where}: {path} ends in .safetensors but save_type is checkpoint; safetensors holds "
-                        "model weights only (save_type: model), checkpoints are .pt files"
-                    )
-        if isinstance(save, WandbSaveConfig) and save.wandb_run_path is None and not is_wandb:
-            problems.append(
-                f"{where}: saving to the current wandb run needs tracker.log.log_type 'wandb' (or set wandb_run_path)"
-            )
         if isinstance(save, WandbSaveConfig) and save.wandb_run_path is not None and _wandb_offline():
             problems.append(
-                f"{where}: saving to another run (wandb_run_path) needs wandb online, but WANDB_MODE is offline"
+                f"tracker.save[{index}] ({save.save_to}): saving to another run (wandb_run_path) needs wandb online, "
+                "but WANDB_MODE is offline"
             )
     load = config.load
     if load is not None and not (load.only_auto_resume and not auto_resuming):
-        if isinstance(load, WandbLoadConfig) and load.wandb_run_path is None:
-            resuming_wandb = is_wandb and (log.resume or auto_resuming)
-            if not resuming_wandb:
+        if isinstance(load, WandbLoadConfig) and load.wandb_run_path is None and is_wandb:
+            # without wandb logging, tracker_problems has said so already
+            if not (log.resume or auto_resuming):
                 problems.append(
                     "tracker.load (wandb): wandb_run_path is not set and no wandb run is being resumed; set "
-                    "wandb_run_path to 'entity/project/run_id', or resume a wandb run (tracker.log resume or auto_resume)"
+                    "wandb_run_path to 'entity/project/run_id', or resume a wandb run (tracker.log resume or "
+                    "auto_resume)"
                 )
         elif isinstance(load, LocalLoadConfig):
             try:

@@ -10,7 +10,10 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from .loading import HUB_CONFIG, HUB_FORMAT
+HUB_CONFIG = "config.json"
+"""The file in a hub repo that says which weights to load (read by `dalle2_decoder.load_decoder`)."""
+HUB_FORMAT = "dalle2_decoder.hub/1"
+"""`config.json`'s `format`: the version of what this card promises the loader."""
 
 
 def embedded_config(path: Path) -> Optional[Dict[str, Any]]:
@@ -55,8 +58,9 @@ def _card(repo: str, info: Dict[str, Any]) -> str:
         "",
         f"- weights: `{info['weights']}` ({info['save_type']}; EMA weights are used when the file has them)",
         f"- saved at step {info['step']} (training samples seen)",
-        f"- diffusion timesteps: {decoder.get('timesteps', 1000)}; samplers: {decoder.get('samplers') or 'reference default'}"
-        f", sample_timesteps: {decoder.get('sample_timesteps')}",
+        f"- diffusion timesteps: {decoder.get('timesteps', 1000)}; "
+        f"samplers: {decoder.get('samplers') or 'reference default'}, "
+        f"sample_timesteps: {decoder.get('sample_timesteps')}",
         f"- the run configuration is in `{HUB_CONFIG}` (`config`), with secrets masked",
         "",
         "## Use",
