@@ -125,7 +125,6 @@ def main() -> int:
         parser.error("--baseline is required")
 
     import torch
-
     from data import write_bench_data
 
     pins = [pin == "on" for pin in args.pin_memory]
@@ -164,7 +163,7 @@ def main() -> int:
                     rate = run_one(versions[version], data_dirs[size], args, workers, uint8, pin)
                     rates[setting][version].append(rate)
             print(f"round {round_number + 1} of {args.rounds} done", flush=True)
-        print(f"\n| image | batches | pin_memory | workers | tree samples/s | baseline samples/s | tree / baseline |")
+        print("\n| image | batches | pin_memory | workers | tree samples/s | baseline samples/s | tree / baseline |")
         print("|---|---|---|---|---|---|---|")
         for setting, measured in rates.items():
             size, uint8, pin, workers = setting

@@ -147,7 +147,8 @@ def build_inception_metric(name: str, options: Mapping[str, Any], *, device: tor
         return _construct(where, cls, options)
     if feature not in ex.INCEPTION_FEATURES:
         raise EvaluationSetupError(
-            f"{where}.feature: {feature!r} is neither an Inception feature {list(ex.INCEPTION_FEATURES)} nor a TorchScript file path"
+            f"{where}.feature: {feature!r} is neither an Inception feature {list(ex.INCEPTION_FEATURES)} "
+            "nor a TorchScript file path"
         )
     if weights is not None:
         path = ex.check_weights_file(where, weights)
@@ -268,7 +269,8 @@ def _pooled_compute(metric: Metric, seed: int, notes: List[str], name: str):
             smallest = min(metric.real_features[0].shape[0], metric.fake_features[0].shape[0])
             if smallest < metric.subset_size:
                 notes.append(
-                    f"evaluate.KID: subset_size {metric.subset_size} is more than the {smallest} samples; using {smallest}"
+                    f"evaluate.KID: subset_size {metric.subset_size} is more than the {smallest} samples; "
+                    f"using {smallest}"
                 )
                 configured, metric.subset_size = metric.subset_size, smallest
             else:
