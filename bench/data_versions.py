@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -55,11 +56,12 @@ def measure(data_dir: str, workers: int, batch_size: int, uint8: bool, pin: bool
         splits=DataSplits(train=1.0, val=0.0, test=0.0),
     )
     loader = create_dataloaders(config, seed=0, uint8_images=uint8, pin_memory=pin)["train"]
-    rate = 0.0
+    result = {}
     for epoch in range(epochs):
         loader.set_epoch(epoch)
+        cpu_start = os.times()
         iterator = iter(loader)
-        next(iterator)
+        first = len(next(iterator)["key"])
         start = time.perf_counter()
         samples = 0
         for batch in iterator:
@@ -67,8 +69,14 @@ def measure(data_dir: str, workers: int, batch_size: int, uint8: bool, pin: bool
             # One read per 4 KiB page: what a copy to the device costs in page faults, no more.
             int(image.view(-1).view(torch.uint8)[::4096].sum())
             samples += len(batch["key"])
-        rate = samples / (time.perf_counter() - start)
-    return {"samples_per_s": rate}
+        elapsed = time.perf_counter() - start
+        del iterator  # workers exit and are waited for, so their CPU time is counted below
+        cpu_end = os.times()
+        # CPU time of this process and its (finished) workers over the whole epoch, start-up
+        # included: unlike wall time, it hardly moves when other jobs share the cores.
+        cpu = sum(cpu_end[:4]) - sum(cpu_start[:4])
+        result = {"samples_per_s": samples / elapsed, "cpu_ms_per_sample": 1000 * cpu / (samples + first)}
+    return result
 
 
 def extract(ref: str, into: str) -> str:
@@ -84,7 +92,7 @@ def extract(ref: str, into: str) -> str:
     return into
 
 
-def run_one(package_root: str, data_dir: str, args, workers: int, uint8: bool, pin: bool) -> float:
+def run_one(package_root: str, data_dir: str, args, workers: int, uint8: bool, pin: bool) -> dict:
     command = [
         sys.executable,
         os.path.abspath(__file__),
@@ -98,7 +106,7 @@ def run_one(package_root: str, data_dir: str, args, workers: int, uint8: bool, p
     ]
     env = dict(os.environ, PYTHONPATH=package_root)
     done = subprocess.run(command, env=env, check=True, capture_output=True, text=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])["samples_per_s"]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> int:
@@ -136,8 +144,10 @@ def main() -> int:
         ["git", "-C", ROOT, "rev-parse", "--short", args.baseline], check=True, capture_output=True, text=True
     ).stdout.strip()
     with tempfile.TemporaryDirectory() as scratch:
-        baseline_root = extract(args.baseline, os.path.join(scratch, "baseline"))
-        versions = {"tree": ROOT, "baseline": baseline_root}
+        # Both packages are copied once, so edits to the tree while the bench runs change nothing.
+        tree_root = os.path.join(scratch, "tree")
+        shutil.copytree(os.path.join(ROOT, "dalle2_decoder"), os.path.join(tree_root, "dalle2_decoder"))
+        versions = {"tree": tree_root, "baseline": extract(args.baseline, os.path.join(scratch, "baseline"))}
         data_dirs = {}
         for size, count in zip(args.sizes, counts):
             data_dirs[size] = os.path.join(scratch, f"data{size}")
@@ -149,30 +159,51 @@ def main() -> int:
             for pin in pins
             for workers in args.workers
         ]
-        rates: Dict[tuple, Dict[str, List[float]]] = {s: {"tree": [], "baseline": []} for s in settings}
+        rates: Dict[tuple, Dict[str, List[dict]]] = {s: {"tree": [], "baseline": []} for s in settings}
         print(
-            f"tree {ROOT} against baseline {args.baseline} ({commit}); batches of {args.batch_size}; "
-            f"{os.cpu_count()} cores; {args.rounds} rounds, versions alternating; last of {args.epochs} epochs timed",
+            f"tree {ROOT} (as it was at the start) against baseline {args.baseline} ({commit}); "
+            f"batches of {args.batch_size}; {os.cpu_count()} cores; {args.rounds} rounds, versions alternating; "
+            f"last of {args.epochs} epochs measured",
             flush=True,
         )
+
+        def ratios(measured: Dict[str, List[dict]], key: str) -> List[float]:
+            return [t[key] / b[key] for t, b in zip(measured["tree"], measured["baseline"])]
+
+        def name(setting: tuple) -> str:
+            size, uint8, pin, workers = setting
+            return f"{size}px/{'uint8' if uint8 else 'float'}/pin {'on' if pin else 'off'}/{workers}w"
+
         for round_number in range(args.rounds):
             order = ["tree", "baseline"] if round_number % 2 == 0 else ["baseline", "tree"]
             for setting in settings:
                 size, uint8, pin, workers = setting
                 for version in order:
-                    rate = run_one(versions[version], data_dirs[size], args, workers, uint8, pin)
-                    rates[setting][version].append(rate)
-            print(f"round {round_number + 1} of {args.rounds} done", flush=True)
-        print("\n| image | batches | pin_memory | workers | tree samples/s | baseline samples/s | tree / baseline |")
+                    rates[setting][version].append(
+                        run_one(versions[version], data_dirs[size], args, workers, uint8, pin)
+                    )
+            line = ", ".join(
+                f"{name(s)} {ratios(rates[s], 'samples_per_s')[-1]:.3f} / "
+                f"{ratios(rates[s], 'cpu_ms_per_sample')[-1]:.3f}"
+                for s in settings
+            )
+            print(f"round {round_number + 1} of {args.rounds}, tree / baseline (samples/s / CPU): {line}", flush=True)
+        print(
+            "\nsamples/s: wall clock, steady state; CPU: ms of CPU time (main process and workers) per sample;\n"
+            "ratios tree / baseline: median of the rounds (lowest-highest); samples/s > 1 and CPU < 1 favour the tree\n"
+        )
+        print("| setting | samples/s tree | baseline | ratio | CPU ms/sample tree | baseline | ratio |")
         print("|---|---|---|---|---|---|---|")
         for setting, measured in rates.items():
-            size, uint8, pin, workers = setting
-            ratios = [t / b for t, b in zip(measured["tree"], measured["baseline"])]
-            print(
-                f"| {size}px | {'uint8' if uint8 else 'float'} | {'on' if pin else 'off'} | {workers} | "
-                f"{np.median(measured['tree']):.0f} | {np.median(measured['baseline']):.0f} | "
-                f"{np.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f}) |"
-            )
+            cells = []
+            for key in ("samples_per_s", "cpu_ms_per_sample"):
+                values = ratios(measured, key)
+                cells += [
+                    f"{np.median([m[key] for m in measured['tree']]):.{0 if key == 'samples_per_s' else 3}f}",
+                    f"{np.median([m[key] for m in measured['baseline']]):.{0 if key == 'samples_per_s' else 3}f}",
+                    f"{np.median(values):.3f} ({min(values):.3f}-{max(values):.3f})",
+                ]
+            print(f"| {name(setting)} | " + " | ".join(cells) + " |")
     return 0
 
 
