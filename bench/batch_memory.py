@@ -8,7 +8,8 @@ one process, so a small difference shows. `data/memory.py` of commit REF (it imp
 the package) is loaded as a module. For uint8 batches of `--batch-size` images (what the training
 loop reads), per batch, median over `--rounds` rounds with the variants alternating:
 - where a worker writes a batch: a fresh shared-memory tensor (`torch.empty(...).share_memory_()`,
-  then filled) against one of REF's pooled shared buffers (`SharedBatchPool`, warm);
+  then filled; and allocated in shared memory directly, as torch's default_collate does with a
+  private call) against one of REF's pooled shared buffers (`SharedBatchPool`, warm);
 - where the main process writes one (0 workers): a fresh `torch.empty` against REF's recycled
   huge-page memory (`empty_batch`), both filled;
 - REF's main process with workers copied each received batch out of the pooled buffer
@@ -74,6 +75,12 @@ def time_size(memory, size: int, args) -> None:
         out = torch.empty(shape, dtype=torch.uint8).share_memory_()
         fill(out, images)
 
+    def fresh_shared_uncopied():
+        # How torch's default_collate allocates batches in workers: straight in shared memory
+        # (a private torch call, which is why the loader does not use it).
+        storage = torch.empty(0, dtype=torch.uint8)._typed_storage()._new_shared(int(np.prod(shape)), device="cpu")
+        fill(torch.empty(0, dtype=torch.uint8).new(storage).resize_(shape), images)
+
     def pooled_shared():
         out, (flags, index) = pool.acquire(shape, torch.uint8)
         fill(out, images)
@@ -94,6 +101,7 @@ def time_size(memory, size: int, args) -> None:
 
     variants = {
         "worker, fresh shared memory (this tree)": fresh_shared,
+        "worker, fresh shared memory, default_collate's private call": fresh_shared_uncopied,
         "worker, pooled shared buffer (baseline)": pooled_shared,
         "main, fresh torch.empty (this tree)": fresh_private,
         "main, recycled huge pages (baseline)": recycled_private,

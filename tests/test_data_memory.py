@@ -1,11 +1,9 @@
-"""Recycled batch memory: reuse is what makes the loader fast, and it must never overwrite a
+"""Pooled worker buffers: reuse saves the workers' page faults, and it must never overwrite a
 batch that anyone still holds, in the main process or across the worker boundary."""
 
 from __future__ import annotations
 
-import gc
 import io
-import threading
 
 import pytest
 import torch
@@ -21,85 +19,7 @@ try:
 except ImportError:
     from data_fixtures import jpeg_bytes, write_dataset
 
-BIG = (8, 3, 256, 256)  # 6 MiB of floats: large enough to come from the recycled huge-page pool
-
-
-def test_a_recycled_batch_is_handed_out_again_only_after_every_view_is_gone():
-    pool = memory.RecycledMemory(keep=2)
-    first = pool.tensor(3 * memory.HUGE_PAGE)
-    assert first.data_ptr() % memory.HUGE_PAGE == 0
-    first.fill_(1)
-    view = first[10:20]
-    del first
-    gc.collect()
-    second = pool.tensor(3 * memory.HUGE_PAGE)  # the first one is still in use through `view`
-    second.fill_(2)
-    assert pool.created == 2 and bool((view == 1).all())
-    address = view.data_ptr() - 10
-    del view
-    gc.collect()
-    third = pool.tensor(3 * memory.HUGE_PAGE)
-    assert pool.created == 2 and third.data_ptr() == address  # recycled, not mapped again
-    del second, third
-    gc.collect()
-    for _ in range(5):  # a smaller request fits a free mapping
-        assert pool.tensor(memory.HUGE_PAGE).numel() == memory.HUGE_PAGE
-    assert pool.created == 2
-
-
-def test_memory_moved_to_shared_memory_or_numpy_keeps_its_batch():
-    pool = memory.RecycledMemory()
-    batch = pool.tensor(memory.HUGE_PAGE)
-    batch.fill_(7)
-    as_numpy = batch.numpy()  # holds the tensor, so the memory stays taken
-    del batch
-    gc.collect()
-    pool.tensor(memory.HUGE_PAGE).fill_(9)
-    assert (as_numpy == 7).all()
-    shared = torch.from_numpy(as_numpy).share_memory_()  # copies out; the mapping is free once the array goes
-    del as_numpy
-    gc.collect()
-    reused = pool.tensor(memory.HUGE_PAGE)
-    reused.fill_(3)
-    assert bool((shared == 7).all()) and pool.created == 2
-
-
-def test_batches_freed_on_other_threads_return_safely():
-    pool = memory.RecycledMemory(keep=4)
-    held = [pool.tensor(memory.HUGE_PAGE) for _ in range(8)]
-
-    def free(tensors):
-        tensors.clear()
-        gc.collect()
-
-    threads = [threading.Thread(target=free, args=(held[i::2],)) for i in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    held.clear()
-    gc.collect()
-    assert len(pool._free) == 4  # kept up to `keep`, the rest unmapped
-
-
-def test_free_mappings_of_sizes_no_longer_asked_for_age_out():
-    pool = memory.RecycledMemory(keep=2)
-    small = [pool.tensor(memory.HUGE_PAGE) for _ in range(2)]
-    del small
-    gc.collect()
-    for _ in range(3):  # larger batches now: each needs its own mapping at first, then recycles
-        big = [pool.tensor(4 * memory.HUGE_PAGE) for _ in range(2)]
-        del big
-        gc.collect()
-    assert pool.created == 4
-    assert all(len(mapping) >= 4 * memory.HUGE_PAGE for mapping in pool._free)
-
-
-def test_empty_batch_falls_back_for_small_and_pinned_requests():
-    small = memory.empty_batch((2, 3, 8, 8), torch.float32)
-    assert small.shape == (2, 3, 8, 8) and small.is_contiguous()
-    big = memory.empty_batch(BIG, torch.float32)
-    assert big.shape == BIG and big.is_contiguous() and big.data_ptr() % memory.HUGE_PAGE == 0
+BIG = (8, 3, 256, 256)
 
 
 def test_unit_float_batch_is_exactly_totensor():
@@ -149,7 +69,6 @@ def test_every_batch_of_an_epoch_held_at_once_keeps_its_images(tmp_path, monkeyp
         original(self, worker, ticket, received)
 
     monkeypatch.setattr(memory.BatchReleaser, "release", recording)
-    monkeypatch.setattr(memory, "HUGE_PAGE", 256)  # these tiny batches take the recycled path too
     config = DataConfig(
         webdataset_base_url=dataset.base_url,
         img_embeddings_url=dataset.img_embeddings_url,

@@ -202,7 +202,7 @@ class ShardDataset(IterableDataset):
                 self._pool = memory.SharedBatchPool(POOLED_BATCHES)
             out, ticket = self._pool.acquire(shape, torch.uint8)
         else:
-            out = memory.empty_batch(shape, torch.uint8 if as_uint8 else torch.float32)
+            out = torch.empty(shape, dtype=torch.uint8 if as_uint8 else torch.float32)
         for row, image in zip(out.numpy(), images):
             chw = image.numpy().transpose(2, 0, 1)
             if as_uint8:
