@@ -184,3 +184,15 @@ def test_a_torch_export_program_works_like_the_torchscript_file(tmp_path, images
     exported, _ = suite_values({"FID": {"feature": str(tmp_path / "features.pt2"), "normalize": True}}, real, generated)
     scripted, _ = suite_values({"FID": {"feature": str(tmp_path / "features.pt"), "normalize": True}}, real, generated)
     assert exported["eval/FID"] == pytest.approx(scripted["eval/FID"], rel=1e-6) and exported["eval/FID"] > 0
+
+
+def test_computing_again_with_another_seed_computes_again(networks, images):
+    """No value is served from torchmetrics' compute cache: the same samples computed with another
+    seed give that seed's KID subsets (a cached value would repeat the first seed's)."""
+    real, generated = images
+    options = {"KID": {**metric_options(networks)["KID"], "subset_size": 10, "subsets": 3}}
+    first, suite = suite_values(options, real, generated, seed=1)
+    again = suite.compute(seed=2)
+    assert again["eval/KID_mean"] != first["eval/KID_mean"]
+    assert again == suite_values(options, real, generated, seed=2)[0]
+    assert suite.compute(seed=1) == first

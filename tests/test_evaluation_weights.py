@@ -118,3 +118,45 @@ def test_lpips_backbone_from_a_local_file(offline, tmp_path):
     suite.reset()
     suite.update(real, torch.rand(2, 3, 32, 32, generator=generator))
     assert suite.compute()["eval/LPIPS"] > 0
+
+
+HUB_DIR_CHECK = r"""
+import os, sys
+from pathlib import Path
+import torch
+from dalle2_decoder.evaluation.extractors import temporary_hub_dir
+
+home = sys.argv[1]
+os.environ["TORCH_HOME"] = home
+# 1. Nobody called set_dir: the hub directory follows $TORCH_HOME, inside the block and after it.
+with temporary_hub_dir() as hub:
+    assert torch.hub.get_dir() == str(hub) and hub.is_dir() and not str(hub).startswith(home), hub
+    inside = hub
+assert not inside.exists()
+assert torch.hub.get_dir() == os.path.join(home, "hub"), torch.hub.get_dir()
+os.environ["TORCH_HOME"] = home + "-moved"
+assert torch.hub.get_dir() == os.path.join(home + "-moved", "hub"), "no longer follows TORCH_HOME"
+# 2. set_dir was called: that directory comes back, and TORCH_HOME is untouched.
+torch.hub.set_dir(os.path.join(home, "chosen"))
+with temporary_hub_dir() as hub:
+    assert torch.hub.get_dir() == str(hub), torch.hub.get_dir()
+assert torch.hub.get_dir() == os.path.join(home, "chosen"), torch.hub.get_dir()
+assert os.environ["TORCH_HOME"] == home + "-moved"
+print("ok")
+"""
+
+
+def test_temporary_hub_dir_restores_exactly_what_was_there(tmp_path):
+    """The public-API way to borrow torch.hub's directory: it relies on get_dir() following
+    $TORCH_HOME until set_dir is called, which this pins (in a fresh process: set_dir cannot be
+    undone)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run(
+        [sys.executable, "-c", HUB_DIR_CHECK, str(tmp_path / "home")], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr

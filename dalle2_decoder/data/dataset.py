@@ -21,8 +21,8 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.filters import shuffle as wds_shuffle
 
-from . import memory, sources
 from . import plan as planning
+from . import sources
 from .stats import BadDataError, check_bad_fraction, format_counts, new_counts
 from .tar_reader import ShardReadError, iter_tar_samples
 
@@ -32,7 +32,6 @@ STATS_KEY = "__stats__"
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
 IMAGE_EMBED_MEMBERS = ("img_emb.npy", "image_embed.npy", "img_embed.npy", "emb.npy")
 TEXT_EMBED_MEMBERS = ("text_emb.npy", "text_embed.npy")
-POOLED_BATCHES = 4  # per worker: the DataLoader's prefetch (2), the one being filled, one spare
 SIZE_VOTE = 16  # good images whose most common size is the expected one, when the preprocessing fixes none
 MAX_CONSECUTIVE_BAD = 100_000  # a worker that finds nothing usable for this long stops (capped mode)
 
@@ -88,7 +87,6 @@ class ShardDataset(IterableDataset):
         self.settings = settings
         self.format = sample_format
         self.epoch = 0
-        self._pool: Optional[memory.SharedBatchPool] = None  # made in the worker that uses it
         self.first_problems: Dict[str, str] = {}
         """The first bad sample of each reason in this process, with what was wrong (for messages)."""
 
@@ -163,7 +161,7 @@ class ShardDataset(IterableDataset):
             yield self._collate(batch, worker, counts)
 
     def _collate(self, batch: List[dict], worker: int, counts: Dict[str, int]) -> dict:
-        image, ticket = self._image_batch([sample["image"] for sample in batch])
+        image = self._image_batch([sample["image"] for sample in batch])
         result = {
             "image": image,
             "caption": [sample["caption"] for sample in batch],
@@ -176,19 +174,16 @@ class ShardDataset(IterableDataset):
         result[STATS_KEY] = {
             "worker": worker,
             "counts": dict(counts),
-            "buffer": ticket,
             "problems": dict(self.first_problems),
         }
         return result
 
-    def _image_batch(self, images: List[torch.Tensor]):
-        """(images, ticket): (B, C, H, W) from HWC uint8 images, each written in one pass straight
-        into the batch.
+    def _image_batch(self, images: List[torch.Tensor]) -> torch.Tensor:
+        """(B, C, H, W) from HWC uint8 images, each written in one pass straight into the batch.
 
-        - In a worker process: uint8 (0..255) in one of the worker's pooled shared-memory buffers
-          (the ticket names it), so the batch is not copied again on its way to the main process,
-          and carries a quarter of the bytes of floats. The loader turns it into floats (or copies
-          it) in the main process and hands the buffer back.
+        - In a worker process: uint8 (0..255), a quarter of the bytes of floats, in shared memory
+          from the start, so the batch is not copied again on its way to the main process (the
+          loader makes the floats there, unless the consumer asked for uint8).
         - In the main process: floats in [0, 1] (ToTensor's values), or uint8 with `uint8_images`.
         - With tensor transforms (which need floats): floats in [0, 1], transformed.
         """
@@ -196,13 +191,11 @@ class ShardDataset(IterableDataset):
         shape = (len(images), channels, height, width)
         in_worker = get_worker_info() is not None
         as_uint8 = self.format.tensor_transform is None and (self.format.uint8_images or in_worker)
-        ticket = None
+        out = torch.empty(shape, dtype=torch.uint8 if as_uint8 else torch.float32)
         if in_worker and as_uint8:
-            if self._pool is None:
-                self._pool = memory.SharedBatchPool(POOLED_BATCHES)
-            out, ticket = self._pool.acquire(shape, torch.uint8)
-        else:
-            out = memory.empty_batch(shape, torch.uint8 if as_uint8 else torch.float32)
+            # Shared before it is filled: sending a batch that is not in shared memory yet would
+            # copy it there, written images and all.
+            out.share_memory_()
         for row, image in zip(out.numpy(), images):
             chw = image.numpy().transpose(2, 0, 1)
             if as_uint8:
@@ -211,7 +204,7 @@ class ShardDataset(IterableDataset):
                 np.divide(chw, np.float32(255), out=row)  # ToTensor's float32 division, in one pass
         if self.format.tensor_transform is not None:
             out = torch.stack([self.format.tensor_transform(row) for row in out])
-        return out, ticket
+        return out
 
     # ----- reading shards -------------------------------------------------------------------
 

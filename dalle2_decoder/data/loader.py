@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from . import memory, sources
 from . import plan as planning
+from . import sources
 from .dataset import (
     IMAGE_EMBED_MEMBERS,
     STATS_KEY,
@@ -80,16 +80,14 @@ class ShardLoader:
         if self._length == 0:
             return
         sample_format = self.dataset.format
-        # Workers send uint8 images in pooled buffers (see ShardDataset._image_batch): here they
-        # become floats, or are copied out, and the buffer goes back to its worker.
-        pooled = self.num_workers > 0 and sample_format.tensor_transform is None
-        to_float = pooled and not sample_format.uint8_images
-        releaser = memory.BatchReleaser()
+        # Workers send uint8 images (see ShardDataset._image_batch); floats, when asked for, are
+        # made here, straight into page-locked memory with pin_memory.
+        to_float = self.num_workers > 0 and sample_format.tensor_transform is None and not sample_format.uint8_images
         loader = DataLoader(
             self.dataset,
             batch_size=None,  # the dataset yields whole batches
             num_workers=self.num_workers,
-            pin_memory=self.pin_memory and not pooled,  # pooled batches are copied into pinned memory
+            pin_memory=self.pin_memory and not to_float,  # converted batches are pinned below
             prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
             persistent_workers=False,  # workers start per epoch with the epoch set in the dataset
             # The workers' torch seeds come from this generator, not the global one: random
@@ -101,11 +99,8 @@ class ShardLoader:
         )
         for batch in loader:
             report = batch.pop(STATS_KEY)
-            if pooled:
-                received = batch["image"]
-                convert = memory.unit_float_batch if to_float else memory.copy_batch
-                batch["image"] = convert(received, pin_memory=self.pin_memory)
-                releaser.release(int(report["worker"]), report["buffer"], received)
+            if to_float:
+                batch["image"] = unit_float_batch(batch["image"], pin_memory=self.pin_memory)
                 if self.pin_memory:
                     batch.update(
                         {k: v.pin_memory() for k, v in batch.items() if isinstance(v, torch.Tensor) and k != "image"}
@@ -116,10 +111,17 @@ class ShardLoader:
             self.stats = merge_counts([extras, *per_worker.values()])
             check_bad_fraction(self.stats, settings.max_bad_fraction, where, final=False, first_problems=problems)
             yield batch
-        releaser.clear()
         check_bad_fraction(self.stats, settings.max_bad_fraction, where, final=True, first_problems=problems)
         level = logging.WARNING if any(self.stats[k] for k in self.stats if k not in ("seen", "ok")) else logging.INFO
         log.log(level, "%s: %s", where, format_counts(self.stats))
+
+
+def unit_float_batch(images: torch.Tensor, *, pin_memory: bool = False) -> torch.Tensor:
+    """uint8 images (0..255) as float32 in [0, 1], bit for bit what ToTensor computes (a float32
+    division by 255), in one vectorised pass into a new (page-locked with `pin_memory`) batch."""
+    out = torch.empty(images.shape, dtype=torch.float32, pin_memory=pin_memory)
+    np.divide(images.contiguous().numpy(), np.float32(255), out=out.numpy())
+    return out
 
 
 def _epoch_seed(seed: int, phase: str, rank: int, epoch: int) -> int:

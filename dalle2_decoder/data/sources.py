@@ -85,9 +85,11 @@ def list_shard_numbers(base_url: str, width: int) -> Optional[List[int]]:
         names = glob.glob(local_path(pattern))
         prefix_len = len(local_path(base_url).split("{}")[0])
     else:
-        fs, _, _ = fsspec.core.get_fs_token_paths(base_url.replace("{}", "0" * width))
-        names = fs.glob(fs._strip_protocol(pattern))
-        prefix_len = len(fs._strip_protocol(base_url.split("{}")[0] + "x")) - 1
+        fs, path_pattern = fsspec.core.url_to_fs(pattern)
+        names = fs.glob(path_pattern)
+        # The path as the filesystem names it (no protocol); the "x" keeps a trailing "/" from being stripped.
+        _, prefix = fsspec.core.url_to_fs(base_url.split("{}")[0] + "x")
+        prefix_len = len(prefix) - 1
     numbers = []
     for name in names:
         digits = name[prefix_len : prefix_len + width]

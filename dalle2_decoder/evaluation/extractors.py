@@ -13,11 +13,13 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import ClassVar, Iterator, Optional
 from urllib.parse import urlparse
 
 import torch
 from torch import nn
+
+from ..failures import EXIT_CONFIG
 
 INCEPTION_FEATURES = (64, 192, 768, 2048, "logits_unbiased")
 """`feature` values that select torch-fidelity's Inception-v3 (the standard FID network)."""
@@ -28,6 +30,8 @@ LPIPS_NETS = {"alex": "AlexNet_Weights", "vgg": "VGG16_Weights", "squeeze": "Squ
 
 class EvaluationSetupError(ValueError):
     """A metric cannot be built as configured (missing weights, unreadable network, bad option)."""
+
+    exit_status: ClassVar[int] = EXIT_CONFIG
 
 
 def inception_weights_url() -> str:
@@ -78,11 +82,48 @@ def check_weights_file(where: str, path: str) -> Path:
 
 
 @contextlib.contextmanager
+def temporary_hub_dir() -> Iterator[Path]:
+    """A new empty torch.hub cache directory for the block; after it, the hub directory is exactly
+    what it was (following $TORCH_HOME if it did) and the new one is deleted.
+
+    torch.hub has no public way to undo `torch.hub.set_dir`: once called, the hub directory no
+    longer follows $TORCH_HOME. So while it follows $TORCH_HOME (nobody called set_dir), the block
+    moves $TORCH_HOME and puts it back; only when set_dir was called before (the hub directory is
+    not where the moved $TORCH_HOME says) is set_dir used, and undone by setting the old directory.
+    Relies on get_dir() reading $TORCH_HOME at each call until set_dir is called;
+    tests/test_evaluation_weights.py checks both cases, so a torch that changes this fails there.
+    """
+    previous_home = os.environ.get("TORCH_HOME")
+    previous_hub = torch.hub.get_dir()
+    with tempfile.TemporaryDirectory(prefix="dalle2-eval-torch-home-") as home:
+        hub = Path(home) / "hub"
+        hub.mkdir()
+        os.environ["TORCH_HOME"] = home
+        follows_home = Path(torch.hub.get_dir()) == hub
+        try:
+            if not follows_home:
+                _set_env("TORCH_HOME", previous_home)
+                torch.hub.set_dir(str(hub))
+            yield hub
+        finally:
+            if follows_home:
+                _set_env("TORCH_HOME", previous_home)
+            else:
+                torch.hub.set_dir(previous_hub)
+
+
+def _set_env(name: str, value: Optional[str]) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+
+
+@contextlib.contextmanager
 def hub_cache_holding(path: Path, name: str) -> Iterator[None]:
     """A throw-away torch.hub cache in which `name` is `path`, so a library that downloads finds it there."""
-    previous = getattr(torch.hub, "_hub_dir", None)
-    with tempfile.TemporaryDirectory(prefix="dalle2-eval-hub-") as hub:
-        checkpoints = Path(hub) / "checkpoints"
+    with temporary_hub_dir() as hub:
+        checkpoints = hub / "checkpoints"
         checkpoints.mkdir()
         try:
             (checkpoints / name).symlink_to(path)
@@ -90,11 +131,7 @@ def hub_cache_holding(path: Path, name: str) -> Iterator[None]:
             import shutil
 
             shutil.copyfile(path, checkpoints / name)
-        torch.hub.set_dir(hub)
-        try:
-            yield
-        finally:
-            torch.hub._hub_dir = previous  # back to exactly what it was (None: follow TORCH_HOME)
+        yield
 
 
 def load_torchscript(where: str, path: str, device: torch.device) -> nn.Module:

@@ -88,7 +88,9 @@ def _weights_option(where: str, options: Dict[str, Any]) -> Optional[str]:
 
 def _construct(where: str, cls, options: Dict[str, Any]) -> Metric:
     try:
-        return cls(**options, sync_on_compute=False)  # synchronised explicitly in `MetricSuite.compute`
+        # Synchronised explicitly in `MetricSuite.compute`, and never cached: a cached value would be
+        # the pooled one, returned again for the rank's own state once that is restored.
+        return cls(**options, sync_on_compute=False, compute_with_cache=False)
     except EvaluationSetupError:
         raise
     except (ValueError, TypeError) as error:
@@ -145,7 +147,8 @@ def build_inception_metric(name: str, options: Mapping[str, Any], *, device: tor
         return _construct(where, cls, options)
     if feature not in ex.INCEPTION_FEATURES:
         raise EvaluationSetupError(
-            f"{where}.feature: {feature!r} is neither an Inception feature {list(ex.INCEPTION_FEATURES)} nor a TorchScript file path"
+            f"{where}.feature: {feature!r} is neither an Inception feature {list(ex.INCEPTION_FEATURES)} "
+            "nor a TorchScript file path"
         )
     if weights is not None:
         path = ex.check_weights_file(where, weights)
@@ -177,6 +180,7 @@ def build_lpips_metric(options: Mapping[str, Any], *, device: torch.device) -> M
             reduction=options.get("reduction", "mean"),
             normalize=bool(options.get("normalize", False)),
             sync_on_compute=False,
+            compute_with_cache=False,
         )
     url = ex.lpips_backbone_url(net_type)
     if weights is not None:
@@ -253,7 +257,7 @@ class MetricSuite:
 def _pooled_compute(metric: Metric, seed: int, notes: List[str], name: str):
     # One tensor per list state on every rank: the gather then runs the same collectives on every
     # rank, however many batches each one saw.
-    list_states = [state for state, default in metric._defaults.items() if isinstance(default, list)]
+    list_states = [state for state, value in metric.metric_state.items() if isinstance(value, list)]
     for state in list_states:
         value = getattr(metric, state)
         if len(value) != 1:
@@ -265,7 +269,8 @@ def _pooled_compute(metric: Metric, seed: int, notes: List[str], name: str):
             smallest = min(metric.real_features[0].shape[0], metric.fake_features[0].shape[0])
             if smallest < metric.subset_size:
                 notes.append(
-                    f"evaluate.KID: subset_size {metric.subset_size} is more than the {smallest} samples; using {smallest}"
+                    f"evaluate.KID: subset_size {metric.subset_size} is more than the {smallest} samples; "
+                    f"using {smallest}"
                 )
                 configured, metric.subset_size = metric.subset_size, smallest
             else:
@@ -277,7 +282,6 @@ def _pooled_compute(metric: Metric, seed: int, notes: List[str], name: str):
             finally:
                 if name == "KID":
                     metric.subset_size = configured
-    metric._computed = None  # the value of the pooled state: never reuse it after unsyncing
     return result
 
 
