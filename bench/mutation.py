@@ -273,7 +273,8 @@ MUTANTS: List[Mutant] = [
         [
             (
                 SAVERS,
-                "        try:\n            os.link(source, temp)\n        except OSError:\n            shutil.copyfile(source, temp)\n        os.replace(temp, target)",
+                "        try:\n            os.link(source, temp)\n        except OSError:\n"
+                "            shutil.copyfile(source, temp)\n        os.replace(temp, target)",
                 "        shutil.copyfile(source, target)",
             )
         ],
@@ -540,7 +541,8 @@ def main(argv: Sequence[str] = ()) -> int:
     if args.list:
         for index, mutant in enumerate(chosen, start=1):
             print(
-                f"{index:2d}. [{mutant.area}] {mutant.name}: {' '.join(mutant.tests)} {('-k ' + mutant.k) if mutant.k else ''}"
+                f"{index:2d}. [{mutant.area}] {mutant.name}: {' '.join(mutant.tests)} "
+                f"{('-k ' + mutant.k) if mutant.k else ''}"
             )
         return 0
     if args.check:
@@ -563,7 +565,8 @@ def main(argv: Sequence[str] = ()) -> int:
                 clean = Mutant("baseline", "", [], tests[0], tests[1])
                 verdict, elapsed, tail = run_tests(root, clean, args.timeout)
                 print(
-                    f"baseline {' '.join(tests[0])} -k {tests[1]!r}: {'ok' if verdict == 'MISSED' else 'FAILING'} ({elapsed:.0f}s) {tail}",
+                    f"baseline {' '.join(tests[0])} -k {tests[1]!r}: "
+                    f"{'ok' if verdict == 'MISSED' else 'FAILING'} ({elapsed:.0f}s) {tail}",
                     flush=True,
                 )
         for index, mutant in enumerate(chosen, start=1):

@@ -97,7 +97,8 @@ def main() -> int:
         scale = max(v[1] for v in results.values())
         ok &= diff <= TOLERANCE
         print(
-            f"{kind:44s} {len(results):7d} {diff:11.2e} {scale:10.2f}  {worst}{'' if diff <= TOLERANCE else '  ABOVE 1e-5'}"
+            f"{kind:44s} {len(results):7d} {diff:11.2e} {scale:10.2f}  {worst}"
+            f"{'' if diff <= TOLERANCE else '  ABOVE 1e-5'}"
         )
         if args.all:
             for key, (d, s) in sorted(results.items()):

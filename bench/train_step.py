@@ -315,7 +315,8 @@ def main() -> int:
             print(
                 f"  ours / reference: samples/s x{o['samples_per_s'] / r['samples_per_s']:.2f}, "
                 f"samples/CPU-s x{o['samples_per_cpu_s'] / r['samples_per_cpu_s']:.2f}, "
-                f"peak memory x{o['peak_memory_mib'] / r['peak_memory_mib']:.2f}, params x{o['params'] / r['params']:.3f}"
+                f"peak memory x{o['peak_memory_mib'] / r['peak_memory_mib']:.2f}, "
+                f"params x{o['params'] / r['params']:.3f}"
             )
     return 0
 

@@ -151,7 +151,8 @@ def compare_case(name: str, scales: Dict[str, float] | None = None) -> Dict[str,
             reference_t = tensors[f"sample.trace.{index}.{call:04d}.t"]
             if not torch.equal(t, reference_t):
                 raise AssertionError(
-                    f"{name}: U-Net {index + 1} call {call} at timesteps {t.tolist()}, the reference at {reference_t.tolist()}"
+                    f"{name}: U-Net {index + 1} call {call} at timesteps {t.tolist()}, "
+                    f"the reference at {reference_t.tolist()}"
                 )
             note(kind, x, tensors[f"sample.trace.{index}.{call:04d}.x"])
     return diffs

@@ -143,8 +143,8 @@ def test_reference_options_without_effect_are_accepted_with_a_warning(reference_
             "tracker.save[0].save_best: option of the reference trainer that has no effect, ignored; save_latest_to, "
             "save_best_to and save_meta_to decide what is saved",
             "tracker.load: load_from is null, so no checkpoint is loaded and file_path, only_auto_resume are ignored",
-            "decoder.image_size: accepted for compatibility and ignored; decoder.image_sizes sets the resolution of each "
-            "U-Net",
+            "decoder.image_size: accepted for compatibility and ignored; "
+            "decoder.image_sizes sets the resolution of each U-Net",
         ]
     )
     assert config.tracker.load is None

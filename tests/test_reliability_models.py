@@ -41,7 +41,8 @@ def tiny_decoder(num_unets: int) -> Decoder:
 
 class GuidanceSpy:
     """Wraps `Unet.forward_with_cond_scale`: records each call's scale and checks that its output is
-    null + scale * (cond - null) on the image channels, cond and null computed with the plain forward (drop prob 0 and 1)."""
+    null + scale * (cond - null) on the image channels, cond and null computed with the plain forward
+    (drop prob 0 and 1)."""
 
     def __init__(self, monkeypatch):
         self.calls = []

@@ -1,4 +1,4 @@
-"""`dalle2-sample-decoder` end to end on the tiny demo data: every input kind, outputs, reproducibility, ranks, errors."""
+"""`dalle2-sample-decoder` end to end on the tiny demo data: input kinds, outputs, reproducibility, ranks, errors."""
 
 from __future__ import annotations
 
