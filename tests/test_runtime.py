@@ -1,4 +1,4 @@
-"""CPU compute threads chosen from what the data workers actually use (dalle2_decoder/training/threads.py)."""
+"""CPU compute threads chosen from what the data workers actually use (dalle2_decoder/runtime.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from dalle2_decoder.training.threads import ComputeThreads, children_cpu_seconds, compute_threads_for, threads_for
+from dalle2_decoder.runtime import ComputeThreads, children_cpu_seconds, compute_threads_for, threads_for
 
 
 @pytest.fixture
