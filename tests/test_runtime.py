@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -65,3 +66,63 @@ def test_user_choice_and_gpus_turn_the_policy_off(monkeypatch):
     assert policy is not None and policy.cores >= 1
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert compute_threads_for("cpu", 1) is None
+
+
+# --- the process group: DDP's ignore list, lost peers, shut-down ------------------------------------
+
+
+def test_ddp_ignore_is_honoured_by_distributed_data_parallel(tmp_path):
+    """Pins torch's private `_set_params_and_buffers_to_ignore_for_model` (used through `ddp_ignore` only):
+    fails when torch renames it or when DDP stops reading what it stores."""
+    import torch.distributed as dist
+    from torch import nn
+    from torch.nn.parallel import DistributedDataParallel
+
+    from dalle2_decoder.runtime import ddp_ignore
+
+    def model() -> nn.Module:
+        layers = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+        layers[0].requires_grad_(False)  # only the second layer trains
+        return layers
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        DistributedDataParallel(model())  # a trained layer: DDP wraps it
+        ignoring = model()
+        ddp_ignore(ignoring, ["1.weight", "1.bias"])
+        # With the trained layer ignored, DDP sees no parameter that needs a gradient and refuses.
+        with pytest.raises(RuntimeError, match="doesn't have any parameter that requires a gradient"):
+            DistributedDataParallel(ignoring)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_lost_peer_becomes_one_io_error_and_other_errors_pass_unchanged():
+    from dalle2_decoder.failures import EXIT_IO, report
+    from dalle2_decoder.runtime import PeerLostError, lost_peers_reported
+
+    with pytest.raises(PeerLostError) as lost:
+        with lost_peers_reported():
+            raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer")
+    assert "lost contact with another process of this run" in str(lost.value)
+    assert "Connection closed by peer" in str(lost.value) and "\n" not in str(lost.value)
+    assert PeerLostError.exit_status == EXIT_IO
+    with open(os.devnull, "w") as quiet:
+        assert report(lost.value, stream=quiet) == EXIT_IO
+    bug = RuntimeError("shape mismatch in a matmul")
+    with pytest.raises(RuntimeError) as passed:
+        with lost_peers_reported():
+            raise bug
+    assert passed.value is bug
+
+
+def test_errors_declare_their_exit_status():
+    from dalle2_decoder.failures import EXIT_CHECKPOINT, EXIT_STOPPED, report
+    from dalle2_decoder.loading import DecoderLoadError
+    from dalle2_decoder.training.loop import TrainingStopped
+
+    assert TrainingStopped.exit_status == EXIT_STOPPED
+    assert DecoderLoadError.exit_status == EXIT_CHECKPOINT
+    with open(os.devnull, "w") as quiet:
+        assert report(TrainingStopped("non-finite losses"), stream=quiet) == EXIT_STOPPED
+        assert report(DecoderLoadError("no such file"), stream=quiet) == EXIT_CHECKPOINT
