@@ -8,9 +8,9 @@ The config's `evaluate` section says which metrics; `data` gives the validation 
 checkpoint is a trainer checkpoint (EMA weights are used when `train.use_ema`, unless --no_ema)
 or a model save. The metrics are printed as one JSON object on stdout (main process), and
 appended as a JSON line to --output when given. Exit codes are those of the training command
-(`dalle2_decoder.failures`): 0 done, 1 a bug, 2 usage or configuration (e.g. no metric enabled,
-missing metric weights), 3 data, 4 checkpoint, 5 I/O or environment; each problem is one line
-on stderr, with a traceback only under --debug.
+(`dalle2_decoder.failures`): 0 done, 1 configuration (e.g. no metric enabled, missing metric
+weights), 2 usage, 3 data, 4 checkpoint, 5 I/O or environment, 70 a bug; each problem is one
+line on stderr, with a traceback only under --debug (and for a bug).
 """
 
 from __future__ import annotations
