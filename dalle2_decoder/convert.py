@@ -56,7 +56,7 @@ def _config(loaded, config_file: Optional[str]):
 def convert(source: str, output: str, *, config_file: Optional[str] = None, use_ema: bool = True) -> str:
     """Write `output` (safetensors) from `source`; returns a one-line summary. Raises CheckpointError / ConfigError."""
     from .tracking import CheckpointError, load_state_dict_checked, read_file, save_model
-    from .tracking.checkpoint import checkpoint_weights
+    from .training.state import checkpoint_weights
 
     if not output.endswith(".safetensors"):
         raise CheckpointError(f"{output}: the output must be a .safetensors file")
@@ -66,7 +66,7 @@ def convert(source: str, output: str, *, config_file: Optional[str] = None, use_
     if loaded.kind == "model":
         weights, which = loaded.model_state, "the model file's weights"
     else:
-        weights = checkpoint_weights(loaded.state, use_ema=use_ema)
+        weights = checkpoint_weights(loaded, use_ema=use_ema)
         has_ema = bool(loaded.state["trainer"].get("emas"))
         which = "EMA weights" if use_ema and has_ema else "trained weights (no EMA)" if use_ema else "trained weights"
     absent = [n for n in range(1, len(decoder.unets) + 1) if not any(k.startswith(f"unets.{n - 1}.") for k in weights)]

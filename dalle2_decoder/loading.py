@@ -1,4 +1,5 @@
-"""One-line loading of a trained decoder: `load_decoder(path_or_url_or_hub_id)`.
+"""One-line loading of a trained decoder: `load_decoder(path_or_url_or_hub_id)`; and of saved weights
+into a model you built: `load_model_weights(model, path)`.
 
 The source may be
 - a local file written by training: a model save (`.safetensors` or `.pt`) or a checkpoint
@@ -21,9 +22,12 @@ import re
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, ClassVar, Dict, Optional, Union
 
 import torch
+from torch import nn
+
+from .failures import EXIT_CHECKPOINT
 
 HUB_CONFIG = "config.json"
 HUB_FORMAT = "dalle2_decoder.hub/1"
@@ -32,6 +36,8 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 class DecoderLoadError(RuntimeError):
     """The source cannot be found, fetched or turned into a decoder; the message says which and why."""
+
+    exit_status: ClassVar[int] = EXIT_CHECKPOINT
 
 
 @dataclass
@@ -185,7 +191,7 @@ def load(
 ) -> LoadedDecoder:
     """`load_decoder`, also returning the configuration and step recorded with the weights."""
     from .tracking import CheckpointError, load_state_dict_checked, read_file
-    from .tracking.checkpoint import checkpoint_weights
+    from .training.state import checkpoint_weights, has_ema_weights
 
     path, where = resolve_source(
         source, filename=filename, revision=revision, endpoint=endpoint, token=token, cache_dir=cache_dir
@@ -201,9 +207,9 @@ def load(
             load_state_dict_checked(decoder, loaded.model_state, source=where)
             kind = "model"
         else:
-            # The checkpoint's weights with each U-Net's EMA average where it has one (one rule, in tracking).
-            load_state_dict_checked(decoder, checkpoint_weights(loaded.state, use_ema=use_ema), source=where)
-            kind = "ema" if use_ema and loaded.state["trainer"].get("emas") else "trained"
+            # The checkpoint's weights with each U-Net's EMA average where it has one (one rule, training.state).
+            load_state_dict_checked(decoder, checkpoint_weights(loaded, use_ema=use_ema), source=where)
+            kind = "ema" if use_ema and has_ema_weights(loaded) else "trained"
     except CheckpointError as error:
         raise DecoderLoadError(str(error)) from error
     decoder.to(device).eval().requires_grad_(False)
@@ -238,3 +244,25 @@ def load_decoder(
         token=token,
         cache_dir=cache_dir,
     ).decoder
+
+
+def load_model_weights(model: nn.Module, path: Union[str, "os.PathLike[str]"], *, use_ema: bool = True):
+    """Load a `model` save into `model` with strict name and shape checks; returns the `LoadedCheckpoint`.
+
+    Accepted: this package's model saves (safetensors or weights-only `.pt`), DALLE2-pytorch model
+    files (`model.pth`, names mapped) and trainer checkpoints (their EMA weights, or the trained
+    ones with `use_ema=False`), and plain state dicts. Its `config_json` and `step` tell what the
+    file was saved from. Raises CheckpointError naming the file when it does not load.
+    """
+    from .tracking import CheckpointError, load_state_dict_checked, read_file
+    from .training.state import checkpoint_weights
+
+    loaded = read_file(path)
+    if loaded.kind != "model" and loaded.origin == "dalle2_decoder":
+        raise CheckpointError(
+            f"{path} is a training checkpoint, not a model save; resume from it with tracker.load, "
+            "or save with save_type 'model' to get weights that load into a decoder"
+        )
+    weights = loaded.model_state if loaded.kind == "model" else checkpoint_weights(loaded, use_ema=use_ema)
+    load_state_dict_checked(model, weights, source=str(path))
+    return loaded

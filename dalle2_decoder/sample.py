@@ -349,9 +349,9 @@ def _accelerator(args):
     import torch
     from accelerate import Accelerator
 
-    from .training.loop import _launched
+    from .runtime import launched
 
-    if _launched():
+    if launched():
         cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
         return Accelerator(cpu=cpu)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

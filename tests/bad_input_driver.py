@@ -26,7 +26,7 @@ def run_job(job: dict) -> dict:
 
                 code = main(job["argv"])
             elif job["command"] == "evaluate":
-                from dalle2_decoder.evaluation.cli import main
+                from dalle2_decoder.evaluate import main
 
                 code = main(job["argv"])
             elif job["command"] == "prepare":

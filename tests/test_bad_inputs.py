@@ -32,7 +32,7 @@ from PIL import Image
 
 from dalle2_decoder import cli
 from dalle2_decoder.data import BadDataError, create_dataloaders
-from dalle2_decoder.evaluation.cli import main as evaluate_main
+from dalle2_decoder.evaluate import main as evaluate_main
 from dalle2_decoder.failures import EXIT_BUG, EXIT_CHECKPOINT, EXIT_CONFIG, EXIT_DATA, EXIT_IO, EXIT_USAGE, report
 from dalle2_decoder.tracking.checkpoint import CHECKPOINT_FORMAT, MODEL_FORMAT
 

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from dalle2_decoder.config import TrainDecoderConfig
-from dalle2_decoder.evaluation.cli import main as evaluate_main
+from dalle2_decoder.evaluate import main as evaluate_main
 from dalle2_decoder.training import TrainingRun, main
 
 from .evaluation_fixtures import metric_options, write_networks
@@ -69,9 +69,7 @@ def test_the_evaluate_phase_logs_every_metric_with_the_step(trained):
 def test_evaluation_is_reproducible_and_capped_by_the_split(demo_data, networks, tmp_path):
     config = TrainDecoderConfig.from_dict(evaluating_config(demo_data, networks, tmp_path / "run", n_samples=1000))
     run = TrainingRun(config)
-    from dalle2_decoder.evaluation import run_evaluation
-
-    first, second = run_evaluation(run), run_evaluation(run)
+    first, second = run.evaluate(), run.evaluate()
     assert first["eval/samples"] == 16  # the whole validation split (1 shard of 16), no repeats
     for key in METRIC_KEYS - {"eval/seconds"}:
         assert first[key] == second[key], key  # the same samples and the same noise at every evaluation
@@ -90,10 +88,8 @@ def test_a_metric_that_cannot_be_built_fails_at_preparation(demo_data, networks,
 
 def test_no_metric_means_no_evaluation(demo_data, tmp_path):
     config = TrainDecoderConfig.from_dict(tiny_config(demo_data, tmp_path / "run"))
-    from dalle2_decoder.evaluation import run_evaluation
-
     run = TrainingRun(config)
-    assert run_evaluation(run) == {}
+    assert run.evaluate() == {}
     run.tracker.finish()
 
 

@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 
 from dalle2_decoder.config import TrainDecoderConfig
 from dalle2_decoder.failures import EXIT_CHECKPOINT
-from dalle2_decoder.tracking import CheckpointFormatError, load_model_weights, read_file
+from dalle2_decoder.loading import load_model_weights
+from dalle2_decoder.tracking import CheckpointFormatError, read_file
 from dalle2_decoder.tracking.reference import version_metadata_allowed
 from dalle2_decoder.training.trainer import DecoderTrainer
 

@@ -331,7 +331,6 @@ def test_per_sample_generators_make_each_row_independent_of_the_batch():
 
 def test_training_sample_phase_and_evaluation_use_the_configured_sampler(tmp_path, monkeypatch):
     from dalle2_decoder.config import TrainDecoderConfig
-    from dalle2_decoder.evaluation import run_evaluation
     from dalle2_decoder.models.unet import Unet
     from dalle2_decoder.training import TrainingRun
 
@@ -360,7 +359,7 @@ def test_training_sample_phase_and_evaluation_use_the_configured_sampler(tmp_pat
     run._sample_phase()  # grids of train and test examples: one 3-call sampling each
     assert calls == karras * len(run.examples) and len(run.examples) == 2
     calls.clear()
-    metrics = run_evaluation(run)  # 4 validation samples in one batch of 4
+    metrics = run.evaluate()  # 4 validation samples in one batch of 4
     assert calls == karras and metrics["eval/samples"] == 4
     run.tracker.finish()
 

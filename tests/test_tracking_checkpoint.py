@@ -10,11 +10,11 @@ import torch
 from torch import nn
 
 from dalle2_decoder.common.files import atomic_write
+from dalle2_decoder.loading import load_model_weights
 from dalle2_decoder.tracking import (
     CheckpointError,
     CheckpointMismatchError,
     capture_rng_state,
-    load_model_weights,
     load_state_dict_checked,
     read_file,
     restore_rng_state,
@@ -143,7 +143,7 @@ def test_files_that_are_not_checkpoints_give_one_line_naming_the_file_and_the_pr
 
 
 def test_a_checkpoint_without_the_run_state_is_named_when_training_would_use_it(tmp_path):
-    from dalle2_decoder.tracking.checkpoint import training_state
+    from dalle2_decoder.training.state import TrainingState
 
     torch.save({"format": "dalle2_decoder.checkpoint/1", "state": {"progress": {}}}, tmp_path / "no_trainer.pth")
     torch.save(
@@ -155,7 +155,7 @@ def test_a_checkpoint_without_the_run_state_is_named_when_training_would_use_it(
     ):
         loaded = read_file(tmp_path / name)
         with pytest.raises(CheckpointError) as error:
-            training_state(loaded)
+            TrainingState.from_checkpoint(loaded)
         assert says in str(error.value) and name in str(error.value) and "\n" not in str(error.value)
 
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from dalle2_decoder.config import ConsoleLogConfig, DecoderConfig, LocalSaveConfig, TrackerConfig, UnetConfig
-from dalle2_decoder.tracking import CheckpointMismatchError, create_tracker, load_model_weights
+from dalle2_decoder.loading import load_model_weights
+from dalle2_decoder.tracking import CheckpointMismatchError, create_tracker
 
 EMBED = 8
 TINY_UNET_OPTIONS = dict(

@@ -282,7 +282,7 @@ def test_gradients_are_clipped_to_max_grad_norm_before_the_step():
 
 def test_static_graph_default_and_amp_without_effect_as_dalle2_pytorch(fresh_accelerate_state):
     from dalle2_decoder.config import TrainDecoderConfig
-    from dalle2_decoder.training.loop import create_accelerator
+    from dalle2_decoder.runtime import create_accelerator
 
     assert TrainConfig().static_graph is True
     raw = {
@@ -298,7 +298,7 @@ def test_static_graph_default_and_amp_without_effect_as_dalle2_pytorch(fresh_acc
 
 def test_static_graph_is_used_with_one_trained_unet_only():
     from dalle2_decoder.config import TrainDecoderConfig
-    from dalle2_decoder.training.loop import ddp_static_graph
+    from dalle2_decoder.runtime import ddp_static_graph
 
     unet = {"dim": 8, "image_embed_dim": 8}
     raw = {

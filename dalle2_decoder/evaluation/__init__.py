@@ -1,25 +1,26 @@
 """Evaluation metrics (FID, IS, KID, LPIPS) on images generated from validation embeddings.
 
-- `run_evaluation(run)`: the training loop's evaluate phase (see `training.loop.TrainingRun`);
-  `prepare_evaluation(run)` builds its metrics ahead, at setup.
-- `evaluate_decoder(...)`: the same on any decoder and loader; the stand-alone command
-  (`python -m dalle2_decoder.evaluation`) uses it on a saved checkpoint.
+- `Evaluator`: built from the evaluate config, the accelerator, the validation loader and the
+  U-Nets to sample through; called with a decoder, it returns the metrics. The training loop's
+  evaluate phase and the stand-alone command (`dalle2_decoder.evaluate`,
+  `python -m dalle2_decoder.evaluation`) both use it.
+- `evaluate_decoder(...)`: the same as one function, on any decoder, loader and metric suite.
 - `MetricSuite`: the configured torchmetrics metrics, computed once over the samples of all ranks.
-See docs/EVALUATION.md.
+
+See docs/EVALUATION.md. Nothing here imports `training`: evaluation sits below it.
 """
 
-from .evaluate import build_suite, evaluate_decoder, evaluation_loader, prepare_evaluation, run_evaluation
+from .evaluate import Evaluator, evaluate_decoder, evaluation_loader, final_image_size
 from .extractors import EvaluationSetupError
 from .metrics import MetricSuite, ScriptedLPIPS, canonical_order
 
 __all__ = [
     "EvaluationSetupError",
+    "Evaluator",
     "MetricSuite",
     "ScriptedLPIPS",
-    "build_suite",
     "canonical_order",
     "evaluate_decoder",
     "evaluation_loader",
-    "prepare_evaluation",
-    "run_evaluation",
+    "final_image_size",
 ]

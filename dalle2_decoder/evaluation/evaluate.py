@@ -1,15 +1,24 @@
-"""Generate images from validation embeddings on every rank and score them against the real ones."""
+"""Generate images from validation embeddings on every rank and score them against the real ones.
+
+`Evaluator` is what the training loop's evaluate phase and the evaluation command
+(`dalle2_decoder.evaluate`) both run: built from runtime objects at setup (so a metric that
+cannot be built stops a run before training), then called with the decoder holding the weights to
+evaluate. `evaluate_decoder` is the same as one function.
+"""
 
 from __future__ import annotations
 
 import math
 import time
-import weakref
-from typing import Any, Callable, Dict, Sequence
+from typing import Any, Callable, Dict, List, Sequence, Union
 
 import torch
-import torch.nn.functional as F
+from accelerate import Accelerator
+from torch import nn
 
+from ..common.images import resize
+from ..config.evaluate import EvaluateConfig
+from ..config.root import TrainDecoderConfig
 from .metrics import MetricSuite, pooled_count, samples_per_rank
 
 SEED_STRIDE = 1_000_003
@@ -20,10 +29,9 @@ def _take(batch: Dict[str, Any], count: int) -> Dict[str, Any]:
     return {key: value[:count] for key, value in batch.items()}
 
 
-def resize_to(images: torch.Tensor, size: int) -> torch.Tensor:
-    if images.shape[-1] == size and images.shape[-2] == size:
-        return images.float()
-    return F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+Prepare = Callable[[Dict[str, Any]], Dict[str, Any]]
+"""A loader batch to the decoder's inputs on the device (the training's `BatchPreparer.prepare`)."""
+Info = Callable[[str], None]
 
 
 @torch.no_grad()
@@ -76,7 +84,8 @@ def evaluate_decoder(
                     image=batch["image"] if start > 1 else None,
                     seed=seed + rank * SEED_STRIDE + index,
                 )
-            suite.update(resize_to(batch["image"], image_size), resize_to(generated, image_size))
+            # In float32 whatever the autocast dtype of the samples, so the metrics see the same values.
+            suite.update(resize(batch["image"].float(), image_size), resize(generated.float(), image_size))
             done += wanted
     finally:
         del iterator  # stops the loader's workers when we leave before the end of the split
@@ -84,7 +93,8 @@ def evaluate_decoder(
     metrics: Dict[str, float] = {"eval/samples": float(total)}
     if total < n_samples:
         info(
-            f"evaluation: the validation split gave {total} samples of the {n_samples} asked for (evaluate.n_evaluation_samples)"
+            f"evaluation: the validation split gave {total} samples of the {n_samples} asked for "
+            "(evaluate.n_evaluation_samples)"
         )
     if total < 2:
         info("evaluation: fewer than 2 samples; metrics skipped")
@@ -96,17 +106,15 @@ def evaluate_decoder(
     return metrics
 
 
-# --- the training loop's evaluate phase -----------------------------------------------------------
-
-_PER_RUN: "weakref.WeakKeyDictionary[Any, Dict[str, Any]]" = weakref.WeakKeyDictionary()
-"""Per training run: its metric suite and evaluation loader, built at the first evaluation and kept."""
+# --- the evaluator: built once, called at every evaluation -----------------------------------------
 
 
-def final_image_size(config, unets: Sequence[int]) -> int:
+def final_image_size(config: TrainDecoderConfig, unets: Sequence[int]) -> int:
+    """The size of the images sampling through U-Nets `unets` gives (that of the last one)."""
     return config.decoder.image_sizes[unets[-1] - 1]
 
 
-def evaluation_loader(config, accelerator, val_loader=None):
+def evaluation_loader(config: TrainDecoderConfig, accelerator: Accelerator, val_loader=None):
     """The validation split read exactly (every sample once, no repeats); `val_loader` when it already is."""
     if val_loader is not None and val_loader.dataset.settings.limit is None:
         return val_loader
@@ -126,56 +134,58 @@ def evaluation_loader(config, accelerator, val_loader=None):
     return loaders["val"]
 
 
-def build_suite(config, accelerator, unets: Sequence[int]) -> MetricSuite:
-    """The configured metrics, built on each node's local main process first (only it downloads weights into the cache)."""
-    # Per node: weights are cached on local disks, so each node's local main process fetches them first.
-    with accelerator.local_main_process_first():
-        return MetricSuite(
-            config.evaluate.metrics(), device=accelerator.device, image_size=final_image_size(config, unets)
-        )
+class Evaluator:
+    """The configured metrics of a decoder's images generated from validation embeddings.
 
-
-def prepare_evaluation(run) -> bool:
-    """Build a `TrainingRun`'s metrics and evaluation loader now (False when no metric is enabled).
-
-    Call it at setup so that a metric that cannot be built (weights missing offline, a bad
-    TorchScript file) stops the run before training, not after the first epoch. `run_evaluation`
-    calls it when it was not called. Every rank must call it.
+    Built from runtime objects: `config` (the `evaluate` section: which metrics, how many samples),
+    the `accelerator`, the validation `loader` (see `evaluation_loader`), the U-Net numbers to
+    sample through (`unets`, from the first to the last; the real image is the low-resolution
+    input when the first is not U-Net 1), the `image_size` they give, `prepare` for loader
+    batches, the guidance `cond_scale` (one or one per U-Net), the sampling `seed`, and `info` for
+    notes (main process only). The metrics are built here, on each node's local main process
+    first (only it downloads weights into the cache), so a metric that cannot be built raises
+    EvaluationSetupError now. Every rank must build it and call it.
     """
-    from ..training.loop import used_unets
 
-    config = run.config
-    unets = used_unets(config)
-    if not config.evaluate.metrics() or not unets:
-        return False
-    if run not in _PER_RUN:
-        _PER_RUN[run] = {
-            "suite": build_suite(config, run.accelerator, unets),
-            "loader": evaluation_loader(config, run.accelerator, run.loaders.get("val")),
-        }
-    return True
+    def __init__(
+        self,
+        config: EvaluateConfig,
+        accelerator: Accelerator,
+        loader,
+        *,
+        unets: Sequence[int],
+        image_size: int,
+        prepare: Prepare,
+        cond_scale: Union[float, Sequence[float]] = 1.0,
+        seed: int = 0,
+        info: Info = lambda message: None,
+    ):
+        if not unets:
+            raise ValueError("Evaluator: no U-Net to sample through")
+        self.config = config
+        self.accelerator = accelerator
+        self.loader = loader
+        self.unets: List[int] = list(unets)
+        self.image_size = image_size
+        self.prepare = prepare
+        self.cond_scale = list(cond_scale) if isinstance(cond_scale, (list, tuple)) else cond_scale
+        self.seed = seed
+        self.info = info
+        with accelerator.local_main_process_first():
+            self.suite = MetricSuite(config.metrics(), device=accelerator.device, image_size=image_size)
 
-
-def run_evaluation(run) -> Dict[str, float]:
-    """The evaluate phase of a `TrainingRun`: metrics of the weights being trained; empty when none is configured."""
-    from ..training.loop import used_unets
-
-    if not prepare_evaluation(run):
-        return {}
-    config = run.config
-    unets = used_unets(config)
-    state = _PER_RUN[run]
-    with run.trainer.sampling_weights() as decoder:
+    def __call__(self, decoder: nn.Module) -> Dict[str, float]:
+        """The metrics of `decoder` (already holding the weights to evaluate, in eval mode), on every rank."""
         return evaluate_decoder(
             decoder,
-            state["loader"],
-            run.batches.prepare,
-            run.accelerator,
-            state["suite"],
-            n_samples=config.evaluate.n_evaluation_samples,
-            unets=unets,
-            image_size=final_image_size(config, unets),
-            cond_scale=run.cond_scale,
-            seed=config.seed,
-            info=run.tracker.info,
+            self.loader,
+            self.prepare,
+            self.accelerator,
+            self.suite,
+            n_samples=self.config.n_evaluation_samples,
+            unets=self.unets,
+            image_size=self.image_size,
+            cond_scale=self.cond_scale,
+            seed=self.seed,
+            info=self.info,
         )

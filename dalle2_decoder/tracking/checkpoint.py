@@ -347,58 +347,6 @@ def load_state_dict_checked(
     module.load_state_dict(dict(state_dict), strict=True)
 
 
-def load_model_weights(model: nn.Module, path: PathLike, *, use_ema: bool = True) -> LoadedCheckpoint:
-    """Load a `model` save into `model` with strict name and shape checks.
-
-    Accepted: this package's model saves (safetensors or weights-only `.pt`), DALLE2-pytorch model
-    files (`model.pth`, names mapped) and trainer checkpoints (their EMA weights, or the trained
-    ones with `use_ema=False`), and plain state dicts. Returns the file's content (its
-    `config_json` and `step` tell what it was saved from).
-    """
-    loaded = read_file(path)
-    if loaded.kind != "model" and loaded.origin == "dalle2_decoder":
-        raise CheckpointError(
-            f"{path} is a training checkpoint, not a model save; resume from it with tracker.load, "
-            "or save with save_type 'model' to get weights that load into a decoder"
-        )
-    weights = loaded.model_state if loaded.kind == "model" else checkpoint_weights(loaded.state, use_ema=use_ema)
-    load_state_dict_checked(model, weights, source=str(path))
-    return loaded
-
-
-def training_state(loaded: LoadedCheckpoint) -> Dict[str, Any]:
-    """The checkpoint's run state (`trainer` with its `decoder` weights, and `progress`), checked.
-
-    Raises CheckpointFormatError naming the file when an entry the training loop needs is missing.
-    """
-    state = loaded.state or {}
-    trainer = state.get("trainer")
-    if not isinstance(trainer, Mapping) or not isinstance(trainer.get("decoder"), Mapping):
-        raise CheckpointFormatError(
-            f"{loaded.source}: a checkpoint without its trainer state "
-            "('state' -> 'trainer' -> 'decoder'); the file is damaged or was edited"
-        )
-    if not isinstance(state.get("progress"), Mapping) and not isinstance(state.get("reference"), Mapping):
-        raise CheckpointFormatError(
-            f"{loaded.source}: a checkpoint without its 'progress' entry; the file is damaged or was edited"
-        )
-    return dict(state)
-
-
-def checkpoint_weights(state: Mapping[str, Any], *, use_ema: bool = True) -> Dict[str, torch.Tensor]:
-    """The decoder weights of a checkpoint state: each U-Net's EMA average where it has one (and `use_ema`)."""
-    trainer = state.get("trainer")
-    if not isinstance(trainer, Mapping) or not isinstance(trainer.get("decoder"), Mapping):
-        raise CheckpointFormatError("a checkpoint without its trainer state ('state' -> 'trainer' -> 'decoder')")
-    weights = dict(trainer["decoder"])
-    if use_ema:
-        for key, ema in trainer.get("emas", {}).items():
-            prefix = f"unets.{int(key) - 1}."
-            averaged = {name[len("averaged.") :]: t for name, t in ema.items() if name.startswith("averaged.")}
-            weights.update({prefix + name: tensor for name, tensor in averaged.items()})
-    return weights
-
-
 # --- random number generator states ------------------------------------------------------------
 
 

@@ -6,8 +6,8 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 import attrs
 import torch
-import torch.nn.functional as F
 
+from ..common.images import resize
 from ..config.root import TrainDecoderConfig
 
 SAMPLE_SEED = 1234
@@ -43,13 +43,13 @@ class BatchPreparer:
             clip = create_clip(self._clip_config, device=self.device)
             if clip.image_embed_dim != self.image_embed_dim:
                 raise ClipLoadError(
-                    f"decoder.clip {self._clip_config.model} gives {clip.image_embed_dim}-dimensional image embeddings but "
-                    f"decoder.unets[0].image_embed_dim is {self.image_embed_dim}"
+                    f"decoder.clip {self._clip_config.model} gives {clip.image_embed_dim}-dimensional image "
+                    f"embeddings but decoder.unets[0].image_embed_dim is {self.image_embed_dim}"
                 )
             if self.needs_text and self.text_embed_dim not in (None, clip.text_embed_dim):
                 raise ClipLoadError(
-                    f"decoder.clip {self._clip_config.model} gives {clip.text_embed_dim}-dimensional text encodings but "
-                    f"the U-Nets' text_embed_dim is {self.text_embed_dim}"
+                    f"decoder.clip {self._clip_config.model} gives {clip.text_embed_dim}-dimensional text "
+                    f"encodings but the U-Nets' text_embed_dim is {self.text_embed_dim}"
                 )
             self.clip = clip
 
@@ -122,9 +122,7 @@ class BatchPreparer:
                 seed=SAMPLE_SEED,
                 progress=True,  # sampling runs on the main process only
             )
-        real = F.interpolate(
-            batch["image"].float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False
-        )
+        real = resize(batch["image"].float(), size)
         images: List[torch.Tensor] = []
         captions: List[str] = []
         for index, caption in enumerate(examples.captions):

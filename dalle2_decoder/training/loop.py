@@ -7,31 +7,34 @@ Every rank runs every phase and reaches the same collectives in the same order; 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import math
-import os
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, ClassVar, Dict, Optional
 
-import attrs
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list, gather_object, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from tqdm.auto import tqdm
 
-from .._version import __version__
+from ..common.per_unet import per_unet
 from ..config.root import TrainDecoderConfig
+from ..evaluation import Evaluator, evaluation_loader, final_image_size
+from ..failures import EXIT_STOPPED
+from ..runtime import (
+    create_accelerator,
+    lost_peers_reported,
+    shut_down,
+)
 from ..tracking import capture_rng_state, create_tracker, restore_rng_state
-from ..tracking.checkpoint import training_state
 from ..tracking.redact import install_output_redaction, secrets_in
 from ..tracking.reference import REFERENCE_ORIGIN, schedule_note
 from .batches import BatchPreparer, SampleExamples
 from .resume import describe_changes, position_is_kept, reference_progress
+from .state import Phase, Progress, TrainingState, checkpoint_payload
 from .stopping import StopRequest
-from .threads import compute_threads_for
-from .trainer import DecoderTrainer, per_unet
+from .summary import summary_lines
+from .trainer import DecoderTrainer, used_unets
 
 log = logging.getLogger(__name__)
 
@@ -42,159 +45,7 @@ LOG_EVERY_N_STEPS = 10
 class TrainingStopped(RuntimeError):
     """The run cannot go on (e.g. a streak of non-finite losses); the last good checkpoint is kept."""
 
-
-@attrs.define
-class Progress:
-    """Where the run is; saved in every checkpoint and restored on resume."""
-
-    epoch: int = 0
-    """Epoch in progress (0-based)."""
-    batches_in_epoch: int = 0
-    """Training batches of `epoch` already consumed on each rank."""
-    phase: str = "train"
-    """Phase of `epoch` to run next: `train`, or `end` (validate/evaluate/sample/save still to do)."""
-    samples_seen: int = 0
-    """Training samples consumed so far, summed over ranks."""
-    next_save_at: int = 0
-    """`samples_seen` at which the next periodic sample grid and checkpoint are due."""
-    best_val_loss: float = math.inf
-    """Lowest mean validation loss so far (sum over trained U-Nets)."""
-    validation_losses: List[float] = attrs.Factory(list)
-    """Every epoch's validation loss so far (for the `{validation_losses}` field of save paths)."""
-
-    def to_dict(self) -> Dict[str, Any]:
-        return attrs.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: Dict[str, Any]) -> "Progress":
-        return cls(**{field.name: values[field.name] for field in attrs.fields(cls) if field.name in values})
-
-
-# --- setup ---------------------------------------------------------------------------------------
-
-
-def _launched() -> bool:
-    """True under `accelerate launch` / torchrun, where the launcher chooses the device."""
-    return (
-        int(os.environ.get("WORLD_SIZE", "1")) > 1
-        or "ACCELERATE_MIXED_PRECISION" in os.environ
-        and "LOCAL_RANK" in os.environ
-    )
-
-
-def create_accelerator(config: TrainDecoderConfig, *, purpose: str = "training") -> Accelerator:
-    """An Accelerator honouring `train.device` in single-process runs and the launcher otherwise."""
-    train = config.train
-    # As in DALLE2-pytorch, `train.amp` chooses nothing: without `mixed_precision`, accelerate's
-    # launch configuration (ACCELERATE_MIXED_PRECISION) decides, and plain fp32 without one.
-    precision = train.mixed_precision
-    notes = []
-    static_graph, why_not = ddp_static_graph(config)
-    if why_not and _launched():
-        notes.append(why_not)
-    ddp = DistributedDataParallelKwargs(
-        find_unused_parameters=train.find_unused_parameters, static_graph=static_graph, broadcast_buffers=False
-    )
-    if _launched():
-        # Without GPUs (or when the launcher asks for the CPU) each process must say so itself,
-        # otherwise Accelerate treats the processes as independent single-process runs.
-        cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
-        accelerator = Accelerator(mixed_precision=precision, cpu=cpu, kwargs_handlers=[ddp])
-        notes.append(
-            f"train.device ({train.device}) is superseded by the launcher: this process uses {accelerator.device}"
-        )
-    else:
-        device = torch.device(train.device)
-        cpu = device.type == "cpu"
-        if device.type == "cuda":
-            if not torch.cuda.is_available():
-                raise RuntimeError(
-                    f'train.device is {train.device} but CUDA is not available here; set train.device to "cpu"'
-                )
-            torch.cuda.set_device(device.index or 0)
-        accelerator = Accelerator(mixed_precision=precision, cpu=cpu, kwargs_handlers=[ddp])
-    # On the CPU, each process's share of the node's cores goes to compute, less what its data
-    # workers turn out to use (measured during training, see `threads.py`).
-    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
-    accelerator.compute_threads = compute_threads_for(accelerator.device.type, local_processes)
-    if accelerator.compute_threads is not None:
-        threads = accelerator.compute_threads.start()
-        notes.append(
-            f"CPU {purpose} with {threads} compute thread(s) per process, one fewer per core the data "
-            "workers keep busy (set OMP_NUM_THREADS to choose)"
-        )
-    for note in notes:
-        if accelerator.is_main_process:
-            print(f"note: {note}", flush=True)
-    return accelerator
-
-
-def ddp_static_graph(config: TrainDecoderConfig) -> Tuple[bool, Optional[str]]:
-    """DDP's `static_graph` for this run, and why `train.static_graph` is not used, if it is not.
-
-    A step runs one backward pass per trained U-Net through the one wrapped decoder, each using
-    another U-Net's parameters: a static graph cannot take a used set that changes between passes
-    (DDP stops with "Your training graph has changed"), so it is only used with one trained U-Net.
-    """
-    train = config.train
-    trained = sum(1 for index in range(len(config.decoder.unets)) if train.trains_unet(index))
-    if train.static_graph and trained > 1:
-        return False, (
-            f"train.static_graph: not used with {trained} trained U-Nets (each one's backward pass uses "
-            "other parameters, which a static DDP graph cannot take); set it to false to silence this"
-        )
-    return train.static_graph, None
-
-
-def shut_down(accelerator: Accelerator) -> None:
-    """End a multi-process run cleanly: all ranks meet, then the process group is destroyed.
-
-    Without it, a rank may exit while the gloo/NCCL threads of its process group still run, and
-    the C++ runtime aborts that process ("terminate called without an active exception").
-    """
-    if accelerator.num_processes > 1:
-        accelerator.wait_for_everyone()
-        accelerator.end_training()
-
-
-def used_unets(config: TrainDecoderConfig) -> List[int]:
-    """U-Nets the run trains or samples through: from the first trained one to the last trained one.
-
-    Sampling starts at the first trained U-Net (given the real low-resolution image) and stops at
-    the last, so U-Nets outside that range are never used and stay off the device.
-    """
-    num = len(config.decoder.unets)
-    mask = config.train.unet_training_mask or [True] * num
-    trained = [n for n, m in enumerate(mask, start=1) if m]
-    return list(range(trained[0], trained[-1] + 1)) if trained else []
-
-
-def count_parameters(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def summary_lines(config: TrainDecoderConfig, accelerator: Accelerator, trainer: DecoderTrainer, loaders) -> List[str]:
-    """The one-screen summary printed at start."""
-    data = config.data
-    per_rank = len(loaders["train"]) * data.batch_size
-    lines = [
-        "dalle2-decoder training",
-        f"  processes      {accelerator.num_processes} ({accelerator.distributed_type.value}), device {accelerator.device}",
-        f"  precision      {accelerator.mixed_precision}",
-        f"  data           {data.webdataset_base_url} shards {data.start_shard}..{data.end_shard}",
-        f"  embeddings     {data.img_embeddings_url or ('CLIP on the fly' if config.decoder.clip else 'inside the shards')}",
-        f"  samples/epoch  {per_rank * accelerator.num_processes} ({len(loaders['train'])} batches of {data.batch_size} per rank)",
-        f"  epochs         {config.train.epochs}",
-    ]
-    for number, unet in enumerate(trainer.decoder.unets, start=1):
-        state = "trained" if number in trainer.trained_unets else "frozen"
-        size = config.decoder.image_sizes[number - 1]
-        sampler, steps = trainer.decoder.sampler_for(number)  # what sample grids and evaluation use
-        lines.append(
-            f"  U-Net {number}        {count_parameters(unet) / 1e6:.2f}M parameters, {size}px, {state}, "
-            f"samples with {sampler} ({steps or config.decoder.timesteps} steps)"
-        )
-    return lines
+    exit_status: ClassVar[int] = EXIT_STOPPED
 
 
 # --- the run -------------------------------------------------------------------------------------
@@ -231,22 +82,38 @@ class TrainingRun:
             uint8_images=True,  # scaled to [0, 1] on the device by the batch preparer
         )
         self.trainer = DecoderTrainer(decoder, acc, config.train, used_unets=used_unets(config))
+        self.cond_scale = per_unet(config.train.cond_scale, len(config.decoder.unets))
         # Metrics are built now, so that missing weights stop the run before training, not after an epoch.
-        from ..evaluation import prepare_evaluation
-
-        prepare_evaluation(self)
+        self.evaluator = self._build_evaluator()
         # Last: everything that can fail on a bad setup has been built, so no run folder is left half-started.
         self.tracker = create_tracker(
             config.tracker, full_config_dict=config.to_dict(), is_main_process=acc.is_main_process
         )
         self.progress = Progress(next_save_at=config.train.save_every_n_samples)
         self.stop = StopRequest()
-        self.cond_scale = per_unet(config.train.cond_scale, len(config.decoder.unets))
         self.examples: Dict[str, SampleExamples] = {}
         self._pending_rng: Optional[Dict[str, Any]] = None
         self.resumed = False
         self.interrupted = False
         self._last_sampled_at: Optional[int] = None
+
+    def _build_evaluator(self) -> Optional[Evaluator]:
+        """The evaluate phase's `Evaluator`, or None when no metric is enabled."""
+        config, acc = self.config, self.accelerator
+        unets = used_unets(config)
+        if not config.evaluate.metrics() or not unets:
+            return None
+        return Evaluator(
+            config.evaluate,
+            acc,
+            evaluation_loader(config, acc, self.loaders.get("val")),
+            unets=unets,
+            image_size=final_image_size(config, unets),
+            prepare=self.batches.prepare,
+            cond_scale=self.cond_scale,
+            seed=config.seed,
+            info=lambda message: self.tracker.info(message),  # the tracker is built after the evaluator
+        )
 
     # --- start ---------------------------------------------------------------------------------
 
@@ -273,30 +140,31 @@ class TrainingRun:
                 self.tracker.info(f"note: {note}")
             self.tracker.info(f"loaded decoder weights from {loaded.source}; training starts fresh")
             return
-        state = training_state(loaded)  # a damaged file is named in one line, not a KeyError
-        reference = state.get("reference")
+        state = TrainingState.from_checkpoint(loaded)  # a damaged file is named in one line, not a KeyError
+        reference = state.reference
         if reference is not None:
-            progress = reference_progress(
-                reference,
-                batch_samples=self.config.data.batch_size * self.accelerator.num_processes,
-                save_every=self.config.train.save_every_n_samples,
+            progress = Progress.from_dict(
+                reference_progress(
+                    reference,
+                    batch_samples=self.config.data.batch_size * self.accelerator.num_processes,
+                    save_every=self.config.train.save_every_n_samples,
+                )
             )
             saved_config = reference.get("config")
         else:
-            progress = dict(state["progress"])
+            progress = state.progress
             saved_config = json.loads(loaded.config_json) if loaded.config_json else None
         current = getattr(self.tracker, "config_dict", None) or self.config.to_dict()
-        mid_epoch = progress["phase"] == "train" and progress["batches_in_epoch"] > 0
         changes = describe_changes(
-            saved_config, current, epoch=progress["epoch"], mid_epoch=mid_epoch, reference=reference is not None
+            saved_config, current, epoch=progress.epoch, mid_epoch=progress.mid_epoch, reference=reference is not None
         )
-        notes = self.trainer.load_state_dict(state["trainer"])
-        self.progress = Progress.from_dict(progress)
+        notes = self.trainer.load_state_dict(state.trainer)
+        self.progress = progress
         if any(c.path == "train.save_every_n_samples" for c in changes):
             self.progress.next_save_at = self.progress.samples_seen + self.config.train.save_every_n_samples
         if any(not c.applied for c in changes):
             self.progress.batches_in_epoch = 0  # the refused in-epoch position (see the change's line)
-        rng_states = state.get("rng", [])
+        rng_states = state.rng
         if position_is_kept(changes) and len(rng_states) == self.accelerator.num_processes:
             # Restored once this rank's data iterator is positioned (see `_train_phase`).
             self._pending_rng = rng_states[self.accelerator.process_index]
@@ -336,11 +204,11 @@ class TrainingRun:
                 self._sample_phase()
                 self._save_phase(is_best=False)
             while self.progress.epoch < self.config.train.epochs:
-                if self.progress.phase == "train":
+                if self.progress.phase is Phase.TRAIN:
                     if not self._train_phase():
                         self.interrupted = True  # stopped by a signal, checkpoint saved: resumable
                         return 0
-                    self.progress.phase = "end"
+                    self.progress.phase = Phase.END
                 val_loss = self._validate_phase()
                 self._evaluate_phase()
                 self._sample_phase()
@@ -351,7 +219,7 @@ class TrainingRun:
                     self.progress.best_val_loss = val_loss
                 self.progress.epoch += 1
                 self.progress.batches_in_epoch = 0
-                self.progress.phase = "train"
+                self.progress.phase = Phase.TRAIN
                 self._save_phase(is_best=is_best)
             self._check_ranks_agree()
             self.tracker.info(
@@ -473,11 +341,16 @@ class TrainingRun:
 
     def _evaluate_phase(self) -> None:
         """FID / IS / KID / LPIPS on generated validation images, when configured (see `evaluation`)."""
-        from ..evaluation import run_evaluation
-
-        metrics = run_evaluation(self)
+        metrics = self.evaluate()
         if metrics:
             self.tracker.log(metrics, step=self.progress.samples_seen)
+
+    def evaluate(self) -> Dict[str, float]:
+        """The metrics of the weights being trained (EMA ones when EMA is on); empty when none is configured."""
+        if self.evaluator is None:
+            return {}
+        with self.trainer.sampling_weights() as decoder:
+            return self.evaluator(decoder)
 
     def _sample_phase(self) -> None:
         """Grids of real images next to generated ones, from train and test examples (main rank only)."""
@@ -499,7 +372,7 @@ class TrainingRun:
         rng = gather_object([capture_rng_state()]) if acc.num_processes > 1 else [capture_rng_state()]
         progress = self.progress
         batch_samples = self.config.data.batch_size * acc.num_processes
-        if progress.phase == "train" and progress.batches_in_epoch == 0 and progress.epoch > 0:
+        if progress.phase is Phase.TRAIN and progress.batches_in_epoch == 0 and progress.epoch > 0:
             # The end-of-epoch save (the epoch counter has moved on): named after the epoch it ends.
             fields = {"epoch": progress.epoch - 1, "sample": 0, "next_task": "sample"}
         else:
@@ -512,13 +385,7 @@ class TrainingRun:
         self.tracker.save(
             fields=fields,
             step=self.progress.samples_seen,
-            checkpoint_state=lambda: {
-                "trainer": self.trainer.state_dict(),
-                "progress": self.progress.to_dict(),
-                "rng": rng,
-                "config_digest": config_digest(self.config),
-                "package_version": __version__,
-            },
+            checkpoint_state=lambda: checkpoint_payload(self.trainer.state_dict(), self.progress, rng, self.config),
             model_state=self.trainer.model_state_dict,
             is_best=is_best,
         )
@@ -542,61 +409,9 @@ class TrainingRun:
             self.tracker.log({f"data/{phase}/{k}": v for k, v in bad.items()}, step=self.progress.samples_seen)
 
 
-def config_digest(config: TrainDecoderConfig) -> str:
-    """Identifies the config a checkpoint was saved with: one saved by the same config continues the run.
-
-    A digest rather than the JSON itself, because the tracker masks secrets in checkpoint strings.
-    """
-    return hashlib.sha256(config.to_json(indent=None).encode()).hexdigest()
-
-
-def setup_errors() -> tuple:
-    """Errors that describe a problem with the user's setup: reported in one message, no traceback."""
-    from ..clip import ClipLoadError
-    from ..data import BadDataError, DataSetupError, PreprocessingError
-    from ..evaluation import EvaluationSetupError
-    from ..tracking import CheckpointError, DataPathError, LoadError, TrackerSetupError
-
-    return (
-        ClipLoadError,
-        BadDataError,
-        DataSetupError,
-        PreprocessingError,
-        CheckpointError,
-        DataPathError,
-        LoadError,
-        TrackerSetupError,
-        EvaluationSetupError,
-        TrainingStopped,
-    )
-
-
 def main(config: TrainDecoderConfig) -> int:
     """Train a decoder as the config says: 0 done or stopped by a signal. Errors propagate to the
     command line, which reports each as one line with an exit status by kind (`dalle2_decoder.failures`)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
+    with lost_peers_reported():
         return TrainingRun(config).execute()
-    except RuntimeError as error:
-        if not lost_peer(error):
-            raise
-        # A node or process died: the collective it left fails here (gloo/NCCL close the connection)
-        # and this process ends too, with one line, instead of the launcher printing a child's traceback.
-        raise PeerLostError(
-            "lost contact with another process of this run (a node or process died, or the network failed; see the "
-            f"other nodes' logs). The last checkpoint is kept. {type(error).__name__}: {error}"
-        ) from error
-
-
-class PeerLostError(RuntimeError):
-    """Another process of the run is gone (reported as one line, exit status 5: I/O or environment)."""
-
-
-def lost_peer(error: BaseException) -> bool:
-    """True for the error a collective raises when another rank is gone."""
-    import torch.distributed as dist
-
-    text = str(error)
-    return isinstance(error, getattr(dist, "DistError", ())) or any(
-        marker in text for marker in ("Connection closed by peer", "Connection reset by peer", "NCCL", "gloo/transport")
-    )

@@ -1,34 +1,50 @@
 """DecoderTrainer: one AdamW, one learning-rate schedule and one EMA per trained U-Net, on Accelerate.
 
 The trainer owns everything that changes weights; the epoch loop (`loop.py`) owns the order of
-phases. A training step never reads a value back to the host except the gradient norm that
-decides whether the step is finite, which all ranks agree on because it is computed after the
-gradients were all-reduced.
+phases. Within `train_step` the only value read back to the host is, at each optimizer step, the
+finiteness of the gradient norms (computed after the gradients were all-reduced, so every rank
+takes the same decision); the losses stay on the device. The loop itself synchronises with the
+host every step as well: in a multi-process run its stop check all-reduces a flag and reads it
+(`StopRequest.agreed`), and every `LOG_EVERY_N_STEPS` steps it reads the averaged losses.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict, Iterator, List, Optional, Sequence, TypeVar
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import torch
 from accelerate import Accelerator
 from torch import nn
 
+from ..common.per_unet import per_unet
+from ..config.root import TrainDecoderConfig
 from ..config.train import TrainConfig
+from ..models.decoder import Decoder
+from ..runtime import ddp_ignore
 from ..tracking.checkpoint import CheckpointError, load_state_dict_checked
 from .ema import EMA
 
-T = TypeVar("T")
+
+def trained_unets(config: TrainConfig, num_unets: int) -> List[int]:
+    """Numbers (from 1) of the U-Nets `train.unet_training_mask` leaves trainable."""
+    return [number for number in range(1, num_unets + 1) if config.trains_unet(number - 1)]
 
 
-def per_unet(value: Any, num_unets: int) -> List[Any]:
-    """Expand a scalar option to one value per U-Net (lists were checked at config load)."""
-    if isinstance(value, (list, tuple)):
-        if len(value) != num_unets:
-            raise ValueError(f"expected {num_unets} values (one per U-Net), got {len(value)}")
-        return list(value)
-    return [value] * num_unets
+def used_unets(config: TrainDecoderConfig) -> List[int]:
+    """U-Nets the run trains or samples through: from the first trained one to the last trained one.
+
+    Sampling starts at the first trained U-Net (given the real low-resolution image) and stops at
+    the last, so U-Nets outside that range are never used and stay off the device.
+    """
+    trained = trained_unets(config.train, len(config.decoder.unets))
+    return list(range(trained[0], trained[-1] + 1)) if trained else []
+
+
+def _replace_unet(decoder: Decoder, number: int, unet: nn.Module) -> None:
+    """Put `unet` in the place of U-Net `number` (Decoder has a reader, `get_unet`, and no writer)."""
+    decoder.get_unet(number)  # its check that the number exists
+    decoder.unets[number - 1] = unet
 
 
 ADAM_BETAS = (0.9, 0.99)
@@ -68,7 +84,7 @@ class DecoderTrainer:
 
     def __init__(
         self,
-        decoder: nn.Module,
+        decoder: Decoder,
         accelerator: Accelerator,
         config: TrainConfig,
         *,
@@ -80,8 +96,7 @@ class DecoderTrainer:
         self.decoder = decoder
         num_unets = len(decoder.unets)
         self.num_unets = num_unets
-        mask = config.unet_training_mask or [True] * num_unets
-        self.trained_unets: List[int] = [number for number, trained in enumerate(mask, start=1) if trained]
+        self.trained_unets: List[int] = trained_unets(config, num_unets)
         # U-Nets that are sampled through or trained; others never leave the CPU.
         self.used_unets = sorted(
             set(used_unets if used_unets is not None else range(1, num_unets + 1)) | set(self.trained_unets)
@@ -104,7 +119,7 @@ class DecoderTrainer:
         self.wds = wds
         fused = accelerator.device.type == "cuda"
         for number in self.trained_unets:
-            unet = decoder.unets[number - 1]
+            unet = decoder.get_unet(number)
             groups = parameter_groups(unet, wds[number - 1], group=config.group_wd_params)
             optimizer = torch.optim.AdamW(
                 groups, lr=lrs[number - 1], betas=ADAM_BETAS, eps=ADAM_EPS, fused=fused or None
@@ -149,14 +164,12 @@ class DecoderTrainer:
                     tensor.data = tensor.data.to(device)
         if unused_prefixes and self.accelerator.num_processes > 1:
             # Their weights stay on the CPU; DistributedDataParallel must not try to broadcast them.
-            from torch.nn.parallel import DistributedDataParallel
-
             ignored = [
                 name
                 for name, _ in list(self.decoder.named_parameters()) + list(self.decoder.named_buffers())
                 if name.startswith(unused_prefixes)
             ]
-            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.decoder, ignored)
+            ddp_ignore(self.decoder, ignored)
 
     # --- training --------------------------------------------------------------------------
 
@@ -191,7 +204,7 @@ class DecoderTrainer:
     def _optimizer_step(self) -> None:
         norms = []
         for number in self.trained_unets:
-            parameters = [p for p in self.decoder.unets[number - 1].parameters() if p.grad is not None]
+            parameters = [p for p in self.decoder.get_unet(number).parameters() if p.grad is not None]
             max_norm = self.max_grad_norms[number - 1]
             if self.accelerator.scaler is not None:
                 self.accelerator.scaler.unscale_(self.optimizers[number])
@@ -219,7 +232,7 @@ class DecoderTrainer:
         if finite:
             self.nonfinite_streak = 0
             for number, ema in self.emas.items():
-                ema.update(self.decoder.unets[number - 1])
+                ema.update(self.decoder.get_unet(number))
         else:
             self.nonfinite_steps += 1
             self.nonfinite_streak += 1
@@ -237,14 +250,14 @@ class DecoderTrainer:
         originals = {}
         try:
             for number, ema in self.emas.items():
-                originals[number] = self.decoder.unets[number - 1]
-                self.decoder.unets[number - 1] = ema.averaged
+                originals[number] = self.decoder.get_unet(number)
+                _replace_unet(self.decoder, number, ema.averaged)
             was_training = self.decoder.training
             self.decoder.eval()
             yield self.decoder
         finally:
             for number, unet in originals.items():
-                self.decoder.unets[number - 1] = unet
+                _replace_unet(self.decoder, number, unet)
             self.decoder.train(was_training)
 
     @torch.no_grad()
@@ -304,7 +317,7 @@ class DecoderTrainer:
             load_state_dict_checked(self.decoder, state["decoder"], source="checkpoint decoder weights")
         if weights_only:
             for number, ema in self.emas.items():
-                ema.copy_from(self.decoder.unets[number - 1])
+                ema.copy_from(self.decoder.get_unet(number))
             return notes
         optimizers, by_name = state.get("optimizers", {}), state.get("optimizers_by_name", {})
         schedulers, scheduler_steps = state.get("schedulers", {}), state.get("scheduler_steps", {})
@@ -334,7 +347,7 @@ class DecoderTrainer:
                 if key in emas:
                     self.emas[number].load_state_dict(emas[key])
                 else:
-                    self.emas[number].copy_from(self.decoder.unets[number - 1])
+                    self.emas[number].copy_from(self.decoder.get_unet(number))
                     if saved_trained:
                         notes.append(
                             f"U-Net {number}: no EMA in the checkpoint; the average starts from the loaded weights"
@@ -384,7 +397,7 @@ class DecoderTrainer:
 
     def _load_optimizer_by_name(self, number: int, saved: Dict[str, Any]) -> None:
         """Restore Adam moments saved per parameter name (converted from DALLE2-pytorch), in our order."""
-        unet = self.decoder.unets[number - 1]
+        unet = self.decoder.get_unet(number)
         optimizer = self.optimizers[number]
         by_param = {id(p): name for name, p in unet.named_parameters()}
         per_name = saved["state"]
@@ -421,7 +434,7 @@ class DecoderTrainer:
         lr, wd = self.lrs[number - 1], self.wds[number - 1]
         decays = [
             g["weight_decay"]
-            for g in parameter_groups(self.decoder.unets[number - 1], wd, group=self.config.group_wd_params)
+            for g in parameter_groups(self.decoder.get_unet(number), wd, group=self.config.group_wd_params)
         ]
         if len(decays) != len(optimizer.param_groups):
             raise CheckpointError(

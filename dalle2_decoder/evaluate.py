@@ -2,14 +2,15 @@
 
     python -m dalle2_decoder.evaluation --config_file CFG.json --checkpoint latest.pth [--n_samples N]
     accelerate launch -m dalle2_decoder.evaluation --config_file CFG.json --checkpoint model.safetensors
+    dalle2-evaluate-decoder --config_file CFG.json --checkpoint latest.pth
 
 The config's `evaluate` section says which metrics; `data` gives the validation split; the
 checkpoint is a trainer checkpoint (EMA weights are used when `train.use_ema`, unless --no_ema)
 or a model save. The metrics are printed as one JSON object on stdout (main process), and
 appended as a JSON line to --output when given. Exit codes are those of the training command
-(`dalle2_decoder.failures`): 0 done, 1 a bug, 2 usage or configuration (e.g. no metric enabled,
-missing metric weights), 3 data, 4 checkpoint, 5 I/O or environment; each problem is one line
-on stderr, with a traceback only under --debug.
+(`dalle2_decoder.failures`): 0 done, 1 configuration (e.g. no metric enabled, missing metric
+weights), 2 usage, 3 data, 4 checkpoint, 5 I/O or environment, 70 a bug; each problem is one
+line on stderr, with a traceback only under --debug (and for a bug).
 """
 
 from __future__ import annotations
@@ -26,13 +27,14 @@ from typing import Optional, Sequence, Tuple
 import attrs
 from torch import nn
 
-from ..failures import EXIT_CONFIG, EXIT_OK, PreflightError, Problem, UsageError, guarded
+from .common.per_unet import per_unet
+from .failures import EXIT_CONFIG, EXIT_OK, PreflightError, Problem, UsageError, guarded
 
 EXIT_ERROR = EXIT_CONFIG  # kept for callers of the earlier name
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..cli import parse_override
+    from .cli import parse_override
 
     parser = argparse.ArgumentParser(prog="python -m dalle2_decoder.evaluation", description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -78,15 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY.PATH=VALUE",
         help="override one config option, as for train_decoder.py",
     )
-    from ..cli import add_debug_option
+    from .cli import add_debug_option
 
     add_debug_option(parser)
     return parser
 
 
 def load_decoder(config, checkpoint: str, *, use_ema: bool) -> Tuple[nn.Module, int]:
-    """`config.decoder.create()` with the checkpoint's weights, and the step it was saved at."""
-    from ..tracking import CheckpointError, load_state_dict_checked, read_file
+    """`config.decoder.create()` with the checkpoint's weights (see `training.state`), and the step it was saved at."""
+    from .tracking import CheckpointError, load_state_dict_checked, read_file
+    from .training.state import checkpoint_weights
 
     try:
         loaded = read_file(checkpoint)
@@ -99,23 +102,8 @@ def load_decoder(config, checkpoint: str, *, use_ema: bool) -> Tuple[nn.Module, 
         if not isinstance(loaded.model_state, dict):
             raise CheckpointError(f"{checkpoint}: a model save without its 'model' weights")
         load_state_dict_checked(decoder, loaded.model_state, source=loaded.source)
-        return decoder, loaded.step
-    trainer_state = (loaded.state or {}).get("trainer") if isinstance(loaded.state, dict) else None
-    if not isinstance(trainer_state, dict) or "decoder" not in trainer_state:
-        raise CheckpointError(
-            f"{checkpoint}: a checkpoint without the 'trainer' entry that holds the decoder's "
-            "weights (written by another program, or damaged)"
-        )
-    load_state_dict_checked(decoder, trainer_state["decoder"], source=f"{loaded.source} (decoder)")
-    if use_ema:
-        for key, ema_state in trainer_state.get("emas", {}).items():
-            number = int(key)
-            averaged = {
-                name[len("averaged.") :]: value for name, value in ema_state.items() if name.startswith("averaged.")
-            }
-            load_state_dict_checked(
-                decoder.unets[number - 1], averaged, source=f"{loaded.source} (EMA of U-Net {number})"
-            )
+    else:
+        load_state_dict_checked(decoder, checkpoint_weights(loaded, use_ema=use_ema), source=loaded.source)
     return decoder, loaded.step
 
 
@@ -131,8 +119,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _main(args: argparse.Namespace, speaks: bool) -> int:
-    from ..cli import load_config
-    from ..preflight import checkpoint_file_problems, ensure_ready, writable_problem
+    from .cli import load_config
+    from .preflight import checkpoint_file_problems, ensure_ready, writable_problem
 
     if args.n_samples is not None and args.n_samples < 1:
         raise UsageError(f"--n_samples must be at least 1 (got {args.n_samples})")
@@ -167,7 +155,7 @@ def _main(args: argparse.Namespace, speaks: bool) -> int:
             seed=config.seed if args.seed is None else args.seed,
         )
     if metrics is not None:
-        from ..tracking.loggers import json_safe
+        from .tracking.loggers import json_safe
 
         result = json_safe({"checkpoint": args.checkpoint, "step": step, **metrics})
         print(json.dumps(result), flush=True)
@@ -179,36 +167,29 @@ def _main(args: argparse.Namespace, speaks: bool) -> int:
 
 def evaluate_checkpoint(config, checkpoint: str, *, use_ema: bool, seed: int):
     """(metrics, step) on the main process, (None, step) on the others; every rank must call it."""
-    from ..training.batches import BatchPreparer
-    from ..training.loop import create_accelerator, shut_down, used_unets
-    from ..training.trainer import per_unet
-    from .evaluate import build_suite, evaluate_decoder, evaluation_loader, final_image_size
+    from .evaluation import EvaluationSetupError, Evaluator, evaluation_loader, final_image_size
+    from .runtime import create_accelerator, shut_down
+    from .training.batches import BatchPreparer
+    from .training.trainer import used_unets
 
     accelerator = create_accelerator(config, purpose="evaluation")
     unets = used_unets(config)
     if not unets:
-        from .extractors import EvaluationSetupError
-
         raise EvaluationSetupError("train.unet_training_mask leaves no U-Net to sample with")
     decoder, step = load_decoder(config, checkpoint, use_ema=use_ema)
     decoder.to(accelerator.device).eval()
-    suite = build_suite(config, accelerator, unets)
-    loader = evaluation_loader(config, accelerator)
-    prepare = BatchPreparer(config, device=accelerator.device).prepare
-    metrics = evaluate_decoder(
-        decoder,
-        loader,
-        prepare,
+    main_process = accelerator.is_main_process
+    evaluator = Evaluator(
+        config.evaluate,
         accelerator,
-        suite,
-        n_samples=config.evaluate.n_evaluation_samples,
+        evaluation_loader(config, accelerator),
         unets=unets,
         image_size=final_image_size(config, unets),
+        prepare=BatchPreparer(config, device=accelerator.device).prepare,
         cond_scale=per_unet(config.train.cond_scale, len(config.decoder.unets)),
         seed=seed,
-        info=(lambda message: print(message, file=sys.stderr, flush=True))
-        if accelerator.is_main_process
-        else (lambda message: None),
+        info=(lambda message: print(message, file=sys.stderr, flush=True)) if main_process else (lambda message: None),
     )
+    metrics = evaluator(decoder)
     shut_down(accelerator)
-    return (metrics if accelerator.is_main_process else None), step
+    return (metrics if main_process else None), step
