@@ -910,6 +910,7 @@ def run_command(args: Sequence[str], timeout: float = 300) -> subprocess.Complet
     return subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT, env=env)
 
 
+@pytest.mark.slow
 def test_real_commands_report_one_line(world):
     config = world.tmp / "config.json"
     config.write_text(json.dumps(set_path(copy.deepcopy(world.raw), "seed", 2**70)))
@@ -969,6 +970,7 @@ def _isolated(script: str) -> List[str]:
     return ["unshare", "-m", "sh", "-c", script] if os.geteuid() == 0 else ["unshare", "-rm", "sh", "-c", script]
 
 
+@pytest.mark.slow
 def test_read_only_and_full_filesystems_are_found_at_start(world):
     readonly, full = world.tmp / "readonly", world.tmp / "full"
     readonly.mkdir()

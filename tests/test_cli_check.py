@@ -155,6 +155,7 @@ def test_only_rank_0_prints(capsys, monkeypatch, minimal_config, write_config):
     assert code == 1 and out == "" and err == ""
 
 
+@pytest.mark.slow
 def test_train_decoder_script_reports_config_errors_without_a_traceback(minimal_config, write_config):
     minimal_config["decoder"]["unets"][0]["dim_mult"] = [1, 2]
     path = write_config(minimal_config)
@@ -170,6 +171,7 @@ def test_train_decoder_script_reports_config_errors_without_a_traceback(minimal_
     assert "decoder.unets[0].dim_mult: unknown option (did you mean dim_mults?)" in result.stderr
 
 
+@pytest.mark.slow
 def test_console_command_checks_a_config(minimal_config, write_config):
     """The installed `dalle2-train-decoder` command is the same CLI."""
     from importlib.metadata import entry_points

@@ -77,6 +77,7 @@ def test_unknown_make_is_refused():
         create_clip(ClipConfig(make="mystery", model="ViT-B-32"))
 
 
+@pytest.mark.slow
 def test_failed_download_says_which_file_to_provide():
     # A fresh process with the hub client offline: the real download path runs and fails fast.
     import subprocess

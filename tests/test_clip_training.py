@@ -39,6 +39,7 @@ def clip_config(data, data_path, clip_model, *, keep_embeddings: bool):
     return TrainDecoderConfig.from_dict(config)
 
 
+@pytest.mark.slow
 def test_training_on_data_without_embeddings_uses_clip(demo_data, clip_model, tmp_path):
     run = TrainingRun(clip_config(demo_data, tmp_path / "run", clip_model, keep_embeddings=False))
     seen = []
@@ -65,6 +66,7 @@ def test_training_on_data_without_embeddings_uses_clip(demo_data, clip_model, tm
     assert all(not p.requires_grad for p in clip.parameters())
 
 
+@pytest.mark.slow
 def test_clip_is_never_loaded_when_the_data_has_embeddings(demo_data, clip_model, tmp_path):
     run = TrainingRun(clip_config(demo_data, tmp_path / "run", clip_model, keep_embeddings=True))
     assert run.execute() == 0

@@ -32,6 +32,7 @@ def launch(tmp_path, *arguments):
     return subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300, env=env)
 
 
+@pytest.mark.slow
 def test_two_processes_compute_the_metrics_of_the_pooled_samples(tmp_path):
     networks = write_networks(tmp_path / "networks")
     out = tmp_path / "values.json"
@@ -60,6 +61,7 @@ def test_two_processes_compute_the_metrics_of_the_pooled_samples(tmp_path):
     assert two["eval/FID"] != pytest.approx(sum(halves) / 2, rel=1e-3)
 
 
+@pytest.mark.slow
 def test_the_command_under_accelerate_launch_evaluates_on_both_ranks(tmp_path):
     data = write_tiny_demo(tmp_path / "demo")
     networks = write_networks(tmp_path / "networks")

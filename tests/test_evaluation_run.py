@@ -51,6 +51,7 @@ def trained(demo_data, networks, tmp_path_factory):
     return raw, data_path
 
 
+@pytest.mark.slow
 def test_the_evaluate_phase_logs_every_metric_with_the_step(trained):
     _, data_path = trained
     lines = [json.loads(line) for line in (data_path / "metrics.jsonl").read_text().splitlines()]
@@ -66,6 +67,7 @@ def test_the_evaluate_phase_logs_every_metric_with_the_step(trained):
     assert values["eval/seconds"] > 0
 
 
+@pytest.mark.slow
 def test_evaluation_is_reproducible_and_capped_by_the_split(demo_data, networks, tmp_path):
     config = TrainDecoderConfig.from_dict(evaluating_config(demo_data, networks, tmp_path / "run", n_samples=1000))
     run = TrainingRun(config)
@@ -93,6 +95,7 @@ def test_no_metric_means_no_evaluation(demo_data, tmp_path):
     run.tracker.finish()
 
 
+@pytest.mark.slow
 def test_the_command_evaluates_a_saved_checkpoint(trained, tmp_path, capsys, write_config):
     raw, data_path = trained
     config_path = write_config(raw)

@@ -53,6 +53,7 @@ def random_inception_state():
         fidelity.load_state_dict_from_url = original
 
 
+@pytest.mark.slow
 def test_inception_weights_from_a_local_file(offline, tmp_path):
     state = random_inception_state()
     weights = tmp_path / "my-inception.pth"

@@ -43,6 +43,7 @@ def assert_unet_weights(decoder, expected):
         torch.testing.assert_close(state[name], value, rtol=0, atol=0, msg=name)
 
 
+@pytest.mark.slow
 def test_a_model_save_loads_with_its_recorded_config(run):
     loaded = load(run["model"])
     decoder = loaded.decoder

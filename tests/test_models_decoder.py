@@ -540,6 +540,7 @@ def test_sampling_with_text_and_self_conditioning():
 
 
 # -------------------------------------------------------------------- it learns
+@pytest.mark.slow
 def test_tiny_decoder_memorises_eight_images():
     torch.manual_seed(0)
     unet = Unet(

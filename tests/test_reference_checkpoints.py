@@ -185,6 +185,7 @@ def test_an_upsampler_checkpoint_fine_tunes_the_upsampler_and_says_what_it_lacks
     assert trainer.step == 3 and trainer.unet_lr(2) == pytest.approx(3e-5)  # the config's rate, applied
 
 
+@pytest.mark.slow
 def test_convert_writes_our_model_save_from_reference_files(tmp_path):
     payload = reference_payload("checkpoint.pth")
     out = tmp_path / "decoder.safetensors"

@@ -66,6 +66,7 @@ class GuidanceSpy:
         monkeypatch.setattr(Unet, "forward_with_cond_scale", wrapped)
 
 
+@pytest.mark.slow
 def test_sample_guides_each_unet_with_its_own_scale(monkeypatch):
     decoder = tiny_decoder(2)
     embeds = torch.randn(2, EMBED, generator=torch.Generator().manual_seed(1))

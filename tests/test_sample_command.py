@@ -69,6 +69,7 @@ def test_sampler_names_in_the_config_are_the_samplers():
     assert tuple(CONFIG_SAMPLER_NAMES) == tuple(SAMPLER_NAMES)
 
 
+@pytest.mark.slow
 def test_embeddings_with_text_give_a_png_per_input_and_seed_a_grid_and_the_record(setup, tmp_path):
     out = tmp_path / "out"
     code = main(
@@ -172,6 +173,7 @@ def test_sampler_steps_and_stop_options_are_used_and_recorded(setup, tmp_path):
     assert summary["images"][0]["sampler"] == ["ddim"] and summary["images"][0]["steps"] == [4]
 
 
+@pytest.mark.slow
 def test_the_test_split_of_the_runs_data(setup, tmp_path):
     out = tmp_path / "out"
     assert main(["--model", str(setup["model"]), "--test_split", "--limit", "3", "--out", str(out)]) == 0
@@ -184,6 +186,7 @@ def test_the_test_split_of_the_runs_data(setup, tmp_path):
     assert [entry["input"] for entry in summary["images"]] == keys and summary["inputs"] == "test_split"
 
 
+@pytest.mark.slow
 def test_a_folder_of_images_through_clip(setup, tmp_path):
     clip = write_tiny_open_clip(tmp_path / "clip")
     root = tmp_path / "clip_model"
@@ -296,6 +299,7 @@ def test_bad_options_fail_with_one_line(setup, tmp_path, capsys, arguments, stat
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_bad_embeddings_file_and_the_module_entry_point(setup, tmp_path):
     np.save(tmp_path / "wrong.npy", np.zeros((2, 5), np.float32))
     result = subprocess.run(

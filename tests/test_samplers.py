@@ -378,6 +378,7 @@ def test_training_sample_phase_and_evaluation_use_the_configured_sampler(tmp_pat
         ("unipc", 5, 5),
     ],
 )
+@pytest.mark.slow
 def test_decoder_calls_its_unets_as_the_chosen_sampler_says(sampler, steps, calls, monkeypatch):
     from .test_models_decoder import EMBED, randomise_outputs, tiny_decoder
 

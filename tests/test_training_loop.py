@@ -26,6 +26,7 @@ def metrics_lines(data_path):
     return [json.loads(line) for line in (data_path / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_every_phase_runs_and_writes_what_it_should(demo_data, tmp_path):
     data_path = tmp_path / "run"
     config = TrainDecoderConfig.from_dict(tiny_config(demo_data, data_path, epochs=2, save_every_n_samples=12))
@@ -64,6 +65,7 @@ def _final_weights(data_path):
     return read_file(data_path / "latest.pth").state["trainer"]["decoder"]
 
 
+@pytest.mark.slow
 def test_stopped_mid_epoch_then_auto_resumed_ends_with_the_same_weights(demo_data, tmp_path):
     options = dict(epochs=2, epoch_samples=32)
     uninterrupted = tmp_path / "uninterrupted"
@@ -96,6 +98,7 @@ def test_stopped_mid_epoch_then_auto_resumed_ends_with_the_same_weights(demo_dat
         torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_a_requeued_job_auto_resumes(demo_data, tmp_path, write_config):
     data_path = tmp_path / "run"
     path = write_config(tiny_config(demo_data, data_path, epochs=1000, epoch_samples=40))
@@ -127,6 +130,7 @@ def test_sigterm_saves_and_a_requeued_job_auto_resumes(demo_data, tmp_path, writ
     assert json.loads((data_path / "run_state.json").read_text())["finished"] is True
 
 
+@pytest.mark.slow
 def test_two_process_cpu_run_with_accelerate_launch(demo_data, tmp_path, write_config):
     data_path = tmp_path / "run"
     config = tiny_config(
@@ -167,6 +171,7 @@ def test_two_process_cpu_run_with_accelerate_launch(demo_data, tmp_path, write_c
     assert len(read_file(data_path / "latest.pth").state["rng"]) == 2  # every rank's RNG state is saved
 
 
+@pytest.mark.slow
 def test_upsampler_only_training_leaves_the_base_unet_untouched(demo_data, tmp_path):
     raw = tiny_config(demo_data, tmp_path / "run", epochs=1, epoch_samples=16, unet_training_mask=[False, True])
     base = dict(raw["decoder"]["unets"][0])
@@ -191,6 +196,7 @@ def test_upsampler_only_training_leaves_the_base_unet_untouched(demo_data, tmp_p
     assert len(grid["captions"]) == 4
 
 
+@pytest.mark.slow
 def test_a_model_save_named_in_tracker_load_starts_a_new_run_from_its_weights(demo_data, tmp_path):
     first = tmp_path / "first"
     assert main(TrainDecoderConfig.from_dict(tiny_config(demo_data, first, epochs=1, epoch_samples=8))) == 0
