@@ -66,6 +66,7 @@ SAVERS = "dalle2_decoder/tracking/savers.py"
 CKPT = "dalle2_decoder/tracking/checkpoint.py"
 STATE = "dalle2_decoder/tracking/run_state.py"
 TRACKER = "dalle2_decoder/tracking/tracker.py"
+FILES = "dalle2_decoder/common/files.py"
 REDACT = "dalle2_decoder/tracking/redact.py"
 METRICS = "dalle2_decoder/evaluation/metrics.py"
 TRAINER = "dalle2_decoder/training/trainer.py"
@@ -188,7 +189,7 @@ MUTANTS: List[Mutant] = [
     Mutant(
         "EMA warm-up ignored (decay = beta from the first step)",
         "ema",
-        [(EMA, "decay = min(self.beta, (1.0 + n) / (10.0 + n))", "decay = self.beta")],
+        [(EMA, "    return min(max(value, 0.0), beta)", "    return beta")],
         [T_EMA],
     ),
     Mutant("EMA update count not advanced", "ema", [(EMA, "        self.num_updates += 1\n", "")], [T_EMA]),
@@ -196,13 +197,13 @@ MUTANTS: List[Mutant] = [
     Mutant(
         "capped epochs: every rank reads the same shards",
         "sharding",
-        [(PLAN, "shards = tuple(order[rank * workers + worker::slots])", "shards = tuple(order[worker::workers])")],
+        [(PLAN, "shards = tuple(order[rank * workers + worker :: slots])", "shards = tuple(order[worker::workers])")],
         [T_DATA],
     ),
     Mutant(
         "capped epochs: workers of a rank share shards",
         "sharding",
-        [(PLAN, "shards = tuple(order[rank * workers + worker::slots])", "shards = tuple(order[rank::world_size])")],
+        [(PLAN, "shards = tuple(order[rank * workers + worker :: slots])", "shards = tuple(order[rank::world_size])")],
         [T_DATA],
     ),
     Mutant(
@@ -229,7 +230,7 @@ MUTANTS: List[Mutant] = [
     Mutant(
         "resume restarts the progress counters",
         "resume",
-        [(LOOP, 'self.progress = Progress.from_dict(state["progress"])', "self.progress = Progress()")],
+        [(LOOP, "        self.progress = progress\n", "        self.progress = Progress()\n")],
         [T_TRAINLOOP],
         "same_weights",
     ),
@@ -239,7 +240,7 @@ MUTANTS: List[Mutant] = [
         [
             (
                 LOOP,
-                "for _ in range(progress.batches_in_epoch):\n            next(iterator)",
+                "for _ in range(min(progress.batches_in_epoch, len(loader))):\n            next(iterator)",
                 "for _ in range(0):\n            next(iterator)",
             )
         ],
@@ -273,9 +274,8 @@ MUTANTS: List[Mutant] = [
         [
             (
                 SAVERS,
-                "        try:\n            os.link(source, temp)\n        except OSError:\n"
-                "            shutil.copyfile(source, temp)\n        os.replace(temp, target)",
-                "        shutil.copyfile(source, target)",
+                "    return atomic_write(target, place)",
+                "    shutil.copyfile(source, target)\n    return target",
             )
         ],
         [T_TRACK],
@@ -284,7 +284,7 @@ MUTANTS: List[Mutant] = [
     Mutant(
         "run_state.json renamed without fsync",
         "checkpoint",
-        [(STATE, "        handle.flush()\n        os.fsync(handle.fileno())\n", "        handle.flush()\n")],
+        [(FILES, "            os.fsync(handle.fileno())\n", "            pass\n")],
         [T_TRACK],
         "disk_before",
     ),

@@ -139,3 +139,14 @@ def test_the_walk_sees_every_form_of_import(tmp_path, monkeypatch, source, impor
     assert dependencies() == {"evaluation": {(imported, f"{PACKAGE}/evaluation/probe.py:2")}}
     with pytest.raises(AssertionError):
         test_imports_point_down_the_layers()
+
+
+def test_the_architecture_document_names_every_unit_of_every_layer():
+    """docs/ARCHITECTURE.md's layer table is the human side of LAYERS: a unit added here must be described there."""
+    document = (ROOT.parent / "docs" / "ARCHITECTURE.md").read_text()
+    rows = [line for line in document.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert len(rows) == len(LAYERS)
+    for row, (_, units) in zip(rows, LAYERS):
+        for unit in units:
+            written = f"`{unit}/`" if (ROOT / unit).is_dir() else f"`{unit}.py`"
+            assert written in row, f"{written} missing from the row {row[:40]!r} of docs/ARCHITECTURE.md"

@@ -399,9 +399,8 @@ class Tracker:
                 if success and not interrupted:
                     self.run_state.finished = True
                     write_run_state(self.data_path, self.run_state)
-                clean_staging(
-                    self.data_path, local_destinations(self.config, self.data_path)
-                )  # no save in progress now
+                # no save is in progress now: whatever staging is left is a killed save's
+                clean_staging(self.data_path, local_destinations(self.config, self.data_path))
             finally:
                 try:
                     self.logger.finish(success)
