@@ -15,6 +15,11 @@ loop reads), per batch, median over `--rounds` rounds with the variants alternat
 - REF's main process with workers copied each received batch out of the pooled buffer
   (`copy_batch`; into page-locked memory with pin_memory, which the DataLoader's pinning does
   too): the price REF paid for recycling;
+- float batches (the loader's default; the evaluation and sampling commands read them): the main
+  process turns a received uint8 batch into floats, into fresh memory against REF's recycled
+  huge pages (`unit_float_batch` of each). A float batch of 64 images of 256px is 48 MiB, above
+  glibc's largest mmap threshold (32 MiB), so fresh memory is a new mapping, page-faulted in, each
+  time; a uint8 batch (12 MiB) is reused by malloc;
 - for scale: decoding the batch's JPEGs with PIL (what every variant also does, per worker).
 Filling is the same for all (one pass per image, HWC to CHW), so differences are the memory's.
 """
@@ -59,6 +64,8 @@ def fill(out: torch.Tensor, images: np.ndarray) -> None:
 def time_size(memory, size: int, args) -> None:
     from data import photo_like
 
+    from dalle2_decoder.data.loader import unit_float_batch
+
     rng = np.random.default_rng(0)
     jpegs = []
     for _ in range(args.batch_size):
@@ -95,6 +102,12 @@ def time_size(memory, size: int, args) -> None:
     def copy_out():
         memory.copy_batch(received)
 
+    def fresh_float():
+        unit_float_batch(received)
+
+    def recycled_float():
+        memory.unit_float_batch(received, pin_memory=False)
+
     def decode():
         for data in jpegs:
             np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
@@ -106,6 +119,8 @@ def time_size(memory, size: int, args) -> None:
         "main, fresh torch.empty (this tree)": fresh_private,
         "main, recycled huge pages (baseline)": recycled_private,
         "main, copy out of the pooled buffer (baseline, with workers)": copy_out,
+        "main, float batch from a received one, fresh memory (this tree)": fresh_float,
+        "main, float batch from a received one, recycled huge pages (baseline)": recycled_float,
         "PIL decode of the batch's JPEGs (both)": decode,
     }
     for variant in variants.values():  # warm: pools filled, allocators primed
