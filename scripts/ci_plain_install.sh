@@ -27,7 +27,7 @@ echo "== built $(basename "$WHEEL")"
 import re, sys, zipfile, pathlib
 wheel, repo = sys.argv[1], pathlib.Path(sys.argv[2])
 names = zipfile.ZipFile(wheel).namelist()
-version = re.search(r'__version__\s*=\s*"([^"]+)"', (repo / "dalle2_decoder/__init__.py").read_text()).group(1)
+version = re.search(r'__version__\s*=\s*"([^"]+)"', (repo / "dalle2_decoder/_version.py").read_text()).group(1)
 dist_info = f"dalle2_decoder-{version}.dist-info/"
 stray = [n for n in names if not (n.startswith("dalle2_decoder/") or n.startswith(dist_info))]
 assert not stray, f"the wheel holds files outside the package: {stray[:10]}"
