@@ -19,13 +19,10 @@ from tqdm.auto import tqdm
 
 from ..common.per_unet import per_unet
 from ..config.root import TrainDecoderConfig
+from ..data import create_dataloaders
 from ..evaluation import Evaluator, evaluation_loader, final_image_size
 from ..failures import EXIT_STOPPED
-from ..runtime import (
-    create_accelerator,
-    lost_peers_reported,
-    shut_down,
-)
+from ..runtime import create_accelerator, lost_peers_reported, shut_down
 from ..tracking import capture_rng_state, create_tracker, restore_rng_state
 from ..tracking.redact import install_output_redaction, secrets_in
 from ..tracking.reference import REFERENCE_ORIGIN, schedule_note
@@ -66,8 +63,6 @@ class TrainingRun:
         set_seed(config.seed + acc.process_index)
 
         self.batches = BatchPreparer(config, device=acc.device)
-        from ..data import create_dataloaders
-
         self.loaders = create_dataloaders(
             config.data,
             seed=config.seed,
