@@ -37,6 +37,14 @@ def test_resize_filters_when_shrinking_and_picks_pixels_with_nearest():
     assert set(picked.unique().tolist()) <= {0.0, 1.0} and picked.std() == 0
 
 
+def test_resize_keeps_thin_lines_when_shrinking_by_four():
+    # One lit column in four: shrunk 8 -> 2, a filter keeps about a quarter of the light; plain
+    # bilinear sampling reads only the dark columns between the lit ones and loses the lines.
+    lines = (torch.arange(8) % 4 == 0).float().expand(8, 8)[None, None].clone()
+    shrunk = resize(lines, 2)
+    assert shrunk.min() > 0.15 and abs(shrunk.mean().item() - 0.25) < 0.05
+
+
 def test_resize_returns_float_and_leaves_the_right_size_alone():
     images = torch.randint(0, 255, (2, 3, 8, 8), dtype=torch.uint8)
     out = resize(images, 8)
