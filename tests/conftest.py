@@ -5,11 +5,24 @@ from __future__ import annotations
 import copy
 import json
 import pathlib
+import sys
 from typing import Any, Callable, Dict, List
 
 import pytest
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+TINY_UNET_OPTIONS: Dict[str, Any] = dict(
+    cond_dim=8,
+    num_resnet_blocks=1,
+    attn_heads=2,
+    attn_dim_head=4,
+    cross_attn_heads=2,
+    cross_attn_dim_head=4,
+    init_cross_embed=False,
+    init_conv_kernel_size=3,
+)
+"""The small U-Net options the model tests share (besides dim, image_embed_dim and dim_mults)."""
 
 _MINIMAL_CONFIG: Dict[str, Any] = {
     "decoder": {"unets": [{"dim": 16, "image_embed_dim": 64}], "image_sizes": [64]},
@@ -64,3 +77,17 @@ def config_problems() -> Callable[[Any], List[str]]:
         return found
 
     return problems
+
+
+def cpu_launch_command(*arguments: str) -> List[str]:
+    """`accelerate launch` with the shipped CPU multi-process config (2 processes, gloo) on a free port."""
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO_ROOT / "accelerate_configs" / "cpu_multi_process.yaml"),
+        "--main_process_port",
+        "0",
+        *arguments,
+    ]

@@ -3,14 +3,13 @@
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
 
 from dalle2_decoder.evaluation import MetricSuite
 
-from .conftest import REPO_ROOT
+from .conftest import REPO_ROOT, cpu_launch_command
 from .evaluation_fixtures import IMAGE_SIZE, fixed_images, metric_options, write_networks
 from .training_fixtures import tiny_config, write_tiny_demo
 
@@ -18,16 +17,7 @@ COUNT = 21
 
 
 def launch(tmp_path, *arguments):
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(REPO_ROOT / "accelerate_configs" / "cpu_multi_process.yaml"),
-        "--main_process_port",
-        "0",
-        *arguments,
-    ]
+    command = cpu_launch_command(*arguments)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
     return subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300, env=env)
 

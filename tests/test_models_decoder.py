@@ -10,6 +10,8 @@ from dalle2_decoder.models import Decoder, Unet
 from dalle2_decoder.models.decoder import ReplayedNoise, TrainingDraws
 from dalle2_decoder.models.lowres import LowresConditioner, gaussian_blur
 
+from .conftest import TINY_UNET_OPTIONS
+
 EMBED = 12  # not cond_dim: the reference (and so our U-Net) skips the image projection when they are equal
 
 
@@ -20,15 +22,8 @@ def tiny_unet(**overrides) -> Unet:
     kwargs = dict(
         dim=8,
         image_embed_dim=EMBED,
-        cond_dim=8,
         dim_mults=(1, 2),
-        num_resnet_blocks=1,
-        attn_heads=2,
-        attn_dim_head=4,
-        cross_attn_heads=2,
-        cross_attn_dim_head=4,
-        init_cross_embed=False,
-        init_conv_kernel_size=3,
+        **TINY_UNET_OPTIONS,
     )
     kwargs.update(overrides)
     return Unet(**kwargs)

@@ -29,6 +29,8 @@ import torch
 
 from dalle2_decoder.models import Decoder, Unet, _compat
 
+from .conftest import TINY_UNET_OPTIONS
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 EMBED = 8
@@ -170,15 +172,8 @@ def unet_kwargs(**options) -> Dict[str, Any]:
     kwargs = dict(
         dim=8,
         image_embed_dim=EMBED,
-        cond_dim=8,
         dim_mults=(1, 2),
-        num_resnet_blocks=1,
-        attn_heads=2,
-        attn_dim_head=4,
-        cross_attn_heads=2,
-        cross_attn_dim_head=4,
-        init_cross_embed=False,
-        init_conv_kernel_size=3,
+        **TINY_UNET_OPTIONS,
     )
     kwargs.update(options)
     return kwargs

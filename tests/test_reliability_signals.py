@@ -3,7 +3,6 @@
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -12,7 +11,7 @@ import pytest
 
 from dalle2_decoder.tracking import read_file
 
-from .conftest import REPO_ROOT
+from .conftest import REPO_ROOT, cpu_launch_command
 from .training_fixtures import tiny_config, write_tiny_demo
 
 
@@ -43,18 +42,7 @@ def test_sigusr1_to_one_rank_stops_both_at_the_same_step(tmp_path, write_config)
         data, data_path, epochs=1000, epoch_samples=400, validation_samples=8, save_every_n_samples=100000
     )
     path = write_config(config)
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(REPO_ROOT / "accelerate_configs" / "cpu_multi_process.yaml"),
-        "--main_process_port",
-        "0",
-        str(REPO_ROOT / "train_decoder.py"),
-        "--config_file",
-        str(path),
-    ]
+    command = cpu_launch_command(str(REPO_ROOT / "train_decoder.py"), "--config_file", str(path))
     process = subprocess.Popen(
         command,
         stdout=subprocess.PIPE,

@@ -20,7 +20,7 @@ from dalle2_decoder.sample import main
 from dalle2_decoder.tracking import save_model
 
 from .clip_fixtures import TINY_EMBED_DIM, write_tiny_open_clip
-from .conftest import REPO_ROOT
+from .conftest import REPO_ROOT, cpu_launch_command
 from .training_fixtures import EMBED_DIM, IMAGE_SIZE, tiny_config, write_tiny_demo
 
 
@@ -225,16 +225,7 @@ def test_a_folder_of_images_through_clip(setup, tmp_path):
 
 
 def launch(tmp_path, *arguments):
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(REPO_ROOT / "accelerate_configs" / "cpu_multi_process.yaml"),
-        "--main_process_port",
-        "0",
-        *arguments,
-    ]
+    command = cpu_launch_command(*arguments)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
     return subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300, env=env)
 

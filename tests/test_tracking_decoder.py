@@ -9,17 +9,9 @@ from dalle2_decoder.config import ConsoleLogConfig, DecoderConfig, LocalSaveConf
 from dalle2_decoder.loading import load_model_weights
 from dalle2_decoder.tracking import CheckpointMismatchError, create_tracker
 
+from .conftest import TINY_UNET_OPTIONS
+
 EMBED = 8
-TINY_UNET_OPTIONS = dict(
-    cond_dim=8,
-    num_resnet_blocks=1,
-    attn_heads=2,
-    attn_dim_head=4,
-    cross_attn_heads=2,
-    cross_attn_dim_head=4,
-    init_cross_embed=False,
-    init_conv_kernel_size=3,
-)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -13,7 +13,7 @@ from dalle2_decoder.config import TrainDecoderConfig
 from dalle2_decoder.tracking import read_file
 from dalle2_decoder.training import TrainingRun, main
 
-from .conftest import REPO_ROOT
+from .conftest import REPO_ROOT, cpu_launch_command
 from .training_fixtures import tiny_config, write_tiny_demo
 
 
@@ -139,18 +139,7 @@ def test_two_process_cpu_run_with_accelerate_launch(demo_data, tmp_path, write_c
     config["tracker"]["log"]["auto_resume"] = False
     path = write_config(config)
     # The shipped CPU multi-process accelerate config (2 processes, gloo).
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(REPO_ROOT / "accelerate_configs" / "cpu_multi_process.yaml"),
-        "--main_process_port",
-        "0",
-        str(REPO_ROOT / "train_decoder.py"),
-        "--config_file",
-        str(path),
-    ]
+    command = cpu_launch_command(str(REPO_ROOT / "train_decoder.py"), "--config_file", str(path))
     result = subprocess.run(
         command, capture_output=True, text=True, cwd=tmp_path, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
     )
