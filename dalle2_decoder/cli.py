@@ -4,8 +4,8 @@ The same entry point backs the installed `dalle2-train-decoder` command. `--chec
 config and (unless `--no-io`) the world it points at (`dalle2_decoder.preflight`), the same
 checks every training run makes first. Exit codes (see `dalle2_decoder.failures`): 0 done (or a
 valid config with --check), 1 configuration, 2 usage, 3 data, 4 checkpoint, 5 I/O or environment,
-6 training stopped, 70 a bug (with its traceback); every problem is one line on stderr, without a
-traceback unless --debug is given.
+6 stopped (by a stop signal, state saved; or unable to go on), 70 a bug (with its traceback),
+130 a second Ctrl-C; every problem is one line on stderr, without a traceback unless --debug is given.
 """
 
 from __future__ import annotations
@@ -185,23 +185,33 @@ def _main(args: argparse.Namespace, speaks: bool, state: dict) -> int:
     if speaks:
         for note in notes:
             print(f"warning: {note}", file=sys.stderr)
-    if not (args.check and args.no_io):
-        from .preflight import ensure_ready
-
-        ensure_ready(config, source=args.config_file, purpose="training")
     if args.check:
+        if not args.no_io:
+            from .preflight import ensure_ready
+
+            ensure_ready(config, source=args.config_file, purpose="training")
         print(config.to_json())
         return EXIT_OK
-    result = train(config)
+    # imported here, not at the top: `--check` answers without loading the training stack
+    from .preflight import ensure_ready
+    from .stopping import StopRequest
+
+    # From here on a stop signal is honoured, never fatal: one during the checks or the set-up ends
+    # the run at its first check, before training anything.
+    stop = StopRequest().install()
+    try:
+        ensure_ready(config, source=args.config_file, purpose="training")
+        result = train(config, stop=stop)
+    finally:
+        stop.uninstall()
     return result if isinstance(result, int) else EXIT_OK
 
 
-def train(config: TrainDecoderConfig) -> int:
-    """Run the training loop on a checked config (its exit status)."""
-    # imported here, not at the top: `--check` answers without loading the training stack
+def train(config: TrainDecoderConfig, stop=None) -> int:
+    """Run the training loop on a checked config (its exit status); `stop`: an installed `StopRequest`."""
     from .training import main as run_training
 
-    return run_training(config)
+    return run_training(config, stop=stop)
 
 
 def _write_paths(config: Optional[TrainDecoderConfig]) -> List[str]:

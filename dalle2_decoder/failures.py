@@ -9,9 +9,12 @@ and `python -m dalle2_decoder.data.prepare`; docs/TROUBLESHOOTING.md lists the u
     3  data: missing shards or embeddings, too much bad data, embeddings of the wrong size
     4  checkpoint: a file to load that is missing, unreadable, or does not fit the model
     5  I/O or environment: a path that is not writable, no space left, a device that is absent
-    6  training stopped: the run could not go on (e.g. non-finite losses); the last good checkpoint is kept
+    6  stopped: the run ended before its last epoch with its state saved: by a stop signal (SIGTERM,
+       SIGINT, SIGUSR1; the run resumes from the checkpoint just saved; 0 instead under torchrun /
+       `accelerate launch`, see `stopping.exit_status_after_stop`), or because it could not go on
+       (e.g. non-finite losses; the last good checkpoint is kept)
     70 a bug: an unexpected error, printed with its traceback (please report it; EX_SOFTWARE)
-    130 interrupted (Ctrl-C)
+    130 interrupted: a second Ctrl-C, which stops at once without saving
 
 `--debug` prints the traceback of the project's own errors as well.
 """
@@ -44,7 +47,7 @@ KIND_NAMES = {
     EXIT_DATA: "data",
     EXIT_CHECKPOINT: "checkpoint",
     EXIT_IO: "I/O",
-    EXIT_STOPPED: "training stopped",
+    EXIT_STOPPED: "stopped",
 }
 
 

@@ -22,7 +22,7 @@ LAYERS: List[Tuple[str, List[str]]] = [
     ("the model", ["models"]),
     ("configuration", ["config"]),
     ("inputs", ["clip", "data"]),
-    ("services", ["tracking", "preflight", "runtime"]),
+    ("services", ["tracking", "preflight", "runtime", "stopping"]),
     ("evaluation", ["evaluation"]),
     ("training", ["training"]),
     ("commands and facades", ["cli", "evaluate", "sample", "convert", "loading", "__init__"]),

@@ -135,7 +135,7 @@ def test_training_calls_the_training_loop_with_the_config(
     capsys, monkeypatch, minimal_config, write_config, world_ready
 ):
     received = []
-    monkeypatch.setattr(cli, "train", lambda config: received.append(config) or 0)
+    monkeypatch.setattr(cli, "train", lambda config, stop=None: received.append(config) or 0)
     code, _, _ = run_main(capsys, "--config_file", write_config(minimal_config), "--set", "seed=7")
     assert code == 0
     assert received == [TrainDecoderConfig.from_dict(dict(minimal_config, seed=7))]

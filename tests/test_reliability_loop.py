@@ -94,7 +94,7 @@ def test_train_cond_scale_guides_the_sample_grids(demo_data, tmp_path, monkeypat
         return out
 
     monkeypatch.setattr(Unet, "forward_with_cond_scale", spy)
-    run.examples = run.batches.pick_examples(run.loaders, 2)
+    run.examples = run.batches.share_examples(run.loaders, 2, run.accelerator)
     run._sample_phase()
     assert scales and set(scales) == {2.5}
     run.tracker.finish()

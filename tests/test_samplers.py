@@ -355,7 +355,7 @@ def test_training_sample_phase_and_evaluation_use_the_configured_sampler(tmp_pat
     karras = solver_points(Schedule.from_betas(make_beta_schedule("cosine", 20)), 3, karras=True).timesteps
     assert karras != spaced_timesteps(20, 3)[:-1]
 
-    run.examples = run.batches.pick_examples(run.loaders, 2)
+    run.examples = run.batches.share_examples(run.loaders, 2, run.accelerator)
     run._sample_phase()  # grids of train and test examples: one 3-call sampling each
     assert calls == karras * len(run.examples) and len(run.examples) == 2
     calls.clear()

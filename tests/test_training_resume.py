@@ -6,6 +6,7 @@ import signal
 import pytest
 
 from dalle2_decoder.config import TrainDecoderConfig
+from dalle2_decoder.failures import EXIT_STOPPED
 from dalle2_decoder.tracking import read_file
 from dalle2_decoder.training import TrainingRun, main
 from dalle2_decoder.training.resume import describe_changes, reference_progress
@@ -72,7 +73,7 @@ def test_auto_resume_applies_a_changed_learning_rate_and_says_so(demo_data, tmp_
         return losses
 
     run.trainer.train_step = step_then_signal
-    assert run.execute() == 0 and run.interrupted
+    assert run.execute() == EXIT_STOPPED and run.interrupted
     capsys.readouterr()
 
     resumed = TrainingRun(
@@ -129,6 +130,6 @@ def test_reference_progress_maps_each_next_task():
     train = reference_progress(info, batch_samples=32, save_every=100)
     assert (train["epoch"], train["phase"], train["batches_in_epoch"], train["samples_seen"]) == (2, "train", 3, 1000)
     assert train["best_val_loss"] == 0.5 and train["next_save_at"] == 1100  # their mean over U-Nets, our sum
-    assert reference_progress({**info, "next_task": "val"}, batch_samples=32, save_every=100)["phase"] == "end"
+    assert reference_progress({**info, "next_task": "val"}, batch_samples=32, save_every=100)["phase"] == "validate"
     after_save = reference_progress({**info, "next_task": "sample"}, batch_samples=32, save_every=100)
     assert (after_save["epoch"], after_save["phase"], after_save["batches_in_epoch"]) == (3, "train", 0)

@@ -42,7 +42,8 @@ def trainer_state(emas: bool = True):
 
 
 def test_a_checkpoint_saved_before_the_phase_enum_loads(tmp_path):
-    """The state exactly as the loop wrote it with a string phase: resumes as the enum's member."""
+    """The state exactly as the loop wrote it with a string phase ('end', before the end-of-epoch phases
+    were told apart): resumes as the enum's member for the first of them."""
     state = {
         "trainer": trainer_state(),
         "progress": {
@@ -60,8 +61,9 @@ def test_a_checkpoint_saved_before_the_phase_enum_loads(tmp_path):
     }
     save_checkpoint(tmp_path / "old.pth", state, step=96)
     loaded = TrainingState.from_checkpoint(read_file(tmp_path / "old.pth"))
-    assert loaded.progress.phase is Phase.END and loaded.progress.phase == "end"
-    assert loaded.progress == Progress(2, 0, Phase.END, 96, 128, 0.5, [0.7, 0.5])
+    # "end" (all of the epoch's end-of-epoch phases still to do) is now told apart: validation first
+    assert loaded.progress.phase is Phase.VALIDATE
+    assert loaded.progress == Progress(2, 0, Phase.VALIDATE, 96, 128, 0.5, [0.7, 0.5])
     assert not loaded.progress.mid_epoch
     assert loaded.config_digest == "0" * 64 and loaded.package_version == "0.1.0" and len(loaded.rng) == 1
     assert loaded.trainer["counters"] == {"step": 4}
@@ -88,7 +90,7 @@ def test_the_payload_saves_weights_only_and_reads_back(tmp_path):
     [
         ({"progress": {}}, "without its trainer state"),
         ({"trainer": {"decoder": {}}}, "without its 'progress' entry"),
-        ({"trainer": {"decoder": {}}, "progress": {"phase": "validate"}}, "'progress' entry does not load"),
+        ({"trainer": {"decoder": {}}, "progress": {"phase": "polish"}}, "'progress' entry does not load"),
         ({"trainer": {"decoder": {}}, "progress": {}, "rng": {"torch": 1}}, "'rng' entry is not one"),
         ({"trainer": {"decoder": {}, "emas": [1]}, "progress": {}}, "EMA states"),
     ],

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from ..common.signals import leave_stop_signals_to_parent, stop_signals_blocked
 from . import plan as planning
 from . import sources
 from .dataset import (
@@ -96,8 +97,13 @@ class ShardLoader:
             generator=torch.Generator().manual_seed(
                 _epoch_seed(settings.seed, settings.phase, settings.rank, self.dataset.epoch)
             ),
+            # A stop signal sent to the whole process group is the main process's to handle: workers
+            # ignore it, so it cannot kill them first (see common/signals.py).
+            worker_init_fn=leave_stop_signals_to_parent if self.num_workers > 0 else None,
         )
-        for batch in loader:
+        with stop_signals_blocked():  # the workers start here, and ignore the signals before unblocking
+            batches = iter(loader)
+        for batch in batches:
             report = batch.pop(STATS_KEY)
             if to_float:
                 batch["image"] = unit_float_batch(batch["image"], pin_memory=self.pin_memory)

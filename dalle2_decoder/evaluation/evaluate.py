@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable, Dict, List, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 from accelerate import Accelerator
@@ -19,6 +19,7 @@ from torch import nn
 from ..common.images import resize
 from ..config.evaluate import EvaluateConfig
 from ..config.root import TrainDecoderConfig
+from ..stopping import StopRequest, StopRequested
 from .metrics import MetricSuite, pooled_count, samples_per_rank
 
 SEED_STRIDE = 1_000_003
@@ -27,6 +28,24 @@ SEED_STRIDE = 1_000_003
 
 def _take(batch: Dict[str, Any], count: int) -> Dict[str, Any]:
     return {key: value[:count] for key, value in batch.items()}
+
+
+def _first_batches(loader, count: int) -> Iterator[Dict[str, Any]]:
+    """Up to `count` batches of `loader`; its workers stop when the iteration ends, early or not."""
+    iterator = iter(loader)
+    try:
+        for _ in range(count):
+            batch = next(iterator, None)
+            if batch is None:
+                return
+            yield batch
+    finally:
+        close = getattr(iterator, "close", None)
+        if close is not None:
+            close()
+
+
+PHASE = "evaluation"
 
 
 Prepare = Callable[[Dict[str, Any]], Dict[str, Any]]
@@ -48,6 +67,7 @@ def evaluate_decoder(
     cond_scale: Sequence[float] | float = 1.0,
     seed: int = 0,
     info: Callable[[str], None] = lambda message: None,
+    stop: Optional[StopRequest] = None,
 ) -> Dict[str, float]:
     """Metrics of `decoder` (already holding the weights to evaluate) on up to `n_samples` validation samples.
 
@@ -56,21 +76,24 @@ def evaluate_decoder(
     real image as low-resolution input when `unets[0] > 1`), and updates `suite` with real images
     resized to `image_size` and the generated ones. The metrics are then computed once over all
     ranks' samples. Every rank must call this; only collectives of equal shape happen in it.
+
+    `stop`: checked before each batch and each U-Net call; on a stop signal every rank raises
+    `StopRequested` at the same point and the partial results are dropped.
     """
     started = time.perf_counter()
     quota = samples_per_rank(n_samples, accelerator.num_processes)
     batches = min(len(loader), math.ceil(quota / max(1, loader.batch_size)))
-    start, stop = unets[0], unets[-1]
+    first_unet, last_unet = unets[0], unets[-1]
     rank = accelerator.process_index
     done = 0
     suite.reset()
     loader.set_epoch(0)  # the same samples at every evaluation, so values are comparable over a run
-    iterator = iter(loader)
+    stream = _first_batches(loader, batches)
+    if stop is not None:
+        stream = stop.batches(stream, accelerator, PHASE)
+    on_unet_call = stop.checker(accelerator, PHASE) if stop is not None else None
     try:
-        for index in range(batches):
-            batch = next(iterator, None)
-            if batch is None:
-                break
+        for index, batch in enumerate(stream):
             wanted = min(quota - done, len(batch["image"]))
             batch = prepare(_take(batch, wanted))
             with accelerator.autocast():
@@ -79,16 +102,20 @@ def evaluate_decoder(
                     text_encodings=batch.get("text_encodings"),
                     text_mask=batch.get("text_mask"),
                     cond_scale=list(cond_scale) if isinstance(cond_scale, (list, tuple)) else cond_scale,
-                    start_at_unet_number=start,
-                    stop_at_unet_number=stop,
-                    image=batch["image"] if start > 1 else None,
+                    start_at_unet_number=first_unet,
+                    stop_at_unet_number=last_unet,
+                    image=batch["image"] if first_unet > 1 else None,
                     seed=seed + rank * SEED_STRIDE + index,
+                    on_unet_call=on_unet_call,
                 )
             # In float32 whatever the autocast dtype of the samples, so the metrics see the same values.
             suite.update(resize(batch["image"].float(), image_size), resize(generated.float(), image_size))
             done += wanted
+    except StopRequested as stopped:
+        stopped.progress = f"{done} of this process's {quota} images generated"
+        raise
     finally:
-        del iterator  # stops the loader's workers when we leave before the end of the split
+        stream.close()  # stops the loader's workers when we leave before the end of the split
     total = pooled_count(done, accelerator)
     metrics: Dict[str, float] = {"eval/samples": float(total)}
     if total < n_samples:
@@ -141,10 +168,11 @@ class Evaluator:
     the `accelerator`, the validation `loader` (see `evaluation_loader`), the U-Net numbers to
     sample through (`unets`, from the first to the last; the real image is the low-resolution
     input when the first is not U-Net 1), the `image_size` they give, `prepare` for loader
-    batches, the guidance `cond_scale` (one or one per U-Net), the sampling `seed`, and `info` for
-    notes (main process only). The metrics are built here, on each node's local main process
-    first (only it downloads weights into the cache), so a metric that cannot be built raises
-    EvaluationSetupError now. Every rank must build it and call it.
+    batches, the guidance `cond_scale` (one or one per U-Net), the sampling `seed`, `info` for
+    notes (main process only), and the `stop` request to honour within one batch or U-Net call.
+    The metrics are built here, on each node's local main process first (only it downloads weights
+    into the cache), so a metric that cannot be built raises EvaluationSetupError now. Every rank
+    must build it and call it.
     """
 
     def __init__(
@@ -159,6 +187,7 @@ class Evaluator:
         cond_scale: Union[float, Sequence[float]] = 1.0,
         seed: int = 0,
         info: Info = lambda message: None,
+        stop: Optional[StopRequest] = None,
     ):
         if not unets:
             raise ValueError("Evaluator: no U-Net to sample through")
@@ -171,6 +200,7 @@ class Evaluator:
         self.cond_scale = list(cond_scale) if isinstance(cond_scale, (list, tuple)) else cond_scale
         self.seed = seed
         self.info = info
+        self.stop = stop
         with accelerator.local_main_process_first():
             self.suite = MetricSuite(config.metrics(), device=accelerator.device, image_size=image_size)
 
@@ -188,4 +218,5 @@ class Evaluator:
             cond_scale=self.cond_scale,
             seed=self.seed,
             info=self.info,
+            stop=self.stop,
         )

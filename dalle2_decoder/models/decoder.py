@@ -29,6 +29,8 @@ LOSS_TYPES = ("l1", "l2", "huber")
 
 NoiseFn = Callable[[Tuple[int, ...], torch.device, torch.dtype], torch.Tensor]
 """Where sampling draws its Gaussian noise: (shape, device, dtype) -> tensor."""
+UnetCallHook = Callable[[int], None]
+"""Called with a U-Net's number before each of its evaluations while sampling; may raise to abandon sampling."""
 
 
 def _padded(value: Any, count: int, name: str, fill: Any) -> list:
@@ -538,6 +540,7 @@ class Decoder(nn.Module):
         progress: bool = False,
         sampler: Optional[str] = None,
         steps: Optional[int] = None,
+        on_unet_call: Optional[UnetCallHook] = None,
     ) -> torch.Tensor:
         """Sample one U-Net's images in [-1, 1] (the per-U-Net loop: DDPM, or DDIM with fewer steps).
 
@@ -562,6 +565,7 @@ class Decoder(nn.Module):
                 noise_fn=noise_fn,
                 device=device,
                 progress=progress,
+                on_unet_call=on_unet_call,
             )
         if sampler == "ddim" and steps is None:
             steps = self.num_timesteps  # DDIM over every timestep, not the DDPM chain
@@ -588,6 +592,8 @@ class Decoder(nn.Module):
                     # RePaint (Lugmayr et al. 2022): the known region comes from the forward process at t.
                     known = diffusion.q_sample(inpainting.image, t, noise_fn(shape, device, dtype))
                     x = torch.where(inpainting.mask, known, x)
+                if on_unet_call is not None:
+                    on_unet_call(index + 1)
                 self_cond = x_start if unet.self_cond else None
                 out = unet.forward_with_cond_scale(
                     x, t, cond_scale=cond_scale, self_cond=self_cond, **unet_kwargs
@@ -649,6 +655,7 @@ class Decoder(nn.Module):
         noise_fn: NoiseFn,
         device: torch.device,
         progress: bool,
+        on_unet_call: Optional[UnetCallHook] = None,
     ) -> torch.Tensor:
         """One U-Net's images in [-1, 1] with a sampler of `samplers.py`, through a denoiser closure."""
         unet, diffusion = self.unets[index], self.diffusions[index]
@@ -657,6 +664,8 @@ class Decoder(nn.Module):
         x_start: List[Optional[torch.Tensor]] = [None]  # the last x_0 estimate, for self-conditioning
 
         def denoise(x: torch.Tensor, t_now: int) -> ModelOutput:
+            if on_unet_call is not None:
+                on_unet_call(index + 1)
             t = torch.full((b,), t_now, device=device, dtype=torch.long)
             self_cond = x_start[0] if unet.self_cond else None
             out = unet.forward_with_cond_scale(x, t, cond_scale=cond_scale, self_cond=self_cond, **unet_kwargs).float()
@@ -727,6 +736,7 @@ class Decoder(nn.Module):
         progress: bool = False,
         sampler: Union[None, str, Sequence[Optional[str]]] = None,
         sample_timesteps: Union[None, int, Sequence[Optional[int]]] = None,
+        on_unet_call: Optional[UnetCallHook] = None,
     ) -> torch.Tensor:
         """Images in the input range ([0, 1] by default; not clamped) at the size of the last U-Net run.
 
@@ -743,6 +753,8 @@ class Decoder(nn.Module):
             a list of tensors used in order (see ReplayedNoise).
         progress: show a progress bar over each U-Net's sampling steps.
         sampler / sample_timesteps: override the configured sampler and steps, one for all or one per U-Net.
+        on_unet_call: called with the U-Net's number before each U-Net evaluation; it may raise to
+            abandon sampling (the training loop stops there when a stop signal arrives).
         """
         start = self._index(start_at_unet_number)
         stop = self._index(stop_at_unet_number if stop_at_unet_number is not None else len(self.unets))
@@ -831,6 +843,7 @@ class Decoder(nn.Module):
                     progress=progress,
                     sampler=samplers[index],
                     steps=steps_per_unet[index],
+                    on_unet_call=on_unet_call,
                 )
                 current = self.unnormalize(x)
         finally:

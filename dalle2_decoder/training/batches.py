@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence, Tuple
+import math
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import attrs
 import torch
+from accelerate.utils import broadcast_object_list
 
 from ..common.images import resize
 from ..config.root import TrainDecoderConfig
 
 SAMPLE_SEED = 1234
-"""Sample grids use a fixed noise seed, so grids from different steps differ only by the weights."""
+"""Sample grids use fixed noise seeds (example `i`: this + i): grids of different steps differ only by the weights."""
 
 
 @attrs.frozen
@@ -87,8 +89,8 @@ class BatchPreparer:
 
     # --- sample grids ------------------------------------------------------------------------
 
-    def pick_examples(self, loaders, count: int) -> Dict[str, SampleExamples]:
-        """The first `count` examples of the train and test splits (val when test is empty)."""
+    def pick_examples(self, loaders, count: int) -> Dict[str, Dict[str, Any]]:
+        """The first `count` examples of the train and test splits (val when test is empty), as read."""
         examples = {}
         for name, split in (("train", "train"), ("test", "test" if len(loaders["test"]) else "val")):
             loader = loaders[split]
@@ -97,35 +99,73 @@ class BatchPreparer:
             loader.set_epoch(0)
             iterator = iter(loader)
             batch = next(iterator)
-            del iterator  # stops the workers
-            taken = {key: value[:count] for key, value in batch.items()}
-            examples[name] = SampleExamples(self.prepare(taken), list(taken.get("caption", [""] * count)))
+            iterator.close()  # stops the workers
+            examples[name] = {key: value[:count] for key, value in batch.items()}
         return examples
+
+    def share_examples(self, loaders, count: int, accelerator) -> Dict[str, SampleExamples]:
+        """The main process's examples on every process, which each draw a share of every grid."""
+        picked = self.pick_examples(loaders, count) if accelerator.is_main_process else None
+        if accelerator.num_processes > 1:
+            picked = broadcast_object_list([picked])[0]
+        return {
+            name: SampleExamples(self.prepare(batch), list(batch.get("caption", [""] * len(batch["image"]))))
+            for name, batch in picked.items()
+        }
 
     @torch.no_grad()
     def sample_grid(
-        self, trainer, examples: SampleExamples, cond_scale: Sequence[float], unets: Sequence[int]
+        self,
+        trainer,
+        examples: SampleExamples,
+        cond_scale: Sequence[float],
+        unets: Sequence[int],
+        *,
+        on_unet_call: Optional[Callable[[int], None]] = None,
     ) -> Tuple[List[torch.Tensor], List[str]]:
-        """Real and generated images interleaved, with captions, at the last sampled U-Net's size."""
-        batch = examples.batch
+        """Real and generated images interleaved, with captions, at the last sampled U-Net's size.
+
+        Every process calls it and draws its share of the examples (a contiguous block, the last
+        ones padded with the first example so every process runs the same U-Net calls); example
+        `i` is drawn with noise seed `SAMPLE_SEED + i`, so a grid does not depend on the number
+        of processes. `on_unet_call` runs before each U-Net call (the loop's stop check).
+        """
+        accelerator = trainer.accelerator
+        batch, count = examples.batch, len(examples.captions)
+        share = math.ceil(count / accelerator.num_processes)
+        first = accelerator.process_index * share
+        indices = [i if i < count else 0 for i in range(first, first + share)]
+        mine = {key: _rows(value, indices) for key, value in batch.items()}
         start, stop = unets[0], unets[-1]
         size = self.config.decoder.image_sizes[stop - 1]
-        with trainer.sampling_weights() as decoder, trainer.accelerator.autocast():
+        with trainer.sampling_weights() as decoder, accelerator.autocast():
             generated = decoder.sample(
-                image_embed=batch["image_embed"],
-                text_encodings=batch.get("text_encodings"),
-                text_mask=batch.get("text_mask"),
+                image_embed=mine["image_embed"],
+                text_encodings=mine.get("text_encodings"),
+                text_mask=mine.get("text_mask"),
                 cond_scale=list(cond_scale),
                 start_at_unet_number=start,
                 stop_at_unet_number=stop,
-                image=batch["image"] if start > 1 else None,
-                seed=SAMPLE_SEED,
-                progress=True,  # sampling runs on the main process only
+                image=mine["image"] if start > 1 else None,
+                seed=[SAMPLE_SEED + i for i in indices],
+                progress=accelerator.is_main_process,
+                on_unet_call=on_unet_call,
             )
+        generated = generated.float().contiguous()
+        if accelerator.num_processes > 1:
+            generated = accelerator.gather(generated)
+        generated = generated[:count]
         real = resize(batch["image"].float(), size)
         images: List[torch.Tensor] = []
         captions: List[str] = []
         for index, caption in enumerate(examples.captions):
-            images += [real[index].clamp(0, 1).cpu(), generated[index].float().clamp(0, 1).cpu()]
+            images += [real[index].clamp(0, 1).cpu(), generated[index].clamp(0, 1).cpu()]
             captions += [f"real: {caption}", f"generated: {caption}"]
         return images, captions
+
+
+def _rows(value: Any, indices: List[int]) -> Any:
+    """Rows `indices` of a batch entry (a tensor or a list)."""
+    if isinstance(value, torch.Tensor):
+        return value[torch.tensor(indices, device=value.device)]
+    return [value[i] for i in indices]

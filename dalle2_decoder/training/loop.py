@@ -3,6 +3,11 @@
 Every counter is in training samples seen across all ranks, so logs, saves and resume agree.
 Every rank runs every phase and reaches the same collectives in the same order; only the tracker
 (a do-nothing stand-in on other ranks) differs, so the loop never asks which rank it is on.
+
+A stop signal is honoured in every phase within one batch or one U-Net call (`StopRequest.check`
+raises `StopRequested` on every rank at once): the phase's partial results are dropped, the
+checkpoint records the phase as still to do, with the random state of its start, and a resumed run
+runs it again, so its weights and logged values are those of a run never stopped.
 """
 
 from __future__ import annotations
@@ -23,13 +28,13 @@ from ..data import create_dataloaders
 from ..evaluation import Evaluator, evaluation_loader, final_image_size
 from ..failures import EXIT_STOPPED
 from ..runtime import create_accelerator, lost_peers_reported, shut_down
+from ..stopping import StopRequest, StopRequested, exit_status_after_stop
 from ..tracking import capture_rng_state, create_tracker, restore_rng_state
 from ..tracking.redact import install_output_redaction, secrets_in
 from ..tracking.reference import REFERENCE_ORIGIN, schedule_note
 from .batches import BatchPreparer, SampleExamples
 from .resume import describe_changes, position_is_kept, reference_progress
 from .state import Phase, Progress, TrainingState, checkpoint_payload
-from .stopping import StopRequest
 from .summary import summary_lines
 from .trainer import DecoderTrainer, used_unets
 
@@ -51,7 +56,15 @@ class TrainingStopped(RuntimeError):
 class TrainingRun:
     """Everything a run holds, built once; `run()` executes the epochs."""
 
-    def __init__(self, config: TrainDecoderConfig, *, accelerator: Optional[Accelerator] = None):
+    def __init__(
+        self,
+        config: TrainDecoderConfig,
+        *,
+        accelerator: Optional[Accelerator] = None,
+        stop: Optional[StopRequest] = None,
+    ):
+        """`stop`: the command's stop request, installed before the run was built (`run()` installs
+        its own otherwise)."""
         self.config = config
         # Before anything can print a data URL: one redaction for all output (see docs/TRACKING.md).
         install_output_redaction(secrets_in(config.to_dict()))
@@ -78,6 +91,7 @@ class TrainingRun:
         )
         self.trainer = DecoderTrainer(decoder, acc, config.train, used_unets=used_unets(config))
         self.cond_scale = per_unet(config.train.cond_scale, len(config.decoder.unets))
+        self.stop = stop or StopRequest()
         # Metrics are built now, so that missing weights stop the run before training, not after an epoch.
         self.evaluator = self._build_evaluator()
         # Last: everything that can fail on a bad setup has been built, so no run folder is left half-started.
@@ -85,12 +99,18 @@ class TrainingRun:
             config.tracker, full_config_dict=config.to_dict(), is_main_process=acc.is_main_process
         )
         self.progress = Progress(next_save_at=config.train.save_every_n_samples)
-        self.stop = StopRequest()
         self.examples: Dict[str, SampleExamples] = {}
         self._pending_rng: Optional[Dict[str, Any]] = None
         self.resumed = False
         self.interrupted = False
-        self._last_sampled_at: Optional[int] = None
+        self._saved_position = self.progress.position()
+        """Where the last checkpoint (saved or loaded) resumes from: a stop there has nothing new to save."""
+        self._rng_mark: Dict[str, Any] = capture_rng_state()
+        """This rank's random state where the progress now points (a phase's start, or before the next
+        training batch is read): what a checkpoint saved on a stop must hold."""
+        self._loss_sums: Dict[int, torch.Tensor] = {}
+        self._window_steps = self._window_samples = 0
+        self._window_start = time.perf_counter()
 
     def _build_evaluator(self) -> Optional[Evaluator]:
         """The evaluate phase's `Evaluator`, or None when no metric is enabled."""
@@ -108,6 +128,7 @@ class TrainingRun:
             cond_scale=self.cond_scale,
             seed=config.seed,
             info=lambda message: self.tracker.info(message),  # the tracker is built after the evaluator
+            stop=self.stop,
         )
 
     # --- start ---------------------------------------------------------------------------------
@@ -159,11 +180,13 @@ class TrainingRun:
             self.progress.next_save_at = self.progress.samples_seen + self.config.train.save_every_n_samples
         if any(not c.applied for c in changes):
             self.progress.batches_in_epoch = 0  # the refused in-epoch position (see the change's line)
+            self.progress.loss_window = {}
         rng_states = state.rng
         if position_is_kept(changes) and len(rng_states) == self.accelerator.num_processes:
             # Restored once this rank's data iterator is positioned (see `_train_phase`).
             self._pending_rng = rng_states[self.accelerator.process_index]
         self.resumed = True
+        self._saved_position = self.progress.position()
         for change in changes:
             self.tracker.info(change.line())
         for note in notes:
@@ -188,34 +211,22 @@ class TrainingRun:
         return status
 
     def run(self) -> int:
+        """The epochs from where the run stands: 0 when done, the "stopped" status after a stop signal."""
         acc = self.accelerator
+        owned = not self.stop.installed
         self.stop.install()  # before anything is printed: a signal from now on leads to a clean save
         try:
             for line in summary_lines(self.config, acc, self.trainer, self.loaders):
                 self.tracker.info(line)
             self.load_start_checkpoint()
-            self.examples = self.batches.pick_examples(self.loaders, self.config.train.n_sample_images)
-            if self.config.train.save_immediately and not self.resumed:
-                self._sample_phase()
-                self._save_phase(is_best=False)
-            while self.progress.epoch < self.config.train.epochs:
-                if self.progress.phase is Phase.TRAIN:
-                    if not self._train_phase():
-                        self.interrupted = True  # stopped by a signal, checkpoint saved: resumable
-                        return 0
-                    self.progress.phase = Phase.END
-                val_loss = self._validate_phase()
-                self._evaluate_phase()
-                self._sample_phase()
-                is_best = val_loss is not None and val_loss < self.progress.best_val_loss
-                if val_loss is not None:
-                    self.progress.validation_losses.append(val_loss)
-                if is_best:
-                    self.progress.best_val_loss = val_loss
-                self.progress.epoch += 1
-                self.progress.batches_in_epoch = 0
-                self.progress.phase = Phase.TRAIN
-                self._save_phase(is_best=is_best)
+            self.examples = self.batches.share_examples(self.loaders, self.config.train.n_sample_images, acc)
+            try:
+                if self.config.train.save_immediately and not self.resumed:
+                    self._sample_phase()
+                    self._save_phase(is_best=False)
+                self._epochs()
+            except StopRequested as stop:
+                return self._stopped(stop)
             self._check_ranks_agree()
             self.tracker.info(
                 f"training finished: {self.config.train.epochs} epochs, {self.progress.samples_seen} samples"
@@ -223,16 +234,70 @@ class TrainingRun:
             log.info("process %d of %d finished", self.accelerator.process_index + 1, self.accelerator.num_processes)
             return 0
         finally:
-            self.stop.uninstall()
+            if owned:
+                self.stop.uninstall()
 
-    def _train_phase(self) -> bool:
-        """One epoch of training (or its remainder after a resume). False when stopped by a signal."""
+    def _epochs(self) -> None:
+        """Each epoch's phases in order, from the one the progress points at (a resumed run's included)."""
+        progress = self.progress
+        if self._pending_rng is not None and progress.phase is not Phase.TRAIN:
+            # Resumed after the epoch's training: the random state is that of the phase to run.
+            restore_rng_state(self._pending_rng)
+            self._pending_rng = None
+            self._mark_rng()
+        while progress.epoch < self.config.train.epochs:
+            if progress.phase is Phase.TRAIN:
+                self._train_phase()
+                self._enter(Phase.VALIDATE)
+            if progress.phase is Phase.VALIDATE:
+                progress.val_loss = self._validate_phase()
+                self._enter(Phase.EVALUATE)
+            if progress.phase is Phase.EVALUATE:
+                self._evaluate_phase()
+                self._enter(Phase.SAMPLE)
+            self._sample_phase()
+            val_loss, progress.val_loss = progress.val_loss, None
+            is_best = val_loss is not None and val_loss < progress.best_val_loss
+            if val_loss is not None:
+                progress.validation_losses.append(val_loss)
+            if is_best:
+                progress.best_val_loss = val_loss
+            progress.epoch += 1
+            progress.batches_in_epoch = 0
+            self._enter(Phase.TRAIN)
+            self._save_phase(is_best=is_best)
+
+    def _enter(self, phase: Phase) -> None:
+        """Move the progress to `phase`, marking the random state a stop during it must save."""
+        self.progress.phase = phase
+        self._rng_mark = capture_rng_state()
+
+    def _mark_rng(self) -> None:
+        self._rng_mark = capture_rng_state()
+
+    def _stopped(self, stop: StopRequested) -> int:
+        """After a stop signal: save where the run stands (the cut phase still to do) and say so in one line."""
+        progress = self.progress
+        where = f"{stop.phase} of epoch {progress.epoch + 1}"
+        if progress.position() == self._saved_position:
+            saved = "nothing new since the last checkpoint"
+        else:
+            self._save_phase(is_best=False, rng=self._rng_mark)
+            saved = "checkpoint saved"
+        self.interrupted = True  # resumable: the run state stays unfinished
+        self.tracker.info(
+            f"stopped by {stop.signal_name} during {where} ({progress.samples_seen} samples seen): {saved}; "
+            "run the same command again to resume"
+        )
+        return exit_status_after_stop()
+
+    def _train_phase(self) -> None:
+        """One epoch of training (or its remainder after a resume); raises StopRequested on a stop."""
         acc, trainer, progress = self.accelerator, self.trainer, self.progress
         loader = self.loaders["train"]
         loader.set_epoch(progress.epoch)
-        loss_sums = {n: torch.zeros((), device=acc.device) for n in trainer.trained_unets}
-        steps_in_window = window_samples = 0
-        window_start = time.perf_counter()
+        self._restore_loss_window(progress.loss_window)  # a resumed run's window; empty otherwise
+        progress.loss_window = {}
         bar = tqdm(
             total=len(loader),
             initial=progress.batches_in_epoch,
@@ -241,71 +306,100 @@ class TrainingRun:
             dynamic_ncols=True,
             leave=False,
         )
-        iterator = iter(loader)
-        # Mid-epoch resume: read past the batches already trained on, so the data (and the workers'
-        # random augmentations) continue exactly where the interrupted run stopped.
-        # (A checkpoint from DALLE2-pytorch, or one saved with other data, may count more batches
-        # than this epoch has: then the epoch's training is done.)
-        for _ in range(min(progress.batches_in_epoch, len(loader))):
-            next(iterator)
-        if self._pending_rng is not None:
-            restore_rng_state(self._pending_rng)
-            self._pending_rng = None
+        # The stop check comes before each batch is used; the random state is marked before each is
+        # read, so a checkpoint saved on a stop holds the state of the point it resumes from.
+        batches = self.stop.batches(loader, acc, Phase.TRAIN.label, before_fetch=self._mark_rng)
         try:
-            for batch in iterator:
+            # Mid-epoch resume: read past the batches already trained on, so the data (and the workers'
+            # random augmentations) continue exactly where the interrupted run stopped.
+            # (A checkpoint from DALLE2-pytorch, or one saved with other data, may count more batches
+            # than this epoch has: then the epoch's training is done.)
+            for _ in range(min(progress.batches_in_epoch, len(loader))):
+                next(batches)
+            if self._pending_rng is not None:
+                restore_rng_state(self._pending_rng)
+                self._pending_rng = None
+                self._mark_rng()
+            if progress.periodic_due:  # the run stopped in a periodic sample grid: draw it again first
+                self._periodic_sample_and_save()
+            for batch in batches:
                 batch = self.batches.prepare(batch)
                 # every rank's batch has this size (a short last batch included: exact epochs give
                 # each rank the same number of samples), so the samples of this step are size x ranks
                 step_samples = batch["image"].shape[0] * acc.num_processes
                 losses = trainer.train_step(batch)
                 for number, loss in losses.items():
-                    loss_sums[number] += loss
-                steps_in_window += 1
+                    self._loss_sums[number] += loss
+                self._window_steps += 1
+                self._window_samples += step_samples
                 progress.batches_in_epoch += 1
                 progress.samples_seen += step_samples
-                window_samples += step_samples
                 bar.update(1)
 
-                if steps_in_window == LOG_EVERY_N_STEPS:
+                if self._window_steps == LOG_EVERY_N_STEPS:
                     if getattr(acc, "compute_threads", None) is not None:
                         acc.compute_threads.update()
-                    metrics = self._window_metrics(loss_sums, steps_in_window, window_samples, window_start)
+                    metrics = self._window_metrics()
                     self.tracker.log(metrics, step=progress.samples_seen)
                     postfix = {k.split("/")[-1]: f"{v:.4f}" for k, v in metrics.items() if k.startswith("train/loss")}
                     bar.set_postfix({**postfix, "samples/s": f"{metrics['train/samples_per_s']:.1f}"})
-                    loss_sums = {n: torch.zeros((), device=acc.device) for n in trainer.trained_unets}
-                    steps_in_window, window_samples, window_start = 0, 0, time.perf_counter()
+                    self._restore_loss_window({})
 
                 if trainer.too_many_nonfinite:
                     raise TrainingStopped(
                         f"{trainer.nonfinite_streak} optimizer steps in a row had non-finite gradients; stopping. "
                         "The last good checkpoint is kept; lower train.lr or check the data."
                     )
-                if self.stop.agreed(acc):
-                    self.tracker.info(f"{self.stop.signal_name or 'stop request'}: saving a checkpoint and exiting")
-                    self._save_phase(is_best=False)
-                    return False
                 if progress.samples_seen >= progress.next_save_at:
                     progress.next_save_at += self.config.train.save_every_n_samples
-                    self._sample_phase()
-                    self._save_phase(is_best=False)
+                    self._periodic_sample_and_save()
         finally:
+            batches.close()
             bar.close()
+        self._restore_loss_window({})  # the epoch's last, partial window is not logged
         self._report_data("train", loader)
         if trainer.nonfinite_steps:
             self.tracker.log({"train/nonfinite_steps": trainer.nonfinite_steps}, step=progress.samples_seen)
-        return True
 
-    def _window_metrics(self, loss_sums, steps: int, samples: int, window_start: float) -> Dict[str, float]:
+    def _periodic_sample_and_save(self) -> None:
+        """The sample grids and checkpoint due every `save_every_n_samples` samples."""
+        self.progress.periodic_due = True
+        self._mark_rng()
+        self._sample_phase()
+        self.progress.periodic_due = False
+        self._save_phase(is_best=False)
+
+    def _restore_loss_window(self, saved: Dict[str, Any]) -> None:
+        """Start a window of training losses, from what a checkpoint saved of the one it stopped in."""
+        device = self.accelerator.device
+        sums = saved.get("sums", {})
+        self._loss_sums = {
+            n: torch.tensor(float(sums.get(str(n), 0.0)), device=device) for n in self.trainer.trained_unets
+        }
+        self._window_steps = int(saved.get("steps", 0))
+        self._window_samples = int(saved.get("samples", 0))
+        self._window_start = time.perf_counter()
+
+    def _loss_window_state(self) -> Dict[str, Any]:
+        if not self._window_steps:
+            return {}
+        return {
+            "sums": {str(n): float(total) for n, total in self._loss_sums.items()},
+            "steps": self._window_steps,
+            "samples": self._window_samples,
+        }
+
+    def _window_metrics(self) -> Dict[str, float]:
         acc = self.accelerator
-        numbers = sorted(loss_sums)
-        stacked = torch.stack([loss_sums[n] / steps for n in numbers])
+        numbers = sorted(self._loss_sums)
+        stacked = torch.stack([self._loss_sums[n] / self._window_steps for n in numbers])
         averaged = acc.reduce(stacked, reduction="mean") if acc.num_processes > 1 else stacked
         values = averaged.tolist()
-        elapsed = max(time.perf_counter() - window_start, 1e-9)
+        elapsed = max(time.perf_counter() - self._window_start, 1e-9)
         metrics = {f"train/loss/unet{n}": v for n, v in zip(numbers, values)}
         metrics.update({f"train/lr/unet{n}": self.trainer.unet_lr(n) for n in numbers})
-        metrics["train/samples_per_s"] = samples / elapsed
+        # (after a resume the window's first steps ran before it: the rate is approximate there)
+        metrics["train/samples_per_s"] = self._window_samples / elapsed
         metrics["epoch"] = self.progress.epoch + 1
         return metrics
 
@@ -319,7 +413,11 @@ class TrainingRun:
         sums = torch.zeros(len(trainer.trained_unets), device=acc.device)
         count = torch.zeros((), device=acc.device)
         for batch in tqdm(
-            loader, desc=f"epoch {self.progress.epoch + 1} validate", disable=not acc.is_main_process, leave=False
+            self.stop.batches(loader, acc, Phase.VALIDATE.label),
+            total=len(loader),
+            desc=f"epoch {self.progress.epoch + 1} validate",
+            disable=not acc.is_main_process,
+            leave=False,
         ):
             batch = self.batches.prepare(batch)
             losses = trainer.validation_losses(batch)
@@ -348,24 +446,29 @@ class TrainingRun:
             return self.evaluator(decoder)
 
     def _sample_phase(self) -> None:
-        """Grids of real images next to generated ones, from train and test examples (main rank only)."""
-        acc = self.accelerator
-        if self._last_sampled_at == self.progress.samples_seen:
+        """Grids of real images next to generated ones, from train and test examples, drawn by every rank."""
+        progress = self.progress
+        if progress.sampled_at == progress.samples_seen:
             return  # e.g. a periodic grid that fell on the last step of the epoch
-        self._last_sampled_at = self.progress.samples_seen
-        if acc.is_main_process and self.trainer.trained_unets:
+        if self.trainer.trained_unets:
+            check = self.stop.checker(self.accelerator, Phase.SAMPLE.label)
             for split, examples in self.examples.items():
                 images, captions = self.batches.sample_grid(
-                    self.trainer, examples, self.cond_scale, used_unets(self.config)
+                    self.trainer, examples, self.cond_scale, used_unets(self.config), on_unet_call=check
                 )
-                self.tracker.log_images(f"{split}_examples", images, captions, step=self.progress.samples_seen)
-        acc.wait_for_everyone()
+                self.tracker.log_images(f"{split}_examples", images, captions, step=progress.samples_seen)
+        progress.sampled_at = progress.samples_seen
 
-    def _save_phase(self, *, is_best: bool) -> None:
-        """Latest (and best) saves through every configured saver; RNG states of every rank included."""
+    def _save_phase(self, *, is_best: bool, rng: Optional[Dict[str, Any]] = None) -> None:
+        """Latest (and best) saves through every configured saver; RNG states of every rank included.
+
+        `rng`: this rank's random state to save (by default the current one).
+        """
         acc = self.accelerator
-        rng = gather_object([capture_rng_state()]) if acc.num_processes > 1 else [capture_rng_state()]
+        local_rng = rng if rng is not None else capture_rng_state()
+        rng_states = gather_object([local_rng]) if acc.num_processes > 1 else [local_rng]
         progress = self.progress
+        progress.loss_window = self._loss_window_state()
         batch_samples = self.config.data.batch_size * acc.num_processes
         if progress.phase is Phase.TRAIN and progress.batches_in_epoch == 0 and progress.epoch > 0:
             # The end-of-epoch save (the epoch counter has moved on): named after the epoch it ends.
@@ -374,17 +477,19 @@ class TrainingRun:
             fields = {
                 "epoch": progress.epoch,
                 "sample": progress.batches_in_epoch * batch_samples,
-                "next_task": "train",
+                # DALLE2-pytorch's names: "val" for an epoch whose end-of-epoch phases are still to do
+                "next_task": "train" if progress.phase is Phase.TRAIN else "val",
             }
         fields.update(validation_losses=list(progress.validation_losses), samples_seen=progress.samples_seen)
         self.tracker.save(
             fields=fields,
             step=self.progress.samples_seen,
-            checkpoint_state=lambda: checkpoint_payload(self.trainer.state_dict(), self.progress, rng, self.config),
+            checkpoint_state=lambda: checkpoint_payload(self.trainer.state_dict(), progress, rng_states, self.config),
             model_state=self.trainer.model_state_dict,
             is_best=is_best,
         )
         acc.wait_for_everyone()
+        self._saved_position = progress.position()
 
     def _check_ranks_agree(self) -> None:
         """Every rank must hold the same weights at the end; a cheap fingerprint comparison proves it."""
@@ -404,9 +509,10 @@ class TrainingRun:
             self.tracker.log({f"data/{phase}/{k}": v for k, v in bad.items()}, step=self.progress.samples_seen)
 
 
-def main(config: TrainDecoderConfig) -> int:
-    """Train a decoder as the config says: 0 done or stopped by a signal. Errors propagate to the
-    command line, which reports each as one line with an exit status by kind (`dalle2_decoder.failures`)."""
+def main(config: TrainDecoderConfig, *, stop: Optional[StopRequest] = None) -> int:
+    """Train a decoder as the config says: 0 when done, the "stopped" status after a stop signal
+    (`stopping.exit_status_after_stop`). Errors propagate to the command line, which reports each as
+    one line with an exit status by kind (`dalle2_decoder.failures`). `stop`: the command's stop request."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     with lost_peers_reported():
-        return TrainingRun(config).execute()
+        return TrainingRun(config, stop=stop).execute()

@@ -160,7 +160,7 @@ def reference_progress(info: Mapping[str, Any], *, batch_samples: int, save_ever
     if task == "train":
         progress["batches_in_epoch"] = int(info.get("sample", 0)) // max(1, batch_samples)
     elif task == "val":
-        progress["phase"] = "end"
+        progress["phase"] = "validate"
     else:
         progress["epoch"] = epoch + 1
     return progress

@@ -30,16 +30,42 @@ from ..tracking.checkpoint import CheckpointFormatError, LoadedCheckpoint
 
 
 class Phase(str, enum.Enum):
-    """Phase of an epoch still to run; the values are what checkpoints store."""
+    """Phase of an epoch still to run; the values are what checkpoints store.
+
+    A checkpoint saved on a stop records the phase the stop cut short, which a resumed run runs
+    again from its start; the phases before it are done, the ones after it still to do.
+    """
 
     TRAIN = "train"
     """The epoch's training (from `batches_in_epoch`)."""
-    END = "end"
+    VALIDATE = "validate"
     """Training of the epoch is done; validate, evaluate, sample and save are still to do."""
+    EVALUATE = "evaluate"
+    """Validated (`val_loss` holds the result); evaluate, sample and save are still to do."""
+    SAMPLE = "sample"
+    """Validated and evaluated; the end-of-epoch sample grids and the save are still to do."""
+
+    @property
+    def label(self) -> str:
+        """The phase as a log line names it."""
+        return _LABELS[self]
+
+
+_LABELS = {
+    Phase.TRAIN: "training",
+    Phase.VALIDATE: "validation",
+    Phase.EVALUATE: "evaluation",
+    Phase.SAMPLE: "sample grids",
+}
+
+_LEGACY_PHASES = {"end": Phase.VALIDATE}
+"""Values of checkpoints from before the end-of-epoch phases were told apart ("end": all still to do)."""
 
 
 def _phase(value: Any) -> Phase:
-    return value if isinstance(value, Phase) else Phase(value)
+    if isinstance(value, Phase):
+        return value
+    return _LEGACY_PHASES.get(value) or Phase(value)
 
 
 @attrs.define
@@ -60,11 +86,25 @@ class Progress:
     """Lowest mean validation loss so far (sum over trained U-Nets)."""
     validation_losses: List[float] = attrs.Factory(list)
     """Every epoch's validation loss so far (for the `{validation_losses}` field of save paths)."""
+    val_loss: Optional[float] = None
+    """This epoch's validation loss once validated, until the epoch's save compares it with the best."""
+    periodic_due: bool = False
+    """A periodic sample grid and checkpoint were due here when the run stopped: they run before
+    training goes on."""
+    sampled_at: Optional[int] = None
+    """`samples_seen` of the last sample grids logged (an epoch's end does not draw them twice)."""
+    loss_window: Dict[str, Any] = attrs.Factory(dict)
+    """The training losses summed since the last logged mean (`sums` per U-Net, `steps`, `samples`),
+    so that logged means cover the same steps whether or not the run was resumed in between."""
 
     @property
     def mid_epoch(self) -> bool:
         """Stopped inside an epoch's training (not at its start, not after it)."""
         return self.phase is Phase.TRAIN and self.batches_in_epoch > 0
+
+    def position(self) -> tuple:
+        """What a checkpoint of this progress would resume from (two equal positions: nothing new to save)."""
+        return (self.epoch, self.batches_in_epoch, self.phase, self.periodic_due)
 
     def to_dict(self) -> Dict[str, Any]:
         """Plain values only (the phase as its string), so the checkpoint loads weights-only."""

@@ -5,7 +5,7 @@ phases. Within `train_step` the only value read back to the host is, at each opt
 finiteness of the gradient norms (computed after the gradients were all-reduced, so every rank
 takes the same decision); the losses stay on the device. The loop itself synchronises with the
 host every step as well: in a multi-process run its stop check all-reduces a flag and reads it
-(`StopRequest.agreed`), and every `LOG_EVERY_N_STEPS` steps it reads the averaged losses.
+(`StopRequest.check`), and every `LOG_EVERY_N_STEPS` steps it reads the averaged losses.
 """
 
 from __future__ import annotations
