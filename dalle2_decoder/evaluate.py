@@ -9,8 +9,9 @@ checkpoint is a trainer checkpoint (EMA weights are used when `train.use_ema`, u
 or a model save. The metrics are printed as one JSON object on stdout (main process), and
 appended as a JSON line to --output when given. Exit codes are those of the training command
 (`dalle2_decoder.failures`): 0 done, 1 configuration (e.g. no metric enabled, missing metric
-weights), 2 usage, 3 data, 4 checkpoint, 5 I/O or environment, 70 a bug; each problem is one
-line on stderr, with a traceback only under --debug (and for a bug).
+weights), 2 usage, 3 data, 4 checkpoint, 5 I/O or environment, 6 stopped by a signal (within one
+U-Net call, no metrics written), 70 a bug; each problem is one line on stderr, with a traceback
+only under --debug (and for a bug).
 """
 
 from __future__ import annotations
@@ -108,17 +109,24 @@ def load_decoder(config, checkpoint: str, *, use_ema: bool) -> Tuple[nn.Module, 
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from .stopping import StopRequest
+
     args = build_parser().parse_args(argv)
     speaks = os.environ.get("RANK", "0") == "0"
-    return guarded(
-        lambda: _main(args, speaks),
-        debug=args.debug,
-        speaks=speaks,
-        write_paths=lambda: [os.path.dirname(os.path.abspath(args.output))] if args.output else [],
-    )
+    # First: a stop signal from now on ends the evaluation in order (within one U-Net call).
+    stop = StopRequest().install()
+    try:
+        return guarded(
+            lambda: _main(args, speaks, stop),
+            debug=args.debug,
+            speaks=speaks,
+            write_paths=lambda: [os.path.dirname(os.path.abspath(args.output))] if args.output else [],
+        )
+    finally:
+        stop.uninstall()
 
 
-def _main(args: argparse.Namespace, speaks: bool) -> int:
+def _main(args: argparse.Namespace, speaks: bool, stop=None) -> int:
     from .cli import load_config
     from .preflight import checkpoint_file_problems, ensure_ready, writable_problem
 
@@ -147,13 +155,21 @@ def _main(args: argparse.Namespace, speaks: bool) -> int:
             print(f"warning: {note}", file=sys.stderr)
     ensure_ready(config, source=args.config_file, purpose="evaluation")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON result alone
-        metrics, step = evaluate_checkpoint(
-            config,
-            args.checkpoint,
-            use_ema=config.train.use_ema and not args.no_ema,
-            seed=config.seed if args.seed is None else args.seed,
-        )
+    from .stopping import StopRequested, exit_status_after_stop
+
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON result alone
+            metrics, step = evaluate_checkpoint(
+                config,
+                args.checkpoint,
+                use_ema=config.train.use_ema and not args.no_ema,
+                seed=config.seed if args.seed is None else args.seed,
+                stop=stop,
+            )
+    except StopRequested as stopped:
+        if speaks:
+            print(f"{stopped}: {stopped.progress or 'no image generated yet'}; no metrics written", file=sys.stderr)
+        return exit_status_after_stop()
     if metrics is not None:
         from .tracking.loggers import json_safe
 
@@ -165,10 +181,15 @@ def _main(args: argparse.Namespace, speaks: bool) -> int:
     return EXIT_OK
 
 
-def evaluate_checkpoint(config, checkpoint: str, *, use_ema: bool, seed: int):
-    """(metrics, step) on the main process, (None, step) on the others; every rank must call it."""
+def evaluate_checkpoint(config, checkpoint: str, *, use_ema: bool, seed: int, stop=None):
+    """(metrics, step) on the main process, (None, step) on the others; every rank must call it.
+
+    `stop`: the installed `stopping.StopRequest`; on a stop signal every rank raises `StopRequested`
+    (after shutting the process group down) within one U-Net call.
+    """
     from .evaluation import EvaluationSetupError, Evaluator, evaluation_loader, final_image_size
     from .runtime import create_accelerator, shut_down
+    from .stopping import StopRequested
     from .training.batches import BatchPreparer
     from .training.trainer import used_unets
 
@@ -189,7 +210,12 @@ def evaluate_checkpoint(config, checkpoint: str, *, use_ema: bool, seed: int):
         cond_scale=per_unet(config.train.cond_scale, len(config.decoder.unets)),
         seed=seed,
         info=(lambda message: print(message, file=sys.stderr, flush=True)) if main_process else (lambda message: None),
+        stop=stop,
     )
-    metrics = evaluator(decoder)
+    try:
+        metrics = evaluator(decoder)
+    except StopRequested:
+        shut_down(accelerator)  # every rank stopped at the same point, so they can meet
+        raise
     shut_down(accelerator)
     return (metrics if main_process else None), step

@@ -9,9 +9,10 @@ MODEL is anything `load_decoder` takes: a checkpoint or model save, a URL, or a 
 receives one PNG per (input, seed) under `images/`, `grid.png` (one row per input) and
 `samples.json` saying what made each image. An image depends only on its input and its seed (each
 sample draws its noise from its own generator), not on the batch size or the number of processes.
-Exit statuses follow the other commands' (see docs/SAMPLING.md): 0 done, 1 a bug (traceback), 2 usage
-(bad options or inputs), 3 data, 4 the model cannot be loaded, 5 environment (CLIP, device); each
-problem is one line on stderr.
+Exit statuses follow the other commands' (see docs/SAMPLING.md): 0 done, 2 usage (bad options or
+inputs), 3 data, 4 the model cannot be loaded, 5 environment (CLIP, device), 6 stopped by a signal
+(the images written so far are whole and listed in samples.json), 70 a bug (with its traceback);
+each problem is one line on stderr.
 """
 
 from __future__ import annotations
@@ -362,51 +363,98 @@ def _accelerator(args):
     return Accelerator(cpu=device.type == "cpu")
 
 
-def sample_items(decoder, inputs: Inputs, items: List[tuple], *, args, samplers, steps, cond_scale, device, show: bool):
-    """uint8 images (n, H, W, 3) for `items` = [(input index, seed), ...], in batches of --batch_size."""
+def sample_items(
+    decoder,
+    inputs: Inputs,
+    items: List[tuple],
+    *,
+    args,
+    samplers,
+    steps,
+    cond_scale,
+    device,
+    show: bool,
+    on_unet_call=None,
+):
+    """uint8 images (n, H, W, 3) for `items` = [(input index, seed), ...], sampled as one batch."""
     import torch
-    from tqdm.auto import tqdm
 
-    out = []
-    for start in tqdm(range(0, len(items), args.batch_size), desc="sampling", disable=not show, dynamic_ncols=True):
-        chunk = items[start : start + args.batch_size]
-        rows = torch.tensor([index for index, _ in chunk])
-        images = decoder.sample(
-            image_embed=inputs.image_embed[rows].to(device),
-            text_encodings=None if inputs.text_encodings is None else inputs.text_encodings[rows].to(device),
-            text_mask=None if inputs.text_mask is None else inputs.text_mask[rows].to(device),
-            cond_scale=cond_scale,
-            stop_at_unet_number=args.stop_at_unet,
-            seed=[seed for _, seed in chunk],
-            sampler=samplers,
-            sample_timesteps=steps,
-            progress=show,
-        )
-        out.append((images.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
-    import numpy as np
-
-    return np.concatenate(out) if out else np.zeros((0, 1, 1, 3), np.uint8)
+    rows = torch.tensor([index for index, _ in items])
+    images = decoder.sample(
+        image_embed=inputs.image_embed[rows].to(device),
+        text_encodings=None if inputs.text_encodings is None else inputs.text_encodings[rows].to(device),
+        text_mask=None if inputs.text_mask is None else inputs.text_mask[rows].to(device),
+        cond_scale=cond_scale,
+        stop_at_unet_number=args.stop_at_unet,
+        seed=[seed for _, seed in items],
+        sampler=samplers,
+        sample_timesteps=steps,
+        progress=show,
+        on_unet_call=on_unet_call,
+    )
+    return (images.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def write_outputs(out_dir: Path, inputs: Inputs, items, images, *, seeds, record: Dict[str, Any]) -> None:
-    import numpy as np
-    import torch
-    from PIL import Image
-    from torchvision.utils import make_grid
+class OutputWriter:
+    """Writes the images as their batches come in (each file whole, written beside and renamed), and
+    `samples.json` after each batch, so that a stopped command leaves valid files; `grid.png` at the end."""
 
-    image_dir = out_dir / "images"
-    image_dir.mkdir(parents=True, exist_ok=True)
-    entries = []
-    for (index, seed), pixels in zip(items, images):
-        name = f"{index:05d}_{_safe(inputs.ids[index])}_seed{seed}.png"
-        Image.fromarray(pixels).save(image_dir / name)
-        entries.append(
-            {"file": f"images/{name}", "input": inputs.ids[index], "input_index": index, "seed": seed, **record}
-        )
-    grid = make_grid(torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2), nrow=len(seeds), padding=2)
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(out_dir / "grid.png")
-    summary = {"model": record["checkpoint"], "inputs": inputs.kind, "count": len(entries), "images": entries}
-    atomic_write_text(out_dir / "samples.json", json.dumps(summary, indent=2) + "\n")
+    def __init__(self, out_dir: Path, inputs: Inputs, *, total: int, seeds: List[int], record: Dict[str, Any]):
+        self.out_dir = out_dir
+        self.inputs = inputs
+        self.total = total
+        self.seeds = seeds
+        self.record = record
+        self.entries: List[Dict[str, Any]] = []
+        self.images: Dict[tuple, Any] = {}
+        (out_dir / "images").mkdir(parents=True, exist_ok=True)
+
+    def add(self, items: List[tuple], images) -> None:
+        import io
+
+        from PIL import Image
+
+        from .common.files import atomic_write_bytes
+
+        for (index, seed), pixels in zip(items, images):
+            name = f"{index:05d}_{_safe(self.inputs.ids[index])}_seed{seed}.png"
+            encoded = io.BytesIO()
+            Image.fromarray(pixels).save(encoded, format="PNG")
+            atomic_write_bytes(self.out_dir / "images" / name, encoded.getvalue())
+            self.images[(index, seed)] = pixels
+            self.entries.append(
+                {"file": f"images/{name}", "input": self.inputs.ids[index], "input_index": index, "seed": seed}
+            )
+        self._write_summary()
+
+    def _write_summary(self, **extra: Any) -> None:
+        entries = sorted(self.entries, key=lambda entry: (entry["input_index"], self.seeds.index(entry["seed"])))
+        summary = {
+            "model": self.record["checkpoint"],
+            "inputs": self.inputs.kind,
+            "count": len(entries),
+            "complete": len(entries) == self.total,
+            **extra,
+            "images": [{**entry, **self.record} for entry in entries],
+        }
+        atomic_write_text(self.out_dir / "samples.json", json.dumps(summary, indent=2) + "\n")
+
+    def finish(self, items: List[tuple]) -> None:
+        """The grid of every image (one row per input), once all are written."""
+        import numpy as np
+        import torch
+        from PIL import Image
+        from torchvision.utils import make_grid
+
+        from .common.files import atomic_write
+
+        stacked = np.stack([self.images[item] for item in items])
+        grid = make_grid(torch.from_numpy(stacked).permute(0, 3, 1, 2), nrow=len(self.seeds), padding=2)
+        pixels = Image.fromarray(grid.permute(1, 2, 0).numpy())
+        atomic_write(self.out_dir / "grid.png", lambda path: pixels.save(path, format="PNG"))
+
+    def stopped(self, signal_name: str) -> None:
+        self._write_summary(stopped_by=signal_name)
 
 
 def _safe(text: str) -> str:
@@ -414,11 +462,16 @@ def _safe(text: str) -> str:
     return cleaned[:60] or "input"
 
 
-def run(args) -> int:
+def run(args, stop_request=None) -> int:
+    """Sample as `args` say; `stop_request`: the installed `stopping.StopRequest` (checked before each U-Net call)."""
     import torch
     from accelerate.utils import gather_object
+    from tqdm.auto import tqdm
 
     from .loading import load
+    from .stopping import StopRequest, StopRequested, exit_status_after_stop
+
+    stop_request = stop_request or StopRequest()
 
     accelerator = _accelerator(args)
     device = accelerator.device
@@ -477,8 +530,12 @@ def run(args) -> int:
         inputs = test_split_inputs(args, loaded.config, device)
 
     # Every (input, seed) once, dealt round-robin: ranks get disjoint shares that together cover all.
+    # Each share is padded (with repeats, dropped afterwards) to the longest, so that every rank
+    # samples batches of the same sizes: their stop checks (before each U-Net call) then line up.
     items = [(index, seed) for index in range(len(inputs.ids)) for seed in seeds]
     mine = items[accelerator.process_index :: accelerator.num_processes]
+    share = -(-len(items) // accelerator.num_processes)
+    padded = mine + [items[0]] * (share - len(mine))
     if main_process:
         plan = ", ".join(
             f"U-Net {n}: {name} {calls or decoder.num_timesteps} steps" for n, (name, calls) in enumerate(chosen, 1)
@@ -489,57 +546,78 @@ def run(args) -> int:
             file=sys.stderr,
             flush=True,
         )
-    with torch.no_grad():
-        images = sample_items(
-            decoder,
-            inputs,
-            mine,
-            args=args,
-            samplers=samplers,
-            steps=steps,
-            cond_scale=cond_scale,
-            device=device,
-            show=main_process,
-        )
-    if accelerator.num_processes > 1:
-        gathered = gather_object([(mine, images)])
+    out_dir = Path(args.out)
+    record = {
+        "checkpoint": loaded.source,
+        "step": loaded.step,
+        "weights": loaded.weights,
+        "unets": list(range(1, stop + 1)),
+        "sampler": [name for name, _ in chosen],
+        "steps": [calls or decoder.num_timesteps for _, calls in chosen],
+        "cond_scale": cond_scale[:stop],
+    }
+    writer = OutputWriter(out_dir, inputs, total=len(items), seeds=seeds, record=record) if main_process else None
+    check = stop_request.checker(accelerator, "sampling")
+    try:
+        with torch.no_grad():
+            for start in tqdm(range(0, share, args.batch_size), desc="sampling", disable=not main_process):
+                images = sample_items(
+                    decoder,
+                    inputs,
+                    padded[start : start + args.batch_size],
+                    args=args,
+                    samplers=samplers,
+                    steps=steps,
+                    cond_scale=cond_scale,
+                    device=device,
+                    show=main_process,
+                    on_unet_call=check,
+                )
+                real = max(0, min(args.batch_size, len(mine) - start))
+                part = (mine[start : start + real], images[:real])
+                gathered = gather_object([part]) if accelerator.num_processes > 1 else [part]
+                if writer is not None:
+                    for part_items, part_images in gathered:
+                        writer.add(part_items, part_images)
+    except StopRequested as stopped:
+        if writer is not None:
+            writer.stopped(stopped.signal_name)
+            print(
+                f"stopped by {stopped.signal_name} during sampling: {len(writer.entries)} of {len(items)} images "
+                f"written to {out_dir} (each complete; samples.json lists them), no grid.png",
+                file=sys.stderr,
+                flush=True,
+            )
+        status = exit_status_after_stop()
     else:
-        gathered = [(mine, images)]
-    if main_process:
-        import numpy as np
-
-        by_item = {item: pixels for part, part_images in gathered for item, pixels in zip(part, part_images)}
-        ordered = np.stack([by_item[item] for item in items])
-        record = {
-            "checkpoint": loaded.source,
-            "step": loaded.step,
-            "weights": loaded.weights,
-            "unets": list(range(1, stop + 1)),
-            "sampler": [name for name, _ in chosen],
-            "steps": [calls or decoder.num_timesteps for _, calls in chosen],
-            "cond_scale": cond_scale[:stop],
-        }
-        out_dir = Path(args.out)
-        write_outputs(out_dir, inputs, items, ordered, seeds=seeds, record=record)
-        shares = [len(part) for part, _ in gathered]
-        print(
-            f"wrote {len(items)} images, grid.png and samples.json to {out_dir} (images per process: {shares})",
-            file=sys.stderr,
-            flush=True,
-        )
+        if writer is not None:
+            writer.finish(items)
+            shares = [len(items[rank :: accelerator.num_processes]) for rank in range(accelerator.num_processes)]
+            print(
+                f"wrote {len(items)} images, grid.png and samples.json to {out_dir} (images per process: {shares})",
+                file=sys.stderr,
+                flush=True,
+            )
+        status = EXIT_OK
     if accelerator.num_processes > 1:
         accelerator.wait_for_everyone()
         accelerator.end_training()
-    return EXIT_OK
+    return status
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """The command; problems are reported as one line with an exit status by kind (see `failures`)."""
     from .failures import guarded
+    from .stopping import StopRequest
 
     args = build_parser().parse_args(argv)
     speaks = os.environ.get("RANK", "0") == "0"
-    return guarded(lambda: run(args), debug=args.debug, speaks=speaks)
+    # First: a stop signal from now on ends the command in order (within one U-Net call), never mid-file.
+    stop_request = StopRequest().install()
+    try:
+        return guarded(lambda: run(args, stop_request), debug=args.debug, speaks=speaks)
+    finally:
+        stop_request.uninstall()
 
 
 if __name__ == "__main__":
