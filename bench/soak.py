@@ -3,13 +3,18 @@
     python bench/soak.py --kills 50            # writes under a temporary folder, prints the figures
 
 Each round starts `train_decoder.py` on a tiny decoder (saves every few steps, locally and to the
-loopback hub server of tests/tracking_servers.py, with `auto_resume`), waits a random time, and
-sends SIGKILL, SIGTERM or SIGUSR1 (so kills fall during training, saving and uploading). After
-each round it checks:
+loopback hub server of tests/tracking_servers.py, with `auto_resume`; validation, an FID evaluation
+and sample grids every epoch) in a process group of its own, waits a random time, and sends SIGKILL,
+SIGTERM, SIGINT or SIGUSR1, to the main process or to its whole group (dataloader workers included,
+as SLURM, `timeout` and Ctrl-C send them), so signals fall in every phase: training, validation,
+evaluation, sample grids, saving and uploading. After each round it checks:
 
+- a clean stop (every signal but SIGKILL) exits with the "stopped" status and says in one line
+  which phase it left, with no traceback; the figures count the phases the stops fell in;
 - the latest checkpoint (`latest.pth`) always loads;
-- after a clean stop (SIGTERM / SIGUSR1: the run saves and finishes as interrupted) no staging
-  copy or pending upload remains; after a SIGKILL, the next start removes them (checked then);
+- after a clean stop no staging copy or pending upload remains; after a SIGKILL, the next start
+  removes them (checked then);
+- no process of the run's group outlives it;
 - nothing outside the run's folders changed (the data folder and the config are hashed).
 
 At the end the run is left to finish, and its final weights are compared with an uninterrupted
@@ -24,6 +29,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -46,7 +52,7 @@ def tree_digest(folder: Path) -> Dict[str, str]:
     }
 
 
-def make_config(data: Path, run: Path, hub_url: str, token_file: Path) -> dict:
+def make_config(data: Path, run: Path, hub_url: str, token_file: Path, networks: Dict[str, str]) -> dict:
     return {
         "seed": 1,
         "decoder": {
@@ -85,6 +91,7 @@ def make_config(data: Path, run: Path, hub_url: str, token_file: Path) -> dict:
             "save_every_n_samples": 16,
             "n_sample_images": 2,
         },
+        "evaluate": {"n_evaluation_samples": 8, "FID": {"feature": networks["features"], "normalize": True}},
         "tracker": {
             "data_path": str(run),
             "log": {"log_type": "console", "auto_resume": True},
@@ -103,6 +110,7 @@ def make_config(data: Path, run: Path, hub_url: str, token_file: Path) -> dict:
 
 
 def start(config_file: Path, log: Path) -> subprocess.Popen:
+    """The training command in a process group of its own (its dataloader workers join it)."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
     handle = open(log, "wb")
     return subprocess.Popen(
@@ -111,7 +119,12 @@ def start(config_file: Path, log: Path) -> subprocess.Popen:
         stderr=subprocess.STDOUT,
         env=env,
         cwd=config_file.parent,
+        start_new_session=True,
     )
+
+
+STOP_LINE = re.compile(rb"stopped by (SIG\w+) during ([a-z ]+?)(?: of epoch \d+)? \(")
+"""The one line of a clean stop: the signal and the phase it cut short."""
 
 
 def leftover_processes(config_file: Path, exclude: int) -> list:
@@ -125,6 +138,14 @@ def leftover_processes(config_file: Path, exclude: int) -> list:
             except OSError:
                 pass
     return found
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def finished(run: Path) -> bool:
@@ -151,7 +172,9 @@ def main() -> int:
     )
     parser.add_argument("--keep", help="work in this folder (kept) instead of a temporary one")
     args = parser.parse_args()
+    from dalle2_decoder.failures import EXIT_STOPPED
     from dalle2_decoder.tracking import read_file
+    from tests.evaluation_fixtures import write_networks
     from tests.tracking_servers import HubServer
 
     chooser = random.Random(args.seed)
@@ -181,8 +204,11 @@ def main() -> int:
         )
     token_file = work / "hub_token"
     token_file.write_text(TOKEN)
+    networks = write_networks(work / "networks")
     figures = {
-        "kills": {"SIGKILL": 0, "SIGTERM": 0, "SIGUSR1": 0},
+        "kills": {"SIGKILL": 0, "SIGTERM": 0, "SIGINT": 0, "SIGUSR1": 0},
+        "to_group": 0,
+        "stopped_in_phase": {},
         "finished_early": 0,
         "latest_loads": 0,
         "no_latest_yet": 0,
@@ -197,8 +223,8 @@ def main() -> int:
     with HubServer(work / "hub", token=TOKEN) as hub:
         run, baseline_run = work / "run", work / "baseline"
         config_file, baseline_file = work / "soak.json", work / "baseline.json"
-        config_file.write_text(json.dumps(make_config(data, run, hub.url, token_file), indent=2))
-        baseline_file.write_text(json.dumps(make_config(data, baseline_run, hub.url, token_file), indent=2))
+        config_file.write_text(json.dumps(make_config(data, run, hub.url, token_file, networks), indent=2))
+        baseline_file.write_text(json.dumps(make_config(data, baseline_run, hub.url, token_file, networks), indent=2))
         outside_before = tree_digest(data), config_file.read_bytes()
 
         rounds = 0
@@ -230,8 +256,13 @@ def main() -> int:
             if process.poll() is not None:
                 figures["failures"].append(f"round {rounds}: exit {process.returncode} before the signal, see {log}")
                 break
-            name = chooser.choice(["SIGKILL", "SIGTERM", "SIGUSR1"])
-            process.send_signal(getattr(signal, name))
+            name = chooser.choice(["SIGKILL", "SIGTERM", "SIGINT", "SIGUSR1"])
+            to_group = chooser.random() < 0.5
+            if to_group:
+                os.killpg(process.pid, getattr(signal, name))
+                figures["to_group"] += 1
+            else:
+                process.send_signal(getattr(signal, name))
             try:
                 code = process.wait(timeout=300)
             except subprocess.TimeoutExpired:
@@ -239,8 +270,15 @@ def main() -> int:
                 figures["failures"].append(f"round {rounds}: {name} did not stop the run in 300 s")
                 break
             figures["kills"][name] += 1
-            if name != "SIGKILL" and code != 0:
-                figures["failures"].append(f"round {rounds}: {name} gave exit status {code}")
+            output = log.read_bytes()
+            if name != "SIGKILL":
+                said = STOP_LINE.findall(output)
+                phase = said[0][1].decode() if len(said) == 1 else "?"
+                figures["stopped_in_phase"][phase] = figures["stopped_in_phase"].get(phase, 0) + 1
+                if code != EXIT_STOPPED:
+                    figures["failures"].append(f"round {rounds}: {name} gave exit status {code}, see {log}")
+                if len(said) != 1 or b"Traceback" in output:
+                    figures["failures"].append(f"round {rounds}: {name} did not stop in one clean line, see {log}")
             if left_before and any(path.exists() for path in left_before):
                 figures["strays_left_after_restart"] += 1
             if (run / "latest.pth").exists():
@@ -256,17 +294,23 @@ def main() -> int:
             # dataloader workers of a killed process check their parent every 5 s: give them 10
             grace_until = time.time() + 10.0
             orphans = leftover_processes(config_file, exclude=process.pid)
-            while orphans and time.time() < grace_until:
+            while (orphans or group_alive(process.pid)) and time.time() < grace_until:
                 time.sleep(0.5)
                 orphans = leftover_processes(config_file, exclude=process.pid)
+            if group_alive(process.pid) and not orphans:
+                orphans = [f"group {process.pid}"]
             if orphans:
                 figures["leftover_processes"] += 1
                 figures["failures"].append(f"round {rounds}: processes left running after {name}: {orphans}")
                 for pid in orphans:
-                    os.kill(pid, signal.SIGKILL)
+                    if isinstance(pid, int):
+                        os.kill(pid, signal.SIGKILL)
+                if group_alive(process.pid):
+                    os.killpg(process.pid, signal.SIGKILL)
             if (tree_digest(data), config_file.read_bytes()) != outside_before:
                 figures["outside_changed"] += 1
-            print(f"round {rounds}: {name} after {wait:.1f}s, exit {code}", flush=True)
+            where = "group" if to_group else "process"
+            print(f"round {rounds}: {name} to the {where} after {wait:.1f}s, exit {code}", flush=True)
 
         # let the interrupted run finish, then compare with an uninterrupted one
         final = None if finished(run) else start(config_file, work / "logs" / "final.log")

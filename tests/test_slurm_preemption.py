@@ -61,7 +61,7 @@ def test_preempted_job_saves_requeues_resumes_and_ends_with_the_weights_of_an_un
     wait_for(requeued, 300, "the job to be requeued")
     first_run = job.output
     assert "SIGUSR1: asking the training processes to save and stop" in first_run
-    assert "SIGUSR1: saving a checkpoint and exiting" in first_run
+    assert "stopped by SIGUSR1 during training of epoch 1" in first_run and "checkpoint saved" in first_run
     assert f"saved after SIGUSR1: requeueing job {job.job_id}" in first_run
     wait_for(
         lambda: job_info(cluster, job.job_id).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"),

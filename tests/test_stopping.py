@@ -1,0 +1,187 @@
+"""The stop machinery piece by piece, in this process with real signals (the end-to-end runs are in
+tests/test_stop_signals.py): the request, repeats and a second Ctrl-C, torch's worker-death handler
+set aside during a stop, loaders that fail during a stop, workers that ignore the stop signals, the
+exit status under a launcher, and sample grids that do not depend on how examples are shared."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from dalle2_decoder.common.signals import STOP_SIGNALS, leave_stop_signals_to_parent, stop_signals_blocked
+from dalle2_decoder.failures import EXIT_OK, EXIT_STOPPED
+from dalle2_decoder.stopping import SECOND_INTERRUPT_AFTER_S, StopRequest, StopRequested, exit_status_after_stop
+
+
+@pytest.fixture
+def stop():
+    request = StopRequest().install()
+    yield request
+    request.uninstall()
+
+
+def deliver(signum: int) -> None:
+    """Send `signum` to this process and give Python the moment it needs to run the handler."""
+    os.kill(os.getpid(), signum)
+    time.sleep(0.01)
+
+
+@pytest.mark.parametrize("signum", STOP_SIGNALS, ids=lambda s: signal.Signals(s).name)
+def test_each_stop_signal_becomes_a_request_the_check_raises(stop, signum):
+    stop.check(None, "training")  # nothing asked yet
+    deliver(signum)
+    assert stop.requested and stop.signal_name == signal.Signals(signum).name
+    with pytest.raises(StopRequested) as raised:
+        stop.check(None, "validation")
+    assert raised.value.phase == "validation" and str(raised.value).startswith(f"stopped by {stop.signal_name}")
+
+
+def test_repeats_change_nothing_and_only_a_late_second_ctrl_c_interrupts(stop):
+    deliver(signal.SIGTERM)
+    deliver(signal.SIGTERM)  # a launcher passing the group's signal on
+    deliver(signal.SIGINT)  # a second signal of another kind, at once
+    assert stop.signal_name == "SIGTERM"
+    stop.requested_at -= SECOND_INTERRUPT_AFTER_S  # as if the first had come that long ago
+    with pytest.raises(KeyboardInterrupt):
+        deliver(signal.SIGINT)
+
+
+def test_uninstall_restores_the_handlers(stop):
+    assert signal.getsignal(signal.SIGTERM) == stop._handle
+    stop.uninstall()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    stop.install()  # for the fixture's own uninstall
+
+
+def test_torchs_worker_death_handler_is_set_aside_during_a_stop_and_restored(stop):
+    raised = []
+
+    def worker_death_handler(signum, frame):  # stands for torch's, which raises "worker killed"
+        raised.append(signum)
+
+    previous = signal.signal(signal.SIGCHLD, worker_death_handler)
+    try:
+        deliver(signal.SIGCHLD)
+        assert raised == [signal.SIGCHLD]
+        deliver(signal.SIGUSR1)
+        assert signal.getsignal(signal.SIGCHLD) is signal.SIG_DFL  # a worker dying now is part of the stop
+        deliver(signal.SIGCHLD)
+        assert raised == [signal.SIGCHLD]
+        stop.uninstall()
+        assert signal.getsignal(signal.SIGCHLD) is worker_death_handler
+        stop.install()
+    finally:
+        signal.signal(signal.SIGCHLD, previous)
+
+
+def failing_loader(fail_at: int):
+    for index in range(10):
+        if index == fail_at:
+            raise RuntimeError("DataLoader worker (pid 1) is killed by signal: Terminated.")
+        yield index
+
+
+def test_a_loader_that_fails_during_a_stop_is_the_stop_and_otherwise_an_error(stop):
+    with pytest.raises(RuntimeError, match="killed by signal"):
+        list(stop.batches(failing_loader(2), None, "training"))
+    seen = []
+    with pytest.raises(StopRequested) as raised:
+        for batch in stop.batches(failing_loader(2), None, "training"):
+            seen.append(batch)
+            if batch == 1:
+                stop.signal_name = "SIGTERM"  # the stop arrives while batch 1 is used
+    assert seen == [0, 1] and isinstance(raised.value.__cause__, RuntimeError)
+
+
+def test_batches_checks_before_each_batch_and_closes_the_loader(stop):
+    closed = []
+
+    def loader():
+        try:
+            yield from range(5)
+        finally:
+            closed.append(True)
+
+    marks, used = [], []
+    with pytest.raises(StopRequested):
+        for batch in stop.batches(loader(), None, "training", before_fetch=lambda: marks.append(len(used))):
+            used.append(batch)
+            if batch == 2:
+                deliver(signal.SIGUSR1)
+    assert used == [0, 1, 2] and marks == [0, 1, 2, 3] and closed == [True]
+
+
+def test_the_stopped_status_is_0_only_under_an_elastic_launcher(monkeypatch):
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    assert exit_status_after_stop() == EXIT_STOPPED
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    assert exit_status_after_stop() == EXIT_OK
+
+
+def test_children_forked_with_the_signals_blocked_ignore_them_and_the_parent_keeps_them(stop):
+    """A child started inside `stop_signals_blocked` that runs `leave_stop_signals_to_parent` survives
+    a SIGTERM sent to it, also one sent before it got to ignore it; the parent's arrive after the block."""
+    read_end, write_end = os.pipe()
+    with stop_signals_blocked():
+        pid = os.fork()
+        if pid == 0:  # the child: a signal now waits, blocked, and is dropped once ignored
+            os.close(read_end)
+            os.kill(os.getpid(), signal.SIGTERM)
+            leave_stop_signals_to_parent()
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.write(write_end, b"alive")
+            os._exit(0)
+        os.kill(os.getpid(), signal.SIGUSR1)  # held back while blocked
+        assert not stop.requested
+    time.sleep(0.01)
+    assert stop.signal_name == "SIGUSR1"
+    os.close(write_end)
+    _, status = os.waitpid(pid, 0)
+    assert os.read(read_end, 16) == b"alive" and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    os.close(read_end)
+
+
+@pytest.mark.slow
+def test_dataloader_workers_survive_a_stop_signal_sent_to_them(tmp_path):
+    from dalle2_decoder.config import TrainDecoderConfig
+    from dalle2_decoder.data import create_dataloaders
+
+    from .training_fixtures import tiny_config, write_tiny_demo
+
+    config = TrainDecoderConfig.from_dict(tiny_config(write_tiny_demo(tmp_path / "demo"), tmp_path / "run"))
+    loader = create_dataloaders(config.data, seed=0, epoch_samples=24, validation_samples=8)["train"]
+    loader.set_epoch(0)
+    before = set(children())
+    batches = iter(loader)
+    first = next(batches)
+    workers = set(children()) - before
+    assert len(workers) == 1
+    for pid in workers:  # ignored, and not merely blocked (a blocked signal would fire once unblocked)
+        masks = dict(line.split(":\t") for line in open(f"/proc/{pid}/status").read().splitlines() if ":\t" in line)
+        bits = sum(1 << (signum - 1) for signum in STOP_SIGNALS)
+        assert int(masks["SigIgn"], 16) & bits == bits and int(masks["SigBlk"], 16) & bits == 0, masks
+    for pid in workers:  # sent by another process, as a shell or scheduler does (torch's worker
+        for signum in STOP_SIGNALS:  # quits quietly when its own parent sends SIGTERM)
+            subprocess.run(["kill", f"-{signal.Signals(signum).name[3:]}", str(pid)], check=True)
+    rest = list(batches)  # the worker is still there and delivers the epoch
+    assert 1 + len(rest) == len(loader) and torch.is_tensor(first["image"])
+
+
+def children():
+    """Live child processes of this one (from /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    fields = handle.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == os.getpid() and fields[0] != "Z":
+                found.append(int(entry))
+    return found
