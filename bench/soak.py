@@ -36,7 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -109,16 +109,27 @@ def make_config(data: Path, run: Path, hub_url: str, token_file: Path, networks:
     }
 
 
-def start(config_file: Path, log: Path) -> subprocess.Popen:
-    """The training command in a process group of its own (its dataloader workers join it)."""
+PHASES = ("training", "validation", "evaluation", "sample grids")
+
+
+def start(config_file: Path, log: Path, stop: Optional[Dict[str, str]] = None) -> subprocess.Popen:
+    """The training command in a process group of its own (its dataloader workers join it).
+
+    `stop`: run it through tests/stop_driver.py, which sends a stop signal in the middle of a
+    chosen phase (its STOP_* settings); otherwise the plain command, for SIGKILLs at random times.
+    """
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    command = [sys.executable, str(REPO / "train_decoder.py"), "--config_file", str(config_file)]
+    if stop is not None:
+        env.update(stop)
+        command = [sys.executable, "-m", "tests.stop_driver", "train", "--config_file", str(config_file)]
     handle = open(log, "wb")
     return subprocess.Popen(
-        [sys.executable, str(REPO / "train_decoder.py"), "--config_file", str(config_file)],
+        command,
         stdout=handle,
         stderr=subprocess.STDOUT,
         env=env,
-        cwd=config_file.parent,
+        cwd=REPO if stop is not None else config_file.parent,
         start_new_session=True,
     )
 
@@ -208,6 +219,7 @@ def main() -> int:
     figures = {
         "kills": {"SIGKILL": 0, "SIGTERM": 0, "SIGINT": 0, "SIGUSR1": 0},
         "to_group": 0,
+        "aimed_at_phase": {},
         "stopped_in_phase": {},
         "finished_early": 0,
         "latest_loads": 0,
@@ -237,37 +249,50 @@ def main() -> int:
             left_before = strays(run)
             log = work / "logs" / f"round_{rounds:03d}.log"
             log.parent.mkdir(exist_ok=True)
-            process = start(config_file, log)
-            # the signal handlers are installed before the start-up summary is printed: from then on
-            # a signal must lead to a clean stop (earlier, the default action ends the process)
-            ready_by = time.time() + 600
-            while (
-                process.poll() is None and time.time() < ready_by and b"dalle2-decoder training" not in log.read_bytes()
-            ):
-                time.sleep(0.1)
-            wait = chooser.uniform(0.5, args.max_wait)
-            deadline = time.time() + wait
-            while time.time() < deadline and process.poll() is None:
-                time.sleep(0.05)
-            if process.poll() is not None and process.returncode == 0:  # ended before the signal: start over
+            name = chooser.choice(["SIGKILL", "SIGTERM", "SIGINT", "SIGUSR1"])
+            to_group = chooser.random() < 0.5
+            wait = 0.0
+            if name == "SIGKILL":  # at a random moment: during a step, a save, an upload ...
+                process = start(config_file, log)
+                ready_by = time.time() + 600
+                while (
+                    process.poll() is None
+                    and time.time() < ready_by
+                    and b"dalle2-decoder training" not in log.read_bytes()
+                ):
+                    time.sleep(0.1)
+                wait = chooser.uniform(0.5, args.max_wait)
+                deadline = time.time() + wait
+                while time.time() < deadline and process.poll() is None:
+                    time.sleep(0.05)
+                if process.poll() is None:
+                    if to_group:
+                        os.killpg(process.pid, signal.SIGKILL)
+                    else:
+                        process.kill()
+            else:  # in the middle of a chosen phase's work, sent by the driver to the process or its group
+                phase = chooser.choice(PHASES)
+                stop = {
+                    "STOP_SIGNAL": name[3:],
+                    "STOP_PHASE": phase,
+                    "STOP_AFTER": str(chooser.randint(1, 3)),
+                    "STOP_TARGET": "group" if to_group else "self",
+                }
+                process = start(config_file, log, stop)
+                figures["aimed_at_phase"][phase] = figures["aimed_at_phase"].get(phase, 0) + 1
+            figures["to_group"] += to_group
+            try:
+                code = process.wait(timeout=900)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                figures["failures"].append(f"round {rounds}: {name} did not stop the run in 900 s")
+                break
+            if code == 0:  # the run ended before the signal (or the phase aimed at) came: start over
                 figures["finished_early"] += 1
                 subprocess.run(["rm", "-rf", str(run)], check=True)
                 continue
-            if process.poll() is not None:
-                figures["failures"].append(f"round {rounds}: exit {process.returncode} before the signal, see {log}")
-                break
-            name = chooser.choice(["SIGKILL", "SIGTERM", "SIGINT", "SIGUSR1"])
-            to_group = chooser.random() < 0.5
-            if to_group:
-                os.killpg(process.pid, getattr(signal, name))
-                figures["to_group"] += 1
-            else:
-                process.send_signal(getattr(signal, name))
-            try:
-                code = process.wait(timeout=300)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                figures["failures"].append(f"round {rounds}: {name} did not stop the run in 300 s")
+            if name == "SIGKILL" and code != -signal.SIGKILL:
+                figures["failures"].append(f"round {rounds}: exit {code} before the SIGKILL, see {log}")
                 break
             figures["kills"][name] += 1
             output = log.read_bytes()

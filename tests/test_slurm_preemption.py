@@ -9,10 +9,14 @@ exit cleanly; the script requeues the job; the requeued job auto-resumes from th
 
 from __future__ import annotations
 
+import re
 import subprocess
+import time
 
 import pytest
 import torch
+
+from dalle2_decoder.tracking import read_file
 
 from .slurm_jobs import final_weights, job_config, job_info, slurm_cluster, submit, wait_for  # noqa: F401 (fixture)
 from .training_fixtures import write_tiny_demo
@@ -28,18 +32,32 @@ def demo_data(tmp_path_factory):
     return write_tiny_demo(tmp_path_factory.mktemp("demo"))
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(slurm_cluster, demo_data, tmp_path_factory):
+    """The final weights of the job run to its end without a signal."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    job = submit(slurm_cluster, job_config(demo_data, folder / "run", folder, **TRAIN), folder)
+    assert job.returncode == 0, job.output
+    return final_weights(folder / "run")
+
+
+def assert_same_weights(expected, got) -> None:
+    assert expected.keys() == got.keys()
+    worst = max((got[name].double() - expected[name].double()).abs().max().item() for name in expected)
+    assert worst < 1e-6, f"max difference {worst}"
+    assert any(not torch.equal(value, torch.zeros_like(value)) for value in got.values())
+
+
 def test_preempted_job_saves_requeues_resumes_and_ends_with_the_weights_of_an_uninterrupted_job(
-    slurm_cluster, demo_data, tmp_path
+    slurm_cluster, demo_data, uninterrupted, tmp_path
 ):
     cluster = slurm_cluster
-    uninterrupted = tmp_path / "uninterrupted"
-    job = submit(cluster, job_config(demo_data, uninterrupted, tmp_path, **TRAIN), tmp_path)
-    assert job.returncode == 0, job.output
 
     interrupted = tmp_path / "interrupted"
     job = submit(cluster, job_config(demo_data, interrupted, tmp_path, **TRAIN), tmp_path, wait=False)
     # The training processes have installed their handlers once the main one prints its summary.
-    wait_for(lambda: "dalle2-decoder training" in job.output, 300, "the job to start training")
+    # A step trained (the progress bar past 0%): a stop before the first step has nothing to save.
+    wait_for(lambda: re.search(r"epoch 1 train:\s+[1-9]\d*%", job.output), 300, "the job to train a step")
     signalled = subprocess.run(
         ["scancel", "--signal=USR1", "--batch", job.job_id],
         env=cluster.env(),
@@ -80,8 +98,48 @@ def test_preempted_job_saves_requeues_resumes_and_ends_with_the_weights_of_an_un
     assert 0 < samples_at_stop < 48, resumed[0]  # stopped inside the first epoch, not at its end
     assert "parameters identical across 2 processes" in output and output.count("training finished") == 1
 
-    expected, got = final_weights(uninterrupted), final_weights(interrupted)
-    assert expected.keys() == got.keys()
-    worst = max((got[name].double() - expected[name].double()).abs().max().item() for name in expected)
-    assert worst < 1e-6, f"max difference {worst}"
-    assert any(not torch.equal(value, torch.zeros_like(value)) for value in got.values())
+    assert_same_weights(uninterrupted, final_weights(interrupted))
+
+
+def test_sigterm_to_every_process_of_a_job_saves_and_the_job_submitted_again_ends_as_if_never_stopped(
+    slurm_cluster, demo_data, uninterrupted, tmp_path
+):
+    """SLURM's stop at a time limit or `scancel`: SIGTERM to every process of the job (batch shell,
+    launchers, training processes and their dataloader workers) at once, SIGKILL KillWait (20 s
+    here) later. The training processes save and stop in time; the script waits for them."""
+    cluster = slurm_cluster
+    stopped = tmp_path / "stopped"
+    config = job_config(demo_data, stopped, tmp_path, **TRAIN)
+    job = submit(cluster, config, tmp_path, wait=False)
+    wait_for(lambda: "dalle2-decoder training" in job.output, 300, "the job to start training")
+    time.sleep(5)  # a few steps in, most likely (any phase will do: each is stopped the same way)
+    signalled = subprocess.run(
+        ["scancel", "--signal=TERM", "--full", job.job_id],
+        env=cluster.env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert signalled.returncode == 0, signalled.stderr
+    wait_for(
+        lambda: job_info(cluster, job.job_id).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"),
+        300,
+        "the job to end",
+    )
+    output = job.output
+    assert "SIGTERM: the training processes save and stop" in output  # the batch shell kept waiting
+    said = re.findall(
+        r"stopped by SIGTERM during [a-z ]+ of epoch \d+ \((\d+) samples seen\): (checkpoint saved|nothing new)", output
+    )
+    assert len(said) == 1, output
+    samples = int(said[0][0])
+    # The only tracebacks are the launchers' own report of the signal they got (torchrun's, one per node).
+    assert "internal error" not in output
+    assert output.count("Traceback") == output.count("SignalException: Process"), output
+    if said[0][1] == "checkpoint saved":
+        assert read_file(stopped / "latest.pth").state["progress"]["samples_seen"] == samples
+
+    again = submit(cluster, config, tmp_path)
+    assert again.returncode == 0, again.output
+    assert samples == 0 or f"{samples} samples seen" in again.output, again.output
+    assert_same_weights(uninterrupted, final_weights(stopped))

@@ -55,7 +55,9 @@ class Stop(NamedTuple):
     saved_phase: str = ""  # the phase the checkpoint records (the training loop's Phase values)
 
 
-# Each signal, to the group and to one process, in each phase, on each process count.
+# On each process count: every phase, every signal in the phases after training, to the group and to
+# one process (a Latin square over the two counts: after the handler, which
+# tests/test_stopping.py checks for each signal, the signals take one path).
 ONE_PROCESS = [
     Stop("training", "TERM", "group", after=3, saved_phase="train"),
     Stop("training", "INT", "group", after=5, saved_phase="train"),  # 2 of the checks re-read the first batches
@@ -66,9 +68,9 @@ ONE_PROCESS = [
 TWO_PROCESSES = [
     Stop("training", "INT", "group", after=3, saved_phase="train"),
     Stop("training", "TERM", "group", after=5, saved_phase="train"),
-    Stop("validation", "USR1", "self", rank=1, saved_phase="validate"),  # one rank only: both stop
-    Stop("evaluation", "INT", "group", saved_phase="evaluate"),
-    Stop("sample grids", "TERM", "group", after=3, saved_phase="sample"),
+    Stop("validation", "TERM", "self", rank=1, saved_phase="validate"),  # one rank only: both stop
+    Stop("evaluation", "USR1", "group", saved_phase="evaluate"),
+    Stop("sample grids", "INT", "group", after=3, saved_phase="sample"),
 ]
 
 

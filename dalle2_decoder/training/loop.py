@@ -270,9 +270,10 @@ class TrainingRun:
     def _enter(self, phase: Phase) -> None:
         """Move the progress to `phase`, marking the random state a stop during it must save."""
         self.progress.phase = phase
-        self._rng_mark = capture_rng_state()
+        self._mark_rng()
 
     def _mark_rng(self) -> None:
+        """Remember this rank's random state as that of the point the progress describes now."""
         self._rng_mark = capture_rng_state()
 
     def _stopped(self, stop: StopRequested) -> int:
