@@ -23,8 +23,8 @@ from .training_fixtures import write_tiny_demo
 
 pytestmark = pytest.mark.slow
 
-TRAIN = dict(epochs=2, epoch_samples=48, save_every_n_samples=10_000)
-"""6 steps an epoch on each of the 2 ranks: the signal lands inside the first epoch."""
+TRAIN = dict(epochs=2, epoch_samples=192, save_every_n_samples=10_000)
+"""24 steps an epoch on each of the 2 ranks: a signal sent once a step is done lands inside the first epoch."""
 
 
 @pytest.fixture(scope="module")
@@ -95,18 +95,18 @@ def test_preempted_job_saves_requeues_resumes_and_ends_with_the_weights_of_an_un
     resumed = [line for line in output.splitlines() if line.startswith("resumed from auto-resume")]
     assert len(resumed) == 1 and f"{interrupted / 'latest.pth'}: epoch 1," in resumed[0], output
     samples_at_stop = int(resumed[0].split(", ")[1].split()[0])
-    assert 0 < samples_at_stop < 48, resumed[0]  # stopped inside the first epoch, not at its end
+    assert 0 < samples_at_stop < 192, resumed[0]  # stopped inside the first epoch, not at its end
     assert "parameters identical across 2 processes" in output and output.count("training finished") == 1
 
     assert_same_weights(uninterrupted, final_weights(interrupted))
 
 
-def test_sigterm_to_every_process_of_a_job_saves_and_the_job_submitted_again_ends_as_if_never_stopped(
+def test_sigterm_to_every_process_of_the_training_step_saves_and_the_job_submitted_again_ends_as_if_never_stopped(
     slurm_cluster, demo_data, uninterrupted, tmp_path
 ):
-    """SLURM's stop at a time limit or `scancel`: SIGTERM to every process of the job (batch shell,
-    launchers, training processes and their dataloader workers) at once, SIGKILL KillWait (20 s
-    here) later. The training processes save and stop in time; the script waits for them."""
+    """`scancel --signal=TERM`: SIGTERM to every process of the job's steps at once (the launchers,
+    the training processes, their dataloader workers). The training processes save and stop; the
+    launchers report the signal they got (torchrun's own traceback) and end the step."""
     cluster = slurm_cluster
     stopped = tmp_path / "stopped"
     config = job_config(demo_data, stopped, tmp_path, **TRAIN)
@@ -114,7 +114,7 @@ def test_sigterm_to_every_process_of_a_job_saves_and_the_job_submitted_again_end
     wait_for(lambda: "dalle2-decoder training" in job.output, 300, "the job to start training")
     time.sleep(5)  # a few steps in, most likely (any phase will do: each is stopped the same way)
     signalled = subprocess.run(
-        ["scancel", "--signal=TERM", "--full", job.job_id],
+        ["scancel", "--signal=TERM", job.job_id],
         env=cluster.env(),
         capture_output=True,
         text=True,
@@ -127,7 +127,6 @@ def test_sigterm_to_every_process_of_a_job_saves_and_the_job_submitted_again_end
         "the job to end",
     )
     output = job.output
-    assert "SIGTERM: the training processes save and stop" in output  # the batch shell kept waiting
     said = re.findall(
         r"stopped by SIGTERM during [a-z ]+ of epoch \d+ \((\d+) samples seen\): (checkpoint saved|nothing new)", output
     )
