@@ -68,14 +68,17 @@ class Attention(nn.Module):
     """Multi-query self-attention over tokens (B, N, dim): `heads` query heads share one key/value head.
 
     Softmax scale: 16 with cosine_sim, else 1 / dim_head. (The reference scales q by dim_head^-0.5
-    twice; this is that function, kept so that its trained weights behave as trained.)
+    twice; this is that function, kept so that its trained weights behave as trained.) `sqrt_scale`:
+    dim_head^-0.5 instead, as DALLE2-pytorch before 1.4.3 (see `releases`).
     """
 
-    def __init__(self, dim: int, *, heads: int = 8, dim_head: int = 64, cosine_sim: bool = False):
+    def __init__(
+        self, dim: int, *, heads: int = 8, dim_head: int = 64, cosine_sim: bool = False, sqrt_scale: bool = False
+    ):
         super().__init__()
         self.heads = heads
         self.cosine_sim = cosine_sim
-        self.scale = COSINE_SIM_SCALE if cosine_sim else 1.0 / dim_head
+        self.scale = COSINE_SIM_SCALE if cosine_sim else (dim_head**-0.5 if sqrt_scale else 1.0 / dim_head)
         self.norm = _layer_norm(dim)
         self.null_kv = nn.Parameter(torch.randn(2, dim_head))
         self.to_q = nn.Linear(dim, heads * dim_head, bias=False)

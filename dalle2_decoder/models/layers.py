@@ -176,6 +176,16 @@ def Downsample(dim_in: int, dim_out: int) -> nn.Sequential:
     return nn.Sequential(nn.PixelUnshuffle(2), nn.Conv2d(dim_in * 4, dim_out, 1))
 
 
+def StridedConvDownsample(dim_in: int, dim_out: int) -> nn.Conv2d:
+    """Halve the resolution with a 4x4 stride-2 convolution (DALLE2-pytorch before 1.10)."""
+    return nn.Conv2d(dim_in, dim_out, 4, 2, 1)
+
+
+def ConvTransposeUpsample(dim_in: int, dim_out: int) -> nn.ConvTranspose2d:
+    """Double the resolution with a 4x4 stride-2 transposed convolution (DALLE2-pytorch before 0.21)."""
+    return nn.ConvTranspose2d(dim_in, dim_out, 4, 2, 1)
+
+
 def NearestUpsample(dim_in: int, dim_out: int) -> nn.Sequential:
     """Double the resolution with nearest-neighbour interpolation, then a 3x3 conv."""
     return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(dim_in, dim_out, 3, padding=1))

@@ -25,8 +25,17 @@ _DROPPED_DECODER_PREFIXES: Tuple[Tuple[str, str], ...] = (
     ("lowres_conds.", "the low-res conditioner has no weights"),
     ("lowres_cond.", "the low-res conditioner has no weights"),
 )
+# Module names of earlier releases that the same weights have now (old -> new). Before 1.14 the
+# ResnetBlock's cross-attention sat inside einops-exts' `EinopsToAndFrom` wrapper (`.fn`).
+_RENAMED = ((".cross_attn.fn.", ".cross_attn."),)
 # Buffers (non-persistent in spirit) that reference versions saved; recomputed here.
 _DROPPED_DECODER_NAMES = {"_dummy": "a device-tracking buffer of the reference"}
+
+
+def _renamed(name: str) -> str:
+    for old, new in _RENAMED:
+        name = name.replace(old, new)
+    return name
 
 
 def _strip_wrappers(name: str) -> str:
@@ -43,7 +52,7 @@ def unet_state_from_reference(state: Mapping[str, torch.Tensor]) -> Dict[str, to
     """Our `Unet` state dict from the reference's `Unet.state_dict()` (names are shared; wrapper prefixes removed)."""
     out: Dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
-        ours = _strip_wrappers(name)
+        ours = _renamed(_strip_wrappers(name))
         if ours in out:
             raise ValueError(f"reference U-Net state: {name!r} and another entry both map to {ours!r}")
         out[ours] = tensor
@@ -70,7 +79,7 @@ def decoder_state_from_reference_with_dropped(
         match = _UNET_KEY.match(bare)
         if match:
             index, rest = match.groups()
-            out[f"unets.{index}.{_strip_wrappers(rest)}"] = tensor
+            out[f"unets.{index}.{_renamed(_strip_wrappers(rest))}"] = tensor
             continue
         reason = _DROPPED_DECODER_NAMES.get(bare) or next(
             (why for prefix, why in _DROPPED_DECODER_PREFIXES if bare.startswith(prefix)), None

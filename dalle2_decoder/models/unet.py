@@ -23,14 +23,17 @@ from torch.utils.checkpoint import checkpoint
 from ._compat import warn_no_effect
 from .attention import Attention, LinearAttention, Residual, ToSequence
 from .layers import (
+    ConvTransposeUpsample,
     CrossEmbedLayer,
     Downsample,
     NearestUpsample,
     PixelShuffleUpsample,
     ResnetBlock,
     SinusoidalPosEmb,
+    StridedConvDownsample,
     UpsampleCombiner,
 )
+from .releases import describe, unet_differences
 
 
 def _per_level(value: Any, levels: int, name: str) -> list:
@@ -114,6 +117,10 @@ class Unet(nn.Module):
         cross_attn_dim_head: (ours) head width of that cross-attention; 64 in the reference.
         respect_attend_at_middle: (ours, off by default) make attend_at_middle=False remove the
             bottleneck self-attention, as its name promises; the reference ignores it.
+        reference_release: (ours, off by default) build the U-Net as that DALLE2-pytorch release did
+            (e.g. "1.1.0": its downsampling layout and self-attention scale), so that weights it
+            trained load and compute what they computed there; None is 1.15.6's U-Net. Set from the
+            version a reference file records when it is loaded; `models.releases` lists the differences.
     """
 
     def __init__(
@@ -161,6 +168,7 @@ class Unet(nn.Module):
         cross_attn_heads: int = 8,
         cross_attn_dim_head: int = 64,
         respect_attend_at_middle: bool = False,
+        reference_release: Optional[str] = None,
     ):
         super().__init__()
         # Kept so that the Decoder can rebuild this U-Net with the settings it imposes (with_settings).
@@ -169,6 +177,10 @@ class Unet(nn.Module):
         if not respect_attend_at_middle:
             warn_no_effect("Unet", "attend_at_middle", attend_at_middle, True)
 
+        release = unet_differences(reference_release)
+        self.reference_release = reference_release
+        self.release_differences = describe(reference_release)
+        self.final_lowres_input = lowres_cond and not release.no_final_lowres_input
         levels = len(dim_mults)
         if levels < 1:
             raise ValueError("Unet: dim_mults needs at least one level")
@@ -267,7 +279,15 @@ class Unet(nn.Module):
 
         def self_attention(d: int) -> nn.Module:
             return ToSequence(
-                Residual(Attention(d, heads=attn_heads, dim_head=attn_dim_head, cosine_sim=cosine_sim_self_attn))
+                Residual(
+                    Attention(
+                        d,
+                        heads=attn_heads,
+                        dim_head=attn_dim_head,
+                        cosine_sim=cosine_sim_self_attn,
+                        sqrt_scale=release.self_attn_sqrt_scale,
+                    )
+                )
             )
 
         def level_attention(d: int, level: int) -> nn.Module:
@@ -280,9 +300,11 @@ class Unet(nn.Module):
         def downsample(d_in: int, d_out: int) -> nn.Module:
             if cross_embed_downsample:
                 return CrossEmbedLayer(d_in, d_out, cross_embed_downsample_kernel_sizes, stride=2)
-            return Downsample(d_in, d_out)
+            return StridedConvDownsample(d_in, d_out) if release.strided_conv_downsample else Downsample(d_in, d_out)
 
         upsample = PixelShuffleUpsample if pixel_shuffle_upsample else NearestUpsample
+        if release.conv_transpose_upsample:
+            upsample = ConvTransposeUpsample
 
         self.init_resnet_block = resnet(init_dim, init_dim, groups_per_level[0]) if memory_efficient else None
 
@@ -341,7 +363,7 @@ class Unet(nn.Module):
         )
         self.final_resnet_block = resnet(self.upsample_combiner.dim_out + dim, dim, groups_per_level[0])
         self.to_out = nn.Conv2d(
-            dim + (channels if lowres_cond else 0),
+            dim + (channels if self.final_lowres_input else 0),
             self.channels_out,
             final_conv_kernel_size,
             padding=final_conv_kernel_size // 2,
@@ -551,7 +573,7 @@ class Unet(nn.Module):
 
         h = self.upsample_combiner(h, up_fmaps)
         h = run(self.final_resnet_block, torch.cat((h, first), dim=1), t)
-        if self.lowres_cond:
+        if self.final_lowres_input:
             h = torch.cat((h, lowres_cond_img), dim=1)
         return self.to_out(h)
 
