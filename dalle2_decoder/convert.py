@@ -16,21 +16,11 @@ Exit status: 0 written, 1 a problem with the input or the config (one line on st
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import warnings
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 EXIT_OK = 0
-
-
-def _without_unset(value: Any) -> Any:
-    """A DALLE2-pytorch config dump without its None entries (pydantic writes every unset option as None)."""
-    if isinstance(value, dict):
-        return {key: _without_unset(item) for key, item in value.items() if item is not None}
-    if isinstance(value, list):
-        return [_without_unset(item) for item in value]
-    return value
 
 
 def _config(loaded, config_file: Optional[str]):
@@ -45,9 +35,9 @@ def _config(loaded, config_file: Optional[str]):
             [f"{loaded.source} records no config; give the run's config with --config_file"],
             source="dalle2-convert-checkpoint",
         )
-    raw = json.loads(loaded.config_json)
-    if loaded.origin != "dalle2_decoder":
-        raw = _without_unset(raw)
+    from .tracking.reference import recorded_config
+
+    raw = recorded_config(loaded)  # a DALLE2-pytorch file's: its release's U-Nets
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConfigWarning)  # options of the reference's trainer we do not use
         return TrainDecoderConfig.from_dict(raw, source=f"the config recorded in {loaded.source}"), "the input file"
@@ -56,6 +46,7 @@ def _config(loaded, config_file: Optional[str]):
 def convert(source: str, output: str, *, config_file: Optional[str] = None, use_ema: bool = True) -> str:
     """Write `output` (safetensors) from `source`; returns a one-line summary. Raises CheckpointError / ConfigError."""
     from .tracking import CheckpointError, load_state_dict_checked, read_file, save_model
+    from .tracking.checkpoint import check_release
     from .training.state import checkpoint_weights
 
     if not output.endswith(".safetensors"):
@@ -75,6 +66,7 @@ def convert(source: str, output: str, *, config_file: Optional[str] = None, use_
             f"{source} has no weights for U-Net(s) {', '.join(map(str, absent))} (the run that wrote it froze them); "
             "a model save needs every U-Net: fine-tune from it with tracker.load instead"
         )
+    check_release(decoder, loaded)  # a config given for a file of an earlier release builds its U-Nets
     load_state_dict_checked(decoder, weights, source=source)  # every U-Net present, every name and shape right
     save_model(output, decoder.state_dict(), step=loaded.step, config_json=config.to_json(indent=None))
     notes = "".join(f"; {note}" for note in loaded.notes)

@@ -49,25 +49,38 @@ def _norm_eps(x: torch.Tensor) -> float:
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm over the last dimension with a gain and no bias."""
+    """LayerNorm over the last dimension with a gain and no bias.
+
+    `divide_by_max` (DALLE2-pytorch 0.16.5 to 0.23.2, see `releases`): the input is first divided
+    by its (detached) maximum, which changes the result through eps and flips it where that maximum
+    is negative.
+    """
+
+    divide_by_max = False
 
     def __init__(self, dim: int):
         super().__init__()
         self.g = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.divide_by_max:
+            x = x / x.amax(dim=-1, keepdim=True).detach()
         var, mean = torch.var_mean(x, dim=-1, unbiased=False, keepdim=True)
         return (x - mean) * (var + _norm_eps(x)).rsqrt() * self.g
 
 
 class ChanLayerNorm(nn.Module):
-    """LayerNorm over the channels of a (B, C, H, W) map, with a gain and no bias."""
+    """LayerNorm over the channels of a (B, C, H, W) map, with a gain and no bias (`divide_by_max`: as LayerNorm)."""
+
+    divide_by_max = False
 
     def __init__(self, dim: int):
         super().__init__()
         self.g = nn.Parameter(torch.ones(1, dim, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.divide_by_max:
+            x = x / x.amax(dim=1, keepdim=True).detach()
         var, mean = torch.var_mean(x, dim=1, unbiased=False, keepdim=True)
         return (x - mean) * (var + _norm_eps(x)).rsqrt() * self.g
 

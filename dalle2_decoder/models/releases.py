@@ -58,13 +58,29 @@ class Difference:
     until: Release
     """The first release that no longer has it."""
     what: str
+    since: Release = OLDEST
+    """The first release that has it."""
+
+    def applies(self, release: Release) -> bool:
+        return self.since <= release < self.until
 
 
 DIFFERENCES: Tuple[Difference, ...] = (
     Difference(
+        "layer_norm_divides_by_max",
+        (0, 23, 3),
+        "every LayerNorm first divides its input by the input's maximum (flipping the sign where it is negative)",
+        since=(0, 16, 5),
+    ),
+    Difference(
         "conv_transpose_upsample",
         (0, 21, 0),
         "up levels double the resolution with a 4x4 stride-2 transposed convolution (no pixel shuffle)",
+    ),
+    Difference(
+        "cubic_lowres_input",
+        (0, 23, 10),
+        "an upsampler's low-resolution input is resized with cubic interpolation at sampling (later: nearest)",
     ),
     Difference(
         "no_final_lowres_input",
@@ -88,7 +104,9 @@ DIFFERENCES: Tuple[Difference, ...] = (
 class UnetDifferences:
     """The differences of one release's U-Net from 1.15.6's (all false: 1.15.6's U-Net)."""
 
+    layer_norm_divides_by_max: bool = False
     conv_transpose_upsample: bool = False
+    cubic_lowres_input: bool = False
     no_final_lowres_input: bool = False
     self_attn_sqrt_scale: bool = False
     strided_conv_downsample: bool = False
@@ -102,7 +120,7 @@ def unet_differences(release: Optional[str]) -> UnetDifferences:
     if release is None:
         return UnetDifferences()
     parsed = check_supported(release)
-    return UnetDifferences(**{d.name: parsed < d.until for d in DIFFERENCES})
+    return UnetDifferences(**{d.name: d.applies(parsed) for d in DIFFERENCES})
 
 
 def describe(release: Optional[str]) -> Tuple[str, ...]:
@@ -110,4 +128,4 @@ def describe(release: Optional[str]) -> Tuple[str, ...]:
     if release is None:
         return ()
     parsed = check_supported(release)
-    return tuple(d.what for d in DIFFERENCES if parsed < d.until)
+    return tuple(d.what for d in DIFFERENCES if d.applies(parsed))

@@ -13,7 +13,7 @@ extensions of ours are options that are off by default (see the `Unet` docstring
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -23,16 +23,20 @@ from torch.utils.checkpoint import checkpoint
 from ._compat import warn_no_effect
 from .attention import Attention, LinearAttention, Residual, ToSequence
 from .layers import (
+    ChanLayerNorm,
     ConvTransposeUpsample,
     CrossEmbedLayer,
     Downsample,
+    LayerNorm,
     NearestUpsample,
     PixelShuffleUpsample,
     ResnetBlock,
     SinusoidalPosEmb,
     StridedConvDownsample,
     UpsampleCombiner,
+    resize_cubic,
 )
+from .lowres import resize_image
 from .releases import describe, unet_differences
 
 
@@ -181,6 +185,7 @@ class Unet(nn.Module):
         self.reference_release = reference_release
         self.release_differences = describe(reference_release)
         self.final_lowres_input = lowres_cond and not release.no_final_lowres_input
+        self.cubic_lowres_input = release.cubic_lowres_input
         levels = len(dim_mults)
         if levels < 1:
             raise ValueError("Unet: dim_mults needs at least one level")
@@ -371,6 +376,20 @@ class Unet(nn.Module):
         # Zero output at init: the first prediction is 0 (the mean of eps / v), which keeps early steps stable.
         nn.init.zeros_(self.to_out.weight)
         nn.init.zeros_(self.to_out.bias)
+        if release.layer_norm_divides_by_max:
+            for module in self.modules():
+                if isinstance(module, (LayerNorm, ChanLayerNorm)):
+                    module.divide_by_max = True
+
+    def lowres_input(
+        self, image: torch.Tensor, size: int, clamp_range: Optional[Tuple[float, float]] = None
+    ) -> torch.Tensor:
+        """The previous stage's images resized to this upsampler's input: nearest-neighbour, or cubic
+        for U-Nets of releases before 0.23.10 (`reference_release`); clamped to clamp_range."""
+        if not self.cubic_lowres_input or image.shape[-1] == size:
+            return resize_image(image, size, clamp_range)
+        out = resize_cubic(image, size)
+        return out if clamp_range is None else out.clamp(*clamp_range)
 
     @property
     def final_conv(self) -> nn.Conv2d:

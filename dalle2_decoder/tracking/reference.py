@@ -11,7 +11,10 @@ Two kinds exist:
   `model` (EMA weights when EMA was on), `version` (a `packaging.version.Version`) and `config`.
   A bare Decoder state dict is read as a model save too.
 
-Names are mapped by `models.reference_names` (the one place that knows them). Adam moments are
+Names are mapped by `models.reference_names` (the one place that knows them). Files of releases
+before 1.15.6 are read too: the release a file records (`version`) selects the U-Net of that
+release (`models.releases`), in the config recorded with it (`config_for_release`) or, for a
+decoder the caller built, by checking that its U-Nets were built for it (`release_mismatch`). Adam moments are
 stored in the converted state per parameter name (the reference's optimizer numbers parameters
 in its own grouping order), so the trainer can put them in its own order.
 """
@@ -83,6 +86,89 @@ def is_reference_model(payload: Any) -> bool:
         and _tensor_dict(payload.get("model"))
         and not is_reference_checkpoint(payload)
     )
+
+
+# --- releases ------------------------------------------------------------------------------------
+
+
+def release_of(payload: Any) -> Optional[str]:
+    """The DALLE2-pytorch release a file records (`version`: a string, or a `packaging` Version), or None.
+
+    Raises `releases.UnsupportedReleaseError` (one line naming the release) for a release this
+    package does not read. Model saves written before 1.0 are bare state dicts and record none.
+    """
+    from ..models.releases import check_supported, release_text
+
+    version = payload.get("version") if isinstance(payload, Mapping) else None
+    if version is None or str(version) == "":
+        return None
+    return release_text(check_supported(version))
+
+
+def release_differs(release: Optional[str]) -> bool:
+    """Whether that release's U-Net differs from 1.15.6's (and so from this package's default)."""
+    from ..models.releases import describe
+
+    return bool(describe(release))
+
+
+def config_for_release(raw: Mapping[str, Any], release: Optional[str]) -> Dict[str, Any]:
+    """A recorded config with `reference_release` set on each U-Net that does not name one, when `release` differs."""
+    out = json.loads(json.dumps(raw))
+    decoder = out.get("decoder") if isinstance(out, dict) else None
+    if release_differs(release) and isinstance(decoder, dict) and isinstance(decoder.get("unets"), list):
+        for unet in decoder["unets"]:
+            if isinstance(unet, dict) and unet.get("reference_release") is None:
+                unet["reference_release"] = release
+    return out
+
+
+def _without_unset(value: Any) -> Any:
+    """A DALLE2-pytorch config dump without its None entries (pydantic writes every unset option as None)."""
+    if isinstance(value, dict):
+        return {key: _without_unset(item) for key, item in value.items() if item is not None}
+    if isinstance(value, list):
+        return [_without_unset(item) for item in value]
+    return value
+
+
+def recorded_config(loaded: Any) -> Optional[Dict[str, Any]]:
+    """The run config a loaded file records, ready for `TrainDecoderConfig` (None if it records none).
+
+    A DALLE2-pytorch config loses its unset (None) options, and its U-Nets are built as the release
+    that wrote the file built them."""
+    if not loaded.config_json:
+        return None
+    raw = json.loads(loaded.config_json)
+    if loaded.origin != REFERENCE_ORIGIN or not isinstance(raw, dict):
+        return raw
+    return config_for_release(_without_unset(raw), loaded.reference_release)
+
+
+def release_mismatch(unets: Sequence[Any], release: Optional[str], source: str) -> Optional[str]:
+    """A one-line problem when U-Nets built for one release are given weights written by another that differs.
+
+    `unets` are the decoder's U-Nets (their `reference_release` says which release they were built
+    for); None when they fit, or when the file records no release.
+    """
+    from ..models.releases import describe
+
+    if release is None:
+        return None
+    wanted = describe(release)
+    for number, unet in enumerate(unets, start=1):
+        built = getattr(unet, "reference_release", None)
+        if describe(built) != wanted:
+            what = "; ".join(wanted) if wanted else "the U-Net of 1.15.6 (this package's)"
+            return (
+                f"{source} was written by DALLE2-pytorch {release}, whose U-Nets differ from U-Net {number} as "
+                f'built here ({what}): build it with "reference_release": "{release}" in '
+                f"decoder.unets[{number - 1}] (docs/MIGRATING.md)"
+                if wanted
+                else f"{source} was written by DALLE2-pytorch {release} (1.15.6's U-Net), but U-Net {number} is "
+                f"built as release {built}'s: remove its reference_release (docs/MIGRATING.md)"
+            )
+    return None
 
 
 # --- names ---------------------------------------------------------------------------------------
@@ -209,6 +295,7 @@ def convert_checkpoint(payload: Mapping[str, Any]) -> Tuple[Dict[str, Any], List
         )
     trainer["counters"] = {"step": max(trained_steps), "micro_step": max(trained_steps)}
     losses = payload.get("validation_losses") or []
+    trainer["reference_release"] = release_of(payload)
     reference = {
         "version": str(payload.get("version", "")),
         "epoch": int(payload.get("epoch", 0)),

@@ -11,12 +11,14 @@ release installed (`releases.py` makes such interpreters, one release at a time)
 - `model.pth`: the release's tracker `model` save of the same moment (EMA weights): a bare
   Decoder state dict before 1.0, `{"model", "version", "config", ...}` from 1.0 on;
 - `samples.safetensors`: `trainer.sample` (EMA weights) for fixed image embeddings, with every
-  Gaussian tensor the sampler drew, in the order drawn (`noise.0`, `noise.1`, ...);
+  Gaussian tensor the sampler drew, in the order drawn (`noise.0`, `noise.1`, ...), and for a
+  cascade each U-Net's output (`stage.0`, ...);
 - `meta.json`: release, torch and ema-pytorch versions, steps, what the tests need to know.
 
 With `--cascade-base DIR` (a folder this module wrote for another release) it also writes
-`cascade_config.json` and `cascade_model.pth`, the model save of a two-U-Net cascade (8 -> 16px)
-whose upsampler the tests take out, and `cascade_samples.safetensors`: that release's own
+`cascade_samples.safetensors`, and, when the run above has one U-Net, `cascade_config.json` and
+`cascade_model.pth`, the model save of a two-U-Net cascade (8 -> 16px) whose upsampler the tests
+take out. `cascade_samples.safetensors` holds that release's own
 upsampler stage run on the base images of DIR's `samples.safetensors` (the reference's
 `Decoder.sample(image=..., start_at_unet_number=2)`; before that argument existed, the first
 stage's output is replaced by those images), so the images are the two releases' parts chained
@@ -47,9 +49,12 @@ EMBED_DIM = 8
 STEPS = 2
 SAMPLE_BATCH = 2
 TIMESTEPS = 16
+EMA_RELEASES = ("1.0.6",)
 
-# As small as the reference's U-Net gets with its fixed-width cross-attention in the middle blocks
-# (about 15k parameters); a checkpoint holds five or six copies of them.
+# As small as the reference's U-Net gets with two resolution levels (so that downsampling and
+# upsampling layers exist) and its fixed-width cross-attention (about 24k parameters). A checkpoint
+# holds three copies of them (weights, two Adam moments), five with EMA: EMA is on only in the
+# releases of EMA_RELEASES, to keep the fixtures small (its layout is the same in every release).
 UNET = {
     "dim": 4,
     "image_embed_dim": EMBED_DIM,
@@ -59,7 +64,7 @@ UNET = {
     "resnet_groups": 2,
     "attn_dim_head": 4,
     "attn_heads": 1,
-    "num_resnet_blocks": 1,
+    "num_resnet_blocks": 0,
     "max_text_len": 4,
     "num_image_tokens": 1,
     "num_time_tokens": 1,
@@ -67,7 +72,7 @@ UNET = {
 }
 
 
-def run_config(tracker_path: str, unets: int = 1) -> Dict:
+def run_config(tracker_path: str, unets: int = 1, use_ema: bool = True) -> Dict:
     image_sizes = [8, 16][:unets]
     return {
         "seed": 0,
@@ -96,7 +101,7 @@ def run_config(tracker_path: str, unets: int = 1) -> Dict:
             "max_grad_norm": 0.5,
             "warmup_steps": 2,
             "device": "cpu",
-            "use_ema": True,
+            "use_ema": use_ema,
             "ema_beta": 0.99,
             "save_every_n_samples": 1000,
         },
@@ -189,9 +194,9 @@ def generate(out_dir: pathlib.Path, cascade_base: Optional[pathlib.Path] = None)
     with tempfile.TemporaryDirectory() as temp:
         os.chdir(temp)  # relative tracker paths: the recorded configs name no temporary folder
         try:
-            _base(target, meta)
+            trainer = _base(target, meta)
             if cascade_base is not None:
-                _cascade(target, pathlib.Path(cascade_base).resolve(), meta)
+                _cascade(target, pathlib.Path(cascade_base).resolve(), meta, trainer)
         finally:
             os.chdir(home)
     (target / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -205,17 +210,33 @@ def _sample_with_noise(trainer, seed: int, **kwargs):
     return images, noise
 
 
-def _base(target: pathlib.Path, meta: Dict) -> None:
+def _stage_outputs(trainer) -> List[torch.Tensor]:
+    """Record what each U-Net's sampling loop returns (its images in [0, 1]) on the next sample call."""
+    decoder = trainer.accelerator.unwrap_model(trainer.decoder)
+    original = decoder.p_sample_loop
+    outputs: List[torch.Tensor] = []
+
+    def recording(*args, **kwargs):
+        out = original(*args, **kwargs)
+        outputs.append(out.detach().clone())
+        return out
+
+    decoder.p_sample_loop = recording
+    return outputs
+
+
+def _base(target: pathlib.Path, meta: Dict):
     from safetensors.torch import save_file
 
-    config = run_config(".tracker-data/run")
+    use_ema = meta["dalle2_pytorch"] in EMA_RELEASES
+    config = run_config(".tracker-data/run", use_ema=use_ema)
     try:
         trainer, data_path = train_and_save(config, data_seed=1, with_metadata=True)
     except TypeError as error:
         # 0.16.5 - 0.16.19 unpack `accelerator.prepare(*schedulers)` as a list, which fails for one U-Net:
         # those releases could only train cascades, so their run is one.
         meta["note"] = f"one U-Net fails in this release's DecoderTrainer ({error}); the run has two"
-        config = run_config(".tracker-data/run", unets=2)
+        config = run_config(".tracker-data/run", unets=2, use_ema=use_ema)
         trainer, data_path = train_and_save(config, data_seed=1, with_metadata=True)
     shutil.copy(data_path / "checkpoint.pth", target / "checkpoint.pth")
     shutil.copy(data_path / "model.pth", target / "model.pth")
@@ -224,20 +245,31 @@ def _base(target: pathlib.Path, meta: Dict) -> None:
     meta["ema_steps"] = [int(getattr(ema, "step", -1)) for ema in trainer.ema_unets]
 
     image_embed = torch.randn(SAMPLE_BATCH, EMBED_DIM, generator=torch.Generator().manual_seed(2))
+    stages = _stage_outputs(trainer)
     images, noise = _sample_with_noise(trainer, 3, image_embed=image_embed)
     tensors = {"image_embed": image_embed, "images": images.contiguous()}
+    if len(stages) > 1:  # a cascade: each U-Net's output too (`stage.0` is the base U-Net's)
+        tensors.update({f"stage.{index}": value.contiguous() for index, value in enumerate(stages)})
     tensors.update({f"noise.{index}": value.contiguous() for index, value in enumerate(noise)})
     save_file(tensors, str(target / "samples.safetensors"))
-    meta["samples"] = {"cond_scale": 1.0, "weights": "EMA (trainer.sample)", "num_noise": len(noise)}
+    meta["samples"] = {
+        "cond_scale": 1.0,
+        "weights": "EMA (trainer.sample)" if use_ema else "trained (no EMA in this run)",
+        "num_noise": len(noise),
+    }
+    return trainer
 
 
-def _cascade(target: pathlib.Path, base_dir: pathlib.Path, meta: Dict) -> None:
+def _cascade(target: pathlib.Path, base_dir: pathlib.Path, meta: Dict, trainer) -> None:
     from safetensors.torch import load_file, save_file
 
-    config = run_config(".tracker-data/cascade", unets=2)
-    trainer, data_path = train_and_save(config, data_seed=4, with_metadata=True)
-    shutil.copy(data_path / "model.pth", target / "cascade_model.pth")
-    (target / "cascade_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    upsampler = "U-Net 2 of model.pth"
+    if len(trainer.accelerator.unwrap_model(trainer.decoder).unets) < 2:  # the base run has no upsampler
+        config = run_config(".tracker-data/cascade", unets=2, use_ema=False)
+        trainer, data_path = train_and_save(config, data_seed=4, with_metadata=True)
+        shutil.copy(data_path / "model.pth", target / "cascade_model.pth")
+        (target / "cascade_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        upsampler = "U-Net 2 of cascade_model.pth"
 
     base = load_file(str(base_dir / "samples.safetensors"))
     kwargs = {"image_embed": base["image_embed"]}
@@ -264,7 +296,7 @@ def _cascade(target: pathlib.Path, base_dir: pathlib.Path, meta: Dict) -> None:
     base_meta = json.loads((base_dir / "meta.json").read_text())
     meta["cascade"] = {
         "base_release": base_meta["dalle2_pytorch"],
-        "upsampler": "U-Net 2 of cascade_model.pth",
+        "upsampler": upsampler,
         "how": how,
         "num_noise": len(noise),
     }

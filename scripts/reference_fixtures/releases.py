@@ -1,0 +1,135 @@
+"""Write tests/fixtures/reference/releases/ with DALLE2-pytorch releases, each in a throwaway environment.
+
+    python3 scripts/reference_fixtures/releases.py [--work /tmp/d2p-releases] [--only 1.1.0,0.23.10]
+
+One base virtual environment holds torch and the dependencies every release shares (pinned below);
+each release is installed alone (`pip install --no-deps --target`) into its own folder with what
+it needs at its own version (its contemporary ema-pytorch; pydantic 1 or 2; accelerate 0.10 for
+0.x), and `generate.py --only releases` runs with that folder first on PYTHONPATH. Nothing is
+installed into this project's environment, and nothing here imports dalle2_decoder.
+
+The releases are those that changed the U-Net's module layout or function, the Decoder's sampling
+or the trainer's checkpoint format (see dalle2_decoder/models/releases.py and docs/MIGRATING.md),
+the last patch of each. `releases.json` records, per release, what was installed with it, or why
+it could not be. The cascade fixture: 0.16.19's upsampler continues 1.15.6's base samples, so
+1.15.6 runs first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+OUT = REPO / "tests" / "fixtures" / "reference"
+
+# torch from this machine's wheel cache; the shared dependencies at versions all releases import with.
+BASE = [
+    "torch==2.14.1",
+    "torchvision==0.29.1",
+    "pydantic<2",
+    "accelerate",
+    "click",
+    "clip-anytorch",
+    "open-clip-torch<3",
+    "coca-pytorch",
+    "einops",
+    "einops-exts",
+    "embedding-reader",
+    "kornia",
+    "packaging",
+    "pillow",
+    "pytorch-warmup",
+    "resize-right",
+    "rotary-embedding-torch",
+    "tqdm",
+    "vector-quantize-pytorch",
+    "x-clip",
+    "webdataset",
+    "fsspec",
+    "torchmetrics[image]",
+    "safetensors",
+]
+
+# release -> what it is installed with besides itself. ema-pytorch: the release current on the day of the
+# DALLE2-pytorch release (its checkpoint's EMA entries are that version's). 0.x: accelerate 0.10 (later
+# ones return a single prepared object where those releases unpack a list). 1.15.6: pydantic 2.
+RELEASES: Dict[str, List[str]] = {
+    "1.15.6": ["ema-pytorch==0.2.3", "pydantic>=2,<3", "pydantic-core", "annotated-types", "typing-inspection"],
+    "1.14.2": ["ema-pytorch==0.2.3"],
+    "1.12.4": ["ema-pytorch==0.2.1"],
+    "1.10.9": ["ema-pytorch==0.0.10"],
+    "1.8.4": ["ema-pytorch==0.0.10"],
+    "1.4.6": ["ema-pytorch==0.0.9"],
+    "1.1.0": ["ema-pytorch==0.0.9"],
+    "1.0.6": ["ema-pytorch==0.0.9"],
+    "0.23.10": ["ema-pytorch==0.0.8", "accelerate==0.10.0"],
+    "0.16.19": ["ema-pytorch==0.0.8", "accelerate==0.10.0"],
+}
+CASCADE = {"0.16.19": "1.15.6"}  # upsampler release -> base release whose samples it continues
+
+
+def run(command: List[str], **kwargs) -> subprocess.CompletedProcess:
+    print("+", " ".join(command), flush=True)
+    return subprocess.run(command, capture_output=True, text=True, **kwargs)
+
+
+def last_line(done: subprocess.CompletedProcess) -> str:
+    lines = [line for line in (done.stderr + done.stdout).splitlines() if line.strip()]
+    return lines[-1] if lines else f"exit status {done.returncode}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/d2p-releases"), help="where the environments go")
+    parser.add_argument("--only", default=",".join(RELEASES), help="comma-separated releases")
+    args = parser.parse_args()
+    wanted = [r.strip() for r in args.only.split(",") if r.strip()]
+    base = args.work / "base"
+    python = base / "bin" / "python"
+    if not python.exists():
+        done = run([sys.executable, "-m", "venv", str(base)])
+        if done.returncode:
+            print(f"could not create {base}: {last_line(done)}")
+            return 1
+    done = run([str(python), "-m", "pip", "install", "-q", *BASE])
+    if done.returncode:
+        print(f"could not install the shared dependencies: {last_line(done)}")
+        return 1
+    # After torch, which asks for a newer one: the releases import `pkg_resources`, gone from setuptools 70 on.
+    run([str(python), "-m", "pip", "install", "-q", "setuptools<70"])
+
+    record_path = OUT / "releases" / "releases.json"
+    record = json.loads(record_path.read_text()) if record_path.exists() else {}
+    for release in sorted(wanted, key=lambda r: r not in CASCADE.values()):  # cascade bases first
+        folder = args.work / release
+        pins = RELEASES.get(release, [])
+        done = run(
+            [str(python), "-m", "pip", "install", "-q", "--no-deps", "--upgrade", "--target", str(folder)]
+            + [f"dalle2-pytorch=={release}", *pins]
+        )
+        if done.returncode:
+            record[release] = {"installed": False, "why": last_line(done), "with": pins}
+            continue
+        command = [str(python), str(HERE / "generate.py"), "--only", "releases", "--out", str(OUT)]
+        if release in CASCADE:
+            command += ["--cascade-base", str(OUT / "releases" / CASCADE[release])]
+        done = run(command, env={"PYTHONPATH": str(folder), "PATH": "/usr/bin:/bin", "HOME": str(args.work)})
+        if done.returncode:
+            record[release] = {"installed": True, "generated": False, "why": last_line(done), "with": pins}
+        else:
+            record[release] = {"installed": True, "generated": True, "with": pins}
+        print(f"{release}: {record[release]}", flush=True)
+    record_path.parent.mkdir(parents=True, exist_ok=True)
+    ordered = dict(sorted(record.items(), key=lambda item: [int(p) for p in item[0].split(".")]))
+    record_path.write_text(json.dumps(ordered, indent=2) + "\n")
+    return 0 if all(entry.get("generated") for entry in record.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
