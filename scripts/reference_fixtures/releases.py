@@ -28,10 +28,11 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 OUT = REPO / "tests" / "fixtures" / "reference"
 
-# torch from this machine's wheel cache; the shared dependencies at versions all releases import with.
+# The shared dependencies at versions all releases import with; torch as they resolve it (their newest
+# releases cap it: 2.12.1 when these fixtures were written, recorded in each meta.json).
 BASE = [
-    "torch==2.14.1",
-    "torchvision==0.29.1",
+    "torch",
+    "torchvision",
     "pydantic<2",
     "accelerate",
     "click",
@@ -80,7 +81,9 @@ def run(command: List[str], **kwargs) -> subprocess.CompletedProcess:
 
 
 def last_line(done: subprocess.CompletedProcess) -> str:
-    lines = [line for line in (done.stderr + done.stdout).splitlines() if line.strip()]
+    lines = [
+        line for line in (done.stderr + done.stdout).splitlines() if line.strip() and not line.startswith("WARNING")
+    ]
     return lines[-1] if lines else f"exit status {done.returncode}"
 
 
@@ -88,6 +91,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("/tmp/d2p-releases"), help="where the environments go")
     parser.add_argument("--only", default=",".join(RELEASES), help="comma-separated releases")
+    parser.add_argument("--keep-base", action="store_true", help="use the base environment as it is")
     args = parser.parse_args()
     wanted = [r.strip() for r in args.only.split(",") if r.strip()]
     base = args.work / "base"
@@ -97,22 +101,26 @@ def main() -> int:
         if done.returncode:
             print(f"could not create {base}: {last_line(done)}")
             return 1
-    done = run([str(python), "-m", "pip", "install", "-q", *BASE])
-    if done.returncode:
+    done = run([str(python), "-m", "pip", "install", "-q", *BASE]) if not args.keep_base else None
+    if done is not None and done.returncode:
         print(f"could not install the shared dependencies: {last_line(done)}")
         return 1
     # After torch, which asks for a newer one: the releases import `pkg_resources`, gone from setuptools 70 on.
-    run([str(python), "-m", "pip", "install", "-q", "setuptools<70"])
+    if not args.keep_base:
+        run([str(python), "-m", "pip", "install", "-q", "setuptools<70"])
 
     record_path = OUT / "releases" / "releases.json"
     record = json.loads(record_path.read_text()) if record_path.exists() else {}
     for release in sorted(wanted, key=lambda r: r not in CASCADE.values()):  # cascade bases first
         folder = args.work / release
         pins = RELEASES.get(release, [])
-        done = run(
-            [str(python), "-m", "pip", "install", "-q", "--no-deps", "--upgrade", "--target", str(folder)]
-            + [f"dalle2-pytorch=={release}", *pins]
-        )
+        if (folder / f"dalle2_pytorch-{release}.dist-info").is_dir():  # kept from an earlier run
+            done = subprocess.CompletedProcess([], 0, "", "")
+        else:
+            done = run(
+                [str(python), "-m", "pip", "install", "-q", "--no-deps", "--upgrade", "--target", str(folder)]
+                + [f"dalle2-pytorch=={release}", *pins]
+            )
         if done.returncode:
             record[release] = {"installed": False, "why": last_line(done), "with": pins}
             continue

@@ -1,0 +1,259 @@
+"""Files of earlier DALLE2-pytorch releases (fixtures written by each release itself, see
+scripts/reference_fixtures/releases.py): each release's trainer checkpoint and model save load and
+reproduce that release's samples; the recorded version selects the release's U-Net; a release
+that is not supported is refused by name; a cascade assembled from two releases' U-Nets samples
+what the two reference parts give chained."""
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file
+
+from dalle2_decoder.config import TrainDecoderConfig
+from dalle2_decoder.failures import EXIT_CHECKPOINT
+from dalle2_decoder.loading import load, load_model_weights
+from dalle2_decoder.models.releases import DIFFERENCES, describe
+from dalle2_decoder.tracking import CheckpointError, CheckpointFormatError, read_file
+
+FIXTURES = Path(__file__).parent / "fixtures" / "reference" / "releases"
+RELEASES = sorted(
+    (p.name for p in FIXTURES.iterdir() if (p / "meta.json").is_file()), key=lambda r: [int(x) for x in r.split(".")]
+)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# The samples are images in [0, 1] after 16 (32 for a cascade) denoising steps of float32 networks:
+# float rounding (different kernels, summation orders) moves them by a few 1e-7 here; 1e-5 of their
+# scale is the bound asked of every release.
+RELATIVE_TOLERANCE = 1e-5
+
+
+def raw_config(release: str, name: str = "config.json", *, with_release: bool = True) -> dict:
+    raw = json.loads((FIXTURES / release / name).read_text())
+    if with_release:
+        for unet in raw["decoder"]["unets"]:
+            unet["reference_release"] = release
+    return raw
+
+
+def samples(release: str, name: str = "samples.safetensors"):
+    tensors = load_file(FIXTURES / release / name)
+    noise = [tensors[f"noise.{i}"] for i in range(sum(k.startswith("noise.") for k in tensors))]
+    return tensors, noise
+
+
+def assert_close(images: torch.Tensor, expected: torch.Tensor) -> float:
+    assert images.shape == expected.shape
+    difference = (images - expected).abs().max().item()
+    assert difference <= RELATIVE_TOLERANCE * max(1.0, expected.abs().max().item()), difference
+    return difference
+
+
+def sample(decoder, tensors, noise, **kwargs):
+    decoder.eval()
+    with torch.no_grad():
+        return decoder.sample(tensors["image_embed"], cond_scale=1.0, noise=noise, **kwargs)
+
+
+def test_every_release_of_the_table_has_fixtures():
+    wanted = ["0.16", "0.23", "1.0", "1.1", "1.4", "1.8", "1.10", "1.12", "1.14", "1.15.6"]
+    for prefix in wanted:
+        assert any(r == prefix or r.startswith(prefix + ".") for r in RELEASES), prefix
+    record = json.loads((FIXTURES / "releases.json").read_text())
+    assert all(record[r]["generated"] for r in RELEASES)
+
+
+@pytest.mark.parametrize("release", RELEASES)
+@pytest.mark.parametrize("name", ["model.pth", "checkpoint.pth"])
+def test_a_release_file_reproduces_that_release_s_samples(release, name):
+    """load_model_weights into the decoder its config builds, as that release's U-Nets."""
+    tensors, noise = samples(release)
+    decoder = TrainDecoderConfig.from_dict(raw_config(release)).decoder.create()
+    loaded = load_model_weights(decoder, FIXTURES / release / name)
+    assert loaded.origin == "dalle2-pytorch"
+    if name == "checkpoint.pth" or release >= "1":  # model saves record their release from 1.0 on
+        assert loaded.reference_release == release
+    assert_close(sample(decoder, tensors, noise), tensors["images"])
+
+
+@pytest.mark.parametrize("release", [r for r in RELEASES if describe(r)])
+def test_a_decoder_built_for_another_release_is_refused_in_one_line(release):
+    decoder = TrainDecoderConfig.from_dict(raw_config(release, with_release=False)).decoder.create()
+    with pytest.raises(CheckpointError) as error:
+        load_model_weights(decoder, FIXTURES / release / "checkpoint.pth")
+    message = str(error.value)
+    assert f"DALLE2-pytorch {release}" in message and '"reference_release"' in message and "\n" not in message
+
+
+@pytest.mark.parametrize("release", [r for r in RELEASES if not r.startswith("0.")])
+def test_load_decoder_builds_the_recorded_release_s_u_nets(release):
+    """Files from 1.0 on record their config and release: load_decoder needs nothing else."""
+    tensors, noise = samples(release)
+    for name in ("model.pth", "checkpoint.pth"):
+        loaded = load(FIXTURES / release / name)
+        unets = loaded.decoder.unets
+        assert all(describe(u.reference_release) == describe(release) for u in unets)
+        assert_close(sample(loaded.decoder, tensors, noise), tensors["images"])
+
+
+def test_differences_are_selected_by_release():
+    names = {d.name for d in DIFFERENCES}
+    assert describe("1.15.6") == () and describe("1.14.2") == () and describe("1.10.0") == ()
+    assert len(describe("1.8.4")) == 1  # the 4x4 strided downsampling
+    assert len(describe("1.4.2")) == 2  # and the self-attention scale
+    assert len(describe("0.16.19")) == len(names)  # every one
+
+
+@pytest.mark.parametrize("release", RELEASES)
+def test_a_release_checkpoint_continues_training_here(release):
+    from dalle2_decoder.training.trainer import DecoderTrainer
+
+    meta = json.loads((FIXTURES / release / "meta.json").read_text())
+    config = TrainDecoderConfig.from_dict(raw_config(release))
+    trainer = DecoderTrainer(config.decoder.create(), Accelerator(cpu=True), config.train)
+    loaded = read_file(FIXTURES / release / "checkpoint.pth")
+    notes = trainer.load_state_dict(loaded.state["trainer"])
+    assert not [n for n in notes if "optimizer" in n], notes
+    assert trainer.step == max(meta["steps"])
+    size = config.decoder.image_sizes[-1]
+    generator = torch.Generator().manual_seed(0)
+    batch = {"image": torch.rand(2, 3, size, size, generator=generator), "image_embed": torch.randn(2, 8)}
+    trainer.train_step(batch)
+    assert trainer.step == max(meta["steps"]) + 1
+
+
+def test_a_file_of_an_unsupported_release_is_refused_naming_the_release(tmp_path):
+    weights = {"unets.0.w": torch.zeros(2)}
+    payload = {"model": weights, "version": "0.15.4", "steps": torch.tensor([1]), "optim0": {"state": {}}}
+    torch.save(payload, tmp_path / "old.pth")
+    with pytest.raises(CheckpointFormatError) as error:
+        read_file(tmp_path / "old.pth")
+    message = str(error.value)
+    assert "old.pth" in message and "DALLE2-pytorch 0.15.4 is not supported" in message and "\n" not in message
+
+
+def test_weights_only_loading_is_not_loosened_for_older_files(tmp_path):
+    """A 0.x-style file (its version a string) holding any other object is refused without running it."""
+    import argparse
+
+    buffer = io.BytesIO()
+    payload = {"model": {"unets.0.w": torch.zeros(2)}, "version": "0.23.10", "steps": torch.tensor([1])}
+    torch.save({**payload, "args": argparse.Namespace(a=1), "array": np.zeros(2)}, buffer)
+    (tmp_path / "other.pth").write_bytes(buffer.getvalue())
+    with pytest.raises(CheckpointFormatError) as error:
+        read_file(tmp_path / "other.pth")
+    assert "weights-only" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_convert_writes_a_model_save_of_an_earlier_release(tmp_path):
+    from dalle2_decoder.convert import main
+
+    release = "1.1.0"
+    tensors, noise = samples(release)
+    assert main([str(FIXTURES / release / "checkpoint.pth"), str(tmp_path / "d.safetensors")]) == 0
+    assert_close(sample(load(tmp_path / "d.safetensors").decoder, tensors, noise), tensors["images"])
+    # A 0.x checkpoint records no config: the config is given, and its U-Nets are built for the file's release.
+    old = "0.23.10"
+    (tmp_path / "cfg.json").write_text(json.dumps(raw_config(old, with_release=False)))
+    out = tmp_path / "old.safetensors"
+    assert main([str(FIXTURES / old / "checkpoint.pth"), str(out), "--config_file", str(tmp_path / "cfg.json")]) == (
+        EXIT_CHECKPOINT
+    )
+    (tmp_path / "cfg.json").write_text(json.dumps(raw_config(old)))
+    assert main([str(FIXTURES / old / "checkpoint.pth"), str(out), "--config_file", str(tmp_path / "cfg.json")]) == 0
+    tensors, noise = samples(old)
+    assert_close(sample(load(out).decoder, tensors, noise), tensors["images"])
+
+
+def _cascade_parts():
+    """(upsampler release, base release) of the cascade fixture."""
+    for release in RELEASES:
+        meta = json.loads((FIXTURES / release / "meta.json").read_text())
+        if "cascade" in meta:
+            return release, meta["cascade"]["base_release"]
+    pytest.fail("no release fixture has cascade samples")
+
+
+def test_a_cascade_of_two_releases_samples_the_reference_parts_chained(tmp_path, capsys):
+    from dalle2_decoder.convert import main
+
+    upsampler_release, base_release = _cascade_parts()
+    cascade_config = raw_config(upsampler_release, with_release=False)  # the releases come from the parts
+    (tmp_path / "cascade.json").write_text(json.dumps(cascade_config))
+    out = tmp_path / "cascade.safetensors"
+    code = main(
+        [
+            "--unet",
+            f"1={FIXTURES / base_release / 'model.pth'}",
+            "--unet",
+            f"2={FIXTURES / upsampler_release / 'model.pth'}",
+            "--config",
+            str(tmp_path / "cascade.json"),
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    decoder = load(out).decoder
+    assert [u.reference_release for u in decoder.unets] == [None, upsampler_release]
+    base, base_noise = samples(base_release)
+    chained, upsampler_noise = samples(upsampler_release, "cascade_samples.safetensors")
+    images = sample(decoder, base, base_noise + upsampler_noise)
+    assert images.shape[0] == 2
+    assert torch.equal(chained["base_images"], base["images"])  # the upsampler continued the base's samples
+    assert_close(images, chained["images"])
+
+
+def test_a_part_that_does_not_fit_its_slot_is_refused_in_one_line(tmp_path, capsys):
+    from dalle2_decoder.convert import main
+
+    upsampler_release, base_release = _cascade_parts()
+    (tmp_path / "cascade.json").write_text(json.dumps(raw_config(upsampler_release, with_release=False)))
+    base = FIXTURES / base_release / "model.pth"
+    code = main(
+        [
+            "--unet",
+            f"1={base}",
+            "--unet",
+            f"2={base}:1",
+            "--config",
+            str(tmp_path / "cascade.json"),
+            "--out",
+            str(tmp_path / "x.safetensors"),
+        ]
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == EXIT_CHECKPOINT and len(err.splitlines()) == 1, err
+    assert "U-Net slot 2" in err and "model.pth" in err and "input channels" in err
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_an_assembled_cascade_fine_tunes_its_upsampler_only(tmp_path):
+    from dalle2_decoder.convert import main
+    from dalle2_decoder.training.trainer import DecoderTrainer
+
+    upsampler_release, base_release = _cascade_parts()
+    raw = raw_config(upsampler_release, with_release=False)
+    (tmp_path / "cascade.json").write_text(json.dumps(raw))
+    out = tmp_path / "cascade.safetensors"
+    parts = [f"1={FIXTURES / base_release / 'model.pth'}", f"2={FIXTURES / upsampler_release / 'model.pth'}"]
+    assert (
+        main(["--unet", parts[0], "--unet", parts[1], "--config", str(tmp_path / "cascade.json"), "--out", str(out)])
+        == 0
+    )
+    assembled = json.loads(read_file(out).config_json)
+    assembled["train"].update(unet_training_mask=[False, True], lr=[0.0, 1e-3])
+    config = TrainDecoderConfig.from_dict(assembled)
+    decoder = config.decoder.create()
+    load_model_weights(decoder, out)
+    before = [{k: v.clone() for k, v in u.state_dict().items()} for u in decoder.unets]
+    trainer = DecoderTrainer(decoder, Accelerator(cpu=True), config.train)
+    generator = torch.Generator().manual_seed(0)
+    trainer.train_step({"image": torch.rand(2, 3, 16, 16, generator=generator), "image_embed": torch.randn(2, 8)})
+    after = [u.state_dict() for u in trainer.decoder.unets]
+    assert all(torch.equal(before[0][k], v) for k, v in after[0].items())
+    assert any(not torch.equal(before[1][k], v) for k, v in after[1].items())
