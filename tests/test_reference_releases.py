@@ -257,3 +257,79 @@ def test_an_assembled_cascade_fine_tunes_its_upsampler_only(tmp_path):
     after = [u.state_dict() for u in trainer.decoder.unets]
     assert all(torch.equal(before[0][k], v) for k, v in after[0].items())
     assert any(not torch.equal(before[1][k], v) for k, v in after[1].items())
+
+
+def test_tracker_load_assembles_the_same_cascade_from_unet_sources(tmp_path):
+    """The `tracker.load` form (dalle2-laion's `unet_sources`): the run's decoder starts from the parts."""
+    from dalle2_decoder.config import (
+        ConsoleLogConfig,
+        LocalLoadConfig,
+        TrackerConfig,
+        UnetSourceConfig,
+        UnetSourcesLoadConfig,
+    )
+    from dalle2_decoder.tracking import create_tracker
+
+    upsampler_release, base_release = _cascade_parts()
+
+    def sources():
+        return UnetSourcesLoadConfig(
+            load_from="unet_sources",
+            unet_sources=[
+                UnetSourceConfig(
+                    unet_numbers=[1],
+                    load_model_from=LocalLoadConfig(
+                        load_from="local", file_path=str(FIXTURES / base_release / "model.pth")
+                    ),
+                ),
+                UnetSourceConfig(
+                    unet_numbers=[2],
+                    load_model_from=LocalLoadConfig(
+                        load_from="local", file_path=str(FIXTURES / upsampler_release / "model.pth")
+                    ),
+                    file_unet_numbers=[2],
+                ),
+            ],
+        )
+
+    def loaded_with(raw):
+        tracker = create_tracker(
+            TrackerConfig(
+                log=ConsoleLogConfig(log_type="console"), save=[], data_path=str(tmp_path / "run"), load=sources()
+            ),
+            full_config_dict=raw,
+            is_main_process=True,
+        )
+        try:
+            return tracker.load()
+        finally:
+            tracker.finish()
+
+    raw = raw_config(upsampler_release, with_release=False)
+    raw["decoder"]["unets"][1]["reference_release"] = upsampler_release  # the run's decoder, as configured
+    loaded = loaded_with(raw)
+    assert loaded.kind == "model" and "unet_sources" in loaded.source
+    decoder = TrainDecoderConfig.from_dict(raw).decoder.create()
+    decoder.load_state_dict(loaded.model_state)
+    base, base_noise = samples(base_release)
+    chained, upsampler_noise = samples(upsampler_release, "cascade_samples.safetensors")
+    assert_close(sample(decoder, base, base_noise + upsampler_noise), chained["images"])
+    # A slot configured without the part's release is refused in one line naming the slot and the release.
+    raw["decoder"]["unets"][1].pop("reference_release")
+    with pytest.raises(CheckpointError) as error:
+        loaded_with(raw)
+    assert "U-Net slot 2" in str(error.value) and upsampler_release in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_unet_sources_configs_are_checked():
+    raw = raw_config("1.15.6", with_release=False)
+    raw["tracker"]["load"] = {
+        "load_from": "unet_sources",
+        "unet_sources": [{"unet_numbers": [1, 2], "load_model_from": {"load_from": "local", "file_path": "a.pth"}}],
+    }
+    from dalle2_decoder.config import ConfigError
+
+    with pytest.raises(ConfigError) as error:
+        TrainDecoderConfig.from_dict(raw)
+    assert "give every U-Net of the decoder (1 to 1) once" in str(error.value)

@@ -133,13 +133,17 @@ def _describe_misfit(
     )
 
 
-def assemble(config, parts: Sequence[UnetPart], *, use_ema: bool = True):
+def assemble(config, parts: Sequence[UnetPart], *, use_ema: bool = True, slots_built_as_configured: bool = False):
     """(TrainDecoderConfig with each slot built as its part's release, decoder weights) from parts.
 
-    `config` is the cascade's `TrainDecoderConfig`; every slot needs exactly one part. Raises
-    CheckpointError with one line naming the slot, the file and the misfit.
+    `config` is the cascade's `TrainDecoderConfig`; every slot needs exactly one part. A slot whose
+    config names no `reference_release` takes its part's; with `slots_built_as_configured` (a run
+    whose decoder is already built from `config`) a part of another release is refused instead.
+    Raises CheckpointError with one line naming the slot, the file and the misfit.
     """
     import attrs
+
+    from ..models.releases import describe
 
     slots = len(config.decoder.unets)
     by_slot: Dict[int, UnetPart] = {}
@@ -189,6 +193,12 @@ def assemble(config, parts: Sequence[UnetPart], *, use_ema: bool = True):
             )
         release = _part_release(loaded, recorded, number)
         slot_release = _slot_release(unet_configs[slot - 1])
+        if slots_built_as_configured and release is not None and describe(release) != describe(slot_release):
+            raise CheckpointError(
+                f"U-Net slot {slot}: {where} was written by DALLE2-pytorch {release}, whose U-Net differs from the "
+                f'slot as configured: set "reference_release": "{release}" in decoder.unets[{slot - 1}] '
+                "(docs/MIGRATING.md)"
+            )
         if release_differs(release) and slot_release is None:
             options = {**unet_configs[slot - 1].options, "reference_release": release}
             unet_configs[slot - 1] = attrs.evolve(unet_configs[slot - 1], options=options)

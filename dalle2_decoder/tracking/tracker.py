@@ -25,6 +25,7 @@ from ..config.tracker import (
     LocalLoadConfig,
     LocalSaveConfig,
     TrackerConfig,
+    UnetSourcesLoadConfig,
     UrlLoadConfig,
     WandbLoadConfig,
     WandbLogConfig,
@@ -33,7 +34,7 @@ from ..config.tracker import (
 )
 from ..failures import EXIT_IO
 from .checkpoint import LoadedCheckpoint, read_file, save_checkpoint, save_model
-from .loaders import LoadError, LocalLoader, UrlLoader, WandbLoader
+from .loaders import LoadError, LocalLoader, PartsLoader, UrlLoader, WandbLoader
 from .loggers import ConsoleLogger, ImagesLike, WandbLogger, generate_run_id, to_uint8_images
 from .redact import OUTPUT, install_output_redaction, redact, scrub_strings, secrets_in
 from .run_state import RunState, clean_staging, prepare_data_path, read_run_state, write_run_state
@@ -215,8 +216,27 @@ class Tracker:
             )
             return None
         self.info(f"loading the start checkpoint from {self.loader.describe()}")
+        if isinstance(self.loader, PartsLoader):
+            return self._load_parts(self.loader)
         path = self.loader.fetch()
         return dataclasses.replace(read_file(path), source=self.loader.describe(), auto_resumed=self.auto_resuming)
+
+    def _load_parts(self, loader: "PartsLoader") -> LoadedCheckpoint:
+        """A decoder assembled from the U-Nets of several files, checked against this run's decoder."""
+        from ..config.root import TrainDecoderConfig
+        from .parts import UnetPart, assemble
+
+        parts = []
+        for source, part_loader in zip(loader.config.unet_sources, loader.loaders):
+            loaded = dataclasses.replace(read_file(part_loader.fetch()), source=part_loader.describe())
+            numbers = source.file_unet_numbers or [None] * len(source.unet_numbers)
+            parts += [UnetPart(slot, loaded, number) for slot, number in zip(source.unet_numbers, numbers)]
+        config = TrainDecoderConfig.from_dict(self.config_dict)
+        _, state = assemble(config, parts, use_ema=loader.config.use_ema, slots_built_as_configured=True)
+        notes = tuple(note for part in parts for note in part.loaded.notes)
+        return LoadedCheckpoint(
+            "model", 0, None, model_state=state, source=loader.describe(), auto_resumed=self.auto_resuming, notes=notes
+        )
 
     # --- saving --------------------------------------------------------------------------------
 
@@ -632,11 +652,17 @@ def protected_paths(config: TrackerConfig, full_config_dict: Mapping[str, Any], 
     return paths
 
 
-def _create_loader(config: TrackerConfig, logger, data_path: Path, resuming_wandb: bool):
-    load = config.load
+def _create_loader(config: TrackerConfig, logger, data_path: Path, resuming_wandb: bool, load=None):
+    load = config.load if load is None else load
     downloads = data_path / "downloads"
     if load is None:
         return None
+    if isinstance(load, UnetSourcesLoadConfig):
+        parts = [
+            _create_loader(config, logger, data_path / f"part{index}", resuming_wandb, source.load_model_from)
+            for index, source in enumerate(load.unet_sources)
+        ]
+        return PartsLoader(load, parts)
     if isinstance(load, LocalLoadConfig):
         return LocalLoader(load)
     if isinstance(load, UrlLoadConfig):
