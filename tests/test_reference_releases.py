@@ -189,8 +189,8 @@ def test_a_cascade_of_two_releases_samples_the_reference_parts_chained(tmp_path,
         [
             "--unet",
             f"1={FIXTURES / base_release / 'model.pth'}",
-            "--unet",
-            f"2={FIXTURES / upsampler_release / 'model.pth'}",
+            "--unet",  # the checkpoint records its release (its model save, written before 1.0, does not)
+            f"2={FIXTURES / upsampler_release / 'checkpoint.pth'}",
             "--config",
             str(tmp_path / "cascade.json"),
             "--out",
@@ -213,23 +213,24 @@ def test_a_part_that_does_not_fit_its_slot_is_refused_in_one_line(tmp_path, caps
 
     upsampler_release, base_release = _cascade_parts()
     (tmp_path / "cascade.json").write_text(json.dumps(raw_config(upsampler_release, with_release=False)))
-    base = FIXTURES / base_release / "model.pth"
-    code = main(
-        [
-            "--unet",
-            f"1={base}",
-            "--unet",
-            f"2={base}:1",
-            "--config",
-            str(tmp_path / "cascade.json"),
-            "--out",
-            str(tmp_path / "x.safetensors"),
-        ]
-    )
-    err = capsys.readouterr().err.strip()
-    assert code == EXIT_CHECKPOINT and len(err.splitlines()) == 1, err
-    assert "U-Net slot 2" in err and "model.pth" in err and "input channels" in err
-    assert not (tmp_path / "x.safetensors").exists()
+
+    def refused(second: str) -> str:
+        base = FIXTURES / base_release / "model.pth"
+        out = tmp_path / "x.safetensors"
+        arguments = ["--unet", f"1={base}", "--unet", second, "--config", str(tmp_path / "cascade.json")]
+        assert main([*arguments, "--out", str(out)]) == EXIT_CHECKPOINT
+        assert not out.exists()
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "U-Net slot 2" in err, err
+        return err
+
+    # A base U-Net whose file records its size: trained at 8px, the slot samples at 16px.
+    assert "trained at 8px, the slot samples at 16px" in refused(f"2={FIXTURES / base_release / 'model.pth'}:1")
+    # One whose file records nothing (a model save before 1.0): its input channels are a base U-Net's.
+    assert "input channels" in refused(f"2={FIXTURES / '0.23.10' / 'model.pth'}")
+    # An upsampler of a release before 0.24 whose file records no release, in a slot built as 1.15.6's.
+    message = refused(f"2={FIXTURES / upsampler_release / 'model.pth'}")
+    assert "output convolution" in message and "reference_release" in message
 
 
 def test_an_assembled_cascade_fine_tunes_its_upsampler_only(tmp_path):
@@ -240,7 +241,7 @@ def test_an_assembled_cascade_fine_tunes_its_upsampler_only(tmp_path):
     raw = raw_config(upsampler_release, with_release=False)
     (tmp_path / "cascade.json").write_text(json.dumps(raw))
     out = tmp_path / "cascade.safetensors"
-    parts = [f"1={FIXTURES / base_release / 'model.pth'}", f"2={FIXTURES / upsampler_release / 'model.pth'}"]
+    parts = [f"1={FIXTURES / base_release / 'model.pth'}", f"2={FIXTURES / upsampler_release / 'checkpoint.pth'}"]
     assert (
         main(["--unet", parts[0], "--unet", parts[1], "--config", str(tmp_path / "cascade.json"), "--out", str(out)])
         == 0
@@ -295,7 +296,10 @@ def test_tracker_load_assembles_the_same_cascade_from_unet_sources(tmp_path):
     def loaded_with(raw):
         tracker = create_tracker(
             TrackerConfig(
-                log=ConsoleLogConfig(log_type="console"), save=[], data_path=str(tmp_path / "run"), load=sources()
+                log=ConsoleLogConfig(log_type="console"),
+                save=[],
+                data_path=str(tmp_path / f"run{len(list(tmp_path.iterdir()))}"),
+                load=sources(),
             ),
             full_config_dict=raw,
             is_main_process=True,

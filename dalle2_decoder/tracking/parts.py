@@ -102,11 +102,18 @@ def _describe_misfit(
             f"U-Net slot {slot}: {where} takes {got} input channels, the slot {want}, {kind} input; a base "
             "U-Net cannot fill an upsampler slot, nor an upsampler a base slot"
         )
-    if "to_out.weight" in shapes:
+    if "to_out.weight" in shapes and shape(part, "to_out.weight")[0] != shape(expected, "to_out.weight")[0]:
         got, want = shape(part, "to_out.weight")[0], shape(expected, "to_out.weight")[0]
         return (
             f"U-Net slot {slot}: {where} outputs {got} channels, the slot {want} (decoder.learned_variance differs "
             "for this U-Net, or the image channels)"
+        )
+    if "to_out.weight" in shapes:
+        got, want = shape(part, "to_out.weight")[1], shape(expected, "to_out.weight")[1]
+        return (
+            f"U-Net slot {slot}: {where} takes {got} channels into its output convolution, the slot {want} "
+            "(upsamplers of DALLE2-pytorch before 0.24 do not take the low-res image there: the slot's "
+            "reference_release must be the file's release)"
         )
     for prefix, what in (
         ("to_image_hiddens", "image-embedding width (image_embed_dim) or conditioning on it"),
@@ -161,6 +168,7 @@ def assemble(config, parts: Sequence[UnetPart], *, use_ema: bool = True, slots_b
 
     unet_configs = list(config.decoder.unets)
     chosen: Dict[int, Tuple[Dict[str, torch.Tensor], str]] = {}
+    releases: Dict[int, Optional[str]] = {}
     for slot, part in sorted(by_slot.items()):
         loaded = part.loaded
         weights = _weights(loaded, use_ema)
@@ -192,6 +200,7 @@ def assemble(config, parts: Sequence[UnetPart], *, use_ema: bool = True, slots_b
                 f"{config.decoder.image_sizes[slot - 1]}px (decoder.image_sizes[{slot - 1}])"
             )
         release = _part_release(loaded, recorded, number)
+        releases[slot] = release
         slot_release = _slot_release(unet_configs[slot - 1])
         if slots_built_as_configured and release is not None and describe(release) != describe(slot_release):
             raise CheckpointError(
@@ -212,6 +221,11 @@ def assemble(config, parts: Sequence[UnetPart], *, use_ema: bool = True, slots_b
         expected = decoder.unets[slot - 1].state_dict()
         problem = _describe_misfit(expected, part_weights, slot, where)
         if problem:
+            if _slot_release(unet_configs[slot - 1]) is None and releases[slot] is None:
+                problem += (
+                    "; a DALLE2-pytorch model save written before 1.0 records no release: if the file is one, set "
+                    f'"reference_release" in decoder.unets[{slot - 1}] to the release it was trained with'
+                )
             raise CheckpointError(problem)
         state.update({f"unets.{slot - 1}.{name}": tensor for name, tensor in part_weights.items()})
     return config, state
