@@ -337,3 +337,35 @@ def test_unet_sources_configs_are_checked():
     with pytest.raises(ConfigError) as error:
         TrainDecoderConfig.from_dict(raw)
     assert "give every U-Net of the decoder (1 to 1) once" in str(error.value)
+
+
+@pytest.mark.parametrize("release", RELEASES)
+def test_the_evaluation_command_s_loader_takes_each_release(release):
+    """`dalle2-evaluate-decoder` builds the decoder from the run's config and loads the checkpoint into it."""
+    from dalle2_decoder.evaluate import load_decoder as evaluation_decoder
+
+    tensors, noise = samples(release)
+    decoder, step = evaluation_decoder(
+        TrainDecoderConfig.from_dict(raw_config(release)), str(FIXTURES / release / "checkpoint.pth"), use_ema=True
+    )
+    assert step == max(json.loads((FIXTURES / release / "meta.json").read_text())["steps"])
+    assert_close(sample(decoder, tensors, noise), tensors["images"])
+    if describe(release):  # built for 1.15.6's U-Nets instead: refused, naming the release
+        with pytest.raises(CheckpointError, match=f"DALLE2-pytorch {release}"):
+            evaluation_decoder(
+                TrainDecoderConfig.from_dict(raw_config(release, with_release=False)),
+                str(FIXTURES / release / "checkpoint.pth"),
+                use_ema=True,
+            )
+
+
+def test_the_sampling_command_takes_a_file_of_an_earlier_release(tmp_path):
+    from dalle2_decoder.sample import main
+
+    release = "1.1.0"
+    np.save(tmp_path / "embeds.npy", samples(release)[0]["image_embed"].numpy())
+    out = tmp_path / "out"
+    model = str(FIXTURES / release / "checkpoint.pth")
+    assert main(["--model", model, "--embeddings", str(tmp_path / "embeds.npy"), "--out", str(out)]) == 0
+    record = json.loads((out / "samples.json").read_text())
+    assert record["count"] == 2 and len(list((out / "images").glob("*.png"))) == 2
