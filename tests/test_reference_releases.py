@@ -108,14 +108,43 @@ def test_differences_are_selected_by_release():
     assert len(describe("0.16.19")) == len(names)  # every one
 
 
+def tracker_load(config, raw, data_path):
+    """What a run's `tracker.load` gives."""
+    import attrs
+
+    from dalle2_decoder.tracking import create_tracker
+
+    tracker = create_tracker(
+        attrs.evolve(config.tracker, data_path=str(data_path), save=[]), full_config_dict=raw, is_main_process=True
+    )
+    try:
+        return tracker.load()
+    finally:
+        tracker.finish()
+
+
+@pytest.mark.parametrize("release", [r for r in RELEASES if describe(r)])
+def test_tracker_load_refuses_a_run_not_configured_for_the_file_s_release(release, tmp_path):
+    """Also for model saves, whose U-Nets a run would otherwise take as its own (same names, other function)."""
+    raw = raw_config(release, with_release=False)
+    name = "model.pth" if release >= "1" else "checkpoint.pth"  # model saves record their release from 1.0 on
+    raw["tracker"]["load"] = {"load_from": "local", "file_path": str(FIXTURES / release / name)}
+    with pytest.raises(CheckpointError) as error:
+        tracker_load(TrainDecoderConfig.from_dict(raw), raw, tmp_path / "run")
+    assert f"DALLE2-pytorch {release}" in str(error.value) and "\n" not in str(error.value)
+
+
 @pytest.mark.parametrize("release", RELEASES)
-def test_a_release_checkpoint_continues_training_here(release):
+def test_a_release_checkpoint_continues_training_here(release, tmp_path):
     from dalle2_decoder.training.trainer import DecoderTrainer
 
     meta = json.loads((FIXTURES / release / "meta.json").read_text())
-    config = TrainDecoderConfig.from_dict(raw_config(release))
+    raw = raw_config(release)
+    raw["tracker"]["load"] = {"load_from": "local", "file_path": str(FIXTURES / release / "checkpoint.pth")}
+    config = TrainDecoderConfig.from_dict(raw)
     trainer = DecoderTrainer(config.decoder.create(), Accelerator(cpu=True), config.train)
-    loaded = read_file(FIXTURES / release / "checkpoint.pth")
+    loaded = tracker_load(config, raw, tmp_path / "run")
+    assert loaded.reference_release == release
     notes = trainer.load_state_dict(loaded.state["trainer"])
     assert not [n for n in notes if "optimizer" in n], notes
     assert trainer.step == max(meta["steps"])

@@ -219,7 +219,28 @@ class Tracker:
         if isinstance(self.loader, PartsLoader):
             return self._load_parts(self.loader)
         path = self.loader.fetch()
-        return dataclasses.replace(read_file(path), source=self.loader.describe(), auto_resumed=self.auto_resuming)
+        loaded = dataclasses.replace(read_file(path), source=self.loader.describe(), auto_resumed=self.auto_resuming)
+        self._check_release(loaded)
+        return loaded
+
+    def _check_release(self, loaded: LoadedCheckpoint) -> None:
+        """A file of an earlier DALLE2-pytorch release needs the run's U-Nets configured as that release's."""
+        from types import SimpleNamespace
+
+        from .checkpoint import CheckpointError
+        from .reference import release_mismatch
+
+        decoder = self.config_dict.get("decoder") if isinstance(self.config_dict, Mapping) else None
+        unets = decoder.get("unets") if isinstance(decoder, Mapping) else None
+        if not isinstance(unets, list):
+            return
+        built = [
+            SimpleNamespace(reference_release=u.get("reference_release") if isinstance(u, Mapping) else None)
+            for u in unets
+        ]
+        problem = release_mismatch(built, loaded.reference_release, loaded.source)
+        if problem:
+            raise CheckpointError(problem)
 
     def _load_parts(self, loader: "PartsLoader") -> LoadedCheckpoint:
         """A decoder assembled from the U-Nets of several files, checked against this run's decoder."""
