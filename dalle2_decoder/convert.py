@@ -82,7 +82,7 @@ def convert(source: str, output: str, *, config_file: Optional[str] = None, use_
     )
 
 
-def assemble(parts: Sequence[str], output: str, *, config_file: str, use_ema: bool = True) -> str:
+def assemble_parts(parts: Sequence[str], output: str, *, config_file: str, use_ema: bool = True) -> str:
     """Write `output` (safetensors) from U-Nets of several files (`SLOT=FILE[:N]` each) into the cascade of
     `config_file`; returns a one-line summary. Raises CheckpointError / ConfigError."""
     from .cli import load_config
@@ -164,7 +164,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     def body() -> int:
         if args.unet:
-            summary = assemble(args.unet, output, config_file=args.config_file, use_ema=not args.no_ema)
+            summary = assemble_parts(args.unet, output, config_file=args.config_file, use_ema=not args.no_ema)
         else:
             summary = convert(args.input, output, config_file=args.config_file, use_ema=not args.no_ema)
         print(summary, flush=True)

@@ -15,7 +15,6 @@ built with `reference_release` (see `models.releases`), and the assembled config
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -229,11 +228,3 @@ def assemble(config, parts: Sequence[UnetPart], *, use_ema: bool = True, slots_b
             raise CheckpointError(problem)
         state.update({f"unets.{slot - 1}.{name}": tensor for name, tensor in part_weights.items()})
     return config, state
-
-
-def describe_parts(parts: Sequence[UnetPart]) -> str:
-    return ", ".join(f"{part.slot}={part.loaded.source}" for part in sorted(parts, key=lambda p: p.slot))
-
-
-def config_json_of(config) -> str:
-    return json.dumps(config.to_dict())
