@@ -28,11 +28,10 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 OUT = REPO / "tests" / "fixtures" / "reference"
 
-# The shared dependencies at versions all releases import with; torch as they resolve it (their newest
-# releases cap it: 2.12.1 when these fixtures were written, recorded in each meta.json).
+# torch first (from this machine's wheel cache), then the dependencies every release shares, at versions
+# all of them import with (each meta.json records what wrote it), then setuptools < 70 (see below).
+TORCH = ["torch==2.14.1", "torchvision==0.29.1"]
 BASE = [
-    "torch",
-    "torchvision",
     "pydantic<2",
     "accelerate",
     "click",
@@ -101,7 +100,11 @@ def main() -> int:
         if done.returncode:
             print(f"could not create {base}: {last_line(done)}")
             return 1
-    done = run([str(python), "-m", "pip", "install", "-q", *BASE]) if not args.keep_base else None
+    done = None
+    if not args.keep_base:
+        done = run([str(python), "-m", "pip", "install", "-q", *TORCH])
+        if not done.returncode:  # the shared dependencies beside that torch, not another one
+            done = run([str(python), "-m", "pip", "install", "-q", *BASE, *TORCH])
     if done is not None and done.returncode:
         print(f"could not install the shared dependencies: {last_line(done)}")
         return 1
