@@ -276,6 +276,14 @@ class TrackerConfig:
 
     def notes(self, root: "TrainDecoderConfig") -> List[str]:
         notes = []
+        if any(saves_something(saver) for saver in self.save):
+            notes += [
+                f"tracker.save[{index}]: saves nothing (no save_latest_to, save_best_to or save_meta_to), left out "
+                "of the run; DALLE2-pytorch before 0.26.2 saved latest.pth and best.pth there by default: set "
+                "save_latest_to and save_best_to to save there"
+                for index, saver in enumerate(self.save)
+                if not saves_something(saver)
+            ]
         if isinstance(self.log, ConsoleLogConfig) and self.log.resume:
             notes.append(
                 "tracker.log.resume: the console logger has no remote run to resume, so this is ignored "
@@ -313,14 +321,28 @@ def tracker_problems(tracker: TrackerConfig) -> List[str]:
                 "tracker.load.wandb_run_path: needed unless tracker.log.log_type is wandb (without it "
                 "the checkpoint is taken from the logged run)"
             )
+    any_saves = any(saves_something(saver) for saver in tracker.save)
     for index, saver in enumerate(tracker.save):
-        problems += _saver_problems(f"tracker.save[{index}]", saver, logs_to_wandb)
+        path = f"tracker.save[{index}]"
+        if not saves_something(saver):
+            if not any_saves:
+                problems.append(f"{path}: saves nothing; set save_latest_to, save_best_to or save_meta_to")
+            continue  # left out of the run beside savers that save (TrackerConfig.notes says so)
+        problems += _saver_problems(path, saver, logs_to_wandb)
     return problems
+
+
+SAVE_TARGETS = ("save_latest_to", "save_best_to", "save_meta_to")
+
+
+def saves_something(saver: SaveTargets) -> bool:
+    """Whether a saver has a target (a saver without one is left out of a run that has others)."""
+    return any(getattr(saver, name) is not None for name in SAVE_TARGETS)
 
 
 def _saver_problems(path: str, saver: SaveTargets, logs_to_wandb: bool) -> List[str]:
     problems = []
-    targets = ("save_latest_to", "save_best_to", "save_meta_to")
+    targets = SAVE_TARGETS
     for name in targets:
         problems += not_empty(f"{path}.{name}", getattr(saver, name))
     for name in ("save_latest_to", "save_best_to"):
@@ -331,8 +353,6 @@ def _saver_problems(path: str, saver: SaveTargets, logs_to_wandb: bool) -> List[
                 f"{path}.{name}: {template} ends in .safetensors but save_type is checkpoint; safetensors "
                 "holds model weights only (save_type: model), checkpoints are .pt files"
             )
-    if all(getattr(saver, name) is None for name in targets):
-        problems.append(f"{path}: saves nothing; set save_latest_to, save_best_to or save_meta_to")
     if isinstance(saver, HuggingfaceSaveConfig):
         problems += not_empty(f"{path}.huggingface_repo", saver.huggingface_repo)
     if isinstance(saver, WandbSaveConfig) and saver.wandb_run_path is None and not logs_to_wandb:

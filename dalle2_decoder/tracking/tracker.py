@@ -30,6 +30,7 @@ from ..config.tracker import (
     WandbLoadConfig,
     WandbLogConfig,
     WandbSaveConfig,
+    saves_something,
     tracker_problems,
 )
 from ..failures import EXIT_IO
@@ -526,7 +527,7 @@ def create_tracker(
     problems = _check_config(config, auto_resuming)
     hub_tokens: Dict[int, str] = {}
     for index, save in enumerate(config.save):
-        if isinstance(save, HuggingfaceSaveConfig):
+        if isinstance(save, HuggingfaceSaveConfig) and saves_something(save):
             try:
                 token = resolve_hub_token(save)
             except Exception as error:
@@ -706,6 +707,8 @@ def _create_loader(config: TrackerConfig, logger, data_path: Path, resuming_wand
 def _create_savers(config: TrackerConfig, logger, data_path: Path, hub_tokens: Dict[int, str]):
     savers = []
     for index, save in enumerate(config.save):
+        if not saves_something(save):  # beside savers that save (the config check allows no other case)
+            continue
         if isinstance(save, LocalSaveConfig):
             savers.append(LocalSaver(save, data_path))
         elif isinstance(save, HuggingfaceSaveConfig):
