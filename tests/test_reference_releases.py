@@ -60,7 +60,7 @@ def sample(decoder, tensors, noise, **kwargs):
 
 
 def test_every_release_of_the_table_has_fixtures():
-    wanted = ["0.16", "0.23", "1.0", "1.1", "1.4", "1.8", "1.10", "1.12", "1.14", "1.15.6"]
+    wanted = ["0.15.4", "0.16", "0.23", "1.0", "1.1", "1.4", "1.8", "1.10", "1.12", "1.14", "1.15.6"]
     for prefix in wanted:
         assert any(r == prefix or r.startswith(prefix + ".") for r in RELEASES), prefix
     record = json.loads((FIXTURES / "releases.json").read_text())
@@ -105,7 +105,9 @@ def test_differences_are_selected_by_release():
     assert describe("1.15.6") == () and describe("1.14.2") == () and describe("1.10.0") == ()
     assert len(describe("1.8.4")) == 1  # the 4x4 strided downsampling
     assert len(describe("1.4.2")) == 2  # and the self-attention scale
-    assert len(describe("0.16.19")) == len(names)  # every one
+    assert len(describe("0.16.10")) == len(names)  # every one
+    assert len(describe("0.16.19")) == len(names) - 1  # the low-res input is clamped from 0.16.16 on
+    assert len(describe("0.15.4")) == len(names) - 1  # no division by the maximum in LayerNorm before 0.16.5
 
 
 def tracker_load(config, raw, data_path):
@@ -157,12 +159,25 @@ def test_a_release_checkpoint_continues_training_here(release, tmp_path):
 
 def test_a_file_of_an_unsupported_release_is_refused_naming_the_release(tmp_path):
     weights = {"unets.0.w": torch.zeros(2)}
-    payload = {"model": weights, "version": "0.15.4", "steps": torch.tensor([1]), "optim0": {"state": {}}}
+    payload = {"model": weights, "version": "0.15.3", "step": 1.0, "optim0": {"state": {}}}
     torch.save(payload, tmp_path / "old.pth")
     with pytest.raises(CheckpointFormatError) as error:
         read_file(tmp_path / "old.pth")
     message = str(error.value)
-    assert "old.pth" in message and "DALLE2-pytorch 0.15.4 is not supported" in message and "\n" not in message
+    assert "old.pth" in message and "DALLE2-pytorch 0.15.3 is not supported" in message and "\n" not in message
+
+
+def test_layer_norm_shifts_of_releases_before_0_16_are_dropped_only_when_zero():
+    from dalle2_decoder.models import reference_names
+
+    state = {"unets.0.mid_attn.norm.gamma": torch.ones(4), "unets.0.mid_attn.norm.beta": torch.zeros(4)}
+    mapped, dropped = reference_names.decoder_state_from_reference_with_dropped(state)
+    assert list(mapped) == ["unets.0.mid_attn.norm.g"] and [name for name, _ in dropped] == [
+        "unets.0.mid_attn.norm.beta"
+    ]
+    state["unets.0.mid_attn.norm.beta"] = torch.full((4,), 0.5)  # would shift what the network computes
+    with pytest.raises(ValueError, match="unets.0.mid_attn.norm.beta.*not zero"):
+        reference_names.decoder_state_from_reference_with_dropped(state)
 
 
 def test_weights_only_loading_is_not_loosened_for_older_files(tmp_path):
@@ -199,12 +214,49 @@ def test_convert_writes_a_model_save_of_an_earlier_release(tmp_path):
 
 
 def _cascade_parts():
-    """(upsampler release, base release) of the cascade fixture."""
+    """(upsampler release, base release) of the cascade fixture whose upsampler is U-Net 2 of its run's files."""
     for release in RELEASES:
         meta = json.loads((FIXTURES / release / "meta.json").read_text())
-        if "cascade" in meta:
+        if "cascade" in meta and meta["cascade"]["upsampler"] == "U-Net 2 of model.pth":
             return release, meta["cascade"]["base_release"]
     pytest.fail("no release fixture has cascade samples")
+
+
+CASCADE_MODEL_RELEASES = [
+    r
+    for r in RELEASES
+    if json.loads((FIXTURES / r / "meta.json").read_text()).get("cascade", {}).get("upsampler")
+    == "U-Net 2 of cascade_model.pth"
+]
+
+
+@pytest.mark.parametrize("release", CASCADE_MODEL_RELEASES)
+def test_the_upsampler_of_a_one_unet_release_run_continues_another_release_s_samples(release, tmp_path):
+    """0.15.4: its upsampler (of a cascade run of its own) resizes the low-res input cubically, unclamped."""
+    from dalle2_decoder.convert import main
+
+    base_release = json.loads((FIXTURES / release / "meta.json").read_text())["cascade"]["base_release"]
+    (tmp_path / "cascade.json").write_text(json.dumps(raw_config(release, "cascade_config.json", with_release=False)))
+    out = tmp_path / "cascade.safetensors"
+    base_file, upsampler_file = FIXTURES / base_release / "model.pth", FIXTURES / release / "cascade_model.pth"
+    arguments = [
+        "--unet",
+        f"1={base_file}",
+        "--unet",
+        f"2={upsampler_file}:2",
+        "--config",
+        str(tmp_path / "cascade.json"),
+    ]
+    # The model save of a release before 1.0 records no release: the slot names it.
+    assert main([*arguments, "--out", str(out)]) == EXIT_CHECKPOINT
+    raw = raw_config(release, "cascade_config.json", with_release=False)
+    raw["decoder"]["unets"][1]["reference_release"] = release
+    (tmp_path / "cascade.json").write_text(json.dumps(raw))
+    assert main([*arguments, "--out", str(out)]) == 0
+    base, base_noise = samples(base_release)
+    chained, upsampler_noise = samples(release, "cascade_samples.safetensors")
+    assert torch.equal(chained["base_images"], base["images"])
+    assert_close(sample(load(out).decoder, base, base_noise + upsampler_noise), chained["images"])
 
 
 def test_a_cascade_of_two_releases_samples_the_reference_parts_chained(tmp_path, capsys):

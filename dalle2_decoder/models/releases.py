@@ -3,13 +3,14 @@
 Our U-Net is 1.15.6's. Files written by earlier releases hold weights of U-Nets that differ in
 layout or in function; `Unet(reference_release="1.1.0")` builds the U-Net as that release did, so
 that its weights load and compute what they computed there. Every difference found between
-0.16.0 and 1.15.6 (by reading each release's source and by running it, see
+0.15.4 and 1.15.6 (by reading each release's source and by running it, see
 scripts/reference_fixtures/releases.py) is listed in `DIFFERENCES`, with the first release that no
-longer had it. Renamed modules with unchanged function (`cross_attn.fn.` before 1.14) are mapped by
-`reference_names` instead.
+longer had it. Renamed modules with unchanged function (`cross_attn.fn.` before 1.14, LayerNorm's
+`gamma` and its zero `beta` buffer before 0.16) are mapped by `reference_names` instead.
 
-Releases before `OLDEST` (0.16.0) are not read: their trainer files predate the tracker's
-checkpoint layout this package maps, and are refused by name.
+`OLDEST` is 0.15.4, the release LAION's released 1.5B and 1B decoders were trained with (its
+U-Net is 0.16.0's but for those LayerNorm names; its softmax is stabilised differently, which
+changes nothing in float32). Releases before it are refused by name: their source was not compared.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Optional, Tuple
 
 Release = Tuple[int, int, int]
 
-OLDEST: Release = (0, 16, 0)
+OLDEST: Release = (0, 15, 4)
 NEWEST_KNOWN: Release = (1, 15, 6)
 
 
@@ -83,6 +84,11 @@ DIFFERENCES: Tuple[Difference, ...] = (
         "an upsampler's low-resolution input is resized with cubic interpolation at sampling (later: nearest)",
     ),
     Difference(
+        "unclamped_lowres_input",
+        (0, 16, 16),
+        "an upsampler's resized low-resolution input is not clamped to the image range at sampling",
+    ),
+    Difference(
         "no_final_lowres_input",
         (0, 24, 0),
         "upsamplers do not see the low-resolution image again before their output convolution",
@@ -107,6 +113,7 @@ class UnetDifferences:
     layer_norm_divides_by_max: bool = False
     conv_transpose_upsample: bool = False
     cubic_lowres_input: bool = False
+    unclamped_lowres_input: bool = False
     no_final_lowres_input: bool = False
     self_attn_sqrt_scale: bool = False
     strided_conv_downsample: bool = False

@@ -186,6 +186,7 @@ class Unet(nn.Module):
         self.release_differences = describe(reference_release)
         self.final_lowres_input = lowres_cond and not release.no_final_lowres_input
         self.cubic_lowres_input = release.cubic_lowres_input
+        self.unclamped_lowres_input = release.unclamped_lowres_input
         levels = len(dim_mults)
         if levels < 1:
             raise ValueError("Unet: dim_mults needs at least one level")
@@ -385,7 +386,10 @@ class Unet(nn.Module):
         self, image: torch.Tensor, size: int, clamp_range: Optional[Tuple[float, float]] = None
     ) -> torch.Tensor:
         """The previous stage's images resized to this upsampler's input: nearest-neighbour, or cubic
-        for U-Nets of releases before 0.23.10 (`reference_release`); clamped to clamp_range."""
+        for U-Nets of releases before 0.23.10 (`reference_release`); clamped to clamp_range (not
+        before 0.16.16)."""
+        if self.unclamped_lowres_input:
+            clamp_range = None
         if not self.cubic_lowres_input or image.shape[-1] == size:
             return resize_image(image, size, clamp_range)
         out = resize_cubic(image, size)

@@ -307,7 +307,7 @@ def read_file(path: PathLike) -> LoadedCheckpoint:
             if release is None:
                 notes.append(
                     "it records no DALLE2-pytorch release (model saves before 1.0 do not): its U-Nets are taken as "
-                    "the config builds them; for a file of releases 0.16 to 0.26, set "
+                    "the config builds them; for a file of releases 0.15.4 to 0.26, set "
                     "decoder.unets[i].reference_release to the release it was trained with (docs/MIGRATING.md)"
                 )
             return LoadedCheckpoint(

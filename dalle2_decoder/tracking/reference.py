@@ -6,7 +6,8 @@ Two kinds exist:
   `model` (the Decoder's state dict; U-Nets a run froze are missing, the reference replaces them
   by `nn.Identity`), `steps` (optimizer steps per U-Net), `optim{i}` / `sched{i}` (None for
   frozen U-Nets), `ema` (ema-pytorch modules of every U-Net), `version`, and the run's metadata
-  (`epoch`, `sample`, `next_task`, `validation_losses`, `samples_seen`, `config`);
+  (`epoch`, `sample`, `next_task`, `validation_losses`, `samples_seen`, `config`); before 0.16 one
+  `step` counted the updates of all U-Nets together, and there were no schedulers;
 - a model save (the tracker's `save_type: model`, as the community's released decoders):
   `model` (EMA weights when EMA was on), `version` (a `packaging.version.Version`) and `config`.
   A bare Decoder state dict is read as a model save too.
@@ -74,9 +75,17 @@ def is_reference_checkpoint(payload: Any) -> bool:
         isinstance(payload, Mapping)
         and "format" not in payload
         and _tensor_dict(payload.get("model"))
-        and "steps" in payload
+        and ("steps" in payload or "step" in payload)  # `step`: one counter for all U-Nets, before 0.16
         and any(key.startswith("optim") for key in payload)
     )
+
+
+def _steps(payload: Mapping[str, Any]) -> List[int]:
+    """Optimizer steps per U-Net; before 0.16 the one `step` (all U-Nets' updates together) for each."""
+    if payload.get("steps") is not None:
+        return [int(s) for s in torch.as_tensor(payload["steps"]).reshape(-1).tolist()]
+    count = sum(1 for key in payload if key.startswith("optim") and key[len("optim") :].isdigit())
+    return [int(float(payload.get("step", 0)))] * max(count, 1)
 
 
 def is_reference_model(payload: Any) -> bool:
@@ -212,7 +221,9 @@ def _optimizer_by_name(model: Mapping[str, torch.Tensor], index: int, saved: Map
     are its state-dict entries in order), split into a group of tensors with 2 or more dimensions
     and a group of the rest (one group when weight decay was 0).
     """
-    entries = _unet_entries(model, index)
+    # Before 0.16 the U-Net had buffers (LayerNorm shifts), which its optimizer did not hold.
+    unet = _unet_entries(model, index)
+    entries = {name: t for name, t in unet.items() if not _names().old_layer_norm_shift(name, unet)}
     names = list(entries)
     groups = saved["param_groups"]
     counts = [len(group["params"]) for group in groups]
@@ -261,7 +272,12 @@ def convert_checkpoint(payload: Mapping[str, Any]) -> Tuple[Dict[str, Any], List
     """Our checkpoint state (`trainer`, `reference`) from a reference trainer checkpoint, and notes."""
     model = payload["model"]
     weights, notes = decoder_weights(model)
-    steps = [int(s) for s in torch.as_tensor(payload["steps"]).reshape(-1).tolist()]
+    steps = _steps(payload)
+    if payload.get("steps") is None and len(steps) > 1:
+        notes.append(
+            f"DALLE2-pytorch before 0.16 counts one step for all U-Nets together ({steps[0]}); each U-Net continues "
+            "from it"
+        )
     trainer: Dict[str, Any] = {
         "decoder": weights,
         "partial_decoder": True,
@@ -322,8 +338,7 @@ def config_json(payload: Mapping[str, Any]) -> Optional[str]:
 
 
 def reference_step(payload: Mapping[str, Any]) -> int:
-    steps = payload.get("steps")
-    return int(torch.as_tensor(steps).max()) if steps is not None else 0
+    return max(_steps(payload)) if is_reference_checkpoint(payload) else 0
 
 
 def schedule_note(beta_schedules: Sequence[str]) -> Optional[str]:

@@ -72,6 +72,13 @@ UNET = {
 }
 
 
+def _learning_rate() -> float:
+    """1e-3, or 5e-4 for releases before 0.16, whose DecoderTrainer asserts a rate below 1e-3."""
+    from dalle2_pytorch.version import __version__
+
+    return 5e-4 if tuple(int(p) for p in __version__.split(".")[:2]) < (0, 16) else 1e-3
+
+
 def run_config(tracker_path: str, unets: int = 1, use_ema: bool = True) -> Dict:
     image_sizes = [8, 16][:unets]
     return {
@@ -96,7 +103,7 @@ def run_config(tracker_path: str, unets: int = 1, use_ema: bool = True) -> Dict:
         },
         "train": {
             "epochs": 1,
-            "lr": 1e-3,
+            "lr": _learning_rate(),
             "wd": 0.01,
             "max_grad_norm": 0.5,
             "warmup_steps": 2,
@@ -241,7 +248,10 @@ def _base(target: pathlib.Path, meta: Dict):
     shutil.copy(data_path / "checkpoint.pth", target / "checkpoint.pth")
     shutil.copy(data_path / "model.pth", target / "model.pth")
     (target / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    meta["steps"] = trainer.steps.tolist()
+    if hasattr(trainer, "steps"):
+        meta["steps"] = trainer.steps.tolist()
+    else:  # before 0.16: one `step` counter for all U-Nets together
+        meta["steps"] = [int(trainer.step.item())] * len(config["decoder"]["unets"])
     meta["ema_steps"] = [int(getattr(ema, "step", -1)) for ema in trainer.ema_unets]
 
     image_embed = torch.randn(SAMPLE_BATCH, EMBED_DIM, generator=torch.Generator().manual_seed(2))

@@ -10,9 +10,9 @@ installed into this project's environment, and nothing here imports dalle2_decod
 
 The releases are those that changed the U-Net's module layout or function, the Decoder's sampling
 or the trainer's checkpoint format (see dalle2_decoder/models/releases.py and docs/MIGRATING.md),
-the last patch of each. `releases.json` records, per release, what was installed with it, or why
-it could not be. The cascade fixture: 0.16.19's upsampler continues 1.15.6's base samples, so
-1.15.6 runs first.
+the last patch of each, and 0.15.4 (LAION's released 1.5B and 1B decoders). `releases.json`
+records, per release, what was installed with it, or why it could not be. The cascade fixtures:
+0.16.19's and 0.15.4's upsamplers continue 1.15.6's base samples, so 1.15.6 runs first.
 """
 
 from __future__ import annotations
@@ -70,8 +70,9 @@ RELEASES: Dict[str, List[str]] = {
     "1.0.6": ["ema-pytorch==0.0.9"],
     "0.23.10": ["ema-pytorch==0.0.8", "accelerate==0.10.0"],
     "0.16.19": ["ema-pytorch==0.0.8", "accelerate==0.10.0"],
+    "0.15.4": ["ema-pytorch==0.0.8", "accelerate==0.10.0"],
 }
-CASCADE = {"0.16.19": "1.15.6"}  # upsampler release -> base release whose samples it continues
+CASCADE = {"0.16.19": "1.15.6", "0.15.4": "1.15.6"}  # upsampler release -> base release whose samples it continues
 
 
 def run(command: List[str], **kwargs) -> subprocess.CompletedProcess:
