@@ -15,12 +15,19 @@ from typing import Dict, Iterator, Optional
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from dalle2_decoder import cli
 from dalle2_decoder.config import ConfigWarning, TrainDecoderConfig
+from dalle2_decoder.loading import load_model_weights
 from dalle2_decoder.models import Unet
+from dalle2_decoder.tracking import CheckpointError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "laion"
+SHRUNK = (
+    Path(__file__).parent / "fixtures" / "reference" / "laion"
+)  # written by scripts/reference_fixtures/laion_cases.py
+SHRUNK_RELEASES = sorted(p.name for p in SHRUNK.iterdir() if (p / "meta.json").is_file())
 PUBLISHED = json.loads((FIXTURES / "published.json").read_text())
 DECODERS: Dict[str, dict] = PUBLISHED["decoders"]
 FULL_CONFIG = FIXTURES / "1.5B_laion2B" / "decoder_config.json"
@@ -132,3 +139,40 @@ def test_the_0_15_4_files_differ_by_their_u_nets(large):
 
     assert abs(published_difference - difference("0.15.4")) <= 1e-3 * published_difference
     assert abs(published_difference - difference(None)) > 0.05 * published_difference
+
+
+def test_every_release_of_the_published_decoders_has_a_shrunk_fixture():
+    """0.15.4 for the 1.5B and 1B decoders; 1.0.3 (1.0.2's model code, 1.0.2 is not on PyPI) for v1.0.2."""
+    assert SHRUNK_RELEASES == ["0.15.4", "1.0.3"]
+    assert {d["release"] for d in DECODERS.values()} == {"0.15.4", "1.0.2"}
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("release", SHRUNK_RELEASES)
+def test_the_published_decoder_shrunk_samples_what_its_release_samples(release):
+    """The published U-Net options (sparse and memory-efficient attention, self-attention per level, text
+    conditioning, learned variance) at a small size: the release's own Decoder state dict, loaded into the
+    decoder built here as that release's, samples the release's images with guidance 1.7."""
+    meta = json.loads((SHRUNK / release / "meta.json").read_text())
+    raw = json.loads(FULL_CONFIG.read_text())
+    raw["decoder"] = json.loads((SHRUNK / release / "config.json").read_text())["decoder"]
+    tensors = load_file(SHRUNK / release / "samples.safetensors")
+    noise = [tensors[f"noise.{i}"] for i in range(meta["num_noise"])]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConfigWarning)
+        as_1_15_6 = TrainDecoderConfig.from_dict(raw).decoder.create()
+        for unet in raw["decoder"]["unets"]:
+            unet["reference_release"] = release
+        decoder = TrainDecoderConfig.from_dict(raw).decoder.create()
+    with pytest.raises(CheckpointError):  # 1.15.6's U-Net has other layers (the weights do not fit)
+        load_model_weights(as_1_15_6, SHRUNK / release / "model.pth")
+    load_model_weights(decoder, SHRUNK / release / "model.pth")
+    decoder.eval()
+    with torch.no_grad():
+        images = decoder.sample(
+            tensors["image_embed"], text_encodings=tensors["text_encodings"], cond_scale=meta["cond_scale"], noise=noise
+        )
+    expected = tensors["images"]
+    assert images.shape == expected.shape
+    # float32 networks over 16 steps: float rounding moves the images by about 1e-7 (tests/test_reference_releases.py)
+    assert (images - expected).abs().max().item() <= 1e-5 * max(1.0, expected.abs().max().item())

@@ -94,6 +94,18 @@ DIFFERENCES: Tuple[Difference, ...] = (
         "upsamplers do not see the low-resolution image again before their output convolution",
     ),
     Difference(
+        "unmasked_text_padding",
+        (0, 21, 1),
+        "text encodings given without a mask are all kept (zero ones too) and their padding to max_text_len is "
+        "zero tokens (later: positions whose encodings are zero, padding included, take the null text embedding)",
+    ),
+    Difference(
+        "unnormalised_linear_attention",
+        (1, 4, 0),
+        "sparse attention (LinearAttention) neither l2-normalises its values nor divides keys and values by "
+        "the square root of the number of positions",
+    ),
+    Difference(
         "self_attn_sqrt_scale",
         (1, 4, 3),
         "self-attention softmax scale dim_head^-0.5 (from 1.4.3 on the queries are scaled twice: 1 / dim_head)",
@@ -115,6 +127,8 @@ class UnetDifferences:
     cubic_lowres_input: bool = False
     unclamped_lowres_input: bool = False
     no_final_lowres_input: bool = False
+    unmasked_text_padding: bool = False
+    unnormalised_linear_attention: bool = False
     self_attn_sqrt_scale: bool = False
     strided_conv_downsample: bool = False
 

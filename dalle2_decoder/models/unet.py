@@ -187,6 +187,7 @@ class Unet(nn.Module):
         self.final_lowres_input = lowres_cond and not release.no_final_lowres_input
         self.cubic_lowres_input = release.cubic_lowres_input
         self.unclamped_lowres_input = release.unclamped_lowres_input
+        self.unmasked_text_padding = release.unmasked_text_padding
         levels = len(dim_mults)
         if levels < 1:
             raise ValueError("Unet: dim_mults needs at least one level")
@@ -300,7 +301,14 @@ class Unet(nn.Module):
             if self_attn_per_level[level]:
                 return self_attention(d)
             if sparse_attn:
-                return Residual(LinearAttention(d, heads=attn_heads, dim_head=attn_dim_head))
+                return Residual(
+                    LinearAttention(
+                        d,
+                        heads=attn_heads,
+                        dim_head=attn_dim_head,
+                        unnormalised_values=release.unnormalised_linear_attention,
+                    )
+                )
             return nn.Identity()
 
         def downsample(d_in: int, d_out: int) -> nn.Module:
@@ -622,6 +630,12 @@ class Unet(nn.Module):
                 f"Unet: text_encodings are {width} wide "
                 f"but this U-Net was built with text_embed_dim={self.text_embed_dim}"
             )
+        if text_mask is None and self.unmasked_text_padding:
+            # Before 0.21.1: without a mask every given position is text, and the padding is zero tokens.
+            tokens = F.pad(
+                self.text_to_cond(text_encodings[:, : self.max_text_len]), (0, 0, 0, max(0, self.max_text_len - n))
+            )
+            return torch.where(text_keep[:, None, None], tokens, self.null_text_embed.to(tokens.dtype))
         if text_mask is None:
             valid = (text_encodings != 0).any(dim=-1)
         else:

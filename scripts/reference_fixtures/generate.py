@@ -12,7 +12,8 @@ seeds, CPU, fp32): re-running rewrites identical files.
 
 The `releases` area runs under whichever DALLE2-pytorch release the interpreter has (any release,
 not only 1.15.6) and writes `releases/<version>/`; `releases.py` beside this script installs the
-releases one at a time in throwaway environments and runs it for each.
+releases one at a time in throwaway environments and runs it for each. The `laion` area runs the
+same way (`laion_cases`: LAION's published decoder shrunk, under the release that trained it).
 """
 
 from __future__ import annotations
@@ -29,12 +30,13 @@ AREAS = {
     "decoder": "decoder_cases",
     "checkpoints": "checkpoint_cases",
     "releases": "release_cases",
+    "laion": "laion_cases",
 }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    default_areas = ",".join(area for area in AREAS if area != "releases")
+    default_areas = ",".join(area for area in AREAS if area not in ("releases", "laion"))
     parser.add_argument("--only", default=default_areas, help="comma-separated areas: " + ", ".join(AREAS))
     parser.add_argument("--out", type=Path, default=REPO / "tests" / "fixtures" / "reference")
     parser.add_argument(
