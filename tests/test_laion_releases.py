@@ -176,3 +176,29 @@ def test_the_published_decoder_shrunk_samples_what_its_release_samples(release):
     assert images.shape == expected.shape
     # float32 networks over 16 steps: float rounding moves the images by about 1e-7 (tests/test_reference_releases.py)
     assert (images - expected).abs().max().item() <= 1e-5 * max(1.0, expected.abs().max().item())
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_the_documented_route_for_a_0_15_4_file_converts_it_once(tmp_path, capsys):
+    """docs/MIGRATING.md: the published config with reference_release 0.15.4, given to dalle2-convert-checkpoint
+    with the bare state dict; the model save it writes then loads with nothing else."""
+    from dalle2_decoder.convert import main
+    from dalle2_decoder.loading import load_decoder
+
+    release = "0.15.4"
+    meta = json.loads((SHRUNK / release / "meta.json").read_text())
+    raw = json.loads(FULL_CONFIG.read_text())
+    raw["decoder"] = json.loads((SHRUNK / release / "config.json").read_text())["decoder"]
+    raw["decoder"]["unets"][0]["reference_release"] = release
+    (tmp_path / "cfg.json").write_text(json.dumps(raw))
+    out = tmp_path / "laion.safetensors"
+    assert main([str(SHRUNK / release / "model.pth"), str(out), "--config_file", str(tmp_path / "cfg.json")]) == 0
+    capsys.readouterr()
+    decoder = load_decoder(out)
+    tensors = load_file(SHRUNK / release / "samples.safetensors")
+    noise = [tensors[f"noise.{i}"] for i in range(meta["num_noise"])]
+    with torch.no_grad():
+        images = decoder.sample(
+            tensors["image_embed"], text_encodings=tensors["text_encodings"], cond_scale=meta["cond_scale"], noise=noise
+        )
+    assert (images - tensors["images"]).abs().max().item() <= 1e-5
