@@ -2,9 +2,10 @@
 
     python bench/param_count.py [--reference-python /work/refvenv/bin/python] [CONFIG.json ...]
 
-Configs: every example config of this repo (example_configs/*.json) and the reference's example
-decoder configs (train_decoder_config.example.json and .test.json, looked up in
-/work/reference_repo/configs or next to the installed reference). For each U-Net it prints:
+Configs: every example config of this repo (example_configs/*.json), LAION's published
+1.5B_laion2B config (tests/fixtures/laion/) and the reference's example decoder configs
+(train_decoder_config.example.json and .test.json, looked up in /work/reference_repo/configs or
+next to the installed reference). For each U-Net it prints:
 
 - ours: the U-Net our config pipeline builds (`TrainDecoderConfig.from_json_path(...).decoder.create()`),
 - unet: our `Unet` built with exactly the constructor arguments the reference's Decoder ended up
@@ -36,6 +37,7 @@ REFERENCE_CONFIG_NAMES = ["train_decoder_config.example.json", "train_decoder_co
 
 def default_configs() -> List[Path]:
     configs = sorted((REPO / "example_configs").glob("*.json"))
+    configs.append(REPO / "tests" / "fixtures" / "laion" / "1.5B_laion2B" / "decoder_config.json")
     for name in REFERENCE_CONFIG_NAMES:
         found = next((d / name for d in REFERENCE_CONFIG_DIRS if (d / name).exists()), None)
         if found is None:

@@ -9,28 +9,24 @@ safetensors model save (EMA weights by default) that `load_model_weights`, `trac
 `dalle2-evaluate-decoder` take, with the config in its metadata.
 
 The config is the one given with `--config_file`, else the one the input file records
-(DALLE2-pytorch files record the run's config; its unset options are left to our defaults).
-Exit status: 0 written, 1 a problem with the input or the config (one line on stderr).
+(DALLE2-pytorch files record the run's config; its unset options are left to our defaults; files
+of earlier releases build that release's U-Nets, see models/releases.py).
+
+A cascade from parts (dalle2-laion's `unet_sources`): `--unet 1=base.pth --unet 2=upsampler.pth
+--config cascade.json --out cascade.safetensors` takes each U-Net from its own file (`2=FILE:N`:
+U-Net N of that file), each checked against its slot of the cascade config (tracking/parts.py).
+
+Exit status: 0 written, 1 a problem with the config, 4 with a file (one line on stderr).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import warnings
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 EXIT_OK = 0
-
-
-def _without_unset(value: Any) -> Any:
-    """A DALLE2-pytorch config dump without its None entries (pydantic writes every unset option as None)."""
-    if isinstance(value, dict):
-        return {key: _without_unset(item) for key, item in value.items() if item is not None}
-    if isinstance(value, list):
-        return [_without_unset(item) for item in value]
-    return value
 
 
 def _config(loaded, config_file: Optional[str]):
@@ -45,9 +41,9 @@ def _config(loaded, config_file: Optional[str]):
             [f"{loaded.source} records no config; give the run's config with --config_file"],
             source="dalle2-convert-checkpoint",
         )
-    raw = json.loads(loaded.config_json)
-    if loaded.origin != "dalle2_decoder":
-        raw = _without_unset(raw)
+    from .tracking.reference import recorded_config
+
+    raw = recorded_config(loaded)  # a DALLE2-pytorch file's: its release's U-Nets
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConfigWarning)  # options of the reference's trainer we do not use
         return TrainDecoderConfig.from_dict(raw, source=f"the config recorded in {loaded.source}"), "the input file"
@@ -56,6 +52,7 @@ def _config(loaded, config_file: Optional[str]):
 def convert(source: str, output: str, *, config_file: Optional[str] = None, use_ema: bool = True) -> str:
     """Write `output` (safetensors) from `source`; returns a one-line summary. Raises CheckpointError / ConfigError."""
     from .tracking import CheckpointError, load_state_dict_checked, read_file, save_model
+    from .tracking.checkpoint import check_release
     from .training.state import checkpoint_weights
 
     if not output.endswith(".safetensors"):
@@ -75,6 +72,7 @@ def convert(source: str, output: str, *, config_file: Optional[str] = None, use_
             f"{source} has no weights for U-Net(s) {', '.join(map(str, absent))} (the run that wrote it froze them); "
             "a model save needs every U-Net: fine-tune from it with tracker.load instead"
         )
+    check_release(decoder, loaded)  # a config given for a file of an earlier release builds its U-Nets
     load_state_dict_checked(decoder, weights, source=source)  # every U-Net present, every name and shape right
     save_model(output, decoder.state_dict(), step=loaded.step, config_json=config.to_json(indent=None))
     notes = "".join(f"; {note}" for note in loaded.notes)
@@ -84,13 +82,50 @@ def convert(source: str, output: str, *, config_file: Optional[str] = None, use_
     )
 
 
+def assemble_parts(parts: Sequence[str], output: str, *, config_file: str, use_ema: bool = True) -> str:
+    """Write `output` (safetensors) from U-Nets of several files (`SLOT=FILE[:N]` each) into the cascade of
+    `config_file`; returns a one-line summary. Raises CheckpointError / ConfigError."""
+    from .cli import load_config
+    from .tracking import CheckpointError, load_state_dict_checked, read_file, save_model
+    from .tracking.parts import UnetPart, assemble, parse_part
+
+    if not output.endswith(".safetensors"):
+        raise CheckpointError(f"{output}: the output must be a .safetensors file")
+    config = load_config(config_file)[0]
+    chosen = []
+    for text in parts:
+        try:
+            slot, path, file_unet = parse_part(text)
+        except ValueError as error:
+            raise CheckpointError(str(error)) from error
+        chosen.append(UnetPart(slot, read_file(path), file_unet))
+    config, state = assemble(config, chosen, use_ema=use_ema)
+    decoder = config.decoder.create()
+    load_state_dict_checked(decoder, state, source="the assembled U-Nets")
+    save_model(output, decoder.state_dict(), step=0, config_json=config.to_json(indent=None))
+    sources = ", ".join(f"U-Net {p.slot} from {p.loaded.source}" for p in sorted(chosen, key=lambda p: p.slot))
+    return f"wrote {output}: {len(chosen)} U-Net(s) assembled ({sources}), config from {config_file}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dalle2-convert-checkpoint", description=__doc__.split("\n\n")[0])
-    parser.add_argument("input", help="DALLE2-pytorch checkpoint or model file (.pth), or a file of this package")
-    parser.add_argument("output", help="the model save to write (.safetensors)")
+    parser.add_argument(
+        "input", nargs="?", help="DALLE2-pytorch checkpoint or model file (.pth), or a file of this package"
+    )
+    parser.add_argument("output", nargs="?", help="the model save to write (.safetensors)")
+    parser.add_argument("--out", dest="out", default=None, metavar="PATH", help="the model save to write (as OUTPUT)")
+    parser.add_argument(
+        "--unet",
+        action="append",
+        default=[],
+        metavar="SLOT=FILE[:N]",
+        help="assemble a cascade: U-Net SLOT of --config from FILE (its U-Net N; default SLOT, or its only one); "
+        "once per U-Net",
+    )
     parser.add_argument(
         "--config_file",
         "--config-file",
+        "--config",
         dest="config_file",
         default=None,
         metavar="PATH",
@@ -114,10 +149,25 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from .failures import guarded
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    output = args.out or (args.input if args.unet and args.output is None else args.output)
+    if args.unet:
+        if args.input is not None and output != args.input:
+            parser.error("with --unet, give no input file: each U-Net comes from its --unet file")
+        if args.config_file is None:
+            parser.error("--unet needs --config: the cascade's config (its U-Nets, sizes and diffusion)")
+    elif args.input is None:
+        parser.error("give the input file, or --unet SLOT=FILE for each U-Net of a cascade")
+    if output is None:
+        parser.error("give the output file (OUTPUT or --out)")
 
     def body() -> int:
-        print(convert(args.input, args.output, config_file=args.config_file, use_ema=not args.no_ema), flush=True)
+        if args.unet:
+            summary = assemble_parts(args.unet, output, config_file=args.config_file, use_ema=not args.no_ema)
+        else:
+            summary = convert(args.input, output, config_file=args.config_file, use_ema=not args.no_ema)
+        print(summary, flush=True)
         return EXIT_OK
 
     # One line per problem and an exit status by kind, as every command (see `failures`).

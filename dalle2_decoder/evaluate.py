@@ -90,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 def load_decoder(config, checkpoint: str, *, use_ema: bool) -> Tuple[nn.Module, int]:
     """`config.decoder.create()` with the checkpoint's weights (see `training.state`), and the step it was saved at."""
     from .tracking import CheckpointError, load_state_dict_checked, read_file
+    from .tracking.checkpoint import check_release
     from .training.state import checkpoint_weights
 
     try:
@@ -99,6 +100,7 @@ def load_decoder(config, checkpoint: str, *, use_ema: bool) -> Tuple[nn.Module, 
             f"{checkpoint}: not a complete checkpoint or model save (missing or malformed entry {error})"
         ) from error
     decoder = config.decoder.create()
+    check_release(decoder, loaded)  # a file of an earlier DALLE2-pytorch release needs its release's U-Nets
     if loaded.kind == "model":
         if not isinstance(loaded.model_state, dict):
             raise CheckpointError(f"{checkpoint}: a model save without its 'model' weights")

@@ -154,17 +154,18 @@ def resolve_source(
     raise DecoderLoadError(f"{text}: no such file or folder, and not an http(s) URL or a hub repo id (user/name)")
 
 
-def _decoder_config(config_json: Optional[str], where: str):
+def _decoder_config(loaded, where: str):
     from .config.decoder import DecoderConfig
     from .config.structure import structure_at
+    from .tracking.reference import recorded_config
 
-    if not config_json:
+    if not loaded.config_json:
         raise DecoderLoadError(
-            f"{where} records no configuration (a plain state dict?); load it into "
-            "TrainDecoderConfig.from_json_path(cfg).decoder.create() instead"
+            f"{where} records no configuration (a plain state dict, or a DALLE2-pytorch file written before 1.0); "
+            "load it with load_model_weights into TrainDecoderConfig.from_json_path(cfg).decoder.create() instead"
         )
     try:
-        raw = json.loads(config_json)
+        raw = recorded_config(loaded)  # a DALLE2-pytorch file's: its release's U-Nets, unset options left out
     except ValueError as error:
         raise DecoderLoadError(f"{where}: the configuration in its metadata is not JSON ({error})") from error
     if not isinstance(raw, dict) or not isinstance(raw.get("decoder"), dict):
@@ -200,7 +201,7 @@ def load(
         loaded = read_file(path)
     except CheckpointError as error:
         raise DecoderLoadError(str(error)) from error
-    raw, decoder_config = _decoder_config(loaded.config_json, where)
+    raw, decoder_config = _decoder_config(loaded, where)
     decoder = decoder_config.create()
     try:
         if loaded.kind == "model":
@@ -255,9 +256,11 @@ def load_model_weights(model: nn.Module, path: Union[str, "os.PathLike[str]"], *
     file was saved from. Raises CheckpointError naming the file when it does not load.
     """
     from .tracking import CheckpointError, load_state_dict_checked, read_file
+    from .tracking.checkpoint import check_release
     from .training.state import checkpoint_weights
 
     loaded = read_file(path)
+    check_release(model, loaded)  # a file of an earlier DALLE2-pytorch release needs its release's U-Nets
     if loaded.kind != "model" and loaded.origin == "dalle2_decoder":
         raise CheckpointError(
             f"{path} is a training checkpoint, not a model save; resume from it with tracker.load, "

@@ -248,10 +248,22 @@ def test_embeddings_in_the_shards_by_default(minimal_config, config_problems):
     assert config_problems(minimal_config) == []
 
 
-def test_every_saver_saves_something(minimal_config, config_problems):
-    minimal_config["tracker"]["save"] = [{"save_to": "local", "save_best_to": "best.pth"}, {"save_to": "local"}]
+def test_a_run_saves_something(minimal_config, config_problems):
+    minimal_config["tracker"]["save"] = [{"save_to": "local"}, {"save_to": "local", "save_meta_to": None}]
     assert config_problems(minimal_config) == [
-        "tracker.save[1]: saves nothing; set save_latest_to, save_best_to or save_meta_to"
+        f"tracker.save[{i}]: saves nothing; set save_latest_to, save_best_to or save_meta_to" for i in (0, 1)
+    ]
+
+
+def test_a_saver_that_saves_nothing_beside_one_that_saves_is_left_out_with_a_warning(minimal_config):
+    """LAION's released configs have `{"save_to": "wandb"}` (which saved latest.pth and best.pth before 0.26.2)."""
+    minimal_config["tracker"]["save"] = [{"save_to": "local"}, {"save_to": "local", "save_best_to": "best.pth"}]
+    _, problems, notes = TrainDecoderConfig.resolve(minimal_config)
+    assert problems == []
+    assert [n for n in notes if n.startswith("tracker.save")] == [
+        "tracker.save[0]: saves nothing (no save_latest_to, save_best_to or save_meta_to), left out of the run; "
+        "DALLE2-pytorch before 0.26.2 saved latest.pth and best.pth there by default: set save_latest_to and "
+        "save_best_to to save there"
     ]
 
 

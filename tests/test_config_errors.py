@@ -141,7 +141,7 @@ def test_missing_required_options(minimal_config, config_problems, path, key, ex
         (
             "load",
             {"load_from": "s3", "url": "s3://x"},
-            'tracker.load.load_from: unknown kind "s3"; expected one of local, url, wandb',
+            'tracker.load.load_from: unknown kind "s3"; expected one of local, url, wandb, unet_sources',
         ),
         (
             "save",

@@ -151,6 +151,30 @@ def test_reference_options_without_effect_are_accepted_with_a_warning(reference_
     assert config.tracker.save[1].save_best_to is None
 
 
+def test_options_of_early_releases_are_ignored_with_a_warning_or_refused_when_they_would_act(
+    reference_raw, config_problems
+):
+    """LAION's released configs (DALLE2-pytorch 0.15.4): saver flags under train, tracker.log.wandb_resume."""
+    raw = copy.deepcopy(reference_raw)
+    raw["train"].update(save_all=False, save_latest=True, save_best=True)
+    raw["tracker"]["log"].update(log_type="wandb", wandb_entity="e", wandb_project="p", wandb_resume=False)
+    _, problems, notes = TrainDecoderConfig.resolve(raw)
+    assert problems == []
+    assert [n for n in notes if n.startswith(("train.save", "tracker.log"))] == [
+        f"train.{name}: a flag of the reference's saver config, which DALLE2-pytorch ignores under train; ignored "
+        "here too"
+        for name in ("save_all", "save_latest", "save_best")
+    ] + [
+        "tracker.log.wandb_resume: false: an option of DALLE2-pytorch before 0.23 (later releases ignore it; resume "
+        "took its place); ignored"
+    ]
+    raw["tracker"]["log"]["wandb_resume"] = True  # it resumed the run then; ignoring it would start a new one
+    assert config_problems(raw) == [
+        "tracker.log.wandb_resume: true resumed the wandb run in DALLE2-pytorch before 0.23, which later releases "
+        "ignore: write resume: true (with wandb_run_id) to resume it, or remove it"
+    ]
+
+
 def test_load_null_means_no_loader(minimal_config):
     for load in (None, {"load_from": None}):
         minimal_config["tracker"]["load"] = copy.deepcopy(load)

@@ -112,7 +112,7 @@ REFERENCE_DEFAULTS = dict(
     checkpoint_during_training=False,
 )
 # Ours, each off (= the reference's behaviour) by default.
-OUR_OPTIONS = dict(cross_attn_heads=8, cross_attn_dim_head=64, respect_attend_at_middle=False)
+OUR_OPTIONS = dict(cross_attn_heads=8, cross_attn_dim_head=64, respect_attend_at_middle=False, reference_release=None)
 
 
 def test_every_reference_option_exists_with_the_reference_default_and_ours_are_off():

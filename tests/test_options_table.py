@@ -92,6 +92,9 @@ UNET_TABLE: Dict[str, Entry] = {
     "checkpoint_during_training": Entry(True, "same"),
     "cross_attn_heads": Entry(4, "params", TEXT_UNET),
     "cross_attn_dim_head": Entry(8, "params", TEXT_UNET),
+    # 1.8.4's downsampling layers (4x4 strided convolutions); every difference of an earlier release
+    # is checked against that release's own outputs in tests/test_reference_releases.py
+    "reference_release": Entry("1.8.4", "params"),
 }
 
 LOWRES = {"num_unets": 2}

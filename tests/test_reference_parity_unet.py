@@ -55,7 +55,7 @@ def test_cases_cover_every_reference_option():
         for p in inspect.signature(Unet.__init__).parameters.values()
         if p.default is not inspect.Parameter.empty
     }
-    ours_only = {"cross_attn_heads", "cross_attn_dim_head", "respect_attend_at_middle"}
+    ours_only = {"cross_attn_heads", "cross_attn_dim_head", "respect_attend_at_middle", "reference_release"}
     covered = set()
     for name in CASES:
         config = load_unet_case(name).meta["config"]

@@ -172,6 +172,17 @@ def test_save_without_the_state_a_saver_needs_is_an_error(tmp_path):
         tracker.save(step=1, checkpoint_state={"x": 1})
 
 
+def test_a_saver_that_saves_nothing_is_left_out_beside_one_that_saves(tmp_path):
+    """LAION's configs: `{"save_to": "wandb"}` beside a saver with targets (the config check warns)."""
+    empty = WandbSaveConfig(save_to="wandb")  # would need a wandb run to save into, were it built
+    saving = LocalSaveConfig(save_to="local", save_latest_to="latest.pt")
+    tracker = make(tmp_path, save=[empty, saving])
+    assert [type(saver).__name__ for saver in tracker.savers] == ["LocalSaver"]
+    tracker.finish()
+    with pytest.raises(TrackerSetupError, match=r"tracker.save\[0\]: saves nothing"):
+        make(tmp_path, save=[empty], overwrite_data_path=True)
+
+
 def test_local_load_and_only_auto_resume(tmp_path):
     source = tmp_path / "pretrained.safetensors"
     save_model(source, {"w": torch.ones(3)}, step=9)

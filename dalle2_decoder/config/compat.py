@@ -2,7 +2,10 @@
 
 Most of its options have the same name and meaning here and need nothing. This pass handles the
 few that the reference accepted but that mean nothing (or something spelled differently) here,
-on the raw JSON before structuring, and returns a note for each option it drops.
+on the raw JSON before structuring, and returns a note for each option it drops, and a problem for
+one it cannot drop without changing what the run does. Configs of early releases (LAION's
+released decoders were trained with 0.15.4) also carry options those releases read and later ones
+ignore: `tracker.log.wandb_resume` (before 0.23) and the saver flags written under `train`.
 """
 
 from __future__ import annotations
@@ -14,12 +17,36 @@ IGNORED_SAVER_OPTIONS = ("save_all", "save_latest", "save_best")
 """Flags of the reference's saver config that its savers never read; `save_*_to` decide what is saved."""
 
 
-def adapt_reference_options(raw: Dict[str, Any]) -> Tuple[Dict[str, Any], List[str]]:
-    """A copy of `raw` with the reference-only options resolved, and a note for each one dropped."""
+def adapt_reference_options(raw: Dict[str, Any]) -> Tuple[Dict[str, Any], List[str], List[str]]:
+    """A copy of `raw` with the reference-only options resolved, a note for each one dropped, and problems."""
     raw = copy.deepcopy(raw)
     notes: List[str] = []
+    problems: List[str] = []
+    train = raw.get("train")
+    if isinstance(train, dict):
+        for name in IGNORED_SAVER_OPTIONS:
+            if name in train:
+                del train[name]
+                notes.append(
+                    f"train.{name}: a flag of the reference's saver config, which DALLE2-pytorch ignores under "
+                    "train; ignored here too"
+                )
     tracker = raw.get("tracker")
     if isinstance(tracker, dict):
+        log = tracker.get("log")
+        if isinstance(log, dict) and "wandb_resume" in log:
+            if log["wandb_resume"] is False:
+                del log["wandb_resume"]
+                notes.append(
+                    "tracker.log.wandb_resume: false: an option of DALLE2-pytorch before 0.23 (later releases "
+                    "ignore it; resume took its place); ignored"
+                )
+            elif log["wandb_resume"] is True:
+                del log["wandb_resume"]
+                problems.append(
+                    "tracker.log.wandb_resume: true resumed the wandb run in DALLE2-pytorch before 0.23, which "
+                    "later releases ignore: write resume: true (with wandb_run_id) to resume it, or remove it"
+                )
         savers = tracker.get("save")
         listed = savers if isinstance(savers, list) else [savers]
         for index, saver in enumerate(listed):
@@ -49,4 +76,4 @@ def adapt_reference_options(raw: Dict[str, Any]) -> Tuple[Dict[str, Any], List[s
     if isinstance(decoder, dict) and isinstance(decoder.get("clip"), dict):
         if "base_model_kwargs" in decoder["clip"] and decoder["clip"]["base_model_kwargs"] is None:
             del decoder["clip"]["base_model_kwargs"]  # only meaningful for the reference's x-clip / coca adapters
-    return raw, notes
+    return raw, notes, problems

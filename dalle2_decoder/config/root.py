@@ -96,8 +96,8 @@ class TrainDecoderConfig:
         """
         if not isinstance(raw, Mapping):
             return None, [f"the configuration must be a JSON object, got {type(raw).__name__}"], []
-        raw, notes = adapt_reference_options(dict(raw))
-        problems: List[str] = non_finite_numbers(raw)
+        raw, notes, problems = adapt_reference_options(dict(raw))
+        problems += non_finite_numbers(raw)
         sections: Dict[str, Any] = {}
         fields = {field.name: field for field in attrs.fields(cls)}
         types = typing.get_type_hints(cls)

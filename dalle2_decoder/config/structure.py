@@ -353,6 +353,20 @@ def constructor_parameters(qualified_name: str) -> Dict[str, Any]:
     return parameters
 
 
+REFERENCE_INT_FLAGS = {UnetConfig: ("self_attn",)}
+"""Options DALLE2-pytorch's config declares as integers (`self_attn: ListOrTuple(int)`) that are flags here:
+0 and 1 (what its recorded configs hold, pydantic having turned false and true into 0 and 1) mean false
+and true."""
+
+
+def _int_flags_as_bools(value: Any) -> Any:
+    if isinstance(value, int) and not isinstance(value, bool) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, list):
+        return [_int_flags_as_bools(item) for item in value]
+    return value
+
+
 OPEN_CLASSES: Dict[type, str] = {
     UnetConfig: "dalle2_decoder.models.unet:Unet",
     DecoderConfig: "dalle2_decoder.models.decoder:Decoder",
@@ -377,6 +391,8 @@ def _attrs_hook_factory(cl: type) -> Callable[[Any, Any], Any]:
                 given[key] = item
             elif key in parameters:
                 hint = parameters[key]
+                if key in REFERENCE_INT_FLAGS.get(cl, ()):
+                    item = _int_flags_as_bools(item)
                 try:
                     options[key] = converter.structure(item, hint) if _is_plain_json_type(hint) else item
                 except Exception as exc:  # reported at the option, with the others

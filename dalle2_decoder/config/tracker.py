@@ -98,7 +98,66 @@ class WandbLoadConfig:
     """Load only when the run is being auto-resumed."""
 
 
-LoadConfig = Union[LocalLoadConfig, UrlLoadConfig, WandbLoadConfig]
+FileLoadConfig = Union[LocalLoadConfig, UrlLoadConfig, WandbLoadConfig]
+
+
+@attrs.frozen
+class UnetSourceConfig:
+    """One file of a decoder assembled from parts: which U-Nets of the decoder it gives."""
+
+    unet_numbers: List[int]
+    """The decoder's U-Nets this file fills, numbered from 1."""
+    load_model_from: FileLoadConfig
+    """Where the file is, as a `tracker.load` of its own (`local`, `url` or `wandb`): a model save or
+    checkpoint of this package, or of DALLE2-pytorch (any supported release)."""
+    file_unet_numbers: Optional[List[int]] = None
+    """The file's U-Nets that fill them, in the same order; None takes the same numbers, or the file's
+    only U-Net."""
+
+
+@attrs.frozen
+class UnetSourcesLoadConfig:
+    """Start from a decoder assembled from U-Nets of different files (as dalle2-laion's `unet_sources`).
+
+    Each part is checked against its U-Net of `decoder` (channels, sizes, conditioning) and the run
+    starts fresh with the assembled weights, as from a model save; `dalle2-convert-checkpoint --unet`
+    writes the same decoder to one file.
+    """
+
+    load_from: Literal["unet_sources"]
+    """Must be `unet_sources`."""
+    unet_sources: List[UnetSourceConfig]
+    """The files and the U-Nets each gives; together they give every U-Net of the decoder once."""
+    use_ema: bool = True
+    """From checkpoints, take the EMA weights (false: the trained weights)."""
+    only_auto_resume: bool = False
+    """Load only when the run is being auto-resumed."""
+
+
+LoadConfig = Union[LocalLoadConfig, UrlLoadConfig, WandbLoadConfig, UnetSourcesLoadConfig]
+
+
+def unet_sources_problems(load: "UnetSourcesLoadConfig") -> List[str]:
+    """Each source names U-Nets from 1, as many file U-Nets as U-Nets, and no U-Net twice."""
+    problems: List[str] = []
+    seen: List[int] = []
+    if not load.unet_sources:
+        problems.append("tracker.load.unet_sources: give at least one source")
+    for index, source in enumerate(load.unet_sources):
+        where = f"tracker.load.unet_sources[{index}]"
+        if not source.unet_numbers or any(n < 1 for n in source.unet_numbers):
+            problems.append(f"{where}.unet_numbers: give the decoder's U-Nets it fills, numbered from 1")
+        if source.file_unet_numbers is not None and len(source.file_unet_numbers) != len(source.unet_numbers):
+            problems.append(
+                f"{where}.file_unet_numbers: has {len(source.file_unet_numbers)} entries for "
+                f"{len(source.unet_numbers)} unet_numbers; give one per U-Net"
+            )
+        twice = sorted(set(source.unet_numbers) & set(seen))
+        if twice:
+            problems.append(f"{where}.unet_numbers: U-Net(s) {twice} are given by an earlier source already")
+        seen += source.unet_numbers
+    return problems
+
 
 SAVE_PATH_FIELDS = ("epoch", "sample", "next_task", "validation_losses", "samples_seen")
 """Fields `save_latest_to` / `save_best_to` may name, filled in at each save as DALLE2-pytorch does:
@@ -205,10 +264,26 @@ class TrackerConfig:
 
     def check(self, root: "TrainDecoderConfig") -> List[str]:
         """`tracker_problems`, and a training run saves somewhere (a tracker built in code may only log)."""
-        return tracker_problems(self) + (["tracker.save: needs at least one saver"] if not self.save else [])
+        problems = tracker_problems(self) + (["tracker.save: needs at least one saver"] if not self.save else [])
+        if isinstance(self.load, UnetSourcesLoadConfig):
+            count = len(root.decoder.unets)
+            given = sorted(n for source in self.load.unet_sources for n in source.unet_numbers)
+            if given != list(range(1, count + 1)):
+                problems.append(
+                    f"tracker.load.unet_sources: give every U-Net of the decoder (1 to {count}) once; they give {given}"
+                )
+        return problems
 
     def notes(self, root: "TrainDecoderConfig") -> List[str]:
         notes = []
+        if any(saves_something(saver) for saver in self.save):
+            notes += [
+                f"tracker.save[{index}]: saves nothing (no save_latest_to, save_best_to or save_meta_to), left out "
+                "of the run; DALLE2-pytorch before 0.26.2 saved latest.pth and best.pth there by default: set "
+                "save_latest_to and save_best_to to save there"
+                for index, saver in enumerate(self.save)
+                if not saves_something(saver)
+            ]
         if isinstance(self.log, ConsoleLogConfig) and self.log.resume:
             notes.append(
                 "tracker.log.resume: the console logger has no remote run to resume, so this is ignored "
@@ -233,6 +308,8 @@ def tracker_problems(tracker: TrackerConfig) -> List[str]:
         problems += not_empty("tracker.log.wandb_project", log.wandb_project)
         if log.resume and not log.wandb_run_id:
             problems.append("tracker.log.resume: needs tracker.log.wandb_run_id, the run to resume")
+    if isinstance(load, UnetSourcesLoadConfig):
+        problems += unet_sources_problems(load)
     if isinstance(load, LocalLoadConfig):
         problems += not_empty("tracker.load.file_path", load.file_path)
     elif isinstance(load, UrlLoadConfig):
@@ -244,14 +321,28 @@ def tracker_problems(tracker: TrackerConfig) -> List[str]:
                 "tracker.load.wandb_run_path: needed unless tracker.log.log_type is wandb (without it "
                 "the checkpoint is taken from the logged run)"
             )
+    any_saves = any(saves_something(saver) for saver in tracker.save)
     for index, saver in enumerate(tracker.save):
-        problems += _saver_problems(f"tracker.save[{index}]", saver, logs_to_wandb)
+        path = f"tracker.save[{index}]"
+        if not saves_something(saver):
+            if not any_saves:
+                problems.append(f"{path}: saves nothing; set save_latest_to, save_best_to or save_meta_to")
+            continue  # left out of the run beside savers that save (TrackerConfig.notes says so)
+        problems += _saver_problems(path, saver, logs_to_wandb)
     return problems
+
+
+SAVE_TARGETS = ("save_latest_to", "save_best_to", "save_meta_to")
+
+
+def saves_something(saver: SaveTargets) -> bool:
+    """Whether a saver has a target (a saver without one is left out of a run that has others)."""
+    return any(getattr(saver, name) is not None for name in SAVE_TARGETS)
 
 
 def _saver_problems(path: str, saver: SaveTargets, logs_to_wandb: bool) -> List[str]:
     problems = []
-    targets = ("save_latest_to", "save_best_to", "save_meta_to")
+    targets = SAVE_TARGETS
     for name in targets:
         problems += not_empty(f"{path}.{name}", getattr(saver, name))
     for name in ("save_latest_to", "save_best_to"):
@@ -262,8 +353,6 @@ def _saver_problems(path: str, saver: SaveTargets, logs_to_wandb: bool) -> List[
                 f"{path}.{name}: {template} ends in .safetensors but save_type is checkpoint; safetensors "
                 "holds model weights only (save_type: model), checkpoints are .pt files"
             )
-    if all(getattr(saver, name) is None for name in targets):
-        problems.append(f"{path}: saves nothing; set save_latest_to, save_best_to or save_meta_to")
     if isinstance(saver, HuggingfaceSaveConfig):
         problems += not_empty(f"{path}.huggingface_repo", saver.huggingface_repo)
     if isinstance(saver, WandbSaveConfig) and saver.wandb_run_path is None and not logs_to_wandb:

@@ -68,14 +68,17 @@ class Attention(nn.Module):
     """Multi-query self-attention over tokens (B, N, dim): `heads` query heads share one key/value head.
 
     Softmax scale: 16 with cosine_sim, else 1 / dim_head. (The reference scales q by dim_head^-0.5
-    twice; this is that function, kept so that its trained weights behave as trained.)
+    twice; this is that function, kept so that its trained weights behave as trained.) `sqrt_scale`:
+    dim_head^-0.5 instead, as DALLE2-pytorch before 1.4.3 (see `releases`).
     """
 
-    def __init__(self, dim: int, *, heads: int = 8, dim_head: int = 64, cosine_sim: bool = False):
+    def __init__(
+        self, dim: int, *, heads: int = 8, dim_head: int = 64, cosine_sim: bool = False, sqrt_scale: bool = False
+    ):
         super().__init__()
         self.heads = heads
         self.cosine_sim = cosine_sim
-        self.scale = COSINE_SIM_SCALE if cosine_sim else 1.0 / dim_head
+        self.scale = COSINE_SIM_SCALE if cosine_sim else (dim_head**-0.5 if sqrt_scale else 1.0 / dim_head)
         self.norm = _layer_norm(dim)
         self.null_kv = nn.Parameter(torch.randn(2, dim_head))
         self.to_q = nn.Linear(dim, heads * dim_head, bias=False)
@@ -128,16 +131,17 @@ class LinearAttention(nn.Module):
 
     Used by `sparse_attn` at levels without full self-attention. v is l2-normalised and k, v are
     divided by sqrt(HW) before the (d x d) context is formed, which keeps its scale independent of
-    the resolution; GELU after aggregation.
+    the resolution; GELU after aggregation. `unnormalised_values`: neither (DALLE2-pytorch before 1.4.0).
     """
 
-    def __init__(self, dim: int, *, heads: int = 8, dim_head: int = 32):
+    def __init__(self, dim: int, *, heads: int = 8, dim_head: int = 32, unnormalised_values: bool = False):
         super().__init__()
         from .layers import ChanLayerNorm
 
         inner = heads * dim_head
         self.heads = heads
         self.scale = dim_head**-0.5
+        self.unnormalised_values = unnormalised_values
         self.norm = ChanLayerNorm(dim)
         self.to_qkv = nn.Conv2d(dim, inner * 3, 1, bias=False)
         self.to_out = nn.Sequential(nn.Conv2d(inner, dim, 1, bias=False), ChanLayerNorm(dim))
@@ -148,8 +152,9 @@ class LinearAttention(nn.Module):
         qkv = self.to_qkv(self.norm(fmap)).reshape(b, 3, self.heads, -1, n)  # (B, 3, heads, d, HW)
         q, k, v = qkv.unbind(1)
         q = q.softmax(dim=-2) * self.scale
-        k = k.softmax(dim=-1) / math.sqrt(n)
-        v = F.normalize(v, dim=-2) / math.sqrt(n)
+        k = k.softmax(dim=-1)
+        if not self.unnormalised_values:
+            k, v = k / math.sqrt(n), F.normalize(v, dim=-2) / math.sqrt(n)
         context = torch.einsum("bhdn,bhen->bhde", k, v)  # a (d x d) summary of all positions
         out = torch.einsum("bhdn,bhde->bhen", q, context)
         return self.to_out(F.gelu(out.reshape(b, -1, h, w)))

@@ -812,7 +812,7 @@ class Decoder(nn.Module):
                 shape = (batch_size, self.channels, size, size)
                 lowres_img = lowres_level = None
                 if index > 0:
-                    lowres_img = resize_image(current, size, self.input_range)
+                    lowres_img = self.unets[index].lowres_input(current, size, self.input_range)
                     conditioner = self.lowres_conditioners[index]
                     if conditioner.use_noise:
                         level = int(self.lowres_noise_sample_level * LOWRES_NOISE_TIMESTEPS)

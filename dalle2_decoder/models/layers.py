@@ -49,25 +49,38 @@ def _norm_eps(x: torch.Tensor) -> float:
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm over the last dimension with a gain and no bias."""
+    """LayerNorm over the last dimension with a gain and no bias.
+
+    `divide_by_max` (DALLE2-pytorch 0.16.5 to 0.23.2, see `releases`): the input is first divided
+    by its (detached) maximum, which changes the result through eps and flips it where that maximum
+    is negative.
+    """
+
+    divide_by_max = False
 
     def __init__(self, dim: int):
         super().__init__()
         self.g = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.divide_by_max:
+            x = x / x.amax(dim=-1, keepdim=True).detach()
         var, mean = torch.var_mean(x, dim=-1, unbiased=False, keepdim=True)
         return (x - mean) * (var + _norm_eps(x)).rsqrt() * self.g
 
 
 class ChanLayerNorm(nn.Module):
-    """LayerNorm over the channels of a (B, C, H, W) map, with a gain and no bias."""
+    """LayerNorm over the channels of a (B, C, H, W) map, with a gain and no bias (`divide_by_max`: as LayerNorm)."""
+
+    divide_by_max = False
 
     def __init__(self, dim: int):
         super().__init__()
         self.g = nn.Parameter(torch.ones(1, dim, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.divide_by_max:
+            x = x / x.amax(dim=1, keepdim=True).detach()
         var, mean = torch.var_mean(x, dim=1, unbiased=False, keepdim=True)
         return (x - mean) * (var + _norm_eps(x)).rsqrt() * self.g
 
@@ -174,6 +187,16 @@ class CrossEmbedLayer(nn.Module):
 def Downsample(dim_in: int, dim_out: int) -> nn.Sequential:
     """Halve the resolution without discarding pixels: space-to-depth (SP-conv), then a 1x1 conv."""
     return nn.Sequential(nn.PixelUnshuffle(2), nn.Conv2d(dim_in * 4, dim_out, 1))
+
+
+def StridedConvDownsample(dim_in: int, dim_out: int) -> nn.Conv2d:
+    """Halve the resolution with a 4x4 stride-2 convolution (DALLE2-pytorch before 1.10)."""
+    return nn.Conv2d(dim_in, dim_out, 4, 2, 1)
+
+
+def ConvTransposeUpsample(dim_in: int, dim_out: int) -> nn.ConvTranspose2d:
+    """Double the resolution with a 4x4 stride-2 transposed convolution (DALLE2-pytorch before 0.21)."""
+    return nn.ConvTranspose2d(dim_in, dim_out, 4, 2, 1)
 
 
 def NearestUpsample(dim_in: int, dim_out: int) -> nn.Sequential:

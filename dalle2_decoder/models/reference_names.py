@@ -1,4 +1,4 @@
-"""Parameter names of DALLE2-pytorch 1.15.6 state dicts -> ours (the one place that maps them).
+"""Parameter names of DALLE2-pytorch state dicts (1.15.6 and earlier releases) -> ours (the one place that maps them).
 
 Our U-Net uses the reference's module tree and names (`downs.1.2.0.cross_attn.to_kv.weight`,
 ...), so a U-Net's state maps one to one; what this module adds is the checking: prefixes the
@@ -25,8 +25,37 @@ _DROPPED_DECODER_PREFIXES: Tuple[Tuple[str, str], ...] = (
     ("lowres_conds.", "the low-res conditioner has no weights"),
     ("lowres_cond.", "the low-res conditioner has no weights"),
 )
+# Module names of earlier releases that the same weights have now (old -> new). Before 1.14 the
+# ResnetBlock's cross-attention sat inside einops-exts' `EinopsToAndFrom` wrapper (`.fn`).
+_RENAMED = ((".cross_attn.fn.", ".cross_attn."),)
+# Before 0.16 the LayerNorm's scale was `gamma` (later `g`), and it kept a `beta` buffer of zeros
+# for F.layer_norm's bias: the scale is renamed, the zero shift dropped.
+_OLD_LAYER_NORM_SCALE, _OLD_LAYER_NORM_SHIFT = ".gamma", ".beta"
+OLD_LAYER_NORM_SHIFT_REASON = "LayerNorm shifts of DALLE2-pytorch before 0.16: buffers of zeros (F.layer_norm's bias)"
 # Buffers (non-persistent in spirit) that reference versions saved; recomputed here.
 _DROPPED_DECODER_NAMES = {"_dummy": "a device-tracking buffer of the reference"}
+
+
+def _renamed(name: str) -> str:
+    for old, new in _RENAMED:
+        name = name.replace(old, new)
+    if name.endswith(_OLD_LAYER_NORM_SCALE):
+        name = name[: -len(_OLD_LAYER_NORM_SCALE)] + ".g"
+    return name
+
+
+def old_layer_norm_shift(name: str, state: Mapping[str, torch.Tensor]) -> bool:
+    """Whether `name` is the zero `beta` buffer of a LayerNorm of a release before 0.16 (beside its `gamma`).
+
+    Such a shift that is not zero would change what the network computes: a ValueError names it.
+    """
+    if not name.endswith(_OLD_LAYER_NORM_SHIFT):
+        return False
+    if name[: -len(_OLD_LAYER_NORM_SHIFT)] + _OLD_LAYER_NORM_SCALE not in state:
+        return False
+    if bool(torch.any(state[name] != 0)):
+        raise ValueError(f"{name!r}: a LayerNorm shift (DALLE2-pytorch before 0.16) that is not zero")
+    return True
 
 
 def _strip_wrappers(name: str) -> str:
@@ -43,7 +72,9 @@ def unet_state_from_reference(state: Mapping[str, torch.Tensor]) -> Dict[str, to
     """Our `Unet` state dict from the reference's `Unet.state_dict()` (names are shared; wrapper prefixes removed)."""
     out: Dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
-        ours = _strip_wrappers(name)
+        if old_layer_norm_shift(name, state):
+            continue
+        ours = _renamed(_strip_wrappers(name))
         if ours in out:
             raise ValueError(f"reference U-Net state: {name!r} and another entry both map to {ours!r}")
         out[ours] = tensor
@@ -69,8 +100,11 @@ def decoder_state_from_reference_with_dropped(
         bare = _strip_wrappers(name)
         match = _UNET_KEY.match(bare)
         if match:
+            if old_layer_norm_shift(name, state):
+                dropped.append((name, OLD_LAYER_NORM_SHIFT_REASON))
+                continue
             index, rest = match.groups()
-            out[f"unets.{index}.{_strip_wrappers(rest)}"] = tensor
+            out[f"unets.{index}.{_renamed(_strip_wrappers(rest))}"] = tensor
             continue
         reason = _DROPPED_DECODER_NAMES.get(bare) or next(
             (why for prefix, why in _DROPPED_DECODER_PREFIXES if bare.startswith(prefix)), None

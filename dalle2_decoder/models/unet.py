@@ -13,7 +13,7 @@ extensions of ours are options that are off by default (see the `Unet` docstring
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -23,14 +23,21 @@ from torch.utils.checkpoint import checkpoint
 from ._compat import warn_no_effect
 from .attention import Attention, LinearAttention, Residual, ToSequence
 from .layers import (
+    ChanLayerNorm,
+    ConvTransposeUpsample,
     CrossEmbedLayer,
     Downsample,
+    LayerNorm,
     NearestUpsample,
     PixelShuffleUpsample,
     ResnetBlock,
     SinusoidalPosEmb,
+    StridedConvDownsample,
     UpsampleCombiner,
+    resize_cubic,
 )
+from .lowres import resize_image
+from .releases import describe, unet_differences
 
 
 def _per_level(value: Any, levels: int, name: str) -> list:
@@ -114,6 +121,10 @@ class Unet(nn.Module):
         cross_attn_dim_head: (ours) head width of that cross-attention; 64 in the reference.
         respect_attend_at_middle: (ours, off by default) make attend_at_middle=False remove the
             bottleneck self-attention, as its name promises; the reference ignores it.
+        reference_release: (ours, off by default) build the U-Net as that DALLE2-pytorch release did
+            (e.g. "1.1.0": its downsampling layout and self-attention scale), so that weights it
+            trained load and compute what they computed there; None is 1.15.6's U-Net. Set from the
+            version a reference file records when it is loaded; `models.releases` lists the differences.
     """
 
     def __init__(
@@ -161,6 +172,7 @@ class Unet(nn.Module):
         cross_attn_heads: int = 8,
         cross_attn_dim_head: int = 64,
         respect_attend_at_middle: bool = False,
+        reference_release: Optional[str] = None,
     ):
         super().__init__()
         # Kept so that the Decoder can rebuild this U-Net with the settings it imposes (with_settings).
@@ -169,6 +181,13 @@ class Unet(nn.Module):
         if not respect_attend_at_middle:
             warn_no_effect("Unet", "attend_at_middle", attend_at_middle, True)
 
+        release = unet_differences(reference_release)
+        self.reference_release = reference_release
+        self.release_differences = describe(reference_release)
+        self.final_lowres_input = lowres_cond and not release.no_final_lowres_input
+        self.cubic_lowres_input = release.cubic_lowres_input
+        self.unclamped_lowres_input = release.unclamped_lowres_input
+        self.unmasked_text_padding = release.unmasked_text_padding
         levels = len(dim_mults)
         if levels < 1:
             raise ValueError("Unet: dim_mults needs at least one level")
@@ -267,22 +286,39 @@ class Unet(nn.Module):
 
         def self_attention(d: int) -> nn.Module:
             return ToSequence(
-                Residual(Attention(d, heads=attn_heads, dim_head=attn_dim_head, cosine_sim=cosine_sim_self_attn))
+                Residual(
+                    Attention(
+                        d,
+                        heads=attn_heads,
+                        dim_head=attn_dim_head,
+                        cosine_sim=cosine_sim_self_attn,
+                        sqrt_scale=release.self_attn_sqrt_scale,
+                    )
+                )
             )
 
         def level_attention(d: int, level: int) -> nn.Module:
             if self_attn_per_level[level]:
                 return self_attention(d)
             if sparse_attn:
-                return Residual(LinearAttention(d, heads=attn_heads, dim_head=attn_dim_head))
+                return Residual(
+                    LinearAttention(
+                        d,
+                        heads=attn_heads,
+                        dim_head=attn_dim_head,
+                        unnormalised_values=release.unnormalised_linear_attention,
+                    )
+                )
             return nn.Identity()
 
         def downsample(d_in: int, d_out: int) -> nn.Module:
             if cross_embed_downsample:
                 return CrossEmbedLayer(d_in, d_out, cross_embed_downsample_kernel_sizes, stride=2)
-            return Downsample(d_in, d_out)
+            return StridedConvDownsample(d_in, d_out) if release.strided_conv_downsample else Downsample(d_in, d_out)
 
         upsample = PixelShuffleUpsample if pixel_shuffle_upsample else NearestUpsample
+        if release.conv_transpose_upsample:
+            upsample = ConvTransposeUpsample
 
         self.init_resnet_block = resnet(init_dim, init_dim, groups_per_level[0]) if memory_efficient else None
 
@@ -341,7 +377,7 @@ class Unet(nn.Module):
         )
         self.final_resnet_block = resnet(self.upsample_combiner.dim_out + dim, dim, groups_per_level[0])
         self.to_out = nn.Conv2d(
-            dim + (channels if lowres_cond else 0),
+            dim + (channels if self.final_lowres_input else 0),
             self.channels_out,
             final_conv_kernel_size,
             padding=final_conv_kernel_size // 2,
@@ -349,6 +385,23 @@ class Unet(nn.Module):
         # Zero output at init: the first prediction is 0 (the mean of eps / v), which keeps early steps stable.
         nn.init.zeros_(self.to_out.weight)
         nn.init.zeros_(self.to_out.bias)
+        if release.layer_norm_divides_by_max:
+            for module in self.modules():
+                if isinstance(module, (LayerNorm, ChanLayerNorm)):
+                    module.divide_by_max = True
+
+    def lowres_input(
+        self, image: torch.Tensor, size: int, clamp_range: Optional[Tuple[float, float]] = None
+    ) -> torch.Tensor:
+        """The previous stage's images resized to this upsampler's input: nearest-neighbour, or cubic
+        for U-Nets of releases before 0.23.10 (`reference_release`); clamped to clamp_range (not
+        before 0.16.16)."""
+        if self.unclamped_lowres_input:
+            clamp_range = None
+        if not self.cubic_lowres_input or image.shape[-1] == size:
+            return resize_image(image, size, clamp_range)
+        out = resize_cubic(image, size)
+        return out if clamp_range is None else out.clamp(*clamp_range)
 
     @property
     def final_conv(self) -> nn.Conv2d:
@@ -551,7 +604,7 @@ class Unet(nn.Module):
 
         h = self.upsample_combiner(h, up_fmaps)
         h = run(self.final_resnet_block, torch.cat((h, first), dim=1), t)
-        if self.lowres_cond:
+        if self.final_lowres_input:
             h = torch.cat((h, lowres_cond_img), dim=1)
         return self.to_out(h)
 
@@ -577,6 +630,12 @@ class Unet(nn.Module):
                 f"Unet: text_encodings are {width} wide "
                 f"but this U-Net was built with text_embed_dim={self.text_embed_dim}"
             )
+        if text_mask is None and self.unmasked_text_padding:
+            # Before 0.21.1: without a mask every given position is text, and the padding is zero tokens.
+            tokens = F.pad(
+                self.text_to_cond(text_encodings[:, : self.max_text_len]), (0, 0, 0, max(0, self.max_text_len - n))
+            )
+            return torch.where(text_keep[:, None, None], tokens, self.null_text_embed.to(tokens.dtype))
         if text_mask is None:
             valid = (text_encodings != 0).any(dim=-1)
         else:

@@ -167,6 +167,8 @@ class LoadedCheckpoint:
     """The weights may cover only some U-Nets (DALLE2-pytorch leaves out the U-Nets a run froze)."""
     notes: Tuple[str, ...] = ()
     """What was left out or could not be mapped while reading (DALLE2-pytorch files)."""
+    reference_release: Optional[str] = None
+    """The DALLE2-pytorch release that wrote the file, where it records one (None for this package's files)."""
 
 
 class CheckpointFormatError(CheckpointError):
@@ -281,6 +283,10 @@ def read_file(path: PathLike) -> LoadedCheckpoint:
     if isinstance(payload, Mapping) and "format" in payload:
         return _ours(payload, path)
     try:
+        release = reference.release_of(payload)
+    except ValueError as error:  # a release this package does not read
+        raise CheckpointFormatError(f"{path}: {error}") from error
+    try:
         if reference.is_reference_checkpoint(payload):
             state, notes = reference.convert_checkpoint(payload)
             return LoadedCheckpoint(
@@ -292,11 +298,18 @@ def read_file(path: PathLike) -> LoadedCheckpoint:
                 origin=reference.REFERENCE_ORIGIN,
                 partial=True,
                 notes=tuple(notes),
+                reference_release=release,
             )
         if reference.is_reference_model(payload) or (
             _tensor_mapping(payload) and any(k.startswith("unets.") for k in payload)
         ):
             weights, notes = reference.convert_model(payload)
+            if release is None:
+                notes.append(
+                    "it records no DALLE2-pytorch release (model saves before 1.0 do not): its U-Nets are taken as "
+                    "the config builds them; for a file of releases 0.15.4 to 0.26, set "
+                    "decoder.unets[i].reference_release to the release it was trained with (docs/MIGRATING.md)"
+                )
             return LoadedCheckpoint(
                 "model",
                 0,
@@ -306,6 +319,7 @@ def read_file(path: PathLike) -> LoadedCheckpoint:
                 origin=reference.REFERENCE_ORIGIN,
                 partial=True,
                 notes=tuple(notes),
+                reference_release=release,
             )
     except ValueError as error:  # the name mapping found an entry it does not know
         raise CheckpointFormatError(
@@ -324,6 +338,54 @@ def read_file(path: PathLike) -> LoadedCheckpoint:
         f"{path}: {what}; neither a checkpoint or model save of dalle2_decoder or DALLE2-pytorch, "
         "nor a plain state dict of tensors"
     )
+
+
+def trainer_state(state: Optional[Mapping[str, Any]], source: str) -> Dict[str, Any]:
+    """The trainer state of a loaded checkpoint, checked: CheckpointFormatError naming the file when damaged."""
+    trainer = (state or {}).get("trainer")
+    if not isinstance(trainer, Mapping) or not isinstance(trainer.get("decoder"), Mapping):
+        raise CheckpointFormatError(
+            f"{source}: a checkpoint without its trainer state ('state' -> 'trainer' -> 'decoder'); "
+            "the file is damaged or was edited"
+        )
+    emas = trainer.get("emas", {})
+    if not isinstance(emas, Mapping) or not all(isinstance(ema, Mapping) for ema in emas.values()):
+        raise CheckpointFormatError(
+            f"{source}: a checkpoint whose EMA states ('state' -> 'trainer' -> 'emas') are not one mapping per "
+            "U-Net; the file is damaged or was edited"
+        )
+    return dict(trainer)
+
+
+def checkpoint_weights(loaded: LoadedCheckpoint, *, use_ema: bool = True) -> Dict[str, torch.Tensor]:
+    """The decoder weights of a checkpoint: each U-Net's EMA average where it has one (and `use_ema`),
+    its trained weights otherwise. Raises CheckpointFormatError naming the file when they are missing."""
+    trainer = trainer_state(loaded.state, loaded.source)
+    weights = dict(trainer["decoder"])
+    if use_ema:
+        for key, ema in trainer.get("emas", {}).items():
+            prefix = f"unets.{int(key) - 1}."
+            averaged = {name[len("averaged.") :]: t for name, t in ema.items() if name.startswith("averaged.")}
+            weights.update({prefix + name: tensor for name, tensor in averaged.items()})
+    return weights
+
+
+def has_ema_weights(loaded: LoadedCheckpoint) -> bool:
+    """Whether the checkpoint holds an EMA average of some U-Net (what `use_ema` then takes)."""
+    return bool(trainer_state(loaded.state, loaded.source).get("emas"))
+
+
+def check_release(module: nn.Module, loaded: LoadedCheckpoint) -> None:
+    """Raise CheckpointError (one line) when a DALLE2-pytorch file's release needs U-Nets built otherwise.
+
+    `module` is a Decoder (its `unets`) or one U-Net. Files that record no release pass.
+    """
+    from .reference import release_mismatch
+
+    unets = getattr(module, "unets", None)
+    problem = release_mismatch(list(unets) if unets is not None else [module], loaded.reference_release, loaded.source)
+    if problem:
+        raise CheckpointError(problem)
 
 
 def load_state_dict_checked(

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import ClassVar, List, Optional
 
 from ..common.files import atomic_write
-from ..config.tracker import LocalLoadConfig, UrlLoadConfig, WandbLoadConfig
+from ..config.tracker import LocalLoadConfig, UnetSourcesLoadConfig, UrlLoadConfig, WandbLoadConfig
 from ..failures import EXIT_CHECKPOINT
 from .redact import redact_string
 
@@ -183,3 +183,26 @@ class WandbLoader:
         if not path.is_file():
             raise LoadError(f"{self.describe()} was not found in the run's files")
         return path
+
+
+class PartsLoader:
+    """The files of a decoder assembled from parts (`tracker.load.load_from: unet_sources`): one loader each."""
+
+    def __init__(self, config: UnetSourcesLoadConfig, loaders: List[object]):
+        self.config = config
+        self.loaders = loaders
+
+    def describe(self) -> str:
+        return (
+            "unet_sources ("
+            + "; ".join(
+                f"U-Net(s) {', '.join(map(str, source.unet_numbers))} from {loader.describe()}"
+                for source, loader in zip(self.config.unet_sources, self.loaders)
+            )
+            + ")"
+        )
+
+    def check(self) -> None:
+        for loader in self.loaders:
+            if hasattr(loader, "check"):
+                loader.check()

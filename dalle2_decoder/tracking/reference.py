@@ -6,12 +6,16 @@ Two kinds exist:
   `model` (the Decoder's state dict; U-Nets a run froze are missing, the reference replaces them
   by `nn.Identity`), `steps` (optimizer steps per U-Net), `optim{i}` / `sched{i}` (None for
   frozen U-Nets), `ema` (ema-pytorch modules of every U-Net), `version`, and the run's metadata
-  (`epoch`, `sample`, `next_task`, `validation_losses`, `samples_seen`, `config`);
+  (`epoch`, `sample`, `next_task`, `validation_losses`, `samples_seen`, `config`); before 0.16 one
+  `step` counted the updates of all U-Nets together, and there were no schedulers;
 - a model save (the tracker's `save_type: model`, as the community's released decoders):
   `model` (EMA weights when EMA was on), `version` (a `packaging.version.Version`) and `config`.
   A bare Decoder state dict is read as a model save too.
 
-Names are mapped by `models.reference_names` (the one place that knows them). Adam moments are
+Names are mapped by `models.reference_names` (the one place that knows them). Files of releases
+before 1.15.6 are read too: the release a file records (`version`) selects the U-Net of that
+release (`models.releases`), in the config recorded with it (`config_for_release`) or, for a
+decoder the caller built, by checking that its U-Nets were built for it (`release_mismatch`). Adam moments are
 stored in the converted state per parameter name (the reference's optimizer numbers parameters
 in its own grouping order), so the trainer can put them in its own order.
 """
@@ -71,9 +75,17 @@ def is_reference_checkpoint(payload: Any) -> bool:
         isinstance(payload, Mapping)
         and "format" not in payload
         and _tensor_dict(payload.get("model"))
-        and "steps" in payload
+        and ("steps" in payload or "step" in payload)  # `step`: one counter for all U-Nets, before 0.16
         and any(key.startswith("optim") for key in payload)
     )
+
+
+def _steps(payload: Mapping[str, Any]) -> List[int]:
+    """Optimizer steps per U-Net; before 0.16 the one `step` (all U-Nets' updates together) for each."""
+    if payload.get("steps") is not None:
+        return [int(s) for s in torch.as_tensor(payload["steps"]).reshape(-1).tolist()]
+    count = sum(1 for key in payload if key.startswith("optim") and key[len("optim") :].isdigit())
+    return [int(float(payload.get("step", 0)))] * max(count, 1)
 
 
 def is_reference_model(payload: Any) -> bool:
@@ -83,6 +95,89 @@ def is_reference_model(payload: Any) -> bool:
         and _tensor_dict(payload.get("model"))
         and not is_reference_checkpoint(payload)
     )
+
+
+# --- releases ------------------------------------------------------------------------------------
+
+
+def release_of(payload: Any) -> Optional[str]:
+    """The DALLE2-pytorch release a file records (`version`: a string, or a `packaging` Version), or None.
+
+    Raises `releases.UnsupportedReleaseError` (one line naming the release) for a release this
+    package does not read. Model saves written before 1.0 are bare state dicts and record none.
+    """
+    from ..models.releases import check_supported, release_text
+
+    version = payload.get("version") if isinstance(payload, Mapping) else None
+    if version is None or str(version) == "":
+        return None
+    return release_text(check_supported(version))
+
+
+def release_differs(release: Optional[str]) -> bool:
+    """Whether that release's U-Net differs from 1.15.6's (and so from this package's default)."""
+    from ..models.releases import describe
+
+    return bool(describe(release))
+
+
+def config_for_release(raw: Mapping[str, Any], release: Optional[str]) -> Dict[str, Any]:
+    """A recorded config with `reference_release` set on each U-Net that does not name one, when `release` differs."""
+    out = json.loads(json.dumps(raw))
+    decoder = out.get("decoder") if isinstance(out, dict) else None
+    if release_differs(release) and isinstance(decoder, dict) and isinstance(decoder.get("unets"), list):
+        for unet in decoder["unets"]:
+            if isinstance(unet, dict) and unet.get("reference_release") is None:
+                unet["reference_release"] = release
+    return out
+
+
+def _without_unset(value: Any) -> Any:
+    """A DALLE2-pytorch config dump without its None entries (pydantic writes every unset option as None)."""
+    if isinstance(value, dict):
+        return {key: _without_unset(item) for key, item in value.items() if item is not None}
+    if isinstance(value, list):
+        return [_without_unset(item) for item in value]
+    return value
+
+
+def recorded_config(loaded: Any) -> Optional[Dict[str, Any]]:
+    """The run config a loaded file records, ready for `TrainDecoderConfig` (None if it records none).
+
+    A DALLE2-pytorch config loses its unset (None) options, and its U-Nets are built as the release
+    that wrote the file built them."""
+    if not loaded.config_json:
+        return None
+    raw = json.loads(loaded.config_json)
+    if loaded.origin != REFERENCE_ORIGIN or not isinstance(raw, dict):
+        return raw
+    return config_for_release(_without_unset(raw), loaded.reference_release)
+
+
+def release_mismatch(unets: Sequence[Any], release: Optional[str], source: str) -> Optional[str]:
+    """A one-line problem when U-Nets built for one release are given weights written by another that differs.
+
+    `unets` are the decoder's U-Nets (their `reference_release` says which release they were built
+    for); None when they fit, or when the file records no release.
+    """
+    from ..models.releases import describe
+
+    if release is None:
+        return None
+    wanted = describe(release)
+    for number, unet in enumerate(unets, start=1):
+        built = getattr(unet, "reference_release", None)
+        if describe(built) != wanted:
+            what = "; ".join(wanted) if wanted else "the U-Net of 1.15.6 (this package's)"
+            return (
+                f"{source} was written by DALLE2-pytorch {release}, whose U-Nets differ from U-Net {number} as "
+                f'built here ({what}): build it with "reference_release": "{release}" in '
+                f"decoder.unets[{number - 1}] (docs/MIGRATING.md)"
+                if wanted
+                else f"{source} was written by DALLE2-pytorch {release} (1.15.6's U-Net), but U-Net {number} is "
+                f"built as release {built}'s: remove its reference_release (docs/MIGRATING.md)"
+            )
+    return None
 
 
 # --- names ---------------------------------------------------------------------------------------
@@ -126,7 +221,9 @@ def _optimizer_by_name(model: Mapping[str, torch.Tensor], index: int, saved: Map
     are its state-dict entries in order), split into a group of tensors with 2 or more dimensions
     and a group of the rest (one group when weight decay was 0).
     """
-    entries = _unet_entries(model, index)
+    # Before 0.16 the U-Net had buffers (LayerNorm shifts), which its optimizer did not hold.
+    unet = _unet_entries(model, index)
+    entries = {name: t for name, t in unet.items() if not _names().old_layer_norm_shift(name, unet)}
     names = list(entries)
     groups = saved["param_groups"]
     counts = [len(group["params"]) for group in groups]
@@ -175,7 +272,12 @@ def convert_checkpoint(payload: Mapping[str, Any]) -> Tuple[Dict[str, Any], List
     """Our checkpoint state (`trainer`, `reference`) from a reference trainer checkpoint, and notes."""
     model = payload["model"]
     weights, notes = decoder_weights(model)
-    steps = [int(s) for s in torch.as_tensor(payload["steps"]).reshape(-1).tolist()]
+    steps = _steps(payload)
+    if payload.get("steps") is None and len(steps) > 1:
+        notes.append(
+            f"DALLE2-pytorch before 0.16 counts one step for all U-Nets together ({steps[0]}); each U-Net continues "
+            "from it"
+        )
     trainer: Dict[str, Any] = {
         "decoder": weights,
         "partial_decoder": True,
@@ -209,6 +311,7 @@ def convert_checkpoint(payload: Mapping[str, Any]) -> Tuple[Dict[str, Any], List
         )
     trainer["counters"] = {"step": max(trained_steps), "micro_step": max(trained_steps)}
     losses = payload.get("validation_losses") or []
+    trainer["reference_release"] = release_of(payload)
     reference = {
         "version": str(payload.get("version", "")),
         "epoch": int(payload.get("epoch", 0)),
@@ -235,8 +338,7 @@ def config_json(payload: Mapping[str, Any]) -> Optional[str]:
 
 
 def reference_step(payload: Mapping[str, Any]) -> int:
-    steps = payload.get("steps")
-    return int(torch.as_tensor(steps).max()) if steps is not None else 0
+    return max(_steps(payload)) if is_reference_checkpoint(payload) else 0
 
 
 def schedule_note(beta_schedules: Sequence[str]) -> Optional[str]:

@@ -25,15 +25,17 @@ from ..config.tracker import (
     LocalLoadConfig,
     LocalSaveConfig,
     TrackerConfig,
+    UnetSourcesLoadConfig,
     UrlLoadConfig,
     WandbLoadConfig,
     WandbLogConfig,
     WandbSaveConfig,
+    saves_something,
     tracker_problems,
 )
 from ..failures import EXIT_IO
 from .checkpoint import LoadedCheckpoint, read_file, save_checkpoint, save_model
-from .loaders import LoadError, LocalLoader, UrlLoader, WandbLoader
+from .loaders import LoadError, LocalLoader, PartsLoader, UrlLoader, WandbLoader
 from .loggers import ConsoleLogger, ImagesLike, WandbLogger, generate_run_id, to_uint8_images
 from .redact import OUTPUT, install_output_redaction, redact, scrub_strings, secrets_in
 from .run_state import RunState, clean_staging, prepare_data_path, read_run_state, write_run_state
@@ -215,8 +217,48 @@ class Tracker:
             )
             return None
         self.info(f"loading the start checkpoint from {self.loader.describe()}")
+        if isinstance(self.loader, PartsLoader):
+            return self._load_parts(self.loader)
         path = self.loader.fetch()
-        return dataclasses.replace(read_file(path), source=self.loader.describe(), auto_resumed=self.auto_resuming)
+        loaded = dataclasses.replace(read_file(path), source=self.loader.describe(), auto_resumed=self.auto_resuming)
+        self._check_release(loaded)
+        return loaded
+
+    def _check_release(self, loaded: LoadedCheckpoint) -> None:
+        """A file of an earlier DALLE2-pytorch release needs the run's U-Nets configured as that release's."""
+        from types import SimpleNamespace
+
+        from .checkpoint import CheckpointError
+        from .reference import release_mismatch
+
+        decoder = self.config_dict.get("decoder") if isinstance(self.config_dict, Mapping) else None
+        unets = decoder.get("unets") if isinstance(decoder, Mapping) else None
+        if not isinstance(unets, list):
+            return
+        built = [
+            SimpleNamespace(reference_release=u.get("reference_release") if isinstance(u, Mapping) else None)
+            for u in unets
+        ]
+        problem = release_mismatch(built, loaded.reference_release, loaded.source)
+        if problem:
+            raise CheckpointError(problem)
+
+    def _load_parts(self, loader: "PartsLoader") -> LoadedCheckpoint:
+        """A decoder assembled from the U-Nets of several files, checked against this run's decoder."""
+        from ..config.root import TrainDecoderConfig
+        from .parts import UnetPart, assemble
+
+        parts = []
+        for source, part_loader in zip(loader.config.unet_sources, loader.loaders):
+            loaded = dataclasses.replace(read_file(part_loader.fetch()), source=part_loader.describe())
+            numbers = source.file_unet_numbers or [None] * len(source.unet_numbers)
+            parts += [UnetPart(slot, loaded, number) for slot, number in zip(source.unet_numbers, numbers)]
+        config = TrainDecoderConfig.from_dict(self.config_dict)
+        _, state = assemble(config, parts, use_ema=loader.config.use_ema, slots_built_as_configured=True)
+        notes = tuple(note for part in parts for note in part.loaded.notes)
+        return LoadedCheckpoint(
+            "model", 0, None, model_state=state, source=loader.describe(), auto_resumed=self.auto_resuming, notes=notes
+        )
 
     # --- saving --------------------------------------------------------------------------------
 
@@ -485,7 +527,7 @@ def create_tracker(
     problems = _check_config(config, auto_resuming)
     hub_tokens: Dict[int, str] = {}
     for index, save in enumerate(config.save):
-        if isinstance(save, HuggingfaceSaveConfig):
+        if isinstance(save, HuggingfaceSaveConfig) and saves_something(save):
             try:
                 token = resolve_hub_token(save)
             except Exception as error:
@@ -632,11 +674,17 @@ def protected_paths(config: TrackerConfig, full_config_dict: Mapping[str, Any], 
     return paths
 
 
-def _create_loader(config: TrackerConfig, logger, data_path: Path, resuming_wandb: bool):
-    load = config.load
+def _create_loader(config: TrackerConfig, logger, data_path: Path, resuming_wandb: bool, load=None):
+    load = config.load if load is None else load
     downloads = data_path / "downloads"
     if load is None:
         return None
+    if isinstance(load, UnetSourcesLoadConfig):
+        parts = [
+            _create_loader(config, logger, data_path / f"part{index}", resuming_wandb, source.load_model_from)
+            for index, source in enumerate(load.unet_sources)
+        ]
+        return PartsLoader(load, parts)
     if isinstance(load, LocalLoadConfig):
         return LocalLoader(load)
     if isinstance(load, UrlLoadConfig):
@@ -659,6 +707,8 @@ def _create_loader(config: TrackerConfig, logger, data_path: Path, resuming_wand
 def _create_savers(config: TrackerConfig, logger, data_path: Path, hub_tokens: Dict[int, str]):
     savers = []
     for index, save in enumerate(config.save):
+        if not saves_something(save):  # beside savers that save (the config check allows no other case)
+            continue
         if isinstance(save, LocalSaveConfig):
             savers.append(LocalSaver(save, data_path))
         elif isinstance(save, HuggingfaceSaveConfig):

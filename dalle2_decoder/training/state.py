@@ -22,11 +22,13 @@ import math
 from typing import Any, Dict, List, Mapping, Optional
 
 import attrs
-import torch
 
 from .._version import __version__
 from ..config.root import TrainDecoderConfig
 from ..tracking.checkpoint import CheckpointFormatError, LoadedCheckpoint
+from ..tracking.checkpoint import checkpoint_weights as checkpoint_weights  # the rule lives with the file format
+from ..tracking.checkpoint import has_ema_weights as has_ema_weights
+from ..tracking.checkpoint import trainer_state as _trainer_state
 
 
 class Phase(str, enum.Enum):
@@ -146,16 +148,6 @@ def _damaged(source: str, what: str) -> CheckpointFormatError:
     return CheckpointFormatError(f"{source}: a checkpoint {what}; the file is damaged or was edited")
 
 
-def _trainer_state(state: Optional[Mapping[str, Any]], source: str) -> Dict[str, Any]:
-    trainer = (state or {}).get("trainer")
-    if not isinstance(trainer, Mapping) or not isinstance(trainer.get("decoder"), Mapping):
-        raise _damaged(source, "without its trainer state ('state' -> 'trainer' -> 'decoder')")
-    emas = trainer.get("emas", {})
-    if not isinstance(emas, Mapping) or not all(isinstance(ema, Mapping) for ema in emas.values()):
-        raise _damaged(source, "whose EMA states ('state' -> 'trainer' -> 'emas') are not one mapping per U-Net")
-    return dict(trainer)
-
-
 @attrs.frozen
 class TrainingState:
     """A checkpoint's run state, checked: what resume, the evaluation command and `load_decoder` read."""
@@ -202,21 +194,3 @@ class TrainingState:
             config_digest=state.get("config_digest"),
             package_version=state.get("package_version"),
         )
-
-
-def checkpoint_weights(loaded: LoadedCheckpoint, *, use_ema: bool = True) -> Dict[str, torch.Tensor]:
-    """The decoder weights of a checkpoint: each U-Net's EMA average where it has one (and `use_ema`),
-    its trained weights otherwise. Raises CheckpointFormatError naming the file when they are missing."""
-    trainer = _trainer_state(loaded.state, loaded.source)
-    weights = dict(trainer["decoder"])
-    if use_ema:
-        for key, ema in trainer.get("emas", {}).items():
-            prefix = f"unets.{int(key) - 1}."
-            averaged = {name[len("averaged.") :]: t for name, t in ema.items() if name.startswith("averaged.")}
-            weights.update({prefix + name: tensor for name, tensor in averaged.items()})
-    return weights
-
-
-def has_ema_weights(loaded: LoadedCheckpoint) -> bool:
-    """Whether the checkpoint holds an EMA average of some U-Net (what `use_ema` then takes)."""
-    return bool(_trainer_state(loaded.state, loaded.source).get("emas"))

@@ -311,6 +311,11 @@ class DecoderTrainer:
         weight decays of the current config are applied to the restored optimizers.
         """
         notes: List[str] = []
+        from ..tracking.reference import release_mismatch
+
+        problem = release_mismatch(self.decoder.unets, state.get("reference_release"), "the checkpoint")
+        if problem:
+            raise CheckpointError(problem)
         if state.get("partial_decoder"):
             notes += self._load_present_unets(state["decoder"])
         else:
