@@ -512,6 +512,7 @@ LOWRES = "dalle2_decoder/models/lowres.py"
 RESUME = "dalle2_decoder/training/resume.py"
 PREFLIGHT = "dalle2_decoder/preflight.py"
 REFNAMES = "dalle2_decoder/models/reference_names.py"
+REFERENCE = "dalle2_decoder/tracking/reference.py"
 
 PROPERTY_MUTANTS: List[Mutant] = [
     # --- uneven division ---------------------------------------------------------------------
@@ -671,10 +672,17 @@ PROPERTY_MUTANTS: List[Mutant] = [
         before=[T_DEC, "tests/test_reference_parity_decoder.py"],
     ),
     # --- other config changes on resume ----------------------------------------------------------
+    # (rewritten after the resume fix of this round moved the rule to SAME_BATCHES: the same two bugs)
     Mutant(
         "resume: a seed change keeps the position inside the epoch",
         "resume",
-        [(RESUME, 'path in ("seed", "data.batch_size")', 'path in ("data.batch_size",)')],
+        [
+            (
+                RESUME,
+                "if mid_epoch and not path.startswith(SAME_BATCHES):",
+                'if mid_epoch and path != "seed" and not path.startswith(SAME_BATCHES):',
+            )
+        ],
         [T_RULE_RESUME],
         before=["tests/test_training_resume.py"],
     ),
@@ -684,8 +692,8 @@ PROPERTY_MUTANTS: List[Mutant] = [
         [
             (
                 RESUME,
-                'path.startswith(("data.splits", "data.start_shard", "data.end_shard", "data.webdataset"))',
-                'path.startswith(("data.splits", "data.start_shard", "data.webdataset"))',
+                'SAME_BATCHES = ("data.preprocessing", "data.max_bad_sample_fraction")',
+                'SAME_BATCHES = ("data.preprocessing", "data.max_bad_sample_fraction", "data.end_shard")',
             )
         ],
         [T_RULE_RESUME],
@@ -826,6 +834,84 @@ PROPERTY_MUTANTS: List[Mutant] = [
         before=["tests/test_cli_check.py", T_TRACK, T_CONSOLE],
     ),
 ]
+# The real bugs the new tests found (fixed in this round), planted back: the old suite missed each,
+# since each was in the code it passed on.
+PROPERTY_MUTANTS += [
+    Mutant(
+        "resume: a num_workers change keeps the position inside the epoch (fixed bug)",
+        "resume",
+        [
+            (
+                RESUME,
+                'SAME_BATCHES = ("data.preprocessing", "data.max_bad_sample_fraction")',
+                'SAME_BATCHES = ("data.preprocessing", "data.max_bad_sample_fraction", "data.num_workers")',
+            )
+        ],
+        [T_RULE_RESUME],
+        before=["tests/test_training_resume.py"],
+    ),
+    Mutant(
+        "reference checkpoints: Adam moments looked up under the file's wrapped names (fixed bug)",
+        "reference",
+        [(REFERENCE, "mapped = _names().decoder_state_from_reference(state)", "mapped = state")],
+        [T_RULE_NAMES],
+        before=["tests/test_reference_checkpoints.py", "tests/test_reference_parity_decoder.py"],
+    ),
+    Mutant(
+        "redaction: an acronym before a word not split, HFToken (fixed bug)",
+        "secrets",
+        [(REDACT, '    spaced = re.sub(r"([A-Z]+)([A-Z][a-z])", r"\\1_\\2", spaced)', "    pass")],
+        [T_RULE_SECRETS],
+        before=[T_TRACK, T_CONSOLE],
+    ),
+    Mutant(
+        "redaction: a secret glued to its prefix not recognised, PGPASSWORD (fixed bug)",
+        "secrets",
+        [
+            (
+                REDACT,
+                "word in _SECRET_WORDS or word.endswith(_GLUED_SECRET_ENDINGS) for word in words",
+                "word in _SECRET_WORDS for word in words",
+            )
+        ],
+        [T_RULE_SECRETS],
+        before=[T_TRACK, T_CONSOLE],
+    ),
+    Mutant(
+        "pre-flight: overwrite_data_path passes before reading the run state or the folder's place (fixed bug)",
+        "checkpoint",
+        [
+            (
+                PREFLIGHT,
+                "    if not os.path.isdir(data_path) or not os.listdir(data_path):\n        return None\n    try:",
+                "    if tracker.overwrite_data_path or not os.path.isdir(data_path) or not os.listdir(data_path):\n"
+                "        return None\n    try:",
+            )
+        ],
+        [T_RULE_PATHS],
+        before=["tests/test_cli_check.py", T_TRACK, T_CONSOLE],
+    ),
+    Mutant(
+        "pre-flight: an auto-resumed run whose checkpoint is gone passes (fixed bug)",
+        "checkpoint",
+        [(PREFLIGHT, "        if checkpoint and not os.path.isfile(checkpoint):", "        if False:")],
+        [T_RULE_PATHS],
+        before=["tests/test_cli_check.py", T_TRACK, T_CONSOLE],
+    ),
+    Mutant(
+        "Karras samplers divide by zero on a one-timestep schedule (fixed bug)",
+        "schedules",
+        [
+            (
+                SAMPLERS,
+                "        if len(ve) == 1:  # a one-timestep schedule",
+                "        if False:  # a one-timestep schedule",
+            )
+        ],
+        [T_PROP_SCHED],
+        before=["tests/test_samplers.py"],
+    ),
+]
 MUTANTS += PROPERTY_MUTANTS
 
 
@@ -859,8 +945,22 @@ def apply(root: Path, mutant: Mutant) -> List[Tuple[Path, str]]:
     return list(originals.items())
 
 
-def run_tests(root: Path, mutant: Mutant, timeout: int) -> Tuple[str, float, str]:
-    command = [sys.executable, "-m", "pytest", *mutant.tests, "-x", "-q", "--timeout=600", "-p", "no:cacheprovider"]
+def run_tests(root: Path, mutant: Mutant, timeout: int, every_test: bool = False) -> Tuple[str, float, str]:
+    """Run the mutant's tests in `root`; `every_test`: do not stop at the first failure, and return
+    the ids of all failing tests as the last element (to check that every test catches some mutant)."""
+    stop = [] if every_test else ["-x"]
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        *mutant.tests,
+        *stop,
+        "-q",
+        "-rf",
+        "--timeout=600",
+        "-p",
+        "no:cacheprovider",
+    ]
     if mutant.k:
         command += ["-k", mutant.k]
     env = {**os.environ, "PYTHONPATH": str(root), "PYTHONDONTWRITEBYTECODE": "1"}
@@ -871,6 +971,9 @@ def run_tests(root: Path, mutant: Mutant, timeout: int) -> Tuple[str, float, str
         return "caught (timeout)", time.perf_counter() - start, ""
     elapsed = time.perf_counter() - start
     tail = (result.stdout + result.stderr).strip().splitlines()[-1:] or [""]
+    if every_test:
+        failed = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("FAILED ")]
+        tail = [" ".join(failed) or tail[0]]
     if result.returncode == 0:
         return "MISSED", elapsed, tail[0]
     if result.returncode in (4, 5):  # usage error / no tests collected: the mutant's test list is wrong
@@ -886,6 +989,11 @@ def main(argv: Sequence[str] = ()) -> int:
     parser.add_argument("--check", action="store_true", help="only check that every mutant still applies (no tests)")
     parser.add_argument("--start", type=int, default=1, help="begin at this mutant number (of those chosen)")
     parser.add_argument("--baseline", action="store_true", help="first check that every listed test passes unmutated")
+    parser.add_argument(
+        "--every-test",
+        action="store_true",
+        help="run each mutant's tests to the end and print every failing test (which tests catch which mutants)",
+    )
     parser.add_argument(
         "--before",
         action="store_true",
@@ -936,7 +1044,7 @@ def main(argv: Sequence[str] = ()) -> int:
                 print(f"{index:2d}. STALE   [{mutant.area}] {mutant.name}: {error}", flush=True)
                 continue
             try:
-                verdict, elapsed, tail = run_tests(root, mutant, args.timeout)
+                verdict, elapsed, tail = run_tests(root, mutant, args.timeout, args.every_test)
             finally:
                 for path, text in originals:
                     path.write_text(text)
