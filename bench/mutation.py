@@ -9,6 +9,7 @@ copied to a temporary folder once, and each mutant is applied to, and reverted i
     python bench/mutation.py --only ema     # mutants whose name contains "ema"
     python bench/mutation.py --list
     python bench/mutation.py --before       # the mutants that name them, against their `before` tests
+    python bench/mutation.py --property-block --every-test   # issue 29's block: every test each one fails
 
 Prints caught / missed per mutant and a summary; the exit status is 1 when any mutant is missed
 or stale. Not part of `make test` (it runs the relevant tests once per mutant: tens of minutes on
@@ -990,6 +991,9 @@ def main(argv: Sequence[str] = ()) -> int:
     parser.add_argument("--start", type=int, default=1, help="begin at this mutant number (of those chosen)")
     parser.add_argument("--baseline", action="store_true", help="first check that every listed test passes unmutated")
     parser.add_argument(
+        "--property-block", action="store_true", help="only the issue-29 block (PROPERTY_MUTANTS, see docs/TESTING.md)"
+    )
+    parser.add_argument(
         "--every-test",
         action="store_true",
         help="run each mutant's tests to the end and print every failing test (which tests catch which mutants)",
@@ -1000,7 +1004,8 @@ def main(argv: Sequence[str] = ()) -> int:
         help="run each mutant that names them against its `before` tests (the suite as it was) instead",
     )
     args = parser.parse_args(argv or None)
-    chosen = [m for m in MUTANTS if args.only.lower() in (m.name + " " + m.area).lower()]
+    pool = PROPERTY_MUTANTS if args.property_block else MUTANTS
+    chosen = [m for m in pool if args.only.lower() in (m.name + " " + m.area).lower()]
     if args.before:
         chosen = [dataclasses.replace(m, tests=list(m.before), k="") for m in chosen if m.before]
     if args.list:
