@@ -964,7 +964,8 @@ def run_tests(root: Path, mutant: Mutant, timeout: int, every_test: bool = False
     ]
     if mutant.k:
         command += ["-k", mutant.k]
-    env = {**os.environ, "PYTHONPATH": str(root), "PYTHONDONTWRITEBYTECODE": "1"}
+    # Property tests: the CI examples, without shrinking a failure (tests/conftest.py's `mutation` profile)
+    env = {**os.environ, "PYTHONPATH": str(root), "PYTHONDONTWRITEBYTECODE": "1", "HYPOTHESIS_PROFILE": "mutation"}
     start = time.perf_counter()
     try:
         result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)

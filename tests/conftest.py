@@ -10,7 +10,7 @@ import sys
 from typing import Any, Callable, Dict, List
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -41,6 +41,9 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 settings.register_profile("explore", max_examples=1000, database=None, deadline=None, print_blob=True)
+# bench/mutation.py: the same examples as `ci`, without shrinking a failure (a caught mutant needs
+# no minimal example, and shrinking can take minutes).
+settings.register_profile("mutation", settings.get_profile("ci"), phases=[Phase.explicit, Phase.reuse, Phase.generate])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 _MINIMAL_CONFIG: Dict[str, Any] = {
