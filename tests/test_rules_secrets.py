@@ -152,6 +152,8 @@ def test_a_secret_environment_variable_is_masked_in_every_string(name, monkeypat
 
 @pytest.mark.parametrize("name", ["TOKEN_PATH", "NUM_TOKENS", "TOKENIZERS_PARALLELISM", "WANDB_RUN_ID", "SORT_KEY"])
 def test_an_environment_variable_that_is_no_secret_is_left_alone(name, monkeypatch):
+    """An environment variable named for a path, count or id (TOKEN_PATH, NUM_TOKENS) is no secret:
+    its value stays in the config's strings."""
     monkeypatch.setenv(name, "/home/me/plain-value")
     assert redact({"note": "/home/me/plain-value"}) == {"note": "/home/me/plain-value"}, name
 
