@@ -913,6 +913,91 @@ PROPERTY_MUTANTS += [
         before=["tests/test_samplers.py"],
     ),
 ]
+# Written after the tests, to test them: each new test must fail under some mutant, and these are
+# the ones no mutant above reached (`--every-test` shows which test catches which).
+PROPERTY_MUTANTS += [
+    Mutant(
+        "epoch order follows the listing order, not the shard numbers (test check)",
+        "sharding",
+        [(PLAN, "order = sorted(shards, key=lambda s: s.number)", "order = list(shards)")],
+        [T_PROP_DATA],
+        before=[T_LOADER, T_DATA],
+    ),
+    Mutant(
+        "learning-rate warm-up one step behind (test check)",
+        "schedules",
+        [(TRAINER, "return min(1.0, (step + 1) / warmup_steps)", "return min(1.0, max(step, 1) / warmup_steps)")],
+        [T_PROP_SCHED],
+        before=[T_TRAINER],
+    ),
+    Mutant(
+        "sampler accepts more steps than timesteps (test check)",
+        "schedules",
+        [(SAMPLERS, "if not 1 <= steps <= num_timesteps:", "if not 1 <= steps <= num_timesteps + 1:")],
+        [T_PROP_SCHED],
+        before=["tests/test_samplers.py"],
+    ),
+    Mutant(
+        "DPM-Solver++(2M) weighs the previous prediction by r, not 1/r (test check)",
+        "schedules",
+        [(SAMPLERS, "data = x0 + (0.5 / r) * (x0 - previous)", "data = x0 + (0.5 * r) * (x0 - previous)")],
+        [T_PROP_SCHED],
+        before=["tests/test_samplers.py"],
+    ),
+    Mutant(
+        "blur kernel exp(-x^2 / sigma^2), without the 2 (test check)",
+        "lowres",
+        [
+            (
+                LOWRES,
+                "kernel = torch.exp(-(offsets**2) / (2 * float(sigma) ** 2))",
+                "kernel = torch.exp(-(offsets**2) / (float(sigma) ** 2))",
+            )
+        ],
+        [T_PROP_LOWRES],
+        before=[T_DEC, "tests/test_reference_parity_decoder.py"],
+    ),
+    Mutant(
+        "augmentation noise on the cosine schedule (test check)",
+        "lowres",
+        [
+            (
+                LOWRES,
+                'GaussianDiffusion("linear", LOWRES_NOISE_TIMESTEPS)',
+                'GaussianDiffusion("cosine", LOWRES_NOISE_TIMESTEPS)',
+            )
+        ],
+        [T_PROP_LOWRES],
+        before=[T_DEC, "tests/test_reference_parity_decoder.py"],
+    ),
+    Mutant(
+        "resume: epochs lowered to those done still says epochs are left (test check)",
+        "resume",
+        [(RESUME, "if isinstance(new, int) and new <= epoch:", "if isinstance(new, int) and new < epoch:")],
+        [T_RULE_RESUME],
+        before=["tests/test_training_resume.py"],
+    ),
+    Mutant(
+        "redaction: names ending in path are secrets too, token_path masked (test check)",
+        "secrets",
+        [(REDACT, '_NOT_SECRET_LAST = {"path", ', "_NOT_SECRET_LAST = {")],
+        [T_RULE_SECRETS],
+        before=[T_TRACK, T_CONSOLE],
+    ),
+    Mutant(
+        "redaction: URL passwords masked for http(s) only (test check)",
+        "secrets",
+        [
+            (
+                REDACT,
+                '_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://',
+                '_URL_PASSWORD = re.compile(r"(?P<head>https?://',
+            )
+        ],
+        [T_RULE_SECRETS],
+        before=[T_TRACK, T_CONSOLE],
+    ),
+]
 MUTANTS += PROPERTY_MUTANTS
 
 
