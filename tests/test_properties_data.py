@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from dalle2_decoder.data import plan
 from dalle2_decoder.data.dataset import PhaseSettings, ShardDataset
 from dalle2_decoder.evaluation.evaluate import evaluate_decoder
+from dalle2_decoder.evaluation.metrics import samples_per_rank
 
 shard_sizes = st.lists(st.integers(min_value=0, max_value=40), min_size=1, max_size=10)
 ranks = st.integers(min_value=1, max_value=5)
@@ -349,6 +350,16 @@ def evaluate_on_ranks(n_samples: int, world_size: int, available: int, batch_siz
     return results
 
 
+@given(n_samples=st.integers(0, 10**6), world_size=st.integers(1, 64))
+def test_per_rank_shares_add_up_to_the_request(n_samples, world_size):
+    """`samples_per_rank(n, ranks, rank)`: n // ranks on every rank and one more on the first
+    n % ranks, so the shares add up to exactly n; without a rank, the largest share, ceil(n / ranks)."""
+    shares = [samples_per_rank(n_samples, world_size, rank) for rank in range(world_size)]
+    assert sum(shares) == n_samples
+    assert shares == sorted(shares, reverse=True) and max(shares) - min(shares) <= (1 if shares else 0)
+    assert samples_per_rank(n_samples, world_size) == max(shares) == -(-n_samples // world_size)
+
+
 evaluation_counts = dict(
     n_samples=st.integers(1, 60), world_size=st.integers(1, 4), available=st.integers(0, 30), batch_size=batch_sizes
 )
@@ -376,8 +387,8 @@ def test_evaluation_pools_at_least_what_was_asked_and_reads_no_batch_in_vain(
 
 @pytest.mark.xfail(
     strict=True,
-    reason="each rank takes ceil(n / ranks) samples (evaluation/evaluate.py), so the pool exceeds the request "
-    "when ranks do not divide it; the fix (rank r takes n // ranks + (r < n % ranks)) is in evaluate_decoder",
+    reason="evaluate_decoder gives every rank ceil(n / ranks) samples, so the pool exceeds the request when the "
+    "ranks do not divide it; the fix: it passes the rank, samples_per_rank(n, ranks, accelerator.process_index)",
 )
 @settings(max_examples=40)
 @given(**evaluation_counts)
