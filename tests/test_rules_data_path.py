@@ -32,6 +32,12 @@ from dalle2_decoder.tracking import DataPathError, create_tracker, read_run_stat
 from dalle2_decoder.tracking.checkpoint import save_checkpoint
 from dalle2_decoder.tracking.loaders import LoadError
 
+# Expected config warnings of these tables: `resume` with the console logger, embeddings no U-Net reads.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:tracker.log.resume:dalle2_decoder.config.errors.ConfigWarning",
+    "ignore:data.text_embeddings_url:dalle2_decoder.config.errors.ConfigWarning",
+)
+
 ENTRIES = ["run_state.json", "metrics.jsonl", "samples", "resume", "uploads", "downloads", "wandb", ".staging"]
 USERS = ["shards", "latest.pth", "notes.txt"]
 
