@@ -859,7 +859,7 @@ PROPERTY_MUTANTS += [
         before=["tests/test_reference_checkpoints.py", "tests/test_reference_parity_decoder.py"],
     ),
     Mutant(
-        "redaction: an acronym before a word not split, HFToken (fixed bug)",
+        "redaction: an acronym before a word not split, AWSAccessKey (fixed bug)",
         "secrets",
         [(REDACT, '    spaced = re.sub(r"([A-Z]+)([A-Z][a-z])", r"\\1_\\2", spaced)', "    pass")],
         [T_RULE_SECRETS],
@@ -1059,8 +1059,10 @@ def run_tests(root: Path, mutant: Mutant, timeout: int, every_test: bool = False
     elapsed = time.perf_counter() - start
     tail = (result.stdout + result.stderr).strip().splitlines()[-1:] or [""]
     if every_test:
-        failed = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("FAILED ")]
-        tail = [" ".join(failed) or tail[0]]
+        failed = [
+            line[len("FAILED ") :].split(" - ")[0] for line in result.stdout.splitlines() if line.startswith("FAILED ")
+        ]
+        tail = ["; ".join(failed) or tail[0]]
     if result.returncode == 0:
         return "MISSED", elapsed, tail[0]
     if result.returncode in (4, 5):  # usage error / no tests collected: the mutant's test list is wrong

@@ -54,6 +54,8 @@ SECRET_NAMES = [
     "SASToken",
     "APIKey",
     "GitHubToken",
+    "AWSAccessKey",
+    "GCPPrivateKey",
     "HfToken",
     # UPPER_CASE (environment variables)
     "HF_TOKEN",
