@@ -244,10 +244,11 @@ def test_sampler_timesteps_are_the_nearest_to_even_spacing(counts):
         assert abs(t - exact) <= Fraction(1, 2), (k, t, float(exact))
 
 
-@given(timesteps=st.integers(1, 300), steps=st.integers(-3, 400))
-def test_sampler_timesteps_refuse_counts_outside_one_to_t(timesteps, steps):
-    """Asking for fewer than 1 or more than T steps is a ValueError naming the range."""
-    assume(not 1 <= steps <= timesteps)
+@given(timesteps=st.integers(1, 300), beyond=st.integers(1, 50), above=st.booleans())
+def test_sampler_timesteps_refuse_counts_outside_one_to_t(timesteps, beyond, above):
+    """Asking for fewer than 1 or more than T steps (just outside the range or far from it) is a
+    ValueError naming the range."""
+    steps = timesteps + beyond if above else 1 - beyond
     with pytest.raises(ValueError, match="steps must be in"):
         spaced_timesteps(timesteps, steps)
 
