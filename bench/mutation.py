@@ -8,6 +8,8 @@ copied to a temporary folder once, and each mutant is applied to, and reverted i
     python bench/mutation.py                # every mutant
     python bench/mutation.py --only ema     # mutants whose name contains "ema"
     python bench/mutation.py --list
+    python bench/mutation.py --before       # the mutants that name them, against their `before` tests
+    python bench/mutation.py --property-block --every-test   # issue 29's block: every test each one fails
 
 Prints caught / missed per mutant and a summary; the exit status is 1 when any mutant is missed
 or stale. Not part of `make test` (it runs the relevant tests once per mutant: tens of minutes on
@@ -17,6 +19,7 @@ or stale. Not part of `make test` (it runs the relevant tests once per mutant: t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -39,6 +42,9 @@ class Mutant:
     tests: Sequence[str]
     """pytest arguments: test files or node ids, optionally followed by `-k` expressions."""
     k: str = ""
+    before: Sequence[str] = ()
+    """The test files a maintainer would have picked before the property suite (`--before` runs
+    these instead of `tests`, without `k`): what the mutant's catch rests on, measured."""
 
 
 T_MODELS = "tests/test_reliability_models.py"
@@ -487,6 +493,514 @@ MUTANTS: List[Mutant] = [
 ]
 
 
+# === Issue 29: bugs next to the cases the example tests check ======================================
+# Written before tests/test_properties_*.py and tests/test_rules_*.py, in the kinds an independent
+# round found the example-based suite missing: counts that do not divide evenly, caps that bind
+# late, other spellings of a name, data placed elsewhere, combinations not tried together. `before`
+# names the test files a maintainer would have picked for each (`--before` runs those): see
+# docs/TESTING.md for the counts.
+
+T_PROP_DATA = "tests/test_properties_data.py"
+T_PROP_SCHED = "tests/test_properties_schedules.py"
+T_PROP_LOWRES = "tests/test_properties_lowres.py"
+T_RULE_RESUME = "tests/test_rules_resume.py"
+T_RULE_SECRETS = "tests/test_rules_secrets.py"
+T_RULE_PATHS = "tests/test_rules_data_path.py"
+T_RULE_NAMES = "tests/test_rules_reference_names.py"
+GDIFF = "dalle2_decoder/models/gaussian_diffusion.py"
+SAMPLERS = "dalle2_decoder/models/samplers.py"
+LOWRES = "dalle2_decoder/models/lowres.py"
+RESUME = "dalle2_decoder/training/resume.py"
+PREFLIGHT = "dalle2_decoder/preflight.py"
+REFNAMES = "dalle2_decoder/models/reference_names.py"
+REFERENCE = "dalle2_decoder/tracking/reference.py"
+
+PROPERTY_MUTANTS: List[Mutant] = [
+    # --- uneven division ---------------------------------------------------------------------
+    Mutant(
+        "exact epochs: a worker's first batch ignores the extra batches of the workers before it",
+        "sharding",
+        [(PLAN, "first = worker * base + min(worker, extra)", "first = worker * base")],
+        [T_PROP_DATA],
+        before=[T_LOADER, T_DATA],
+    ),
+    Mutant(
+        "exact epochs: a rank's short last batch runs on into the next rank's share",
+        "sharding",
+        [
+            (
+                PLAN,
+                "local_stop = min((first_batch + count) * batch_size, per_rank)",
+                "local_stop = (first_batch + count) * batch_size",
+            )
+        ],
+        [T_PROP_DATA],
+        before=[T_LOADER, T_DATA],
+    ),
+    Mutant(
+        "exact epochs: the per-rank share rounded to nearest, not down",
+        "sharding",
+        [(PLAN, "    return total // world_size", "    return round(total / world_size)")],
+        [T_PROP_DATA],
+        before=[T_LOADER, T_DATA],
+    ),
+    Mutant(
+        "capped epochs: a cap that is no multiple of ranks x batch size rounds up",
+        "sharding",
+        [(PLAN, "n = limit // (world_size * batch_size)", "n = -(-limit // (world_size * batch_size))")],
+        [T_PROP_DATA],
+        before=[T_LOADER, T_DATA],
+    ),
+    Mutant(
+        "splits: leftover shards go to the smallest remainders",
+        "sharding",
+        [(PLAN, "key=lambda i: counts[i] - exact[i]", "key=lambda i: exact[i] - counts[i]")],
+        [T_PROP_DATA],
+        before=[T_LOADER, T_DATA],
+    ),
+    Mutant(
+        "evaluation: each rank's share rounded down",
+        "pooling",
+        [(METRICS, "return math.ceil(n_samples / world_size)", "return n_samples // world_size")],
+        [T_PROP_DATA],
+        before=["tests/test_evaluation_distributed.py", "tests/test_evaluation_run.py"],
+    ),
+    # --- caps that bind late, cadences off the defaults -----------------------------------------
+    Mutant(
+        "EMA decay not capped at ema_beta (binds after about 1000 updates at 0.99)",
+        "ema",
+        [(EMA, "    return min(max(value, 0.0), beta)", "    return max(value, 0.0)")],
+        [T_PROP_SCHED],
+        before=[T_TRAINER],
+    ),
+    Mutant(
+        "EMA cadence counted from update_after_step (same only when every divides it)",
+        "ema",
+        [
+            (
+                EMA,
+                "        elif n % self.update_every == 0:",
+                "        elif (n - self.update_after_step) % self.update_every == 0:",
+            )
+        ],
+        [T_PROP_SCHED],
+        before=[T_TRAINER],
+    ),
+    Mutant(
+        "a restored optimizer gets the full rate in the middle of its warm-up",
+        "schedules",
+        [(TRAINER, "factor = scheduler.lr_lambdas[0](scheduler.last_epoch)", "factor = 1.0")],
+        [T_PROP_SCHED],
+        before=[T_TRAINER, "tests/test_training_resume.py"],
+    ),
+    Mutant(
+        "linear beta range scaled by integer division (1000 // timesteps)",
+        "schedules",
+        [(SCHED, "scale = 1000.0 / timesteps", "scale = 1000 // timesteps")],
+        [T_PROP_SCHED],
+        before=[T_MODELS, T_DIFF],
+    ),
+    Mutant(
+        "sampler timesteps truncated instead of rounded",
+        "schedules",
+        [
+            (
+                SAMPLERS,
+                "steps=steps + 1, dtype=torch.float64).round().long().tolist()",
+                "steps=steps + 1, dtype=torch.float64).long().tolist()",
+            )
+        ],
+        [T_PROP_SCHED],
+        before=["tests/test_samplers.py"],
+    ),
+    Mutant(
+        "DDIM keeps repeated timesteps when the steps approach T",
+        "schedules",
+        [
+            (
+                GDIFF,
+                "return [(a, b) for a, b in zip(times[:-1], times[1:]) if a > b]",
+                "return [(a, b) for a, b in zip(times[:-1], times[1:]) if a >= b]",
+            )
+        ],
+        [T_PROP_SCHED],
+        before=[T_DIFF, "tests/test_samplers.py", T_DEC],
+    ),
+    Mutant(
+        "Karras noise levels called at the timestep below, not the nearest",
+        "schedules",
+        [
+            (
+                SAMPLERS,
+                "times.append(int(round(low + min(max(w, 0.0), 1.0))))",
+                "times.append(int(low + min(max(w, 0.0), 1.0)))",
+            )
+        ],
+        [T_PROP_SCHED],
+        before=["tests/test_samplers.py"],
+    ),
+    Mutant(
+        "blur kernel size range leaves out its upper end",
+        "lowres",
+        [
+            (
+                LOWRES,
+                "size = int(torch.randint(int(size[0]), int(size[1]) + 1, ()))",
+                "size = int(torch.randint(int(size[0]), int(size[1]), ()))",
+            )
+        ],
+        [T_PROP_LOWRES],
+        before=[T_DEC, "tests/test_reference_parity_decoder.py"],
+    ),
+    Mutant(
+        "even blur kernel sizes rounded down, not up",
+        "lowres",
+        [(LOWRES, "                kernel_size += 1", "                kernel_size -= 1")],
+        [T_PROP_LOWRES],
+        before=[T_DEC, "tests/test_reference_parity_decoder.py"],
+    ),
+    Mutant(
+        "augmentation noise level never 0",
+        "lowres",
+        [
+            (
+                LOWRES,
+                "0, LOWRES_NOISE_TIMESTEPS, (cond.shape[0],)",
+                "1, LOWRES_NOISE_TIMESTEPS, (cond.shape[0],)",
+            )
+        ],
+        [T_PROP_LOWRES],
+        before=[T_DEC, "tests/test_reference_parity_decoder.py"],
+    ),
+    # --- other config changes on resume ----------------------------------------------------------
+    # (rewritten after the resume fix of this round moved the rule to SAME_BATCHES: the same two bugs)
+    Mutant(
+        "resume: a seed change keeps the position inside the epoch",
+        "resume",
+        [
+            (
+                RESUME,
+                "if mid_epoch and not path.startswith(SAME_BATCHES):",
+                'if mid_epoch and path != "seed" and not path.startswith(SAME_BATCHES):',
+            )
+        ],
+        [T_RULE_RESUME],
+        before=["tests/test_training_resume.py"],
+    ),
+    Mutant(
+        "resume: an end_shard change keeps the position inside the epoch",
+        "resume",
+        [
+            (
+                RESUME,
+                'SAME_BATCHES = ("data.preprocessing", "data.max_bad_sample_fraction")',
+                'SAME_BATCHES = ("data.preprocessing", "data.max_bad_sample_fraction", "data.end_shard")',
+            )
+        ],
+        [T_RULE_RESUME],
+        before=["tests/test_training_resume.py"],
+    ),
+    # --- other spellings of a name -------------------------------------------------------------
+    Mutant(
+        "camelCase keys not split into words (hfToken, accessToken)",
+        "secrets",
+        [(REDACT, 'spaced = re.sub(r"([a-z0-9])([A-Z])", r"\\1_\\2", name)', "spaced = name")],
+        [T_RULE_SECRETS],
+        before=[T_TRACK, T_CONSOLE],
+    ),
+    Mutant(
+        "'api key' not recognised as a secret pair (WANDB_API_KEY, x-api-key)",
+        "secrets",
+        [(REDACT, '_SECRET_PAIRS = {("api", "key"), ', "_SECRET_PAIRS = {")],
+        [T_RULE_SECRETS],
+        before=[T_TRACK, T_CONSOLE],
+    ),
+    Mutant(
+        "wrapper prefixes stripped once each, in one order (_orig_mod.module. left half-wrapped)",
+        "reference",
+        [
+            (
+                REFNAMES,
+                "    changed = True\n    while changed:\n        changed = False\n"
+                "        for prefix in _WRAPPER_PREFIXES:\n            if name.startswith(prefix):\n"
+                "                name, changed = name[len(prefix) :], True\n",
+                "    for prefix in _WRAPPER_PREFIXES:\n        if name.startswith(prefix):\n"
+                "            name = name[len(prefix) :]\n",
+            )
+        ],
+        [T_RULE_NAMES],
+        before=["tests/test_reference_checkpoints.py", "tests/test_reference_parity_decoder.py"],
+    ),
+    Mutant(
+        "wrapper prefixes inside a U-Net's names (compiled U-Net in a wrapped decoder) kept",
+        "reference",
+        [
+            (
+                REFNAMES,
+                'out[f"unets.{index}.{_strip_wrappers(rest)}"] = tensor',
+                'out[f"unets.{index}.{rest}"] = tensor',
+            )
+        ],
+        [T_RULE_NAMES],
+        before=["tests/test_reference_checkpoints.py", "tests/test_reference_parity_decoder.py"],
+    ),
+    Mutant(
+        "only DDP's prefix stripped (torch.compile's _orig_mod. kept)",
+        "reference",
+        [(REFNAMES, '_WRAPPER_PREFIXES = ("module.", "_orig_mod.")', '_WRAPPER_PREFIXES = ("module.",)')],
+        [T_RULE_NAMES],
+        before=["tests/test_reference_checkpoints.py", "tests/test_reference_parity_decoder.py"],
+    ),
+    # --- data placed elsewhere ------------------------------------------------------------------
+    Mutant(
+        "overwrite_data_path: save_meta_to folders not protected",
+        "checkpoint",
+        [
+            (
+                TRACKER,
+                "for dest in filter(None, (save.save_latest_to, save.save_best_to, save.save_meta_to)):",
+                "for dest in filter(None, (save.save_latest_to, save.save_best_to)):",
+            )
+        ],
+        [T_RULE_PATHS],
+        before=[T_TRACK, T_CONSOLE],
+    ),
+    Mutant(
+        "overwrite_data_path: data folders given without a '{}' pattern not protected",
+        "checkpoint",
+        [
+            (
+                TRACKER,
+                '        text = value[len("file:") :] if value.startswith("file:") else value\n'
+                '        if "/" in text or "{" in text:\n',
+                '        text = value[len("file:") :] if value.startswith("file:") else value\n'
+                '        if "{" in text:\n',
+            )
+        ],
+        [T_RULE_PATHS],
+        before=[T_TRACK, T_CONSOLE],
+    ),
+    Mutant(
+        "overwrite_data_path: a protected file inside a tracker entry does not keep the entry",
+        "checkpoint",
+        [
+            (
+                STATE,
+                "(keep if any(_inside(item, resolved) for item in protected) else remove)",
+                "(keep if any(item == resolved for item in protected) else remove)",
+            )
+        ],
+        [T_RULE_PATHS],
+        before=[T_TRACK, T_CONSOLE],
+    ),
+    Mutant(
+        "overwrite_data_path: relative save destinations protected relative to the working directory",
+        "checkpoint",
+        [
+            (
+                TRACKER,
+                "                paths.append(path if path.is_absolute() else data_path / path)\n"
+                '    data = full_config_dict.get("data")',
+                '                paths.append(path)\n    data = full_config_dict.get("data")',
+            )
+        ],
+        [T_RULE_PATHS],
+        before=[T_TRACK, T_CONSOLE],
+    ),
+    # --- combinations not tried together ---------------------------------------------------------
+    Mutant(
+        "pre-flight accepts auto_resume over a finished run",
+        "checkpoint",
+        [
+            (
+                PREFLIGHT,
+                "if previous is not None and not previous.finished and tracker.log.auto_resume:",
+                "if previous is not None and tracker.log.auto_resume:",
+            )
+        ],
+        [T_RULE_PATHS],
+        before=["tests/test_cli_check.py", T_TRACK, T_CONSOLE],
+    ),
+    Mutant(
+        "auto_resume continues a finished run",
+        "checkpoint",
+        [
+            (
+                STATE,
+                "    if auto_resume and previous is not None and not previous.finished:",
+                "    if auto_resume and previous is not None:",
+            )
+        ],
+        [T_RULE_PATHS],
+        before=["tests/test_cli_check.py", T_TRACK, T_CONSOLE],
+    ),
+]
+# The real bugs the new tests found (fixed in this round), planted back: the old suite missed each,
+# since each was in the code it passed on.
+PROPERTY_MUTANTS += [
+    Mutant(
+        "resume: a num_workers change keeps the position inside the epoch (fixed bug)",
+        "resume",
+        [
+            (
+                RESUME,
+                'SAME_BATCHES = ("data.preprocessing", "data.max_bad_sample_fraction")',
+                'SAME_BATCHES = ("data.preprocessing", "data.max_bad_sample_fraction", "data.num_workers")',
+            )
+        ],
+        [T_RULE_RESUME],
+        before=["tests/test_training_resume.py"],
+    ),
+    Mutant(
+        "reference checkpoints: Adam moments looked up under the file's wrapped names (fixed bug)",
+        "reference",
+        [(REFERENCE, "mapped = _names().decoder_state_from_reference(state)", "mapped = state")],
+        [T_RULE_NAMES],
+        before=["tests/test_reference_checkpoints.py", "tests/test_reference_parity_decoder.py"],
+    ),
+    Mutant(
+        "redaction: an acronym before a word not split, AWSAccessKey (fixed bug)",
+        "secrets",
+        [(REDACT, '    spaced = re.sub(r"([A-Z]+)([A-Z][a-z])", r"\\1_\\2", spaced)', "    pass")],
+        [T_RULE_SECRETS],
+        before=[T_TRACK, T_CONSOLE],
+    ),
+    Mutant(
+        "redaction: a secret glued to its prefix not recognised, PGPASSWORD (fixed bug)",
+        "secrets",
+        [
+            (
+                REDACT,
+                "word in _SECRET_WORDS or word.endswith(_GLUED_SECRET_ENDINGS) for word in words",
+                "word in _SECRET_WORDS for word in words",
+            )
+        ],
+        [T_RULE_SECRETS],
+        before=[T_TRACK, T_CONSOLE],
+    ),
+    Mutant(
+        "pre-flight: overwrite_data_path passes before reading the run state or the folder's place (fixed bug)",
+        "checkpoint",
+        [
+            (
+                PREFLIGHT,
+                "    if not os.path.isdir(data_path) or not os.listdir(data_path):\n        return None\n    try:",
+                "    if tracker.overwrite_data_path or not os.path.isdir(data_path) or not os.listdir(data_path):\n"
+                "        return None\n    try:",
+            )
+        ],
+        [T_RULE_PATHS],
+        before=["tests/test_cli_check.py", T_TRACK, T_CONSOLE],
+    ),
+    Mutant(
+        "pre-flight: an auto-resumed run whose checkpoint is gone passes (fixed bug)",
+        "checkpoint",
+        [(PREFLIGHT, "        if checkpoint and not os.path.isfile(checkpoint):", "        if False:")],
+        [T_RULE_PATHS],
+        before=["tests/test_cli_check.py", T_TRACK, T_CONSOLE],
+    ),
+    Mutant(
+        "Karras samplers divide by zero on a one-timestep schedule (fixed bug)",
+        "schedules",
+        [
+            (
+                SAMPLERS,
+                "        if len(ve) == 1:  # a one-timestep schedule",
+                "        if False:  # a one-timestep schedule",
+            )
+        ],
+        [T_PROP_SCHED],
+        before=["tests/test_samplers.py"],
+    ),
+]
+# Written after the tests, to test them: each new test must fail under some mutant, and these are
+# the ones no mutant above reached (`--every-test` shows which test catches which).
+PROPERTY_MUTANTS += [
+    Mutant(
+        "epoch order follows the listing order, not the shard numbers (test check)",
+        "sharding",
+        [(PLAN, "order = sorted(shards, key=lambda s: s.number)", "order = list(shards)")],
+        [T_PROP_DATA],
+        before=[T_LOADER, T_DATA],
+    ),
+    Mutant(
+        "learning-rate warm-up one step behind (test check)",
+        "schedules",
+        [(TRAINER, "return min(1.0, (step + 1) / warmup_steps)", "return min(1.0, max(step, 1) / warmup_steps)")],
+        [T_PROP_SCHED],
+        before=[T_TRAINER],
+    ),
+    Mutant(
+        "sampler accepts more steps than timesteps (test check)",
+        "schedules",
+        [(SAMPLERS, "if not 1 <= steps <= num_timesteps:", "if not 1 <= steps <= num_timesteps + 1:")],
+        [T_PROP_SCHED],
+        before=["tests/test_samplers.py"],
+    ),
+    Mutant(
+        "DPM-Solver++(2M) weighs the previous prediction by r, not 1/r (test check)",
+        "schedules",
+        [(SAMPLERS, "data = x0 + (0.5 / r) * (x0 - previous)", "data = x0 + (0.5 * r) * (x0 - previous)")],
+        [T_PROP_SCHED],
+        before=["tests/test_samplers.py"],
+    ),
+    Mutant(
+        "blur kernel exp(-x^2 / sigma^2), without the 2 (test check)",
+        "lowres",
+        [
+            (
+                LOWRES,
+                "kernel = torch.exp(-(offsets**2) / (2 * float(sigma) ** 2))",
+                "kernel = torch.exp(-(offsets**2) / (float(sigma) ** 2))",
+            )
+        ],
+        [T_PROP_LOWRES],
+        before=[T_DEC, "tests/test_reference_parity_decoder.py"],
+    ),
+    Mutant(
+        "augmentation noise on the cosine schedule (test check)",
+        "lowres",
+        [
+            (
+                LOWRES,
+                'GaussianDiffusion("linear", LOWRES_NOISE_TIMESTEPS)',
+                'GaussianDiffusion("cosine", LOWRES_NOISE_TIMESTEPS)',
+            )
+        ],
+        [T_PROP_LOWRES],
+        before=[T_DEC, "tests/test_reference_parity_decoder.py"],
+    ),
+    Mutant(
+        "resume: epochs lowered to those done still says epochs are left (test check)",
+        "resume",
+        [(RESUME, "if isinstance(new, int) and new <= epoch:", "if isinstance(new, int) and new < epoch:")],
+        [T_RULE_RESUME],
+        before=["tests/test_training_resume.py"],
+    ),
+    Mutant(
+        "redaction: names ending in path are secrets too, token_path masked (test check)",
+        "secrets",
+        [(REDACT, '_NOT_SECRET_LAST = {"path", ', "_NOT_SECRET_LAST = {")],
+        [T_RULE_SECRETS],
+        before=[T_TRACK, T_CONSOLE],
+    ),
+    Mutant(
+        "redaction: URL passwords masked for http(s) only (test check)",
+        "secrets",
+        [
+            (
+                REDACT,
+                '_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://',
+                '_URL_PASSWORD = re.compile(r"(?P<head>https?://',
+            )
+        ],
+        [T_RULE_SECRETS],
+        before=[T_TRACK, T_CONSOLE],
+    ),
+]
+MUTANTS += PROPERTY_MUTANTS
+
+
 def copy_tree(target: Path) -> None:
     """The repository's tracked and untracked-but-not-ignored files, copied to `target`."""
     listed = (
@@ -517,11 +1031,26 @@ def apply(root: Path, mutant: Mutant) -> List[Tuple[Path, str]]:
     return list(originals.items())
 
 
-def run_tests(root: Path, mutant: Mutant, timeout: int) -> Tuple[str, float, str]:
-    command = [sys.executable, "-m", "pytest", *mutant.tests, "-x", "-q", "--timeout=600", "-p", "no:cacheprovider"]
+def run_tests(root: Path, mutant: Mutant, timeout: int, every_test: bool = False) -> Tuple[str, float, str]:
+    """Run the mutant's tests in `root`; `every_test`: do not stop at the first failure, and return
+    the ids of all failing tests as the last element (to check that every test catches some mutant)."""
+    stop = [] if every_test else ["-x"]
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        *mutant.tests,
+        *stop,
+        "-q",
+        "-rf",
+        "--timeout=600",
+        "-p",
+        "no:cacheprovider",
+    ]
     if mutant.k:
         command += ["-k", mutant.k]
-    env = {**os.environ, "PYTHONPATH": str(root), "PYTHONDONTWRITEBYTECODE": "1"}
+    # Property tests: the CI examples, without shrinking a failure (tests/conftest.py's `mutation` profile)
+    env = {**os.environ, "PYTHONPATH": str(root), "PYTHONDONTWRITEBYTECODE": "1", "HYPOTHESIS_PROFILE": "mutation"}
     start = time.perf_counter()
     try:
         result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
@@ -529,6 +1058,11 @@ def run_tests(root: Path, mutant: Mutant, timeout: int) -> Tuple[str, float, str
         return "caught (timeout)", time.perf_counter() - start, ""
     elapsed = time.perf_counter() - start
     tail = (result.stdout + result.stderr).strip().splitlines()[-1:] or [""]
+    if every_test:
+        failed = [
+            line[len("FAILED ") :].split(" - ")[0] for line in result.stdout.splitlines() if line.startswith("FAILED ")
+        ]
+        tail = ["; ".join(failed) or tail[0]]
     if result.returncode == 0:
         return "MISSED", elapsed, tail[0]
     if result.returncode in (4, 5):  # usage error / no tests collected: the mutant's test list is wrong
@@ -544,8 +1078,24 @@ def main(argv: Sequence[str] = ()) -> int:
     parser.add_argument("--check", action="store_true", help="only check that every mutant still applies (no tests)")
     parser.add_argument("--start", type=int, default=1, help="begin at this mutant number (of those chosen)")
     parser.add_argument("--baseline", action="store_true", help="first check that every listed test passes unmutated")
+    parser.add_argument(
+        "--property-block", action="store_true", help="only the issue-29 block (PROPERTY_MUTANTS, see docs/TESTING.md)"
+    )
+    parser.add_argument(
+        "--every-test",
+        action="store_true",
+        help="run each mutant's tests to the end and print every failing test (which tests catch which mutants)",
+    )
+    parser.add_argument(
+        "--before",
+        action="store_true",
+        help="run each mutant that names them against its `before` tests (the suite as it was) instead",
+    )
     args = parser.parse_args(argv or None)
-    chosen = [m for m in MUTANTS if args.only.lower() in (m.name + " " + m.area).lower()]
+    pool = PROPERTY_MUTANTS if args.property_block else MUTANTS
+    chosen = [m for m in pool if args.only.lower() in (m.name + " " + m.area).lower()]
+    if args.before:
+        chosen = [dataclasses.replace(m, tests=list(m.before), k="") for m in chosen if m.before]
     if args.list:
         for index, mutant in enumerate(chosen, start=1):
             print(
@@ -587,7 +1137,7 @@ def main(argv: Sequence[str] = ()) -> int:
                 print(f"{index:2d}. STALE   [{mutant.area}] {mutant.name}: {error}", flush=True)
                 continue
             try:
-                verdict, elapsed, tail = run_tests(root, mutant, args.timeout)
+                verdict, elapsed, tail = run_tests(root, mutant, args.timeout, args.every_test)
             finally:
                 for path, text in originals:
                     path.write_text(text)

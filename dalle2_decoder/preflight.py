@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import List, Optional
 
 from .common.files import existing_ancestor, unwritable_folder_reason
@@ -277,16 +278,38 @@ def data_path_in_use_problem(config, data_path: str) -> Optional[Problem]:
     """A data path that holds another run (or anything) and may not be reused as configured.
 
     The same rule the tracker applies when it starts (`tracking.run_state.prepare_data_path`),
-    checked here without touching the folder: an unfinished run is continued with
-    `tracker.log.auto_resume`, and anything else needs `tracker.overwrite_data_path`.
+    checked here without touching the folder: an unreadable run state is refused whatever the
+    options; an unfinished run is continued with `tracker.log.auto_resume` (when its recorded
+    checkpoint is still there); anything else needs `tracker.overwrite_data_path`, which never
+    clears a filesystem root, the home directory, or the current directory or its parents.
     """
-    from .tracking.run_state import read_run_state
+    from .tracking.run_state import DataPathError, _refuse_to_delete, read_run_state
 
     tracker = config.tracker
-    if tracker.overwrite_data_path or not os.path.isdir(data_path) or not os.listdir(data_path):
+    if not os.path.isdir(data_path) or not os.listdir(data_path):
         return None
-    previous = read_run_state(data_path)
+    try:
+        previous = read_run_state(data_path)
+    except DataPathError as error:
+        return Problem(EXIT_IO, f"tracker.data_path: {error}")
     if previous is not None and not previous.finished and tracker.log.auto_resume:
+        checkpoint = previous.latest_checkpoint
+        if checkpoint and not os.path.isfile(checkpoint):
+            return Problem(
+                EXIT_CHECKPOINT,
+                f"tracker.data_path: the interrupted run {previous.run_id} in {data_path} records its latest "
+                f"checkpoint at {checkpoint}, which is missing; restore that file, or delete run_state.json there "
+                "to start over",
+            )
+        return None
+    if tracker.overwrite_data_path:
+        reason = _refuse_to_delete(Path(data_path).resolve())
+        if reason:
+            return Problem(
+                EXIT_IO,
+                f"tracker.overwrite_data_path is set but {data_path} is not cleared: {reason}; choose another "
+                "tracker.data_path",
+            )
         return None
     if previous is not None and not previous.finished:
         found = (

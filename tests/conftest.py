@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import pathlib
 import sys
 from typing import Any, Callable, Dict, List
 
 import pytest
+from hypothesis import HealthCheck, Phase, settings
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -23,6 +25,26 @@ TINY_UNET_OPTIONS: Dict[str, Any] = dict(
     init_conv_kernel_size=3,
 )
 """The small U-Net options the model tests share (besides dim, image_embed_dim and dim_mults)."""
+
+# Property-based tests (tests/test_properties_*.py, tests/test_rules_*.py) run the same examples on
+# every machine and every run: `derandomize` draws them from a fixed seed, no example database is
+# read or written, and no deadline flakes on a busy 2-core runner. Tests that cost more per example
+# lower `max_examples` with their own @settings. `HYPOTHESIS_PROFILE=explore` searches more widely
+# (random, 1000 examples) when hunting for a bug by hand; see docs/TESTING.md.
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    database=None,
+    max_examples=60,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.register_profile("explore", max_examples=1000, database=None, deadline=None, print_blob=True)
+# bench/mutation.py: the same examples as `ci`, without shrinking a failure (a caught mutant needs
+# no minimal example, and shrinking can take minutes).
+settings.register_profile("mutation", settings.get_profile("ci"), phases=[Phase.explicit, Phase.reuse, Phase.generate])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 _MINIMAL_CONFIG: Dict[str, Any] = {
     "decoder": {"unets": [{"dim": 16, "image_embed_dim": 64}], "image_sizes": [64]},

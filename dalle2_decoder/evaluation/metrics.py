@@ -293,5 +293,9 @@ def pooled_count(count: int, accelerator) -> int:
     return int(total.item())
 
 
-def samples_per_rank(n_samples: int, world_size: int) -> int:
+def samples_per_rank(n_samples: int, world_size: int, rank: Optional[int] = None) -> int:
+    """The samples rank `rank` evaluates: n // ranks, one more on the first n % ranks ranks, so the
+    shares add up to exactly `n_samples`. Without `rank`: the largest share, ceil(n / ranks)."""
+    if rank is not None:
+        return n_samples // world_size + (1 if rank < n_samples % world_size else 0)
     return math.ceil(n_samples / world_size)

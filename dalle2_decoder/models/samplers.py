@@ -155,6 +155,9 @@ def solver_points(schedule: Schedule, steps: int, karras: bool = False, rho: flo
     levels = (s_max ** (1 / rho) + ramp * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
     times = []
     for level in levels.tolist():
+        if len(ve) == 1:  # a one-timestep schedule: nothing to interpolate between
+            times.append(0)
+            continue
         # piecewise-linear interpolation of t over log-sigma (log_ve is increasing in t)
         target = math.log(max(level, 1e-10))
         high = int(torch.searchsorted(log_ve, torch.tensor(target, dtype=torch.float64)).clamp(1, len(ve) - 1))

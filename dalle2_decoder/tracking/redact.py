@@ -22,6 +22,8 @@ MASK = "***"
 
 _SECRET_WORDS = {"token", "sig", "secret", "password", "passwd", "apikey", "credential", "credentials", "signature"}
 _SECRET_PAIRS = {("api", "key"), ("access", "key"), ("secret", "key"), ("private", "key"), ("auth", "token")}
+# A word ending in one of these is a secret glued to its prefix (PGPASSWORD, HFTOKEN, clientsecret).
+_GLUED_SECRET_ENDINGS = ("token", "password", "passwd", "secret")
 _NOT_SECRET_LAST = {"path", "file", "dir", "url", "len", "length", "count", "num", "dim", "type"}
 _URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]+):(?P<password>[^@\s/]+)@")
 _QUERY_PARAM = re.compile(r"(?P<head>[?&](?P<name>[^=&#\s]+)=)(?P<value>[^&#\s]+)")
@@ -29,6 +31,7 @@ _QUERY_PARAM = re.compile(r"(?P<head>[?&](?P<name>[^=&#\s]+)=)(?P<value>[^&#\s]+
 
 def _words(name: str) -> List[str]:
     spaced = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name)
+    spaced = re.sub(r"([A-Z]+)([A-Z][a-z])", r"\1_\2", spaced)  # an acronym before a word: HFToken, APIKey
     return [word for word in re.split(r"[^A-Za-z0-9]+", spaced.lower()) if word]
 
 
@@ -37,7 +40,7 @@ def is_secret_key(name: str) -> bool:
     words = _words(name)
     if not words or words[-1] in _NOT_SECRET_LAST:
         return False
-    if any(word in _SECRET_WORDS for word in words):
+    if any(word in _SECRET_WORDS or word.endswith(_GLUED_SECRET_ENDINGS) for word in words):
         return True
     return any(pair in _SECRET_PAIRS for pair in zip(words, words[1:]))
 

@@ -207,8 +207,11 @@ def unet_weights(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
 
 
 def _unet_entries(state: Mapping[str, torch.Tensor], index: int) -> Dict[str, torch.Tensor]:
+    """U-Net `index`'s entries by bare name, in the file's order (wrapper prefixes removed: a
+    checkpoint written under DDP or torch.compile names them `module.unets.0....`)."""
     prefix = f"unets.{index}."
-    return {name[len(prefix) :]: tensor for name, tensor in state.items() if name.startswith(prefix)}
+    mapped = _names().decoder_state_from_reference(state)
+    return {name[len(prefix) :]: tensor for name, tensor in mapped.items() if name.startswith(prefix)}
 
 
 # --- converting ----------------------------------------------------------------------------------

@@ -94,6 +94,23 @@ def describe_changes(
     return changes
 
 
+# Data options that change neither which samples an epoch's batches hold nor their order; any other
+# data option (the shards, embeddings, batch size, workers that interleave the batches, shuffle)
+# and the seed make the position inside an epoch meaningless.
+SAME_BATCHES = ("data.preprocessing", "data.max_bad_sample_fraction")
+
+
+def _position_refused(path: str, old: Any, new: Any, epoch: int) -> Change:
+    return Change(
+        path,
+        old,
+        new,
+        False,
+        f"the position inside epoch {epoch + 1} cannot be kept with other data or batches; "
+        "that epoch's training restarts from its first batch; samples seen so far are kept",
+    )
+
+
 def _judge(path: str, old: Any, new: Any, *, epoch: int, mid_epoch: bool) -> Change:
     def applied(how: str) -> Change:
         return Change(path, old, new, True, how)
@@ -111,18 +128,8 @@ def _judge(path: str, old: Any, new: Any, *, epoch: int, mid_epoch: bool) -> Cha
     if path.startswith("train.ema") or path == "train.use_ema":
         return applied("used by the EMA from the next update; its saved average and count are kept")
     if path == "seed" or path.startswith("data."):
-        if mid_epoch and (
-            path in ("seed", "data.batch_size")
-            or path.startswith(("data.splits", "data.start_shard", "data.end_shard", "data.webdataset"))
-        ):
-            return Change(
-                path,
-                old,
-                new,
-                False,
-                f"the position inside epoch {epoch + 1} cannot be kept with other data or batches; "
-                "that epoch's training restarts from its first batch; samples seen so far are kept",
-            )
+        if mid_epoch and not path.startswith(SAME_BATCHES):
+            return _position_refused(path, old, new, epoch)
         return applied("from the next batch drawn; the saved random-number states are not restored")
     if path.startswith("decoder."):
         return applied("the saved weights fit the changed decoder")
@@ -133,7 +140,7 @@ def _judge(path: str, old: Any, new: Any, *, epoch: int, mid_epoch: bool) -> Cha
 
 def position_is_kept(changes: List[Change]) -> bool:
     """False when a change moved the data (the in-epoch position and RNG states are then not restored)."""
-    return not any(c.path == "seed" or c.path.startswith("data.") for c in changes if c.path != "data.num_workers")
+    return not any(c.path == "seed" or c.path.startswith("data.") for c in changes)
 
 
 def reference_progress(info: Mapping[str, Any], *, batch_samples: int, save_every: int) -> Dict[str, Any]:
