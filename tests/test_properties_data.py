@@ -250,10 +250,11 @@ class _Collective:
     """A sum over `world_size` threads standing in for ranks (what accelerate's reduce does)."""
 
     def __init__(self, world_size: int):
-        self.barrier = threading.Barrier(world_size)
-        self.values: Dict[int, int] = {}
+        # a rank that waits for a collective the others never reach fails in seconds, not forever
+        self.barrier = threading.Barrier(world_size, timeout=20)
+        self.values: Dict[int, torch.Tensor] = {}
 
-    def sum(self, rank: int, value: int) -> int:
+    def sum(self, rank: int, value: torch.Tensor) -> torch.Tensor:
         self.values[rank] = value
         self.barrier.wait()
         total = sum(self.values.values())
@@ -265,13 +266,15 @@ class _FakeAccelerator:
     def __init__(self, rank: int, world_size: int, collective: _Collective):
         self.process_index, self.num_processes, self.collective = rank, world_size, collective
         self.device = torch.device("cpu")
+        self.collectives = 0
 
     def autocast(self):
         return torch.autocast("cpu", enabled=False)
 
     def reduce(self, tensor, reduction="sum"):
         assert reduction == "sum"
-        return torch.tensor(self.collective.sum(self.process_index, int(tensor)))
+        self.collectives += 1
+        return self.collective.sum(self.process_index, torch.as_tensor(tensor).clone())
 
 
 class _FakeLoader:
@@ -295,7 +298,12 @@ class _FakeLoader:
 
 
 class _FakeDecoder:
-    def sample(self, image_embed, **options):
+    UNET_CALLS = 3
+
+    def sample(self, image_embed, on_unet_call=None, **options):
+        for _ in range(self.UNET_CALLS):  # where the real sampler checks before each U-Net call
+            if on_unet_call is not None:
+                on_unet_call(1)
         return torch.rand(image_embed.shape[0], 3, 4, 4)
 
 
@@ -316,26 +324,32 @@ class _CountingSuite:
         return {}
 
 
-def evaluate_on_ranks(n_samples: int, world_size: int, available: int, batch_size: int):
-    """evaluate_decoder run by `world_size` threads, one per rank; per-rank (images, batches, logged count)."""
+def evaluate_on_ranks(n_samples: int, world_size: int, available: int, batch_size: int, *, stop: bool = False):
+    """evaluate_decoder run by `world_size` threads, one per rank; per rank (images, batches, logged
+    count, collectives taken part in). `stop`: with a stop request (never signalled), whose checks
+    before each batch and U-Net call are collectives every rank must reach."""
+    from dalle2_decoder.stopping import StopRequest
+
     collective = _Collective(world_size)
-    results: Dict[int, Tuple[int, int, float]] = {}
+    results: Dict[int, Tuple[int, int, float, int]] = {}
     errors: List[BaseException] = []
 
     def rank_main(rank: int) -> None:
         try:
             loader, suite = _FakeLoader(available, batch_size), _CountingSuite()
+            accelerator = _FakeAccelerator(rank, world_size, collective)
             metrics = evaluate_decoder(
                 _FakeDecoder(),
                 loader,
                 lambda batch: batch,
-                _FakeAccelerator(rank, world_size, collective),
+                accelerator,
                 suite,
                 n_samples=n_samples,
                 unets=[1],
                 image_size=4,
+                stop=StopRequest() if stop else None,
             )
-            results[rank] = (suite.real, loader.batches_read, metrics["eval/samples"])
+            results[rank] = (suite.real, loader.batches_read, metrics["eval/samples"], accelerator.collectives)
         except BaseException as error:  # reported by the main thread
             errors.append(error)
             collective.barrier.abort()
@@ -377,19 +391,14 @@ def test_evaluation_pools_at_least_what_was_asked_and_reads_no_batch_in_vain(
     short of the request when the split is smaller."""
     results = evaluate_on_ranks(n_samples, world_size, available, batch_size)
     quota = math.ceil(n_samples / world_size)
-    pooled = sum(images for images, _, _ in results.values())
-    for images, batches_read, logged in results.values():
+    pooled = sum(images for images, *_ in results.values())
+    for images, batches_read, logged, _ in results.values():
         assert images <= min(quota, available)
         assert batches_read <= math.ceil(min(quota, available) / batch_size)
         assert logged == pooled
     assert pooled >= min(n_samples, world_size * available)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="evaluate_decoder gives every rank ceil(n / ranks) samples, so the pool exceeds the request when the "
-    "ranks do not divide it; the fix: it passes the rank, samples_per_rank(n, ranks, accelerator.process_index)",
-)
 @settings(max_examples=40)
 @given(**evaluation_counts)
 def test_evaluation_pools_exactly_the_requested_number_when_the_split_has_it(
@@ -399,4 +408,16 @@ def test_evaluation_pools_exactly_the_requested_number_when_the_split_has_it(
     min(n_evaluation_samples, what the split holds over all ranks) images, so the same request
     gives a value over the same number of images on 1, 2 or 3 ranks."""
     results = evaluate_on_ranks(n_samples, world_size, available, batch_size)
-    assert sum(images for images, _, _ in results.values()) == min(n_samples, world_size * available)
+    assert sum(images for images, *_ in results.values()) == min(n_samples, world_size * available)
+
+
+@settings(max_examples=40)
+@given(**evaluation_counts)
+def test_every_rank_takes_part_in_the_same_stop_checks_whatever_its_share(n_samples, world_size, available, batch_size):
+    """Stop checks are collectives (docs/TRAINING.md): every rank reaches the same number of them in
+    an evaluation, also when the shares differ by one and so would need different numbers of
+    batches (a rank with its share done samples one image it does not count); the images pooled
+    stay exactly the request, or what the split holds."""
+    results = evaluate_on_ranks(n_samples, world_size, available, batch_size, stop=True)
+    assert len({collectives for *_, collectives in results.values()}) == 1
+    assert sum(images for images, *_ in results.values()) == min(n_samples, world_size * available)

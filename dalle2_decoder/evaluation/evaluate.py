@@ -71,20 +71,24 @@ def evaluate_decoder(
 ) -> Dict[str, float]:
     """Metrics of `decoder` (already holding the weights to evaluate) on up to `n_samples` validation samples.
 
-    Every rank reads its own share of `loader` (ceil(n_samples / ranks) samples, fewer when the split
-    is smaller), generates images from the embeddings with U-Nets `unets[0]..unets[-1]` (given the
-    real image as low-resolution input when `unets[0] > 1`), and updates `suite` with real images
-    resized to `image_size` and the generated ones. The metrics are then computed once over all
+    Every rank reads its own share of `loader` (n_samples // ranks samples, one more on the first
+    n_samples % ranks ranks, fewer when the split is smaller: the shares add up to n_samples),
+    generates images from the embeddings with U-Nets `unets[0]..unets[-1]` (given the real image as
+    low-resolution input when `unets[0] > 1`), and updates `suite` with real images resized to
+    `image_size` and the generated ones. The metrics are then computed once over all
     ranks' samples. Every rank must call this; only collectives of equal shape happen in it.
 
     `stop`: checked before each batch and each U-Net call; on a stop signal every rank raises
     `StopRequested` at the same point and the partial results are dropped.
     """
     started = time.perf_counter()
-    quota = samples_per_rank(n_samples, accelerator.num_processes)
-    batches = min(len(loader), math.ceil(quota / max(1, loader.batch_size)))
-    first_unet, last_unet = unets[0], unets[-1]
     rank = accelerator.process_index
+    quota = samples_per_rank(n_samples, accelerator.num_processes, rank)
+    # Every rank runs as many batches as the largest share needs, so that their stop checks (before
+    # each batch and U-Net call) line up: a rank whose share is done samples one image it does not count.
+    largest = samples_per_rank(n_samples, accelerator.num_processes)
+    batches = min(len(loader), math.ceil(largest / max(1, loader.batch_size)))
+    first_unet, last_unet = unets[0], unets[-1]
     done = 0
     suite.reset()
     loader.set_epoch(0)  # the same samples at every evaluation, so values are comparable over a run
@@ -95,7 +99,7 @@ def evaluate_decoder(
     try:
         for index, batch in enumerate(stream):
             wanted = min(quota - done, len(batch["image"]))
-            batch = prepare(_take(batch, wanted))
+            batch = prepare(_take(batch, max(wanted, 1)))
             with accelerator.autocast():
                 generated = decoder.sample(
                     image_embed=batch.get("image_embed"),
@@ -108,9 +112,11 @@ def evaluate_decoder(
                     seed=seed + rank * SEED_STRIDE + index,
                     on_unet_call=on_unet_call,
                 )
-            # In float32 whatever the autocast dtype of the samples, so the metrics see the same values.
-            suite.update(resize(batch["image"].float(), image_size), resize(generated.float(), image_size))
-            done += wanted
+            if wanted > 0:
+                # In float32 whatever the autocast dtype of the samples, so the metrics see the same values.
+                real, fake = batch["image"][:wanted].float(), generated[:wanted].float()
+                suite.update(resize(real, image_size), resize(fake, image_size))
+                done += wanted
     except StopRequested as stopped:
         stopped.progress = f"{done} of this process's {quota} images generated"
         raise
