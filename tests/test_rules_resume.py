@@ -105,7 +105,10 @@ NOT_REPORTED = {"tracker.load"}
 POSITIONS = {
     "start of an epoch": Progress(epoch=2, batches_in_epoch=0, phase=Phase.TRAIN),
     "middle of an epoch": Progress(epoch=2, batches_in_epoch=5, phase=Phase.TRAIN),
-    "end of an epoch's training": Progress(epoch=2, batches_in_epoch=9, phase=Phase.END),
+    "end of an epoch's training": Progress(epoch=2, batches_in_epoch=9, phase=Phase.VALIDATE),
+    "stopped in the evaluation": Progress(epoch=2, batches_in_epoch=9, phase=Phase.EVALUATE),
+    "stopped in the sample grids": Progress(epoch=2, batches_in_epoch=9, phase=Phase.SAMPLE),
+    "stopped in a periodic sample grid": Progress(epoch=2, batches_in_epoch=5, phase=Phase.TRAIN, periodic_due=True),
 }
 
 
