@@ -123,27 +123,45 @@ def test_the_stopped_status_is_0_only_under_an_elastic_launcher(monkeypatch):
     assert exit_status_after_stop() == EXIT_OK
 
 
-def test_children_forked_with_the_signals_blocked_ignore_them_and_the_parent_keeps_them(stop):
+def _child_that_leaves_the_signals_to_its_parent(report: int) -> None:
+    """Run in a forked child: stop signals sent by itself (as a shell would send, from elsewhere) and
+    before it has chosen are dropped; it then reports being alive and waits for its parent's word."""
+    os.kill(os.getpid(), signal.SIGTERM)  # arrives while still blocked from the fork
+    leave_stop_signals_to_parent()
+    for signum in STOP_SIGNALS:
+        os.kill(os.getpid(), signum)
+    time.sleep(0.05)
+    os.write(report, b"alive")
+    time.sleep(60)  # only the parent's SIGTERM ends this early
+    os._exit(3)
+
+
+def test_children_drop_stop_signals_from_others_and_leave_on_the_parents_sigterm(stop):
     """A child started inside `stop_signals_blocked` that runs `leave_stop_signals_to_parent` survives
-    a SIGTERM sent to it, also one sent before it got to ignore it; the parent's arrive after the block."""
+    stop signals from any other process, also one sent before it chose, and leaves with status 0 at
+    once when its parent sends SIGTERM (torch's loader shutdown and multiprocessing's exit handler do:
+    a child that ignored it would hang the parent's exit). The parent's own signal arrives after the block."""
     read_end, write_end = os.pipe()
     with stop_signals_blocked():
         pid = os.fork()
-        if pid == 0:  # the child: a signal now waits, blocked, and is dropped once ignored
+        if pid == 0:
             os.close(read_end)
-            os.kill(os.getpid(), signal.SIGTERM)
-            leave_stop_signals_to_parent()
-            os.kill(os.getpid(), signal.SIGTERM)
-            os.write(write_end, b"alive")
-            os._exit(0)
+            try:
+                _child_that_leaves_the_signals_to_its_parent(write_end)
+            finally:
+                os._exit(4)
         os.kill(os.getpid(), signal.SIGUSR1)  # held back while blocked
         assert not stop.requested
     time.sleep(0.01)
     assert stop.signal_name == "SIGUSR1"
     os.close(write_end)
-    _, status = os.waitpid(pid, 0)
-    assert os.read(read_end, 16) == b"alive" and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    assert os.read(read_end, 16) == b"alive"
     os.close(read_end)
+    started = time.monotonic()
+    os.kill(pid, signal.SIGTERM)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+    assert time.monotonic() - started < 30
 
 
 @pytest.mark.slow
@@ -161,15 +179,46 @@ def test_dataloader_workers_survive_a_stop_signal_sent_to_them(tmp_path):
     first = next(batches)
     workers = set(children()) - before
     assert len(workers) == 1
-    for pid in workers:  # ignored, and not merely blocked (a blocked signal would fire once unblocked)
+    for pid in workers:  # blocked, not ignored: an ignored signal could not be told apart by its sender
         masks = dict(line.split(":\t") for line in open(f"/proc/{pid}/status").read().splitlines() if ":\t" in line)
         bits = sum(1 << (signum - 1) for signum in STOP_SIGNALS)
-        assert int(masks["SigIgn"], 16) & bits == bits and int(masks["SigBlk"], 16) & bits == 0, masks
-    for pid in workers:  # sent by another process, as a shell or scheduler does (torch's worker
-        for signum in STOP_SIGNALS:  # quits quietly when its own parent sends SIGTERM)
+        assert int(masks["SigBlk"], 16) & bits == bits and int(masks["SigIgn"], 16) & bits == 0, masks
+    for pid in workers:  # sent by another process, as a shell or scheduler does (the worker quits
+        for signum in STOP_SIGNALS:  # quietly when its own parent sends SIGTERM)
             subprocess.run(["kill", f"-{signal.Signals(signum).name[3:]}", str(pid)], check=True)
     rest = list(batches)  # the worker is still there and delivers the epoch
     assert 1 + len(rest) == len(loader) and torch.is_tensor(first["image"])
+
+
+EXIT_WITH_WORKERS_UP = """
+import json, sys
+from dalle2_decoder.config import TrainDecoderConfig
+from dalle2_decoder.data import create_dataloaders
+config = TrainDecoderConfig.from_dict(json.load(open(sys.argv[1])))
+loader = create_dataloaders(config.data, seed=0, epoch_samples=24, validation_samples=8)["train"]
+loader.set_epoch(0)
+BATCHES = iter(loader)  # kept to the end, as a traceback keeps the iterator of a failed epoch
+next(BATCHES)
+sys.exit(7)
+"""
+
+
+@pytest.mark.slow
+def test_a_process_that_exits_with_its_workers_up_ends(tmp_path):
+    """At exit, multiprocessing terminates (SIGTERM) and joins the loader's workers before the
+    iterator that would shut them down is collected: workers that ignored SIGTERM hung that exit
+    forever (a run on wholly bad data never ended)."""
+    import json
+    import sys
+
+    from .training_fixtures import tiny_config, write_tiny_demo
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(tiny_config(write_tiny_demo(tmp_path / "demo"), tmp_path / "run")))
+    result = subprocess.run(
+        [sys.executable, "-c", EXIT_WITH_WORKERS_UP, str(config)], capture_output=True, text=True, timeout=240
+    )
+    assert result.returncode == 7, result.stderr[-2000:]
 
 
 def children():

@@ -8,16 +8,21 @@ such a signal into an orderly stop (`dalle2_decoder.stopping`). Their dataloader
 raise "DataLoader worker ... is killed by signal" in the main process, at whatever line it is on,
 and the stop becomes a crash without a checkpoint.
 
-So children are started with the stop signals blocked (`stop_signals_blocked`), and a worker
-ignores them before unblocking (`leave_stop_signals_to_parent`, its `worker_init_fn`): a signal
-that reaches the group then finds the worker ignoring it, whenever it arrives, and the main
-process ends the workers itself when it stops. An ignored disposition survives `exec`, so the
-commands of `pipe:` shards ignore the signals as well; they end when their pipe is closed.
+So children are started with the stop signals blocked (`stop_signals_blocked`), and a dataloader
+worker keeps them blocked for good (`leave_stop_signals_to_parent`, its `worker_init_fn`): a
+signal that reaches the group waits, blocked, whenever it arrives, and one thread of the worker
+takes it with `sigwaitinfo`, which says who sent it. A SIGTERM from the worker's own parent is
+the parent ending it (torch's loader shutdown, `multiprocessing`'s exit handler, which joins the
+worker after it): the worker leaves at once with status 0, as torch's own worker handler does.
+Any other sender's stop signal is dropped; the main process ends its workers itself when it
+stops. The mask survives `exec`, so the commands of `pipe:` shards keep the signals blocked as
+well, and end when their pipe is closed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 from typing import Iterator
@@ -46,11 +51,24 @@ def stop_signals_blocked() -> Iterator[None]:
 
 
 def leave_stop_signals_to_parent(*_: object) -> None:
-    """In a child process: ignore the stop signals, then unblock them (usable as a `worker_init_fn`).
+    """In a child process: keep the stop signals blocked, and let a thread take them as they come.
 
-    A signal that was held back while blocked is discarded by the ignore; the parent, which got it
-    too, decides when the child ends.
+    Usable as a `worker_init_fn`; it expects the signals still blocked from `stop_signals_blocked`
+    (it blocks them again in case not). A SIGTERM sent by the parent ends the child with status 0;
+    the other stop signals, and any sent by another process, are dropped: the parent, which got
+    them too, decides when the child ends. The dispositions go back to the default, since the
+    kernel discards a signal whose disposition is "ignore" before `sigwaitinfo` could see it.
     """
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     for signum in STOP_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        signal.signal(signum, signal.SIG_DFL)
+    parent = os.getppid()
+    threading.Thread(target=_take_stop_signals, args=(parent,), name="stop-signals", daemon=True).start()
+
+
+def _take_stop_signals(parent: int) -> None:
+    """Wait for the blocked stop signals for the rest of the process; leave on the parent's SIGTERM."""
+    while True:
+        info = signal.sigwaitinfo(STOP_SIGNALS)
+        if info.si_signo == signal.SIGTERM and info.si_pid == parent:
+            os._exit(0)
