@@ -733,7 +733,7 @@ def test_debug_shows_the_traceback_and_a_bug_always_does(capsys, monkeypatch, wo
     assert cli.main(["--config_file", str(path), "--debug"]) == EXIT_CONFIG
     err = capsys.readouterr().err
     assert "Traceback" in err and "seed: must be in 0..4294967295" in err
-    monkeypatch.setattr(cli, "train", lambda config: 1 / 0)
+    monkeypatch.setattr(cli, "train", lambda config, stop=None: 1 / 0)
     path.write_text(json.dumps(world.raw))
     assert cli.main(["--config_file", str(path)]) == EXIT_BUG
     err = capsys.readouterr().err

@@ -140,7 +140,10 @@ def test_token_from_the_hub_login_and_missing_token_is_an_error_at_start(tmp_pat
             tmp_path,
             [
                 HuggingfaceSaveConfig(
-                    save_to="huggingface", huggingface_repo="me/dec", token_path=str(tmp_path / "absent")
+                    save_to="huggingface",
+                    huggingface_repo="me/dec",
+                    token_path=str(tmp_path / "absent"),
+                    save_latest_to="latest.pt",
                 )
             ],
         )
