@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -397,7 +398,11 @@ def sample_items(
 
 class OutputWriter:
     """Writes the images as their batches come in (each file whole, written beside and renamed), and
-    `samples.json` after each batch, so that a stopped command leaves valid files; `grid.png` at the end."""
+    `samples.json` listing them (at most every `SUMMARY_EVERY_S` seconds, and at a stop and at the
+    end), so that a stopped or killed command leaves valid files; `grid.png` at the end."""
+
+    SUMMARY_EVERY_S = 10.0
+    """Rewriting the whole list after every batch would cost O(images^2) writes on long runs."""
 
     def __init__(self, out_dir: Path, inputs: Inputs, *, total: int, seeds: List[int], record: Dict[str, Any]):
         self.out_dir = out_dir
@@ -407,6 +412,7 @@ class OutputWriter:
         self.record = record
         self.entries: List[Dict[str, Any]] = []
         self.images: Dict[tuple, Any] = {}
+        self._summary_at = float("-inf")
         (out_dir / "images").mkdir(parents=True, exist_ok=True)
 
     def add(self, items: List[tuple], images) -> None:
@@ -425,7 +431,8 @@ class OutputWriter:
             self.entries.append(
                 {"file": f"images/{name}", "input": self.inputs.ids[index], "input_index": index, "seed": seed}
             )
-        self._write_summary()
+        if time.monotonic() - self._summary_at >= self.SUMMARY_EVERY_S:
+            self._write_summary()
 
     def _write_summary(self, **extra: Any) -> None:
         entries = sorted(self.entries, key=lambda entry: (entry["input_index"], self.seeds.index(entry["seed"])))
@@ -438,6 +445,7 @@ class OutputWriter:
             "images": [{**entry, **self.record} for entry in entries],
         }
         atomic_write_text(self.out_dir / "samples.json", json.dumps(summary, indent=2) + "\n")
+        self._summary_at = time.monotonic()
 
     def finish(self, items: List[tuple]) -> None:
         """The grid of every image (one row per input), once all are written."""
@@ -452,6 +460,7 @@ class OutputWriter:
         grid = make_grid(torch.from_numpy(stacked).permute(0, 3, 1, 2), nrow=len(self.seeds), padding=2)
         pixels = Image.fromarray(grid.permute(1, 2, 0).numpy())
         atomic_write(self.out_dir / "grid.png", lambda path: pixels.save(path, format="PNG"))
+        self._write_summary()
 
     def stopped(self, signal_name: str) -> None:
         self._write_summary(stopped_by=signal_name)
