@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import pathlib
 import sys
 from typing import Any, Callable, Dict, List
@@ -31,16 +32,45 @@ _MINIMAL_CONFIG: Dict[str, Any] = {
 }
 
 
+TEST_THREADS = int(os.environ.get("DALLE2_TEST_THREADS", "1"))
+"""Compute threads of the tests that run models in the test process (the `compute_threads` fixture)
+and of the processes they start: 1 unless DALLE2_TEST_THREADS says otherwise (`make
+test-portability` runs the numerical tests with 1 and with 2, since threads split reductions)."""
+
+
+def child_env(**extra: str) -> Dict[str, str]:
+    """The environment for a process a test starts: this one's, the package importable, and
+    OMP_NUM_THREADS set to TEST_THREADS (so a training run keeps that many threads)."""
+    return {**os.environ, "OMP_NUM_THREADS": str(TEST_THREADS), "PYTHONPATH": str(REPO_ROOT), **extra}
+
+
 @pytest.fixture
-def one_thread():
-    """One torch thread for the test: tiny models gain nothing from a second one, and on a busy
-    shared machine thread hand-offs dominate (used by the model tests through `pytestmark`)."""
+def compute_threads(monkeypatch):
+    """TEST_THREADS torch threads for the test (1 by default: tiny models gain nothing from a second
+    one, and on a busy shared machine thread hand-offs dominate), and OMP_NUM_THREADS set to the
+    same, so a training run in the test keeps them instead of choosing its own (runtime.py) and
+    processes the test starts use as many (used by the model tests through `pytestmark`)."""
     import torch
 
     previous = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(TEST_THREADS)
+    monkeypatch.setenv("OMP_NUM_THREADS", str(TEST_THREADS))
     yield
     torch.set_num_threads(previous)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line on the scale-relative comparisons of tests/numerics.py: how close the closest came."""
+    from tests.numerics import closest_to_bound
+
+    count, closest = closest_to_bound()
+    if count and closest is not None:
+        import torch
+
+        terminalreporter.write_line(
+            f"numerics: {count} scale-relative comparisons (CPU kernels {torch.backends.cpu.get_cpu_capability()}, "
+            f"{TEST_THREADS} test thread(s)); the closest used {closest[0]:.0%} of its bound: {closest[1]}"
+        )
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from .conftest import TINY_UNET_OPTIONS
 EMBED = 12  # not cond_dim: the reference (and so our U-Net) skips the image projection when they are equal
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("compute_threads")
 
 
 def tiny_unet(**overrides) -> Unet:

@@ -16,7 +16,7 @@ from dalle2_decoder.models.schedules import BETA_SCHEDULES, make_beta_schedule
 SCHEDULES = ["cosine", "linear", "quadratic", "jsd", "sigmoid"]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("compute_threads")
 
 
 def test_every_required_schedule_is_known():

@@ -10,7 +10,7 @@ from dalle2_decoder.models import Decoder, Unet, _compat
 EMBED, TEXT = 12, 10
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("compute_threads")
 
 
 def tiny_unet(**overrides) -> Unet:

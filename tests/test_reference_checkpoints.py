@@ -26,7 +26,7 @@ from dalle2_decoder.training.trainer import DecoderTrainer
 from .conftest import REPO_ROOT
 
 FIXTURES = Path(__file__).parent / "fixtures" / "reference" / "checkpoints"
-pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: a second thread only adds hand-offs
+pytestmark = pytest.mark.usefixtures("compute_threads")  # tiny models: a second thread only adds hand-offs
 
 
 def raw_config(**train):
@@ -218,9 +218,9 @@ def test_convert_writes_our_model_save_from_reference_files(tmp_path):
     assert "dalle2-convert-checkpoint = dalle2_decoder.convert:main" in setup
 
 
-def test_fine_tuning_from_a_reference_checkpoint_end_to_end(tmp_path, capsys, monkeypatch):
+def test_fine_tuning_from_a_reference_checkpoint_end_to_end(tmp_path, capsys):
     """An upsampler_finetune.json-style run: tracker.load names the reference's checkpoint, U-Net 1 frozen."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the loop then keeps the test's one thread
+    # (the compute_threads fixture sets OMP_NUM_THREADS: the loop keeps the test's threads)
     from dalle2_decoder.data.demo import generate_demo_dataset
     from dalle2_decoder.training import main
 

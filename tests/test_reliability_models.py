@@ -10,7 +10,7 @@ import torch
 from dalle2_decoder.models import Decoder, Unet
 from dalle2_decoder.models.schedules import BETA_SCHEDULES, make_beta_schedule
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("compute_threads")
 
 EMBED = 8
 STEPS = 25  # a cascade's last U-Net defaults to the linear schedule, which needs more than 20 steps

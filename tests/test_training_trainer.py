@@ -11,7 +11,7 @@ from dalle2_decoder.tracking.checkpoint import CheckpointMismatchError, capture_
 from dalle2_decoder.training.trainer import DecoderTrainer, warmup_factor
 
 EMBED_DIM = 8
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("compute_threads")
 # Narrow attention (options of this package) keeps the U-Nets tiny: these tests are about training
 # mechanics, not the architecture (the reference's is tested in test_reference_parity_unet.py).
 TINY = {
