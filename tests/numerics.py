@@ -31,6 +31,20 @@ EPS32 = torch.finfo(torch.float32).eps
 
 Numbers = Union[torch.Tensor, float, int]
 
+FEW_ROUNDINGS = 2**4
+"""A formula of a few float32 operations evaluated in another order or another precision (ours and a
+hand-written one, say): each operation errs by at most eps32 / 2 of its result, and a sum of terms
+that partly cancel by the ratio of the terms to the sum; 16 ulps of scale allows a handful of
+operations and a cancellation of a few times."""
+
+NETWORK = 2**8
+"""A float32 network (the U-Net, the Decoder's steps around it) evaluated with its arithmetic in
+another order: another kernel path or thread count, another batch size or input shape, or another
+implementation of the same layers. Every layer rounds; the parity fixtures (tests/reference_parity.py)
+measure up to ~30 ulps of scale at the output, on every kernel path and thread count of `make
+test-portability`, for well-conditioned networks; 2**8 leaves ~10x and still fails any change of
+the outputs by 3e-5 of their scale."""
+
 _closest: Optional[Tuple[float, str]] = None
 _count = 0
 
@@ -43,6 +57,13 @@ def scale_of(values: Numbers) -> float:
     """The largest magnitude in `values` (0.0 for an empty tensor)."""
     values = _as_float64(values)
     return float(values.abs().max()) if values.numel() else 0.0
+
+
+def scale_of_combination(*terms: Tuple[float, Numbers]) -> float:
+    """The scale of sum(c * t) for terms (c, t), as far as rounding goes: sum(|c| * max |t|). Errors
+    of k ulps in each t's own scale are at most k ulps of this scale in the combination (a guided
+    prediction null + s * (cond - null) = (1 - s) * null + s * cond, say)."""
+    return sum(abs(coefficient) * scale_of(values) for coefficient, values in terms)
 
 
 def max_error(actual: Numbers, expected: Numbers) -> float:
@@ -64,13 +85,14 @@ def check_error(error: float, scale: float, *, ulps_of_scale: float, what: str =
     global _closest, _count
     bound = bound_for(scale, ulps_of_scale)
     ratio = error / bound if bound > 0 else (0.0 if error == 0 else float("inf"))
+    ulps = error / (EPS32 * scale) if scale > 0 else (0.0 if error == 0 else float("inf"))
+    test = os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0]
     _count += 1
     if _closest is None or ratio > _closest[0]:
-        _closest = (ratio, what or "(unnamed)")
-    ulps = error / (EPS32 * scale) if scale > 0 else float("inf")
+        _closest = (ratio, " in ".join(part for part in (what, test) if part) or "(unnamed)")
     if os.environ.get("DALLE2_NUMERICS_LOG"):
         with open(os.environ["DALLE2_NUMERICS_LOG"], "a") as log:
-            entry = dict(what=what, error=error, scale=scale, ulps=ulps, bound=ulps_of_scale, ratio=ratio)
+            entry = dict(test=test, what=what, error=error, scale=scale, ulps=ulps, bound=ulps_of_scale, ratio=ratio)
             log.write(json.dumps(entry) + "\n")
     if error <= bound:
         return None
