@@ -6,7 +6,9 @@ import copy
 import json
 import os
 import pathlib
+import shutil
 import sys
+import tempfile
 from typing import Any, Callable, Dict, List
 
 import pytest
@@ -59,6 +61,55 @@ def compute_threads(monkeypatch):
     torch.set_num_threads(previous)
 
 
+_ISOLATED_HOME: List[str] = []
+
+_ACCOUNT_VARIABLES = (
+    "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
+    "HF_ENDPOINT",
+    "HF_HUB_OFFLINE",
+    "WANDB_API_KEY",
+    "WANDB_MODE",
+    "WANDB_BASE_URL",
+    "WANDB_ENTITY",
+    "WANDB_PROJECT",
+    "WANDB_DIR",
+    "AWS_PROFILE",
+    "AWS_CONFIG_FILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+    "AWS_ENDPOINT_URL",
+)
+"""Logins and service settings of whoever runs the suite, which tests that need them set themselves."""
+
+
+def pytest_configure(config):
+    """The suite reads nothing from the home of whoever runs it and writes nothing there: HOME, the
+    XDG, Hugging Face and torch caches point into a fresh folder, and the user's service logins
+    and settings (_ACCOUNT_VARIABLES, ACCELERATE_*) are unset. A logged-in hub token, CLIP weights
+    in the hub cache, a wandb, AWS or accelerate default configuration would otherwise change what
+    the tests see (set before any test module imports huggingface_hub, which reads them once)."""
+    home = tempfile.mkdtemp(prefix="dalle2-test-home-")
+    _ISOLATED_HOME.append(home)
+    os.environ.update(
+        HOME=home,
+        XDG_CACHE_HOME=os.path.join(home, ".cache"),
+        XDG_CONFIG_HOME=os.path.join(home, ".config"),
+        HF_HOME=os.path.join(home, ".cache", "huggingface"),
+        TORCH_HOME=os.path.join(home, ".cache", "torch"),
+    )
+    for name in [*_ACCOUNT_VARIABLES, *(name for name in os.environ if name.startswith("ACCELERATE_"))]:
+        os.environ.pop(name, None)
+
+
+def pytest_unconfigure(config):
+    for home in _ISOLATED_HOME:
+        shutil.rmtree(home, ignore_errors=True)
+
+
 def pytest_terminal_summary(terminalreporter):
     """One line on the scale-relative comparisons of tests/numerics.py: how close the closest came."""
     from tests.numerics import closest_to_bound
@@ -71,6 +122,17 @@ def pytest_terminal_summary(terminalreporter):
             f"numerics: {count} scale-relative comparisons (CPU kernels {torch.backends.cpu.get_cpu_capability()}, "
             f"{TEST_THREADS} test thread(s)); the closest used {closest[0]:.0%} of its bound: {closest[1]}"
         )
+
+
+@pytest.fixture
+def refused_url():
+    """http://127.0.0.1:PORT where connections are refused at once: PORT is bound by this test and
+    never listened on (a fixed port such as 9 may have a service on some machines)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
 @pytest.fixture
