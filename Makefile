@@ -2,6 +2,8 @@
 #   make test   - install (once), lint, and run the whole test suite
 #   make lint   - ruff: lint and format check (pyproject.toml); `make format` rewrites the files
 #   make test-fast - the same without the tests marked slow (-m "not slow")
+#   make test-portability - the numerical tests on every CPU kernel path (default, avx2, this
+#                  machine's) with 1 and 2 compute threads, and a summary of the 6 variants
 #   make demo   - install (once), write the demo dataset to demo_data/ and train the CPU demo (~5 min)
 #   make check-examples - validate every example config with --check
 
@@ -25,7 +27,7 @@ TOOLS_VENV ?= .venv-tools
 TOOLS_PATH := $(CURDIR)/$(TOOLS_VENV)/path
 TOOLS := $(TOOLS_PATH)/aws
 
-.PHONY: install lint format test test-fast plain-install-check demo demo-data check-examples
+.PHONY: install lint format test test-fast test-portability plain-install-check demo demo-data check-examples
 
 $(VENV_PYTHON):
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +60,13 @@ test: lint $(TOOLS)
 
 test-fast: lint $(TOOLS)
 	PATH="$(TOOLS_PATH):$$PATH" $(VENV_PYTHON) -m pytest tests -q --timeout=$(TEST_TIMEOUT) -m "not slow and $(PYTEST_MARKERS)" $(PYTEST_ARGS)
+
+# The numerical tests under each CPU kernel path and thread count (scripts/test_portability.py),
+# so that a tolerance that holds on one machine only fails on every machine. PORTABILITY_ARGS
+# chooses, e.g. "--variants default:1 --files parity" (what CI adds to `make test`).
+PORTABILITY_ARGS ?=
+test-portability: $(INSTALLED) $(TOOLS)
+	PATH="$(TOOLS_PATH):$$PATH" $(VENV_PYTHON) scripts/test_portability.py --timeout $(TEST_TIMEOUT) $(PORTABILITY_ARGS)
 
 # The plain install path CI also checks: a fresh venv, torch first, then the built wheel alone.
 plain-install-check:

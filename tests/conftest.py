@@ -6,7 +6,9 @@ import copy
 import json
 import os
 import pathlib
+import shutil
 import sys
+import tempfile
 from typing import Any, Callable, Dict, List
 
 import pytest
@@ -53,16 +55,105 @@ _MINIMAL_CONFIG: Dict[str, Any] = {
 }
 
 
+TEST_THREADS = int(os.environ.get("DALLE2_TEST_THREADS", "1"))
+"""Compute threads of the tests that run models in the test process (the `compute_threads` fixture)
+and of the processes they start: 1 unless DALLE2_TEST_THREADS says otherwise (`make
+test-portability` runs the numerical tests with 1 and with 2, since threads split reductions)."""
+
+
+def child_env(**extra: str) -> Dict[str, str]:
+    """The environment for a process a test starts: this one's, the package importable, and
+    OMP_NUM_THREADS set to TEST_THREADS (so a training run keeps that many threads)."""
+    return {**os.environ, "OMP_NUM_THREADS": str(TEST_THREADS), "PYTHONPATH": str(REPO_ROOT), **extra}
+
+
 @pytest.fixture
-def one_thread():
-    """One torch thread for the test: tiny models gain nothing from a second one, and on a busy
-    shared machine thread hand-offs dominate (used by the model tests through `pytestmark`)."""
+def compute_threads(monkeypatch):
+    """TEST_THREADS torch threads for the test (1 by default: tiny models gain nothing from a second
+    one, and on a busy shared machine thread hand-offs dominate), and OMP_NUM_THREADS set to the
+    same, so a training run in the test keeps them instead of choosing its own (runtime.py) and
+    processes the test starts use as many (used by the model tests through `pytestmark`)."""
     import torch
 
     previous = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(TEST_THREADS)
+    monkeypatch.setenv("OMP_NUM_THREADS", str(TEST_THREADS))
     yield
     torch.set_num_threads(previous)
+
+
+_ISOLATED_HOME: List[str] = []
+
+_ACCOUNT_VARIABLES = (
+    "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
+    "HF_ENDPOINT",
+    "HF_HUB_OFFLINE",
+    "WANDB_API_KEY",
+    "WANDB_MODE",
+    "WANDB_BASE_URL",
+    "WANDB_ENTITY",
+    "WANDB_PROJECT",
+    "WANDB_DIR",
+    "AWS_PROFILE",
+    "AWS_CONFIG_FILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+    "AWS_ENDPOINT_URL",
+)
+"""Logins and service settings of whoever runs the suite, which tests that need them set themselves."""
+
+
+def pytest_configure(config):
+    """The suite reads nothing from the home of whoever runs it and writes nothing there: HOME, the
+    XDG, Hugging Face and torch caches point into a fresh folder, and the user's service logins
+    and settings (_ACCOUNT_VARIABLES, ACCELERATE_*) are unset. A logged-in hub token, CLIP weights
+    in the hub cache, a wandb, AWS or accelerate default configuration would otherwise change what
+    the tests see (set before any test module imports huggingface_hub, which reads them once)."""
+    home = tempfile.mkdtemp(prefix="dalle2-test-home-")
+    _ISOLATED_HOME.append(home)
+    os.environ.update(
+        HOME=home,
+        XDG_CACHE_HOME=os.path.join(home, ".cache"),
+        XDG_CONFIG_HOME=os.path.join(home, ".config"),
+        HF_HOME=os.path.join(home, ".cache", "huggingface"),
+        TORCH_HOME=os.path.join(home, ".cache", "torch"),
+    )
+    for name in [*_ACCOUNT_VARIABLES, *(name for name in os.environ if name.startswith("ACCELERATE_"))]:
+        os.environ.pop(name, None)
+
+
+def pytest_unconfigure(config):
+    for home in _ISOLATED_HOME:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line on the scale-relative comparisons of tests/numerics.py: how close the closest came."""
+    from tests.numerics import closest_to_bound
+
+    count, closest = closest_to_bound()
+    if count and closest is not None:
+        import torch
+
+        terminalreporter.write_line(
+            f"numerics: {count} scale-relative comparisons (CPU kernels {torch.backends.cpu.get_cpu_capability()}, "
+            f"{TEST_THREADS} test thread(s)); the closest used {closest[0]:.0%} of its bound: {closest[1]}"
+        )
+
+
+@pytest.fixture
+def refused_url():
+    """http://127.0.0.1:PORT where connections are refused at once: PORT is bound by this test and
+    never listened on (a fixed port such as 9 may have a service on some machines)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
 @pytest.fixture

@@ -80,6 +80,52 @@ def fixed_images(count: int, seed: int = 5) -> Tuple[torch.Tensor, torch.Tensor]
     return real, generated
 
 
+METRIC_ULPS = 2**6
+"""How far a metric may move when the same images are fed in other batches or spread over processes,
+in ulps of its scale (`metric_scales`): the features are computed image by image, so another
+batching changes each by at most a few roundings (FEW_ROUNDINGS, tests/numerics.py), which KID's
+cubic kernel triples: 4 x 16."""
+
+
+def metric_scales(paths: Dict[str, str], real: torch.Tensor, generated: torch.Tensor) -> Dict[str, float]:
+    """For each metric value, the size of the terms it is computed from, which its rounding is
+    relative to. FID = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^1/2) and KID (an MMD: the
+    kernel means of real, generated and cross pairs) are differences of terms that nearly cancel
+    for similar image sets: KID is ~1e-3 of its terms here. IS and LPIPS are averages of positive
+    values; IS_std a spread of scores of IS_mean's size."""
+    import numpy as np
+    import scipy.linalg
+
+    def features(images: torch.Tensor) -> np.ndarray:
+        network = torch.jit.load(paths["features"])
+        with torch.no_grad():
+            return network((images.clamp(0, 1) * 255).round() / 255).double().numpy()
+
+    x, y = features(real), features(generated)
+    s1, s2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    root = scipy.linalg.sqrtm(s1 @ s2).real
+    fid_terms = float(((x.mean(0) - y.mean(0)) ** 2).sum() + np.trace(s1) + np.trace(s2) + 2 * abs(np.trace(root)))
+
+    def kernel_mean(a: np.ndarray, b: np.ndarray) -> float:  # KID's default: (a.b / dim + 1)^3
+        return float(np.abs((a @ b.T / a.shape[1] + 1.0) ** 3).mean())
+
+    kid_terms = kernel_mean(x, x) + kernel_mean(y, y) + 2 * kernel_mean(x, y)
+    return {"eval/FID": fid_terms, "eval/KID_mean": kid_terms, "eval/KID_std": kid_terms}
+
+
+def assert_metrics_close(got: Dict[str, float], expected: Dict[str, float], scales: Dict[str, float]) -> None:
+    """Every metric of `expected` in `got`, within METRIC_ULPS of its scale: `scales` (metric_scales)
+    for FID and KID, IS_mean's size for IS_std, the value itself for the others."""
+    from tests.numerics import check_close_to_scale
+
+    problems = []
+    for key, value in expected.items():
+        scale = scales.get(key, abs(expected["eval/IS_mean"]) if key == "eval/IS_std" else abs(value))
+        problems.append(check_close_to_scale(got[key], value, ulps_of_scale=METRIC_ULPS, scale=scale, what=key))
+    problems = [problem for problem in problems if problem]
+    assert not problems, "\n".join(problems)
+
+
 def _distributed_main(out_path: str, networks: str, count: int) -> None:
     from accelerate import Accelerator
 

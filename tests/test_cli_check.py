@@ -163,7 +163,7 @@ def test_train_decoder_script_reports_config_errors_without_a_traceback(minimal_
         [sys.executable, str(REPO_ROOT / "train_decoder.py"), "--config_file", str(path), "--check", "--no-io"],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,
         cwd=REPO_ROOT,
     )
     assert result.returncode == 1 and result.stdout == ""
@@ -183,7 +183,7 @@ def test_console_command_checks_a_config(minimal_config, write_config):
         [executable, "--config_file", str(write_config(minimal_config)), "--check", "--no-io"],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == TrainDecoderConfig.from_dict(minimal_config).to_dict()

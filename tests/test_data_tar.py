@@ -5,16 +5,22 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
+import subprocess
+import sys
 import tarfile
 
 import pytest
 
 from dalle2_decoder.data.tar_reader import ShardReadError, iter_tar_samples
 
+from .conftest import REPO_ROOT
+
 
 def archive_bytes(members, format=tarfile.PAX_FORMAT, mtime=1.5) -> bytes:
     buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=format) as archive:
+    # names in UTF-8, as webdataset writes them (tarfile's default follows the locale)
+    with tarfile.open(fileobj=buffer, mode="w", format=format, encoding="utf-8") as archive:
         for name, data in members:
             info = tarfile.TarInfo(name)
             info.size = len(data)
@@ -26,7 +32,7 @@ def archive_bytes(members, format=tarfile.PAX_FORMAT, mtime=1.5) -> bytes:
 def samples_via_tarfile(data: bytes):
     """What the samples are, read with the standard library (the reference for the parser)."""
     samples, current = [], None
-    with tarfile.open(fileobj=io.BytesIO(data)) as archive:
+    with tarfile.open(fileobj=io.BytesIO(data), encoding="utf-8") as archive:
         for info in archive:
             if not info.isreg():
                 continue
@@ -102,6 +108,25 @@ def test_compressed_archives_are_read_through_tarfile():
     # A plain archive whose first name starts like bzip2's magic number is still plain.
     data = archive_bytes([("BZh91.jpg", b"image"), ("BZh91.txt", b"caption")], format=tarfile.USTAR_FORMAT, mtime=1)
     assert read_all(data) == [{"__key__": "BZh91", "jpg": b"image", "txt": b"caption"}]
+
+
+def test_names_read_as_utf8_whatever_the_locale():
+    """Compressed shards go through tarfile, whose names follow the locale by default: under a
+    non-UTF-8 one (C, with Python's UTF-8 mode off) a GNU-format gzip shard must still give the keys
+    our parser reads from the same archive uncompressed."""
+    script = (
+        "import gzip, tarfile\n"
+        "from tests.test_data_tar import MEMBERS, archive_bytes, read_all\n"
+        "data = archive_bytes(MEMBERS, format=tarfile.GNU_FORMAT)\n"
+        "plain = [sample['__key__'] for sample in read_all(data)]\n"
+        "packed = [sample['__key__'] for sample in read_all(gzip.compress(data))]\n"
+        "print(ascii(plain)); print(ascii(packed))\n"
+    )
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONPATH": str(REPO_ROOT)}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    plain, packed = result.stdout.splitlines()[-2:]
+    assert "\\xfcn\\xef/000004" in plain and packed == plain  # 'ü', 'ï' decoded as UTF-8 in both
 
 
 def test_a_corrupt_header_is_reported_and_the_sample_it_may_belong_to_is_not_delivered():

@@ -9,11 +9,11 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture
-def offline(monkeypatch, tmp_path):
+def offline(monkeypatch, tmp_path, refused_url):
     """An empty torch.hub cache and downloads that fail at once (a proxy on a closed loopback port)."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
-        monkeypatch.setenv(name, "http://127.0.0.1:9")
+        monkeypatch.setenv(name, refused_url)
     for name in ("NO_PROXY", "no_proxy"):
         monkeypatch.delenv(name, raising=False)
     return tmp_path / "torch_home" / "hub" / "checkpoints"

@@ -7,10 +7,12 @@ import torch
 
 from dalle2_decoder.models import Decoder, Unet, _compat
 
+from .numerics import NETWORK, assert_close_to_scale, scale_of_combination
+
 EMBED, TEXT = 12, 10
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("compute_threads")
 
 
 def tiny_unet(**overrides) -> Unet:
@@ -215,7 +217,10 @@ def test_dropped_conditioning_uses_the_null_embeddings():
     dropped = run(unet, batch, image_cond_drop_prob=1.0, text_cond_drop_prob=1.0)
     # The real conditioning no longer matters ...
     other = {**batch, "image_embed": torch.randn(2, EMBED), "text_encodings": torch.randn(2, 4, TEXT)}
-    torch.testing.assert_close(dropped, run(unet, other, image_cond_drop_prob=1.0, text_cond_drop_prob=1.0))
+    # (exactly: the null embeddings replace the inputs before any arithmetic)
+    torch.testing.assert_close(
+        dropped, run(unet, other, image_cond_drop_prob=1.0, text_cond_drop_prob=1.0), rtol=0, atol=0
+    )
     # ... the null embeddings do, and they get the gradient.
     dropped.square().mean().backward()
     for name in ("null_image_embed", "null_image_hiddens", "null_text_embed"):
@@ -247,7 +252,8 @@ def test_text_mask_hides_padding():
     a = run(unet, batch, text_mask=mask)
     changed = batch["text_encodings"].clone()
     changed[:, 2:] += 5.0
-    torch.testing.assert_close(a, run(unet, {**batch, "text_encodings": changed}, text_mask=mask))
+    # exactly: the masked positions weigh 0 (any finite value times 0, or a masked-out logit)
+    torch.testing.assert_close(a, run(unet, {**batch, "text_encodings": changed}, text_mask=mask), rtol=0, atol=0)
     assert not torch.allclose(a, run(unet, {**batch, "text_encodings": changed}))
 
 
@@ -256,7 +262,7 @@ def test_text_longer_than_max_text_len_is_truncated():
     batch = inputs(text_len=5)
     changed = batch["text_encodings"].clone()
     changed[:, 3:] += 5.0
-    torch.testing.assert_close(run(unet, batch), run(unet, {**batch, "text_encodings": changed}))
+    torch.testing.assert_close(run(unet, batch), run(unet, {**batch, "text_encodings": changed}), rtol=0, atol=0)
 
 
 def test_cond_scale_one_equals_plain_conditional_prediction():
@@ -265,7 +271,7 @@ def test_cond_scale_one_equals_plain_conditional_prediction():
     batch = inputs()
     x, time = batch.pop("x"), batch.pop("time")
     plain = unet(x, time, **batch)
-    torch.testing.assert_close(unet.forward_with_cond_scale(x, time, cond_scale=1.0, **batch), plain)
+    torch.testing.assert_close(unet.forward_with_cond_scale(x, time, cond_scale=1.0, **batch), plain, rtol=0, atol=0)
 
 
 def test_cond_scale_extrapolates_from_the_null_prediction():
@@ -277,11 +283,14 @@ def test_cond_scale_extrapolates_from_the_null_prediction():
     null = unet(x, time, **batch, image_cond_drop_prob=1.0, text_cond_drop_prob=1.0)
     # As in the reference, every output channel is guided, the learned-variance ones included ...
     guided = unet.forward_with_cond_scale(x, time, cond_scale=3.0, **batch)
-    torch.testing.assert_close(guided, null + 3.0 * (cond - null), atol=1e-5, rtol=1e-4)
+    # (guided runs cond and null as one batch of 4: the network's arithmetic reordered, and each
+    # error carried with its coefficient in (1 - 3) * null + 3 * cond)
+    scale = scale_of_combination((-2.0, null), (3.0, cond))
+    assert_close_to_scale(guided, null + 3.0 * (cond - null), ulps_of_scale=NETWORK, scale=scale, what="guided")
     # ... unless (our option) the variance channels are taken from the conditional prediction.
     mean_only = unet.forward_with_cond_scale(x, time, cond_scale=3.0, guide_learned_variance=False, **batch)
-    torch.testing.assert_close(mean_only[:, :3], guided[:, :3])
-    torch.testing.assert_close(mean_only[:, 3:], cond[:, 3:], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(mean_only[:, :3], guided[:, :3], rtol=0, atol=0)  # the same batched computation
+    assert_close_to_scale(mean_only[:, 3:], cond[:, 3:], ulps_of_scale=NETWORK, what="variance from cond")
     with pytest.raises(ValueError, match="image_cond_drop_prob"):
         unet.forward_with_cond_scale(x, time, cond_scale=3.0, image_cond_drop_prob=0.5, **batch)
 
@@ -295,8 +304,9 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     batch = inputs()
     for unet in (plain, checkpointed):
         run(unet, batch).square().mean().backward()
+    # The same arithmetic, except the order in which autograd sums a parameter's gradient contributions.
     for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
-        torch.testing.assert_close(a.grad, b.grad, msg=name, atol=1e-6, rtol=1e-5)
+        assert_close_to_scale(b.grad, a.grad, ulps_of_scale=NETWORK, what=name)
 
 
 def test_bf16_autocast_and_channels_last_match_fp32():
@@ -385,7 +395,7 @@ def test_all_zero_text_encodings_are_padding_unless_a_text_mask_is_given():
     padded[:, 2:] = 0.0
     a = run(unet, {**batch, "text_encodings": padded})
     # Zero positions become the null text tokens, exactly as if the text were two tokens long.
-    torch.testing.assert_close(a, run(unet, {**batch, "text_encodings": padded[:, :2]}))
+    torch.testing.assert_close(a, run(unet, {**batch, "text_encodings": padded[:, :2]}), rtol=0, atol=0)
     # With a text mask (ours) the mask decides: a zero position that the mask marks valid is text.
     all_valid = torch.ones(2, 4, dtype=torch.bool)
     assert not torch.allclose(a, run(unet, {**batch, "text_encodings": padded}, text_mask=all_valid))
@@ -396,7 +406,8 @@ def test_all_zero_text_encodings_are_padding_unless_a_text_mask_is_given():
 def test_text_is_ignored_by_a_unet_without_text_conditioning():
     unet = randomise_output(tiny_unet(cond_on_text_encodings=False)).eval()
     batch = inputs()
-    torch.testing.assert_close(run(unet, batch), run(unet, {k: v for k, v in batch.items() if k != "text_encodings"}))
+    without_text = run(unet, {k: v for k, v in batch.items() if k != "text_encodings"})
+    torch.testing.assert_close(run(unet, batch), without_text, rtol=0, atol=0)
 
 
 def test_image_embed_of_cond_dim_width_is_used_as_tokens():
@@ -406,7 +417,7 @@ def test_image_embed_of_cond_dim_width_is_used_as_tokens():
     embed = torch.randn(2, 8)
     vector = run(unet, {**batch, "image_embed": embed})
     tokens = run(unet, {**batch, "image_embed": embed[:, None].expand(-1, 4, -1)})
-    torch.testing.assert_close(vector, tokens)
+    torch.testing.assert_close(vector, tokens, rtol=0, atol=0)  # the vector is the tokens' only value
     assert not torch.allclose(vector, run(unet, {**batch, "image_embed": embed.flip(0)}))
 
 

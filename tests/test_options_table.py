@@ -31,7 +31,7 @@ from dalle2_decoder.models import Decoder, Unet, _compat
 
 from .conftest import TINY_UNET_OPTIONS
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("compute_threads")
 
 EMBED = 8
 TEXT = 8

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from dalle2_decoder.models.lowres import LOWRES_NOISE_TIMESTEPS, LowresConditioner, gaussian_blur
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("compute_threads")
 
 FLOAT32_EPS = 2.0**-23
 

@@ -32,7 +32,7 @@ from dalle2_decoder.models.schedules import BETA_SCHEDULES, MAX_BETA, make_beta_
 from dalle2_decoder.training.ema import EMA, ema_decay
 from dalle2_decoder.training.trainer import DecoderTrainer, warmup_factor
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("compute_threads")
 
 FLOAT32_EPS = 2.0**-23
 FLOAT64_EPS = 2.0**-52

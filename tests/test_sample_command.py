@@ -308,7 +308,7 @@ def test_bad_embeddings_file_and_the_module_entry_point(setup, tmp_path):
         capture_output=True,
         text=True,
         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
-        timeout=120,
+        timeout=600,
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (

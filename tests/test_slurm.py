@@ -106,7 +106,7 @@ def test_a_failed_start_leaves_nothing_running(tmp_path, monkeypatch):
 def test_the_script_for_people_starts_and_stops_a_cluster(tmp_path):
     script = REPO_ROOT / "scripts" / "local_slurm_cluster.sh"
     root = tmp_path / "cluster"
-    started = subprocess.run(["bash", str(script), "start", str(root)], capture_output=True, text=True, timeout=120)
+    started = subprocess.run(["bash", str(script), "start", str(root)], capture_output=True, text=True, timeout=600)
     try:
         assert started.returncode == 0, started.stdout + started.stderr
         assert f"export SLURM_CONF={root.resolve() / 'slurm.conf'}" in started.stdout
@@ -116,6 +116,6 @@ def test_the_script_for_people_starts_and_stops_a_cluster(tmp_path):
         )
         assert sinfo.stdout.split() == ["node1", "idle", "node2", "idle"], sinfo.stdout + sinfo.stderr
     finally:
-        stopped = subprocess.run(["bash", str(script), "stop", str(root)], capture_output=True, text=True, timeout=120)
+        stopped = subprocess.run(["bash", str(script), "stop", str(root)], capture_output=True, text=True, timeout=600)
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
     assert running_processes(root) == []

@@ -43,8 +43,12 @@ def uninterrupted(slurm_cluster, demo_data, tmp_path_factory):
 
 def assert_same_weights(expected, got) -> None:
     assert expected.keys() == got.keys()
-    worst = max((got[name].double() - expected[name].double()).abs().max().item() for name in expected)
-    assert worst < 1e-6, f"max difference {worst}"
+    # Exactly: both jobs run the same processes on this host with the same kernels and thread count
+    # (OMP_NUM_THREADS=1, tests/slurm_jobs.py), gloo sums the 2 ranks' gradients in either order to
+    # the same value, and everything the steps read is in the checkpoint.
+    different = [name for name in expected if not torch.equal(got[name], expected[name])]
+    worst = max(((got[n].double() - expected[n].double()).abs().max().item() for n in different), default=0.0)
+    assert not different, f"{len(different)} tensors differ (max difference {worst:.3g}): {different[:5]}"
     assert any(not torch.equal(value, torch.zeros_like(value)) for value in got.values())
 
 

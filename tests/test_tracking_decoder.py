@@ -14,7 +14,7 @@ from .conftest import TINY_UNET_OPTIONS
 EMBED = 8
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("compute_threads")
 
 
 def decoder_config(dim=8) -> DecoderConfig:

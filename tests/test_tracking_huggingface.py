@@ -124,11 +124,11 @@ def test_token_from_hf_token_and_weights_through_lfs(tmp_path, monkeypatch):
         assert read_file(hub.root / "me" / "dec" / "latest.pt").state["samples_seen"] == 1
 
 
-def test_token_from_the_hub_login_and_missing_token_is_an_error_at_start(tmp_path):
+def test_token_from_the_hub_login_and_missing_token_is_an_error_at_start(tmp_path, refused_url):
     save = HuggingfaceSaveConfig(
         save_to="huggingface",
         huggingface_repo="me/dec",
-        huggingface_endpoint="http://127.0.0.1:9",
+        huggingface_endpoint=refused_url,
         save_latest_to="latest.pt",
     )
     with pytest.raises(

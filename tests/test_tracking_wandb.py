@@ -132,7 +132,7 @@ TRAIN_SCRIPT = textwrap.dedent(
 def run_training(script: Path, data_path: Path, mode: str):
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     process = subprocess.run(
-        [sys.executable, str(script), str(data_path), mode], capture_output=True, text=True, env=env, timeout=120
+        [sys.executable, str(script), str(data_path), mode], capture_output=True, text=True, env=env, timeout=600
     )
     results = [line for line in process.stdout.splitlines() if line.startswith("RESULT ")]
     assert results, process.stdout + process.stderr
@@ -171,6 +171,6 @@ def test_auto_resume_across_two_processes(tmp_path, wandb_dir):
         capture_output=True,
         text=True,
         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
-        timeout=120,
+        timeout=600,
     )
     assert third.returncode != 0 and "holds the finished run" in third.stderr

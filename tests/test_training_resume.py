@@ -13,10 +13,7 @@ from dalle2_decoder.training.resume import describe_changes, reference_progress
 
 from .training_fixtures import tiny_config, write_tiny_demo
 
-
-@pytest.fixture(autouse=True)
-def one_compute_thread(one_thread, monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the loop then keeps the one thread
+pytestmark = pytest.mark.usefixtures("compute_threads")  # the loop keeps the test's threads
 
 
 @pytest.fixture(scope="module")

@@ -238,7 +238,8 @@ def _iter_tarfile_members(stream: IO[bytes]) -> Iterator[tuple]:
     """(name, data) of each regular member, through `tarfile` (compressed archives)."""
     member = None
     try:
-        archive = tarfile.open(fileobj=stream, mode="r|*")
+        # names in UTF-8, as our own parser reads them (tarfile's default follows the locale)
+        archive = tarfile.open(fileobj=stream, mode="r|*", encoding="utf-8")
         for info in archive:
             if not info.isreg():
                 continue
@@ -297,7 +298,7 @@ def count_local_tar_samples(path: str) -> int:
     count = 0
     current_key = None
     try:
-        archive = tarfile.open(path, mode="r:")
+        archive = tarfile.open(path, mode="r:", encoding="utf-8")
     except (tarfile.TarError, OSError, EOFError):
         return 0
     with archive:
