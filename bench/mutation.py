@@ -58,6 +58,8 @@ T_TRAINLOOP = "tests/test_training_loop.py"
 T_DIFF = "tests/test_models_diffusion.py"
 T_DEC = "tests/test_models_decoder.py"
 T_CONSOLE = "tests/test_tracking_console.py"
+T_STOPPING = "tests/test_stopping.py"
+T_STOP_CHAINS = "tests/test_stop_signals.py::test_stops_in_every_phase_then_resumes_to_the_run_never_stopped"
 T_EVAL = "tests/test_evaluation_metrics.py"
 T_HUB = "tests/test_tracking_huggingface.py"
 
@@ -67,7 +69,9 @@ DEC = "dalle2_decoder/models/decoder.py"
 EMA = "dalle2_decoder/training/ema.py"
 PLAN = "dalle2_decoder/data/plan.py"
 LOOP = "dalle2_decoder/training/loop.py"
-STOP = "dalle2_decoder/training/stopping.py"
+STOP = "dalle2_decoder/stopping.py"
+SIGNALS = "dalle2_decoder/common/signals.py"
+LOADER = "dalle2_decoder/data/loader.py"
 SAVERS = "dalle2_decoder/tracking/savers.py"
 CKPT = "dalle2_decoder/tracking/checkpoint.py"
 STATE = "dalle2_decoder/tracking/run_state.py"
@@ -272,8 +276,9 @@ MUTANTS: List[Mutant] = [
         [
             (
                 LOOP,
-                'saving a checkpoint and exiting")\n                    self._save_phase(is_best=False)',
-                'saving a checkpoint and exiting")',
+                "            self._save_phase(is_best=False, rng=self._rng_mark)\n"
+                '            saved = "checkpoint saved"',
+                '            saved = "checkpoint saved"',
             )
         ],
         [T_TRAINLOOP],
@@ -456,20 +461,20 @@ MUTANTS: List[Mutant] = [
         "signals",
         [
             (
-                STOP,
-                "HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)",
-                "HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT)",
+                SIGNALS,
+                "STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)",
+                "STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)",
             )
         ],
-        [T_TRAINLOOP],
-        "same_weights",
+        [T_STOPPING],
+        "each_stop_signal",
     ),
     Mutant(
         "a signal is recorded but never honoured",
         "signals",
-        [(STOP, "        self.signal_name = signal.Signals(signum).name", "        pass")],
-        [T_TRAINLOOP],
-        "same_weights",
+        [(STOP, "        self.signal_name = signal.Signals(signum).name\n", "")],
+        [T_STOPPING],
+        "each_stop_signal",
     ),
     Mutant(
         "a signal to one rank stops that rank alone",
@@ -477,11 +482,61 @@ MUTANTS: List[Mutant] = [
         [
             (
                 STOP,
-                "        if accelerator.num_processes == 1:\n            return self.requested\n",
-                "        return self.requested\n",
+                "        if accelerator is None or accelerator.num_processes == 1:\n"
+                "            return self.signal_name\n",
+                "        return self.signal_name\n",
             )
         ],
         ["tests/test_reliability_signals.py"],
+    ),
+    Mutant(
+        "dataloader workers die of a stop signal sent to the group",
+        "signals",
+        [(LOADER, "worker_init_fn=leave_stop_signals_to_parent if self.num_workers > 0 else None,", "")],
+        [T_STOPPING],
+        "survive",
+    ),
+    Mutant(
+        "dataloader workers ignore their own parent's SIGTERM (a process exiting with workers up hangs)",
+        "signals",
+        [(SIGNALS, "        if info.si_signo == signal.SIGTERM and info.si_pid == parent:", "        if False:")],
+        [T_STOPPING],
+        "parents_sigterm or workers_up",
+    ),
+    Mutant(
+        "a second Ctrl-C never interrupts",
+        "signals",
+        [(STOP, "                raise KeyboardInterrupt  # a second", "                return  # a second")],
+        [T_STOPPING],
+        "second_ctrl_c",
+    ),
+    Mutant(
+        "torch's worker-death handler stays in place during a stop",
+        "signals",
+        [(STOP, "        self._set_aside_worker_failure_handler()\n", "")],
+        [T_STOPPING],
+        "worker_death",
+    ),
+    Mutant(
+        "validation does not look for a stop",
+        "signals",
+        [(LOOP, "            self.stop.batches(loader, acc, Phase.VALIDATE.label),", "            loader,")],
+        [T_STOP_CHAINS],
+        "1-process",
+    ),
+    Mutant(
+        "sample grids do not look for a stop",
+        "signals",
+        [(LOOP, "used_unets(self.config), on_unet_call=check", "used_unets(self.config), on_unet_call=None")],
+        [T_STOP_CHAINS],
+        "1-process",
+    ),
+    Mutant(
+        "a stop saves the random state of its stop, not of the point the progress describes",
+        "signals",
+        [(LOOP, "self._save_phase(is_best=False, rng=self._rng_mark)", "self._save_phase(is_best=False)")],
+        [T_STOP_CHAINS],
+        "1-process",
     ),
     Mutant(
         "non-finite streak never stops the run",
