@@ -131,6 +131,25 @@ def pytest_unconfigure(config):
         shutil.rmtree(home, ignore_errors=True)
 
 
+def pytest_sessionfinish(session):
+    """In a pytest-xdist worker: hand this process's numerics counts to the controller, which prints the line."""
+    output = getattr(session.config, "workeroutput", None)
+    if output is not None:
+        from tests.numerics import closest_to_bound
+
+        count, closest = closest_to_bound()
+        output["numerics"] = [count, list(closest) if closest is not None else None]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """pytest-xdist's controller, as each worker ends: count in its numerics (see pytest_sessionfinish)."""
+    from tests.numerics import add_counts
+
+    count, closest = getattr(node, "workeroutput", {}).get("numerics", [0, None])
+    add_counts(count, tuple(closest) if closest is not None else None)
+
+
 def pytest_terminal_summary(terminalreporter):
     """One line on the scale-relative comparisons of tests/numerics.py: how close the closest came."""
     from tests.numerics import closest_to_bound

@@ -123,3 +123,11 @@ def assert_close_to_scale(
 def closest_to_bound() -> Tuple[int, Optional[Tuple[float, str]]]:
     """How many scale-relative comparisons ran in this process, and the largest error / bound among them."""
     return _count, _closest
+
+
+def add_counts(count: int, closest: Optional[Tuple[float, str]]) -> None:
+    """Count in comparisons made in another process (a pytest-xdist worker's, reported to the controller)."""
+    global _closest, _count
+    _count += count
+    if closest is not None and (_closest is None or closest[0] > _closest[0]):
+        _closest = (float(closest[0]), str(closest[1]))

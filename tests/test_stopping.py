@@ -150,8 +150,9 @@ def test_children_drop_stop_signals_from_others_and_leave_on_the_parents_sigterm
                 _child_that_leaves_the_signals_to_its_parent(write_end)
             finally:
                 os._exit(4)
-        os.kill(os.getpid(), signal.SIGUSR1)  # held back while blocked
-        assert not stop.requested
+        os.kill(os.getpid(), signal.SIGUSR1)  # held back while blocked (or taken by another thread,
+        if threads_of_this_process() == 1:  # as under pytest-xdist, and handled here all the same)
+            assert not stop.requested
     time.sleep(0.01)
     assert stop.signal_name == "SIGUSR1"
     os.close(write_end)
@@ -219,6 +220,12 @@ def test_a_process_that_exits_with_its_workers_up_ends(tmp_path):
         [sys.executable, "-c", EXIT_WITH_WORKERS_UP, str(config)], capture_output=True, text=True, timeout=240
     )
     assert result.returncode == 7, result.stderr[-2000:]
+
+
+def threads_of_this_process() -> int:
+    """Native threads included (pytest-xdist's workers run some that Python's threading does not list)."""
+    with open("/proc/self/status") as handle:
+        return int(next(line.split()[1] for line in handle if line.startswith("Threads:")))
 
 
 def children():
