@@ -18,15 +18,18 @@ The daemons run as root (as slurmd must, to start jobs); `ensure_installed()` in
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 PROGRAMS = ("slurmctld", "slurmd", "munged", "sbatch", "srun", "scontrol", "scancel", "squeue", "sinfo")
 """What a cluster needs on PATH (or in /usr/sbin)."""
@@ -50,14 +53,30 @@ def ensure_installed() -> None:
             f"{', '.join(missing)} not found; install Debian's slurm-wlm and munge (as root: "
             "apt-get install slurm-wlm munge)"
         )
+    with _install_lock():  # test files run in parallel (pytest-xdist): one apt-get at a time
+        if any(_find(program) is None for program in PROGRAMS):
+            _apt_install()
+    still = [program for program in PROGRAMS if _find(program) is None]
+    if still:
+        raise SlurmSetupError(f"installed slurm-wlm and munge, but {', '.join(still)} still not found")
+
+
+@contextlib.contextmanager
+def _install_lock() -> Iterator[None]:
+    with open(os.path.join(tempfile.gettempdir(), "dalle2-decoder-tests-apt.lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _apt_install() -> None:
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     for command in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "slurm-wlm", "munge"]):
         result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
         if result.returncode != 0:
             raise SlurmSetupError(f"{' '.join(command)} failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
-    still = [program for program in PROGRAMS if _find(program) is None]
-    if still:
-        raise SlurmSetupError(f"installed slurm-wlm and munge, but {', '.join(still)} still not found")
 
 
 def free_ports(count: int) -> List[int]:
