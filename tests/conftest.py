@@ -124,11 +124,37 @@ def pytest_configure(config):
     )
     for name in [*_ACCOUNT_VARIABLES, *(name for name in os.environ if name.startswith("ACCELERATE_"))]:
         os.environ.pop(name, None)
+    # TEST_THREADS compute threads everywhere, in the test processes and the runs they start: two
+    # test processes (`make test`) with two threads each on two cores spin-wait for each other
+    # (tests of the runtime's own thread choice unset it themselves).
+    os.environ["OMP_NUM_THREADS"] = str(TEST_THREADS)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(TEST_THREADS)
 
 
 def pytest_unconfigure(config):
     for home in _ISOLATED_HOME:
         shutil.rmtree(home, ignore_errors=True)
+
+
+LONGEST_FILES = (
+    "test_training_loop.py",
+    "test_stop_signals.py",
+    "test_samplers.py",
+    "test_reliability_loop.py",
+    "test_slurm_preemption.py",
+    "test_bad_inputs.py",
+    "test_sample_command.py",
+    "test_models_decoder.py",
+)
+"""The test files that take longest (measured with --durations), in that order: `make test` gives
+whole files to its two processes in collection order, so these go first and the short files fill
+in at the end instead of one long file running alone after everything else."""
+
+
+def pytest_collection_modifyitems(config, items):
+    first = {name: index for index, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: first.get(item.path.name, len(first)))  # stable: the rest keep their order
 
 
 def pytest_sessionfinish(session):
