@@ -373,7 +373,7 @@ def sample_items(
     steps,
     cond_scale,
     device,
-    show: bool,
+    show,
     on_unet_call=None,
 ):
     """uint8 images (n, H, W, 3) for `items` = [(input index, seed), ...], sampled as one batch."""
@@ -466,8 +466,8 @@ def run(args, stop_request=None) -> int:
     """Sample as `args` say; `stop_request`: the installed `stopping.StopRequest` (checked before each U-Net call)."""
     import torch
     from accelerate.utils import gather_object
-    from tqdm.auto import tqdm
 
+    from .common.progress import ProgressOutput
     from .loading import load
     from .stopping import StopRequest, StopRequested, exit_status_after_stop
 
@@ -558,9 +558,12 @@ def run(args, stop_request=None) -> int:
     }
     writer = OutputWriter(out_dir, inputs, total=len(items), seeds=seeds, record=record) if main_process else None
     check = stop_request.checker(accelerator, "sampling")
+    # A bar on a terminal; in a file or pipe, plain lines (at the start, the end and every 30 s).
+    output = ProgressOutput(enabled=main_process)
+    meter = output.meter("sampling", total=-(-share // args.batch_size), unit="batches", samples_total=len(items))
     try:
-        with torch.no_grad():
-            for start in tqdm(range(0, share, args.batch_size), desc="sampling", disable=not main_process):
+        with meter, torch.no_grad():
+            for start in range(0, share, args.batch_size):
                 images = sample_items(
                     decoder,
                     inputs,
@@ -570,7 +573,7 @@ def run(args, stop_request=None) -> int:
                     steps=steps,
                     cond_scale=cond_scale,
                     device=device,
-                    show=main_process,
+                    show=output,
                     on_unet_call=check,
                 )
                 real = max(0, min(args.batch_size, len(mine) - start))
@@ -579,6 +582,7 @@ def run(args, stop_request=None) -> int:
                 if writer is not None:
                     for part_items, part_images in gathered:
                         writer.add(part_items, part_images)
+                meter.update(1, samples=sum(len(part_items) for part_items, _ in gathered))
     except StopRequested as stopped:
         if writer is not None:
             writer.stopped(stopped.signal_name)

@@ -68,6 +68,7 @@ APPLIED_ANYWHERE = {
     "tracker.data_path",
     "tracker.overwrite_data_path",
     "tracker.upload_retries",
+    "tracker.progress_interval_s",
     *(
         f"train.{name}"
         for name in (
@@ -105,7 +106,7 @@ NOT_REPORTED = {"tracker.load"}
 POSITIONS = {
     "start of an epoch": Progress(epoch=2, batches_in_epoch=0, phase=Phase.TRAIN),
     "middle of an epoch": Progress(epoch=2, batches_in_epoch=5, phase=Phase.TRAIN),
-    "end of an epoch's training": Progress(epoch=2, batches_in_epoch=9, phase=Phase.END),
+    "end of an epoch's training": Progress(epoch=2, batches_in_epoch=9, phase=Phase.VALIDATE),
 }
 
 
