@@ -36,8 +36,14 @@ EXIT_ERROR = EXIT_CONFIG  # kept for callers of the earlier name
 
 def build_parser() -> argparse.ArgumentParser:
     from .cli import parse_override
+    from .config.choices import choices_epilog
 
-    parser = argparse.ArgumentParser(prog="python -m dalle2_decoder.evaluation", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m dalle2_decoder.evaluation",
+        description=__doc__.split("\n\n")[0],
+        epilog=choices_epilog(),  # for --set
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument(
         "--config_file",
         "--config-file",

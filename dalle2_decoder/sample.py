@@ -92,12 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="classifier-free guidance scale, one for all U-Nets or one per U-Net",
     )
+    from .models.samplers import SAMPLER_NAMES
+
     parser.add_argument(
         "--sampler",
         nargs="+",
         default=None,
         metavar="NAME",
-        help="sampler, one for all U-Nets or one per U-Net (default: the config's)",
+        help=f"sampler, one for all U-Nets or one per U-Net: {', '.join(SAMPLER_NAMES)} (default: the config's)",
     )
     parser.add_argument(
         "--steps",
@@ -133,8 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="use a checkpoint's trained weights instead of its EMA weights",
     )
     parser.add_argument("--device", default=None, help="single-process device (default: cuda when available, else cpu)")
+    from .config.decoder import CLIP_MAKES
+
     parser.add_argument(
-        "--clip_make", "--clip-make", dest="clip_make", default=None, help="CLIP for --images: openai or open_clip"
+        "--clip_make", "--clip-make", dest="clip_make", default=None, help=f"CLIP for --images: {', '.join(CLIP_MAKES)}"
     )
     parser.add_argument(
         "--clip_model",
