@@ -141,6 +141,19 @@ def overwrite_plan(data_path: Path, protected: Sequence[Path] = ()) -> Tuple[Lis
     return remove, keep
 
 
+def _name_pattern(name: str) -> str:
+    """A glob pattern of the file names a save path's last part stands for: each `{field}` of a
+    templated save (`latest_{epoch:03d}.pth`) matches anything, every other character itself."""
+    import glob
+    import string
+
+    try:
+        parts = list(string.Formatter().parse(name))
+    except ValueError:
+        return glob.escape(name)
+    return "".join(glob.escape(literal) + ("*" if field is not None else "") for literal, field, _, _ in parts)
+
+
 def clean_staging(data_path: Path, destinations: Sequence[Path] = ()) -> List[Path]:
     """Remove what a killed process left half-done: staging folders of saves, pending uploads, and
     the temporary files beside local save `destinations` (`.<name>.<pid>-<id>.tmp`).
@@ -152,7 +165,7 @@ def clean_staging(data_path: Path, destinations: Sequence[Path] = ()) -> List[Pa
     stray = sorted((path / ".staging").glob("step_*")) + sorted(path.glob("uploads/*/pending/step_*"))
     stray += sorted(path.glob(f".{RUN_STATE_FILE}.*.tmp"))
     for destination in destinations:
-        stray += sorted(Path(destination).parent.glob(f".{Path(destination).name}.*-*.tmp"))
+        stray += sorted(Path(destination).parent.glob(f".{_name_pattern(Path(destination).name)}.*-*.tmp"))
     for item in stray:
         if item.is_dir() and not item.is_symlink():
             shutil.rmtree(item, ignore_errors=True)

@@ -355,7 +355,9 @@ class Tracker:
             self._record_resume_point(step, artifacts, checkpoint_state, fields)
             if any(isinstance(saver, LocalSaver) and saver.config.keep_last for saver in self.savers):
                 write_run_state(self.data_path, self.run_state)  # what was written, before anything goes
-                self._delete_old_saves(old_saves, keep=written)
+                if old_saves:
+                    self._delete_old_saves(old_saves, keep=written)
+                    write_run_state(self.data_path, self.run_state)  # and what is left
 
             for saver, files in plans:
                 if saver.remote:
