@@ -40,18 +40,28 @@ def nice_ticks(low: float, high: float, count: int = 5) -> List[float]:
     return ticks
 
 
-def short_number(value: float) -> str:
-    """A tick label: `1.2M`, `30k`, `0.003`, `1e-05`."""
+def short_number(value: float, digits: int = 4) -> str:
+    """A tick label: `1.2M`, `30k`, `0.003`, `1e-05` (at most `digits` significant digits)."""
     if value == 0:
         return "0"
     magnitude = abs(value)
     if magnitude >= 1e6:
-        return f"{value / 1e6:g}M"
+        return f"{value / 1e6:.{digits}g}M"
     if magnitude >= 1e4:
-        return f"{value / 1e3:g}k"
+        return f"{value / 1e3:.{digits}g}k"
     if magnitude < 1e-3:
-        return f"{value:.0e}"
-    return f"{value:.4g}"
+        return f"{value:.{max(0, digits - 4)}e}"
+    return f"{value:.{digits}g}"
+
+
+def tick_labels(ticks: Sequence[float]) -> List[str]:
+    """Labels for `ticks`, with as many digits as it takes to tell them apart (12.47 and 12.475 on
+    a narrow axis would both read `12.47` at four)."""
+    for digits in range(4, 13):
+        labels = [short_number(tick, digits) for tick in ticks]
+        if len(set(labels)) == len(labels):
+            return labels
+    return labels
 
 
 def line_chart(title: str, series: Dict[str, Sequence[Point]], *, x_label: str, y_label: str = "") -> str:
@@ -78,16 +88,14 @@ def line_chart(title: str, series: Dict[str, Sequence[Point]], *, x_label: str, 
         f'width="{WIDTH}" height="{HEIGHT}" role="img" aria-label="{escape(title)}">',
         f'<text class="title" x="{LEFT}" y="18">{escape(title)}</text>',
     ]
-    for tick in y_ticks:
+    for tick, label in zip(y_ticks, tick_labels(y_ticks)):
         y = py(tick)
         parts.append(f'<line class="grid" x1="{LEFT}" y1="{y:.1f}" x2="{WIDTH - RIGHT}" y2="{y:.1f}"/>')
-        parts.append(f'<text class="tick" x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end">{short_number(tick)}</text>')
-    for tick in x_ticks:
+        parts.append(f'<text class="tick" x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end">{label}</text>')
+    for tick, label in zip(x_ticks, tick_labels(x_ticks)):
         x = px(tick)
         parts.append(f'<line class="grid" x1="{x:.1f}" y1="{TOP}" x2="{x:.1f}" y2="{TOP + plot_h}"/>')
-        parts.append(
-            f'<text class="tick" x="{x:.1f}" y="{TOP + plot_h + 16}" text-anchor="middle">{short_number(tick)}</text>'
-        )
+        parts.append(f'<text class="tick" x="{x:.1f}" y="{TOP + plot_h + 16}" text-anchor="middle">{label}</text>')
     parts.append(f'<rect class="frame" x="{LEFT}" y="{TOP}" width="{plot_w}" height="{plot_h}"/>')
     parts.append(
         f'<text class="axis" x="{LEFT + plot_w / 2:.1f}" y="{HEIGHT - 8}" text-anchor="middle">{escape(x_label)}</text>'
