@@ -1,8 +1,8 @@
 """What an operator gets from one real training run redirected to a file, as on SLURM or CI.
 
 One run of the tiny decoder (2 epochs of 12 batches), `train_decoder.py ... > run.log 2>&1`, with
-the tensorboard logger, progress lines every half second and a `keep_last: 2` saver; then: the log file
-(plain lines, no carriage return or escape byte, one progress line per interval, counters named),
+the tensorboard logger, progress lines every half second and a `keep_last: 2` saver; then: the log
+file (plain lines, no carriage return or escape byte, one progress line per interval, counters named),
 the TensorBoard event files read back with TensorBoard's own reader, the kept files, and the HTML
 report rendered in a real headless Chromium.
 """
@@ -77,11 +77,6 @@ def run(tmp_path_factory):
     raw = log.read_bytes()
     assert process.returncode == 0, raw.decode(errors="replace")[-3000:]
     return data_path, raw.decode(), raw, arrivals
-
-
-def seconds(text: str) -> int:
-    hours, minutes, secs = (int(part) for part in text.split(":"))
-    return hours * 3600 + minutes * 60 + secs
 
 
 PROGRESS = re.compile(r"epoch (\d)/2 (training|validation|sample grids) (\d+)%: ")
