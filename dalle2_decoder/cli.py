@@ -98,10 +98,14 @@ def apply_override(raw: Any, path: str, value: Any) -> List[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config.choices import choices_epilog
+
     parser = argparse.ArgumentParser(
         prog=os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "train_decoder.py",
         description="Train a DALL-E 2 decoder from one JSON config (run it under `accelerate launch` for "
         "several GPUs or nodes).",
+        epilog=choices_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # the epilog's table keeps its lines
     )
     parser.add_argument(
         "--config_file",

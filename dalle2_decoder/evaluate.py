@@ -36,8 +36,14 @@ EXIT_ERROR = EXIT_CONFIG  # kept for callers of the earlier name
 
 def build_parser() -> argparse.ArgumentParser:
     from .cli import parse_override
+    from .config.choices import choices_epilog
 
-    parser = argparse.ArgumentParser(prog="python -m dalle2_decoder.evaluation", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m dalle2_decoder.evaluation",
+        description=__doc__.split("\n\n")[0],
+        epilog=choices_epilog(),  # for --set
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument(
         "--config_file",
         "--config-file",
@@ -189,6 +195,7 @@ def evaluate_checkpoint(config, checkpoint: str, *, use_ema: bool, seed: int, st
     `stop`: the installed `stopping.StopRequest`; on a stop signal every rank raises `StopRequested`
     (after shutting the process group down) within one U-Net call.
     """
+    from .common.progress import ProgressOutput
     from .evaluation import EvaluationSetupError, Evaluator, evaluation_loader, final_image_size
     from .runtime import create_accelerator, shut_down
     from .stopping import StopRequested
@@ -213,6 +220,7 @@ def evaluate_checkpoint(config, checkpoint: str, *, use_ema: bool, seed: int, st
         seed=seed,
         info=(lambda message: print(message, file=sys.stderr, flush=True)) if main_process else (lambda message: None),
         stop=stop,
+        progress=ProgressOutput(interval_s=config.tracker.progress_interval_s, enabled=main_process),
     )
     try:
         metrics = evaluator(decoder)

@@ -93,12 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="classifier-free guidance scale, one for all U-Nets or one per U-Net",
     )
+    from .models.samplers import SAMPLER_NAMES
+
     parser.add_argument(
         "--sampler",
         nargs="+",
         default=None,
         metavar="NAME",
-        help="sampler, one for all U-Nets or one per U-Net (default: the config's)",
+        help=f"sampler, one for all U-Nets or one per U-Net: {', '.join(SAMPLER_NAMES)} (default: the config's)",
     )
     parser.add_argument(
         "--steps",
@@ -134,8 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="use a checkpoint's trained weights instead of its EMA weights",
     )
     parser.add_argument("--device", default=None, help="single-process device (default: cuda when available, else cpu)")
+    from .config.decoder import CLIP_MAKES
+
     parser.add_argument(
-        "--clip_make", "--clip-make", dest="clip_make", default=None, help="CLIP for --images: openai or open_clip"
+        "--clip_make", "--clip-make", dest="clip_make", default=None, help=f"CLIP for --images: {', '.join(CLIP_MAKES)}"
     )
     parser.add_argument(
         "--clip_model",
@@ -374,7 +378,7 @@ def sample_items(
     steps,
     cond_scale,
     device,
-    show: bool,
+    show,
     on_unet_call=None,
 ):
     """uint8 images (n, H, W, 3) for `items` = [(input index, seed), ...], sampled as one batch."""
@@ -475,8 +479,8 @@ def run(args, stop_request=None) -> int:
     """Sample as `args` say; `stop_request`: the installed `stopping.StopRequest` (checked before each U-Net call)."""
     import torch
     from accelerate.utils import gather_object
-    from tqdm.auto import tqdm
 
+    from .common.progress import ProgressOutput
     from .loading import load
     from .stopping import StopRequest, StopRequested, exit_status_after_stop
 
@@ -567,9 +571,12 @@ def run(args, stop_request=None) -> int:
     }
     writer = OutputWriter(out_dir, inputs, total=len(items), seeds=seeds, record=record) if main_process else None
     check = stop_request.checker(accelerator, "sampling")
+    # A bar on a terminal; in a file or pipe, plain lines (at the start, the end and every 30 s).
+    output = ProgressOutput(enabled=main_process)
+    meter = output.meter("sampling", total=-(-share // args.batch_size), unit="batches", samples_total=len(items))
     try:
-        with torch.no_grad():
-            for start in tqdm(range(0, share, args.batch_size), desc="sampling", disable=not main_process):
+        with meter, torch.no_grad():
+            for start in range(0, share, args.batch_size):
                 images = sample_items(
                     decoder,
                     inputs,
@@ -579,7 +586,7 @@ def run(args, stop_request=None) -> int:
                     steps=steps,
                     cond_scale=cond_scale,
                     device=device,
-                    show=main_process,
+                    show=output,
                     on_unet_call=check,
                 )
                 real = max(0, min(args.batch_size, len(mine) - start))
@@ -588,6 +595,7 @@ def run(args, stop_request=None) -> int:
                 if writer is not None:
                     for part_items, part_images in gathered:
                         writer.add(part_items, part_images)
+                meter.update(1, samples=sum(len(part_items) for part_items, _ in gathered))
     except StopRequested as stopped:
         if writer is not None:
             writer.stopped(stopped.signal_name)

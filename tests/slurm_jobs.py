@@ -37,6 +37,7 @@ def slurm_cluster(tmp_path_factory):
 def job_config(data: Dict[str, Any], data_path: Path, folder: Path, **train) -> Path:
     config = tiny_config(data, data_path, **train)
     config["tracker"]["log"]["auto_resume"] = True  # what a requeued job relies on
+    config["tracker"]["progress_interval_s"] = 1.0  # a progress line a second in the job's output, to follow it
     path = folder / f"{data_path.name}.json"
     path.write_text(json.dumps(config, indent=2))
     return path

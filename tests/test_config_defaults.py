@@ -170,7 +170,9 @@ def test_to_dict_fills_in_every_default(loaded):
             "save_best_to": None,
             "save_meta_to": None,
             "save_type": "checkpoint",
+            "keep_last": None,
         }
     ]
+    assert resolved["tracker"]["progress_interval_s"] == 30.0
     assert resolved["tracker"]["load"] is None
     assert resolved["seed"] == 0

@@ -45,7 +45,7 @@ def test_example_specifics():
     on_the_fly = load(REPO_ROOT / "example_configs/decoder_clip_on_the_fly.json")
     assert on_the_fly.decoder.clip is not None and on_the_fly.data.img_embeddings_url is None
     demo = load(REPO_ROOT / "example_configs/demo_cpu.json")
-    assert demo.train.device == "cpu" and demo.tracker.log.log_type == "console"
+    assert demo.train.device == "cpu" and demo.tracker.log.log_type == "tensorboard"
     assert demo.tracker.save[0].save_to == "local" and demo.data.num_workers == 1
     assert demo.decoder.unets[0].dim == 16 and tuple(demo.decoder.unets[0].dim_mults) == (1, 2, 4)
     assert demo.decoder.image_sizes == [32]

@@ -125,7 +125,7 @@ def test_two_launchers_train_as_one_job_with_global_ranks(demo_data, tmp_path, p
         assert f"process {rank + 1} of {world} finished" in where, where
         assert f"data (train, rank {rank}, epoch 1)" in where
     lines = [json.loads(line) for line in (data_path / "metrics.jsonl").read_text().splitlines()]
-    assert [line["step"] for line in lines if "val/loss/unet1" in line] == [8 * world, 16 * world]
+    assert [line["samples_seen"] for line in lines if "val/loss/unet1" in line] == [8 * world, 16 * world]
     latest = read_file(data_path / "latest.pth")
     assert latest.state["progress"]["samples_seen"] == 16 * world and len(latest.state["rng"]) == world
 

@@ -46,7 +46,7 @@ def test_short_last_batch_counts_by_its_size_and_losses_are_logged_as_window_mea
     assert run.progress.samples_seen == 48
     assert read_file(data_path / "latest.pth").state["progress"]["samples_seen"] == 48
     logged = [line for line in metrics_lines(data_path) if "train/loss/unet1" in line]
-    assert [line["step"] for line in logged] == [15, 30, 45]
+    assert [line["samples_seen"] for line in logged] == [15, 30, 45]
     for index, line in enumerate(logged):
         window = losses[3 * index : 3 * index + 3]
         assert line["train/loss/unet1"] == pytest.approx(sum(window) / 3, rel=1e-5)

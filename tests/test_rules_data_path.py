@@ -38,7 +38,21 @@ pytestmark = pytest.mark.filterwarnings(
     "ignore:data.text_embeddings_url:dalle2_decoder.config.errors.ConfigWarning",
 )
 
-ENTRIES = ["run_state.json", "metrics.jsonl", "samples", "resume", "uploads", "downloads", "wandb", ".staging"]
+ENTRIES = [
+    "run_state.json",
+    "metrics.jsonl",
+    "samples",
+    "resume",
+    "uploads",
+    "downloads",
+    "wandb",
+    ".staging",
+    "tensorboard",
+    "run_config.json",
+    "summary.txt",
+]
+NEW_RUN_RECORDS = ["run_state.json", "run_config.json"]
+"""What a new run's tracker writes in `data_path` at its start."""
 USERS = ["shards", "latest.pth", "notes.txt"]
 
 
@@ -64,6 +78,8 @@ def fill_previous_run(run: Path, *, finished: bool = True) -> None:
             (run / name).write_text(json.dumps({"run_id": "old", "finished": finished, "step": 4}))
         elif name == "metrics.jsonl":
             (run / name).write_text('{"step": 4}\n')
+        elif name in ("run_config.json", "summary.txt"):
+            (run / name).write_text("the previous run's")
         else:
             (run / name / "inner").mkdir(parents=True)
             (run / name / "inner" / "file.bin").write_bytes(b"x")
@@ -159,7 +175,7 @@ def test_overwrite_keeps_exactly_the_entries_holding_what_the_config_names(
     said = capsys.readouterr().out
     try:
         left = sorted(path.name for path in run.iterdir())
-        expected = sorted(USERS + ([kept] if kept else []) + ["run_state.json"])  # the new run's own record
+        expected = sorted(USERS + ([kept] if kept else []) + NEW_RUN_RECORDS)
         assert left == expected, said
         if kept:
             assert (run / kept / "inner" / "file.bin").read_bytes() == b"x", "a kept entry is kept whole"

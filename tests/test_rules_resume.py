@@ -68,6 +68,7 @@ APPLIED_ANYWHERE = {
     "tracker.data_path",
     "tracker.overwrite_data_path",
     "tracker.upload_retries",
+    "tracker.progress_interval_s",
     *(
         f"train.{name}"
         for name in (

@@ -49,8 +49,11 @@ def test_two_node_job_trains_with_one_rank_per_node_and_only_the_main_process_wr
     # Only the main process logs and saves: one summary, each metric line once, each grid once.
     assert output.count("dalle2-decoder training") == 1
     assert output.count("training finished") == 1
+    # The job's output is a file: plain progress lines from the main process, no bar redraws.
+    assert "\r" not in output and "\x1b" not in output
+    assert output.count("epoch 2/2 training 100%: 4/4 batches, 32/32 samples") == 1  # its end, once
     lines = [json.loads(line) for line in (data_path / "metrics.jsonl").read_text().splitlines()]
-    assert [line["step"] for line in lines if "val/loss/unet1" in line] == [32, 64]
+    assert [line["samples_seen"] for line in lines if "val/loss/unet1" in line] == [32, 64]
     assert output.count("train_examples: 4 images written") == 4
     grids = sorted(p.name for p in (data_path / "samples" / "train_examples").glob("*.png"))
     assert grids == ["step_000000016.png", "step_000000032.png", "step_000000048.png", "step_000000064.png"]

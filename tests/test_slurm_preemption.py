@@ -60,8 +60,10 @@ def test_preempted_job_saves_requeues_resumes_and_ends_with_the_weights_of_an_un
     interrupted = tmp_path / "interrupted"
     job = submit(cluster, job_config(demo_data, interrupted, tmp_path, **TRAIN), tmp_path, wait=False)
     # The training processes have installed their handlers once the main one prints its summary.
-    # A step trained (the progress bar past 0%): a stop before the first step has nothing to save.
-    wait_for(lambda: re.search(r"epoch 1 train:\s+[1-9]\d*%", job.output), 300, "the job to train a step")
+    # A step trained (a progress line past batch 0; the job's config asks for one a second): a stop
+    # before the first step has nothing to save.
+    trained = re.compile(r"epoch 1/\d+ training \d+%: [1-9]\d*/\d+ batches")
+    wait_for(lambda: trained.search(job.output), 300, "the job to train a step")
     signalled = subprocess.run(
         ["scancel", "--signal=USR1", "--batch", job.job_id],
         env=cluster.env(),

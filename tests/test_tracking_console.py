@@ -45,13 +45,13 @@ def make(tmp_path, save=(), load=None, log=CONSOLE, main=True, **options):
 def test_console_logging_writes_lines_jsonl_and_captioned_grids(tmp_path, capsys):
     tracker = make(tmp_path)
     assert isinstance(tracker, Tracker) and (tmp_path / "run").is_dir()
-    tracker.log({"loss/unet1": torch.tensor(0.25), "lr": 1e-4, "samples_seen": 64}, step=10)
+    tracker.log({"loss/unet1": torch.tensor(0.25), "lr": 1e-4, "images": 64}, step=10)
     tracker.log({"loss/unet1": 0.125}, step=20)
-    assert "step 10 | loss/unet1 0.25 | lr 0.0001 | samples_seen 64" in capsys.readouterr().out
+    assert "samples seen 10 | loss/unet1 0.25 | lr 0.0001 | images 64" in capsys.readouterr().out
 
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]
-    assert [record["step"] for record in records] == [10, 20]
+    assert [record["samples_seen"] for record in records] == [10, 20]
     assert records[0]["loss/unet1"] == 0.25 and records[1]["loss/unet1"] == 0.125
 
     images = torch.rand(3, 3, 16, 16)
@@ -60,13 +60,19 @@ def test_console_logging_writes_lines_jsonl_and_captioned_grids(tmp_path, capsys
     tracker.log_images("samples/cascade", [torch.rand(3, 8, 8), torch.rand(3, 16, 16)], ["low", "high"], step=20)
     grid_path = tmp_path / "run" / "samples" / "samples" / "train" / "step_000000020.png"
     grid = Image.open(grid_path)
-    assert grid.size == (3 * 16 + 4 * 2, 16 + 2 * 2)
+    # each 16px image enlarged 8 times (128px, nearest neighbour), its caption on a line under it
+    assert grid.size[0] == 3 * 128 + 4 * 4 and 128 + 3 * 4 < grid.size[1] < 128 + 3 * 4 + 20
     assert json.loads(grid.text["captions"]) == ["a cat", "a dog", "a bird"]
     sidecar = json.loads(grid_path.with_suffix(".json").read_text())
-    assert sidecar["captions"] == ["a cat", "a dog", "a bird"] and sidecar["step"] == 20
-    # the first cell holds the first image
-    first = torch.tensor(np.array(grid.convert("RGB")), dtype=torch.float32)[2:18, 2:18]
-    assert torch.allclose(first / 255, images[0].permute(1, 2, 0), atol=1 / 255)
+    assert sidecar["captions"] == ["a cat", "a dog", "a bird"] and sidecar["samples_seen"] == 20
+    # the first cell holds the first image, each pixel an 8x8 block
+    pixels = torch.tensor(np.array(grid.convert("RGB")), dtype=torch.float32)
+    first = pixels[4 : 4 + 128, 4 : 4 + 128]
+    expected = images[0].permute(1, 2, 0).repeat_interleave(8, dim=0).repeat_interleave(8, dim=1)
+    assert torch.allclose(first / 255, expected, atol=1 / 255)
+    # and under it, its caption: dark pixels in the strip below the image, none below the empty cells' row
+    caption_strip = pixels[4 + 128 + 4 :, 4 : 4 + 128]
+    assert (caption_strip < 128).any()
     assert (tmp_path / "run" / "samples" / "samples" / "cascade" / "step_000000020.png").is_file()
     with pytest.raises(ValueError, match="3 images but 2 captions"):
         tracker.log_images("samples/train", images, ["a", "b"], step=30)

@@ -271,9 +271,11 @@ def _discriminator(members: Sequence[type]) -> Optional[str]:
     return None
 
 
-def _tagged_union_hook_factory(tp: Any) -> Callable[[Any, Any], Any]:
+def union_kinds(tp: Any) -> Tuple[str, Dict[Any, type]]:
+    """(discriminator field, {value: member class}) of a union of config classes: for `LogConfig`,
+    ("log_type", {"console": ConsoleLogConfig, ...}). The one list JSON is structured by, errors
+    name and `--help` shows."""
     members = [m for m in get_args(tp) if m is not NoneType]
-    optional = len(members) != len(get_args(tp))
     tag = _discriminator(members)
     if tag is None:
         raise TypeError(f"{tp}: a union of attrs classes needs a common Literal discriminator field")
@@ -281,6 +283,13 @@ def _tagged_union_hook_factory(tp: Any) -> Callable[[Any, Any], Any]:
     for member in members:
         for kind in get_args(typing.get_type_hints(member)[tag]):
             kinds[kind] = member
+    return tag, kinds
+
+
+def _tagged_union_hook_factory(tp: Any) -> Callable[[Any, Any], Any]:
+    members = [m for m in get_args(tp) if m is not NoneType]
+    optional = len(members) != len(get_args(tp))
+    tag, kinds = union_kinds(tp)
     choices = ", ".join(str(kind) for kind in kinds)
 
     def structure_tagged(value: Any, _: Any) -> Any:

@@ -55,7 +55,26 @@ class WandbLogConfig:
     """Also print debug-level messages."""
 
 
-LogConfig = Union[ConsoleLogConfig, WandbLogConfig]
+@attrs.frozen
+class TensorboardLogConfig:
+    """Log to TensorBoard event files under `data_path/tensorboard/`, besides everything the console logger writes.
+
+    Scalars (x-axis: training samples seen), sample grids with their captions, the resolved config
+    as text. An auto-resumed run appends to the same folder, discarding what the interrupted run
+    logged after the checkpoint it resumes from. View with `tensorboard --logdir DATA_PATH/tensorboard`.
+    """
+
+    log_type: Literal["tensorboard"]
+    """Must be `tensorboard`."""
+    resume: bool = False
+    """Accepted for all loggers; TensorBoard has no remote run to resume."""
+    auto_resume: bool = False
+    """Continue from the latest checkpoint found under `data_path` when the run was interrupted."""
+    verbose: bool = False
+    """Also print debug-level messages."""
+
+
+LogConfig = Union[ConsoleLogConfig, WandbLogConfig, TensorboardLogConfig]
 
 # --- load ------------------------------------------------------------------------------------
 
@@ -205,6 +224,11 @@ class SaveTargets:
     """Folder for the config used and run metadata."""
     save_type: Literal["checkpoint", "model"] = "checkpoint"
     """`checkpoint`: everything needed to resume; `model`: weights only (EMA when enabled)."""
+    keep_last: Optional[int] = None
+    """With a `save_latest_to` that names a field (`latest_{epoch}.pth`): keep only the last this many
+    files that this saver wrote there, deleting older ones once a newer one is whole on disk. Never
+    deletes another file (the `tracker.load` file, a best save, the run's resume point, files of an
+    earlier run). Local savers only. None keeps every file."""
 
 
 @attrs.frozen
@@ -249,7 +273,7 @@ class TrackerConfig:
     """Where the run is logged, loaded from and saved to."""
 
     log: LogConfig
-    """Logger configuration (`console` or `wandb`)."""
+    """Logger configuration (`console`, `wandb` or `tensorboard`)."""
     save: List[SaveConfig]
     """One saver or a list of savers (`local`, `huggingface`, `wandb`)."""
     load: Optional[LoadConfig] = None
@@ -261,6 +285,9 @@ class TrackerConfig:
     tracker files are removed (never a file the config reads or names; see docs/TRACKING.md)."""
     upload_retries: int = 3
     """Attempts for each upload before the failure is reported (training goes on)."""
+    progress_interval_s: float = 30.0
+    """Seconds between plain progress lines when the output is not a terminal (a file, a pipe, a SLURM
+    log); there is a line at the start and end of each phase too. A terminal gets progress bars."""
 
     def check(self, root: "TrainDecoderConfig") -> List[str]:
         """`tracker_problems`, and a training run saves somewhere (a tracker built in code may only log)."""
@@ -284,9 +311,9 @@ class TrackerConfig:
                 for index, saver in enumerate(self.save)
                 if not saves_something(saver)
             ]
-        if isinstance(self.log, ConsoleLogConfig) and self.log.resume:
+        if isinstance(self.log, (ConsoleLogConfig, TensorboardLogConfig)) and self.log.resume:
             notes.append(
-                "tracker.log.resume: the console logger has no remote run to resume, so this is ignored "
+                f"tracker.log.resume: the {self.log.log_type} logger has no remote run to resume, so this is ignored "
                 "(auto_resume continues an interrupted run from tracker.data_path)"
             )
         return notes
@@ -301,6 +328,8 @@ def tracker_problems(tracker: TrackerConfig) -> List[str]:
     problems = not_empty("tracker.data_path", tracker.data_path) + at_least(
         "tracker.upload_retries", tracker.upload_retries, 1
     )
+    if not tracker.progress_interval_s > 0:
+        problems.append(f"tracker.progress_interval_s: must be above 0 seconds (got {tracker.progress_interval_s})")
     log, load = tracker.log, tracker.load
     logs_to_wandb = isinstance(log, WandbLogConfig)
     if logs_to_wandb:
@@ -353,6 +382,7 @@ def _saver_problems(path: str, saver: SaveTargets, logs_to_wandb: bool) -> List[
                 f"{path}.{name}: {template} ends in .safetensors but save_type is checkpoint; safetensors "
                 "holds model weights only (save_type: model), checkpoints are .pt files"
             )
+    problems += keep_last_problems(path, saver)
     if isinstance(saver, HuggingfaceSaveConfig):
         problems += not_empty(f"{path}.huggingface_repo", saver.huggingface_repo)
     if isinstance(saver, WandbSaveConfig) and saver.wandb_run_path is None and not logs_to_wandb:
@@ -361,3 +391,33 @@ def _saver_problems(path: str, saver: SaveTargets, logs_to_wandb: bool) -> List[
             "saves go into the logged run)"
         )
     return problems
+
+
+def template_fields(template: Optional[str]) -> List[str]:
+    """The `{field}` names of a save path (empty for a fixed path, or one that does not parse)."""
+    import string
+
+    try:
+        return [name for _, name, _, _ in string.Formatter().parse(template or "") if name]
+    except ValueError:
+        return []
+
+
+def keep_last_problems(path: str, saver: SaveTargets) -> List[str]:
+    """`keep_last` is at least 1, on a local saver whose `save_latest_to` names a field."""
+    if saver.keep_last is None:
+        return []
+    where = f"{path}.keep_last"
+    if saver.keep_last < 1:
+        return [f"{where}: must be at least 1 (got {saver.keep_last}); null keeps every file"]
+    if not isinstance(saver, LocalSaveConfig):
+        return [
+            f"{where}: only local savers delete old saves; a {saver.save_to} saver keeps its files (each save "
+            "is a new version there, so deleting frees nothing)"
+        ]
+    if not template_fields(saver.save_latest_to):
+        return [
+            f"{where}: needs a save_latest_to that names a field such as {{epoch}} or {{samples_seen}} (got "
+            f"{saver.save_latest_to!r}: one file, replaced at each save)"
+        ]
+    return []

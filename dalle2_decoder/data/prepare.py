@@ -26,6 +26,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 from ..common.files import unwritable_folder_reason
+from ..config.decoder import CLIP_MAKES
 from .writer import ShardSetWriter
 
 log = logging.getLogger(__name__)
@@ -174,7 +175,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dalle2_decoder.data.prepare", description=__doc__.split("\n")[0])
     parser.add_argument("--images", required=True, help="folder of images (and optional same-named .txt captions)")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--clip-make", default="openai", choices=["openai", "open_clip"], help="CLIP implementation")
+    parser.add_argument("--clip-make", default="openai", choices=list(CLIP_MAKES), help="CLIP implementation")
     parser.add_argument(
         "--clip-model", default="ViT-L/14", help="CLIP model name (or an open_clip `local-dir:` folder)"
     )

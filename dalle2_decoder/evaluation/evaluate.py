@@ -17,6 +17,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from ..common.images import resize
+from ..common.progress import ProgressOutput
 from ..config.evaluate import EvaluateConfig
 from ..config.root import TrainDecoderConfig
 from ..stopping import StopRequest, StopRequested
@@ -68,6 +69,8 @@ def evaluate_decoder(
     seed: int = 0,
     info: Callable[[str], None] = lambda message: None,
     stop: Optional[StopRequest] = None,
+    progress: Optional[ProgressOutput] = None,
+    title: str = "evaluation",
 ) -> Dict[str, float]:
     """Metrics of `decoder` (already holding the weights to evaluate) on up to `n_samples` validation samples.
 
@@ -79,7 +82,8 @@ def evaluate_decoder(
     ranks' samples. Every rank must call this; only collectives of equal shape happen in it.
 
     `stop`: checked before each batch and each U-Net call; on a stop signal every rank raises
-    `StopRequested` at the same point and the partial results are dropped.
+    `StopRequested` at the same point and the partial results are dropped. `progress`: where this
+    process shows its batches (counted in images generated over all ranks), under `title`.
     """
     started = time.perf_counter()
     rank = accelerator.process_index
@@ -96,6 +100,12 @@ def evaluate_decoder(
     if stop is not None:
         stream = stop.batches(stream, accelerator, PHASE)
     on_unet_call = stop.checker(accelerator, PHASE) if stop is not None else None
+    meter = (progress or ProgressOutput(enabled=False)).meter(
+        title,
+        total=batches,
+        unit="batches",
+        samples_total=min(n_samples, batches * loader.batch_size * accelerator.num_processes),
+    )
     try:
         for index, batch in enumerate(stream):
             wanted = min(quota - done, len(batch["image"]))
@@ -117,11 +127,15 @@ def evaluate_decoder(
                 real, fake = batch["image"][:wanted].float(), generated[:wanted].float()
                 suite.update(resize(real, image_size), resize(fake, image_size))
                 done += wanted
+            # (every rank's share of this batch, as the main process's: the count shown is approximate)
+            meter.update(1, samples=max(wanted, 0) * accelerator.num_processes)
     except StopRequested as stopped:
         stopped.progress = f"{done} of this process's {quota} images generated"
+        meter.close(stopped=True)
         raise
     finally:
         stream.close()  # stops the loader's workers when we leave before the end of the split
+        meter.close()
     total = pooled_count(done, accelerator)
     metrics: Dict[str, float] = {"eval/samples": float(total)}
     if total < n_samples:
@@ -194,6 +208,7 @@ class Evaluator:
         seed: int = 0,
         info: Info = lambda message: None,
         stop: Optional[StopRequest] = None,
+        progress: Optional[ProgressOutput] = None,
     ):
         if not unets:
             raise ValueError("Evaluator: no U-Net to sample through")
@@ -207,11 +222,13 @@ class Evaluator:
         self.seed = seed
         self.info = info
         self.stop = stop
+        self.progress = progress
         with accelerator.local_main_process_first():
             self.suite = MetricSuite(config.metrics(), device=accelerator.device, image_size=image_size)
 
-    def __call__(self, decoder: nn.Module) -> Dict[str, float]:
-        """The metrics of `decoder` (already holding the weights to evaluate, in eval mode), on every rank."""
+    def __call__(self, decoder: nn.Module, *, title: str = PHASE) -> Dict[str, float]:
+        """The metrics of `decoder` (already holding the weights to evaluate, in eval mode), on every rank;
+        `title` names the progress shown (e.g. `epoch 2/6 evaluation`)."""
         return evaluate_decoder(
             decoder,
             self.loader,
@@ -225,4 +242,6 @@ class Evaluator:
             seed=self.seed,
             info=self.info,
             stop=self.stop,
+            progress=self.progress,
+            title=title,
         )

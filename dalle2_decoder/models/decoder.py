@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..common.per_unet import per_unet
+from ..common.progress import Meter, ProgressOutput, progress_output
 from ._compat import warn_no_effect
 from .gaussian_diffusion import GaussianDiffusion, ddim_timestep_pairs
 from .lowres import LOWRES_NOISE_TIMESTEPS, LowresConditioner, resize_image
@@ -537,7 +538,7 @@ class Decoder(nn.Module):
         noise_fn: NoiseFn,
         device: torch.device,
         inpainting: Optional[Inpainting] = None,
-        progress: bool = False,
+        progress: Union[bool, ProgressOutput] = False,
         sampler: Optional[str] = None,
         steps: Optional[int] = None,
         on_unet_call: Optional[UnetCallHook] = None,
@@ -580,48 +581,49 @@ class Decoder(nn.Module):
         resample_times = inpainting.resample_times if inpainting is not None else 1
         x = noise_fn(shape, device, dtype)
         x_start = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            pairs = tqdm(pairs, desc=f"sampling U-Net {index + 1}", leave=False, dynamic_ncols=True)
-        for t_now, t_next in pairs:
-            is_last = t_now == 0 if steps is None else t_next == 0
-            t = torch.full((b,), t_now, device=device, dtype=torch.long)
-            for r in reversed(range(resample_times)):
-                if inpainting is not None:
-                    # RePaint (Lugmayr et al. 2022): the known region comes from the forward process at t.
-                    known = diffusion.q_sample(inpainting.image, t, noise_fn(shape, device, dtype))
-                    x = torch.where(inpainting.mask, known, x)
-                if on_unet_call is not None:
-                    on_unet_call(index + 1)
-                self_cond = x_start if unet.self_cond else None
-                out = unet.forward_with_cond_scale(
-                    x, t, cond_scale=cond_scale, self_cond=self_cond, **unet_kwargs
-                ).float()
-                pred, var_out = self._split_output(index, out)
-                x_start = self._threshold(self._x_start_from_prediction(objective, diffusion, pred, x, t))
-                if steps is None:
-                    log_variance = (
-                        None
-                        if var_out is None
-                        else diffusion.model_log_variance(var_out, t, self.learned_variance_constrain_frac)
-                    )
-                    x = diffusion.ddpm_step(x, t, x_start, log_variance, noise_fn(shape, device, dtype))
-                    renoise_from = t - 1
-                else:
-                    t_before = torch.full((b,), t_next, device=device, dtype=torch.long)
-                    x = diffusion.ddim_step(
-                        x,
-                        t,
-                        t_before,
-                        x_start,
-                        self.ddim_sampling_eta,
-                        None if is_last else noise_fn(shape, device, dtype),
-                    )
-                    renoise_from = t_before
-                if inpainting is not None and not (is_last or r == 0):
-                    # Resampling: go back to step t and denoise again, harmonising the two regions.
-                    x = diffusion.q_sample_from_to(x, renoise_from, t, noise_fn(shape, device, dtype))
+        meter = _unet_meter(progress, f"sampling U-Net {index + 1} ({sampler}, {len(pairs)} steps)", len(pairs))
+        try:
+            for t_now, t_next in pairs:
+                is_last = t_now == 0 if steps is None else t_next == 0
+                t = torch.full((b,), t_now, device=device, dtype=torch.long)
+                for r in reversed(range(resample_times)):
+                    if inpainting is not None:
+                        # RePaint (Lugmayr et al. 2022): the known region comes from the forward process at t.
+                        known = diffusion.q_sample(inpainting.image, t, noise_fn(shape, device, dtype))
+                        x = torch.where(inpainting.mask, known, x)
+                    if on_unet_call is not None:
+                        on_unet_call(index + 1)
+                    self_cond = x_start if unet.self_cond else None
+                    out = unet.forward_with_cond_scale(
+                        x, t, cond_scale=cond_scale, self_cond=self_cond, **unet_kwargs
+                    ).float()
+                    pred, var_out = self._split_output(index, out)
+                    x_start = self._threshold(self._x_start_from_prediction(objective, diffusion, pred, x, t))
+                    if steps is None:
+                        log_variance = (
+                            None
+                            if var_out is None
+                            else diffusion.model_log_variance(var_out, t, self.learned_variance_constrain_frac)
+                        )
+                        x = diffusion.ddpm_step(x, t, x_start, log_variance, noise_fn(shape, device, dtype))
+                        renoise_from = t - 1
+                    else:
+                        t_before = torch.full((b,), t_next, device=device, dtype=torch.long)
+                        x = diffusion.ddim_step(
+                            x,
+                            t,
+                            t_before,
+                            x_start,
+                            self.ddim_sampling_eta,
+                            None if is_last else noise_fn(shape, device, dtype),
+                        )
+                        renoise_from = t_before
+                    if inpainting is not None and not (is_last or r == 0):
+                        # Resampling: go back to step t and denoise again, harmonising the two regions.
+                        x = diffusion.q_sample_from_to(x, renoise_from, t, noise_fn(shape, device, dtype))
+                meter.update(1)
+        finally:
+            meter.close()
         if inpainting is not None:
             x = torch.where(inpainting.mask, inpainting.image, x)
         return x
@@ -654,7 +656,7 @@ class Decoder(nn.Module):
         unet_kwargs: dict,
         noise_fn: NoiseFn,
         device: torch.device,
-        progress: bool,
+        progress: Union[bool, ProgressOutput],
         on_unet_call: Optional[UnetCallHook] = None,
     ) -> torch.Tensor:
         """One U-Net's images in [-1, 1] with a sampler of `samplers.py`, through a denoiser closure."""
@@ -680,16 +682,7 @@ class Decoder(nn.Module):
             make_beta_schedule(diffusion.beta_schedule, diffusion.num_timesteps), objective, self._threshold
         )
         calls = steps or self.num_timesteps
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(
-                total=calls,
-                desc=f"sampling U-Net {index + 1} ({sampler}, {calls} steps)",
-                leave=False,
-                dynamic_ncols=True,
-            )
+        meter = _unet_meter(progress, f"sampling U-Net {index + 1} ({sampler}, {calls} steps)", calls)
         try:
             return run_sampler(
                 sampler,
@@ -698,12 +691,11 @@ class Decoder(nn.Module):
                 noise_fn(shape, device, torch.float32),
                 steps=steps,
                 generator=noise_fn,
-                callback=None if bar is None else (lambda i, t, x: bar.update(1)),
+                callback=lambda i, t, x: meter.update(1),
                 eta=self.ddim_sampling_eta,
             )
         finally:
-            if bar is not None:
-                bar.close()
+            meter.close()
 
     def _inpainting(self, image: torch.Tensor, mask: torch.Tensor, size: int, resample_times: int) -> Inpainting:
         if mask.ndim != 3 or mask.shape[0] != image.shape[0] or mask.shape[-2:] != image.shape[-2:]:
@@ -733,7 +725,7 @@ class Decoder(nn.Module):
         generator: Generators = None,
         seed: Union[None, int, Sequence[int]] = None,
         noise: Union[None, NoiseFn, Sequence[torch.Tensor]] = None,
-        progress: bool = False,
+        progress: Union[bool, ProgressOutput] = False,
         sampler: Union[None, str, Sequence[Optional[str]]] = None,
         sample_timesteps: Union[None, int, Sequence[Optional[int]]] = None,
         on_unet_call: Optional[UnetCallHook] = None,
@@ -751,7 +743,8 @@ class Decoder(nn.Module):
             not on the batch it is sampled in.
         noise: instead, where the noise comes from: a function (shape, device, dtype) -> tensor, or
             a list of tensors used in order (see ReplayedNoise).
-        progress: show a progress bar over each U-Net's sampling steps.
+        progress: show the progress of each U-Net's sampling steps: True (a bar on a terminal, a line
+            every 30 s elsewhere) or a `common.progress.ProgressOutput` saying how.
         sampler / sample_timesteps: override the configured sampler and steps, one for all or one per U-Net.
         on_unet_call: called with the U-Net's number before each U-Net evaluation; it may raise to
             abandon sampling (the training loop stops there when a stop signal arrives).
@@ -849,3 +842,10 @@ class Decoder(nn.Module):
         finally:
             self.train(was_training)
         return current
+
+
+def _unet_meter(progress: Union[bool, ProgressOutput], what: str, steps: int) -> Meter:
+    """The meter of one U-Net's sampling steps: inside a phase with progress of its own, so no start and
+    end lines, only the periodic ones (a long chain, e.g. 1000 DDPM steps at 1024px, still shows)."""
+    output = progress_output(progress) or ProgressOutput(enabled=False)
+    return output.meter(what, total=steps, unit="steps", boundaries=False)

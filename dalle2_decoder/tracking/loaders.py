@@ -6,7 +6,6 @@ start, and `fetch()`, which returns a local file (downloading it under `data_pat
 
 from __future__ import annotations
 
-import sys
 import urllib.parse
 from pathlib import Path
 from typing import ClassVar, List, Optional
@@ -68,7 +67,8 @@ class UrlLoader:
 
     def fetch(self) -> Path:
         import requests
-        from tqdm.auto import tqdm
+
+        from ..common.progress import ProgressOutput
 
         self.check()
         target = self.download_dir / self.file_name
@@ -82,21 +82,18 @@ class UrlLoader:
                     )
                 total = int(response.headers.get("Content-Length") or 0) or None
                 received = 0
-                with (
-                    open(temp, "wb") as handle,
-                    tqdm(
-                        total=total,
-                        unit="B",
-                        unit_scale=True,
-                        desc=f"downloading {self.file_name}",
-                        file=sys.stderr,
-                        mininterval=1 if sys.stderr.isatty() else 30,
-                    ) as progress,
-                ):
+                # in MiB: a bar on a terminal, a line every 30 s in a log file
+                meter = ProgressOutput().meter(
+                    f"downloading {self.file_name}", None if total is None else -(-total // (1 << 20)), unit="MiB"
+                )
+                shown = 0
+                with open(temp, "wb") as handle, meter:
                     for chunk in response.iter_content(chunk_size=1 << 20):
                         handle.write(chunk)
                         received += len(chunk)
-                        progress.update(len(chunk))
+                        whole = -(-received // (1 << 20))  # MiB begun, so the last partial one counts
+                        meter.update(whole - shown)
+                        shown = whole
                 if total is not None and received != total:
                     raise LoadError(f"download of {self.shown_url} ended early: {received} of {total} bytes received")
 

@@ -2,9 +2,14 @@
 
 - `ConsoleLogger`: one readable line per `log` call on stdout, every call appended to
   `data_path/metrics.jsonl`, sample grids as PNG under `data_path/samples/` with their captions
-  (in a JSON file beside each PNG and in the PNG's text metadata).
+  (drawn under each image, in a JSON file beside each PNG and in the PNG's text metadata).
+- `TensorboardLogger`: all of that, and TensorBoard event files under `data_path/tensorboard/`.
 - `WandbLogger`: the same lines on stdout, and metrics, images with captions and the config in a
   wandb run (online or offline, as wandb's own settings say).
+
+The x-axis everywhere is the `step` the tracker is given: the training loop gives training samples
+seen (summed over processes), so console lines and `metrics.jsonl` name it `samples seen` /
+`samples_seen`, and it is wandb's step and TensorBoard's global step (docs/TRACKING.md).
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
+
+from .grids import captioned_grid, upscale
 
 ImagesLike = Union[torch.Tensor, Sequence[Any]]
 
@@ -44,9 +51,13 @@ def json_safe(value: Any) -> Any:
     return value
 
 
+X_AXIS = "samples_seen"
+"""What the tracker's `step` counts (the training loop's training samples seen), as `metrics.jsonl` names it."""
+
+
 def format_metrics(metrics: Mapping[str, Any], step: int) -> str:
-    """`step 1200 | loss/unet1 0.03121 | lr 0.0001`: one line, keys in the order given."""
-    parts = [f"step {step}"]
+    """`samples seen 1200 | loss/unet1 0.03121 | lr 0.0001`: one line, keys in the order given."""
+    parts = [f"samples seen {step}"]
     for key, value in metrics.items():
         value = _scalar(value)
         if isinstance(value, float):
@@ -86,25 +97,6 @@ def to_uint8_images(images: ImagesLike) -> List[np.ndarray]:
     return arrays
 
 
-def make_grid(images: List[np.ndarray], columns: Optional[int] = None, padding: int = 2) -> np.ndarray:
-    """Tile images (of any sizes) into one HxWx3 uint8 grid, row by row, on a white background."""
-    if not images:
-        raise ValueError("no images to put in a grid")
-    columns = columns or min(len(images), 8)
-    rows = math.ceil(len(images) / columns)
-    cell_h = max(image.shape[0] for image in images)
-    cell_w = max(image.shape[1] for image in images)
-    grid = np.full(
-        (rows * cell_h + (rows + 1) * padding, columns * cell_w + (columns + 1) * padding, 3), 255, dtype=np.uint8
-    )
-    for index, image in enumerate(images):
-        row, column = divmod(index, columns)
-        top = padding + row * (cell_h + padding)
-        left = padding + column * (cell_w + padding)
-        grid[top : top + image.shape[0], left : left + image.shape[1]] = image
-    return grid
-
-
 def _check_captions(images: List[np.ndarray], captions: Optional[Sequence[str]]) -> List[str]:
     if captions is None:
         return [""] * len(images)
@@ -128,7 +120,7 @@ class ConsoleLogger:
 
     def log(self, metrics: Mapping[str, Any], step: int) -> None:
         print(format_metrics(metrics, step), flush=True)
-        record = {"step": step, "time": datetime.datetime.now().isoformat(timespec="seconds")}
+        record = {X_AXIS: step, "time": datetime.datetime.now().isoformat(timespec="seconds")}
         record.update({key: _scalar(value) for key, value in metrics.items()})
         with open(self.metrics_path, "a") as handle:
             handle.write(json.dumps(json_safe(record), default=str, allow_nan=False) + "\n")
@@ -141,17 +133,61 @@ class ConsoleLogger:
         folder = self.samples_path / _safe_relative(name)
         folder.mkdir(parents=True, exist_ok=True)
         stem = f"step_{step:09d}"
-        caption_record = {"name": name, "step": step, "captions": captions}
+        caption_record = {"name": name, X_AXIS: step, "captions": captions}
         info = PngInfo()
         info.add_text("captions", json.dumps(captions))
         png_path = folder / f"{stem}.png"
-        Image.fromarray(make_grid(images)).save(png_path, pnginfo=info)
+        Image.fromarray(captioned_grid(images, captions)).save(png_path, pnginfo=info)
         (folder / f"{stem}.json").write_text(json.dumps(caption_record, indent=2) + "\n")
-        print(f"step {step} | {name}: {len(images)} images written to {png_path}", flush=True)
+        print(f"samples seen {step} | {name}: {len(images)} images written to {png_path}", flush=True)
         return png_path
 
     def finish(self, success: bool) -> None:
         pass
+
+
+class TensorboardLogger(ConsoleLogger):
+    """What the console logger writes, and TensorBoard event files under `data_path/tensorboard/`.
+
+    `purge_step`: an auto-resumed run's checkpoint step; TensorBoard then discards what the
+    interrupted run logged from that step on, so a resumed run's curves do not double back.
+    """
+
+    def __init__(self, data_path: Path, *, purge_step: Optional[int] = None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        super().__init__(data_path)
+        self.log_dir = self.data_path / "tensorboard"
+        self.writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=purge_step)
+
+    def log(self, metrics: Mapping[str, Any], step: int) -> None:
+        super().log(metrics, step)
+        for key, value in metrics.items():
+            value = _scalar(value)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(key, value, global_step=step)
+        self.writer.flush()  # a run killed later keeps what it logged
+
+    def log_images(self, name: str, images: List[np.ndarray], captions: Optional[Sequence[str]], step: int) -> Path:
+        png_path = super().log_images(name, images, captions, step)
+        from PIL import Image
+
+        with Image.open(png_path) as grid:
+            pixels = np.asarray(grid.convert("RGB"))
+        self.writer.add_image(name, pixels, global_step=step, dataformats="HWC")
+        listed = "\n".join(f"{index + 1}. {caption}" for index, caption in enumerate(_check_captions(images, captions)))
+        self.writer.add_text(f"{name}/captions", listed, global_step=step)
+        self.writer.flush()
+        return png_path
+
+    def log_config(self, config: Mapping[str, Any], step: int) -> None:
+        """The resolved config (secrets masked) as text, in a code block TensorBoard shows as it is."""
+        text = json.dumps(json_safe(dict(config)), indent=2, default=str)
+        self.writer.add_text("config", "\n".join("    " + line for line in text.splitlines()), global_step=step)
+        self.writer.flush()
+
+    def finish(self, success: bool) -> None:
+        self.writer.close()
 
 
 def generate_run_id() -> str:
@@ -204,7 +240,7 @@ class WandbLogger:
 
     def log_images(self, name: str, images: List[np.ndarray], captions: Optional[Sequence[str]], step: int) -> None:
         captions = _check_captions(images, captions)
-        media = [self._wandb.Image(image, caption=caption) for image, caption in zip(images, captions)]
+        media = [self._wandb.Image(upscale(image), caption=caption) for image, caption in zip(images, captions)]
         self.run.log({name: media}, step=step)
 
     def finish(self, success: bool) -> None:

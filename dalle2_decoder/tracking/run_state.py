@@ -10,14 +10,18 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable, ClassVar, List, Optional, Sequence, Tuple
+from typing import Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 from ..common.files import atomic_write_text
 from ..failures import EXIT_IO
 
 RUN_STATE_FILE = "run_state.json"
+RUN_CONFIG_FILE = "run_config.json"
+"""The run's resolved config (secrets masked), written at setup: what `dalle2_decoder.report` shows."""
+SUMMARY_FILE = "summary.txt"
+"""The start-up summary the training run printed (processes, data, U-Nets)."""
 
 
 class DataPathError(RuntimeError):
@@ -46,6 +50,11 @@ class RunState:
     """Unix time of the last update."""
     attempts: int = 1
     """Number of processes that ran this run (1 + auto-resumes)."""
+    saved_files: Dict[str, List[str]] = field(default_factory=dict)
+    """Files written by savers with `keep_last`, oldest first, per saver (`save[i] <save_latest_to>`):
+    the only files retention may delete."""
+    best_files: List[str] = field(default_factory=list)
+    """Every best save written locally (absolute paths): never deleted by retention."""
 
 
 def read_run_state(data_path: Path) -> Optional[RunState]:
@@ -92,7 +101,19 @@ def _refuse_to_delete(path: Path) -> Optional[str]:
     return None
 
 
-TRACKER_ENTRIES = ("run_state.json", "metrics.jsonl", "samples", ".staging", "uploads", "downloads", "resume", "wandb")
+TRACKER_ENTRIES = (
+    "run_state.json",
+    "metrics.jsonl",
+    "samples",
+    ".staging",
+    "uploads",
+    "downloads",
+    "resume",
+    "wandb",
+    "tensorboard",
+    RUN_CONFIG_FILE,
+    SUMMARY_FILE,
+)
 """What the tracker itself writes directly under `data_path`: all that `overwrite_data_path` removes."""
 
 
@@ -120,6 +141,19 @@ def overwrite_plan(data_path: Path, protected: Sequence[Path] = ()) -> Tuple[Lis
     return remove, keep
 
 
+def _name_pattern(name: str) -> str:
+    """A glob pattern of the file names a save path's last part stands for: each `{field}` of a
+    templated save (`latest_{epoch:03d}.pth`) matches anything, every other character itself."""
+    import glob
+    import string
+
+    try:
+        parts = list(string.Formatter().parse(name))
+    except ValueError:
+        return glob.escape(name)
+    return "".join(glob.escape(literal) + ("*" if field is not None else "") for literal, field, _, _ in parts)
+
+
 def clean_staging(data_path: Path, destinations: Sequence[Path] = ()) -> List[Path]:
     """Remove what a killed process left half-done: staging folders of saves, pending uploads, and
     the temporary files beside local save `destinations` (`.<name>.<pid>-<id>.tmp`).
@@ -131,7 +165,7 @@ def clean_staging(data_path: Path, destinations: Sequence[Path] = ()) -> List[Pa
     stray = sorted((path / ".staging").glob("step_*")) + sorted(path.glob("uploads/*/pending/step_*"))
     stray += sorted(path.glob(f".{RUN_STATE_FILE}.*.tmp"))
     for destination in destinations:
-        stray += sorted(Path(destination).parent.glob(f".{Path(destination).name}.*-*.tmp"))
+        stray += sorted(Path(destination).parent.glob(f".{_name_pattern(Path(destination).name)}.*-*.tmp"))
     for item in stray:
         if item.is_dir() and not item.is_symlink():
             shutil.rmtree(item, ignore_errors=True)

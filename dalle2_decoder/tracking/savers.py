@@ -52,7 +52,14 @@ def link_or_copy(source: Path, target: Path) -> Path:
     A hard link, not a copy, where the filesystem allows: a save places the same checkpoint (often
     gigabytes) at latest, best and each upload's pending folder, which as copies would cost their
     size in time and disk each; `atomic_write` still makes the placement whole or nothing.
+    When `target` is already `source` itself (two savers naming one path), there is nothing to do:
+    renaming a second link of the same file over it would do nothing and leave the link behind.
     """
+    try:
+        if os.path.samefile(source, target):
+            return Path(target)
+    except OSError:  # no target yet
+        pass
 
     def place(temp: Path) -> None:
         try:

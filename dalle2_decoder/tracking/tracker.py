@@ -20,10 +20,12 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
+from ..common.files import atomic_write_text
 from ..config.tracker import (
     HuggingfaceSaveConfig,
     LocalLoadConfig,
     LocalSaveConfig,
+    TensorboardLogConfig,
     TrackerConfig,
     UnetSourcesLoadConfig,
     UrlLoadConfig,
@@ -36,9 +38,17 @@ from ..config.tracker import (
 from ..failures import EXIT_IO
 from .checkpoint import LoadedCheckpoint, read_file, save_checkpoint, save_model
 from .loaders import LoadError, LocalLoader, PartsLoader, UrlLoader, WandbLoader
-from .loggers import ConsoleLogger, ImagesLike, WandbLogger, generate_run_id, to_uint8_images
+from .loggers import ConsoleLogger, ImagesLike, TensorboardLogger, WandbLogger, generate_run_id, to_uint8_images
 from .redact import OUTPUT, install_output_redaction, redact, scrub_strings, secrets_in
-from .run_state import RunState, clean_staging, prepare_data_path, read_run_state, write_run_state
+from .run_state import (
+    RUN_CONFIG_FILE,
+    SUMMARY_FILE,
+    RunState,
+    clean_staging,
+    prepare_data_path,
+    read_run_state,
+    write_run_state,
+)
 from .savers import HuggingfaceSaver, LocalSaver, SaveFile, Uploader, WandbSaver, link_or_copy, resolve_hub_token
 
 StateSource = Union[Mapping[str, Any], Callable[[], Mapping[str, Any]], None]
@@ -73,6 +83,9 @@ class NullTracker:
         pass
 
     def info(self, message: str) -> None:
+        pass
+
+    def log_summary(self, lines: Sequence[str]) -> None:
         pass
 
     def load(self, broadcast: Optional[Broadcast] = None) -> Optional[LoadedCheckpoint]:
@@ -183,6 +196,13 @@ class Tracker:
     def info(self, message: str) -> None:
         """Print a progress message (main process only, like everything here), secrets masked."""
         print(OUTPUT.text(message), flush=True)
+
+    def log_summary(self, lines: Sequence[str]) -> None:
+        """Print the run's start-up summary and keep it in `data_path/summary.txt` (for the report)."""
+        masked = [OUTPUT.text(line) for line in lines]
+        for line in masked:
+            print(line, flush=True)
+        atomic_write_text(self.data_path / SUMMARY_FILE, "".join(line + "\n" for line in masked))
 
     # --- loading -------------------------------------------------------------------------------
 
@@ -325,13 +345,73 @@ class Tracker:
             for saver, files in plans:
                 if not saver.remote:
                     self.uploader.submit(saver, files, step)
+            # Retention: the files written are recorded before any old one is deleted, and only once
+            # the new ones are whole on disk (local puts are atomic and done), so a kill at any point
+            # leaves at least the last good file, and every file it may delete is recorded.
+            written = [
+                saver.resolve(file.dest) for saver, files in plans if isinstance(saver, LocalSaver) for file in files
+            ]
+            old_saves = self._track_local_saves(fields, is_best)
             self._record_resume_point(step, artifacts, checkpoint_state, fields)
+            if any(isinstance(saver, LocalSaver) and saver.config.keep_last for saver in self.savers):
+                write_run_state(self.data_path, self.run_state)  # what was written, before anything goes
+                if old_saves:
+                    self._delete_old_saves(old_saves, keep=written)
+                    write_run_state(self.data_path, self.run_state)  # and what is left
 
             for saver, files in plans:
                 if saver.remote:
                     self._submit_upload(saver, files, step)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+    def _track_local_saves(self, fields: Mapping[str, Any], is_best: bool) -> Dict[str, List[Path]]:
+        """Record in the run state the files this save wrote where retention applies (and the best
+        saves, which it never deletes); return, per saver, the recorded files beyond its `keep_last`."""
+        old: Dict[str, List[Path]] = {}
+        for saver in self.savers:
+            if not isinstance(saver, LocalSaver):
+                continue
+            config = saver.config
+            if is_best and config.save_best_to:
+                best = str(saver.resolve(config.save_best_to.format(**fields)))
+                if best not in self.run_state.best_files:
+                    self.run_state.best_files.append(best)
+            if config.keep_last is None or not config.save_latest_to:
+                continue
+            key = f"save[{self.config.save.index(config)}] {config.save_latest_to}"
+            latest = str(saver.resolve(config.save_latest_to.format(**fields)))
+            tracked = [path for path in self.run_state.saved_files.get(key, []) if path != latest] + [latest]
+            self.run_state.saved_files[key] = tracked
+            if len(tracked) > config.keep_last:
+                old[key] = [Path(path) for path in tracked[: -config.keep_last]]
+        return old
+
+    def never_deleted(self) -> List[Path]:
+        """Files retention must keep whatever the counts say: the `tracker.load` file(s), every best
+        save, and the run's resume point."""
+        keep = [Path(path) for path in self.run_state.best_files]
+        if self.run_state.latest_checkpoint:
+            keep.append(Path(self.run_state.latest_checkpoint))
+        load = self.config.load
+        sources = (
+            [source.load_model_from for source in load.unet_sources]
+            if isinstance(load, UnetSourcesLoadConfig)
+            else [load]
+        )
+        keep += [Path(source.file_path).expanduser() for source in sources if isinstance(source, LocalLoadConfig)]
+        return [path.resolve() for path in keep]
+
+    def _delete_old_saves(self, old: Dict[str, List[Path]], keep: Sequence[Path]) -> None:
+        """Delete the recorded files beyond each saver's `keep_last` (never one of `never_deleted()`, nor
+        a file this save just wrote), then forget them; the run state of the next save records that."""
+        protected = set(self.never_deleted()) | {path.resolve() for path in keep}
+        for key, paths in old.items():
+            for path in paths:
+                if path.resolve() not in protected:
+                    path.unlink(missing_ok=True)  # gone already: a kill came after the unlink last time
+            dropped = {str(path) for path in paths}
+            self.run_state.saved_files[key] = [item for item in self.run_state.saved_files[key] if item not in dropped]
 
     def _submit_upload(self, saver, files: List[SaveFile], step: int) -> None:
         """Hand an upload to the uploader with its own links to the files.
@@ -592,12 +672,18 @@ def create_tracker(
         )
         run_state.run_id = logger.run_id
         run_state.wandb_run_path = logger.run_path
+    elif isinstance(log, TensorboardLogConfig):
+        restore_argv = None
+        # resumed: what the interrupted run logged after its checkpoint is discarded by TensorBoard
+        logger = TensorboardLogger(data_path, purge_step=resumed.step if resumed is not None else None)
+        logger.log_config(config_dict, step=run_state.step)
     else:
         restore_argv = None
         logger = ConsoleLogger(data_path)
 
     try:
         write_run_state(data_path, run_state)
+        atomic_write_text(data_path / RUN_CONFIG_FILE, json.dumps(config_dict, indent=2, default=str) + "\n")
         loader = _create_loader(config, logger, data_path, resuming_wandb=resumed is not None or log.resume)
         savers = _create_savers(config, logger, data_path, hub_tokens)
     except BaseException:

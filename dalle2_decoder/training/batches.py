@@ -10,6 +10,7 @@ import torch
 from accelerate.utils import broadcast_object_list
 
 from ..common.images import resize
+from ..common.progress import ProgressOutput
 from ..config.root import TrainDecoderConfig
 
 SAMPLE_SEED = 1234
@@ -148,7 +149,9 @@ class BatchPreparer:
                 stop_at_unet_number=stop,
                 image=mine["image"] if start > 1 else None,
                 seed=[SAMPLE_SEED + i for i in indices],
-                progress=accelerator.is_main_process,
+                progress=ProgressOutput(
+                    interval_s=self.config.tracker.progress_interval_s, enabled=accelerator.is_main_process
+                ),
                 on_unet_call=on_unet_call,
             )
         generated = generated.float().contiguous()

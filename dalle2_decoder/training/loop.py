@@ -20,9 +20,9 @@ from typing import Any, ClassVar, Dict, Optional
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
-from tqdm.auto import tqdm
 
 from ..common.per_unet import per_unet
+from ..common.progress import ProgressOutput
 from ..config.root import TrainDecoderConfig
 from ..data import create_dataloaders
 from ..evaluation import Evaluator, evaluation_loader, final_image_size
@@ -92,6 +92,10 @@ class TrainingRun:
         self.trainer = DecoderTrainer(decoder, acc, config.train, used_unets=used_unets(config))
         self.cond_scale = per_unet(config.train.cond_scale, len(config.decoder.unets))
         self.stop = stop or StopRequest()
+        # Bars on a terminal, plain lines every progress_interval_s elsewhere; the main process only.
+        self.progress_output = ProgressOutput(
+            interval_s=config.tracker.progress_interval_s, enabled=acc.is_main_process
+        )
         # Metrics are built now, so that missing weights stop the run before training, not after an epoch.
         self.evaluator = self._build_evaluator()
         # Last: everything that can fail on a bad setup has been built, so no run folder is left half-started.
@@ -129,6 +133,7 @@ class TrainingRun:
             seed=config.seed,
             info=lambda message: self.tracker.info(message),  # the tracker is built after the evaluator
             stop=self.stop,
+            progress=self.progress_output,
         )
 
     # --- start ---------------------------------------------------------------------------------
@@ -216,8 +221,7 @@ class TrainingRun:
         owned = not self.stop.installed
         self.stop.install()  # before anything is printed: a signal from now on leads to a clean save
         try:
-            for line in summary_lines(self.config, acc, self.trainer, self.loaders):
-                self.tracker.info(line)
+            self.tracker.log_summary(summary_lines(self.config, acc, self.trainer, self.loaders))
             self.load_start_checkpoint()
             self.examples = self.batches.share_examples(self.loaders, self.config.train.n_sample_images, acc)
             try:
@@ -299,13 +303,14 @@ class TrainingRun:
         loader.set_epoch(progress.epoch)
         self._restore_loss_window(progress.loss_window)  # a resumed run's window; empty otherwise
         progress.loss_window = {}
-        bar = tqdm(
+        batch_samples = self.config.data.batch_size * acc.num_processes
+        meter = self.progress_output.meter(
+            self._phase_title(Phase.TRAIN),
             total=len(loader),
+            unit="batches",
             initial=progress.batches_in_epoch,
-            desc=f"epoch {progress.epoch + 1} train",
-            disable=not acc.is_main_process,
-            dynamic_ncols=True,
-            leave=False,
+            samples_total=len(loader) * batch_samples,
+            samples_initial=min(progress.batches_in_epoch, len(loader)) * batch_samples,
         )
         # The stop check comes before each batch is used; the random state is marked before each is
         # read, so a checkpoint saved on a stop holds the state of the point it resumes from.
@@ -335,15 +340,15 @@ class TrainingRun:
                 self._window_samples += step_samples
                 progress.batches_in_epoch += 1
                 progress.samples_seen += step_samples
-                bar.update(1)
+                meter.show({"samples seen": progress.samples_seen, "optimizer steps": trainer.step})
+                meter.update(1, samples=step_samples)
 
                 if self._window_steps == LOG_EVERY_N_STEPS:
                     if getattr(acc, "compute_threads", None) is not None:
                         acc.compute_threads.update()
                     metrics = self._window_metrics()
                     self.tracker.log(metrics, step=progress.samples_seen)
-                    postfix = {k.split("/")[-1]: f"{v:.4f}" for k, v in metrics.items() if k.startswith("train/loss")}
-                    bar.set_postfix({**postfix, "samples/s": f"{metrics['train/samples_per_s']:.1f}"})
+                    meter.show({k[len("train/") :]: v for k, v in metrics.items() if k.startswith("train/loss")})
                     self._restore_loss_window({})
 
                 if trainer.too_many_nonfinite:
@@ -354,9 +359,12 @@ class TrainingRun:
                 if progress.samples_seen >= progress.next_save_at:
                     progress.next_save_at += self.config.train.save_every_n_samples
                     self._periodic_sample_and_save()
+        except BaseException:
+            meter.close(stopped=True)
+            raise
         finally:
             batches.close()
-            bar.close()
+            meter.close()
         self._restore_loss_window({})  # the epoch's last, partial window is not logged
         self._report_data("train", loader)
         if trainer.nonfinite_steps:
@@ -402,6 +410,7 @@ class TrainingRun:
         # (after a resume the window's first steps ran before it: the rate is approximate there)
         metrics["train/samples_per_s"] = self._window_samples / elapsed
         metrics["epoch"] = self.progress.epoch + 1
+        metrics["optimizer_steps"] = self.trainer.step
         return metrics
 
     def _validate_phase(self) -> Optional[float]:
@@ -413,18 +422,14 @@ class TrainingRun:
         loader.set_epoch(self.progress.epoch)
         sums = torch.zeros(len(trainer.trained_unets), device=acc.device)
         count = torch.zeros((), device=acc.device)
-        for batch in tqdm(
-            self.stop.batches(loader, acc, Phase.VALIDATE.label),
-            total=len(loader),
-            desc=f"epoch {self.progress.epoch + 1} validate",
-            disable=not acc.is_main_process,
-            leave=False,
-        ):
-            batch = self.batches.prepare(batch)
-            losses = trainer.validation_losses(batch)
-            size = batch["image"].shape[0]
-            sums += torch.stack([losses[n].float() for n in trainer.trained_unets]) * size
-            count += size
+        with self.progress_output.meter(self._phase_title(Phase.VALIDATE), total=len(loader), unit="batches") as meter:
+            for batch in self.stop.batches(loader, acc, Phase.VALIDATE.label):
+                batch = self.batches.prepare(batch)
+                losses = trainer.validation_losses(batch)
+                size = batch["image"].shape[0]
+                sums += torch.stack([losses[n].float() for n in trainer.trained_unets]) * size
+                count += size
+                meter.update(1, samples=size * acc.num_processes)
         if acc.num_processes > 1:
             sums, count = acc.reduce(sums, reduction="sum"), acc.reduce(count, reduction="sum")
         means = (sums / count.clamp(min=1)).tolist()
@@ -444,7 +449,7 @@ class TrainingRun:
         if self.evaluator is None:
             return {}
         with self.trainer.sampling_weights() as decoder:
-            return self.evaluator(decoder)
+            return self.evaluator(decoder, title=self._phase_title(Phase.EVALUATE))
 
     def _sample_phase(self) -> None:
         """Grids of real images next to generated ones, from train and test examples, drawn by every rank."""
@@ -453,12 +458,19 @@ class TrainingRun:
             return  # e.g. a periodic grid that fell on the last step of the epoch
         if self.trainer.trained_unets:
             check = self.stop.checker(self.accelerator, Phase.SAMPLE.label)
-            for split, examples in self.examples.items():
-                images, captions = self.batches.sample_grid(
-                    self.trainer, examples, self.cond_scale, used_unets(self.config), on_unet_call=check
-                )
-                self.tracker.log_images(f"{split}_examples", images, captions, step=progress.samples_seen)
+            title = self._phase_title(Phase.SAMPLE)
+            with self.progress_output.meter(title, total=len(self.examples), unit="grids") as meter:
+                for split, examples in self.examples.items():
+                    images, captions = self.batches.sample_grid(
+                        self.trainer, examples, self.cond_scale, used_unets(self.config), on_unet_call=check
+                    )
+                    self.tracker.log_images(f"{split}_examples", images, captions, step=progress.samples_seen)
+                    meter.update(1)
         progress.sampled_at = progress.samples_seen
+
+    def _phase_title(self, phase: Phase) -> str:
+        """`epoch 2/6 training`: what a progress line or bar is about, in the stop line's words."""
+        return f"epoch {self.progress.epoch + 1}/{self.config.train.epochs} {phase.label}"
 
     def _save_phase(self, *, is_best: bool, rng: Optional[Dict[str, Any]] = None) -> None:
         """Latest (and best) saves through every configured saver; RNG states of every rank included.
