@@ -53,7 +53,7 @@ def ensure_installed() -> None:
             f"{', '.join(missing)} not found; install Debian's slurm-wlm and munge (as root: "
             "apt-get install slurm-wlm munge)"
         )
-    with _install_lock():  # test files run in parallel (pytest-xdist): one apt-get at a time
+    with apt_lock():  # test files run in parallel (pytest-xdist): one apt-get at a time
         if any(_find(program) is None for program in PROGRAMS):
             _apt_install()
     still = [program for program in PROGRAMS if _find(program) is None]
@@ -62,7 +62,8 @@ def ensure_installed() -> None:
 
 
 @contextlib.contextmanager
-def _install_lock() -> Iterator[None]:
+def apt_lock() -> Iterator[None]:
+    """One apt-get at a time among this machine's test processes (test files run in parallel)."""
     with open(os.path.join(tempfile.gettempdir(), "dalle2-decoder-tests-apt.lock"), "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
