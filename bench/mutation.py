@@ -256,8 +256,8 @@ MUTANTS: List[Mutant] = [
         [
             (
                 LOOP,
-                "for _ in range(min(progress.batches_in_epoch, len(loader))):\n            next(iterator)",
-                "for _ in range(0):\n            next(iterator)",
+                "for _ in range(min(progress.batches_in_epoch, len(loader))):\n                next(batches)",
+                "for _ in range(0):\n                next(batches)",
             )
         ],
         [T_TRAINLOOP],
@@ -266,7 +266,14 @@ MUTANTS: List[Mutant] = [
     Mutant(
         "resume does not restore the RNG states",
         "resume",
-        [(LOOP, "            restore_rng_state(self._pending_rng)\n", "")],
+        [
+            (
+                LOOP,
+                "                next(batches)\n            if self._pending_rng is not None:\n"
+                "                restore_rng_state(self._pending_rng)\n",
+                "                next(batches)\n            if self._pending_rng is not None:\n",
+            )
+        ],
         [T_TRAINLOOP],
         "same_weights",
     ),
@@ -520,7 +527,7 @@ MUTANTS: List[Mutant] = [
     Mutant(
         "validation does not look for a stop",
         "signals",
-        [(LOOP, "            self.stop.batches(loader, acc, Phase.VALIDATE.label),", "            loader,")],
+        [(LOOP, "for batch in self.stop.batches(loader, acc, Phase.VALIDATE.label):", "for batch in loader:")],
         [T_STOP_CHAINS],
         "1-process",
     ),
@@ -792,8 +799,8 @@ PROPERTY_MUTANTS: List[Mutant] = [
         [
             (
                 REFNAMES,
-                'out[f"unets.{index}.{_strip_wrappers(rest)}"] = tensor',
-                'out[f"unets.{index}.{rest}"] = tensor',
+                'out[f"unets.{index}.{_renamed(_strip_wrappers(rest))}"] = tensor',
+                'out[f"unets.{index}.{_renamed(rest)}"] = tensor',
             )
         ],
         [T_RULE_NAMES],
