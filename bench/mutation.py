@@ -474,7 +474,7 @@ MUTANTS: List[Mutant] = [
             )
         ],
         [T_STOPPING],
-        "each_stop_signal",
+        "each_stop_signal or documented",
     ),
     Mutant(
         "a signal is recorded but never honoured",
