@@ -30,8 +30,12 @@ from ..failures import EXIT_STOPPED
 from ..runtime import create_accelerator, lost_peers_reported, shut_down
 from ..stopping import StopRequest, StopRequested, exit_status_after_stop
 from ..tracking import capture_rng_state, create_tracker, restore_rng_state
+from ..tracking.checkpoint import is_sharded, whole
 from ..tracking.redact import install_output_redaction, secrets_in
 from ..tracking.reference import REFERENCE_ORIGIN, schedule_note
+from ..tracking.sharded import ShardedCheckpoint, write_shards
+from ..tracking.tracker import saves_wanted
+from . import sharding
 from .batches import BatchPreparer, SampleExamples
 from .resume import describe_changes, position_is_kept, reference_progress
 from .state import Phase, Progress, TrainingState, checkpoint_payload
@@ -89,14 +93,17 @@ class TrainingRun:
             pin_memory=acc.device.type == "cuda",
             uint8_images=True,  # scaled to [0, 1] on the device by the batch preparer
         )
-        self.trainer = DecoderTrainer(decoder, acc, config.train, used_unets=used_unets(config))
+        self.trainer = DecoderTrainer(decoder, acc, config.train, used_unets=used_unets(config), seed=config.seed)
         self.cond_scale = per_unet(config.train.cond_scale, len(config.decoder.unets))
         self.stop = stop or StopRequest()
         # Metrics are built now, so that missing weights stop the run before training, not after an epoch.
         self.evaluator = self._build_evaluator()
         # Last: everything that can fail on a bad setup has been built, so no run folder is left half-started.
         self.tracker = create_tracker(
-            config.tracker, full_config_dict=config.to_dict(), is_main_process=acc.is_main_process
+            config.tracker,
+            full_config_dict=config.to_dict(),
+            is_main_process=acc.is_main_process,
+            sharded_checkpoints=self.trainer.sharded,
         )
         self.progress = Progress(next_save_at=config.train.save_every_n_samples)
         self.examples: Dict[str, SampleExamples] = {}
@@ -105,7 +112,7 @@ class TrainingRun:
         self.interrupted = False
         self._saved_position = self.progress.position()
         """Where the last checkpoint (saved or loaded) resumes from: a stop there has nothing new to save."""
-        self._rng_mark: Dict[str, Any] = capture_rng_state()
+        self._rng_mark: Dict[str, Any] = self._capture_rng()
         """This rank's random state where the progress now points (a phase's start, or before the next
         training batch is read): what a checkpoint saved on a stop must hold."""
         self._loss_sums: Dict[int, torch.Tensor] = {}
@@ -156,6 +163,8 @@ class TrainingRun:
                 self.tracker.info(f"note: {note}")
             self.tracker.info(f"loaded decoder weights from {loaded.source}; training starts fresh")
             return
+        if is_sharded(loaded) and not self.trainer.sharded:
+            loaded = whole(loaded)  # a sharded run's checkpoint continued by a DDP run: read whole here
         state = TrainingState.from_checkpoint(loaded)  # a damaged file is named in one line, not a KeyError
         reference = state.reference
         if reference is not None:
@@ -174,7 +183,10 @@ class TrainingRun:
         changes = describe_changes(
             saved_config, current, epoch=progress.epoch, mid_epoch=progress.mid_epoch, reference=reference is not None
         )
-        notes = self.trainer.load_state_dict(state.trainer)
+        if is_sharded(loaded):
+            notes = self.trainer.load_sharded(loaded.sharded_path, state.trainer)
+        else:
+            notes = self.trainer.load_state_dict(state.trainer)
         self.progress = progress
         if any(c.path == "train.save_every_n_samples" for c in changes):
             self.progress.next_save_at = self.progress.samples_seen + self.config.train.save_every_n_samples
@@ -242,7 +254,7 @@ class TrainingRun:
         progress = self.progress
         if self._pending_rng is not None and progress.phase is not Phase.TRAIN:
             # Resumed after the epoch's training: the random state is that of the phase to run.
-            restore_rng_state(self._pending_rng)
+            self._restore_rng(self._pending_rng)
             self._pending_rng = None
             self._mark_rng()
         while progress.epoch < self.config.train.epochs:
@@ -274,7 +286,15 @@ class TrainingRun:
 
     def _mark_rng(self) -> None:
         """Remember this rank's random state as that of the point the progress describes now."""
-        self._rng_mark = capture_rng_state()
+        self._rng_mark = self._capture_rng()
+
+    def _capture_rng(self) -> Dict[str, Any]:
+        """This rank's random state: the process's, and the trainer's streams of accumulated micro-batches."""
+        return {**capture_rng_state(), "micro_batch_streams": self.trainer.rng_streams()}
+
+    def _restore_rng(self, state: Dict[str, Any]) -> None:
+        restore_rng_state(state)
+        self.trainer.restore_rng_streams(state.get("micro_batch_streams", {}))
 
     def _stopped(self, stop: StopRequested) -> int:
         """After a stop signal: save where the run stands (the cut phase still to do) and say so in one line."""
@@ -318,7 +338,7 @@ class TrainingRun:
             for _ in range(min(progress.batches_in_epoch, len(loader))):
                 next(batches)
             if self._pending_rng is not None:
-                restore_rng_state(self._pending_rng)
+                self._restore_rng(self._pending_rng)
                 self._pending_rng = None
                 self._mark_rng()
             if progress.periodic_due:  # the run stopped in a periodic sample grid: draw it again first
@@ -466,7 +486,7 @@ class TrainingRun:
         `rng`: this rank's random state to save (by default the current one).
         """
         acc = self.accelerator
-        local_rng = rng if rng is not None else capture_rng_state()
+        local_rng = rng if rng is not None else self._capture_rng()
         rng_states = gather_object([local_rng]) if acc.num_processes > 1 else [local_rng]
         progress = self.progress
         progress.loss_window = self._loss_window_state()
@@ -482,26 +502,51 @@ class TrainingRun:
                 "next_task": "train" if progress.phase is Phase.TRAIN else "val",
             }
         fields.update(validation_losses=list(progress.validation_losses), samples_seen=progress.samples_seen)
+        checkpoint_state = lambda: checkpoint_payload(self.trainer.state_dict(), progress, rng_states, self.config)  # noqa: E731
+        model_state = self.trainer.model_state_dict
+        if self.trainer.sharded:
+            checkpoint_state, model_state = self._sharded_save(checkpoint_state, is_best)
         self.tracker.save(
             fields=fields,
             step=self.progress.samples_seen,
-            checkpoint_state=lambda: checkpoint_payload(self.trainer.state_dict(), progress, rng_states, self.config),
-            model_state=self.trainer.model_state_dict,
+            checkpoint_state=checkpoint_state,
+            model_state=model_state,
             is_best=is_best,
         )
         acc.wait_for_everyone()
         self._saved_position = progress.position()
+
+    def _sharded_save(self, checkpoint_state, is_best: bool):
+        """What every process of a sharded run does for a save before the tracker places it: write its
+        shards into a staging folder the main process names, and gather the weights of a `model` save.
+        Every process decides alike from the config (no process skips a collective another joins)."""
+        acc, config = self.accelerator, self.config.tracker
+        sharded_checkpoint = None
+        if saves_wanted(config, "checkpoint", is_best):
+            staging = [self.tracker.staging_folder(self.progress.samples_seen)]
+            if acc.num_processes > 1:
+                broadcast_object_list(staging)
+            folder = staging[0] / "checkpoint"
+            write_shards(folder, self.trainer.sharded_state())
+            sharded_checkpoint = ShardedCheckpoint(folder=folder, staging=staging[0], state=checkpoint_state)
+        weights = self.trainer.model_state_dict() if saves_wanted(config, "model", is_best) else None
+        return sharded_checkpoint, weights
 
     def _check_ranks_agree(self) -> None:
         """Every rank must hold the same weights at the end; a cheap fingerprint comparison proves it."""
         acc = self.accelerator
         if acc.num_processes == 1:
             return
-        fingerprint = torch.stack([p.detach().double().sum() for p in self.trainer.decoder.parameters()]).to(acc.device)
+        # Sharded U-Nets differ by design (each process holds its own shards): the others must agree.
+        replicated = [p for p in self.trainer.decoder.parameters() if p is sharding.local(p)]
+        if not replicated:
+            return
+        fingerprint = torch.stack([p.detach().double().sum() for p in replicated]).to(acc.device)
         gathered = acc.gather(fingerprint[None]).cpu()
         if not all(torch.equal(gathered[0], row) for row in gathered[1:]):
             raise TrainingStopped("the processes ended with different weights: distributed training went out of sync")
-        self.tracker.info(f"parameters identical across {acc.num_processes} processes")
+        what = "replicated parameters" if self.trainer.sharded else "parameters"
+        self.tracker.info(f"{what} identical across {acc.num_processes} processes")
 
     def _report_data(self, phase: str, loader) -> None:
         stats = dict(loader.stats)
