@@ -194,6 +194,8 @@ class TrainingRun:
             self.progress.batches_in_epoch = 0  # the refused in-epoch position (see the change's line)
             self.progress.loss_window = {}
         rng_states = state.rng
+        if self.progress.mid_epoch and position_is_kept(changes):
+            self._place_in_epoch(saved_ranks=len(rng_states) or None)
         if position_is_kept(changes) and len(rng_states) == self.accelerator.num_processes:
             # Restored once this rank's data iterator is positioned (see `_train_phase`).
             self._pending_rng = rng_states[self.accelerator.process_index]
@@ -207,6 +209,52 @@ class TrainingRun:
         self.tracker.info(
             f"resumed from {loaded.source}{origin}: epoch {self.progress.epoch + 1}, "
             f"{self.progress.samples_seen} samples seen, step {self.trainer.step}"
+        )
+
+    def _place_in_epoch(self, saved_ranks: Optional[int]) -> None:
+        """Where the resumed run goes on inside the epoch it stopped in.
+
+        With the ranks and workers that saved it: the same batches, read past (see `_train_phase`).
+        With others, in an exact epoch: the samples every old worker had not yet put in a batch
+        are shared among the ranks now (`data.plan.RestOfEpoch`), so each is read once; in a capped
+        epoch (which cycles through its shards, repeats included) the new ranks skip as many of
+        their batches as make the samples already seen.
+        """
+        acc, progress, loader = self.accelerator, self.progress, self.loaders["train"]
+        position = progress.data_position or {}
+        saved_world = int(position.get("world_size", saved_ranks or acc.num_processes))
+        workers = max(1, loader.num_workers)
+        saved_workers = int(position.get("workers", workers))
+        if (saved_world, saved_workers) == (acc.num_processes, workers):
+            loader.continue_epoch(progress.epoch, loader.rest_from(progress.epoch, progress.rest_of_epoch))
+            return
+        before = f"{saved_world} process(es) x {saved_workers} worker(s)"
+        now = f"{acc.num_processes} x {workers}"
+        if position.get("frontiers"):
+            rest = loader.leftover(
+                progress.epoch,
+                world_size=saved_world,
+                workers=saved_workers,
+                frontiers=position["frontiers"],
+                rest=progress.rest_of_epoch,
+            )
+            loader.continue_epoch(progress.epoch, rest)
+            progress.rest_of_epoch = rest.to_list()
+            progress.batches_in_epoch = 0
+            share, extra = divmod(rest.total, acc.num_processes)
+            dropped = f"; {rest.total} samples is fewer than one per process: they are dropped" if not share else ""
+            self.tracker.info(
+                f"resumed with {now} instead of {before}: the {rest.total} samples of epoch {progress.epoch + 1} not "
+                f"yet trained on are shared out, {share}{' or ' + str(share + 1) if extra else ''} per process, "
+                f"{len(loader)} batches each{dropped}"
+            )
+            return
+        done = progress.batches_in_epoch * saved_world
+        progress.batches_in_epoch = done // acc.num_processes
+        self.tracker.info(
+            f"resumed with {now} instead of {before} in a capped epoch (train.epoch_samples): the new processes skip "
+            f"{progress.batches_in_epoch} of their batches, the samples already seen; capped epochs cycle "
+            "through their shards, so which samples the rest of the epoch reads is not kept"
         )
 
     # --- the epochs ----------------------------------------------------------------------------
@@ -276,6 +324,7 @@ class TrainingRun:
                 progress.best_val_loss = val_loss
             progress.epoch += 1
             progress.batches_in_epoch = 0
+            progress.rest_of_epoch = None
             self._enter(Phase.TRAIN)
             self._save_phase(is_best=is_best)
 
@@ -317,6 +366,7 @@ class TrainingRun:
         acc, trainer, progress = self.accelerator, self.trainer, self.progress
         loader = self.loaders["train"]
         loader.set_epoch(progress.epoch)
+        global_sizes = loader.global_batch_samples()  # each step's samples over all ranks
         self._restore_loss_window(progress.loss_window)  # a resumed run's window; empty otherwise
         progress.loss_window = {}
         bar = tqdm(
@@ -345,9 +395,9 @@ class TrainingRun:
                 self._periodic_sample_and_save()
             for batch in batches:
                 batch = self.batches.prepare(batch)
-                # every rank's batch has this size (a short last batch included: exact epochs give
-                # each rank the same number of samples), so the samples of this step are size x ranks
-                step_samples = batch["image"].shape[0] * acc.num_processes
+                # from the plan: size x ranks (a short last batch included), or the ranks' sum in a
+                # rest of epoch shared out after a resume with other ranks (which may differ by one)
+                step_samples = global_sizes[progress.batches_in_epoch]
                 losses = trainer.train_step(batch)
                 for number, loss in losses.items():
                     self._loss_sums[number] += loss
@@ -486,9 +536,20 @@ class TrainingRun:
         `rng`: this rank's random state to save (by default the current one).
         """
         acc = self.accelerator
-        local_rng = rng if rng is not None else self._capture_rng()
-        rng_states = gather_object([local_rng]) if acc.num_processes > 1 else [local_rng]
         progress = self.progress
+        local_rng = rng if rng is not None else self._capture_rng()
+        loader = self.loaders["train"]
+        local_position = loader.position(progress.batches_in_epoch) if progress.mid_epoch else None
+        gathered = (
+            gather_object([(local_rng, local_position)]) if acc.num_processes > 1 else [(local_rng, local_position)]
+        )
+        rng_states = [entry[0] for entry in gathered]
+        frontiers = [entry[1] for entry in gathered]
+        progress.data_position = (
+            {"world_size": acc.num_processes, "workers": max(1, loader.num_workers), "frontiers": frontiers}
+            if progress.mid_epoch and all(f is not None for f in frontiers)
+            else {}
+        )
         progress.loss_window = self._loss_window_state()
         batch_samples = self.config.data.batch_size * acc.num_processes
         if progress.phase is Phase.TRAIN and progress.batches_in_epoch == 0 and progress.epoch > 0:
