@@ -82,6 +82,32 @@ def shard_unet(unet: nn.Module, mesh, *, sharding: Sharding, mixed_precision: st
     return unet
 
 
+def release_freed_memory(device: torch.device) -> None:
+    """Give back to the system the memory of the whole U-Nets and EMAs that sharding freed.
+
+    Each U-Net is built whole, then split; without this, the allocator keeps the whole copies'
+    pages (CUDA's caching allocator; on the CPU, glibc's heap, whose freed chunks are not
+    returned while anything above them lives), and a process's footprint stays that of the whole
+    model. `malloc_trim` is glibc's; elsewhere nothing is done on the CPU.
+    """
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        return
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        trim = getattr(libc, "malloc_trim", None)
+    except OSError:
+        trim = None
+    if trim is not None:
+        trim(0)
+
+
 def is_sharded(module: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 

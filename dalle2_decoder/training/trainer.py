@@ -184,6 +184,7 @@ class DecoderTrainer:
             sharded.shard_unet(unet, mesh, sharding=sharding, mixed_precision=precision)
             if number in self.emas:
                 sharded.shard_unet(self.emas[number].averaged, mesh, sharding=sharding, mixed_precision=precision)
+        sharded.release_freed_memory(acc.device)
 
     def _place_on_device(self) -> None:
         device = self.accelerator.device
