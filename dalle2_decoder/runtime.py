@@ -143,6 +143,26 @@ def launched() -> bool:
     )
 
 
+@contextlib.contextmanager
+def _parallelism_config_hidden(cpu: bool) -> Iterator[None]:
+    """On the CPU, the Accelerator is built without the launcher's `parallelism_config`.
+
+    Accelerate refuses a parallelism config on the CPU (it runs FSDP launches there as MULTI_CPU);
+    the package shards the U-Nets itself and reads that config on its own (`sharding_from_launcher`,
+    HYBRID_SHARD's replicas), so hiding it from the Accelerator loses nothing. Elsewhere unchanged.
+    """
+    name = "ACCELERATE_USE_PARALLELISM_CONFIG"
+    saved = os.environ.get(name)
+    if not cpu or saved is None:
+        yield
+        return
+    os.environ[name] = "false"
+    try:
+        yield
+    finally:
+        os.environ[name] = saved
+
+
 def create_accelerator(config: TrainDecoderConfig, *, purpose: str = "training") -> Accelerator:
     """An Accelerator honouring `train.device` in single-process runs and the launcher otherwise.
 
@@ -165,7 +185,8 @@ def create_accelerator(config: TrainDecoderConfig, *, purpose: str = "training")
         # Without GPUs (or when the launcher asks for the CPU) each process must say so itself,
         # otherwise Accelerate treats the processes as independent single-process runs.
         cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
-        accelerator = Accelerator(mixed_precision=precision, cpu=cpu, kwargs_handlers=[ddp])
+        with _parallelism_config_hidden(cpu):
+            accelerator = Accelerator(mixed_precision=precision, cpu=cpu, kwargs_handlers=[ddp])
         notes.append(
             f"train.device ({train.device}) is superseded by the launcher: this process uses {accelerator.device}"
         )

@@ -86,19 +86,15 @@ def copy_run(source: Path, target: Path) -> None:
     state.write_text(state.read_text().replace(str(source), str(target)))
 
 
-def launch(config: Path, cwd: Path, *, processes: int, sharded: bool = True, **env: str):
-    """The training command through `accelerate launch` (FSDP or DDP CPU config), or plain Python for
-    one DDP process; returns the finished process."""
+def launch(config: Path, cwd: Path, *, processes: int, sharded: bool = True, launch_config=None, **env: str):
+    """The training command through `accelerate launch` (the FSDP or DDP CPU config, or `launch_config`),
+    or plain Python for one DDP process; returns the finished process."""
     cwd.mkdir(parents=True, exist_ok=True)
     script = [str(TRACE_SCRIPT), "--config_file", str(config)]
+    if launch_config is None:
+        launch_config = FSDP if sharded else DDP
     if sharded or processes > 1:
-        accelerate = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--config_file",
-            str(FSDP if sharded else DDP),
-        ]
+        accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launch_config)]
         command = accelerate + ["--num_processes", str(processes), "--main_process_port", "0", *script]
     else:
         command = [sys.executable, *script]
@@ -295,3 +291,31 @@ def test_a_ddp_checkpoint_continues_under_fsdp(interrupted, tmp_path):
     final = latest(tmp_path / "run")
     assert is_sharded_folder(final) and read_file(final).state["progress"]["samples_seen"] == 96
     assert stray_files(tmp_path / "run") == []
+
+
+# --- HYBRID_SHARD (the multi-node config's layout) on one machine -----------------------------------
+
+
+def test_hybrid_shard_trains_as_full_shard(interrupted, tmp_path):
+    """accelerate_configs/fsdp_multi_node.yaml on 2 CPU processes of one machine, as 2 replicas of 1
+    shard: the same samples and noise as the uninterrupted FULL_SHARD run, so its weights within
+    rounding."""
+    config, base = interrupted
+    text = (REPO_ROOT / "accelerate_configs" / "fsdp_multi_node.yaml").read_text()
+    for old, new in [
+        ("num_machines: 2", "num_machines: 1"),
+        ("num_processes: 16", "num_processes: 2"),
+        ("use_cpu: false", "use_cpu: true"),
+        ("mixed_precision: bf16", "mixed_precision: 'no'"),
+        ("gpu_ids: all\n", ""),
+        ("same_network: false", "same_network: true"),
+        ("parallelism_config_dp_shard_size: 8", "parallelism_config_dp_shard_size: 1"),
+    ]:
+        assert old in text
+        text = text.replace(old, new)
+    hybrid = tmp_path / "hybrid.yaml"
+    hybrid.write_text(text)
+    output = checked(launch(config, tmp_path, processes=2, launch_config=hybrid))
+    assert "HYBRID_SHARD: 2 replicas of 1 shards" in output
+    expected = decoder_weights(latest(base / "whole" / "run"))
+    assert_close_weights(decoder_weights(latest(tmp_path / "run")), expected, PARITY_ROUNDING_STEPS, lr=1e-3, steps=12)
