@@ -183,6 +183,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
 
 
+def _print_memory_plan(config: TrainDecoderConfig) -> None:
+    """`--check`'s memory plan, on stderr (stdout is the resolved config): per U-Net and process, under
+    DDP and FSDP for this launch's process count, with a warning where it does not fit."""
+    from .training.memory_plan import device_memory, memory_plan_lines
+
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    precision = config.train.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    replicas = 1
+    try:
+        from .runtime import sharding_from_launcher
+
+        sharding = sharding_from_launcher(processes)
+        replicas = sharding.replicate if sharding is not None else 1
+    except Exception:  # the run itself reports a bad launch configuration; the plan assumes FULL_SHARD
+        pass
+    try:
+        lines = memory_plan_lines(
+            config, processes=processes, replicas=replicas, precision=precision, available=device_memory()
+        )
+    except Exception as error:  # a plan that cannot be made must not fail the check
+        lines = [f"memory plan: not computed ({type(error).__name__}: {error})"]
+    for line in lines:
+        print(line, file=sys.stderr)
+
+
 def _main(args: argparse.Namespace, speaks: bool, state: dict) -> int:
     config, notes = load_config(args.config_file, args.overrides)
     state["config"] = config
@@ -194,6 +219,8 @@ def _main(args: argparse.Namespace, speaks: bool, state: dict) -> int:
             from .preflight import ensure_ready
 
             ensure_ready(config, source=args.config_file, purpose="training")
+            if speaks:
+                _print_memory_plan(config)
         print(config.to_json())
         return EXIT_OK
     # imported here, not at the top: `--check` answers without loading the training stack

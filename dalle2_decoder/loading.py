@@ -129,6 +129,10 @@ def resolve_source(
     local = Path(text).expanduser()
     if local.is_file():
         return local, str(local)
+    from .tracking.sharded import is_sharded_folder
+
+    if is_sharded_folder(local):  # a sharded run's checkpoint: its shards are read whole
+        return local, str(local)
     if local.is_dir():
         card_path = local / HUB_CONFIG
         if filename is None and not card_path.is_file():

@@ -6,7 +6,9 @@
 - `shut_down(accelerator)`: the clean end of a multi-process run;
 - `lost_peers_reported()`: the error a collective raises when another process died becomes one
   `PeerLostError` line (exit status 5) instead of a traceback;
-- `ddp_ignore(module, names)`: parameters and buffers DistributedDataParallel must leave alone.
+- `ddp_ignore(module, names)`: parameters and buffers DistributedDataParallel must leave alone;
+- `Sharding` / `sharding_from_launcher()`: sharded training (FSDP2) when the launch config asks for
+  it (`accelerate launch --config_file accelerate_configs/fsdp.yaml`), as `accelerator.sharding`.
 
 CPU compute threads from what the data workers actually use: on the CPU, torch's compute threads
 and the dataloader workers share the cores this process may use. A fixed split (one core per
@@ -27,13 +29,14 @@ import time
 from pathlib import Path
 from typing import ClassVar, Dict, Iterator, List, Optional, Sequence, Tuple
 
+import attrs
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs
 from torch import nn
 
 from .config.root import TrainDecoderConfig
-from .failures import EXIT_IO
+from .failures import EXIT_CONFIG, EXIT_IO
 
 # --- CPU compute threads -----------------------------------------------------------------------
 
@@ -140,6 +143,26 @@ def launched() -> bool:
     )
 
 
+@contextlib.contextmanager
+def _parallelism_config_hidden(cpu: bool) -> Iterator[None]:
+    """On the CPU, the Accelerator is built without the launcher's `parallelism_config`.
+
+    Accelerate refuses a parallelism config on the CPU (it runs FSDP launches there as MULTI_CPU);
+    the package shards the U-Nets itself and reads that config on its own (`sharding_from_launcher`,
+    HYBRID_SHARD's replicas), so hiding it from the Accelerator loses nothing. Elsewhere unchanged.
+    """
+    name = "ACCELERATE_USE_PARALLELISM_CONFIG"
+    saved = os.environ.get(name)
+    if not cpu or saved is None:
+        yield
+        return
+    os.environ[name] = "false"
+    try:
+        yield
+    finally:
+        os.environ[name] = saved
+
+
 def create_accelerator(config: TrainDecoderConfig, *, purpose: str = "training") -> Accelerator:
     """An Accelerator honouring `train.device` in single-process runs and the launcher otherwise.
 
@@ -162,7 +185,8 @@ def create_accelerator(config: TrainDecoderConfig, *, purpose: str = "training")
         # Without GPUs (or when the launcher asks for the CPU) each process must say so itself,
         # otherwise Accelerate treats the processes as independent single-process runs.
         cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
-        accelerator = Accelerator(mixed_precision=precision, cpu=cpu, kwargs_handlers=[ddp])
+        with _parallelism_config_hidden(cpu):
+            accelerator = Accelerator(mixed_precision=precision, cpu=cpu, kwargs_handlers=[ddp])
         notes.append(
             f"train.device ({train.device}) is superseded by the launcher: this process uses {accelerator.device}"
         )
@@ -176,6 +200,11 @@ def create_accelerator(config: TrainDecoderConfig, *, purpose: str = "training")
                 )
             torch.cuda.set_device(device.index or 0)
         accelerator = Accelerator(mixed_precision=precision, cpu=cpu, kwargs_handlers=[ddp])
+    accelerator.sharding = sharding_from_launcher(accelerator.num_processes)
+    if accelerator.sharding is not None:
+        check_sharded_precision(accelerator.mixed_precision)
+        ensure_process_group(accelerator.device)
+        notes.append(accelerator.sharding.describe(accelerator.num_processes))
     # On the CPU, each process's share of the node's cores goes to compute, less what its data
     # workers turn out to use (measured during training, see `ComputeThreads`).
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
@@ -221,6 +250,119 @@ def ddp_ignore(module: nn.Module, names: Sequence[str]) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, list(names))
+
+
+# --- sharded training (FSDP2) ------------------------------------------------------------------
+
+
+class ShardingSetupError(ValueError):
+    """The launch configuration asks for sharding this package cannot do (one line, exit status 1)."""
+
+    exit_status: ClassVar[int] = EXIT_CONFIG
+
+
+@attrs.frozen
+class Sharding:
+    """How trained U-Nets are sharded, as the launcher's FSDP configuration says (`fsdp_config`).
+
+    Parameters, gradients, optimizer state and EMA are split across the `shard` processes of
+    each replica (FULL_SHARD); with `replicate` > 1 (HYBRID_SHARD, e.g. one replica per node) the
+    shards are repeated across replicas, so only the gradients of equal shards cross nodes.
+    """
+
+    reshard_after_forward: bool = True
+    """Free each block's gathered weights after its forward pass (FULL_SHARD); False keeps them until
+    the backward pass (SHARD_GRAD_OP: more memory, one all-gather fewer)."""
+    activation_checkpointing: bool = False
+    """The launcher asks for activation checkpointing (`fsdp_activation_checkpointing`): it is then on
+    for every trained U-Net, as `checkpoint_during_training` turns it on for one."""
+    replicate: int = 1
+    """Replicas (HYBRID_SHARD across this many groups, from accelerate's `parallelism_config`); 1: FULL_SHARD."""
+
+    def mesh_shape(self, processes: int) -> Tuple[int, ...]:
+        """The device mesh: (shard,) or (replicate, shard)."""
+        if self.replicate <= 1:
+            return (processes,)
+        return (self.replicate, processes // self.replicate)
+
+    def describe(self, processes: int) -> str:
+        shape = self.mesh_shape(processes)
+        how = (
+            f"FULL_SHARD over {processes} process(es)"
+            if len(shape) == 1
+            else f"HYBRID_SHARD: {shape[0]} replicas of {shape[1]} shards"
+        )
+        after = "" if self.reshard_after_forward else ", weights kept gathered from forward to backward"
+        return f"sharded training (FSDP2, {how}{after}): trained U-Nets, their optimizers and EMAs are split"
+
+
+def sharding_from_launcher(processes: int) -> Optional[Sharding]:
+    """The `Sharding` the launch configuration asks for (accelerate's FSDP settings), or None (DDP).
+
+    `accelerate launch` with `distributed_type: FSDP` passes its `fsdp_config` to the processes;
+    accelerate's own `FullyShardedDataParallelPlugin` and `ParallelismConfig` read it back, so the
+    settings mean here what they mean to accelerate. The U-Nets are then sharded by this package
+    (`training.sharding`), block by block, rather than by `Accelerator.prepare`: only trained
+    U-Nets are sharded, together with their EMA, and each keeps its own optimizer.
+    """
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return None
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin()
+    if plugin.fsdp_version != 2:
+        raise ShardingSetupError(
+            f"the launch configuration asks for FSDP version {plugin.fsdp_version}; this package shards with FSDP2: "
+            "set fsdp_version: 2 in its fsdp_config (see accelerate_configs/fsdp.yaml)"
+        )
+    if plugin.cpu_offload is not None and getattr(plugin.cpu_offload, "offload_params", False):
+        raise ShardingSetupError(
+            "the launch configuration asks for fsdp_offload_params, which this package does not support: "
+            "set it to false"
+        )
+    replicate = 1
+    if os.environ.get("ACCELERATE_USE_PARALLELISM_CONFIG", "false").lower() == "true":
+        from accelerate.parallelism_config import ParallelismConfig
+
+        parallel = ParallelismConfig()
+        if parallel.tp_size > 1 or parallel.cp_size > 1:
+            raise ShardingSetupError(
+                "the launch configuration's parallelism_config asks for tensor or context parallelism; this package "
+                "shards data-parallel only: set parallelism_config_tp_size and parallelism_config_cp_size to 1"
+            )
+        replicate = max(1, parallel.dp_replicate_size)
+        if replicate > 1 and replicate * max(1, parallel.dp_shard_size) != processes:
+            raise ShardingSetupError(
+                f"parallelism_config: dp_replicate_size {replicate} x dp_shard_size {parallel.dp_shard_size} is not "
+                f"the {processes} processes launched"
+            )
+    after = plugin.reshard_after_forward
+    return Sharding(
+        reshard_after_forward=after if isinstance(after, bool) else str(after).upper() != "SHARD_GRAD_OP",
+        activation_checkpointing=bool(plugin.activation_checkpointing),
+        replicate=replicate,
+    )
+
+
+def check_sharded_precision(mixed_precision: str) -> None:
+    """Sharded runs compute in bf16 or fp32: fp16 needs a loss scaler FSDP2 does not offer here."""
+    if mixed_precision == "fp16":
+        raise ShardingSetupError(
+            "sharded training (FSDP) runs in bf16 or fp32; fp16 is not supported: set train.mixed_precision (or the "
+            "launch's mixed_precision) to bf16 or no"
+        )
+
+
+def ensure_process_group(device: torch.device) -> None:
+    """Sharding needs a process group, also in a single process (which accelerate leaves without one):
+    a one-process group over an in-memory store, no port needed."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ShardingSetupError("sharded training: the processes were started without a process group")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
 
 
 # --- the end of a run ---------------------------------------------------------------------------

@@ -78,8 +78,31 @@ class PhaseSettings:
     limit_name: str = "epoch_samples"
 
 
+class _Frontier:
+    """What one worker has read of its exact plan and not yet put in a batch (see `planning.Frontier`)."""
+
+    def __init__(self, plan: planning.WorkerPlan):
+        self.cursor = (0, plan.pieces[0].start if plan.pieces else 0)
+        self.pending: Dict[tuple, None] = {}  # insertion-ordered set
+
+    def read(self, piece_index: int, sample_id: tuple) -> None:
+        self.cursor = (piece_index, sample_id[1] + 1)
+        self.pending[sample_id] = None
+
+    def done(self, sample_id: Optional[tuple]) -> None:
+        if sample_id is not None:
+            self.pending.pop(tuple(sample_id), None)
+
+    def report(self) -> dict:
+        return planning.Frontier(self.cursor, tuple(self.pending)).to_dict()
+
+
 class ShardDataset(IterableDataset):
-    """One phase's samples for one rank; `epoch` selects the shuffle (set it before iterating)."""
+    """One phase's samples for one rank; `epoch` selects the shuffle (set it before iterating).
+
+    `rest`: (epoch, `planning.RestOfEpoch`) when that epoch continues with what an interrupted run
+    (with another number of ranks or workers) left of it, instead of the epoch's own plan.
+    """
 
     def __init__(self, shards: List[planning.Shard], settings: PhaseSettings, sample_format: SampleFormat):
         super().__init__()
@@ -87,14 +110,24 @@ class ShardDataset(IterableDataset):
         self.settings = settings
         self.format = sample_format
         self.epoch = 0
+        self.rest: Optional[tuple] = None
         self.first_problems: Dict[str, str] = {}
         """The first bad sample of each reason in this process, with what was wrong (for messages)."""
 
     # ----- planning -------------------------------------------------------------------------
 
+    def rest_of_epoch(self) -> Optional[planning.RestOfEpoch]:
+        """The rest-of-epoch plan of the current epoch, if it has one."""
+        return self.rest[1] if self.rest is not None and self.rest[0] == self.epoch else None
+
     def worker_plan(self, worker: int) -> planning.WorkerPlan:
         s = self.settings
         workers = max(1, s.num_workers)
+        rest = self.rest_of_epoch()
+        if rest is not None:
+            return rest.worker_plan(
+                rank=s.rank, world_size=s.world_size, worker=worker, workers=workers, batch_size=s.batch_size
+            )
         order = planning.epoch_order(self.shards, shuffle=s.shuffle_shards, seed=s.seed, epoch=self.epoch)
         if s.limit is None:
             return planning.exact_worker_plan(
@@ -117,6 +150,29 @@ class ShardDataset(IterableDataset):
         workers = max(1, self.settings.num_workers)
         return sum(len(self.worker_plan(w).batch_sizes) for w in range(workers))
 
+    def global_batch_samples(self) -> List[int]:
+        """Samples of each of the epoch's batches summed over all ranks, in delivery order: the same
+        on every rank (`size x ranks`, except in a rest of epoch, where ranks may differ by one)."""
+        s = self.settings
+        workers = max(1, s.num_workers)
+        rest = self.rest_of_epoch()
+        ranks = range(s.world_size) if rest is not None else [s.rank]
+        totals: List[int] = []
+        for rank in ranks:
+            if rest is not None:
+                plans = [
+                    rest.worker_plan(
+                        rank=rank, world_size=s.world_size, worker=w, workers=workers, batch_size=s.batch_size
+                    )
+                    for w in range(workers)
+                ]
+            else:
+                plans = [self.worker_plan(w) for w in range(workers)]
+            order = planning.delivery_order([len(plan.batch_sizes) for plan in plans])
+            sizes = [plans[worker].batch_sizes[index] for worker, index in order]
+            totals = [a + b for a, b in zip(totals, sizes)] if totals else sizes
+        return totals if rest is not None else [size * s.world_size for size in totals]
+
     # ----- iteration ------------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[dict]:
@@ -127,13 +183,17 @@ class ShardDataset(IterableDataset):
         if not plan.batch_sizes:
             return
         counts = new_counts()
-        rng = random.Random(f"{s.seed}-{self.epoch}-{s.phase}-{s.rank}-{worker}")
-        raw = self._raw_exact(plan, counts) if s.limit is None else self._raw_capped(plan, counts, rng)
+        seed = f"{s.seed}-{self.epoch}-{s.phase}-{s.rank}-{worker}" + ("-rest" if self.rest_of_epoch() else "")
+        rng = random.Random(seed)
+        # Exact epochs: what this worker has read and not yet batched, reported with every batch, so
+        # a run resumed with other ranks or workers knows which samples of the epoch are left.
+        frontier = _Frontier(plan) if s.limit is None else None
+        raw = self._raw_exact(plan, counts, frontier) if s.limit is None else self._raw_capped(plan, counts, rng)
         if s.shuffle_buffer > 1:
             # Shuffle encoded samples (small), not decoded images.
             raw = wds_shuffle(s.shuffle_buffer, initial=min(100, s.shuffle_buffer), rng=rng)(raw)
         where = f"data ({s.phase}, rank {s.rank}, worker {worker})"
-        samples = self._decoded(raw, counts, where)
+        samples = self._decoded(raw, counts, where, frontier)
         recent: collections.deque = collections.deque(maxlen=max(plan.batch_sizes))
         for number, size in enumerate(plan.batch_sizes):
             batch = []
@@ -155,12 +215,16 @@ class ShardDataset(IterableDataset):
                     counts["padded"] += 1
                 else:
                     recent.append(sample)
+                    if frontier is not None:
+                        frontier.done(sample.get("__id__"))
                 batch.append(sample)
             if number == len(plan.batch_sizes) - 1 and s.limit is None:
                 next(samples, None)  # let the readers finish so their end-of-shard counts are in
-            yield self._collate(batch, worker, counts)
+            yield self._collate(batch, worker, counts, frontier)
 
-    def _collate(self, batch: List[dict], worker: int, counts: Dict[str, int]) -> dict:
+    def _collate(
+        self, batch: List[dict], worker: int, counts: Dict[str, int], frontier: Optional[_Frontier] = None
+    ) -> dict:
         image = self._image_batch([sample["image"] for sample in batch])
         result = {
             "image": image,
@@ -176,6 +240,8 @@ class ShardDataset(IterableDataset):
             "counts": dict(counts),
             "problems": dict(self.first_problems),
         }
+        if frontier is not None:
+            result[STATS_KEY]["frontier"] = frontier.report()
         return result
 
     def _image_batch(self, images: List[torch.Tensor]) -> torch.Tensor:
@@ -262,6 +328,7 @@ class ShardDataset(IterableDataset):
                     break
                 delivered += 1
                 sample["__shard__"] = shard.url
+                sample["__id__"] = (shard.number, ordinal)
                 if arrays:
                     self._attach_rows(sample, arrays)
                 yield sample
@@ -296,9 +363,14 @@ class ShardDataset(IterableDataset):
                 return
             sample["__row_" + name] = np.array(array[index])
 
-    def _raw_exact(self, plan: planning.WorkerPlan, counts: Dict[str, int]) -> Iterator[dict]:
-        for piece in plan.pieces:
-            yield from self._read_piece(piece, counts)
+    def _raw_exact(
+        self, plan: planning.WorkerPlan, counts: Dict[str, int], frontier: Optional[_Frontier] = None
+    ) -> Iterator[dict]:
+        for index, piece in enumerate(plan.pieces):
+            for sample in self._read_piece(piece, counts):
+                if frontier is not None:
+                    frontier.read(index, sample["__id__"])
+                yield sample
 
     def _raw_capped(self, plan: planning.WorkerPlan, counts: Dict[str, int], rng: random.Random) -> Iterator[dict]:
         shards = list(plan.shards)
@@ -322,7 +394,9 @@ class ShardDataset(IterableDataset):
 
     # ----- decoding -------------------------------------------------------------------------
 
-    def _decoded(self, raw: Iterator[dict], counts: Dict[str, int], where: str) -> Iterator[dict]:
+    def _decoded(
+        self, raw: Iterator[dict], counts: Dict[str, int], where: str, frontier: Optional[_Frontier] = None
+    ) -> Iterator[dict]:
         """Decoded good samples, all of one image size, with bad ones counted (and the first of each
         reason described).
 
@@ -337,6 +411,8 @@ class ShardDataset(IterableDataset):
         def bad(sample: dict, reason: str, detail: Optional[str]) -> None:
             nonlocal consecutive_bad
             counts[reason] += 1
+            if frontier is not None:
+                frontier.done(sample.get("__id__"))
             self._note_bad(reason, sample, detail, where)
             consecutive_bad += 1
             check_bad_fraction(
@@ -383,7 +459,12 @@ class ShardDataset(IterableDataset):
                 bad(sample, reason, detail)
                 continue
             if expected is None:
-                undecided.append((decoded, {"__key__": sample.get("__key__"), "__shard__": sample.get("__shard__")}))
+                held = {
+                    "__key__": sample.get("__key__"),
+                    "__shard__": sample.get("__shard__"),
+                    "__id__": sample.get("__id__"),
+                }
+                undecided.append((decoded, held))
                 if len(undecided) >= SIZE_VOTE:
                     yield from decide()
                 continue
@@ -449,7 +530,7 @@ class ShardDataset(IterableDataset):
         if "__bad__" in sample:
             return None, sample["__bad__"], sample.get("__detail__")
         fmt = self.format
-        decoded = {"key": sample["__key__"]}
+        decoded = {"key": sample["__key__"], "__id__": sample.get("__id__")}
         if fmt.image_embed_source:
             decoded["image_embed"], reason, detail = self._embedding(
                 sample, "image_embed", fmt.image_embed_source, IMAGE_EMBED_MEMBERS, fmt.image_embed_dim

@@ -38,6 +38,9 @@ class ShardLoader:
     - `loader.set_epoch(epoch)`: choose the epoch's shard order and shuffle (call before iterating).
     - `loader.stats`: the counts of the latest (or current) pass: `seen`, `ok`, each bad reason,
       `padded`, `dropped_for_balance`, `shard_read_errors` (summed over this rank's workers).
+    - `loader.position(batches)` (exact epochs): how far each worker had got when the first
+      `batches` batches of this pass were made, for a checkpoint; `loader.continue_epoch(epoch,
+      rest)`: that epoch reads the samples an interrupted run left (`planning.RestOfEpoch`).
     """
 
     def __init__(
@@ -56,6 +59,8 @@ class ShardLoader:
         self.dropped_for_balance = dropped_for_balance
         self._length = len(dataset)
         self.stats: Dict[str, int] = new_counts()
+        self._frontiers: Dict[int, list] = {}
+        """Per worker, the (batch index, frontier) of its latest two batches delivered in this pass."""
 
     @property
     def phase(self) -> str:
@@ -67,6 +72,56 @@ class ShardLoader:
 
     def set_epoch(self, epoch: int) -> None:
         self.dataset.epoch = epoch
+        self._length = len(self.dataset)
+
+    def continue_epoch(self, epoch: int, rest: Optional[planning.RestOfEpoch]) -> None:
+        """Epoch `epoch` reads `rest` (what an interrupted run with other ranks or workers left of it);
+        None: its own plan."""
+        self.dataset.rest = (epoch, rest) if rest is not None else None
+        self._length = len(self.dataset)
+
+    def rest_of_epoch(self) -> Optional[planning.RestOfEpoch]:
+        return self.dataset.rest_of_epoch()
+
+    def rest_from(self, epoch: int, rest: Optional[list] = None) -> Optional[planning.RestOfEpoch]:
+        """A saved rest of epoch (`RestOfEpoch.to_list()`) over this split's shards, or None."""
+        return planning.RestOfEpoch.from_list(rest, self.dataset.shards) if rest is not None else None
+
+    def leftover(
+        self, epoch: int, *, world_size: int, workers: int, frontiers: list, rest: Optional[list] = None
+    ) -> planning.RestOfEpoch:
+        """What a run of `world_size` ranks with `workers` workers each left of exact epoch `epoch`
+        (its own plan, or the saved `rest` it was reading) when its workers were at `frontiers`."""
+        s = self.dataset.settings
+        previous = self.rest_from(epoch, rest)
+        order = planning.epoch_order(self.dataset.shards, shuffle=s.shuffle_shards, seed=s.seed, epoch=epoch)
+        plans = []
+        for rank in range(world_size):
+            options = dict(rank=rank, world_size=world_size, workers=workers, batch_size=s.batch_size)
+            if previous is not None:
+                plans.append([previous.worker_plan(worker=w, **options) for w in range(workers)])
+            else:
+                plans.append([planning.exact_worker_plan(order, worker=w, **options) for w in range(workers)])
+        reached = [
+            [planning.Frontier.from_dict(f) if f is not None else None for f in rank_frontiers]
+            for rank_frontiers in frontiers
+        ]
+        return planning.rest_of_epoch(plans, reached)
+
+    def global_batch_samples(self) -> List[int]:
+        """Samples of each batch of the epoch summed over all ranks (see `ShardDataset.global_batch_samples`)."""
+        return self.dataset.global_batch_samples()
+
+    def position(self, batches: int) -> Optional[List[Optional[dict]]]:
+        """Each worker's frontier (`planning.Frontier.to_dict()`, None before its first batch) after the
+        first `batches` batches of the current pass; None in capped epochs (which cycle through their shards)."""
+        if self.dataset.settings.limit is not None:
+            return None
+        found: List[Optional[dict]] = []
+        for worker in range(max(1, self.num_workers)):
+            entries = [frontier for index, frontier in self._frontiers.get(worker, []) if index < batches]
+            found.append(entries[-1] if entries else None)
+        return found
 
     def __len__(self) -> int:
         return self._length
@@ -78,6 +133,7 @@ class ShardLoader:
         problems: Dict[str, str] = {}
         extras = {"dropped_for_balance": self.dropped_for_balance}
         self.stats = merge_counts([extras])
+        self._frontiers = {}
         if self._length == 0:
             return
         sample_format = self.dataset.format
@@ -103,8 +159,11 @@ class ShardLoader:
         )
         with stop_signals_blocked():  # the workers start here, and ignore the signals before unblocking
             batches = iter(loader)
-        for batch in batches:
+        for index, batch in enumerate(batches):
             report = batch.pop(STATS_KEY)
+            if "frontier" in report:
+                kept = self._frontiers.setdefault(int(report["worker"]), [])
+                kept[:] = kept[-1:] + [(index, report["frontier"])]
             if to_float:
                 batch["image"] = unit_float_batch(batch["image"], pin_memory=self.pin_memory)
                 if self.pin_memory:

@@ -326,3 +326,139 @@ def capped_worker_plan(
             )
         shards = tuple(order[rank * workers + worker :: slots])
     return WorkerPlan(batch_sizes=(batch_size,) * count, shards=shards, resample=resample)
+
+
+# --- the rest of an epoch, for another number of processes or workers -----------------------------
+
+
+@attrs.frozen
+class Frontier:
+    """How far one worker got through its plan when its latest batch was made (exact mode).
+
+    `cursor` (piece index, next ordinal): samples of its pieces before it were read, those from it
+    on not yet; `pending`: samples read but in no batch yet (in the shuffle buffer, or held back
+    while the expected image size is decided), as (shard number, ordinal). A sample read and found
+    bad counts as done.
+    """
+
+    cursor: Tuple[int, int]
+    pending: Tuple[Tuple[int, int], ...] = ()
+
+    def to_dict(self) -> Dict[str, list]:
+        return {"cursor": list(self.cursor), "pending": [list(item) for item in self.pending]}
+
+    @classmethod
+    def from_dict(cls, values) -> "Frontier":
+        return cls(tuple(values["cursor"]), tuple(tuple(item) for item in values.get("pending", ())))
+
+
+def unread(plan: WorkerPlan, frontier: Optional[Frontier]) -> List[Piece]:
+    """The samples of one worker's plan not yet in a batch: its pending ones, then its unread pieces."""
+    if frontier is None:  # the worker made no batch yet: all of it
+        return list(plan.pieces)
+    by_number = {piece.shard.number: piece.shard for piece in plan.pieces}
+    rest = [Piece(by_number[number], ordinal, ordinal + 1) for number, ordinal in frontier.pending]
+    index, ordinal = frontier.cursor
+    for position, piece in enumerate(plan.pieces):
+        if position < index:
+            continue
+        start = max(piece.start, ordinal) if position == index else piece.start
+        if piece.stop is None or start < piece.stop:
+            rest.append(Piece(piece.shard, start, piece.stop))
+    return rest
+
+
+def piece_samples(piece: Piece) -> int:
+    return (piece.stop if piece.stop is not None else piece.shard.size) - piece.start
+
+
+def slice_pieces(pieces: Sequence[Piece], start: int, stop: int) -> Tuple[Piece, ...]:
+    """Samples `start <= i < stop` of the concatenation of `pieces`, as pieces."""
+    out, offset = [], 0
+    for piece in pieces:
+        size = piece_samples(piece)
+        lo, hi = max(start, offset), min(stop, offset + size)
+        if lo < hi:
+            out.append(Piece(piece.shard, piece.start + lo - offset, piece.start + hi - offset))
+        offset += size
+    return tuple(out)
+
+
+@attrs.frozen
+class RestOfEpoch:
+    """The samples an epoch still has to train on, dealt to a new set of ranks and workers.
+
+    Built when a run resumes inside an epoch with another number of processes (or dataloader
+    workers) than the run that saved it: the old ranks' workers' unread samples, in (rank,
+    worker) order, are cut into one contiguous range per new rank, `total // world_size` samples
+    each and one more for the first `total % world_size` ranks, so every sample left is read
+    once. Each rank yields `ceil((total // world_size) / batch_size)` batches (the same count on
+    every rank); a rank with the extra sample has it in its last batch. Within a rank the
+    batches are split among its workers as in an exact epoch.
+    """
+
+    pieces: Tuple[Piece, ...]
+
+    @property
+    def total(self) -> int:
+        return sum(piece_samples(piece) for piece in self.pieces)
+
+    def rank_range(self, rank: int, world_size: int) -> Tuple[int, int]:
+        share, extra = divmod(self.total, world_size)
+        start = rank * share + min(rank, extra)
+        return start, start + share + (1 if rank < extra else 0)
+
+    def rank_batch_sizes(self, rank: int, world_size: int, batch_size: int) -> List[int]:
+        """The sizes of one rank's batches, in plan order (not the order its workers deliver them)."""
+        share = self.total // world_size
+        if share == 0:
+            return []
+        count = math.ceil(share / batch_size)
+        sizes = [batch_size] * (count - 1) + [share - (count - 1) * batch_size]
+        start, stop = self.rank_range(rank, world_size)
+        sizes[-1] += (stop - start) - share
+        return sizes
+
+    def worker_plan(self, *, rank: int, world_size: int, worker: int, workers: int, batch_size: int) -> WorkerPlan:
+        sizes = self.rank_batch_sizes(rank, world_size, batch_size)
+        first, count = _batch_split(len(sizes), workers, worker)
+        start = self.rank_range(rank, world_size)[0] + sum(sizes[:first])
+        mine = tuple(sizes[first : first + count])
+        return WorkerPlan(batch_sizes=mine, pieces=slice_pieces(self.pieces, start, start + sum(mine)))
+
+    def to_list(self) -> List[List[int]]:
+        return [[piece.shard.number, piece.start, piece_samples(piece) + piece.start] for piece in self.pieces]
+
+    @classmethod
+    def from_list(cls, values: Sequence[Sequence[int]], shards: Sequence[Shard]) -> "RestOfEpoch":
+        by_number = {shard.number: shard for shard in shards}
+        missing = sorted({int(number) for number, _, _ in values} - set(by_number))
+        if missing:
+            raise DataSetupError(
+                f"the epoch to continue reads shard(s) {_ranges(missing)}, which the train split no longer has"
+            )
+        return cls(tuple(Piece(by_number[int(n)], int(start), int(stop)) for n, start, stop in values))
+
+
+def rest_of_epoch(
+    old_plans: Sequence[Sequence[WorkerPlan]], frontiers: Sequence[Sequence[Optional[Frontier]]]
+) -> RestOfEpoch:
+    """What the old ranks' workers (`old_plans[rank][worker]`, where each got to `frontiers[rank][worker]`)
+    left of an epoch, in (rank, worker) order."""
+    pieces: List[Piece] = []
+    for plans, reached in zip(old_plans, frontiers):
+        for plan, frontier in zip(plans, reached):
+            pieces.extend(unread(plan, frontier))
+    return RestOfEpoch(tuple(pieces))
+
+
+def delivery_order(batch_counts: Sequence[int]) -> List[Tuple[int, int]]:
+    """(worker, its batch index) of each batch of a rank in the order its loader delivers them:
+    round robin over the workers that still have batches (as torch's DataLoader does)."""
+    order, taken = [], [0] * len(batch_counts)
+    while len(order) < sum(batch_counts):
+        for worker, count in enumerate(batch_counts):
+            if taken[worker] < count:
+                order.append((worker, taken[worker]))
+                taken[worker] += 1
+    return order

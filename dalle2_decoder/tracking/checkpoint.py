@@ -14,6 +14,7 @@ this package wrote can always be read back without unpickling arbitrary objects.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import random
@@ -169,6 +170,9 @@ class LoadedCheckpoint:
     """What was left out or could not be mapped while reading (DALLE2-pytorch files)."""
     reference_release: Optional[str] = None
     """The DALLE2-pytorch release that wrote the file, where it records one (None for this package's files)."""
+    sharded_path: Optional[str] = None
+    """A sharded checkpoint (`tracking.sharded`): the folder whose shard files hold the tensors that
+    `state` leaves out (the link it was named by, resolved). None for a checkpoint file."""
 
 
 class CheckpointFormatError(CheckpointError):
@@ -215,7 +219,8 @@ def _torch_load(path: Path) -> Any:
 def _check_path(path: Path) -> None:
     if path.is_dir():
         raise CheckpointError(
-            f"{path} is a folder, not a checkpoint file; name the file in it (e.g. {path}/latest.pth)"
+            f"{path} is a folder, not a checkpoint file nor a sharded checkpoint folder (no checkpoint.pt and "
+            f"shard files in it); name the file in it (e.g. {path}/latest.pth)"
         )
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
@@ -264,6 +269,10 @@ def read_file(path: PathLike) -> LoadedCheckpoint:
     from . import reference
 
     path = Path(path)
+    from .sharded import is_sharded_folder
+
+    if is_sharded_folder(path):
+        return _read_sharded(path)
     _check_path(path)
     if path.suffix == ".safetensors":
         from safetensors import safe_open
@@ -340,9 +349,47 @@ def read_file(path: PathLike) -> LoadedCheckpoint:
     )
 
 
+def _read_sharded(path: Path) -> LoadedCheckpoint:
+    """A sharded checkpoint folder: its `checkpoint.pt`, checked, with the folder to read the shards from."""
+    from .sharded import SHARDED_FORMAT, STATE_FILE, check_folder
+
+    loaded = _ours(_torch_load(path / STATE_FILE), path / STATE_FILE)
+    sharded = ((loaded.state or {}).get("trainer") or {}).get("sharded") if loaded.kind == "checkpoint" else None
+    if not isinstance(sharded, Mapping) or sharded.get("format") != SHARDED_FORMAT:
+        raise CheckpointFormatError(
+            f"{path}: a folder with {STATE_FILE} and shard files, but {STATE_FILE} is not a sharded checkpoint's "
+            f"(format {SHARDED_FORMAT}); the folder was assembled by hand or by another version"
+        )
+    folder = path.resolve()
+    check_folder(folder, sharded.get("files"))
+    return dataclasses.replace(loaded, source=str(path), sharded_path=str(folder))
+
+
+def is_sharded(loaded: LoadedCheckpoint) -> bool:
+    return loaded.sharded_path is not None
+
+
+def whole(loaded: LoadedCheckpoint, *, optimizers: bool = True) -> LoadedCheckpoint:
+    """A sharded checkpoint read whole into this process (the layout of a checkpoint file); others as they are.
+
+    Without `optimizers`, the optimizer moments are left out (weights and EMAs only, for sampling).
+    """
+    if loaded.sharded_path is None:
+        return loaded
+    from .sharded import whole_trainer_state
+
+    state = dict(loaded.state or {})
+    state["trainer"] = whole_trainer_state(Path(loaded.sharded_path), state["trainer"], optimizers=optimizers)
+    return dataclasses.replace(loaded, state=state, sharded_path=None)
+
+
 def trainer_state(state: Optional[Mapping[str, Any]], source: str) -> Dict[str, Any]:
-    """The trainer state of a loaded checkpoint, checked: CheckpointFormatError naming the file when damaged."""
+    """The trainer state of a loaded checkpoint, checked: CheckpointFormatError naming the file when damaged.
+
+    A sharded checkpoint's trainer state holds no tensors (they are in its shard files, see `whole`)."""
     trainer = (state or {}).get("trainer")
+    if isinstance(trainer, Mapping) and isinstance(trainer.get("sharded"), Mapping):
+        return dict(trainer)
     if not isinstance(trainer, Mapping) or not isinstance(trainer.get("decoder"), Mapping):
         raise CheckpointFormatError(
             f"{source}: a checkpoint without its trainer state ('state' -> 'trainer' -> 'decoder'); "
@@ -359,7 +406,9 @@ def trainer_state(state: Optional[Mapping[str, Any]], source: str) -> Dict[str, 
 
 def checkpoint_weights(loaded: LoadedCheckpoint, *, use_ema: bool = True) -> Dict[str, torch.Tensor]:
     """The decoder weights of a checkpoint: each U-Net's EMA average where it has one (and `use_ema`),
-    its trained weights otherwise. Raises CheckpointFormatError naming the file when they are missing."""
+    its trained weights otherwise. Raises CheckpointFormatError naming the file when they are missing.
+    A sharded checkpoint is read whole (its optimizer moments left out)."""
+    loaded = whole(loaded, optimizers=False)
     trainer = trainer_state(loaded.state, loaded.source)
     weights = dict(trainer["decoder"])
     if use_ema:
@@ -372,7 +421,10 @@ def checkpoint_weights(loaded: LoadedCheckpoint, *, use_ema: bool = True) -> Dic
 
 def has_ema_weights(loaded: LoadedCheckpoint) -> bool:
     """Whether the checkpoint holds an EMA average of some U-Net (what `use_ema` then takes)."""
-    return bool(trainer_state(loaded.state, loaded.source).get("emas"))
+    trainer = trainer_state(loaded.state, loaded.source)
+    if isinstance(trainer.get("sharded"), Mapping):
+        return bool(trainer["sharded"].get("emas"))
+    return bool(trainer.get("emas"))
 
 
 def check_release(module: nn.Module, loaded: LoadedCheckpoint) -> None:

@@ -33,10 +33,14 @@ class LocalLoader:
         return f"local file {self.path}"
 
     def check(self) -> None:
+        from .sharded import is_sharded_folder
+
+        if is_sharded_folder(self.path):
+            return  # a sharded run's checkpoint folder (or the link to it)
         if self.path.is_dir():
             raise LoadError(
-                f"tracker.load.file_path: {self.path} is a folder, not a checkpoint file; "
-                f"name the file in it (e.g. {self.path}/latest.pth)"
+                f"tracker.load.file_path: {self.path} is a folder, not a checkpoint file nor a sharded checkpoint "
+                f"folder; name the file in it (e.g. {self.path}/latest.pth)"
             )
         if not self.path.is_file():
             raise LoadError(f"tracker.load.file_path: checkpoint file not found: {self.path}")

@@ -166,6 +166,11 @@ def clean_staging(data_path: Path, destinations: Sequence[Path] = ()) -> List[Pa
     stray += sorted(path.glob(f".{RUN_STATE_FILE}.*.tmp"))
     for destination in destinations:
         stray += sorted(Path(destination).parent.glob(f".{_name_pattern(Path(destination).name)}.*-*.tmp"))
+    from .sharded import remove_unlinked_versions
+
+    for destination in destinations:
+        # Sharded checkpoints: folder versions that their link no longer (or never) named.
+        stray += remove_unlinked_versions(Path(destination))
     for item in stray:
         if item.is_dir() and not item.is_symlink():
             shutil.rmtree(item, ignore_errors=True)

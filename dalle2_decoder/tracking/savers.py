@@ -88,8 +88,13 @@ class LocalSaver:
         return path if path.is_absolute() else self.data_path / path
 
     def put(self, files: List[SaveFile], step: int) -> None:
+        from .sharded import place_folder
+
         for file in files:
-            link_or_copy(file.local, self.resolve(file.dest))
+            if file.local.is_dir():  # a sharded checkpoint: a link to a complete folder, replaced at once
+                place_folder(file.local, self.resolve(file.dest))
+            else:
+                link_or_copy(file.local, self.resolve(file.dest))
 
 
 def resolve_hub_token(config: HuggingfaceSaveConfig) -> Optional[str]:

@@ -50,6 +50,7 @@ from .run_state import (
     write_run_state,
 )
 from .savers import HuggingfaceSaver, LocalSaver, SaveFile, Uploader, WandbSaver, link_or_copy, resolve_hub_token
+from .sharded import ShardedCheckpoint, is_sharded_folder, place_folder
 
 StateSource = Union[Mapping[str, Any], Callable[[], Mapping[str, Any]], None]
 """A state dict, or a function returning one (called only when some saver needs it)."""
@@ -58,6 +59,8 @@ Broadcast = Callable[[List[Any]], Any]
 """Broadcasts a one-element list in place from the main process, e.g. accelerate's `broadcast_object_list`."""
 
 RESUME_CHECKPOINT = Path("resume") / "latest_checkpoint.pt"
+RESUME_SHARDED = Path("resume") / "latest_checkpoint"
+"""A sharded run's kept checkpoint: a link to its folder (see `tracking.sharded`)."""
 
 
 class TrackerSetupError(ValueError):
@@ -108,6 +111,9 @@ class NullTracker:
 
     def wait_for_uploads(self) -> None:
         pass
+
+    def staging_folder(self, step: int) -> None:
+        return None
 
     def finish(self, success: bool = True, *, interrupted: bool = False) -> None:
         pass
@@ -222,7 +228,7 @@ class Tracker:
     def _load(self) -> Optional[LoadedCheckpoint]:
         if self.auto_resuming and self.run_state.latest_checkpoint:
             path = Path(self.run_state.latest_checkpoint)
-            if not path.is_file():
+            if not (path.is_file() or is_sharded_folder(path)):
                 raise LoadError(
                     f"the interrupted run in {self.data_path} records its latest checkpoint at {path}, which is "
                     "missing; restore that file, or delete run_state.json there to start over"
@@ -298,15 +304,20 @@ class Tracker:
         `checkpoint_state`: everything needed to resume (for `save_type: checkpoint`); `model_state`:
         the decoder's weights, EMA ones when EMA is on (for `save_type: model`). Either may be a
         function, called only if some saver needs it. `is_best`: also write the `save_best_to` paths.
+        A sharded run passes a `ShardedCheckpoint` instead (a folder all its processes wrote under
+        `staging_folder(step)`), which local savers place as a link to a copy of the folder.
         Local writes finish before this returns; uploads go on in the background (`wait_for_uploads`).
         """
         fields = save_path_fields(step, fields)
-        staging = self.data_path / ".staging" / f"step_{step}-{uuid.uuid4().hex[:8]}"
+        sharded = checkpoint_state if isinstance(checkpoint_state, ShardedCheckpoint) else None
+        staging = sharded.staging if sharded else self.data_path / ".staging" / f"step_{step}-{uuid.uuid4().hex[:8]}"
         artifacts: Dict[Tuple[str, str], Path] = {}
 
         def artifact(kind: str, suffix: str) -> Path:
             if (kind, suffix) not in artifacts:
-                if kind == "checkpoint":
+                if kind == "checkpoint" and sharded is not None:
+                    path = sharded.write(self._scrubbed_payload(step))
+                elif kind == "checkpoint":
                     state = scrub_strings(_evaluate(checkpoint_state, "checkpoint_state"), self.known_secrets)
                     path = save_checkpoint(
                         staging / f"checkpoint{suffix}", state, step=step, config_json=self.config_json
@@ -413,6 +424,20 @@ class Tracker:
             dropped = {str(path) for path in paths}
             self.run_state.saved_files[key] = [item for item in self.run_state.saved_files[key] if item not in dropped]
 
+    def staging_folder(self, step: int) -> Path:
+        """A new folder for a save's files (a sharded run's processes all write their shards there)."""
+        return self.data_path / ".staging" / f"step_{step}-{uuid.uuid4().hex[:8]}"
+
+    def _scrubbed_payload(self, step: int) -> Callable[[Path], Path]:
+        """Writes a sharded checkpoint's `checkpoint.pt` as a checkpoint file is written."""
+
+        def write(path: Path, state: Mapping[str, Any]) -> Path:
+            return save_checkpoint(
+                path, scrub_strings(state, self.known_secrets), step=step, config_json=self.config_json
+            )
+
+        return write
+
     def _submit_upload(self, saver, files: List[SaveFile], step: int) -> None:
         """Hand an upload to the uploader with its own links to the files.
 
@@ -455,7 +480,12 @@ class Tracker:
             config = saver.config
             if isinstance(saver, LocalSaver) and config.save_type == "checkpoint" and config.save_latest_to:
                 latest = saver.resolve(config.save_latest_to.format(**fields))
-        if latest is None:
+        if latest is None and isinstance(checkpoint_state, ShardedCheckpoint):
+            if not (self.config.log.auto_resume or any(kind == "checkpoint" for kind, _ in artifacts)):
+                return
+            checkpoint_state.write(self._scrubbed_payload(step))
+            latest = place_folder(checkpoint_state.folder, self.data_path / RESUME_SHARDED)
+        elif latest is None:
             have_state = ("checkpoint", ".pt") in artifacts or (
                 self.config.log.auto_resume and checkpoint_state is not None
             )
@@ -589,12 +619,14 @@ def create_tracker(
     full_config_dict: Mapping[str, Any],
     is_main_process: bool,
     retry_wait_s: float = 2.0,
+    sharded_checkpoints: bool = False,
 ) -> Union[Tracker, NullTracker]:
     """Build the tracker for this process: a `Tracker` on the main process, a `NullTracker` elsewhere.
 
     `full_config_dict` is the whole run config as plain JSON data; it is logged and saved with
     secrets masked. Every problem with the tracker config (or a missing start checkpoint) is raised
     here, before training starts. `retry_wait_s` is the wait before the first upload retry (doubling after).
+    `sharded_checkpoints`: the run saves sharded checkpoints (folders), which only local savers take.
     """
     if not is_main_process:
         return NullTracker()
@@ -605,6 +637,8 @@ def create_tracker(
     auto_resuming = previous is not None and not previous.finished
 
     problems = _check_config(config, auto_resuming)
+    if sharded_checkpoints:
+        problems += sharded_checkpoint_problems(config)
     hub_tokens: Dict[int, str] = {}
     for index, save in enumerate(config.save):
         if isinstance(save, HuggingfaceSaveConfig) and saves_something(save):
@@ -733,7 +767,7 @@ def _local_data_paths(value: Any) -> List[Path]:
 
 
 def local_destinations(config: TrackerConfig, data_path: Path) -> List[Path]:
-    """The files local savers write (relative paths are under `data_path`)."""
+    """The files (and links to sharded checkpoint folders) local savers write (relative paths are under `data_path`)."""
     paths = []
     for save in config.save:
         if isinstance(save, LocalSaveConfig):
@@ -741,7 +775,31 @@ def local_destinations(config: TrackerConfig, data_path: Path) -> List[Path]:
                 path = Path(dest).expanduser()
                 paths.append(path if path.is_absolute() else data_path / path)
     paths.append(data_path / RESUME_CHECKPOINT)
+    paths.append(data_path / RESUME_SHARDED)
     return paths
+
+
+def saves_wanted(config: TrackerConfig, save_type: str, is_best: bool) -> bool:
+    """Whether a save (`is_best` or not) writes a `save_type` ("checkpoint" or "model") somewhere: every
+    process of a sharded run decides alike, before gathering or writing anything."""
+    for save in config.save:
+        if save.save_type == save_type and (save.save_latest_to or (is_best and save.save_best_to)):
+            return True
+    return save_type == "checkpoint" and config.log.auto_resume
+
+
+def sharded_checkpoint_problems(config: TrackerConfig) -> List[str]:
+    """Savers that cannot take a sharded run's checkpoints (folders of per-process shards): remote ones."""
+    problems = []
+    for index, save in enumerate(config.save):
+        if isinstance(save, LocalSaveConfig) or save.save_type != "checkpoint" or not saves_something(save):
+            continue
+        problems.append(
+            f"tracker.save[{index}] ({save.save_to}): a sharded (FSDP) run's checkpoints are folders of per-process "
+            f"shards, which this saver does not upload; save them with a local saver (on a filesystem every node "
+            f"sees) and use save_type model here (one .safetensors file)"
+        )
+    return problems
 
 
 def protected_paths(config: TrackerConfig, full_config_dict: Mapping[str, Any], data_path: Path) -> List[Path]:

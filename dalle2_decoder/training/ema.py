@@ -8,6 +8,8 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
+from .sharding import is_sharded, local
+
 EMA_WARMUPS = ("power", "ratio")
 
 
@@ -42,7 +44,9 @@ class EMA(nn.Module):
 
     Floating-point parameters and buffers are averaged; integer buffers (counters) are copied.
     The copy lives on the same device as the network, and updates are fused `_foreach` kernels, so
-    an update costs one pass over the weights and never synchronises with the host.
+    an update costs one pass over the weights and never synchronises with the host. When the
+    network and the copy are sharded alike (`training.sharding`), each process averages and copies
+    its own shards: no communication.
     """
 
     def __init__(
@@ -99,8 +103,8 @@ class EMA(nn.Module):
         source = dict(network.named_parameters())
         ema_params, new_params = [], []
         for name, averaged in self.averaged.named_parameters():
-            ema_params.append(averaged)
-            new_params.append(source[name].detach())
+            ema_params.append(local(averaged))
+            new_params.append(local(source[name].detach()))
         if ema_params:
             torch._foreach_lerp_(ema_params, new_params, 1.0 - decay)
         source_buffers = dict(network.named_buffers())
@@ -118,7 +122,13 @@ class EMA(nn.Module):
     @torch.no_grad()
     def copy_from(self, network: nn.Module) -> None:
         """Set the average to `network`'s weights (the schedule's copies, or a pretrained U-Net loaded)."""
-        self.averaged.load_state_dict(network.state_dict())
+        if not is_sharded(self.averaged):
+            self.averaged.load_state_dict(network.state_dict())
+            return
+        source = dict(network.named_parameters())
+        source.update(network.named_buffers())
+        for name, averaged in list(self.averaged.named_parameters()) + list(self.averaged.named_buffers()):
+            local(averaged).copy_(local(source[name].detach()))
 
     def averaged_state_dict(self) -> Dict[str, torch.Tensor]:
         return self.averaged.state_dict()

@@ -30,8 +30,12 @@ from ..failures import EXIT_STOPPED
 from ..runtime import create_accelerator, lost_peers_reported, shut_down
 from ..stopping import StopRequest, StopRequested, exit_status_after_stop
 from ..tracking import capture_rng_state, create_tracker, restore_rng_state
+from ..tracking.checkpoint import is_sharded, whole
 from ..tracking.redact import install_output_redaction, secrets_in
 from ..tracking.reference import REFERENCE_ORIGIN, schedule_note
+from ..tracking.sharded import ShardedCheckpoint, write_shards
+from ..tracking.tracker import saves_wanted
+from . import sharding
 from .batches import BatchPreparer, SampleExamples
 from .resume import describe_changes, position_is_kept, reference_progress
 from .state import Phase, Progress, TrainingState, checkpoint_payload
@@ -89,7 +93,7 @@ class TrainingRun:
             pin_memory=acc.device.type == "cuda",
             uint8_images=True,  # scaled to [0, 1] on the device by the batch preparer
         )
-        self.trainer = DecoderTrainer(decoder, acc, config.train, used_unets=used_unets(config))
+        self.trainer = DecoderTrainer(decoder, acc, config.train, used_unets=used_unets(config), seed=config.seed)
         self.cond_scale = per_unet(config.train.cond_scale, len(config.decoder.unets))
         self.stop = stop or StopRequest()
         # Bars on a terminal, plain lines every progress_interval_s elsewhere; the main process only.
@@ -100,7 +104,10 @@ class TrainingRun:
         self.evaluator = self._build_evaluator()
         # Last: everything that can fail on a bad setup has been built, so no run folder is left half-started.
         self.tracker = create_tracker(
-            config.tracker, full_config_dict=config.to_dict(), is_main_process=acc.is_main_process
+            config.tracker,
+            full_config_dict=config.to_dict(),
+            is_main_process=acc.is_main_process,
+            sharded_checkpoints=self.trainer.sharded,
         )
         self.progress = Progress(next_save_at=config.train.save_every_n_samples)
         self.examples: Dict[str, SampleExamples] = {}
@@ -109,7 +116,7 @@ class TrainingRun:
         self.interrupted = False
         self._saved_position = self.progress.position()
         """Where the last checkpoint (saved or loaded) resumes from: a stop there has nothing new to save."""
-        self._rng_mark: Dict[str, Any] = capture_rng_state()
+        self._rng_mark: Dict[str, Any] = self._capture_rng()
         """This rank's random state where the progress now points (a phase's start, or before the next
         training batch is read): what a checkpoint saved on a stop must hold."""
         self._loss_sums: Dict[int, torch.Tensor] = {}
@@ -161,6 +168,8 @@ class TrainingRun:
                 self.tracker.info(f"note: {note}")
             self.tracker.info(f"loaded decoder weights from {loaded.source}; training starts fresh")
             return
+        if is_sharded(loaded) and not self.trainer.sharded:
+            loaded = whole(loaded)  # a sharded run's checkpoint continued by a DDP run: read whole here
         state = TrainingState.from_checkpoint(loaded)  # a damaged file is named in one line, not a KeyError
         reference = state.reference
         if reference is not None:
@@ -179,7 +188,10 @@ class TrainingRun:
         changes = describe_changes(
             saved_config, current, epoch=progress.epoch, mid_epoch=progress.mid_epoch, reference=reference is not None
         )
-        notes = self.trainer.load_state_dict(state.trainer)
+        if is_sharded(loaded):
+            notes = self.trainer.load_sharded(loaded.sharded_path, state.trainer)
+        else:
+            notes = self.trainer.load_state_dict(state.trainer)
         self.progress = progress
         if any(c.path == "train.save_every_n_samples" for c in changes):
             self.progress.next_save_at = self.progress.samples_seen + self.config.train.save_every_n_samples
@@ -187,6 +199,8 @@ class TrainingRun:
             self.progress.batches_in_epoch = 0  # the refused in-epoch position (see the change's line)
             self.progress.loss_window = {}
         rng_states = state.rng
+        if self.progress.mid_epoch and position_is_kept(changes):
+            self._place_in_epoch(saved_ranks=len(rng_states) or None)
         if position_is_kept(changes) and len(rng_states) == self.accelerator.num_processes:
             # Restored once this rank's data iterator is positioned (see `_train_phase`).
             self._pending_rng = rng_states[self.accelerator.process_index]
@@ -200,6 +214,52 @@ class TrainingRun:
         self.tracker.info(
             f"resumed from {loaded.source}{origin}: epoch {self.progress.epoch + 1}, "
             f"{self.progress.samples_seen} samples seen, step {self.trainer.step}"
+        )
+
+    def _place_in_epoch(self, saved_ranks: Optional[int]) -> None:
+        """Where the resumed run goes on inside the epoch it stopped in.
+
+        With the ranks and workers that saved it: the same batches, read past (see `_train_phase`).
+        With others, in an exact epoch: the samples every old worker had not yet put in a batch
+        are shared among the ranks now (`data.plan.RestOfEpoch`), so each is read once; in a capped
+        epoch (which cycles through its shards, repeats included) the new ranks skip as many of
+        their batches as make the samples already seen.
+        """
+        acc, progress, loader = self.accelerator, self.progress, self.loaders["train"]
+        position = progress.data_position or {}
+        saved_world = int(position.get("world_size", saved_ranks or acc.num_processes))
+        workers = max(1, loader.num_workers)
+        saved_workers = int(position.get("workers", workers))
+        if (saved_world, saved_workers) == (acc.num_processes, workers):
+            loader.continue_epoch(progress.epoch, loader.rest_from(progress.epoch, progress.rest_of_epoch))
+            return
+        before = f"{saved_world} process(es) x {saved_workers} worker(s)"
+        now = f"{acc.num_processes} x {workers}"
+        if position.get("frontiers"):
+            rest = loader.leftover(
+                progress.epoch,
+                world_size=saved_world,
+                workers=saved_workers,
+                frontiers=position["frontiers"],
+                rest=progress.rest_of_epoch,
+            )
+            loader.continue_epoch(progress.epoch, rest)
+            progress.rest_of_epoch = rest.to_list()
+            progress.batches_in_epoch = 0
+            share, extra = divmod(rest.total, acc.num_processes)
+            dropped = f"; {rest.total} samples is fewer than one per process: they are dropped" if not share else ""
+            self.tracker.info(
+                f"resumed with {now} instead of {before}: the {rest.total} samples of epoch {progress.epoch + 1} not "
+                f"yet trained on are shared out, {share}{' or ' + str(share + 1) if extra else ''} per process, "
+                f"{len(loader)} batches each{dropped}"
+            )
+            return
+        done = progress.batches_in_epoch * saved_world
+        progress.batches_in_epoch = done // acc.num_processes
+        self.tracker.info(
+            f"resumed with {now} instead of {before} in a capped epoch (train.epoch_samples): the new processes skip "
+            f"{progress.batches_in_epoch} of their batches, the samples already seen; capped epochs cycle "
+            "through their shards, so which samples the rest of the epoch reads is not kept"
         )
 
     # --- the epochs ----------------------------------------------------------------------------
@@ -246,7 +306,7 @@ class TrainingRun:
         progress = self.progress
         if self._pending_rng is not None and progress.phase is not Phase.TRAIN:
             # Resumed after the epoch's training: the random state is that of the phase to run.
-            restore_rng_state(self._pending_rng)
+            self._restore_rng(self._pending_rng)
             self._pending_rng = None
             self._mark_rng()
         while progress.epoch < self.config.train.epochs:
@@ -268,6 +328,7 @@ class TrainingRun:
                 progress.best_val_loss = val_loss
             progress.epoch += 1
             progress.batches_in_epoch = 0
+            progress.rest_of_epoch = None
             self._enter(Phase.TRAIN)
             self._save_phase(is_best=is_best)
 
@@ -278,7 +339,15 @@ class TrainingRun:
 
     def _mark_rng(self) -> None:
         """Remember this rank's random state as that of the point the progress describes now."""
-        self._rng_mark = capture_rng_state()
+        self._rng_mark = self._capture_rng()
+
+    def _capture_rng(self) -> Dict[str, Any]:
+        """This rank's random state: the process's, and the trainer's streams of accumulated micro-batches."""
+        return {**capture_rng_state(), "micro_batch_streams": self.trainer.rng_streams()}
+
+    def _restore_rng(self, state: Dict[str, Any]) -> None:
+        restore_rng_state(state)
+        self.trainer.restore_rng_streams(state.get("micro_batch_streams", {}))
 
     def _stopped(self, stop: StopRequested) -> int:
         """After a stop signal: save where the run stands (the cut phase still to do) and say so in one line."""
@@ -301,6 +370,7 @@ class TrainingRun:
         acc, trainer, progress = self.accelerator, self.trainer, self.progress
         loader = self.loaders["train"]
         loader.set_epoch(progress.epoch)
+        global_sizes = loader.global_batch_samples()  # each step's samples over all ranks
         self._restore_loss_window(progress.loss_window)  # a resumed run's window; empty otherwise
         progress.loss_window = {}
         batch_samples = self.config.data.batch_size * acc.num_processes
@@ -323,16 +393,16 @@ class TrainingRun:
             for _ in range(min(progress.batches_in_epoch, len(loader))):
                 next(batches)
             if self._pending_rng is not None:
-                restore_rng_state(self._pending_rng)
+                self._restore_rng(self._pending_rng)
                 self._pending_rng = None
                 self._mark_rng()
             if progress.periodic_due:  # the run stopped in a periodic sample grid: draw it again first
                 self._periodic_sample_and_save()
             for batch in batches:
                 batch = self.batches.prepare(batch)
-                # every rank's batch has this size (a short last batch included: exact epochs give
-                # each rank the same number of samples), so the samples of this step are size x ranks
-                step_samples = batch["image"].shape[0] * acc.num_processes
+                # from the plan: size x ranks (a short last batch included), or the ranks' sum in a
+                # rest of epoch shared out after a resume with other ranks (which may differ by one)
+                step_samples = global_sizes[progress.batches_in_epoch]
                 losses = trainer.train_step(batch)
                 for number, loss in losses.items():
                     self._loss_sums[number] += loss
@@ -478,9 +548,20 @@ class TrainingRun:
         `rng`: this rank's random state to save (by default the current one).
         """
         acc = self.accelerator
-        local_rng = rng if rng is not None else capture_rng_state()
-        rng_states = gather_object([local_rng]) if acc.num_processes > 1 else [local_rng]
         progress = self.progress
+        local_rng = rng if rng is not None else self._capture_rng()
+        loader = self.loaders["train"]
+        local_position = loader.position(progress.batches_in_epoch) if progress.mid_epoch else None
+        gathered = (
+            gather_object([(local_rng, local_position)]) if acc.num_processes > 1 else [(local_rng, local_position)]
+        )
+        rng_states = [entry[0] for entry in gathered]
+        frontiers = [entry[1] for entry in gathered]
+        progress.data_position = (
+            {"world_size": acc.num_processes, "workers": max(1, loader.num_workers), "frontiers": frontiers}
+            if progress.mid_epoch and all(f is not None for f in frontiers)
+            else {}
+        )
         progress.loss_window = self._loss_window_state()
         batch_samples = self.config.data.batch_size * acc.num_processes
         if progress.phase is Phase.TRAIN and progress.batches_in_epoch == 0 and progress.epoch > 0:
@@ -494,26 +575,51 @@ class TrainingRun:
                 "next_task": "train" if progress.phase is Phase.TRAIN else "val",
             }
         fields.update(validation_losses=list(progress.validation_losses), samples_seen=progress.samples_seen)
+        checkpoint_state = lambda: checkpoint_payload(self.trainer.state_dict(), progress, rng_states, self.config)  # noqa: E731
+        model_state = self.trainer.model_state_dict
+        if self.trainer.sharded:
+            checkpoint_state, model_state = self._sharded_save(checkpoint_state, is_best)
         self.tracker.save(
             fields=fields,
             step=self.progress.samples_seen,
-            checkpoint_state=lambda: checkpoint_payload(self.trainer.state_dict(), progress, rng_states, self.config),
-            model_state=self.trainer.model_state_dict,
+            checkpoint_state=checkpoint_state,
+            model_state=model_state,
             is_best=is_best,
         )
         acc.wait_for_everyone()
         self._saved_position = progress.position()
+
+    def _sharded_save(self, checkpoint_state, is_best: bool):
+        """What every process of a sharded run does for a save before the tracker places it: write its
+        shards into a staging folder the main process names, and gather the weights of a `model` save.
+        Every process decides alike from the config (no process skips a collective another joins)."""
+        acc, config = self.accelerator, self.config.tracker
+        sharded_checkpoint = None
+        if saves_wanted(config, "checkpoint", is_best):
+            staging = [self.tracker.staging_folder(self.progress.samples_seen)]
+            if acc.num_processes > 1:
+                broadcast_object_list(staging)
+            folder = staging[0] / "checkpoint"
+            write_shards(folder, self.trainer.sharded_state())
+            sharded_checkpoint = ShardedCheckpoint(folder=folder, staging=staging[0], state=checkpoint_state)
+        weights = self.trainer.model_state_dict() if saves_wanted(config, "model", is_best) else None
+        return sharded_checkpoint, weights
 
     def _check_ranks_agree(self) -> None:
         """Every rank must hold the same weights at the end; a cheap fingerprint comparison proves it."""
         acc = self.accelerator
         if acc.num_processes == 1:
             return
-        fingerprint = torch.stack([p.detach().double().sum() for p in self.trainer.decoder.parameters()]).to(acc.device)
+        # Sharded U-Nets differ by design (each process holds its own shards): the others must agree.
+        replicated = [p for p in self.trainer.decoder.parameters() if p is sharding.local(p)]
+        if not replicated:
+            return
+        fingerprint = torch.stack([p.detach().double().sum() for p in replicated]).to(acc.device)
         gathered = acc.gather(fingerprint[None]).cpu()
         if not all(torch.equal(gathered[0], row) for row in gathered[1:]):
             raise TrainingStopped("the processes ended with different weights: distributed training went out of sync")
-        self.tracker.info(f"parameters identical across {acc.num_processes} processes")
+        what = "replicated parameters" if self.trainer.sharded else "parameters"
+        self.tracker.info(f"{what} identical across {acc.num_processes} processes")
 
     def _report_data(self, phase: str, loader) -> None:
         stats = dict(loader.stats)

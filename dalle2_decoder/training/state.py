@@ -98,6 +98,13 @@ class Progress:
     loss_window: Dict[str, Any] = attrs.Factory(dict)
     """The training losses summed since the last logged mean (`sums` per U-Net, `steps`, `samples`),
     so that logged means cover the same steps whether or not the run was resumed in between."""
+    data_position: Dict[str, Any] = attrs.Factory(dict)
+    """Inside an exact epoch's training: how far each worker of each rank had read (`world_size`,
+    `workers`, `frontiers[rank][worker]`), so that a run resumed with other ranks or workers
+    reads the rest of the epoch once (`data.plan.RestOfEpoch`). Empty otherwise."""
+    rest_of_epoch: Optional[List[List[int]]] = None
+    """When `epoch` reads what an interrupted run with other ranks or workers left of it: those
+    samples (`RestOfEpoch.to_list()`), which `batches_in_epoch` counts batches of."""
 
     @property
     def mid_epoch(self) -> bool:

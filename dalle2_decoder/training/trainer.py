@@ -1,7 +1,12 @@
 """DecoderTrainer: one AdamW, one learning-rate schedule and one EMA per trained U-Net, on Accelerate.
 
 The trainer owns everything that changes weights; the epoch loop (`loop.py`) owns the order of
-phases. Within `train_step` the only value read back to the host is, at each optimizer step, the
+phases. Under DistributedDataParallel (the default) every process holds every U-Net whole; when
+the launch asks for sharding (`accelerator.sharding`, see `runtime.sharding_from_launcher`), the
+trained U-Nets and their EMAs are split across processes (`sharding.py`) and the trainer's state
+is saved and loaded shard by shard (`sharded_state`, `load_sharded`).
+
+Within `train_step` the only value read back to the host is, at each optimizer step, the
 finiteness of the gradient norms (computed after the gradients were all-reduced, so every rank
 takes the same decision); the losses stay on the device. The loop itself synchronises with the
 host every step as well: in a multi-process run its stop check all-reduces a flag and reads it
@@ -22,7 +27,9 @@ from ..config.root import TrainDecoderConfig
 from ..config.train import TrainConfig
 from ..models.decoder import Decoder
 from ..runtime import ddp_ignore
-from ..tracking.checkpoint import CheckpointError, load_state_dict_checked
+from ..tracking.checkpoint import CheckpointError, CheckpointMismatchError, load_state_dict_checked
+from ..tracking.sharded import SHARDED_FORMAT
+from . import sharding as sharded
 from .ema import EMA
 
 
@@ -90,8 +97,13 @@ class DecoderTrainer:
         *,
         used_unets: Optional[Sequence[int]] = None,
         max_nonfinite_streak: int = 20,
+        seed: Optional[int] = None,
     ):
+        """`seed`: the run's seed, which seeds the random streams of accumulated micro-batches (see
+        `_micro_batch_rng`); None draws every micro-batch from the process's stream."""
         self.accelerator = accelerator
+        self.seed = seed
+        self.sharding = getattr(accelerator, "sharding", None)
         self.config = config
         self.decoder = decoder
         num_unets = len(decoder.unets)
@@ -111,12 +123,25 @@ class DecoderTrainer:
         for number, unet in enumerate(decoder.unets, start=1):
             unet.requires_grad_(number in self.trained_unets)
         self._place_on_device()
+        self.sharded = self.sharding is not None and bool(self.trained_unets)
 
         self.optimizers: Dict[int, torch.optim.Optimizer] = {}
         self.schedulers: Dict[int, torch.optim.lr_scheduler.LambdaLR] = {}
         self.emas: Dict[int, EMA] = {}
         self.lrs = lrs
         self.wds = wds
+        if config.use_ema:
+            for number in self.trained_unets:
+                # Copied from the U-Net before it is sharded, and then sharded alike.
+                self.emas[number] = EMA(
+                    decoder.get_unet(number),
+                    config.ema_beta,
+                    update_after_step=config.ema_update_after_step,
+                    update_every=config.ema_update_every,
+                    warmup=config.ema_warmup,
+                )
+        if self.sharded:
+            self._shard()
         fused = accelerator.device.type == "cuda"
         for number in self.trained_unets:
             unet = decoder.get_unet(number)
@@ -132,19 +157,13 @@ class DecoderTrainer:
             # once, step each, then update once; the wrapper would update after every optimizer.
             self.optimizers[number] = optimizer
             self.schedulers[number] = scheduler
-            if config.use_ema:
-                self.emas[number] = EMA(
-                    unet,
-                    config.ema_beta,
-                    update_after_step=config.ema_update_after_step,
-                    update_every=config.ema_update_every,
-                    warmup=config.ema_warmup,
-                )
 
         # One wrapper around the whole decoder: its forward picks the U-Net by number, so
         # DistributedDataParallel sees the other U-Nets as unused in that step and, being unused on
-        # every rank, leaves their gradients untouched.
-        self.model = accelerator.prepare_model(decoder) if self.trained_unets else decoder
+        # every rank, leaves their gradients untouched. Sharded U-Nets synchronise themselves.
+        self.model = accelerator.prepare_model(decoder) if self.trained_unets and not self.sharded else decoder
+        self._stream_states: Dict[int, Dict[str, Any]] = {}
+        """The random state of each accumulated micro-batch's stream after its last use (k >= 1)."""
 
         self.step = 0  # optimizer steps taken (all trained U-Nets step together)
         self.micro_step = 0  # micro-batches seen (gradient accumulation)
@@ -152,6 +171,20 @@ class DecoderTrainer:
         self.nonfinite_streak = 0
 
     # --- placement -------------------------------------------------------------------------
+
+    def _shard(self) -> None:
+        """Split each trained U-Net and its EMA across the processes (see `sharding.py`)."""
+        acc, sharding = self.accelerator, self.sharding
+        mesh = sharded.device_mesh(sharding, acc.device, acc.num_processes)
+        precision = acc.mixed_precision
+        for number in self.trained_unets:
+            unet = self.decoder.get_unet(number)
+            if sharding.activation_checkpointing:
+                unet.checkpoint_during_training = True
+            sharded.shard_unet(unet, mesh, sharding=sharding, mixed_precision=precision)
+            if number in self.emas:
+                sharded.shard_unet(self.emas[number].averaged, mesh, sharding=sharding, mixed_precision=precision)
+        sharded.release_freed_memory(acc.device)
 
     def _place_on_device(self) -> None:
         device = self.accelerator.device
@@ -182,24 +215,61 @@ class DecoderTrainer:
         Returns each trained U-Net's loss as a detached device tensor (no host synchronisation).
         """
         self.decoder.train()
+        slot = self.micro_step % self.grad_accum
         self.micro_step += 1
         sync = self.micro_step % self.grad_accum == 0
         losses: Dict[int, torch.Tensor] = {}
-        for number in self.trained_unets:
-            context = contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model)
-            with context:
-                loss = self.model(
-                    batch["image"],
-                    image_embed=batch.get("image_embed"),
-                    text_encodings=batch.get("text_encodings"),
-                    text_mask=batch.get("text_mask"),
-                    unet_number=number,
-                )
-                self.accelerator.backward(loss / self.grad_accum)
-            losses[number] = loss.detach()
+        with self._micro_batch_rng(slot):
+            for number in self.trained_unets:
+                if self.sharded:
+                    context = sharded.gradient_sync([self.decoder.get_unet(number)], sync)
+                else:
+                    context = contextlib.nullcontext() if sync else self.accelerator.no_sync(self.model)
+                with context:
+                    loss = self.model(
+                        batch["image"],
+                        image_embed=batch.get("image_embed"),
+                        text_encodings=batch.get("text_encodings"),
+                        text_mask=batch.get("text_mask"),
+                        unet_number=number,
+                    )
+                    self.accelerator.backward(loss / self.grad_accum)
+                losses[number] = loss.detach()
         if sync:
             self._optimizer_step()
         return losses
+
+    @contextlib.contextmanager
+    def _micro_batch_rng(self, slot: int) -> Iterator[None]:
+        """Micro-batch `slot` of an optimizer step draws its noise from a stream of its own.
+
+        Slot 0 uses the process's stream (seeded `seed + rank`, as always); slot k >= 1 of rank r a
+        stream seeded `seed + k * processes + r`. Each micro-batch of the global batch then has
+        the stream it would have with one process per micro-batch: a run of P processes
+        accumulating A micro-batches draws what P * A processes without accumulation draw, so the
+        two compute the same optimizer steps on the same data (tests/test_sharded_training.py
+        compares 2 sharded processes with 1 process accumulating 2).
+        """
+        if slot == 0 or self.seed is None:
+            yield
+            return
+        acc = self.accelerator
+        devices = [acc.device] if acc.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            state = self._stream_states.get(slot)
+            if state is None:
+                torch.manual_seed(self.seed + slot * acc.num_processes + acc.process_index)
+            else:
+                set_stream_state(state, acc.device)
+            yield
+            self._stream_states[slot] = stream_state(acc.device)
+
+    def rng_streams(self) -> Dict[str, Any]:
+        """The accumulated micro-batches' random streams (saved with each process's RNG state)."""
+        return {str(slot): state for slot, state in self._stream_states.items()}
+
+    def restore_rng_streams(self, saved: Dict[str, Any]) -> None:
+        self._stream_states = {int(slot): state for slot, state in (saved or {}).items()}
 
     def _optimizer_step(self) -> None:
         norms = []
@@ -209,11 +279,11 @@ class DecoderTrainer:
             if self.accelerator.scaler is not None:
                 self.accelerator.scaler.unscale_(self.optimizers[number])
             if max_norm is not None:
-                norms.append(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
+                norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
             else:
-                norms.append(
-                    torch.nn.utils.get_total_norm([p.grad for p in parameters]) if parameters else torch.zeros(())
-                )
+                norm = torch.nn.utils.get_total_norm([p.grad for p in parameters]) if parameters else torch.zeros(())
+            # Sharded gradients give the norm of the whole gradient as a replicated DTensor.
+            norms.append(sharded.plain(norm))
         # Gradients are identical on every rank after the all-reduce, so every rank takes the same decision.
         finite = bool(torch.isfinite(torch.stack([n.float().to(self.accelerator.device) for n in norms])).all())
         scaler = self.accelerator.scaler
@@ -246,19 +316,26 @@ class DecoderTrainer:
 
     @contextlib.contextmanager
     def sampling_weights(self) -> Iterator[nn.Module]:
-        """The decoder with EMA weights in place of the trained U-Nets (when EMA is on), in eval mode."""
+        """The decoder with EMA weights in place of the trained U-Nets (when EMA is on), in eval mode.
+
+        Sharded U-Nets gather each block's weights as it runs; what FSDP keeps gathered after a
+        forward pass without backward is freed on the way out.
+        """
         originals = {}
+        was_training = self.decoder.training
         try:
             for number, ema in self.emas.items():
                 originals[number] = self.decoder.get_unet(number)
                 _replace_unet(self.decoder, number, ema.averaged)
-            was_training = self.decoder.training
             self.decoder.eval()
             yield self.decoder
         finally:
             for number, unet in originals.items():
                 _replace_unet(self.decoder, number, unet)
             self.decoder.train(was_training)
+            if self.sharded:
+                trained = [self.decoder.get_unet(n) for n in self.trained_unets]
+                sharded.reshard(trained + [ema.averaged for ema in self.emas.values()])
 
     @torch.no_grad()
     def validation_losses(self, batch: Dict[str, Any]) -> Dict[int, torch.Tensor]:
@@ -278,28 +355,111 @@ class DecoderTrainer:
     # --- state -----------------------------------------------------------------------------
 
     def model_state_dict(self) -> Dict[str, torch.Tensor]:
-        """Decoder weights for a `model` save: EMA weights of trained U-Nets when EMA is on."""
+        """Decoder weights for a `model` save: EMA weights of trained U-Nets when EMA is on.
+
+        Sharded: a collective, called on every process; each tensor is gathered whole in turn and
+        kept by the main process alone (the others return an empty dict).
+        """
+        keep = self.accelerator.is_main_process or not self.sharded
         with self.sampling_weights() as decoder:
-            return {name: tensor.detach().cpu().clone() for name, tensor in decoder.state_dict().items()}
+            weights = {}
+            for name, tensor in decoder.state_dict().items():
+                whole = sharded.plain(tensor.detach())
+                if keep:
+                    weights[name] = whole.cpu().clone()
+            return weights
 
     def state_dict(self) -> Dict[str, Any]:
-        """Everything needed to continue training exactly (weights-only loadable)."""
-        state: Dict[str, Any] = {
-            "decoder": {name: t.detach().cpu() for name, t in self.decoder.state_dict().items()},
-            "optimizers": {str(n): opt.state_dict() for n, opt in self.optimizers.items()},
-            "schedulers": {str(n): sch.state_dict() for n, sch in self.schedulers.items()},
-            "emas": {str(n): ema.state_dict() for n, ema in self.emas.items()},
-            "counters": {
-                "step": self.step,
-                "micro_step": self.micro_step,
-                "nonfinite_steps": self.nonfinite_steps,
-                "nonfinite_streak": self.nonfinite_streak,
-            },
-            "trained_unets": list(self.trained_unets),
-        }
+        """Everything needed to continue training exactly (weights-only loadable).
+
+        Sharded: everything but the tensors of the decoder, optimizers and EMAs, which
+        `sharded_state` gives (shards) and `tracking.sharded` writes.
+        """
+        if self.sharded:
+            state = {
+                "sharded": {
+                    "format": SHARDED_FORMAT,
+                    "files": self.accelerator.num_processes,
+                    "emas": [str(n) for n in self.emas],
+                },
+            }
+        else:
+            state = {
+                "decoder": {name: t.detach().cpu() for name, t in self.decoder.state_dict().items()},
+                "optimizers": {str(n): opt.state_dict() for n, opt in self.optimizers.items()},
+                "emas": {str(n): ema.state_dict() for n, ema in self.emas.items()},
+            }
+        state.update(
+            {
+                "schedulers": {str(n): sch.state_dict() for n, sch in self.schedulers.items()},
+                "counters": {
+                    "step": self.step,
+                    "micro_step": self.micro_step,
+                    "nonfinite_steps": self.nonfinite_steps,
+                    "nonfinite_streak": self.nonfinite_streak,
+                },
+                "trained_unets": list(self.trained_unets),
+            }
+        )
         if self.accelerator.scaler is not None:
             state["scaler"] = self.accelerator.scaler.state_dict()
         return state
+
+    def _parameter_names(self, number: int) -> List[str]:
+        """Names (in the U-Net) of the parameters of U-Net `number`'s optimizer, in its order."""
+        by_param = {id(p): name for name, p in self.decoder.get_unet(number).named_parameters()}
+        return [by_param[id(p)] for group in self.optimizers[number].param_groups for p in group["params"]]
+
+    def sharded_state(self) -> Dict[str, torch.Tensor]:
+        """The tensors of the trainer state by `tracking.sharded` key: shards (DTensors) of the trained
+        U-Nets, their optimizer moments and EMAs, whole tensors of the rest. Every process holds
+        the same keys; none gathers anything."""
+        tensors = {f"decoder/{name}": t.detach() for name, t in self.decoder.state_dict().items()}
+        for number, ema in self.emas.items():
+            tensors.update({f"emas/{number}/{name}": t.detach() for name, t in ema.state_dict().items()})
+        for number, optimizer in self.optimizers.items():
+            names = self._parameter_names(number)
+            for index, entry in optimizer.state_dict()["state"].items():
+                for key, value in entry.items():
+                    if isinstance(value, torch.Tensor):
+                        tensors[f"optimizers/{number}/{names[index]}/{key}"] = value
+        return tensors
+
+    def load_sharded(self, folder, state: Dict[str, Any]) -> List[str]:
+        """Restore a sharded checkpoint into this sharded trainer (every process together): each
+        process reads the parts of the shard files its own shards cover, whatever the number of
+        processes that wrote them. `state`: the checkpoint's trainer state (`checkpoint.pt`)."""
+        from pathlib import Path
+
+        from ..tracking.sharded import load_into, stored_shapes
+
+        folder = Path(folder)
+        shapes = stored_shapes(folder)
+        targets = {f"decoder/{name}": t for name, t in self.decoder.state_dict().items()}
+        _check_stored(folder, "decoder/", targets, shapes)
+        moments: Dict[int, Dict[str, Dict[str, torch.Tensor]]] = {}
+        for number, ema in self.emas.items():
+            own = {f"emas/{number}/{name}": t for name, t in ema.state_dict().items()}
+            if all(key in shapes for key in own):
+                targets.update(own)
+        for number in self.trained_unets:
+            prefix = f"optimizers/{number}/"
+            parameters = dict(self.decoder.get_unet(number).named_parameters())
+            for key, shape in shapes.items():
+                if not key.startswith(prefix):
+                    continue
+                name, _, entry = key[len(prefix) :].rpartition("/")
+                parameter = parameters.get(name)
+                if parameter is None:
+                    continue  # reported below by the moments' own check
+                target = torch.empty_like(parameter) if tuple(shape) == tuple(parameter.shape) else torch.zeros(shape)
+                moments.setdefault(number, {}).setdefault(name, {})[entry] = target
+                targets[key] = target
+        load_into(folder, targets)
+        for ema in self.emas.values():
+            ema._count = None  # the loaded `num_updates` is read at the next update
+        saved = {str(n): {"state": entries} for n, entries in moments.items()}
+        return self.load_state_dict({**state, "optimizers_by_name": saved, "sharded_loaded": True})
 
     def load_state_dict(self, state: Dict[str, Any], *, weights_only: bool = False) -> List[str]:
         """Restore a `state_dict()` (or one converted from a DALLE2-pytorch checkpoint); returns notes for the user.
@@ -316,10 +476,13 @@ class DecoderTrainer:
         problem = release_mismatch(self.decoder.unets, state.get("reference_release"), "the checkpoint")
         if problem:
             raise CheckpointError(problem)
-        if state.get("partial_decoder"):
+        already = bool(state.get("sharded_loaded"))  # `load_sharded` has put the tensors in place
+        if already:
+            pass
+        elif state.get("partial_decoder"):
             notes += self._load_present_unets(state["decoder"])
         else:
-            load_state_dict_checked(self.decoder, state["decoder"], source="checkpoint decoder weights")
+            self._load_whole(self.decoder, state["decoder"], source="checkpoint decoder weights")
         if weights_only:
             for number, ema in self.emas.items():
                 ema.copy_from(self.decoder.get_unet(number))
@@ -332,7 +495,9 @@ class DecoderTrainer:
             key = str(number)
             optimizer = self.optimizers[number]
             try:
-                if key in optimizers:
+                if key in optimizers and self.sharded:
+                    self._load_optimizer_by_name(number, self._by_name(number, optimizers[key]))
+                elif key in optimizers:
                     optimizer.load_state_dict(optimizers[key])
                 elif key in by_name:
                     self._load_optimizer_by_name(number, by_name[key])
@@ -349,8 +514,10 @@ class DecoderTrainer:
             elif key in scheduler_steps:
                 self.schedulers[number].last_epoch = int(scheduler_steps[key])
             if number in self.emas:
-                if key in emas:
-                    self.emas[number].load_state_dict(emas[key])
+                if already and key in state.get("sharded", {}).get("emas", []):
+                    pass
+                elif key in emas:
+                    self._load_ema(number, emas[key])
                 else:
                     self.emas[number].copy_from(self.decoder.get_unet(number))
                     if saved_trained:
@@ -364,7 +531,8 @@ class DecoderTrainer:
                 f"U-Net(s) {', '.join(map(str, frozen))}: frozen now (train.unet_training_mask); their weights "
                 "are loaded, their optimizer and EMA states in the checkpoint are not used"
             )
-        dropped = sorted(set(int(n) for n in emas) & set(self.trained_unets) - set(self.emas))
+        saved_emas = set(emas) | set(state.get("sharded", {}).get("emas", []))
+        dropped = sorted(set(int(n) for n in saved_emas) & set(self.trained_unets) - set(self.emas))
         if dropped:
             notes.append(f"EMA state of U-Net(s) {', '.join(map(str, dropped))} not used: train.use_ema is false")
         if "scaler" in state and self.accelerator.scaler is not None:
@@ -376,6 +544,32 @@ class DecoderTrainer:
         self.nonfinite_streak = int(counters.get("nonfinite_streak", 0))
         return notes
 
+    def _load_whole(self, module: nn.Module, weights: Dict[str, torch.Tensor], *, source: str) -> None:
+        """Load whole tensors into `module`, which may hold sharded U-Nets (each process keeps its shards)."""
+        if not self.sharded:
+            load_state_dict_checked(module, weights, source=source)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        _check_names(module, weights, source)
+        set_model_state_dict(module, dict(weights), options=StateDictOptions(full_state_dict=True))
+
+    def _load_ema(self, number: int, saved: Dict[str, torch.Tensor]) -> None:
+        """An EMA's whole state (`averaged.*`, `num_updates`) into EMA `number`, sharded or not."""
+        ema = self.emas[number]
+        if not self.sharded:
+            ema.load_state_dict(saved)
+            return
+        prefix = "averaged."
+        self._load_whole(
+            ema.averaged,
+            {name[len(prefix) :]: t for name, t in saved.items() if name.startswith(prefix)},
+            source=f"checkpoint EMA of U-Net {number}",
+        )
+        if "num_updates" in saved:
+            ema.num_updates.copy_(saved["num_updates"])
+        ema._count = None
+
     def _load_present_unets(self, weights: Dict[str, torch.Tensor]) -> List[str]:
         """Load the U-Nets a (DALLE2-pytorch) checkpoint holds; the others keep their weights, with a note."""
         notes = []
@@ -383,7 +577,7 @@ class DecoderTrainer:
             prefix = f"unets.{number - 1}."
             own = {name[len(prefix) :]: tensor for name, tensor in weights.items() if name.startswith(prefix)}
             if own:
-                load_state_dict_checked(unet, own, source=f"checkpoint weights of U-Net {number}")
+                self._load_whole(unet, own, source=f"checkpoint weights of U-Net {number}")
             else:
                 notes.append(
                     f"U-Net {number}: not in the checkpoint (the run that wrote it did not train it); "
@@ -400,6 +594,16 @@ class DecoderTrainer:
             )
         return notes
 
+    def _by_name(self, number: int, saved: Dict[str, Any]) -> Dict[str, Any]:
+        """An optimizer state dict saved by index (a whole checkpoint's) keyed by parameter name instead."""
+        names = self._parameter_names(number)
+        saved_count = sum(len(group["params"]) for group in saved.get("param_groups", []))
+        if saved_count != len(names):
+            raise ValueError(f"the checkpoint's optimizer has {saved_count} parameters, this U-Net's {len(names)}")
+        order = [index for group in saved["param_groups"] for index in group["params"]]
+        position = {index: at for at, index in enumerate(order)}
+        return {"state": {names[position[index]]: entry for index, entry in saved.get("state", {}).items()}}
+
     def _load_optimizer_by_name(self, number: int, saved: Dict[str, Any]) -> None:
         """Restore Adam moments saved per parameter name (converted from DALLE2-pytorch), in our order."""
         unet = self.decoder.get_unet(number)
@@ -411,6 +615,7 @@ class DecoderTrainer:
         if unknown:
             raise KeyError(f"moments saved for {len(unknown)} parameter(s) this U-Net does not have, e.g. {unknown[0]}")
         # Parameters without saved moments (never given a gradient there) start theirs at zero.
+        per_name = dict(per_name)
         for group in optimizer.param_groups:
             for p in group["params"]:
                 entry = per_name.get(by_param[id(p)])
@@ -419,6 +624,8 @@ class DecoderTrainer:
                         f"moments of {by_param[id(p)]} have shape {tuple(entry['exp_avg'].shape)}, "
                         f"the parameter {tuple(p.shape)}"
                     )
+                if entry is not None and self.sharded:
+                    per_name[by_param[id(p)]] = {key: _like(value, p) for key, value in entry.items()}
         # The usual loader casts and places each state like its parameter (the step stays a CPU tensor).
         optimizer.load_state_dict(
             {
@@ -452,6 +659,63 @@ class DecoderTrainer:
         for group in optimizer.param_groups:
             group["lr"] = lr * factor
         scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def _check_names(module: nn.Module, weights: Dict[str, torch.Tensor], source: str) -> None:
+    """Every name and (whole) shape of `module`'s state in `weights`, as `load_state_dict_checked` checks."""
+    expected = module.state_dict()
+    missing = sorted(name for name in expected if name not in weights)
+    unexpected = sorted(name for name in weights if name not in expected)
+    mismatched = sorted(
+        f"{name} {tuple(weights[name].shape)} vs {tuple(expected[name].shape)}"
+        for name in expected
+        if name in weights and tuple(weights[name].shape) != tuple(expected[name].shape)
+    )
+    if missing or unexpected or mismatched:
+        raise CheckpointMismatchError(source, missing, unexpected, mismatched)
+
+
+def _check_stored(folder, prefix: str, targets: Dict[str, torch.Tensor], shapes: Dict[str, torch.Size]) -> None:
+    """The decoder weights of a sharded checkpoint against the configured decoder, all differences at once."""
+    expected = {key[len(prefix) :]: t for key, t in targets.items() if key.startswith(prefix)}
+    stored = {key[len(prefix) :]: shape for key, shape in shapes.items() if key.startswith(prefix)}
+    missing = sorted(name for name in expected if name not in stored)
+    unexpected = sorted(name for name in stored if name not in expected)
+    mismatched = sorted(
+        f"{name} {tuple(stored[name])} vs {tuple(expected[name].shape)}"
+        for name in expected
+        if name in stored and tuple(stored[name]) != tuple(expected[name].shape)
+    )
+    if missing or unexpected or mismatched:
+        raise CheckpointMismatchError(f"{folder} (decoder weights)", missing, unexpected, mismatched)
+
+
+def _like(value: Any, parameter: torch.Tensor) -> Any:
+    """A whole moment tensor split like its sharded parameter (each process keeps its own part, no
+    communication); scalars and tensors already sharded as they are."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(parameter, DTensor) or isinstance(value, DTensor) or not isinstance(value, torch.Tensor):
+        return value
+    if tuple(value.shape) != tuple(parameter.shape):
+        return value
+    return distribute_tensor(
+        value.to(parameter.device), parameter.device_mesh, parameter.placements, src_data_rank=None
+    )
+
+
+def stream_state(device: torch.device) -> Dict[str, Any]:
+    """The global random state a micro-batch stream draws from (CPU, and the CUDA device's)."""
+    state: Dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_stream_state(state: Dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def _starts(groups: Sequence[Dict[str, Any]]) -> List[int]:

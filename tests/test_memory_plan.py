@@ -1,0 +1,126 @@
+"""The memory plan's arithmetic (dalle2_decoder.training.memory_plan) and what `--check` prints of it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dalle2_decoder import TrainDecoderConfig
+from dalle2_decoder.training.memory_plan import UnetShape, activation_bytes, memory_plan_lines, unet_memory, unet_shapes
+
+from .conftest import REPO_ROOT
+from .training_fixtures import tiny_config, write_tiny_demo
+
+SHAPE = UnetShape(number=1, parameters=1000, largest_blocks=(300, 200), activations=5000, trained=True)
+
+
+def test_ddp_holds_everything_and_grads_twice():
+    memory = unet_memory(SHAPE, sharded=False, processes=4)
+    # weights 4P, gradients 4P + 4P (DDP's buckets), AdamW's two moments 8P, EMA 4P, activations as measured
+    assert (memory.weights, memory.gradients, memory.optimizer, memory.ema, memory.activations) == (
+        4000,
+        8000,
+        8000,
+        4000,
+        5000,
+    )
+    assert memory.total == 29000
+    assert unet_memory(SHAPE, sharded=False, processes=4, use_ema=False).ema == 0
+
+
+def test_fsdp_splits_the_state_and_adds_its_working_set():
+    memory = unet_memory(SHAPE, sharded=True, processes=4)
+    # P / 4 = 250 parameters each; two largest blocks gathered (fp32), the largest block's whole gradients
+    assert memory.weights == 4 * 250 + 4 * (300 + 200)
+    assert memory.gradients == 4 * 250 + 4 * 300
+    assert memory.optimizer == 8 * 250 and memory.ema == 4 * 250 and memory.activations == 5000
+    # bf16: gathered weights in 16 bits, activations halved; master weights, moments, EMA stay fp32
+    bf16 = unet_memory(SHAPE, sharded=True, processes=4, precision="bf16")
+    assert bf16.weights == 4 * 250 + 2 * (300 + 200) and bf16.activations == 2500 and bf16.optimizer == 2000
+    # HYBRID_SHARD: 2 replicas of 2 shards: each U-Net split in 2, not 4
+    assert unet_memory(SHAPE, sharded=True, processes=4, replicas=2).optimizer == 8 * 500
+    # one process: nothing to gather, the whole state
+    assert unet_memory(SHAPE, sharded=True, processes=1).weights == 4000
+
+
+def test_frozen_unets_are_whole_weights_only():
+    frozen = unet_memory(attrs_evolve(SHAPE, trained=False), sharded=True, processes=4)
+    assert (frozen.weights, frozen.total) == (4000, 4000)
+
+
+def attrs_evolve(shape, **changes):
+    import attrs
+
+    return attrs.evolve(shape, **changes)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("plan")
+    raw = tiny_config(write_tiny_demo(folder / "demo"), folder / "run")
+    return TrainDecoderConfig.from_dict(raw), raw
+
+
+def test_shapes_count_the_unet_and_its_blocks(tiny):
+    config, _ = tiny
+    (shape,) = unet_shapes(config)
+    real = config.decoder.create().unets[0]  # as the Decoder builds it
+    assert shape.parameters == sum(p.numel() for p in real.parameters())
+    assert shape.largest_blocks[0] >= shape.largest_blocks[1] > 0
+    assert shape.activations > 0
+
+
+def test_activation_estimate_is_what_autograd_saves(tiny):
+    """On the meta device as on the CPU: the same saved tensors, for a real batch."""
+    config, _ = tiny
+    unet = config.decoder.unets[0].create()
+    saved = {}
+
+    def pack(tensor):  # the memory really held: each storage once
+        saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        unet(torch.rand(4, 3, 16, 16), torch.zeros(4, dtype=torch.long), image_embed=torch.rand(4, 32))
+    with torch.device("meta"):
+        meta_unet = config.decoder.unets[0].create()
+    estimate = activation_bytes(meta_unet, batch_size=4, image_size=16, image_embed_dim=32, lowres=False)
+    held = sum(saved.values())
+    print(f"activations: estimate {estimate}, held {held}")
+    assert 0.85 * held <= estimate <= 1.15 * held
+    # linear in the batch
+    double = activation_bytes(meta_unet, batch_size=8, image_size=16, image_embed_dim=32, lowres=False)
+    assert 1.9 * estimate <= double <= 2.1 * estimate
+
+
+def test_the_plan_warns_when_a_mode_does_not_fit(tiny):
+    config, _ = tiny
+    ddp = sum(unet_memory(s, sharded=False, processes=2).total for s in unet_shapes(config))
+    fsdp = sum(unet_memory(s, sharded=True, processes=2).total for s in unet_shapes(config))
+    assert fsdp < ddp
+    lines = memory_plan_lines(config, processes=2, available=((ddp + fsdp) // 2, "test device"))
+    assert any(line.startswith("  warning: DDP:") and "does not fit" in line for line in lines)
+    assert any(line.startswith("  FSDP:") and "fits in" in line for line in lines)
+    assert sum("U-Net 1" in line for line in lines) == 2
+
+
+def test_check_prints_the_plan_on_stderr(tiny, tmp_path):
+    import json
+
+    _, raw = tiny
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(raw))
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "train_decoder.py"), "--config_file", str(path), "--check"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    json.loads(result.stdout)  # stdout stays the resolved config
+    assert "memory plan per process (1 process(es), batch 4 per process" in result.stderr
+    assert "DDP  U-Net 1" in result.stderr and "FSDP U-Net 1" in result.stderr
