@@ -284,6 +284,7 @@ def data_path_in_use_problem(config, data_path: str) -> Optional[Problem]:
     clears a filesystem root, the home directory, or the current directory or its parents.
     """
     from .tracking.run_state import DataPathError, _refuse_to_delete, read_run_state
+    from .tracking.sharded import is_sharded_folder
 
     tracker = config.tracker
     if not os.path.isdir(data_path) or not os.listdir(data_path):
@@ -294,7 +295,7 @@ def data_path_in_use_problem(config, data_path: str) -> Optional[Problem]:
         return Problem(EXIT_IO, f"tracker.data_path: {error}")
     if previous is not None and not previous.finished and tracker.log.auto_resume:
         checkpoint = previous.latest_checkpoint
-        if checkpoint and not os.path.isfile(checkpoint):
+        if checkpoint and not (os.path.isfile(checkpoint) or is_sharded_folder(Path(checkpoint))):
             return Problem(
                 EXIT_CHECKPOINT,
                 f"tracker.data_path: the interrupted run {previous.run_id} in {data_path} records its latest "

@@ -129,15 +129,20 @@ def test_missing_required_options(minimal_config, config_problems, path, key, ex
     [
         (
             "log",
-            {"log_type": "tensorboard"},
-            'tracker.log.log_type: unknown kind "tensorboard"; expected one of console, wandb',
+            {"log_type": "mlflow"},
+            'tracker.log.log_type: unknown kind "mlflow"; expected one of console, wandb, tensorboard',
         ),
         (
             "log",
             {"log_type": "wandbb", "wandb_entity": "e", "wandb_project": "p"},
-            'tracker.log.log_type: unknown kind "wandbb" (did you mean wandb?); expected one of console, wandb',
+            'tracker.log.log_type: unknown kind "wandbb" (did you mean wandb?); '
+            "expected one of console, wandb, tensorboard",
         ),
-        ("log", {"resume": False}, "tracker.log.log_type: required option missing (one of console, wandb)"),
+        (
+            "log",
+            {"resume": False},
+            "tracker.log.log_type: required option missing (one of console, wandb, tensorboard)",
+        ),
         (
             "load",
             {"load_from": "s3", "url": "s3://x"},
@@ -217,7 +222,8 @@ def test_every_problem_is_reported_at_once(minimal_config, config_problems):
         "extra: unknown option",
         "decoder.unets[0].dim_mult: unknown option (did you mean dim_mults?)",
         'train.epochs: expected an integer, got "many"',
-        'tracker.log.log_type: unknown kind "consol" (did you mean console?); expected one of console, wandb',
+        'tracker.log.log_type: unknown kind "consol" (did you mean console?); '
+        "expected one of console, wandb, tensorboard",
         "data.splits: train + val + test must sum to 1 (got 0.5 + 0.2 + 0.2 = 0.9)",
         "data.end_shard: must be at least data.start_shard (0), got -1",
     ]

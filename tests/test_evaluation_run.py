@@ -60,7 +60,7 @@ def test_the_evaluate_phase_logs_every_metric_with_the_step(trained):
     line = evaluations[0]
     values = line.get("metrics", line)
     assert METRIC_KEYS <= set(values), line
-    assert line["step"] == 8  # samples seen at the end of the one epoch
+    assert line["samples_seen"] == 8  # at the end of the one epoch (the x-axis of every log)
     # 10 asked for, read in batches of 4 from a validation split of 16: exactly 10 images.
     assert values["eval/samples"] == 10
     assert values["eval/FID"] > 0 and values["eval/IS_mean"] >= 0.999 and values["eval/LPIPS"] > 0

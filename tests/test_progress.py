@@ -105,7 +105,7 @@ def test_a_title_with_control_characters_still_gives_one_plain_line():
     assert started.startswith("bad name [2K 0%") and done.startswith("bad name [2K 0%")
 
 
-def test_decoder_sampling_shows_lines_per_unet_step_in_a_file(one_thread):
+def test_decoder_sampling_shows_lines_per_unet_step_in_a_file(compute_threads):
     from dalle2_decoder.models import Decoder, Unet
 
     from .conftest import TINY_UNET_OPTIONS
