@@ -6,11 +6,14 @@ Used by the SLURM tests (`tests/test_slurm*.py`) and by `scripts/local_slurm_clu
     subprocess.run(["sbatch", "--wait", ...], env=cluster.env())        # clients find it through SLURM_CONF
     cluster.stop()                                                      # every daemon it started is gone
 
-Everything (config, munge key and socket, state, spool, logs, pid files) lives under the folder;
-the ports are free ones chosen at start, so the cluster touches nothing system-wide and can run
-beside another. Each node is a separate slurmd on the same host (`slurmd -N nodeN`, its own port),
-which Debian's `slurm-wlm` build allows, so a job really spans two nodes: `srun` starts one task on
-each, `SLURM_NODEID` differs, and the ranks meet over TCP on 127.0.0.1.
+Everything (config, munge key, state, logs, pid files) lives under the folder, but for the Unix
+sockets: the munge socket and the spool (slurmstepd's sockets) go to a short folder under /tmp,
+removed at stop, since a socket path may hold at most 107 bytes and pytest's folders (its
+`popen-gwN` for each parallel process included) can be longer. The ports are free ones chosen
+at start, so the cluster touches nothing system-wide and can run beside another. Each node is a
+separate slurmd on the same host (`slurmd -N nodeN`, its own port), which Debian's `slurm-wlm`
+build allows, so a job really spans two nodes: `srun` starts one task on each, `SLURM_NODEID`
+differs, and the ranks meet over TCP on 127.0.0.1.
 
 The daemons run as root (as slurmd must, to start jobs); `ensure_installed()` installs Debian's
 `slurm-wlm` and `munge` with apt-get when they are missing, as CI runs as root.
@@ -105,12 +108,15 @@ class LocalSlurmCluster:
         self.conf = self.root / "slurm.conf"
         self.logs = self.root / "log"
         self._daemons: Dict[str, subprocess.Popen] = {}
+        self.sockets = Path(tempfile.mkdtemp(prefix="d2slurm-", dir="/tmp"))
+        """Short, for Unix socket paths: the munge socket and the spool (slurmstepd's sockets)."""
 
     # --- configuration -------------------------------------------------------------------------
 
     def _write_config(self) -> None:
-        for folder in ("munge", "state", "spool", "log", "run"):
+        for folder in ("munge", "state", "log", "run"):
             (self.root / folder).mkdir(parents=True, exist_ok=True)
+        (self.sockets / "spool").mkdir(parents=True, exist_ok=True)
         os.chmod(self.root / "munge", 0o700)
         ctld_port, *node_ports = free_ports(1 + len(self.nodes))
         host = socket.gethostname()
@@ -126,9 +132,9 @@ class LocalSlurmCluster:
             "CredType=cred/munge",
             # cred_expire: also how long a requeued job waits before it may start again (120 s by
             # default); short here, so the pre-emption test does not sit out two minutes.
-            f"AuthInfo=socket={self.root / 'munge' / 'munge.socket'},cred_expire=10",
+            f"AuthInfo=socket={self.sockets / 'munge.socket'},cred_expire=10",
             f"StateSaveLocation={self.root / 'state'}",
-            f"SlurmdSpoolDir={self.root / 'spool'}/%n",
+            f"SlurmdSpoolDir={self.sockets / 'spool'}/%n",
             f"SlurmctldPidFile={self.root / 'run' / 'slurmctld.pid'}",
             f"SlurmdPidFile={self.root / 'run'}/slurmd-%n.pid",
             f"SlurmctldLogFile={self.logs / 'slurmctld.log'}",
@@ -203,14 +209,14 @@ class LocalSlurmCluster:
                     _find("munged"),
                     "--foreground",
                     "--force",
-                    f"--socket={munge / 'munge.socket'}",
+                    f"--socket={self.sockets / 'munge.socket'}",
                     f"--key-file={munge / 'munge.key'}",
                     f"--pid-file={munge / 'munged.pid'}",
                     f"--log-file={self.logs / 'munged.log'}",
                     f"--seed-file={munge / 'munged.seed'}",
                 ],
             )
-            self._wait_for(lambda: (munge / "munge.socket").exists(), timeout, "munged to open its socket")
+            self._wait_for(lambda: (self.sockets / "munge.socket").exists(), timeout, "munged to open its socket")
             self._daemon("slurmctld", [_find("slurmctld"), "-D", "-i", "-f", str(self.conf)])
             self._wait_for(
                 lambda: self._run("scontrol", "ping").returncode == 0 and "UP" in self._run("scontrol", "ping").stdout,
@@ -280,6 +286,7 @@ class LocalSlurmCluster:
         # slurmstepd daemonise out of slurmd's session: find them (and their tasks) through their environment.
         for pid in _processes_of(self.conf):
             _end_tree(pid)
+        shutil.rmtree(self.sockets, ignore_errors=True)
 
     def __enter__(self) -> "LocalSlurmCluster":
         return self.start()
