@@ -138,14 +138,14 @@ def pytest_unconfigure(config):
 
 
 LONGEST_FILES = (
-    "test_training_loop.py",
+    "test_sharded_training.py",
     "test_stop_signals.py",
-    "test_samplers.py",
-    "test_reliability_loop.py",
     "test_slurm_preemption.py",
+    "test_multinode.py",
+    "test_training_loop.py",
+    "test_slurm.py",
     "test_bad_inputs.py",
-    "test_sample_command.py",
-    "test_models_decoder.py",
+    "test_evaluation_distributed.py",
 )
 """The test files that take longest (measured with --durations), in that order: `make test` gives
 whole files to its two processes in collection order, so these go first and the short files fill
