@@ -957,7 +957,13 @@ PROPERTY_MUTANTS += [
     Mutant(
         "pre-flight: an auto-resumed run whose checkpoint is gone passes (fixed bug)",
         "checkpoint",
-        [(PREFLIGHT, "        if checkpoint and not os.path.isfile(checkpoint):", "        if False:")],
+        [
+            (
+                PREFLIGHT,
+                "        if checkpoint and not (os.path.isfile(checkpoint) or is_sharded_folder(Path(checkpoint))):",
+                "        if False:",
+            )
+        ],
         [T_RULE_PATHS],
         before=["tests/test_cli_check.py", T_TRACK, T_CONSOLE],
     ),
