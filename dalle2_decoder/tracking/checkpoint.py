@@ -448,6 +448,13 @@ def load_state_dict_checked(
     Raises CheckpointMismatchError listing all missing, unexpected and mis-shaped tensors at once,
     instead of torch's first-failure message deep inside `load_state_dict`.
     """
+    check_state_names(module, state_dict, source)
+    module.load_state_dict(dict(state_dict), strict=True)
+
+
+def check_state_names(module: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Raise CheckpointMismatchError listing every name of `module`'s state missing from `state_dict`,
+    every name it has that `module` lacks, and every (whole) shape that differs."""
     expected = module.state_dict()
     missing = sorted(name for name in expected if name not in state_dict)
     unexpected = sorted(name for name in state_dict if name not in expected)
@@ -458,7 +465,6 @@ def load_state_dict_checked(
     )
     if missing or unexpected or mismatched:
         raise CheckpointMismatchError(source, missing, unexpected, mismatched)
-    module.load_state_dict(dict(state_dict), strict=True)
 
 
 # --- random number generator states ------------------------------------------------------------

@@ -27,7 +27,12 @@ from ..config.root import TrainDecoderConfig
 from ..config.train import TrainConfig
 from ..models.decoder import Decoder
 from ..runtime import ddp_ignore
-from ..tracking.checkpoint import CheckpointError, CheckpointMismatchError, load_state_dict_checked
+from ..tracking.checkpoint import (
+    CheckpointError,
+    CheckpointMismatchError,
+    check_state_names,
+    load_state_dict_checked,
+)
 from ..tracking.sharded import SHARDED_FORMAT
 from . import sharding as sharded
 from .ema import EMA
@@ -551,7 +556,7 @@ class DecoderTrainer:
             return
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        _check_names(module, weights, source)
+        check_state_names(module, weights, source)
         set_model_state_dict(module, dict(weights), options=StateDictOptions(full_state_dict=True))
 
     def _load_ema(self, number: int, saved: Dict[str, torch.Tensor]) -> None:
@@ -659,20 +664,6 @@ class DecoderTrainer:
         for group in optimizer.param_groups:
             group["lr"] = lr * factor
         scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
-
-
-def _check_names(module: nn.Module, weights: Dict[str, torch.Tensor], source: str) -> None:
-    """Every name and (whole) shape of `module`'s state in `weights`, as `load_state_dict_checked` checks."""
-    expected = module.state_dict()
-    missing = sorted(name for name in expected if name not in weights)
-    unexpected = sorted(name for name in weights if name not in expected)
-    mismatched = sorted(
-        f"{name} {tuple(weights[name].shape)} vs {tuple(expected[name].shape)}"
-        for name in expected
-        if name in weights and tuple(weights[name].shape) != tuple(expected[name].shape)
-    )
-    if missing or unexpected or mismatched:
-        raise CheckpointMismatchError(source, missing, unexpected, mismatched)
 
 
 def _check_stored(folder, prefix: str, targets: Dict[str, torch.Tensor], shapes: Dict[str, torch.Size]) -> None:
