@@ -131,6 +131,7 @@ DECODER_TABLE: Dict[str, Entry] = {
     "p2_loss_weight_k": Entry(2.0, "loss", {"p2_loss_weight_gamma": 1.0}),
     "min_snr_loss_weight": Entry(True, "loss"),
     "min_snr_gamma": Entry(1.0, "loss", {"min_snr_loss_weight": True}),
+    "noise_schedule_shift": Entry(0.5, "loss"),
     "ddim_sampling_eta": Entry(1.0, "sample", {"sample_timesteps": 4}),
     "samplers": Entry("dpmpp_2m", "sample", {"sample_timesteps": 4}),
     "self_cond_prob": Entry(1.0, "loss", {"unet_self_cond": True}),

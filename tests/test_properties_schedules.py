@@ -219,6 +219,36 @@ def test_every_beta_schedule_is_its_formula_for_any_count(name, timesteps):
     assert got.tolist() == pytest.approx(expected, rel=rel, abs=1e-15)
 
 
+@settings(max_examples=60)
+@given(timesteps=st.integers(2, 2000), shift=st.floats(0.05, 4.0))
+def test_a_shifted_schedule_moves_every_log_snr_by_twice_the_log_of_the_shift(timesteps, shift):
+    """Hoogeboom et al. 2023: the shifted schedule's log-SNR is the cosine schedule's plus 2 log(shift)
+    at every step (SNR = alpha_bar / (1 - alpha_bar)), for steps whose betas stay under the cap;
+    shift 1 is the schedule itself."""
+    # The published cosine alpha_bar, in float64 with math (as published_betas does).
+    bars = [
+        math.cos((i / timesteps + 0.008) / 1.008 * math.pi / 2) ** 2 / math.cos(0.008 / 1.008 * math.pi / 2) ** 2
+        for i in range(1, timesteps + 1)
+    ]
+    expected_bars = [1 / (1 + (1 - bar) / bar / shift**2) for bar in bars[:-1]]  # SNR x shift^2
+    got = make_beta_schedule("cosine", timesteps, shift)
+    got_bars = torch.cumprod(1 - got, 0).tolist()
+    assert got.dtype == torch.float64 and got.shape == (timesteps,)
+    assert make_beta_schedule("cosine", timesteps, 1.0).tolist() == make_beta_schedule("cosine", timesteps).tolist()
+    # Until the first step whose beta hits the cap, the shifted alpha_bar is the formula's. Rounding:
+    # the product of t float64 factors carries t roundings of relative size FLOAT64_EPS, and the
+    # logit -> sigmoid round trip turns an absolute error of |logit| x eps in the logit into a
+    # relative one of the same size in alpha_bar; 16 covers the few operations of each.
+    capped = [i for i, beta in enumerate(got.tolist()) if beta >= MAX_BETA]
+    last = min(capped[0] if capped else timesteps - 1, timesteps - 1)
+    for i in range(last):
+        logit = abs(math.log(expected_bars[i] / (1 - expected_bars[i])))
+        bound = 16 * (i + 2 + logit) * FLOAT64_EPS
+        assert got_bars[i] == pytest.approx(expected_bars[i], rel=bound, abs=1e-300)
+    with pytest.raises(ValueError, match="positive"):
+        make_beta_schedule("cosine", timesteps, 0.0)
+
+
 # --- timestep spacings --------------------------------------------------------------------------
 
 

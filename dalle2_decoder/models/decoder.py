@@ -23,7 +23,7 @@ from ._compat import warn_no_effect
 from .gaussian_diffusion import GaussianDiffusion, ddim_timestep_pairs
 from .lowres import LOWRES_NOISE_TIMESTEPS, LowresConditioner, resize_image
 from .samplers import SAMPLER_NAMES, Generators, ModelOutput, Schedule, randn, run_sampler
-from .schedules import default_beta_schedules, make_beta_schedule
+from .schedules import default_beta_schedules
 from .unet import Unet
 
 LOSS_TYPES = ("l1", "l2", "huber")
@@ -165,6 +165,8 @@ class Decoder(nn.Module):
             v); the reference always reads the prediction as noise there.
         min_snr_loss_weight: weight the loss by min(SNR, min_snr_gamma) (Min-SNR, Hang et al. 2023).
         min_snr_gamma: the Min-SNR clip value.
+        noise_schedule_shift: per U-Net, s > 0: its schedule's log-SNR shifted by 2 log(s) (Hoogeboom et al.
+            2023's shifted schedules; s = r0 / image_size moves a schedule tuned at r0 pixels to a U-Net's size).
         self_cond_prob: how often a batch is self-conditioned in training (the reference: 0.5).
         self_cond_x_start: self-condition on the clamped x_0 estimate, drawn per sample (the reference
             feeds the raw prediction, one draw per batch).
@@ -215,6 +217,7 @@ class Decoder(nn.Module):
         vb_mean_from_objective: bool = False,
         min_snr_loss_weight: bool = False,
         min_snr_gamma: float = 5.0,
+        noise_schedule_shift: Union[float, Sequence[float]] = 1.0,
         self_cond_prob: float = 0.5,
         self_cond_x_start: bool = False,
     ):
@@ -285,7 +288,11 @@ class Decoder(nn.Module):
             else per_unet(beta_schedule, n, name="Decoder: beta_schedule")
         )
         self.beta_schedules = list(schedules)
-        self.diffusions = nn.ModuleList(GaussianDiffusion(s, timesteps) for s in schedules)
+        shifts = [float(s) for s in per_unet(noise_schedule_shift, n, name="Decoder: noise_schedule_shift")]
+        for i, shift in enumerate(shifts):
+            if not shift > 0:
+                raise ValueError(f"Decoder: noise_schedule_shift of U-Net {i + 1} must be positive, got {shift}")
+        self.diffusions = nn.ModuleList(GaussianDiffusion(s, timesteps, shift) for s, shift in zip(schedules, shifts))
 
         use_noise = _upsampler_flags(use_noise_for_lowres_cond, n, "use_noise_for_lowres_cond")
         use_blur = _upsampler_flags(use_blur_for_lowres_cond, n, "use_blur_for_lowres_cond")
@@ -678,9 +685,7 @@ class Decoder(nn.Module):
                 var_out = torch.sigmoid(var_out) if self.learned_variance_constrain_frac else (var_out + 1.0) / 2.0
             return ModelOutput(pred, var_out)
 
-        schedule = Schedule.from_betas(
-            make_beta_schedule(diffusion.beta_schedule, diffusion.num_timesteps), objective, self._threshold
-        )
+        schedule = Schedule.from_betas(diffusion.betas_float64(), objective, self._threshold)
         calls = steps or self.num_timesteps
         meter = _unet_meter(progress, f"sampling U-Net {index + 1} ({sampler}, {calls} steps)", calls)
         try:

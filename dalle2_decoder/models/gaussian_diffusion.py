@@ -52,14 +52,15 @@ class GaussianDiffusion(nn.Module):
     checkpoints carry only network weights and a schedule can be changed without surgery.
     """
 
-    def __init__(self, beta_schedule: str = "cosine", timesteps: int = 1000):
+    def __init__(self, beta_schedule: str = "cosine", timesteps: int = 1000, shift: float = 1.0):
         super().__init__()
         self.beta_schedule = beta_schedule
         self.num_timesteps = timesteps
+        self.shift = shift
         # Constants, computed on the CPU whatever device context the model is built under (e.g. the meta
         # device, which cannot be read back, when the pre-flight check sizes a checkpoint).
         with torch.device("cpu"):
-            betas = make_beta_schedule(beta_schedule, timesteps)  # float64 for the derived constants
+            betas = self.betas_float64()  # float64 for the derived constants
             alphas = 1.0 - betas
             alphas_cumprod = torch.cumprod(alphas, dim=0)
             alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
@@ -87,6 +88,10 @@ class GaussianDiffusion(nn.Module):
         register("snr", alphas_cumprod / (1.0 - alphas_cumprod))
 
     # ----------------------------------------------------------------- forward process
+    def betas_float64(self) -> torch.Tensor:
+        """The schedule's betas in float64 (the buffers hold float32), for samplers that derive their own constants."""
+        return make_beta_schedule(self.beta_schedule, self.num_timesteps, self.shift)
+
     def sample_timesteps(self, batch_size: int, device: torch.device) -> torch.Tensor:
         """Uniform random training timesteps in [0, T)."""
         return torch.randint(0, self.num_timesteps, (batch_size,), device=device, dtype=torch.long)
