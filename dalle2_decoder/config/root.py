@@ -16,11 +16,13 @@ from .decoder import DecoderConfig
 from .errors import ConfigError, ConfigWarning
 from .evaluate import EvaluateConfig
 from .limits import cross_section_problems, non_finite_numbers
+from .recipes import DEFAULT_RECIPE, RECIPES, apply_recipe
 from .structure import UnknownOptionError, converter, structure_at
 from .tracker import TrackerConfig
 from .train import TrainConfig
 
-_SECTION_ORDER = ("decoder", "data", "train", "evaluate", "tracker", "seed")  # the order of the reference's files
+# The order of the reference's files, then this package's `recipe`.
+_SECTION_ORDER = ("decoder", "data", "train", "evaluate", "tracker", "seed", "recipe")
 
 
 @attrs.frozen
@@ -39,6 +41,9 @@ class TrainDecoderConfig:
     """Evaluation metrics."""
     seed: int = 0
     """Seed for the data splits, shuffling, model initialisation and sampling."""
+    recipe: str = DEFAULT_RECIPE
+    """A named set of option values filled in where the config leaves them out (`config/recipes.py`,
+    docs/RECIPE.md); `reference`, the default, changes nothing."""
 
     # --- loading ------------------------------------------------------------------------------
 
@@ -97,6 +102,8 @@ class TrainDecoderConfig:
         if not isinstance(raw, Mapping):
             return None, [f"the configuration must be a JSON object, got {type(raw).__name__}"], []
         raw, notes, problems = adapt_reference_options(dict(raw))
+        raw, recipe_problems = apply_recipe(raw)
+        problems += recipe_problems
         problems += non_finite_numbers(raw)
         sections: Dict[str, Any] = {}
         fields = {field.name: field for field in attrs.fields(cls)}
@@ -131,6 +138,8 @@ class TrainDecoderConfig:
         """Every cross-field problem, as `path: reason` lines (empty for a valid config)."""
         view = _Sections.of(self)
         problems = [problem for section in view.structured() for problem in section.check(self)]
+        if self.recipe not in RECIPES:
+            problems.append(f"recipe: unknown recipe {self.recipe!r}; choose one of {', '.join(RECIPES)}")
         return list(dict.fromkeys(problems + cross_section_problems(view)))
 
     def notes(self) -> List[str]:
@@ -169,6 +178,7 @@ class _Sections:
     train: Optional[TrainConfig]
     evaluate: Optional[EvaluateConfig]
     seed: Optional[int]
+    recipe: Optional[str]
 
     @classmethod
     def of(cls, config: TrainDecoderConfig) -> "_Sections":
