@@ -37,6 +37,9 @@ def test_ddp_holds_everything_and_grads_twice():
         5000,
     )
     assert memory.total == 29000
+    # under autocast, a 16-bit copy of each weight is saved for the backward pass; activations in 16 bits
+    bf16 = unet_memory(SHAPE, sharded=False, processes=4, precision="bf16")
+    assert (bf16.weights, bf16.activations) == (4000 + 2000, 2500)
     assert unet_memory(SHAPE, sharded=False, processes=4, use_ema=False).ema == 0
 
 

@@ -4,7 +4,7 @@
 trained U-Net of P parameters, in bytes per process:
 
                 DDP                       FSDP over N processes (shard group of N / replicas)
-    weights     4P                        4P / N + the gathered weights of the two largest blocks
+    weights     4P (+ 2P in bf16 / fp16)  4P / N + the gathered weights of the two largest blocks
     gradients   4P + 4P (DDP's buckets)   4P / N + the whole gradients of the largest block
     optimizer   8P (AdamW's two moments)  8P / N
     EMA         4P (when train.use_ema)   4P / N
@@ -13,7 +13,8 @@ trained U-Net of P parameters, in bytes per process:
 The block terms are FSDP's working set: a block's weights are gathered just before it runs and
 freed after it (the next block's gather overlaps), and a block's whole gradients live until they
 are reduce-scattered. Gathered weights are bf16 under bf16 mixed precision, fp32 otherwise. DDP
-keeps the gradients twice: in the parameters' `.grad` and in its flat all-reduce buckets.
+keeps the gradients twice: in the parameters' `.grad` and in its flat all-reduce buckets; under
+autocast it also holds a 16-bit copy of every weight from the forward pass to the backward pass.
 
 A (activations) is measured, not guessed: the U-Net runs one forward pass on the meta device (no
 memory, shapes only) for the batch of one process at its image size, and the tensors autograd
@@ -26,6 +27,14 @@ saved tensors of the largest block.
 Frozen U-Nets are whole on every process in both modes (weights only; training never runs them).
 The plan leaves out what does not grow with the model: the torch runtime (a few hundred MB on the
 CPU, more with CUDA's context), data batches and loader workers (separate processes).
+
+The plan counts tensors, not what an allocator keeps beside them. On the CPU that matters under
+FSDP: glibc's malloc raises its mmap threshold to the largest block it has unmapped (up to 32 MiB),
+and FSDP frees block-sized buffers (gathered weights, whole gradients) for every block, so the
+activations come from the heap afterwards, whose freed pages stay resident and fragment: measured,
+the peak resident memory then exceeds the tensors' peak by about half the activations (bench/memory.py,
+docs/PERFORMANCE.md). With the threshold fixed (`MALLOC_MMAP_THRESHOLD_=131072`) it does not. The
+tensors FSDP holds are the ones modelled above (a profile of the step's allocations found no others).
 """
 
 from __future__ import annotations
@@ -90,8 +99,11 @@ def unet_memory(
         return UnetMemory(shape.number, False, FP32 * p, 0, 0, 0, 0)
     activations = shape.activations // 2 if precision in ("bf16", "fp16") else shape.activations
     if not sharded:
+        # autocast's 16-bit copies of the weights live through the forward pass (its cache) and the
+        # layers save them for the backward pass (FSDP gathers 16-bit weights per block instead)
+        copies = 2 * p if precision in ("bf16", "fp16") else 0
         return UnetMemory(
-            shape.number, True, FP32 * p, 2 * FP32 * p, 2 * FP32 * p, FP32 * p if use_ema else 0, activations
+            shape.number, True, FP32 * p + copies, 2 * FP32 * p, 2 * FP32 * p, FP32 * p if use_ema else 0, activations
         )
     n = shard_count(processes, replicas)
     shard = math.ceil(p / n)
