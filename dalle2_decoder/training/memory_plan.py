@@ -296,7 +296,7 @@ def memory_plan_lines(
     shapes = unet_shapes(config, activation_checkpointing=activation_checkpointing)
     lines = [
         f"memory plan per process ({processes} process(es), batch {config.data.batch_size} per process, "
-        f"precision {precision}; see docs/LARGE_DECODERS.md):"
+        f"precision {precision}; see docs/TRAINING.md, The memory plan):"
     ]
     totals = {}
     for label, sharded in (("DDP", False), ("FSDP", True)):
