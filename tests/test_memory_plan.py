@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import weakref
@@ -133,6 +134,32 @@ def test_check_prints_the_plan_on_stderr(tiny, tmp_path):
     json.loads(result.stdout)  # stdout stays the resolved config
     assert "memory plan per process (1 process(es), batch 4 per process" in result.stderr
     assert "DDP  U-Net 1" in result.stderr and "FSDP U-Net 1" in result.stderr
+
+
+def test_check_plans_the_launchers_activation_checkpointing(tiny, tmp_path):
+    """Under `accelerate launch` with an FSDP config asking for activation checkpointing (the
+    environment accelerate passes to each process), `--check` plans checkpointed activations."""
+    config, raw = tiny
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(raw))
+    launcher = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_ACTIVATION_CHECKPOINTING": "true"}
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "train_decoder.py"), "--config_file", str(path), "--check"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+        env={**os.environ, **launcher},
+    )
+    assert result.returncode == 0, result.stderr
+    (checkpointed,) = unet_shapes(config, activation_checkpointing=True)
+    (plain,) = unet_shapes(config)
+    fsdp = [line for line in result.stderr.splitlines() if line.startswith("  FSDP U-Net 1")]
+    assert (
+        len(fsdp) == 1
+        and f"activations {gib(unet_memory(checkpointed, sharded=True, processes=1).activations)}" in fsdp[0]
+    )
+    assert f"activations {gib(plain.activations)}" not in fsdp[0]
 
 
 def held_saved_bytes(run, parameters=()) -> int:
