@@ -18,11 +18,12 @@ autocast it also holds a 16-bit copy of every weight from the forward pass to th
 
 A (activations) is measured, not guessed: the U-Net runs one forward pass on the meta device (no
 memory, shapes only) for the batch of one process at its image size, and the tensors autograd
-saves for the backward pass are summed (halved under bf16 or fp16 autocast, which saves most of
-them in 16 bits). With activation checkpointing (a U-Net's `checkpoint_during_training`, or the
-launcher's `fsdp_activation_checkpointing`) the checkpointed blocks save only their inputs, and
-the backward pass recomputes one block at a time: A is then what the forward pass saves plus the
-saved tensors of the largest block.
+saves for the backward pass are summed, but the U-Net's own parameters that layers save (counted
+as weights above; under FSDP, gathered and freed with their block), halved under bf16 or fp16
+autocast, which saves most of them in 16 bits. With activation checkpointing (a U-Net's
+`checkpoint_during_training`, or the launcher's `fsdp_activation_checkpointing`) the checkpointed
+blocks save only their inputs, and the backward pass recomputes one block at a time: A is then
+what the forward pass saves plus the saved tensors of the largest block.
 
 Frozen U-Nets are whole on every process in both modes (weights only; training never runs them).
 The plan leaves out what does not grow with the model: the torch runtime (a few hundred MB on the
