@@ -1,6 +1,6 @@
 """The memory plan (`train_decoder.py --check`) against the measured peak of the trained state.
 
-    python bench/memory.py [--steps 3] [--processes 2] [--configs small ...] [--malloc-default]
+    python bench/memory.py [--steps 3] [--processes 2] [--configs small ...] [--malloc-default] [--profile]
     python bench/memory.py --plan [CFG.json ...] [--processes 8] [--precision bf16] [--batch-size 8]
 
 `--plan` measures nothing: it prints the plan per process for the configs given (default: LAION's
@@ -113,6 +113,18 @@ def status_kib(field: str) -> int:
     raise KeyError(field)
 
 
+def live_tensor_peak(trace: Path) -> int:
+    """The most bytes of CPU tensors held at once above the profiled step's start: the running sum
+    of the profiler's memory events (allocations positive, frees negative) in time order."""
+    events = json.loads(trace.read_text())["traceEvents"]
+    memory = [e for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type", 0) == 0]
+    running = peak = 0
+    for event in sorted(memory, key=lambda e: e["ts"]):
+        running += event["args"]["Bytes"]
+        peak = max(peak, running)
+    return peak
+
+
 def worker() -> int:
     """Inside each launched process: the training command with the two readings installed."""
     # What sharding imports (DTensor, FSDP, DCP) costs resident memory of its own, the same for any
@@ -126,6 +138,7 @@ def worker() -> int:
 
     out = Path(os.environ["MEMORY_BENCH_OUT"])
     steps = int(os.environ["MEMORY_BENCH_STEPS"])
+    profile = os.environ.get("MEMORY_BENCH_PROFILE") == "1"
     baseline = {}
     create = DecoderConfig.create
 
@@ -138,15 +151,26 @@ def worker() -> int:
     def train_step(self, batch):
         baseline.setdefault("setup", status_kib("VmRSS") * 1024)
         baseline.setdefault("setup_peak", status_kib("VmHWM") * 1024)
+        rank = int(os.environ.get("RANK", "0"))
+        profiler = None
+        if profile and self.step == steps - 1:
+            import torch.profiler
+
+            profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
+            profiler.__enter__()
         losses = step(self, batch)
+        if profiler is not None:
+            profiler.__exit__(None, None, None)
+            profiler.export_chrome_trace(str(out / f"trace{rank}.json"))
+            baseline["live_peak"] = live_tensor_peak(out / f"trace{rank}.json")
         if self.step >= steps:
-            rank = int(os.environ.get("RANK", "0"))
             reading = {
                 "rank": rank,
                 "baseline": baseline["rss"],
                 "setup": baseline["setup"],
                 "setup_peak": baseline["setup_peak"],
                 "peak": status_kib("VmHWM") * 1024,
+                "live_peak": baseline.get("live_peak"),
             }
             (out / f"rank{rank}.json").write_text(json.dumps(reading))
             sys.stdout.flush()
@@ -209,7 +233,14 @@ own and unmapped when freed."""
 
 
 def measure(
-    config_path: Path, folder: Path, *, sharded: bool, processes: int, steps: int, malloc_default: bool = False
+    config_path: Path,
+    folder: Path,
+    *,
+    sharded: bool,
+    processes: int,
+    steps: int,
+    malloc_default: bool = False,
+    profile: bool = False,
 ) -> list:
     folder.mkdir(parents=True, exist_ok=True)
     launch_config = ROOT / "accelerate_configs" / ("cpu_fsdp.yaml" if sharded else "cpu_multi_process.yaml")
@@ -225,6 +256,8 @@ def measure(
     }
     if not malloc_default:
         env["MALLOC_MMAP_THRESHOLD_"] = MMAP_THRESHOLD
+    if profile:
+        env["MEMORY_BENCH_PROFILE"] = "1"
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=folder)
     readings = [json.loads(p.read_text()) for p in sorted(folder.glob("rank*.json"))]
     if len(readings) != processes:
@@ -252,6 +285,12 @@ def main() -> int:
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--configs", nargs="*", default=DEFAULT_CONFIGS, choices=list(CONFIGS))
     parser.add_argument("--malloc-default", action="store_true", help="glibc's dynamic mmap threshold (see above)")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile the last step's CPU allocations (torch.profiler) and print the live tensors' "
+        "peak above its start; the profiler's own memory then inflates the resident readings",
+    )
     parser.add_argument("--plan", nargs="*", type=Path, help="print the plan of these configs (see above)")
     parser.add_argument("--precision", default="bf16", help="with --plan")
     parser.add_argument("--batch-size", type=int, default=8, help="with --plan: per process")
@@ -287,16 +326,23 @@ def main() -> int:
                     processes=args.processes,
                     steps=args.steps,
                     malloc_default=args.malloc_default,
+                    profile=args.profile,
                 )
                 measured = max(r["peak"] - r["baseline"] for r in readings)
                 setup = max(r["setup"] - r["baseline"] for r in readings)
                 setup_peak = max(r["setup_peak"] - r["baseline"] for r in readings)
+                profiled = [r["live_peak"] for r in readings if r.get("live_peak") is not None]
+                live = (
+                    f"; live tensors at most {max(profiled) / 2**20:.1f} MiB above the last step's start"
+                    if profiled
+                    else ""
+                )
                 plan = planned(config_path, sharded=sharded, processes=args.processes)
                 rows.append((name, parameters, label, plan, measured))
                 print(
                     f"{name:7} {parameters / 1e6:6.1f}M {label:4} x{args.processes}: plan {plan / 2**20:8.1f} MiB, "
                     f"measured {measured / 2**20:8.1f} MiB ({(plan - measured) / measured:+.1%}); "
-                    f"before the first step {setup / 2**20:.1f} MiB, peak so far {setup_peak / 2**20:.1f} MiB",
+                    f"before the first step {setup / 2**20:.1f} MiB, peak so far {setup_peak / 2**20:.1f} MiB" + live,
                     flush=True,
                 )
     malloc = "glibc's default" if args.malloc_default else f"MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD}"
