@@ -190,17 +190,23 @@ def _print_memory_plan(config: TrainDecoderConfig) -> None:
 
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     precision = config.train.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-    replicas = 1
+    replicas, checkpointing = 1, False
     try:
         from .runtime import sharding_from_launcher
 
         sharding = sharding_from_launcher(processes)
-        replicas = sharding.replicate if sharding is not None else 1
+        if sharding is not None:
+            replicas, checkpointing = sharding.replicate, sharding.activation_checkpointing
     except Exception:  # the run itself reports a bad launch configuration; the plan assumes FULL_SHARD
         pass
     try:
         lines = memory_plan_lines(
-            config, processes=processes, replicas=replicas, precision=precision, available=device_memory()
+            config,
+            processes=processes,
+            replicas=replicas,
+            precision=precision,
+            available=device_memory(),
+            activation_checkpointing=checkpointing,
         )
     except Exception as error:  # a plan that cannot be made must not fail the check
         lines = [f"memory plan: not computed ({type(error).__name__}: {error})"]

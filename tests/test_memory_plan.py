@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
 
 from dalle2_decoder import TrainDecoderConfig
-from dalle2_decoder.training.memory_plan import UnetShape, activation_bytes, memory_plan_lines, unet_memory, unet_shapes
+from dalle2_decoder.training.memory_plan import (
+    UnetShape,
+    activation_bytes,
+    gib,
+    memory_plan_lines,
+    unet_memory,
+    unet_shapes,
+)
 
 from .conftest import REPO_ROOT
 from .training_fixtures import tiny_config, write_tiny_demo
@@ -28,6 +38,9 @@ def test_ddp_holds_everything_and_grads_twice():
         5000,
     )
     assert memory.total == 29000
+    # under autocast, a 16-bit copy of each weight is saved for the backward pass; activations in 16 bits
+    bf16 = unet_memory(SHAPE, sharded=False, processes=4, precision="bf16")
+    assert (bf16.weights, bf16.activations) == (4000 + 2000, 2500)
     assert unet_memory(SHAPE, sharded=False, processes=4, use_ema=False).ema == 0
 
 
@@ -77,19 +90,16 @@ def test_activation_estimate_is_what_autograd_saves(tiny):
     """On the meta device as on the CPU: the same saved tensors, for a real batch."""
     config, _ = tiny
     unet = config.decoder.unets[0].create()
-    saved = {}
-
-    def pack(tensor):  # the memory really held: each storage once
-        saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        unet(torch.rand(4, 3, 16, 16), torch.zeros(4, dtype=torch.long), image_embed=torch.rand(4, 32))
+    held = held_saved_bytes(
+        lambda: unet(torch.rand(4, 3, 16, 16), torch.zeros(4, dtype=torch.long), image_embed=torch.rand(4, 32)),
+        unet.parameters(),
+    )
     with torch.device("meta"):
         meta_unet = config.decoder.unets[0].create()
     estimate = activation_bytes(meta_unet, batch_size=4, image_size=16, image_embed_dim=32, lowres=False)
-    held = sum(saved.values())
     print(f"activations: estimate {estimate}, held {held}")
+    # shapes are the same on both devices; the meta count tells tensors apart by identity, the CPU's
+    # by storage (a view and its base are one there): 15% covers the views autograd saves
     assert 0.85 * held <= estimate <= 1.15 * held
     # linear in the batch
     double = activation_bytes(meta_unet, batch_size=8, image_size=16, image_embed_dim=32, lowres=False)
@@ -124,3 +134,99 @@ def test_check_prints_the_plan_on_stderr(tiny, tmp_path):
     json.loads(result.stdout)  # stdout stays the resolved config
     assert "memory plan per process (1 process(es), batch 4 per process" in result.stderr
     assert "DDP  U-Net 1" in result.stderr and "FSDP U-Net 1" in result.stderr
+
+
+def test_check_plans_the_launchers_activation_checkpointing(tiny, tmp_path):
+    """Under `accelerate launch` with an FSDP config asking for activation checkpointing (the
+    environment accelerate passes to each process), `--check` plans checkpointed activations."""
+    config, raw = tiny
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(raw))
+    launcher = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_ACTIVATION_CHECKPOINTING": "true"}
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "train_decoder.py"), "--config_file", str(path), "--check"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+        env={**os.environ, **launcher},
+    )
+    assert result.returncode == 0, result.stderr
+    (checkpointed,) = unet_shapes(config, activation_checkpointing=True)
+    (plain,) = unet_shapes(config)
+    fsdp = [line for line in result.stderr.splitlines() if line.startswith("  FSDP U-Net 1")]
+    assert (
+        len(fsdp) == 1
+        and f"activations {gib(unet_memory(checkpointed, sharded=True, processes=1).activations)}" in fsdp[0]
+    )
+    assert f"activations {gib(plain.activations)}" not in fsdp[0]
+
+
+def held_saved_bytes(run, parameters=()) -> int:
+    """Bytes of the distinct storages autograd saves in `run()` and still holds with its output
+    alive, but the storages of `parameters` (the weights, which the plan counts as such)."""
+    refs = []
+    weights = {parameter.untyped_storage().data_ptr() for parameter in parameters}
+
+    def pack(tensor):
+        refs.append(weakref.ref(tensor))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        output = run()  # noqa: F841 (held: its graph keeps what the backward pass needs)
+        storages = {}
+        for tensor in (ref() for ref in refs):
+            if tensor is not None:
+                storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+    return sum(size for pointer, size in storages.items() if pointer not in weights)
+
+
+def test_activation_checkpointing_keeps_block_inputs_and_one_recomputed_block(tiny):
+    """With `checkpoint_during_training`, a real CPU forward pass holds the layers' saved tensors
+    outside the blocks and each checkpointed block's inputs; the backward pass then recomputes one
+    block at a time, holding that block's saved tensors: the estimate is the sum of those."""
+    from dalle2_decoder.models.layers import ResnetBlock
+
+    config, _ = tiny
+    unet_config = attrs_evolve(
+        config.decoder.unets[0], options={**config.decoder.unets[0].options, "checkpoint_during_training": True}
+    )
+    unet = unet_config.create().train()
+    inputs = {}
+    checkpointed = [m for m in unet.modules() if isinstance(m, ResnetBlock)] + [unet.mid_attn]
+    hooks = [m.register_forward_pre_hook(lambda m, args: inputs.setdefault(m, args)) for m in checkpointed]
+
+    def forward():
+        return unet(torch.rand(4, 3, 16, 16), torch.zeros(4, dtype=torch.long), image_embed=torch.rand(4, 32))
+
+    forward_held = held_saved_bytes(forward, unet.parameters())
+    for hook in hooks:
+        hook.remove()
+    assert set(inputs) == set(checkpointed)
+    largest_block = max(held_saved_bytes(lambda m=m, a=a: m(*a), unet.parameters()) for m, a in inputs.items())
+
+    with torch.device("meta"):
+        meta_unet = unet_config.create()
+    estimate = activation_bytes(meta_unet, batch_size=4, image_size=16, image_embed_dim=32, lowres=False)
+    print(f"checkpointed activations: estimate {estimate}, held {forward_held} + largest block {largest_block}")
+    # as above: identities on the meta device, storages on the CPU
+    assert 0.85 * (forward_held + largest_block) <= estimate <= 1.15 * (forward_held + largest_block)
+    plain = activation_bytes(
+        config.decoder.unets[0].create().to("meta"), batch_size=4, image_size=16, image_embed_dim=32, lowres=False
+    )
+    assert estimate < plain
+
+
+def test_the_plan_follows_checkpoint_during_training_and_the_launchers_checkpointing(tiny):
+    config, raw = tiny
+    (plain,) = unet_shapes(config)
+    raw = json.loads(json.dumps(raw))
+    raw["decoder"]["unets"][0]["checkpoint_during_training"] = True
+    (checkpointed,) = unet_shapes(TrainDecoderConfig.from_dict(raw))
+    (launcher,) = unet_shapes(config, activation_checkpointing=True)
+    assert checkpointed.activations == launcher.activations < plain.activations
+    assert checkpointed.parameters == plain.parameters
+    lines = memory_plan_lines(config, processes=2, activation_checkpointing=True)
+    planned = unet_memory(launcher, sharded=True, processes=2)
+    expected = f"activations {gib(planned.activations)}"
+    assert any(line.startswith("  FSDP U-Net 1") and expected in line for line in lines)

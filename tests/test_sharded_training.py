@@ -319,3 +319,29 @@ def test_hybrid_shard_trains_as_full_shard(interrupted, tmp_path):
     assert "HYBRID_SHARD: 2 replicas of 1 shards" in output
     expected = decoder_weights(latest(base / "whole" / "run"))
     assert_close_weights(decoder_weights(latest(tmp_path / "run")), expected, PARITY_ROUNDING_STEPS, lr=1e-3, steps=12)
+
+
+# --- retention (keep_last, templated paths) of sharded checkpoint folders ---------------------------
+
+
+def test_keep_last_removes_old_sharded_checkpoint_folders_whole(demo_data, tmp_path):
+    """A sharded checkpoint placed at a templated path is a link and a `.<name>.versions` folder of
+    shards; retention must remove both for an old save, and keep the newest ones loadable. One
+    epoch of 48 samples, a save every 8 (every step of 2 x 4): 6 saves, the last 2 kept."""
+    config = write_run_config(demo_data, tmp_path, epochs=1, save_every_n_samples=8)
+    raw = json.loads(config.read_text())
+    raw["tracker"]["save"][0].update(save_latest_to="ckpt_{samples_seen:03d}.pth", keep_last=2)
+    config.write_text(json.dumps(raw, indent=1))
+    checked(launch(config, tmp_path, processes=2))
+
+    run = tmp_path / "run"
+    checkpoints = sorted(path.name for path in run.glob("ckpt_*"))
+    assert checkpoints == ["ckpt_040.pth", "ckpt_048.pth"]
+    assert sorted(path.name for path in run.glob(".ckpt_*")) == [".ckpt_040.pth.versions", ".ckpt_048.pth.versions"]
+    for name, samples in (("ckpt_040.pth", 40), ("ckpt_048.pth", 48)):
+        assert (run / name).is_symlink() and is_sharded_folder(run / name)
+        assert read_file(run / name).state["progress"]["samples_seen"] == samples
+        assert decoder_weights(run / name)  # the shards read back whole
+    assert stray_files(run) == []
+    (owned,) = json.loads((run / "run_state.json").read_text())["saved_files"].values()
+    assert owned == [str(run / "ckpt_040.pth"), str(run / "ckpt_048.pth")]

@@ -1,4 +1,5 @@
-"""`keep_last`: a templated local save keeps its newest files, and deletes nothing else, even when killed.
+"""`keep_last`: a templated local save keeps its newest files or sharded folders, and deletes nothing
+else, even when killed.
 
 Real files throughout: checkpoints written by the tracker, a file of an earlier run and a user's
 file in the same folder, the `tracker.load` file, best saves; and real SIGKILLs of the saving
@@ -187,3 +188,61 @@ def test_keep_last_under_kill_9_never_leaves_fewer_than_the_last_good_file_nor_d
     assert steps_in(kept) == {"latest_000.pth": 0, "latest_002.pth": 2, "latest_006.pth": 6}
     assert names(kept) == ["latest_000.pth", "latest_002.pth", "latest_006.pth", "notes.txt"]
     assert not [path for path in tmp_path.rglob("*") if path.name.endswith(".tmp")]
+
+
+# --- sharded checkpoints: a link and a folder of shards per save ------------------------------------
+
+
+def sharded_save(tracker, step: int) -> None:
+    """A save as a sharded run makes it: a folder of shard files under the save's staging folder
+    (one file here; the tracker only places folders), and the checkpoint state beside them."""
+    from dalle2_decoder.tracking.sharded import ShardedCheckpoint
+
+    staging = tracker.staging_folder(step)
+    folder = staging / "shards"
+    folder.mkdir(parents=True)
+    (folder / "shard-00001-model-00001-of-00001.safetensors").write_bytes(b"step %d" % step)
+    state = {"w": torch.full((4,), float(step))}
+    tracker.save(step=step, checkpoint_state=ShardedCheckpoint(folder=folder, staging=staging, state=lambda: state))
+
+
+def test_keep_last_removes_a_sharded_save_with_its_folder_even_after_a_crash_between_the_two(tmp_path, monkeypatch):
+    """An old sharded save is a link (`latest_003.pth`) to a folder in `.latest_003.pth.versions/`:
+    retention removes both. A crash after the link is gone and before the folder is leaves the
+    folder; the run state still lists the save, so the next save of the resumed run removes it."""
+    from dalle2_decoder.tracking import tracker as tracker_module
+    from dalle2_decoder.tracking.sharded import is_sharded_folder
+
+    run, kept = tmp_path / "run", tmp_path / "kept"
+    earlier_files(kept)
+    first = tracker(run, keep_last=2)
+    for step in range(1, 5):
+        sharded_save(first, step)
+    assert names(kept) == sorted(
+        ["latest_000.pth", "notes.txt", "latest_003.pth", "latest_004.pth"]
+        + [".latest_003.pth.versions", ".latest_004.pth.versions"]
+    )
+    for name, step in (("latest_003.pth", 3), ("latest_004.pth", 4)):
+        assert (kept / name).is_symlink() and is_sharded_folder(kept / name)
+        assert read_file(kept / name / "checkpoint.pt").step == step
+        assert len(list((kept / f".{name}.versions").iterdir())) == 1
+
+    def crash_after_the_link(path):
+        path.unlink()
+        raise RuntimeError("killed between the link and its folder")
+
+    monkeypatch.setattr(tracker_module, "remove_save", crash_after_the_link)
+    with pytest.raises(RuntimeError, match="killed"):
+        sharded_save(first, 5)
+    assert not (kept / "latest_003.pth").exists() and (kept / ".latest_003.pth.versions").is_dir()
+    monkeypatch.undo()
+
+    second = tracker(run, keep_last=2)  # the run resumed by a new process (its run state read back)
+    sharded_save(second, 6)
+    second.finish()
+    assert names(kept) == sorted(
+        ["latest_000.pth", "notes.txt", "latest_005.pth", "latest_006.pth"]
+        + [".latest_005.pth.versions", ".latest_006.pth.versions"]
+    )
+    assert read_file(kept / "latest_006.pth" / "checkpoint.pt").step == 6
+    assert not list(run.glob(".staging/*"))

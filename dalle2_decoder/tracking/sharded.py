@@ -223,6 +223,20 @@ def _link_or_copy_file(source: str, target: str) -> None:
         shutil.copy2(source, target)
 
 
+def remove_save(target: Path) -> None:
+    """Remove a save at `target`: a file, or a link `place_folder` made together with its versions.
+
+    The link goes first, so that no kill leaves a link to a half-removed folder; a kill before the
+    versions are gone leaves them with no link, and calling this again (retention retries every path
+    its run state still lists) removes them. Nothing is an error when already gone.
+    """
+    target = Path(target)
+    target.unlink(missing_ok=True)
+    store = versions_folder(target)
+    if store.is_dir() and not store.is_symlink():
+        shutil.rmtree(store)
+
+
 def remove_unlinked_versions(target: Path) -> List[Path]:
     """Remove the versions beside `target` that it does not link to (older saves, cut-short copies)."""
     store = versions_folder(Path(target))

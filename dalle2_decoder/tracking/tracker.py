@@ -50,7 +50,7 @@ from .run_state import (
     write_run_state,
 )
 from .savers import HuggingfaceSaver, LocalSaver, SaveFile, Uploader, WandbSaver, link_or_copy, resolve_hub_token
-from .sharded import ShardedCheckpoint, is_sharded_folder, place_folder
+from .sharded import ShardedCheckpoint, is_sharded_folder, place_folder, remove_save
 
 StateSource = Union[Mapping[str, Any], Callable[[], Mapping[str, Any]], None]
 """A state dict, or a function returning one (called only when some saver needs it)."""
@@ -420,7 +420,8 @@ class Tracker:
         for key, paths in old.items():
             for path in paths:
                 if path.resolve() not in protected:
-                    path.unlink(missing_ok=True)  # gone already: a kill came after the unlink last time
+                    # a file, or a sharded checkpoint's link and folder; gone already: a kill came after
+                    remove_save(path)
             dropped = {str(path) for path in paths}
             self.run_state.saved_files[key] = [item for item in self.run_state.saved_files[key] if item not in dropped]
 

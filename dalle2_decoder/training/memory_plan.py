@@ -4,7 +4,7 @@
 trained U-Net of P parameters, in bytes per process:
 
                 DDP                       FSDP over N processes (shard group of N / replicas)
-    weights     4P                        4P / N + the gathered weights of the two largest blocks
+    weights     4P (+ 2P in bf16 / fp16)  4P / N + the gathered weights of the two largest blocks
     gradients   4P + 4P (DDP's buckets)   4P / N + the whole gradients of the largest block
     optimizer   8P (AdamW's two moments)  8P / N
     EMA         4P (when train.use_ema)   4P / N
@@ -13,17 +13,30 @@ trained U-Net of P parameters, in bytes per process:
 The block terms are FSDP's working set: a block's weights are gathered just before it runs and
 freed after it (the next block's gather overlaps), and a block's whole gradients live until they
 are reduce-scattered. Gathered weights are bf16 under bf16 mixed precision, fp32 otherwise. DDP
-keeps the gradients twice: in the parameters' `.grad` and in its flat all-reduce buckets.
+keeps the gradients twice: in the parameters' `.grad` and in its flat all-reduce buckets; under
+autocast it also holds a 16-bit copy of every weight from the forward pass to the backward pass.
 
 A (activations) is measured, not guessed: the U-Net runs one forward pass on the meta device (no
 memory, shapes only) for the batch of one process at its image size, and the tensors autograd
-saves for the backward pass are summed (halved under bf16 or fp16 autocast, which saves most of
-them in 16 bits). Activation checkpointing (`checkpoint_during_training`, or the launcher's) is
-not modelled: the plan then overstates A.
+saves for the backward pass are summed, but the U-Net's own parameters that layers save (counted
+as weights above; under FSDP, gathered and freed with their block), halved under bf16 or fp16
+autocast, which saves most of them in 16 bits. With activation checkpointing (a U-Net's
+`checkpoint_during_training`, or the launcher's `fsdp_activation_checkpointing`) the checkpointed
+blocks save only their inputs, and the backward pass recomputes one block at a time: A is then
+what the forward pass saves plus the saved tensors of the largest block.
 
 Frozen U-Nets are whole on every process in both modes (weights only; training never runs them).
 The plan leaves out what does not grow with the model: the torch runtime (a few hundred MB on the
 CPU, more with CUDA's context), data batches and loader workers (separate processes).
+
+The plan counts tensors, not what an allocator keeps beside them. On the CPU that matters under
+FSDP: glibc's malloc raises its mmap threshold to the largest block it has unmapped (up to 32 MiB),
+and FSDP frees block-sized buffers (gathered weights, whole gradients) for every block, so the
+activations and smaller blocks' buffers come from the heap afterwards, whose freed pages stay
+resident and fragment: measured, a CPU FSDP process then peaked 33 to 58% above the plan
+(bench/memory.py, docs/PERFORMANCE.md); with the threshold fixed (`MALLOC_MMAP_THRESHOLD_=131072`),
+within 5% from 15M parameters up. The tensors FSDP holds are the ones modelled above (a profile of
+the step's allocations found the same live peak as DDP's).
 """
 
 from __future__ import annotations
@@ -32,7 +45,8 @@ import contextlib
 import functools
 import math
 import os
-from typing import Dict, Iterator, List, Optional, Sequence
+import weakref
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence
 
 import attrs
 import torch
@@ -87,8 +101,11 @@ def unet_memory(
         return UnetMemory(shape.number, False, FP32 * p, 0, 0, 0, 0)
     activations = shape.activations // 2 if precision in ("bf16", "fp16") else shape.activations
     if not sharded:
+        # autocast's 16-bit copies of the weights live through the forward pass (its cache) and the
+        # layers save them for the backward pass (FSDP gathers 16-bit weights per block instead)
+        copies = 2 * p if precision in ("bf16", "fp16") else 0
         return UnetMemory(
-            shape.number, True, FP32 * p, 2 * FP32 * p, 2 * FP32 * p, FP32 * p if use_ema else 0, activations
+            shape.number, True, FP32 * p + copies, 2 * FP32 * p, 2 * FP32 * p, FP32 * p if use_ema else 0, activations
         )
     n = shard_count(processes, replicas)
     shard = math.ceil(p / n)
@@ -110,23 +127,81 @@ def unet_memory(
 # --- shapes from a config (meta device: no memory) ------------------------------------------------
 
 
-def activation_bytes(unet, *, batch_size: int, image_size: int, image_embed_dim: int, lowres: bool) -> int:
-    """Bytes autograd saves in one forward pass of `unet` (on the meta device) for a batch."""
-    saved: Dict[int, int] = {}
+class _SavedTensors:
+    """The tensors autograd saves inside `hooks()`, held weakly: those alive when counted (the output
+    of the forward pass still held) are what its backward pass needs; a branch whose graph was
+    dropped frees its own. `packed` counts every saved byte, alive or not."""
 
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        saved[id(tensor)] = tensor.numel() * tensor.element_size()
+    def __init__(self, parameters: Iterable[torch.Tensor] = ()) -> None:
+        self.refs: Dict[int, weakref.ref] = {}
+        self.packed = 0
+        self.parameters = {id(parameter) for parameter in parameters}
+
+    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        # The weights a layer saves (a convolution's, a linear layer's transposed view) are the
+        # parameters themselves, counted as weights (DDP) or freed after each block (FSDP).
+        if id(tensor) in self.parameters or id(tensor._base) in self.parameters:
+            return tensor
+        self.refs[id(tensor)] = weakref.ref(tensor)  # an id is reused only once its tensor is gone
+        self.packed += tensor.numel() * tensor.element_size()
         return tensor
 
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda tensor: tensor)
+
+    def alive_bytes(self) -> int:
+        alive = (ref() for ref in self.refs.values())
+        return sum(tensor.numel() * tensor.element_size() for tensor in alive if tensor is not None)
+
+
+def activation_bytes(unet, *, batch_size: int, image_size: int, image_embed_dim: int, lowres: bool) -> int:
+    """Bytes autograd keeps for the backward pass of one forward pass of `unet` (on the meta device).
+
+    Every tensor autograd saves through the forward pass, but the U-Net's own parameters. With activation checkpointing
+    (`unet.checkpoint_during_training`) a block run under `torch.utils.checkpoint` saves only its
+    inputs (to run it again), and its own saved tensors exist while the backward pass recomputes it,
+    one block at a time: the largest of those is added.
+    """
+    parameters = list(unet.parameters())
+    saved = _SavedTensors(parameters)
+    largest_recomputed = 0
+
+    # The U-Net runs each block through the function its `_runner` returns (checkpointed or not).
+    runner = unet._runner
+
+    def counting_runner(disable_checkpoint: bool):
+        run = runner(disable_checkpoint)
+
+        def counted(module, *args):
+            nonlocal largest_recomputed
+            before = saved.packed
+            output = run(module, *args)
+            plain = _SavedTensors(parameters)
+            with plain.hooks():
+                plain_output = module(*args)  # what the block saves when run plainly (meta: no memory)
+                recomputed = plain.alive_bytes()
+            del plain_output
+            if saved.packed - before < plain.packed:  # it saved less: checkpointed, recomputed in backward
+                largest_recomputed = max(largest_recomputed, recomputed)
+            return output
+
+        return counted
+
     channels = getattr(unet, "channels", 3)
-    with torch.device("meta"), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        image = torch.empty(batch_size, channels, image_size, image_size)
-        options = {"image_embed": torch.empty(batch_size, image_embed_dim)}
-        if lowres:
-            options["lowres_cond_img"] = torch.empty(batch_size, channels, image_size, image_size)
-        unet.train()
-        unet(image, torch.zeros(batch_size, dtype=torch.long), **options)
-    return sum(saved.values())
+    unet._runner = counting_runner
+    try:
+        with torch.device("meta"), saved.hooks():
+            image = torch.empty(batch_size, channels, image_size, image_size)
+            options = {"image_embed": torch.empty(batch_size, image_embed_dim)}
+            if lowres:
+                options["lowres_cond_img"] = torch.empty(batch_size, channels, image_size, image_size)
+            unet.train()
+            output = unet(image, torch.zeros(batch_size, dtype=torch.long), **options)
+            activations = saved.alive_bytes()
+            del output
+    finally:
+        del unet._runner
+    return activations + largest_recomputed
 
 
 @contextlib.contextmanager
@@ -150,8 +225,12 @@ def unets_on_meta() -> Iterator[None]:
         Unet.__init__ = real_init  # type: ignore[method-assign]
 
 
-def unet_shapes(config, *, batch_size: Optional[int] = None) -> List[UnetShape]:
-    """Each U-Net of `config` (a `TrainDecoderConfig`) as its Decoder builds it, on the meta device."""
+def unet_shapes(config, *, batch_size: Optional[int] = None, activation_checkpointing: bool = False) -> List[UnetShape]:
+    """Each U-Net of `config` (a `TrainDecoderConfig`) as its Decoder builds it, on the meta device.
+
+    Activations follow each U-Net's `checkpoint_during_training`; `activation_checkpointing` (the
+    launcher's, which the trainer turns on for every trained U-Net under FSDP) turns it on for all.
+    """
     from .sharding import blocks
 
     batch = batch_size if batch_size is not None else config.data.batch_size
@@ -161,6 +240,8 @@ def unet_shapes(config, *, batch_size: Optional[int] = None) -> List[UnetShape]:
     for index, (unet_config, unet) in enumerate(zip(config.decoder.unets, unets)):
         block_sizes = sorted((sum(p.numel() for p in block.parameters()) for block in blocks(unet)), reverse=True)
         trained = config.train.trains_unet(index)
+        if activation_checkpointing:
+            unet.checkpoint_during_training = True
         activations = (
             activation_bytes(
                 unet,
@@ -205,13 +286,19 @@ def gib(count: int) -> str:
 
 
 def memory_plan_lines(
-    config, *, processes: int, replicas: int = 1, precision: str = "no", available: Optional[tuple] = None
+    config,
+    *,
+    processes: int,
+    replicas: int = 1,
+    precision: str = "no",
+    available: Optional[tuple] = None,
+    activation_checkpointing: bool = False,
 ) -> List[str]:
     """The plan as printed by `--check`: one line per U-Net and mode, then a verdict per mode."""
-    shapes = unet_shapes(config)
+    shapes = unet_shapes(config, activation_checkpointing=activation_checkpointing)
     lines = [
         f"memory plan per process ({processes} process(es), batch {config.data.batch_size} per process, "
-        f"precision {precision}; see docs/LARGE_DECODERS.md):"
+        f"precision {precision}; see docs/TRAINING.md, The memory plan):"
     ]
     totals = {}
     for label, sharded in (("DDP", False), ("FSDP", True)):
