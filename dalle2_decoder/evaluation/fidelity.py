@@ -38,7 +38,7 @@ def paired_errors(samples: Tensor, targets: Tensor, coarse_size: int = 8) -> Dic
 
     "paired_rmse": over every pixel and channel at the samples' size. "paired_rmse_coarse": after
     both are area-averaged to `coarse_size` pixels a side (the image's size when smaller), which
-    keeps colour and layout and averages texture away. Each a (B,) tensor.
+    keeps colour and layout and averages texture away. Each a (B,) float64 tensor.
     """
     if samples.dim() != 4 or targets.dim() != 4 or samples.shape[:2] != targets.shape[:2]:
         raise ValueError(
@@ -47,7 +47,9 @@ def paired_errors(samples: Tensor, targets: Tensor, coarse_size: int = 8) -> Dic
         )
     if coarse_size < 1:
         raise ValueError(f"paired_errors: coarse_size must be at least 1 (got {coarse_size})")
-    dtype = torch.promote_types(samples.dtype, torch.float32)  # half-precision samples measured in float32
+    # In float64: each value is a mean over up to millions of squared differences, which float32 would
+    # round differently with every kernel's summation order; this costs little beside sampling.
+    dtype = torch.float64
     samples = samples.to(dtype)
     # The data's images may be larger than what the sampled U-Nets give (a 64px base trained on 256px
     # shards): the sample is judged at its own resolution, so the true image is brought to it with the
