@@ -94,7 +94,7 @@ def test_targets_of_another_size_are_brought_to_the_samples_size():
 
 def test_images_smaller_than_the_coarse_size_are_compared_as_they_are():
     generator = torch.Generator().manual_seed(2)
-    samples, targets = torch.rand(2, 2, 3, 4, 4, generator=generator)
+    samples, targets = torch.rand(2, 2, 3, 6, 6, generator=generator)  # 6 pixels do not divide into 8
     errors = paired_errors(samples, targets, coarse_size=8)
     assert torch.equal(errors["paired_rmse_coarse"], errors["paired_rmse"])
 
