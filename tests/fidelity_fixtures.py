@@ -19,7 +19,10 @@ def fixed_batch(count: int, embed_dim: int, seed: int = 7) -> Tuple[torch.Tensor
     generator = torch.Generator().manual_seed(seed)
     real = torch.rand(count, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
     noise = torch.rand(count, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
-    generated = (0.7 * real + 0.3 * noise) ** 1.2
+    # Worse and worse reconstructions along the batch: the ranks' shares differ, so a value that is not
+    # the pooled mean (one rank's, or an average of ranks' means) is far from it.
+    noise_weight = torch.linspace(0.1, 0.9, count).view(count, 1, 1, 1)
+    generated = ((1 - noise_weight) * real + noise_weight * noise) ** 1.2
     embeddings = torch.randn(count, embed_dim, generator=generator)
     return real, generated, embeddings
 

@@ -196,7 +196,7 @@ def test_two_processes_compute_the_fidelity_of_the_pooled_samples(clip_model, cl
         expected_means(real[part], generated[part], embeddings[part], clip) for part in (slice(0, 13), slice(13, count))
     ]
     for key in PAIRED:
-        assert abs(two[key] - (halves[0][key] + halves[1][key]) / 2) > 1e-6, key
+        assert abs(two[key] - (halves[0][key] + halves[1][key]) / 2) > 1e-3, key
 
 
 # --- in a training run and in the evaluation command ---------------------------------------------
