@@ -145,18 +145,20 @@ def _import_open_clip():
     return open_clip
 
 
-def create_clip(config: "ClipConfig", device: torch.device | str = "cpu") -> ClipEmbedder:
-    """Build the frozen CLIP named by `decoder.clip`, with weights from a local file or cache."""
+def create_clip(
+    config: "ClipConfig", device: torch.device | str = "cpu", *, where: str = "decoder.clip"
+) -> ClipEmbedder:
+    """Build the frozen CLIP named by `config` (the option at `where`), with weights from a local file or cache."""
     open_clip = _import_open_clip()
     name = open_clip_name(config.make, config.model)
     if config.make not in ("openai", "open_clip"):
-        raise ClipLoadError(f"decoder.clip.make: unknown CLIP make {config.make!r} (use 'openai' or 'open_clip')")
+        raise ClipLoadError(f"{where}.make: unknown CLIP make {config.make!r} (use 'openai' or 'open_clip')")
     if config.pretrained is not None and not name.startswith(("local-dir:", "hf-hub:")):
         looks_like_path = os.sep in config.pretrained or config.pretrained.endswith(
             (".pt", ".pth", ".bin", ".safetensors")
         )
         if looks_like_path and not os.path.isfile(config.pretrained):
-            raise ClipLoadError(f"decoder.clip.pretrained: weights file {config.pretrained!r} does not exist")
+            raise ClipLoadError(f"{where}.pretrained: weights file {config.pretrained!r} does not exist")
 
     try:
         if config.make == "openai" and config.pretrained and os.path.isfile(config.pretrained):
@@ -170,7 +172,7 @@ def create_clip(config: "ClipConfig", device: torch.device | str = "cpu") -> Cli
             )
             if pretrained is None and not name.startswith(("local-dir:", "hf-hub:")):
                 raise ClipLoadError(
-                    f"decoder.clip.pretrained: open_clip model {name!r} needs weights: a pretrained tag, a local file, "
+                    f"{where}.pretrained: open_clip model {name!r} needs weights: a pretrained tag, a local file, "
                     "or a `local-dir:` model folder (a randomly initialised CLIP would give meaningless embeddings)"
                 )
             model = open_clip.create_model(
@@ -182,7 +184,7 @@ def create_clip(config: "ClipConfig", device: torch.device | str = "cpu") -> Cli
         wanted = _OPENAI_FILE_NAMES.get(config.model, f"the weights of {name}")
         raise ClipLoadError(
             f"could not load CLIP {config.make}:{config.model} ({error}). Without network access, download "
-            f"{wanted} elsewhere and set decoder.clip.pretrained to its path (or decoder.clip.cache_dir to a folder "
+            f"{wanted} elsewhere and set {where}.pretrained to its path (or {where}.cache_dir to a folder "
             "holding open_clip's cache)"
         ) from error
 

@@ -4,14 +4,15 @@
     accelerate launch -m dalle2_decoder.evaluation --config_file CFG.json --checkpoint model.safetensors
     dalle2-evaluate-decoder --config_file CFG.json --checkpoint latest.pth
 
-The config's `evaluate` section says which metrics; `data` gives the validation split; the
-checkpoint is a trainer checkpoint (EMA weights are used when `train.use_ema`, unless --no_ema)
-or a model save. The metrics are printed as one JSON object on stdout (main process), and
-appended as a JSON line to --output when given. Exit codes are those of the training command
-(`dalle2_decoder.failures`): 0 done, 1 configuration (e.g. no metric enabled, missing metric
+The config's `evaluate` section says which metrics (the fidelity metrics unless
+`evaluate.fidelity.enabled` is false; --clip_* name the CLIP for CLIP similarity); `data` gives the
+validation split; the checkpoint is a trainer checkpoint (EMA weights are used when `train.use_ema`,
+unless --no_ema) or a model save. The metrics are printed as one JSON object on stdout (main
+process), and appended as a JSON line to --output when given. Exit codes are those of the training
+command (`dalle2_decoder.failures`): 0 done, 1 configuration (e.g. no metric enabled, missing metric
 weights), 2 usage, 3 data, 4 checkpoint, 5 I/O or environment, 6 stopped by a signal (within one
-U-Net call, no metrics written), 70 a bug; each problem is one line on stderr, with a traceback
-only under --debug (and for a bug).
+U-Net call, no metrics written), 70 a bug; each problem is one line on stderr, with a traceback only
+under --debug (and for a bug).
 """
 
 from __future__ import annotations
@@ -78,6 +79,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--output", metavar="PATH", default=None, help="append the metrics as one JSON line to this file"
     )
+    for option, field, meaning in (
+        ("--clip_make", "make", "openai or open_clip"),
+        ("--clip_model", "model", "e.g. ViT-L/14, or an open_clip `local-dir:` folder"),
+        ("--clip_pretrained", "pretrained", "a local weights file"),
+    ):
+        parser.add_argument(
+            option,
+            option.replace("_", "-"),
+            dest=option[2:],
+            metavar="VALUE",
+            default=None,
+            help=f"the CLIP for CLIP similarity: {meaning} (short for --set evaluate.fidelity.clip.{field}=VALUE)",
+        )
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -147,14 +161,20 @@ def _main(args: argparse.Namespace, speaks: bool, stop=None) -> int:
         problems += [problem] if problem else []
     if problems:
         raise PreflightError(problems)
-    config, notes = load_config(args.config_file, args.overrides)
+    clip_options = [("make", args.clip_make), ("model", args.clip_model), ("pretrained", args.clip_pretrained)]
+    overrides = list(args.overrides) + [
+        (f"evaluate.fidelity.clip.{field}", value) for field, value in clip_options if value is not None
+    ]
+    config, notes = load_config(args.config_file, overrides)
     if args.n_samples is not None:
         config = attrs.evolve(config, evaluate=attrs.evolve(config.evaluate, n_evaluation_samples=args.n_samples))
-    if not config.evaluate.metrics():
+    if not config.evaluate.in_command():
         raise PreflightError(
             [
                 Problem(
-                    EXIT_CONFIG, f"{args.config_file}: enables no metric: give evaluate.FID, IS, KID or LPIPS an object"
+                    EXIT_CONFIG,
+                    f"{args.config_file}: enables no metric: give evaluate.FID, IS, KID or LPIPS an object, "
+                    "or leave evaluate.fidelity.enabled unset",
                 )
             ]
         )
@@ -196,7 +216,7 @@ def evaluate_checkpoint(config, checkpoint: str, *, use_ema: bool, seed: int, st
     (after shutting the process group down) within one U-Net call.
     """
     from .common.progress import ProgressOutput
-    from .evaluation import EvaluationSetupError, Evaluator, evaluation_loader, final_image_size
+    from .evaluation import EvaluationSetupError, Evaluator, evaluation_loader, fidelity_clip, final_image_size
     from .runtime import create_accelerator, shut_down
     from .stopping import StopRequested
     from .training.batches import BatchPreparer
@@ -209,18 +229,20 @@ def evaluate_checkpoint(config, checkpoint: str, *, use_ema: bool, seed: int, st
     decoder, step = load_decoder(config, checkpoint, use_ema=use_ema)
     decoder.to(accelerator.device).eval()
     main_process = accelerator.is_main_process
+    preparer = BatchPreparer(config, device=accelerator.device)
     evaluator = Evaluator(
         config.evaluate,
         accelerator,
         evaluation_loader(config, accelerator),
         unets=unets,
         image_size=final_image_size(config, unets),
-        prepare=BatchPreparer(config, device=accelerator.device).prepare,
+        prepare=preparer.prepare,
         cond_scale=per_unet(config.train.cond_scale, len(config.decoder.unets)),
         seed=seed,
         info=(lambda message: print(message, file=sys.stderr, flush=True)) if main_process else (lambda message: None),
         stop=stop,
         progress=ProgressOutput(interval_s=config.tracker.progress_interval_s, enabled=main_process),
+        clip=fidelity_clip(config, accelerator.device, run_clip=preparer.clip_embedder),
     )
     try:
         metrics = evaluator(decoder)

@@ -15,13 +15,14 @@ TINY_CONTEXT = 16
 TINY_IMAGE_SIZE = 32
 
 
-def write_tiny_open_clip(folder: Path, seed: int = 0) -> str:
-    """Write config + weights of a tiny CLIP into `folder`; return the `local-dir:` model name."""
+def write_tiny_open_clip(folder: Path, seed: int = 0, embed_dim: int = TINY_EMBED_DIM) -> str:
+    """Write config + weights of a tiny CLIP (image and text embeddings of `embed_dim`) into `folder`;
+    return the `local-dir:` model name."""
     import open_clip
     import torch
 
     model_cfg = {
-        "embed_dim": TINY_EMBED_DIM,
+        "embed_dim": embed_dim,
         "vision_cfg": {"image_size": TINY_IMAGE_SIZE, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
         "text_cfg": {
             "context_length": TINY_CONTEXT,

@@ -18,6 +18,8 @@ METRIC_KEYS = {
     "eval/KID_mean",
     "eval/KID_std",
     "eval/LPIPS",
+    "eval/paired_rmse",  # the fidelity metrics come with every evaluation (no CLIP here: no clip_similarity)
+    "eval/paired_rmse_coarse",
     "eval/samples",
     "eval/seconds",
 }
@@ -132,7 +134,7 @@ def test_the_command_reports_problems_in_one_line(trained, tmp_path, capsys, wri
     assert evaluate_main(["--config_file", str(config_path), "--checkpoint", str(tmp_path / "none.pth")]) == 4
     err = capsys.readouterr().err
     assert err.strip().splitlines() == [f"error: --checkpoint: checkpoint file not found: {tmp_path / 'none.pth'}"]
-    no_metrics = dict(raw, evaluate={})
+    no_metrics = dict(raw, evaluate={"fidelity": {"enabled": False}})
     assert (
         evaluate_main(["--config_file", str(write_config(no_metrics)), "--checkpoint", str(data_path / "latest.pth")])
         == 1

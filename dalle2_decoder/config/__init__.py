@@ -3,7 +3,7 @@
 from .data import DataConfig, DataSplits
 from .decoder import ClipConfig, DecoderConfig, UnetConfig
 from .errors import ConfigError, ConfigWarning
-from .evaluate import EvaluateConfig
+from .evaluate import EvaluateConfig, FidelityConfig
 from .root import TrainDecoderConfig
 from .tracker import (
     ConsoleLogConfig,
@@ -30,6 +30,7 @@ __all__ = [
     "DataSplits",
     "DecoderConfig",
     "EvaluateConfig",
+    "FidelityConfig",
     "HuggingfaceSaveConfig",
     "LocalLoadConfig",
     "LocalSaveConfig",

@@ -21,6 +21,7 @@ from ..common.progress import ProgressOutput
 from ..config.evaluate import EvaluateConfig
 from ..config.root import TrainDecoderConfig
 from ..stopping import StopRequest, StopRequested
+from .extractors import EvaluationSetupError
 from .metrics import MetricSuite, pooled_count, samples_per_rank
 
 SEED_STRIDE = 1_000_003
@@ -125,7 +126,9 @@ def evaluate_decoder(
             if wanted > 0:
                 # In float32 whatever the autocast dtype of the samples, so the metrics see the same values.
                 real, fake = batch["image"][:wanted].float(), generated[:wanted].float()
-                suite.update(resize(real, image_size), resize(fake, image_size))
+                embed = batch.get("image_embed")
+                embed = None if embed is None else embed[:wanted]
+                suite.update(resize(real, image_size), resize(fake, image_size), embed)
                 done += wanted
             # (every rank's share of this batch, as the main process's: the count shown is approximate)
             meter.update(1, samples=max(wanted, 0) * accelerator.num_processes)
@@ -181,6 +184,36 @@ def evaluation_loader(config: TrainDecoderConfig, accelerator: Accelerator, val_
     return loaders["val"]
 
 
+def fidelity_clip(config: TrainDecoderConfig, device: torch.device, *, run_clip: Optional[Callable[[], Any]] = None):
+    """The CLIP that embeds generated images for CLIP similarity, or None (it is then not computed).
+
+    `evaluate.fidelity.clip` when given, else `decoder.clip`: `run_clip()` when given (the CLIP
+    already embedding the run's batches, so it is not loaded twice), else built here. It must give
+    embeddings of the dimension the decoder is conditioned on, the CLIP that made them.
+    """
+    from ..clip import create_clip
+
+    fidelity = config.evaluate.fidelity
+    if not config.evaluate.computes_fidelity:
+        return None
+    if fidelity.clip is not None and fidelity.clip != config.decoder.clip:
+        where = "evaluate.fidelity.clip"
+        clip = create_clip(fidelity.clip, device=device, where=where)
+    elif config.decoder.clip is not None:
+        clip = run_clip() if run_clip is not None else create_clip(config.decoder.clip, device=device)
+        where = "decoder.clip"
+    else:
+        return None
+    wanted = config.decoder.unets[0].image_embed_dim
+    if wanted is not None and clip.image_embed_dim != wanted:
+        raise EvaluationSetupError(
+            f"{where}: gives {clip.image_embed_dim}-dimensional image embeddings but the decoder is conditioned on "
+            f"{wanted}-dimensional ones (decoder.unets[0].image_embed_dim); CLIP similarity needs the CLIP that "
+            "made the embeddings"
+        )
+    return clip
+
+
 class Evaluator:
     """The configured metrics of a decoder's images generated from validation embeddings.
 
@@ -189,7 +222,8 @@ class Evaluator:
     sample through (`unets`, from the first to the last; the real image is the low-resolution
     input when the first is not U-Net 1), the `image_size` they give, `prepare` for loader
     batches, the guidance `cond_scale` (one or one per U-Net), the sampling `seed`, `info` for
-    notes (main process only), and the `stop` request to honour within one batch or U-Net call.
+    notes (main process only), the `stop` request to honour within one batch or U-Net call, and
+    the `clip` embedding generated images for CLIP similarity (`fidelity_clip`; None: not computed).
     The metrics are built here, on each node's local main process first (only it downloads weights
     into the cache), so a metric that cannot be built raises EvaluationSetupError now. Every rank
     must build it and call it.
@@ -209,6 +243,7 @@ class Evaluator:
         info: Info = lambda message: None,
         stop: Optional[StopRequest] = None,
         progress: Optional[ProgressOutput] = None,
+        clip: Optional[nn.Module] = None,
     ):
         if not unets:
             raise ValueError("Evaluator: no U-Net to sample through")
@@ -224,11 +259,27 @@ class Evaluator:
         self.stop = stop
         self.progress = progress
         with accelerator.local_main_process_first():
-            self.suite = MetricSuite(config.metrics(), device=accelerator.device, image_size=image_size)
+            self.suite = MetricSuite(
+                config.metrics(),
+                device=accelerator.device,
+                image_size=image_size,
+                fidelity=config.computes_fidelity,
+                clip=clip,
+                coarse_size=config.fidelity.coarse_size,
+            )
+        self._no_clip_note = (
+            "evaluation: no CLIP to embed the generated images (neither decoder.clip nor evaluate.fidelity.clip is "
+            "set): eval/clip_similarity is not computed"
+            if config.computes_fidelity and clip is None
+            else None
+        )
 
     def __call__(self, decoder: nn.Module, *, title: str = PHASE) -> Dict[str, float]:
         """The metrics of `decoder` (already holding the weights to evaluate, in eval mode), on every rank;
         `title` names the progress shown (e.g. `epoch 2/6 evaluation`)."""
+        if self._no_clip_note is not None:  # said once, at the first evaluation
+            self.info(self._no_clip_note)
+            self._no_clip_note = None
         return evaluate_decoder(
             decoder,
             self.loader,

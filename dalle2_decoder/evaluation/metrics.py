@@ -19,6 +19,7 @@ from torchmetrics.utilities import dim_zero_cat
 
 from . import extractors as ex
 from .extractors import EvaluationSetupError
+from .fidelity import PAIRED_KEYS, clip_similarity, paired_errors
 
 DEFAULT_FEATURE = {"FID": 2048, "IS": "logits_unbiased", "KID": 2048}
 
@@ -74,6 +75,38 @@ class ScriptedLPIPS(Metric):
 
     def compute(self) -> torch.Tensor:
         return self.score_sum if self.reduction == "sum" else self.score_sum / self.count.clamp(min=1)
+
+
+class FidelityScores(Metric):
+    """The fidelity measures of `fidelity.py` averaged over every sample seen: per-sample values
+    summed (float64) with their counts, so the pooled value is exactly the mean over all ranks'
+    samples. CLIP similarity only with a `clip` and the conditioning embeddings."""
+
+    full_state_update = False
+
+    def __init__(self, clip=None, coarse_size: int = 8, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.clip = clip
+        self.coarse_size = coarse_size
+        for key in (*PAIRED_KEYS, "clip_similarity"):
+            self.add_state(f"{key}_sum", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("clip_count", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, real: torch.Tensor, generated: torch.Tensor, image_embed: Optional[torch.Tensor] = None) -> None:
+        errors = paired_errors(generated, real, self.coarse_size)
+        for key in PAIRED_KEYS:
+            setattr(self, f"{key}_sum", getattr(self, f"{key}_sum") + errors[key].double().sum())
+        self.count += generated.shape[0]
+        if self.clip is not None and image_embed is not None:
+            self.clip_similarity_sum += clip_similarity(self.clip, generated, image_embed).double().sum()
+            self.clip_count += generated.shape[0]
+
+    def compute(self) -> Dict[str, torch.Tensor]:
+        values = {key: getattr(self, f"{key}_sum") / self.count.clamp(min=1) for key in PAIRED_KEYS}
+        if self.clip_count > 0:
+            values["clip_similarity"] = self.clip_similarity_sum / self.clip_count
+        return values
 
 
 def _weights_option(where: str, options: Dict[str, Any]) -> Optional[str]:
@@ -204,9 +237,20 @@ def build_lpips_metric(options: Mapping[str, Any], *, device: torch.device) -> M
 
 
 class MetricSuite:
-    """The enabled metrics (`EvaluateConfig.metrics()`), on `device`, for images of `image_size` pixels."""
+    """The enabled metrics (`EvaluateConfig.metrics()`), on `device`, for images of `image_size` pixels;
+    with `fidelity`, also the fidelity scores (`FidelityScores`: CLIP similarity with `clip`, paired
+    errors at `coarse_size`)."""
 
-    def __init__(self, metrics: Mapping[str, Mapping[str, Any]], *, device: torch.device, image_size: int):
+    def __init__(
+        self,
+        metrics: Mapping[str, Mapping[str, Any]],
+        *,
+        device: torch.device,
+        image_size: int,
+        fidelity: bool = False,
+        clip=None,
+        coarse_size: int = 8,
+    ):
         self.metrics: Dict[str, Metric] = {}
         self.lpips_normalize = True
         for name, options in metrics.items():
@@ -216,17 +260,24 @@ class MetricSuite:
             else:
                 metric = build_inception_metric(name, options, device=device, image_size=image_size)
             self.metrics[name] = metric.to(device)
+        if fidelity:
+            self.metrics["fidelity"] = FidelityScores(
+                clip, coarse_size, sync_on_compute=False, compute_with_cache=False
+            ).to(device)
         self.notes: List[str] = []
 
     def __bool__(self) -> bool:
         return bool(self.metrics)
 
     @torch.no_grad()
-    def update(self, real: torch.Tensor, generated: torch.Tensor) -> None:
-        """One batch: real images and those generated from their embeddings, both (B, 3, S, S) in [0, 1]."""
+    def update(self, real: torch.Tensor, generated: torch.Tensor, image_embed: Optional[torch.Tensor] = None) -> None:
+        """One batch: real images and those generated from their embeddings, both (B, 3, S, S) in [0, 1],
+        and those image embeddings (B, D) for CLIP similarity."""
         real8, generated8 = to_uint8(real), to_uint8(generated)
         for name, metric in self.metrics.items():
-            if name in ("FID", "KID"):
+            if name == "fidelity":  # the same 8-bit pixels as the other metrics
+                metric.update(real8.float() / 255, generated8.float() / 255, image_embed)
+            elif name in ("FID", "KID"):
                 metric.update(real8, real=True)
                 metric.update(generated8, real=False)
             elif name == "IS":
@@ -243,7 +294,9 @@ class MetricSuite:
         self.notes = []
         for name, metric in self.metrics.items():
             result = _pooled_compute(metric, seed, self.notes, name)
-            if isinstance(result, tuple):
+            if isinstance(result, dict):
+                values.update({f"eval/{key}": float(value) for key, value in result.items()})
+            elif isinstance(result, tuple):
                 values[f"eval/{name}_mean"], values[f"eval/{name}_std"] = (float(r) for r in result)
             else:
                 values[f"eval/{name}"] = float(result)

@@ -56,6 +56,11 @@ class BatchPreparer:
                 )
             self.clip = clip
 
+    def clip_embedder(self):
+        """`decoder.clip`, built now if not yet: the CLIP that embeds the batches, shared with the evaluation."""
+        self._ensure_clip()
+        return self.clip
+
     def prepare(self, batch: Dict[str, Any]) -> Dict[str, Any]:
         """Images and embeddings on the device; CLIP computes what the data does not carry."""
         image = batch["image"].to(self.device, non_blocking=True)

@@ -25,7 +25,7 @@ from ..common.per_unet import per_unet
 from ..common.progress import ProgressOutput
 from ..config.root import TrainDecoderConfig
 from ..data import create_dataloaders
-from ..evaluation import Evaluator, evaluation_loader, final_image_size
+from ..evaluation import Evaluator, evaluation_loader, fidelity_clip, final_image_size
 from ..failures import EXIT_STOPPED
 from ..runtime import create_accelerator, lost_peers_reported, shut_down
 from ..stopping import StopRequest, StopRequested, exit_status_after_stop
@@ -127,7 +127,7 @@ class TrainingRun:
         """The evaluate phase's `Evaluator`, or None when no metric is enabled."""
         config, acc = self.config, self.accelerator
         unets = used_unets(config)
-        if not config.evaluate.metrics() or not unets:
+        if not config.evaluate.in_training() or not unets:
             return None
         return Evaluator(
             config.evaluate,
@@ -141,6 +141,7 @@ class TrainingRun:
             info=lambda message: self.tracker.info(message),  # the tracker is built after the evaluator
             stop=self.stop,
             progress=self.progress_output,
+            clip=fidelity_clip(config, acc.device, run_clip=self.batches.clip_embedder),
         )
 
     # --- start ---------------------------------------------------------------------------------
@@ -509,7 +510,7 @@ class TrainingRun:
         return float(sum(means))
 
     def _evaluate_phase(self) -> None:
-        """FID / IS / KID / LPIPS on generated validation images, when configured (see `evaluation`)."""
+        """FID / IS / KID / LPIPS and fidelity on generated validation images, when configured (see `evaluation`)."""
         metrics = self.evaluate()
         if metrics:
             self.tracker.log(metrics, step=self.progress.samples_seen)
