@@ -16,7 +16,8 @@ FloatOrPerUnet = Union[float, List[float]]
 IntOrPerUnet = Union[int, List[int]]
 MIXED_PRECISION = ("no", "fp16", "bf16")
 EMA_WARMUPS = ("power", "ratio")
-PER_UNET_OPTIONS = ("lr", "wd", "max_grad_norm", "cond_scale", "warmup_steps")
+LR_SCHEDULES = ("constant", "cosine", "linear")
+PER_UNET_OPTIONS = ("lr", "wd", "max_grad_norm", "cond_scale", "warmup_steps", "lr_min_ratio", "lr_decay_steps")
 
 
 @attrs.frozen
@@ -65,6 +66,13 @@ class TrainConfig:
     """One boolean per U-Net; false freezes that U-Net. None trains all U-Nets."""
     warmup_steps: Optional[IntOrPerUnet] = None
     """Linear learning-rate warm-up over this many optimizer steps, one value or one per U-Net; None: no warm-up."""
+    lr_schedule: str = "constant"
+    """After the warm-up: `constant` (DALLE2-pytorch), or `cosine` / `linear` decay to `lr * lr_min_ratio`."""
+    lr_min_ratio: FloatOrPerUnet = 0.0
+    """Decaying schedules: the last step's rate as a fraction of `lr`, one value or one per U-Net; in [0, 1]."""
+    lr_decay_steps: Optional[IntOrPerUnet] = None
+    """Decaying schedules: optimizer steps (warm-up included) to the minimum rate, one value or one per U-Net;
+    None: the run's optimizer steps (epochs x batches per epoch / gradient_accumulation_steps)."""
     gradient_accumulation_steps: int = 1
     """Micro-batches accumulated per optimizer step."""
     find_unused_parameters: bool = True
@@ -106,6 +114,8 @@ class TrainConfig:
             ("max_grad_norm", 0.0),
             ("cond_scale", 0.0),
             ("warmup_steps", 0),
+            ("lr_min_ratio", 0.0),
+            ("lr_decay_steps", 2),
         ):
             value = getattr(self, name)
             for index, item in enumerate(as_list(value)):
@@ -122,6 +132,7 @@ class TrainConfig:
             if lr == 0 and not frozen:
                 where = f"train.lr[{index}]" if isinstance(self.lr, list) else "train.lr"
                 problems.append(f"{where}: must be greater than 0 for a U-Net that is trained")
+        problems += self._schedule_problems(num_unets)
         problems += in_range("train.ema_beta", self.ema_beta, 0.0, 1.0)
         problems += at_least("train.ema_update_after_step", self.ema_update_after_step, 0)
         problems += at_least("train.ema_update_every", self.ema_update_every, 1)
@@ -130,6 +141,30 @@ class TrainConfig:
             problems += one_of("train.mixed_precision", self.mixed_precision, MIXED_PRECISION)
         problems += _device_problems(self.device)
         return list(dict.fromkeys(problems))  # a single value checked for several U-Nets is reported once
+
+    def _schedule_problems(self, num_unets: Optional[int]) -> List[str]:
+        problems = one_of("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        for index, ratio in enumerate(as_list(self.lr_min_ratio)):
+            where = f"train.lr_min_ratio[{index}]" if isinstance(self.lr_min_ratio, list) else "train.lr_min_ratio"
+            if isinstance(ratio, (int, float)) and ratio > 1:
+                problems.append(f"{where}: must be at most 1 (a fraction of train.lr), got {ratio}")
+        if self.lr_schedule == "constant" or self.lr_decay_steps is None:
+            return problems
+        count = num_unets or 1
+        for index, (decay, warmup) in enumerate(
+            zip(entries(self.lr_decay_steps, count), entries(self.warmup_steps, count))
+        ):
+            if isinstance(decay, int) and decay < (warmup or 0) + 2:
+                where = (
+                    f"train.lr_decay_steps[{index}]"
+                    if isinstance(self.lr_decay_steps, list)
+                    else "train.lr_decay_steps"
+                )
+                problems.append(
+                    f"{where}: {decay} leaves no decay after train.warmup_steps ({warmup or 0}); "
+                    "it counts the warm-up and must exceed it by at least 2"
+                )
+        return problems
 
     def notes(self, root: "TrainDecoderConfig") -> List[str]:
         notes = []

@@ -37,6 +37,7 @@ from ..tracking.sharded import ShardedCheckpoint, write_shards
 from ..tracking.tracker import saves_wanted
 from . import sharding
 from .batches import BatchPreparer, SampleExamples
+from .lr_schedule import run_optimizer_steps
 from .resume import describe_changes, position_is_kept, reference_progress
 from .state import Phase, Progress, TrainingState, checkpoint_payload
 from .summary import summary_lines
@@ -93,7 +94,11 @@ class TrainingRun:
             pin_memory=acc.device.type == "cuda",
             uint8_images=True,  # scaled to [0, 1] on the device by the batch preparer
         )
-        self.trainer = DecoderTrainer(decoder, acc, config.train, used_unets=used_unets(config), seed=config.seed)
+        train = config.train
+        run_steps = run_optimizer_steps(train.epochs, len(self.loaders["train"]), train.gradient_accumulation_steps)
+        self.trainer = DecoderTrainer(
+            decoder, acc, train, used_unets=used_unets(config), seed=config.seed, run_steps=run_steps
+        )
         self.cond_scale = per_unet(config.train.cond_scale, len(config.decoder.unets))
         self.stop = stop or StopRequest()
         # Bars on a terminal, plain lines every progress_interval_s elsewhere; the main process only.

@@ -36,6 +36,7 @@ from ..tracking.checkpoint import (
 from ..tracking.sharded import SHARDED_FORMAT
 from . import sharding as sharded
 from .ema import EMA
+from .lr_schedule import lr_factor, warmup_factor  # noqa: F401 (warmup_factor: imported from here by callers)
 
 
 def trained_unets(config: TrainConfig, num_unets: int) -> List[int]:
@@ -79,13 +80,6 @@ def parameter_groups(unet: nn.Module, weight_decay: float, *, group: bool = True
     return [g for g in groups if g["params"]]
 
 
-def warmup_factor(step: int, warmup_steps: Optional[int]) -> float:
-    """Learning-rate multiplier after `step` optimizer steps: linear warm-up, then constant."""
-    if not warmup_steps:
-        return 1.0
-    return min(1.0, (step + 1) / warmup_steps)
-
-
 class DecoderTrainer:
     """Trains the U-Nets that `unet_training_mask` leaves trainable; the others stay frozen.
 
@@ -103,9 +97,12 @@ class DecoderTrainer:
         used_unets: Optional[Sequence[int]] = None,
         max_nonfinite_streak: int = 20,
         seed: Optional[int] = None,
+        run_steps: Optional[int] = None,
     ):
         """`seed`: the run's seed, which seeds the random streams of accumulated micro-batches (see
-        `_micro_batch_rng`); None draws every micro-batch from the process's stream."""
+        `_micro_batch_rng`); None draws every micro-batch from the process's stream. `run_steps`: the
+        run's optimizer steps, over which a decaying `train.lr_schedule` decays unless
+        `train.lr_decay_steps` says otherwise."""
         self.accelerator = accelerator
         self.seed = seed
         self.sharding = getattr(accelerator, "sharding", None)
@@ -154,10 +151,7 @@ class DecoderTrainer:
             optimizer = torch.optim.AdamW(
                 groups, lr=lrs[number - 1], betas=ADAM_BETAS, eps=ADAM_EPS, fused=fused or None
             )
-            warmup = config.for_unet("warmup_steps", number - 1)
-            scheduler = torch.optim.lr_scheduler.LambdaLR(
-                optimizer, lambda step, warmup=warmup: warmup_factor(step, warmup)
-            )
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config, number, run_steps))
             # Not wrapped by Accelerate: with several optimizers the loss scaler must unscale each
             # once, step each, then update once; the wrapper would update after every optimizer.
             self.optimizers[number] = optimizer
@@ -664,6 +658,36 @@ class DecoderTrainer:
         for group in optimizer.param_groups:
             group["lr"] = lr * factor
         scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def _schedule(config: TrainConfig, number: int, run_steps: Optional[int]):
+    """U-Net `number`'s learning-rate factor as a function of the optimizer step (`lr_schedule.lr_factor`)."""
+    from ..config.errors import ConfigError
+
+    index = number - 1
+    warmup = config.for_unet("warmup_steps", index)
+    decay_steps = config.for_unet("lr_decay_steps", index)
+    if config.lr_schedule != "constant":
+        decay_steps = decay_steps if decay_steps is not None else run_steps
+        where = "train.lr_decay_steps"
+        if decay_steps is None:
+            raise ConfigError(
+                [f"{where}: the run's length is not known here; give the steps train.lr_schedule decays over"]
+            )
+        if decay_steps < (warmup or 0) + 2:
+            raise ConfigError(
+                [
+                    f"{where}: the run has {decay_steps} optimizer steps, too few to decay after "
+                    f"train.warmup_steps ({warmup or 0}); set train.lr_decay_steps, or train longer"
+                ]
+            )
+    options = dict(
+        warmup_steps=warmup,
+        schedule=config.lr_schedule,
+        decay_steps=decay_steps,
+        min_ratio=float(config.for_unet("lr_min_ratio", index)),
+    )
+    return lambda step: lr_factor(step, **options)
 
 
 def _check_stored(folder, prefix: str, targets: Dict[str, torch.Tensor], shapes: Dict[str, torch.Size]) -> None:
