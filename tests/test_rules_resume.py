@@ -96,6 +96,8 @@ APPLIED_ANYWHERE = {
             "lr_schedule",
             "lr_min_ratio",
             "lr_decay_steps",
+            "posthoc_ema_sigma_rels",
+            "posthoc_ema_every_n_steps",
             "gradient_accumulation_steps",
             "find_unused_parameters",
             "static_graph",

@@ -18,6 +18,8 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 EMA_WARMUPS = ("power", "ratio")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 PER_UNET_OPTIONS = ("lr", "wd", "max_grad_norm", "cond_scale", "warmup_steps", "lr_min_ratio", "lr_decay_steps")
+POSTHOC_EMA_MAX_SIGMA_REL = 0.28
+"""Power-function EMA profiles exist for sigma_rel below 12 ** -0.5 (about 0.2887, exponent 0): keep below it."""
 
 
 @attrs.frozen
@@ -73,6 +75,10 @@ class TrainConfig:
     lr_decay_steps: Optional[IntOrPerUnet] = None
     """Decaying schedules: optimizer steps (warm-up included) to the minimum rate, one value or one per U-Net;
     None: the run's optimizer steps (epochs x batches per epoch / gradient_accumulation_steps)."""
+    posthoc_ema_sigma_rels: Optional[List[float]] = None
+    """Post-hoc EMA (EDM2): relative standard deviations of the power-function EMA profiles to keep; None: off."""
+    posthoc_ema_every_n_steps: int = 1000
+    """Post-hoc EMA: every this many EMA updates (optimizer steps applied), a snapshot of each profile is written."""
     gradient_accumulation_steps: int = 1
     """Micro-batches accumulated per optimizer step."""
     find_unused_parameters: bool = True
@@ -133,6 +139,7 @@ class TrainConfig:
                 where = f"train.lr[{index}]" if isinstance(self.lr, list) else "train.lr"
                 problems.append(f"{where}: must be greater than 0 for a U-Net that is trained")
         problems += self._schedule_problems(num_unets)
+        problems += self._posthoc_ema_problems()
         problems += in_range("train.ema_beta", self.ema_beta, 0.0, 1.0)
         problems += at_least("train.ema_update_after_step", self.ema_update_after_step, 0)
         problems += at_least("train.ema_update_every", self.ema_update_every, 1)
@@ -164,6 +171,23 @@ class TrainConfig:
                     f"{where}: {decay} leaves no decay after train.warmup_steps ({warmup or 0}); "
                     "it counts the warm-up and must exceed it by at least 2"
                 )
+        return problems
+
+    def _posthoc_ema_problems(self) -> List[str]:
+        problems = at_least("train.posthoc_ema_every_n_steps", self.posthoc_ema_every_n_steps, 1)
+        sigma_rels = self.posthoc_ema_sigma_rels
+        if sigma_rels is None:
+            return problems
+        if not sigma_rels:
+            problems.append("train.posthoc_ema_sigma_rels: give at least one profile (e.g. [0.05, 0.1]) or null")
+        for index, sigma_rel in enumerate(sigma_rels):
+            if not 0 < sigma_rel <= POSTHOC_EMA_MAX_SIGMA_REL:
+                problems.append(
+                    f"train.posthoc_ema_sigma_rels[{index}]: must be in (0, {POSTHOC_EMA_MAX_SIGMA_REL}], "
+                    f"got {sigma_rel}"
+                )
+        if len(set(sigma_rels)) != len(sigma_rels):
+            problems.append("train.posthoc_ema_sigma_rels: each profile once (a value is repeated)")
         return problems
 
     def notes(self, root: "TrainDecoderConfig") -> List[str]:

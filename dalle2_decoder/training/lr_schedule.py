@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-LR_SCHEDULES = ("constant", "cosine", "linear")
+from ..config.train import LR_SCHEDULES
 
 
 def warmup_factor(step: int, warmup_steps: Optional[int]) -> float:

@@ -37,6 +37,7 @@ from ..tracking.sharded import SHARDED_FORMAT
 from . import sharding as sharded
 from .ema import EMA
 from .lr_schedule import lr_factor, warmup_factor  # noqa: F401 (warmup_factor: imported from here by callers)
+from .posthoc_ema import PosthocEMA
 
 
 def trained_unets(config: TrainConfig, num_unets: int) -> List[int]:
@@ -142,6 +143,19 @@ class DecoderTrainer:
                     update_every=config.ema_update_every,
                     warmup=config.ema_warmup,
                 )
+        self.posthoc: Optional[PosthocEMA] = None
+        if config.posthoc_ema_sigma_rels:
+            if self.sharded:
+                from ..config.errors import ConfigError
+
+                raise ConfigError(
+                    [
+                        "train.posthoc_ema_sigma_rels: post-hoc EMA is not supported with sharded (FSDP) training, "
+                        "whose processes hold only shards of each U-Net; set it to null or launch without FSDP"
+                    ]
+                )
+            unets = {number: decoder.get_unet(number) for number in self.trained_unets}
+            self.posthoc = PosthocEMA(unets, config.posthoc_ema_sigma_rels, config.posthoc_ema_every_n_steps)
         if self.sharded:
             self._shard()
         fused = accelerator.device.type == "cuda"
@@ -302,6 +316,8 @@ class DecoderTrainer:
             self.nonfinite_streak = 0
             for number, ema in self.emas.items():
                 ema.update(self.decoder.get_unet(number))
+            if self.posthoc is not None:
+                self.posthoc.update({number: self.decoder.get_unet(number) for number in self.trained_unets})
         else:
             self.nonfinite_steps += 1
             self.nonfinite_streak += 1
@@ -400,6 +416,8 @@ class DecoderTrainer:
                 "trained_unets": list(self.trained_unets),
             }
         )
+        if self.posthoc is not None:
+            state["posthoc_ema"] = self.posthoc.state_dict()
         if self.accelerator.scaler is not None:
             state["scaler"] = self.accelerator.scaler.state_dict()
         return state
@@ -534,6 +552,9 @@ class DecoderTrainer:
         dropped = sorted(set(int(n) for n in saved_emas) & set(self.trained_unets) - set(self.emas))
         if dropped:
             notes.append(f"EMA state of U-Net(s) {', '.join(map(str, dropped))} not used: train.use_ema is false")
+        if self.posthoc is not None:
+            unets = {number: self.decoder.get_unet(number) for number in self.trained_unets}
+            notes += self.posthoc.load_state_dict(state.get("posthoc_ema"), unets)
         if "scaler" in state and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(state["scaler"])
         counters = state.get("counters", {})
