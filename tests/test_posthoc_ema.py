@@ -72,14 +72,17 @@ def test_the_exponent_gives_the_relative_standard_deviation_asked_for(sigma_rel)
     assert std / t == pytest.approx(sigma_rel, abs=4.0 / t)
 
 
-def test_profile_weights_are_the_formula_and_sum_to_one():
-    gamma, t = gamma_from_sigma_rel(0.05), 3000
+@pytest.mark.parametrize("t", [1, 2, 5, 3000])
+def test_profile_weights_are_the_formula_and_sum_to_one(t):
+    gamma = gamma_from_sigma_rel(0.2)  # a small exponent (about 1.8): early steps keep visible weight
     taus = np.arange(1, t + 1)
     ours = profile_weights(taus, gamma=gamma, start=0, count=t)
-    # The direct form cancels: (tau/t)^(g+1) and ((tau-1)/t)^(g+1) differ by (g+1)/tau of themselves,
-    # so it loses about tau/(g+1) <= 3000/100 ulps relative; 1e-11 of the largest weight covers it.
+    # The direct form cancels: (tau/t)^(g+1) and ((tau-1)/t)^(g+1) differ by about (g+1)/tau of
+    # themselves, so it loses about tau/(g+1) <= 3000 ulps relative; 1e-11 of each weight covers it.
     assert np.abs(ours - weights_by_formula(taus, t, gamma)).max() <= 1e-11 * ours.max()
+    assert (np.abs(ours - weights_by_formula(taus, t, gamma)) <= 1e-11 * ours).all()
     assert float(ours.sum()) == pytest.approx(1.0, abs=t * FLOAT64_EPS)
+    assert t > 1 or ours.tolist() == [1.0]  # one update: a copy
     shifted = profile_weights(np.arange(1, t + 11), gamma=gamma, start=10, count=t)
     assert (shifted[:10] == 0).all() and np.array_equal(shifted[10:], ours)
 
