@@ -128,7 +128,7 @@ def fit_profiles(snapshots: Sequence[Profile], target: Profile) -> Fit:
     right = np.zeros(size)
     for first in range(1, horizon + 1, _CHUNK):
         taus = np.arange(first, min(first + _CHUNK, horizon + 1))
-        basis = np.stack([p.weights(taus) for p in snapshots])
+        basis = _basis(snapshots, taus)
         gram += basis @ basis.T
         right += basis @ target.weights(taus)
     # Least squares with sum_i x_i = 1 (Lagrange multiplier in the last row): the combination is then
@@ -141,11 +141,21 @@ def fit_profiles(snapshots: Sequence[Profile], target: Profile) -> Fit:
     l1 = total = 0.0
     for first in range(1, horizon + 1, _CHUNK):
         taus = np.arange(first, min(first + _CHUNK, horizon + 1))
-        basis = np.stack([p.weights(taus) for p in snapshots])
+        basis = _basis(snapshots, taus)
         residual = coefficients @ basis - target.weights(taus)
         l1 += float(np.abs(residual).sum())
         total += float(residual.sum())
     return Fit(coefficients=coefficients, residual_l1=l1, residual_sum=total)
+
+
+def _basis(profiles: Sequence[Profile], taus: np.ndarray) -> np.ndarray:
+    """Each profile's weights at `taus` (consecutive), one row each; a profile that ended before the
+    chunk (most, late in a long run) is zeros without evaluating it."""
+    basis = np.zeros((len(profiles), len(taus)))
+    for row, profile in enumerate(profiles):
+        if profile.end >= taus[0] and profile.start < taus[-1]:
+            basis[row] = profile.weights(taus)
+    return basis
 
 
 # --- during training -------------------------------------------------------------------------------
