@@ -12,6 +12,7 @@ from accelerate import Accelerator
 
 from dalle2_decoder.config import ConfigError, DecoderConfig, TrainConfig, TrainDecoderConfig, UnetConfig
 from dalle2_decoder.training.loop import TrainingRun
+from dalle2_decoder.training.summary import summary_lines
 from dalle2_decoder.training.trainer import DecoderTrainer
 
 from .conftest import TINY_UNET_OPTIONS
@@ -110,6 +111,8 @@ def test_a_training_run_decays_over_its_epochs_times_its_optimizer_steps_per_epo
     run = TrainingRun(TrainDecoderConfig.from_dict(raw))
     try:
         assert len(run.loaders["train"]) == 6
+        summary = summary_lines(run.config, run.accelerator, run.trainer, run.loaders)
+        assert "  lr U-Net 1     cosine from 0.001 to 0.25 x it over 6 optimizer steps" in summary
         got = rates(run.trainer, 1, 7)
     finally:
         run.tracker.finish(success=True)

@@ -131,6 +131,8 @@ class DecoderTrainer:
         self.optimizers: Dict[int, torch.optim.Optimizer] = {}
         self.schedulers: Dict[int, torch.optim.lr_scheduler.LambdaLR] = {}
         self.emas: Dict[int, EMA] = {}
+        self.lr_decay_steps: Dict[int, Optional[int]] = {}
+        """Per trained U-Net, the optimizer steps its decaying learning rate reaches the minimum at (None: constant)."""
         self.lrs = lrs
         self.wds = wds
         if config.use_ema:
@@ -165,7 +167,8 @@ class DecoderTrainer:
             optimizer = torch.optim.AdamW(
                 groups, lr=lrs[number - 1], betas=ADAM_BETAS, eps=ADAM_EPS, fused=fused or None
             )
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config, number, run_steps))
+            factor, self.lr_decay_steps[number] = _schedule(config, number, run_steps)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
             # Not wrapped by Accelerate: with several optimizers the loss scaler must unscale each
             # once, step each, then update once; the wrapper would update after every optimizer.
             self.optimizers[number] = optimizer
@@ -682,7 +685,8 @@ class DecoderTrainer:
 
 
 def _schedule(config: TrainConfig, number: int, run_steps: Optional[int]):
-    """U-Net `number`'s learning-rate factor as a function of the optimizer step (`lr_schedule.lr_factor`)."""
+    """U-Net `number`'s learning-rate factor as a function of the optimizer step (`lr_schedule.lr_factor`),
+    and the steps it decays over (None for the constant schedule)."""
     from ..config.errors import ConfigError
 
     index = number - 1
@@ -708,7 +712,7 @@ def _schedule(config: TrainConfig, number: int, run_steps: Optional[int]):
         decay_steps=decay_steps,
         min_ratio=float(config.for_unet("lr_min_ratio", index)),
     )
-    return lambda step: lr_factor(step, **options)
+    return (lambda step: lr_factor(step, **options)), (decay_steps if config.lr_schedule != "constant" else None)
 
 
 def _check_stored(folder, prefix: str, targets: Dict[str, torch.Tensor], shapes: Dict[str, torch.Size]) -> None:
