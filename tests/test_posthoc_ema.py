@@ -280,3 +280,15 @@ def test_bad_post_hoc_options_are_reported_with_their_path(minimal_config, confi
     minimal_config.setdefault("train", {}).update(train)
     found = config_problems(minimal_config)
     assert any(line.startswith(problem) for line in found), found
+
+
+def test_a_fresh_run_over_an_old_one_clears_its_snapshots(tmp_path):
+    """`tracker.overwrite_data_path` removes the previous run's snapshots: left there, the fit would
+    mix two runs' weights."""
+    from dalle2_decoder.tracking.run_state import prepare_data_path
+
+    (tmp_path / SNAPSHOT_FOLDER).mkdir()
+    (tmp_path / SNAPSHOT_FOLDER / "0000001000-sigma_rel-0.05.safetensors").write_bytes(b"old")
+    (tmp_path / "notes.txt").write_text("the user's")
+    prepare_data_path(tmp_path, overwrite=True, auto_resume=False, say=lambda line: None)
+    assert not (tmp_path / SNAPSHOT_FOLDER).exists() and (tmp_path / "notes.txt").exists()

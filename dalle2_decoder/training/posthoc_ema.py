@@ -45,10 +45,11 @@ from torch import nn
 
 from ..common.files import atomic_write
 from ..failures import EXIT_CHECKPOINT
+from ..tracking.run_state import POSTHOC_EMA_FOLDER
 
 SNAPSHOT_FORMAT = "dalle2_decoder.posthoc_ema/1"
-SNAPSHOT_FOLDER = "posthoc_ema"
-"""Snapshots are written here, under `tracker.data_path`."""
+SNAPSHOT_FOLDER = POSTHOC_EMA_FOLDER
+"""Snapshots are written here, under `tracker.data_path` (a tracker entry: `overwrite_data_path` clears it)."""
 _CHUNK = 1 << 18
 """Steps of the time axis handled at once by the fit: memory stays O(chunk x snapshots) for any run length."""
 
