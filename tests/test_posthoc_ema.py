@@ -115,6 +115,12 @@ def test_a_profile_among_the_snapshots_is_fitted_exactly():
     fit = fit_profiles(snapshots, Profile(gamma, 0, 60))
     assert fit.coefficients == pytest.approx([0, 0, 1, 0], abs=1e-8)
     assert fit.residual_l1 < 1e-8 and abs(fit.residual_sum) < 1e-12
+    # A target outside the span: the coefficients still sum to 1 (a weighted average of the weights
+    # seen, so the error does not scale with their magnitude), to float64 solver rounding.
+    mixed = [Profile(gamma_from_sigma_rel(s), 0, t) for t in (20, 40, 60, 80) for s in (0.05, 0.1)]
+    fit = fit_profiles(mixed, Profile(gamma_from_sigma_rel(0.08), 0, 80))
+    assert abs(float(fit.coefficients.sum()) - 1.0) < 1e-9 and abs(fit.residual_sum) < 1e-9
+    assert 0 < fit.residual_l1 < 0.05
 
 
 class WeightRange:
