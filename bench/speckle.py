@@ -51,8 +51,10 @@ def main() -> None:
     config = TrainDecoderConfig.from_dict(loaded.config)
     embed, text, real = test_inputs(config, args.n_inputs, torch.device("cpu"))
     T, fast = decoder.num_timesteps, args.fast_steps
-    print(f"model {loaded.source}: step {loaded.step}, {loaded.weights} weights, {T} timesteps; true images hf "
-          f"{high_frequency(real):.4f}")
+    print(
+        f"model {loaded.source}: step {loaded.step}, {loaded.weights} weights, {T} timesteps; true images hf "
+        f"{high_frequency(real):.4f}"
+    )
     chains = [
         ("ddpm", T, 0.0),
         ("ddim", T, 0.0),

@@ -64,6 +64,7 @@ def test_the_console_commands_are_the_ones_checked_here():
         "dalle2-convert-checkpoint": "dalle2_decoder.convert:main",
         "dalle2-sample-decoder": "dalle2_decoder.sample:main",
         "dalle2-report": "dalle2_decoder.report:main",
+        "dalle2-posthoc-ema": "dalle2_decoder.posthoc_ema:main",
     }
 
 
@@ -84,7 +85,7 @@ def test_the_sampling_command_names_its_samplers_and_clip_makes(capsys):
         assert ", ".join(values) in option_entry(text, "--clip_make")
 
 
-@pytest.mark.parametrize("command", ["dalle2-convert-checkpoint", "dalle2-report"])
+@pytest.mark.parametrize("command", ["dalle2-convert-checkpoint", "dalle2-report", "dalle2-posthoc-ema"])
 def test_commands_without_a_fixed_set_of_values_still_answer_help(command, capsys):
     text = help_of(console_scripts()[command], capsys)
     assert text.startswith(f"usage: {command}")

@@ -12,7 +12,7 @@ from typing import List, Tuple
 from .decoder import BETA_SCHEDULES, CLIP_MAKES, LOSS_TYPES, SAMPLERS
 from .structure import union_kinds
 from .tracker import LoadConfig, LogConfig, SaveConfig, SaveTargets
-from .train import EMA_WARMUPS, MIXED_PRECISION
+from .train import EMA_WARMUPS, LR_SCHEDULES, MIXED_PRECISION
 
 
 def _literal_values(cls: type, name: str) -> Tuple[str, ...]:
@@ -30,6 +30,7 @@ def option_choices() -> List[Tuple[str, Tuple[str, ...]]]:
         ("decoder.clip.make", CLIP_MAKES),
         ("train.mixed_precision", MIXED_PRECISION),
         ("train.ema_warmup", EMA_WARMUPS),
+        ("train.lr_schedule", LR_SCHEDULES),
         ("tracker.log.log_type", tuple(union_kinds(LogConfig)[1])),
         ("tracker.load.load_from", tuple(union_kinds(LoadConfig)[1])),
         ("tracker.save[].save_to", tuple(union_kinds(SaveConfig)[1])),

@@ -16,7 +16,10 @@ FloatOrPerUnet = Union[float, List[float]]
 IntOrPerUnet = Union[int, List[int]]
 MIXED_PRECISION = ("no", "fp16", "bf16")
 EMA_WARMUPS = ("power", "ratio")
-PER_UNET_OPTIONS = ("lr", "wd", "max_grad_norm", "cond_scale", "warmup_steps")
+LR_SCHEDULES = ("constant", "cosine", "linear")
+PER_UNET_OPTIONS = ("lr", "wd", "max_grad_norm", "cond_scale", "warmup_steps", "lr_min_ratio", "lr_decay_steps")
+POSTHOC_EMA_MAX_SIGMA_REL = 0.28
+"""Power-function EMA profiles exist for sigma_rel below 12 ** -0.5 (about 0.2887, exponent 0): keep below it."""
 
 
 @attrs.frozen
@@ -65,6 +68,17 @@ class TrainConfig:
     """One boolean per U-Net; false freezes that U-Net. None trains all U-Nets."""
     warmup_steps: Optional[IntOrPerUnet] = None
     """Linear learning-rate warm-up over this many optimizer steps, one value or one per U-Net; None: no warm-up."""
+    lr_schedule: str = "constant"
+    """After the warm-up: `constant` (DALLE2-pytorch), or `cosine` / `linear` decay to `lr * lr_min_ratio`."""
+    lr_min_ratio: FloatOrPerUnet = 0.0
+    """Decaying schedules: the last step's rate as a fraction of `lr`, one value or one per U-Net; in [0, 1]."""
+    lr_decay_steps: Optional[IntOrPerUnet] = None
+    """Decaying schedules: optimizer steps (warm-up included) to the minimum rate, one value or one per U-Net;
+    None: the run's optimizer steps (epochs x batches per epoch / gradient_accumulation_steps)."""
+    posthoc_ema_sigma_rels: Optional[List[float]] = None
+    """Post-hoc EMA (EDM2): relative standard deviations of the power-function EMA profiles to keep; None: off."""
+    posthoc_ema_every_n_steps: int = 1000
+    """Post-hoc EMA: every this many EMA updates (optimizer steps applied), a snapshot of each profile is written."""
     gradient_accumulation_steps: int = 1
     """Micro-batches accumulated per optimizer step."""
     find_unused_parameters: bool = True
@@ -106,6 +120,8 @@ class TrainConfig:
             ("max_grad_norm", 0.0),
             ("cond_scale", 0.0),
             ("warmup_steps", 0),
+            ("lr_min_ratio", 0.0),
+            ("lr_decay_steps", 2),
         ):
             value = getattr(self, name)
             for index, item in enumerate(as_list(value)):
@@ -122,6 +138,8 @@ class TrainConfig:
             if lr == 0 and not frozen:
                 where = f"train.lr[{index}]" if isinstance(self.lr, list) else "train.lr"
                 problems.append(f"{where}: must be greater than 0 for a U-Net that is trained")
+        problems += self._schedule_problems(num_unets)
+        problems += self._posthoc_ema_problems()
         problems += in_range("train.ema_beta", self.ema_beta, 0.0, 1.0)
         problems += at_least("train.ema_update_after_step", self.ema_update_after_step, 0)
         problems += at_least("train.ema_update_every", self.ema_update_every, 1)
@@ -130,6 +148,47 @@ class TrainConfig:
             problems += one_of("train.mixed_precision", self.mixed_precision, MIXED_PRECISION)
         problems += _device_problems(self.device)
         return list(dict.fromkeys(problems))  # a single value checked for several U-Nets is reported once
+
+    def _schedule_problems(self, num_unets: Optional[int]) -> List[str]:
+        problems = one_of("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        for index, ratio in enumerate(as_list(self.lr_min_ratio)):
+            where = f"train.lr_min_ratio[{index}]" if isinstance(self.lr_min_ratio, list) else "train.lr_min_ratio"
+            if isinstance(ratio, (int, float)) and ratio > 1:
+                problems.append(f"{where}: must be at most 1 (a fraction of train.lr), got {ratio}")
+        if self.lr_schedule == "constant" or self.lr_decay_steps is None:
+            return problems
+        count = num_unets or 1
+        for index, (decay, warmup) in enumerate(
+            zip(entries(self.lr_decay_steps, count), entries(self.warmup_steps, count))
+        ):
+            if isinstance(decay, int) and decay < (warmup or 0) + 2:
+                where = (
+                    f"train.lr_decay_steps[{index}]"
+                    if isinstance(self.lr_decay_steps, list)
+                    else "train.lr_decay_steps"
+                )
+                problems.append(
+                    f"{where}: {decay} leaves no decay after train.warmup_steps ({warmup or 0}); "
+                    "it counts the warm-up and must exceed it by at least 2"
+                )
+        return problems
+
+    def _posthoc_ema_problems(self) -> List[str]:
+        problems = at_least("train.posthoc_ema_every_n_steps", self.posthoc_ema_every_n_steps, 1)
+        sigma_rels = self.posthoc_ema_sigma_rels
+        if sigma_rels is None:
+            return problems
+        if not sigma_rels:
+            problems.append("train.posthoc_ema_sigma_rels: give at least one profile (e.g. [0.05, 0.1]) or null")
+        for index, sigma_rel in enumerate(sigma_rels):
+            if not 0 < sigma_rel <= POSTHOC_EMA_MAX_SIGMA_REL:
+                problems.append(
+                    f"train.posthoc_ema_sigma_rels[{index}]: must be in (0, {POSTHOC_EMA_MAX_SIGMA_REL}], "
+                    f"got {sigma_rel}"
+                )
+        if len(set(sigma_rels)) != len(sigma_rels):
+            problems.append("train.posthoc_ema_sigma_rels: each profile once (a value is repeated)")
+        return problems
 
     def notes(self, root: "TrainDecoderConfig") -> List[str]:
         notes = []

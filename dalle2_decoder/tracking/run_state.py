@@ -22,6 +22,8 @@ RUN_CONFIG_FILE = "run_config.json"
 """The run's resolved config (secrets masked), written at setup: what `dalle2_decoder.report` shows."""
 SUMMARY_FILE = "summary.txt"
 """The start-up summary the training run printed (processes, data, U-Nets)."""
+POSTHOC_EMA_FOLDER = "posthoc_ema"
+"""Post-hoc EMA snapshots (`training/posthoc_ema.py`), when `train.posthoc_ema_sigma_rels` is set."""
 
 
 class DataPathError(RuntimeError):
@@ -113,6 +115,7 @@ TRACKER_ENTRIES = (
     "tensorboard",
     RUN_CONFIG_FILE,
     SUMMARY_FILE,
+    POSTHOC_EMA_FOLDER,
 )
 """What the tracker itself writes directly under `data_path`: all that `overwrite_data_path` removes."""
 

@@ -37,6 +37,8 @@ from ..tracking.sharded import ShardedCheckpoint, write_shards
 from ..tracking.tracker import saves_wanted
 from . import sharding
 from .batches import BatchPreparer, SampleExamples
+from .lr_schedule import run_optimizer_steps
+from .posthoc_ema import SNAPSHOT_FOLDER
 from .resume import describe_changes, position_is_kept, reference_progress
 from .state import Phase, Progress, TrainingState, checkpoint_payload
 from .summary import summary_lines
@@ -93,7 +95,11 @@ class TrainingRun:
             pin_memory=acc.device.type == "cuda",
             uint8_images=True,  # scaled to [0, 1] on the device by the batch preparer
         )
-        self.trainer = DecoderTrainer(decoder, acc, config.train, used_unets=used_unets(config), seed=config.seed)
+        train = config.train
+        run_steps = run_optimizer_steps(train.epochs, len(self.loaders["train"]), train.gradient_accumulation_steps)
+        self.trainer = DecoderTrainer(
+            decoder, acc, train, used_unets=used_unets(config), seed=config.seed, run_steps=run_steps
+        )
         self.cond_scale = per_unet(config.train.cond_scale, len(config.decoder.unets))
         self.stop = stop or StopRequest()
         # Bars on a terminal, plain lines every progress_interval_s elsewhere; the main process only.
@@ -109,6 +115,10 @@ class TrainingRun:
             is_main_process=acc.is_main_process,
             sharded_checkpoints=self.trainer.sharded,
         )
+        if self.trainer.posthoc is not None:  # snapshots beside the checkpoints, by the main process only
+            data_path = getattr(self.tracker, "data_path", None)  # the other processes' tracker has none
+            self.trainer.posthoc.folder = data_path / SNAPSHOT_FOLDER if data_path is not None else None
+            self.trainer.posthoc.config_json = getattr(self.tracker, "config_json", None)
         self.progress = Progress(next_save_at=config.train.save_every_n_samples)
         self.examples: Dict[str, SampleExamples] = {}
         self._pending_rng: Optional[Dict[str, Any]] = None

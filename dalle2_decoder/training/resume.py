@@ -123,6 +123,10 @@ def _judge(path: str, old: Any, new: Any, *, epoch: int, mid_epoch: bool) -> Cha
         return applied("set on the restored optimizers from now on; their moments are kept")
     if path == "train.warmup_steps":
         return applied("the warm-up continues from the optimizer steps already taken")
+    if path in ("train.lr_schedule", "train.lr_min_ratio", "train.lr_decay_steps"):
+        return applied("the schedule continues from the optimizer steps already taken")
+    if path.startswith("train.posthoc_ema"):
+        return applied("profiles kept before and now continue; new ones start at the next update")
     if path == "train.unet_training_mask":
         return applied("U-Nets trained now and not before start with fresh optimizers; see the notes below")
     if path.startswith("train.ema") or path == "train.use_ema":

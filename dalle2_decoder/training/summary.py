@@ -42,4 +42,16 @@ def summary_lines(
             f"  U-Net {number}        {count_parameters(trainer.decoder.get_unet(number)) / 1e6:.2f}M parameters, "
             f"{size}px, {state}, samples with {sampler} ({steps or config.decoder.timesteps} steps)"
         )
+    train = config.train
+    for number, decay_steps in trainer.lr_decay_steps.items():
+        if decay_steps is not None:
+            lines.append(
+                f"  lr U-Net {number}     {train.lr_schedule} from {train.for_unet('lr', number - 1):g} to "
+                f"{train.for_unet('lr_min_ratio', number - 1):g} x it over {decay_steps} optimizer steps"
+            )
+    if trainer.posthoc is not None:
+        lines.append(
+            f"  post-hoc EMA   sigma_rel {', '.join(f'{s:g}' for s in trainer.posthoc.sigma_rels)}, "
+            f"a snapshot every {trainer.posthoc.every_n_steps} updates"
+        )
     return lines

@@ -36,6 +36,8 @@ from ..tracking.checkpoint import (
 from ..tracking.sharded import SHARDED_FORMAT
 from . import sharding as sharded
 from .ema import EMA
+from .lr_schedule import lr_factor, warmup_factor  # noqa: F401 (warmup_factor: imported from here by callers)
+from .posthoc_ema import PosthocEMA
 
 
 def trained_unets(config: TrainConfig, num_unets: int) -> List[int]:
@@ -79,13 +81,6 @@ def parameter_groups(unet: nn.Module, weight_decay: float, *, group: bool = True
     return [g for g in groups if g["params"]]
 
 
-def warmup_factor(step: int, warmup_steps: Optional[int]) -> float:
-    """Learning-rate multiplier after `step` optimizer steps: linear warm-up, then constant."""
-    if not warmup_steps:
-        return 1.0
-    return min(1.0, (step + 1) / warmup_steps)
-
-
 class DecoderTrainer:
     """Trains the U-Nets that `unet_training_mask` leaves trainable; the others stay frozen.
 
@@ -103,9 +98,12 @@ class DecoderTrainer:
         used_unets: Optional[Sequence[int]] = None,
         max_nonfinite_streak: int = 20,
         seed: Optional[int] = None,
+        run_steps: Optional[int] = None,
     ):
         """`seed`: the run's seed, which seeds the random streams of accumulated micro-batches (see
-        `_micro_batch_rng`); None draws every micro-batch from the process's stream."""
+        `_micro_batch_rng`); None draws every micro-batch from the process's stream. `run_steps`: the
+        run's optimizer steps, over which a decaying `train.lr_schedule` decays unless
+        `train.lr_decay_steps` says otherwise."""
         self.accelerator = accelerator
         self.seed = seed
         self.sharding = getattr(accelerator, "sharding", None)
@@ -133,6 +131,8 @@ class DecoderTrainer:
         self.optimizers: Dict[int, torch.optim.Optimizer] = {}
         self.schedulers: Dict[int, torch.optim.lr_scheduler.LambdaLR] = {}
         self.emas: Dict[int, EMA] = {}
+        self.lr_decay_steps: Dict[int, Optional[int]] = {}
+        """Per trained U-Net, the optimizer steps its decaying learning rate reaches the minimum at (None: constant)."""
         self.lrs = lrs
         self.wds = wds
         if config.use_ema:
@@ -145,6 +145,19 @@ class DecoderTrainer:
                     update_every=config.ema_update_every,
                     warmup=config.ema_warmup,
                 )
+        self.posthoc: Optional[PosthocEMA] = None
+        if config.posthoc_ema_sigma_rels:
+            if self.sharded:
+                from ..config.errors import ConfigError
+
+                raise ConfigError(
+                    [
+                        "train.posthoc_ema_sigma_rels: post-hoc EMA is not supported with sharded (FSDP) training, "
+                        "whose processes hold only shards of each U-Net; set it to null or launch without FSDP"
+                    ]
+                )
+            unets = {number: decoder.get_unet(number) for number in self.trained_unets}
+            self.posthoc = PosthocEMA(unets, config.posthoc_ema_sigma_rels, config.posthoc_ema_every_n_steps)
         if self.sharded:
             self._shard()
         fused = accelerator.device.type == "cuda"
@@ -154,10 +167,8 @@ class DecoderTrainer:
             optimizer = torch.optim.AdamW(
                 groups, lr=lrs[number - 1], betas=ADAM_BETAS, eps=ADAM_EPS, fused=fused or None
             )
-            warmup = config.for_unet("warmup_steps", number - 1)
-            scheduler = torch.optim.lr_scheduler.LambdaLR(
-                optimizer, lambda step, warmup=warmup: warmup_factor(step, warmup)
-            )
+            factor, self.lr_decay_steps[number] = _schedule(config, number, run_steps)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
             # Not wrapped by Accelerate: with several optimizers the loss scaler must unscale each
             # once, step each, then update once; the wrapper would update after every optimizer.
             self.optimizers[number] = optimizer
@@ -308,6 +319,8 @@ class DecoderTrainer:
             self.nonfinite_streak = 0
             for number, ema in self.emas.items():
                 ema.update(self.decoder.get_unet(number))
+            if self.posthoc is not None:
+                self.posthoc.update({number: self.decoder.get_unet(number) for number in self.trained_unets})
         else:
             self.nonfinite_steps += 1
             self.nonfinite_streak += 1
@@ -406,6 +419,8 @@ class DecoderTrainer:
                 "trained_unets": list(self.trained_unets),
             }
         )
+        if self.posthoc is not None:
+            state["posthoc_ema"] = self.posthoc.state_dict()
         if self.accelerator.scaler is not None:
             state["scaler"] = self.accelerator.scaler.state_dict()
         return state
@@ -540,6 +555,9 @@ class DecoderTrainer:
         dropped = sorted(set(int(n) for n in saved_emas) & set(self.trained_unets) - set(self.emas))
         if dropped:
             notes.append(f"EMA state of U-Net(s) {', '.join(map(str, dropped))} not used: train.use_ema is false")
+        if self.posthoc is not None:
+            unets = {number: self.decoder.get_unet(number) for number in self.trained_unets}
+            notes += self.posthoc.load_state_dict(state.get("posthoc_ema"), unets)
         if "scaler" in state and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(state["scaler"])
         counters = state.get("counters", {})
@@ -664,6 +682,37 @@ class DecoderTrainer:
         for group in optimizer.param_groups:
             group["lr"] = lr * factor
         scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def _schedule(config: TrainConfig, number: int, run_steps: Optional[int]):
+    """U-Net `number`'s learning-rate factor as a function of the optimizer step (`lr_schedule.lr_factor`),
+    and the steps it decays over (None for the constant schedule)."""
+    from ..config.errors import ConfigError
+
+    index = number - 1
+    warmup = config.for_unet("warmup_steps", index)
+    decay_steps = config.for_unet("lr_decay_steps", index)
+    if config.lr_schedule != "constant":
+        decay_steps = decay_steps if decay_steps is not None else run_steps
+        where = "train.lr_decay_steps"
+        if decay_steps is None:
+            raise ConfigError(
+                [f"{where}: the run's length is not known here; give the steps train.lr_schedule decays over"]
+            )
+        if decay_steps < (warmup or 0) + 2:
+            raise ConfigError(
+                [
+                    f"{where}: the run has {decay_steps} optimizer steps, too few to decay after "
+                    f"train.warmup_steps ({warmup or 0}); set train.lr_decay_steps, or train longer"
+                ]
+            )
+    options = dict(
+        warmup_steps=warmup,
+        schedule=config.lr_schedule,
+        decay_steps=decay_steps,
+        min_ratio=float(config.for_unet("lr_min_ratio", index)),
+    )
+    return (lambda step: lr_factor(step, **options)), (decay_steps if config.lr_schedule != "constant" else None)
 
 
 def _check_stored(folder, prefix: str, targets: Dict[str, torch.Tensor], shapes: Dict[str, torch.Size]) -> None:
