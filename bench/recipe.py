@@ -107,6 +107,16 @@ VARIANTS: Dict[str, tuple] = {
         {"decoder.noise_schedule_shift": 0.5},
         ("64", "up"),
     ),
+    "lr_cosine": (
+        "cosine learning-rate decay to 0 over the run (Loshchilov & Hutter 2017, 'SGDR')",
+        {"train.lr_schedule": "cosine"},
+        ("32", "64", "up"),
+    ),
+    "v_pred_cosine": (
+        "v-prediction and the cosine learning-rate decay together",
+        {"decoder.predict_v": True, "train.lr_schedule": "cosine"},
+        ("32", "64", "up"),
+    ),
     "ema_0999": ("a longer EMA: beta 0.999 instead of 0.99", {"train.ema_beta": 0.999}, ("32", "64", "up")),
     "ema_095": ("a shorter EMA: beta 0.95 instead of 0.99", {"train.ema_beta": 0.95}, ("32", "64", "up")),
 }
