@@ -84,3 +84,20 @@ def test_every_recipe_gives_a_valid_config_with_each_of_its_options_applied(mini
     for path, value in RECIPES[name].items():
         section, option = path.split(".")
         assert config[section][option] == value, path
+
+
+def test_a_run_with_a_recipe_says_so_at_start_and_trains_the_v_objective(tmp_path):
+    from dalle2_decoder.training.loop import TrainingRun
+    from dalle2_decoder.training.summary import summary_lines
+
+    from .training_fixtures import tiny_config, write_tiny_demo
+
+    raw = tiny_config(write_tiny_demo(tmp_path / "demo"), tmp_path / "run")
+    raw["recipe"] = SAMPLE_EFFICIENT
+    run = TrainingRun(TrainDecoderConfig.from_dict(raw))
+    try:
+        summary = summary_lines(run.config, run.accelerator, run.trainer, run.loaders)
+        assert f"  recipe         {SAMPLE_EFFICIENT}: decoder.predict_v=true unless the config sets them" in summary
+        assert run.trainer.decoder.predict_v == [True] * len(run.trainer.decoder.unets)
+    finally:
+        run.tracker.finish(success=True)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from typing import List, Mapping
 
 from accelerate import Accelerator
 from torch import nn
 
+from ..config.recipes import DEFAULT_RECIPE, recipe_options
 from ..config.root import TrainDecoderConfig
 from .trainer import DecoderTrainer
 
@@ -34,6 +36,12 @@ def summary_lines(
         f"({train_batches} batches of {data.batch_size} per rank)",
         f"  epochs         {config.train.epochs}",
     ]
+    if config.recipe != DEFAULT_RECIPE:
+        # Which options came from the recipe and not from the config file (`--check` prints them all).
+        filled = ", ".join(
+            f"{path}={json.dumps(value)}" for path, value in recipe_options(config.recipe, config.to_dict()).items()
+        )
+        lines.append(f"  recipe         {config.recipe}: {filled} unless the config sets them")
     for number in range(1, len(trainer.decoder.unets) + 1):
         state = "trained" if number in trainer.trained_unets else "frozen"
         size = config.decoder.image_sizes[number - 1]
