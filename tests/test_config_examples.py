@@ -49,6 +49,9 @@ def test_example_specifics():
     assert demo.tracker.save[0].save_to == "local" and demo.data.num_workers == 1
     assert demo.decoder.unets[0].dim == 16 and tuple(demo.decoder.unets[0].dim_mults) == (1, 2, 4)
     assert demo.decoder.image_sizes == [32]
+    # The demo shows the product: the measured recipe (docs/RECIPE.md) and its paired error logged.
+    assert demo.recipe == "sample-efficient-v1" and demo.decoder.create().predict_v == [True]
+    assert demo.evaluate.fidelity.enabled is True
 
 
 def test_demo_config_matches_the_demo_data_generator():
