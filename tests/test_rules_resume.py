@@ -104,6 +104,9 @@ APPLIED_ANYWHERE = {
         )
     ),
     *(f"evaluate.{name}" for name in ("n_evaluation_samples", "FID", "IS", "KID", "LPIPS")),
+    *(f"evaluate.fidelity.{name}" for name in ("enabled", "clip", "coarse_size")),
+    # A recipe only fills in options; the options it filled are in the saved config and compared as options.
+    "recipe",
 }
 # The checkpoint named is how the run got here: not a change to report.
 NOT_REPORTED = {"tracker.load"}
