@@ -41,15 +41,6 @@ EXIT_IO = 5
 EXIT_STOPPED = 6
 EXIT_INTERRUPTED = 130
 
-KIND_NAMES = {
-    EXIT_CONFIG: "configuration",
-    EXIT_USAGE: "usage",
-    EXIT_DATA: "data",
-    EXIT_CHECKPOINT: "checkpoint",
-    EXIT_IO: "I/O",
-    EXIT_STOPPED: "stopped",
-}
-
 
 @attrs.frozen
 class Problem:

@@ -21,7 +21,7 @@ def keep_threads():
 
 
 def test_idle_workers_leave_every_core_to_compute_busy_ones_take_cores_back():
-    # 2 cores, 1 worker that mostly waits (the case that used to run on one thread): both cores compute.
+    # 2 cores, 1 worker that mostly waits (so one thread would leave a core idle): both cores compute.
     assert threads_for(2, 2, 0.1) == 2
     assert threads_for(2, 2, 0.6) == 2  # inside the margin: no change
     assert threads_for(2, 2, 0.9) == 1  # a worker busy most of the time gets its core

@@ -42,7 +42,7 @@ def test_model_save_loads_into_a_fresh_decoder_that_samples(tmp_path, file_name)
 
     torch.manual_seed(1)
     fresh = decoder_config().create()
-    assert not torch.equal(fresh.unets[0].final_conv.weight, trained.unets[0].final_conv.weight)
+    assert not torch.equal(fresh.unets[0].to_out.weight, trained.unets[0].to_out.weight)
     loaded = load_model_weights(fresh, tmp_path / "run" / file_name)
     assert loaded.step == 100 and json.loads(loaded.config_json)["decoder"]["image_sizes"] == [8, 16]
     for name, value in trained.state_dict().items():

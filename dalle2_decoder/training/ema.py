@@ -18,8 +18,8 @@ def ema_decay(count: int, *, beta: float, warmup: str = "power", update_after_st
 
     `power` (the default, ema-pytorch's schedule as DALLE2-pytorch uses it): with
     n = count - update_after_step, decay = 1 - (1 + n) ** (-2/3), 0 while n <= 0, capped at `beta`.
-    `ratio` (this package's earlier warm-up, an option): decay = min(beta, (1 + n) / (10 + n)) with
-    the same n, which trails the weights sooner in short runs.
+    `ratio` (an option): decay = min(beta, (1 + n) / (10 + n)) with the same n, which trails the
+    weights sooner in short runs.
     """
     n = count - update_after_step
     if n <= 0:
@@ -40,7 +40,7 @@ class EMA(nn.Module):
     first call copies the weights; later calls act only every `update_every` calls: they copy the
     weights while at most `update_after_step` calls came before, then average with the decay of
     `ema_decay` (capped at `beta`). With `update_after_step=0, update_every=1, warmup="ratio"` it
-    is this package's earlier average, which follows the weights from the first step.
+    follows the weights from the first step, for runs too short for the reference's 100-step wait.
 
     Floating-point parameters and buffers are averaged; integer buffers (counters) are copied.
     The copy lives on the same device as the network, and updates are fused `_foreach` kernels, so
