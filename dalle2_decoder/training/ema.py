@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import copy
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from .sharding import is_sharded, local
 
 EMA_WARMUPS = ("power", "ratio")
+
+
+def average_into(averaged: List[torch.Tensor], new: List[torch.Tensor], decay: float) -> None:
+    """averaged <- decay * averaged + (1 - decay) * new, for every pair of floating-point tensors.
+
+    One fused `_foreach` kernel over the whole list (one pass over the weights, no host sync),
+    reached through torch's public EMA helper rather than the private `torch._foreach_lerp_`.
+    """
+    if averaged:
+        get_ema_multi_avg_fn(decay)(averaged, new, None)
 
 
 def ema_decay(count: int, *, beta: float, warmup: str = "power", update_after_step: int = 100) -> float:
@@ -105,8 +116,7 @@ class EMA(nn.Module):
         for name, averaged in self.averaged.named_parameters():
             ema_params.append(local(averaged))
             new_params.append(local(source[name].detach()))
-        if ema_params:
-            torch._foreach_lerp_(ema_params, new_params, 1.0 - decay)
+        average_into(ema_params, new_params, decay)
         source_buffers = dict(network.named_buffers())
         for name, averaged in self.averaged.named_buffers():
             new = source_buffers[name]
