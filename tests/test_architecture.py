@@ -262,3 +262,45 @@ def test_builders_take_runtime_objects_not_the_run_config():
         assert "TrainDecoderConfig" not in annotations, builder
     assert "Accelerator" in str(inspect.signature(Evaluator).parameters["accelerator"].annotation)
     assert "Decoder" in str(inspect.signature(DecoderTrainer).parameters["decoder"].annotation)
+
+
+def private_package_uses(path: Path) -> List[Tuple[str, int]]:
+    """(use, line) where a module reaches into another module of the package: `from .x import _y`,
+    or `x._y` with `x` a module of the package imported by name (`from .data import plan`)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    modules, found = set(), []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith(PACKAGE)):
+            for alias in node.names:
+                if _private(alias.name):
+                    found.append((f"from {'.' * node.level}{node.module or ''} import {alias.name}", node.lineno))
+                modules.add(alias.asname or alias.name)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and _private(node.attr):
+            if isinstance(node.value, ast.Name) and node.value.id in modules:
+                found.append((f"{node.value.id}.{node.attr}", node.lineno))
+    return found
+
+
+def test_no_module_reaches_into_another_modules_private_names():
+    """What one module needs of another is that module's public function, so a private name can
+    change with only its own module to read (docs/ARCHITECTURE.md)."""
+    uses = [
+        f"{path.relative_to(ROOT.parent)}:{line}: {use}"
+        for path in source_files()
+        for use, line in private_package_uses(path)
+    ]
+    assert not uses, "\n".join(uses)
+
+
+def test_the_package_walk_finds_each_form(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "from .data import plan\nfrom .data.loader import _peek\n"
+        "def f():\n    from ..tracking import run_state as rs\n    return plan._ranges, rs._refuse\n"
+    )
+    assert sorted(use for use, _ in private_package_uses(probe)) == [
+        "from .data.loader import _peek",
+        "plan._ranges",
+        "rs._refuse",
+    ]
