@@ -196,8 +196,8 @@ MUTANTS: List[Mutant] = [
         [
             (
                 EMA,
-                "torch._foreach_lerp_(ema_params, new_params, 1.0 - decay)",
-                "torch._foreach_lerp_(ema_params, new_params, decay)",
+                "        average_into(ema_params, new_params, decay)",
+                "        average_into(ema_params, new_params, 1.0 - decay)",
             )
         ],
         [T_EMA],

@@ -32,8 +32,6 @@ from torch import nn
 from .common.per_unet import per_unet
 from .failures import EXIT_CONFIG, EXIT_OK, PreflightError, Problem, UsageError, guarded
 
-EXIT_ERROR = EXIT_CONFIG  # kept for callers of the earlier name
-
 
 def build_parser() -> argparse.ArgumentParser:
     from .cli import parse_override

@@ -41,15 +41,6 @@ EXIT_IO = 5
 EXIT_STOPPED = 6
 EXIT_INTERRUPTED = 130
 
-KIND_NAMES = {
-    EXIT_CONFIG: "configuration",
-    EXIT_USAGE: "usage",
-    EXIT_DATA: "data",
-    EXIT_CHECKPOINT: "checkpoint",
-    EXIT_IO: "I/O",
-    EXIT_STOPPED: "stopped",
-}
-
 
 @attrs.frozen
 class Problem:
@@ -68,7 +59,8 @@ class PreflightError(Exception):
         super().__init__("\n".join(problem.message for problem in self.problems))
 
     @property
-    def exit_code(self) -> int:
+    def exit_status(self) -> int:
+        """The most basic kind among the problems (a bad config before the data it names)."""
         return min(problem.kind for problem in self.problems)
 
 
@@ -88,8 +80,13 @@ class UsageError(Exception):
 
 
 def exit_status_of(error: BaseException) -> Optional[int]:
-    """The exit status `error`'s class declares (`exit_status`), or None where it declares none."""
-    status = getattr(type(error), "exit_status", None)
+    """The exit status `error`'s class declares (`exit_status`, a class attribute or, where the status
+    depends on the error's contents, a property), or None where it declares none. Only the class is
+    asked whether it declares one: another library's error carrying an `exit_status` of its own
+    is not ours to classify."""
+    if not hasattr(type(error), "exit_status"):
+        return None
+    status = error.exit_status
     return status if isinstance(status, int) and not isinstance(status, bool) else None
 
 
@@ -165,7 +162,7 @@ def describe(error: BaseException, write_paths: Sequence[str] = ()) -> Optional[
             if error.source
             else []
         )
-        return error.exit_code, head + [("  " if head else "error: ") + problem.message for problem in error.problems]
+        return error.exit_status, head + [("  " if head else "error: ") + problem.message for problem in error.problems]
     if isinstance(error, UsageError):
         return EXIT_USAGE, [f"error: {line}" for line in str(error).splitlines()]
     chain = _chain(error)

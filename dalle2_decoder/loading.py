@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any, ClassVar, Dict, Optional, Union
 
 import torch
-from torch import nn
 
 from .failures import EXIT_CHECKPOINT
+from .tracking.model_weights import load_model_weights as load_model_weights  # offered here beside load_decoder
 
 HUB_CONFIG = "config.json"
 HUB_FORMAT = "dalle2_decoder.hub/1"
@@ -249,27 +249,3 @@ def load_decoder(
         token=token,
         cache_dir=cache_dir,
     ).decoder
-
-
-def load_model_weights(model: nn.Module, path: Union[str, "os.PathLike[str]"], *, use_ema: bool = True):
-    """Load a `model` save into `model` with strict name and shape checks; returns the `LoadedCheckpoint`.
-
-    Accepted: this package's model saves (safetensors or weights-only `.pt`), DALLE2-pytorch model
-    files (`model.pth`, names mapped) and trainer checkpoints (their EMA weights, or the trained
-    ones with `use_ema=False`), and plain state dicts. Its `config_json` and `step` tell what the
-    file was saved from. Raises CheckpointError naming the file when it does not load.
-    """
-    from .tracking import CheckpointError, load_state_dict_checked, read_file
-    from .tracking.checkpoint import check_release
-    from .training.state import checkpoint_weights
-
-    loaded = read_file(path)
-    check_release(model, loaded)  # a file of an earlier DALLE2-pytorch release needs its release's U-Nets
-    if loaded.kind != "model" and loaded.origin == "dalle2_decoder":
-        raise CheckpointError(
-            f"{path} is a training checkpoint, not a model save; resume from it with tracker.load, "
-            "or save with save_type 'model' to get weights that load into a decoder"
-        )
-    weights = loaded.model_state if loaded.kind == "model" else checkpoint_weights(loaded, use_ema=use_ema)
-    load_state_dict_checked(model, weights, source=str(path))
-    return loaded

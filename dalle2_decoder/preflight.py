@@ -27,10 +27,6 @@ SPACE_MARGIN = 1.2
 """Free space asked for: the checkpoints' estimated size times this (their metadata and samples)."""
 
 
-def _launched() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
 # --- device -----------------------------------------------------------------------------------
 
 
@@ -38,7 +34,9 @@ def device_problems(device: str) -> List[Problem]:
     """`train.device` must exist here (launched runs get their device from the launcher instead)."""
     import torch
 
-    if _launched():
+    from .runtime import launched
+
+    if launched():
         return []
     try:
         parsed = torch.device(device)
@@ -88,7 +86,7 @@ def data_problems(config) -> List[Problem]:
     if sources.url_kind(data.webdataset_base_url) != "local":
         return []  # listed (or streamed) when the run starts; fetching here would cost as much
     problems: List[Problem] = []
-    in_shards = data._embeddings_in_shards()
+    in_shards = data.embeddings_from_shards()
     folders = [
         (name, getattr(data, name))
         for name in ("img_embeddings_url", "text_embeddings_url")
@@ -127,7 +125,7 @@ def data_problems(config) -> List[Problem]:
                     EXIT_DATA,
                     (
                         f"data.{name}: {len(without)} of {len(numbers)} shard(s) have no embedding file "
-                        f"(*_<shard>.npy) in {folder}: {plan._ranges(without)} "
+                        f"(*_<shard>.npy) in {folder}: {plan.shard_ranges(without)} "
                         "(set data.skip_missing_shards to leave those shards out)"
                     ),
                 )
@@ -224,9 +222,9 @@ def _member_dim_problems(config, shards) -> List[Problem]:
     import numpy as np
 
     from .data.dataset import IMAGE_EMBED_MEMBERS
-    from .data.loader import _peek_members
+    from .data.loader import first_sample_members
 
-    members = _peek_members(shards)
+    members = first_sample_members(shards)
     expected = config.decoder.unets[0].image_embed_dim
     for member in IMAGE_EMBED_MEMBERS:
         if member in members:
@@ -283,7 +281,7 @@ def data_path_in_use_problem(config, data_path: str) -> Optional[Problem]:
     checkpoint is still there); anything else needs `tracker.overwrite_data_path`, which never
     clears a filesystem root, the home directory, or the current directory or its parents.
     """
-    from .tracking.run_state import DataPathError, _refuse_to_delete, read_run_state
+    from .tracking.run_state import DataPathError, protected_folder_reason, read_run_state
     from .tracking.sharded import is_sharded_folder
 
     tracker = config.tracker
@@ -304,7 +302,7 @@ def data_path_in_use_problem(config, data_path: str) -> Optional[Problem]:
             )
         return None
     if tracker.overwrite_data_path:
-        reason = _refuse_to_delete(Path(data_path).resolve())
+        reason = protected_folder_reason(Path(data_path).resolve())
         if reason:
             return Problem(
                 EXIT_IO,

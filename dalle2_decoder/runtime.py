@@ -229,7 +229,7 @@ def ddp_static_graph(config: TrainDecoderConfig) -> Tuple[bool, Optional[str]]:
     (DDP stops with "Your training graph has changed"), so it is only used with one trained U-Net.
     """
     train = config.train
-    trained = sum(1 for index in range(len(config.decoder.unets)) if train.trains_unet(index))
+    trained = sum(1 for number in range(1, len(config.decoder.unets) + 1) if train.trains_unet(number))
     if train.static_graph and trained > 1:
         return False, (
             f"train.static_graph: not used with {trained} trained U-Nets (each one's backward pass uses "

@@ -420,17 +420,16 @@ class OutputWriter:
         (out_dir / "images").mkdir(parents=True, exist_ok=True)
 
     def add(self, items: List[tuple], images) -> None:
-        import io
+        import functools
 
         from PIL import Image
 
-        from .common.files import atomic_write_bytes
+        from .common.files import atomic_write
 
         for (index, seed), pixels in zip(items, images):
             name = f"{index:05d}_{_safe(self.inputs.ids[index])}_seed{seed}.png"
-            encoded = io.BytesIO()
-            Image.fromarray(pixels).save(encoded, format="PNG")
-            atomic_write_bytes(self.out_dir / "images" / name, encoded.getvalue())
+            # format named: the temporary file's suffix is .tmp, which PIL cannot map to PNG
+            atomic_write(self.out_dir / "images" / name, functools.partial(Image.fromarray(pixels).save, format="PNG"))
             self.images[(index, seed)] = pixels
             self.entries.append(
                 {"file": f"images/{name}", "input": self.inputs.ids[index], "input_index": index, "seed": seed}

@@ -176,3 +176,16 @@ def test_to_dict_fills_in_every_default(loaded):
     assert resolved["tracker"]["progress_interval_s"] == 30.0
     assert resolved["tracker"]["load"] is None
     assert resolved["seed"] == 0
+
+
+def test_per_unet_options_are_read_by_unet_number_from_1():
+    """U-Nets are numbered from 1 at every public boundary; 0 would pick the last one silently."""
+    from dalle2_decoder.config import TrainConfig
+
+    train = TrainConfig(lr=[1e-4, 2e-4], unet_training_mask=[False, True])
+    assert [train.for_unet("lr", number) for number in (1, 2)] == [1e-4, 2e-4]
+    assert [train.trains_unet(number) for number in (1, 2)] == [False, True]
+    assert train.for_unet("wd", 2) == train.wd  # one value for every U-Net
+    for call in (lambda: train.for_unet("lr", 0), lambda: train.trains_unet(0)):
+        with pytest.raises(ValueError, match="numbered from 1"):
+            call()

@@ -41,7 +41,7 @@ def test_example_specifics():
     finetune = load(REPO_ROOT / "example_configs/upsampler_finetune.json")
     assert finetune.train.unet_training_mask == [False, True]
     assert finetune.tracker.load is not None and finetune.tracker.load.load_from == "local"
-    assert [finetune.train.trains_unet(index) for index in range(2)] == [False, True]
+    assert [finetune.train.trains_unet(number) for number in (1, 2)] == [False, True]
     on_the_fly = load(REPO_ROOT / "example_configs/decoder_clip_on_the_fly.json")
     assert on_the_fly.decoder.clip is not None and on_the_fly.data.img_embeddings_url is None
     demo = load(REPO_ROOT / "example_configs/demo_cpu.json")

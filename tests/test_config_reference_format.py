@@ -119,7 +119,7 @@ def test_reference_trainer_options_are_honoured(reference_raw):
         True,
     )
     assert (train.save_immediately, train.cond_scale, train.n_sample_images) == (True, [2.0], 3)
-    assert train.for_unet("warmup_steps", 0) == 500 and train.for_unet("lr", 0) == 1e-4
+    assert train.for_unet("warmup_steps", 1) == 500 and train.for_unet("lr", 1) == 1e-4
     decoder = config.decoder
     assert (decoder.sample_timesteps, decoder.image_cond_drop_prob, decoder.text_cond_drop_prob) == ([64], 0.2, 0.3)
     assert decoder.learned_variance == [False]

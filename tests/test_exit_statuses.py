@@ -19,8 +19,11 @@ from dalle2_decoder.failures import (
     EXIT_DATA,
     EXIT_IO,
     EXIT_USAGE,
+    PreflightError,
+    Problem,
     UsageError,
     describe,
+    exit_status_of,
 )
 from dalle2_decoder.sample import SampleInputError
 from dalle2_decoder.tracking import (
@@ -70,6 +73,44 @@ def test_a_declared_status_is_inherited_and_nothing_else_is_needed():
 
     assert describe(ChildError("shard 4 is gone")) == (EXIT_DATA, ["error: shard 4 is gone"])
     assert describe(RuntimeError("no declaration")) is None  # undeclared: a bug, with its traceback
+
+
+def test_a_preflight_report_exits_with_its_most_basic_problem():
+    error = PreflightError([Problem(EXIT_DATA, "no shards in /data"), Problem(EXIT_CONFIG, "bad seed")], "cfg.json")
+    assert error.exit_status == exit_status_of(error) == EXIT_CONFIG
+    assert describe(error) == (EXIT_CONFIG, ["cfg.json: 2 problems", "  no shards in /data", "  bad seed"])
+    assert exit_status_of(PreflightError([Problem(EXIT_IO, "read-only folder")])) == EXIT_IO
+
+
+def test_an_exit_status_only_an_instance_carries_is_not_a_declaration():
+    class ForeignError(RuntimeError):  # another library's error that happens to use the name
+        def __init__(self):
+            super().__init__("remote command failed")
+            self.exit_status = 255
+
+    assert exit_status_of(ForeignError()) is None and describe(ForeignError()) is None
+
+
+def test_every_error_class_of_the_package_declares_its_exit_status():
+    """docs/ARCHITECTURE.md: every error class says its own kind. Exempt: warnings, private errors
+    caught inside their module, and the model layer's errors, which callers turn into their own."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import dalle2_decoder
+
+    undeclared = []
+    for info in pkgutil.walk_packages(dalle2_decoder.__path__, "dalle2_decoder."):
+        if info.name.endswith("__main__") or info.name.startswith("dalle2_decoder.models."):
+            continue
+        module = importlib.import_module(info.name)
+        for name, value in vars(module).items():
+            is_error = inspect.isclass(value) and issubclass(value, Exception) and not issubclass(value, Warning)
+            if is_error and value.__module__ == info.name and not name.startswith("_"):
+                if not hasattr(value, "exit_status"):
+                    undeclared.append(f"{info.name}.{name}")
+    assert not undeclared
 
 
 def test_a_full_disk_under_a_declared_error_is_reported_as_io():

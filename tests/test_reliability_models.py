@@ -37,7 +37,7 @@ def tiny_decoder(num_unets: int) -> Decoder:
     # no learned variance: then every output channel is an image channel, guided
     decoder = Decoder(unets, image_sizes=[8, 16][:num_unets], timesteps=STEPS, learned_variance=False)
     for unet in decoder.unets:  # a fresh U-Net's zero-initialised last layer would make cond == null
-        torch.nn.init.normal_(unet.final_conv.weight, std=0.3)
+        torch.nn.init.normal_(unet.to_out.weight, std=0.3)
     return decoder
 
 

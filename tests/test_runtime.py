@@ -21,7 +21,7 @@ def keep_threads():
 
 
 def test_idle_workers_leave_every_core_to_compute_busy_ones_take_cores_back():
-    # 2 cores, 1 worker that mostly waits (the case that used to run on one thread): both cores compute.
+    # 2 cores, 1 worker that mostly waits (so one thread would leave a core idle): both cores compute.
     assert threads_for(2, 2, 0.1) == 2
     assert threads_for(2, 2, 0.6) == 2  # inside the margin: no change
     assert threads_for(2, 2, 0.9) == 1  # a worker busy most of the time gets its core
@@ -126,3 +126,21 @@ def test_errors_declare_their_exit_status():
     with open(os.devnull, "w") as quiet:
         assert report(TrainingStopped("non-finite losses"), stream=quiet) == EXIT_STOPPED
         assert report(DecoderLoadError("no such file"), stream=quiet) == EXIT_CHECKPOINT
+
+
+def test_preflight_leaves_train_device_to_the_launcher_exactly_when_the_accelerator_does(monkeypatch):
+    """`create_accelerator` lets the launcher choose the device when `runtime.launched()`; the
+    pre-flight check of `train.device` must stand aside in exactly those cases, one process included."""
+    from dalle2_decoder.preflight import device_problems
+    from dalle2_decoder.runtime import launched
+
+    for name in ("WORLD_SIZE", "ACCELERATE_MIXED_PRECISION", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    absent = "cuda:64"  # no machine here has a 65th GPU, so a plain run refuses it
+    assert not launched() and device_problems(absent)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # `accelerate launch` of one process
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert launched() and device_problems(absent) == []
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun
+    assert launched() and device_problems(absent) == []

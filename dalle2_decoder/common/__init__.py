@@ -2,3 +2,5 @@
 
 Nothing here imports another part of the package (tests/test_architecture.py checks it).
 """
+
+__all__: list = []  # nothing re-exported: import the module that owns the rule (`common.files`, ...)

@@ -37,11 +37,6 @@ def atomic_write_text(path: PathLike, text: str) -> Path:
     return atomic_write(path, lambda temp: temp.write_text(text, encoding="utf-8"))
 
 
-def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
-    """`atomic_write` of a binary file."""
-    return atomic_write(path, lambda temp: temp.write_bytes(data))
-
-
 def fsync_folder(folder: PathLike) -> None:
     """Make a rename inside `folder` durable (not possible on every platform or filesystem: then skipped)."""
     try:

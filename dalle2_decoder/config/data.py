@@ -79,7 +79,9 @@ class DataConfig:
     skip_missing_shards: bool = False
     """Leave out local shard files that do not exist (listed in a warning) instead of failing at start."""
 
-    def _embeddings_in_shards(self) -> bool:
+    def embeddings_from_shards(self) -> bool:
+        """Whether embeddings come from the shards' own members: `embeddings_in_shards` when set,
+        else when no `img_embeddings_url` names a folder of embedding files."""
         return self.embeddings_in_shards if self.embeddings_in_shards is not None else self.img_embeddings_url is None
 
     def check(self, root: "TrainDecoderConfig") -> List[str]:
@@ -138,7 +140,7 @@ class DataConfig:
         decoder = root.decoder
         if decoder is not None:
             clip = decoder.clip is not None
-            in_shards = self._embeddings_in_shards()
+            in_shards = self.embeddings_from_shards()
             if not decoder.options.get("unconditional", False) and not (self.img_embeddings_url or in_shards or clip):
                 problems.append(
                     "data.img_embeddings_url: the decoder needs image embeddings and has no source for them; "

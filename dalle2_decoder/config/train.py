@@ -86,14 +86,14 @@ class TrainConfig:
     static_graph: bool = True
     """DistributedDataParallel option for multi-process runs (DALLE2-pytorch's default)."""
 
-    def for_unet(self, name: str, unet_index: int) -> object:
-        """The value of a per-U-Net option (`lr`, `wd`, ...) for the U-Net at `unet_index` (0-based)."""
+    def for_unet(self, name: str, unet_number: int) -> object:
+        """The value of a per-U-Net option (`lr`, `wd`, ...) for U-Net `unet_number` (from 1)."""
         value = getattr(self, name)
-        return value[unet_index] if isinstance(value, list) else value
+        return value[_list_index(unet_number)] if isinstance(value, list) else value
 
-    def trains_unet(self, unet_index: int) -> bool:
-        """Whether the U-Net at `unet_index` (0-based) is trained (not frozen by `unet_training_mask`)."""
-        return self.unet_training_mask is None or self.unet_training_mask[unet_index]
+    def trains_unet(self, unet_number: int) -> bool:
+        """Whether U-Net `unet_number` (from 1) is trained (not frozen by `unet_training_mask`)."""
+        return self.unet_training_mask is None or self.unet_training_mask[_list_index(unet_number)]
 
     def check(self, root: "TrainDecoderConfig") -> List[str]:
         """Problems within `train`, and per-U-Net lists against the number of U-Nets in `decoder`."""
@@ -208,3 +208,11 @@ def _device_problems(device: str) -> List[str]:
     except (RuntimeError, ValueError) as error:
         return [f"train.device: not a device torch knows ({error}); e.g. cpu, cuda or cuda:0"]
     return []
+
+
+def _list_index(unet_number: int) -> int:
+    """The position of U-Net `unet_number` in a per-U-Net list. A number below 1 is refused: as a
+    list index it would silently pick a U-Net from the end."""
+    if unet_number < 1:
+        raise ValueError(f"U-Nets are numbered from 1; got {unet_number}")
+    return unet_number - 1

@@ -207,7 +207,7 @@ def _infer_sample_format(
     text_source = "folder" if data_config.text_embeddings_url and not in_shards else None
     if in_shards:
         # Look at the first sample that has members besides the image to see what the shards hold.
-        members = _peek_members(shards)
+        members = first_sample_members(shards)
         if any(m in members for m in IMAGE_EMBED_MEMBERS):
             image_source = "shard"
             if image_embed_dim is None:
@@ -263,7 +263,9 @@ def fixed_image_shape(pil_transform) -> Optional[tuple]:
     return shapes.pop() if len(shapes) == 1 else None
 
 
-def _peek_members(shards: List[planning.Shard]) -> dict:
+def first_sample_members(shards: List[planning.Shard]) -> dict:
+    """The members (name -> bytes) of the first sample of the first readable one of `shards`' first
+    three, or {} when none can be read: what the samples hold, known before any loader starts."""
     for shard in shards[:3]:
         try:
             with sources.open_stream(shard.url) as stream:

@@ -74,7 +74,7 @@ class WorkerPlan:
         return sum(self.batch_sizes)
 
 
-def _ranges(numbers: Sequence[int]) -> str:
+def shard_ranges(numbers: Sequence[int]) -> str:
     """'3, 7-9, 12' for [3, 7, 8, 9, 12]."""
     parts, numbers = [], sorted(numbers)
     i = 0
@@ -131,7 +131,7 @@ def discover_shards(
         present = set(in_range)
         missing = [n for n in range(first, last + 1) if n not in present]
         if missing:
-            message = f"{len(missing)} shard(s) of {base_url!r} missing in {first}..{last}: {_ranges(missing)}"
+            message = f"{len(missing)} shard(s) of {base_url!r} missing in {first}..{last}: {shard_ranges(missing)}"
             if not skip_missing_shards:
                 raise DataSetupError(message + " (set data.skip_missing_shards to leave them out)")
             log.warning("%s; leaving them out (data.skip_missing_shards)", message)
@@ -148,7 +148,7 @@ def discover_shards(
                 len(without),
                 folder,
                 field,
-                _ranges(without),
+                shard_ranges(without),
             )
         shards = [attrs.evolve(s, **{field: files[s.number]}) for s in shards if s.number in files]
     if not shards:
@@ -435,7 +435,7 @@ class RestOfEpoch:
         missing = sorted({int(number) for number, _, _ in values} - set(by_number))
         if missing:
             raise DataSetupError(
-                f"the epoch to continue reads shard(s) {_ranges(missing)}, which the train split no longer has"
+                f"the epoch to continue reads shard(s) {shard_ranges(missing)}, which the train split no longer has"
             )
         return cls(tuple(Piece(by_number[int(n)], int(start), int(stop)) for n, start, stop in values))
 

@@ -81,11 +81,6 @@ def unet_state_from_reference(state: Mapping[str, torch.Tensor]) -> Dict[str, to
     return out
 
 
-def unet_state_to_reference(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """The reference's `Unet` state dict from ours (the identity on names)."""
-    return dict(state)
-
-
 def decoder_state_from_reference_with_dropped(
     state: Mapping[str, torch.Tensor],
 ) -> Tuple[Dict[str, torch.Tensor], List[Tuple[str, str]]]:

@@ -403,11 +403,6 @@ class Unet(nn.Module):
         out = resize_cubic(image, size)
         return out if clamp_range is None else out.clamp(*clamp_range)
 
-    @property
-    def final_conv(self) -> nn.Conv2d:
-        """The output convolution under its earlier name here (the reference's and the state dict's: `to_out`)."""
-        return self.to_out
-
     # -------------------------------------------------------------------- construction helpers
     @property
     def config(self) -> Dict[str, Any]:

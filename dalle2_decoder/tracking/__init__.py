@@ -17,6 +17,7 @@ from .checkpoint import (
     save_model,
 )
 from .loaders import LoadError
+from .model_weights import load_model_weights
 from .redact import redact
 from .run_state import DataPathError, RunState, read_run_state
 from .savers import SaveError
@@ -36,6 +37,7 @@ __all__ = [
     "TrackerSetupError",
     "capture_rng_state",
     "create_tracker",
+    "load_model_weights",
     "load_state_dict_checked",
     "read_file",
     "read_run_state",

@@ -233,11 +233,3 @@ def install_output_redaction(secrets: Iterable[str] = (), redactor: Redactor = O
         if not any(isinstance(existing, _RedactingFilter) for existing in handler.filters):
             handler.addFilter(_RedactingFilter(redactor))
     return redactor
-
-
-def uninstall_output_redaction() -> None:
-    """Put back the streams `install_output_redaction` wrapped (when nobody replaced them since)."""
-    for name in ("stdout", "stderr"):
-        stream = getattr(sys, name)
-        if isinstance(stream, _RedactingStream):
-            setattr(sys, name, object.__getattribute__(stream, "_inner"))

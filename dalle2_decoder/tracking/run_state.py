@@ -92,7 +92,9 @@ def write_run_state(data_path: Path, state: RunState) -> None:
     atomic_write_text(path, json.dumps(asdict(state), indent=2) + "\n")
 
 
-def _refuse_to_delete(path: Path) -> Optional[str]:
+def protected_folder_reason(path: Path) -> Optional[str]:
+    """Why the resolved folder `path` must never be cleared (a filesystem root, the home directory,
+    the current directory or one of its parents), or None when it may be."""
     cwd = Path.cwd().resolve()
     if path == Path(path.anchor):
         return "it is a filesystem root"
@@ -206,7 +208,7 @@ def prepare_data_path(
         return previous
     if path.is_dir() and any(path.iterdir()):
         if overwrite:
-            reason = _refuse_to_delete(path)
+            reason = protected_folder_reason(path)
             if reason:
                 raise DataPathError(f"tracker.overwrite_data_path is set but {path} is not cleared: {reason}")
             remove, keep = overwrite_plan(path, protected)

@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import copy
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from .sharding import is_sharded, local
 
 EMA_WARMUPS = ("power", "ratio")
+
+
+def average_into(averaged: List[torch.Tensor], new: List[torch.Tensor], decay: float) -> None:
+    """averaged <- decay * averaged + (1 - decay) * new, for every pair of floating-point tensors.
+
+    One fused `_foreach` kernel over the whole list (one pass over the weights, no host sync),
+    reached through torch's public EMA helper rather than the private `torch._foreach_lerp_`.
+    """
+    if averaged:
+        get_ema_multi_avg_fn(decay)(averaged, new, None)
 
 
 def ema_decay(count: int, *, beta: float, warmup: str = "power", update_after_step: int = 100) -> float:
@@ -18,8 +29,8 @@ def ema_decay(count: int, *, beta: float, warmup: str = "power", update_after_st
 
     `power` (the default, ema-pytorch's schedule as DALLE2-pytorch uses it): with
     n = count - update_after_step, decay = 1 - (1 + n) ** (-2/3), 0 while n <= 0, capped at `beta`.
-    `ratio` (this package's earlier warm-up, an option): decay = min(beta, (1 + n) / (10 + n)) with
-    the same n, which trails the weights sooner in short runs.
+    `ratio` (an option): decay = min(beta, (1 + n) / (10 + n)) with the same n, which trails the
+    weights sooner in short runs.
     """
     n = count - update_after_step
     if n <= 0:
@@ -40,7 +51,7 @@ class EMA(nn.Module):
     first call copies the weights; later calls act only every `update_every` calls: they copy the
     weights while at most `update_after_step` calls came before, then average with the decay of
     `ema_decay` (capped at `beta`). With `update_after_step=0, update_every=1, warmup="ratio"` it
-    is this package's earlier average, which follows the weights from the first step.
+    follows the weights from the first step, for runs too short for the reference's 100-step wait.
 
     Floating-point parameters and buffers are averaged; integer buffers (counters) are copied.
     The copy lives on the same device as the network, and updates are fused `_foreach` kernels, so
@@ -105,8 +116,7 @@ class EMA(nn.Module):
         for name, averaged in self.averaged.named_parameters():
             ema_params.append(local(averaged))
             new_params.append(local(source[name].detach()))
-        if ema_params:
-            torch._foreach_lerp_(ema_params, new_params, 1.0 - decay)
+        average_into(ema_params, new_params, decay)
         source_buffers = dict(network.named_buffers())
         for name, averaged in self.averaged.named_buffers():
             new = source_buffers[name]

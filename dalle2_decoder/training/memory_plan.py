@@ -239,7 +239,7 @@ def unet_shapes(config, *, batch_size: Optional[int] = None, activation_checkpoi
     shapes = []
     for index, (unet_config, unet) in enumerate(zip(config.decoder.unets, unets)):
         block_sizes = sorted((sum(p.numel() for p in block.parameters()) for block in blocks(unet)), reverse=True)
-        trained = config.train.trains_unet(index)
+        trained = config.train.trains_unet(index + 1)
         if activation_checkpointing:
             unet.checkpoint_during_training = True
         activations = (

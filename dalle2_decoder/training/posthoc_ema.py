@@ -46,6 +46,7 @@ from torch import nn
 from ..common.files import atomic_write
 from ..failures import EXIT_CHECKPOINT
 from ..tracking.run_state import POSTHOC_EMA_FOLDER
+from .ema import average_into
 
 SNAPSHOT_FORMAT = "dalle2_decoder.posthoc_ema/1"
 SNAPSHOT_FOLDER = POSTHOC_EMA_FOLDER
@@ -194,12 +195,12 @@ class PowerEMA(nn.Module):
         t = self.count + 1
         self.num_updates += 1
         self._count = t
-        weight = 1.0 - (1.0 - 1.0 / t) ** (self.gamma + 1.0)  # 1 - beta(t); 1 at t = 1: a copy
+        beta = (1.0 - 1.0 / t) ** (self.gamma + 1.0)  # 0 at t = 1: a copy
+        weight = 1.0 - beta
         source = dict(network.named_parameters())
         averaged = [p for _, p in self.averaged.named_parameters()]
         new = [source[name].detach() for name, _ in self.averaged.named_parameters()]
-        if averaged:
-            torch._foreach_lerp_(averaged, new, weight)
+        average_into(averaged, new, beta)
         buffers = dict(network.named_buffers())
         for name, buffer in self.averaged.named_buffers():
             if buffer.is_floating_point():

@@ -54,8 +54,8 @@ def summary_lines(
     for number, decay_steps in trainer.lr_decay_steps.items():
         if decay_steps is not None:
             lines.append(
-                f"  lr U-Net {number}     {train.lr_schedule} from {train.for_unet('lr', number - 1):g} to "
-                f"{train.for_unet('lr_min_ratio', number - 1):g} x it over {decay_steps} optimizer steps"
+                f"  lr U-Net {number}     {train.lr_schedule} from {train.for_unet('lr', number):g} to "
+                f"{train.for_unet('lr_min_ratio', number):g} x it over {decay_steps} optimizer steps"
             )
     if trainer.posthoc is not None:
         lines.append(

@@ -42,7 +42,7 @@ from .posthoc_ema import PosthocEMA
 
 def trained_unets(config: TrainConfig, num_unets: int) -> List[int]:
     """Numbers (from 1) of the U-Nets `train.unet_training_mask` leaves trainable."""
-    return [number for number in range(1, num_unets + 1) if config.trains_unet(number - 1)]
+    return [number for number in range(1, num_unets + 1) if config.trains_unet(number)]
 
 
 def used_unets(config: TrainDecoderConfig) -> List[int]:
@@ -689,9 +689,8 @@ def _schedule(config: TrainConfig, number: int, run_steps: Optional[int]):
     and the steps it decays over (None for the constant schedule)."""
     from ..config.errors import ConfigError
 
-    index = number - 1
-    warmup = config.for_unet("warmup_steps", index)
-    decay_steps = config.for_unet("lr_decay_steps", index)
+    warmup = config.for_unet("warmup_steps", number)
+    decay_steps = config.for_unet("lr_decay_steps", number)
     if config.lr_schedule != "constant":
         decay_steps = decay_steps if decay_steps is not None else run_steps
         where = "train.lr_decay_steps"
@@ -710,7 +709,7 @@ def _schedule(config: TrainConfig, number: int, run_steps: Optional[int]):
         warmup_steps=warmup,
         schedule=config.lr_schedule,
         decay_steps=decay_steps,
-        min_ratio=float(config.for_unet("lr_min_ratio", index)),
+        min_ratio=float(config.for_unet("lr_min_ratio", number)),
     )
     return (lambda step: lr_factor(step, **options)), (decay_steps if config.lr_schedule != "constant" else None)
 
