@@ -270,7 +270,7 @@ MUTANTS: List[Mutant] = [
             (
                 LOOP,
                 "                next(batches)\n            if self._pending_rng is not None:\n"
-                "                restore_rng_state(self._pending_rng)\n",
+                "                self._restore_rng(self._pending_rng)\n",
                 "                next(batches)\n            if self._pending_rng is not None:\n",
             )
         ],
@@ -371,8 +371,8 @@ MUTANTS: List[Mutant] = [
         [
             (
                 LOOP,
-                'step_samples = batch["image"].shape[0] * acc.num_processes',
-                "step_samples = self.config.data.batch_size * acc.num_processes",
+                "step_samples = global_sizes[progress.batches_in_epoch]",
+                "step_samples = global_sizes[0]",
             )
         ],
         [T_LOOP],
@@ -455,8 +455,10 @@ MUTANTS: List[Mutant] = [
         [
             (
                 METRICS,
-                'self.add_state("count", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")',
-                'self.add_state("count", torch.zeros((), dtype=torch.long), dist_reduce_fx="max")',
+                'dist_reduce_fx="sum")\n        self.add_state("count", torch.zeros((), dtype=torch.long), '
+                'dist_reduce_fx="sum")\n\n',
+                'dist_reduce_fx="sum")\n        self.add_state("count", torch.zeros((), dtype=torch.long), '
+                'dist_reduce_fx="max")\n\n',
             )
         ],
         ["tests/test_evaluation_distributed.py"],
@@ -994,7 +996,13 @@ PROPERTY_MUTANTS += [
     Mutant(
         "learning-rate warm-up one step behind (test check)",
         "schedules",
-        [(TRAINER, "return min(1.0, (step + 1) / warmup_steps)", "return min(1.0, max(step, 1) / warmup_steps)")],
+        [
+            (
+                "dalle2_decoder/training/lr_schedule.py",
+                "return min(1.0, (step + 1) / warmup_steps)",
+                "return min(1.0, max(step, 1) / warmup_steps)",
+            )
+        ],
         [T_PROP_SCHED],
         before=[T_TRAINER],
     ),
