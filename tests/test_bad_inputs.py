@@ -831,6 +831,8 @@ def test_evaluate_misuse(capsys, world):
     (world.tmp / "ok.pth").write_bytes(b"PK\x03\x04" + b"\x00" * 60)
     code = evaluate_main(["--config_file", str(config), "--checkpoint", str(world.tmp / "ok.pth"), "--n_samples", "0"])
     assert_reported(code, capsys.readouterr().err, EXIT_USAGE, ["--n_samples", "at least 1"])
+    # The fidelity metric is computed by default; with it off too, nothing is left to compute.
+    config.write_text(json.dumps({**world.raw, "evaluate": {"fidelity": {"enabled": False}}}))
     code = evaluate_main(["--config_file", str(config), "--checkpoint", str(world.tmp / "ok.pth")])
     assert_reported(code, capsys.readouterr().err, EXIT_CONFIG, ["config.json", "enables no metric"])
     raw = set_path(copy.deepcopy(world.raw), "train.device", _cuda_device())

@@ -316,7 +316,7 @@ class _CountingSuite:
     def reset(self):
         self.real = 0
 
-    def update(self, real, generated):
+    def update(self, real, generated, embeddings=None):
         assert real.shape[0] == generated.shape[0]
         self.real += real.shape[0]
 
