@@ -99,13 +99,7 @@ def data_problems(config) -> List[Problem]:
     if problems:
         return problems
     try:
-        shards = plan.discover_shards(
-            data.webdataset_base_url,
-            start_shard=data.start_shard,
-            end_shard=data.end_shard,
-            shard_width=data.shard_width,
-            skip_missing_shards=data.skip_missing_shards,
-        )
+        shards = plan.configured_shards(data, embedding_folders=False)
     except (plan.DataSetupError, ValueError, OSError) as error:
         return [Problem(EXIT_DATA, f"data.webdataset_base_url: {error}")]
     numbers = [shard.number for shard in shards]
