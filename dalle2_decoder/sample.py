@@ -150,6 +150,9 @@ def _per_unet(values: Optional[Sequence], count: int, option: str) -> Optional[l
 
 
 def _accelerator(args):
+    """The launcher's device, else --device. Not `runtime.create_accelerator`: that one is built from a
+    training config (train.device, mixed precision, DDP, sharding, CPU thread policy), none of which a
+    sampling command has; only the launcher test (`runtime.launched`) is shared."""
     import torch
     from accelerate import Accelerator
 
