@@ -21,6 +21,7 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 from .config import ConfigError, ConfigWarning, TrainDecoderConfig
 from .config.checks import closest
 from .config.structure import join_path
+from .config.tracker import local_save_destinations
 from .failures import EXIT_OK, guarded
 
 _KEY = re.compile(r"[^.\[\]]+")
@@ -256,13 +257,8 @@ def _write_paths(config: Optional[TrainDecoderConfig]) -> List[str]:
     if config is None:
         return []
     data_path = os.path.abspath(os.path.expanduser(config.tracker.data_path))
-    paths = [data_path]
-    saves = config.tracker.save if isinstance(config.tracker.save, (list, tuple)) else [config.tracker.save]
-    for save in saves:
-        for dest in (getattr(save, "save_latest_to", None), getattr(save, "save_best_to", None)):
-            if dest and getattr(save, "save_to", "") == "local":
-                paths.append(os.path.dirname(os.path.join(data_path, os.path.expanduser(dest))))
-    return list(dict.fromkeys(paths))
+    saves = local_save_destinations(config.tracker, data_path, ("save_latest_to", "save_best_to"))
+    return list(dict.fromkeys([data_path] + [str(path.parent) for _, _, path in saves]))
 
 
 if __name__ == "__main__":
