@@ -62,13 +62,17 @@ class NullTracker:
     writes run files. `load(broadcast=...)` still takes part in the broadcast, so every rank reaches it.
     """
 
+    data_path: Optional[Path]
+    """The run's folder; None: this process writes no run files."""
+    config_json: Optional[str]
+    """The run config as JSON (secrets masked), as saves hold it; None: this process saves nothing."""
+    config_dict: Optional[Dict[str, Any]]
+    """The run config as data (secrets masked); None: the caller uses its own config."""
+
     def __init__(self) -> None:
-        self.data_path: Optional[Path] = None
-        """The run's folder; None: this process writes no run files."""
-        self.config_json: Optional[str] = None
-        """The run config as JSON (secrets masked) that saves hold; None: this process saves nothing."""
-        self.config_dict: Optional[Dict[str, Any]] = None
-        """The run config as data (secrets masked); None: the caller uses its own config."""
+        self.data_path = None
+        self.config_json = None
+        self.config_dict = None
 
     def log(self, metrics: Mapping[str, Any], step: int) -> None:
         pass
