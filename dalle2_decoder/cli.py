@@ -130,6 +130,17 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --check: check the configuration alone, not the device, data, paths and checkpoint it points at",
     )
+    add_override_option(
+        parser,
+        "override one option before validation, e.g. --set train.lr=3e-4 or "
+        "--set decoder.unets[0].dim=64 (VALUE is JSON, else a string); repeatable",
+    )
+    add_debug_option(parser)
+    return parser
+
+
+def add_override_option(parser: argparse.ArgumentParser, help_text: str) -> None:
+    """`--set KEY.PATH=VALUE` (repeatable): the commands that read a run config take overrides alike."""
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -137,11 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         type=parse_override,
         metavar="KEY.PATH=VALUE",
-        help="override one option before validation, e.g. --set train.lr=3e-4 or "
-        "--set decoder.unets[0].dim=64 (VALUE is JSON, else a string); repeatable",
+        help=help_text,
     )
-    add_debug_option(parser)
-    return parser
 
 
 def add_debug_option(parser: argparse.ArgumentParser) -> None:
