@@ -105,6 +105,14 @@ def test_the_config_refuses_exactly_the_schedules_that_reach_a_beta_of_one(minim
             assert problems == [], name
 
 
+def test_the_ema_and_the_config_refuse_the_same_decay_in_the_same_words(minimal_config, config_problems):
+    minimal_config["train"] = {"ema_beta": 1.5}
+    assert config_problems(minimal_config) == ["train.ema_beta: must be in [0.0, 1.0] (got 1.5)"]
+    with pytest.raises(ValueError) as refused:
+        EMA(nn.Linear(2, 2), 1.5)
+    assert constructor_problems(refused.value, "EMA") == ["beta: must be in [0.0, 1.0] (got 1.5)"]
+
+
 def test_the_ema_and_the_config_refuse_the_same_warmups_in_the_same_words(minimal_config, config_problems):
     network = nn.Linear(2, 2)
     for warmup in EMA_WARMUPS:

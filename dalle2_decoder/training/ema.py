@@ -10,6 +10,7 @@ from torch import nn
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from ..common.problems import raise_problems
+from ..config.checks import in_range
 from ..config.train import EMA_WARMUPS as EMA_WARMUPS
 from ..config.train import ema_warmup_problems
 from .sharding import is_sharded, local
@@ -70,9 +71,7 @@ class EMA(nn.Module):
         warmup: str = "power",
     ):
         super().__init__()
-        if not 0.0 <= beta <= 1.0:
-            raise ValueError(f"train.ema_beta must be in [0, 1], got {beta}")
-        raise_problems("EMA", ema_warmup_problems("warmup", warmup))
+        raise_problems("EMA", in_range("beta", beta, 0.0, 1.0) + ema_warmup_problems("warmup", warmup))
         self.beta = float(beta)
         self.update_after_step = int(update_after_step)
         self.update_every = max(1, int(update_every))
