@@ -304,11 +304,11 @@ def run(args, stop_request=None) -> int:
     for name in samplers or []:
         if name not in SAMPLER_NAMES:
             raise SampleInputError(f"--sampler {name}: unknown; choose one of {', '.join(SAMPLER_NAMES)}")
-    for value in steps or []:
-        if not 1 <= value <= decoder.num_timesteps:
-            raise SampleInputError(
-                f"--steps {value}: must be between 1 and the decoder's {decoder.num_timesteps} timesteps"
-            )
+    from .models.cascade_rules import sample_steps_problems
+
+    problems = sample_steps_problems("--steps", steps, count, decoder.num_timesteps, "the decoder's timesteps")
+    if problems:
+        raise SampleInputError(problems[0])
     chosen = [
         decoder.sampler_for(n, None if samplers is None else samplers[n - 1], None if steps is None else steps[n - 1])
         for n in range(1, stop + 1)
