@@ -97,12 +97,21 @@ class DecoderWeights(_Part):
         return []
 
 
-class Optimizers(_Part):
-    """`optimizers`: each trained U-Net's AdamW state, by U-Net number."""
+class _WholePerUnet(_Part):
+    """A state dict per trained U-Net, by U-Net number; none in a sharded save (its shard files hold them)."""
+
+    def per_unet(self) -> Mapping[int, Any]:
+        raise NotImplementedError
 
     def state_dict(self) -> Optional[Dict[str, Any]]:
-        t = self.trainer
-        return None if t.sharded else {str(n): opt.state_dict() for n, opt in t.optimizers.items()}
+        return None if self.trainer.sharded else {str(n): part.state_dict() for n, part in self.per_unet().items()}
+
+
+class Optimizers(_WholePerUnet):
+    """`optimizers`: each trained U-Net's AdamW state."""
+
+    def per_unet(self) -> Mapping[int, torch.optim.Optimizer]:
+        return self.trainer.optimizers
 
     def load_state_dict(self, state_dict: Optional[Mapping[str, Any]]) -> List[str]:
         t, saved, notes = self.trainer, state_dict or {}, []
@@ -126,12 +135,11 @@ class Optimizers(_Part):
         return notes
 
 
-class EMAs(_Part):
-    """`emas`: each trained U-Net's EMA (`averaged.*`, `num_updates`), by U-Net number."""
+class EMAs(_WholePerUnet):
+    """`emas`: each trained U-Net's EMA (`averaged.*`, `num_updates`)."""
 
-    def state_dict(self) -> Optional[Dict[str, Any]]:
-        t = self.trainer
-        return None if t.sharded else {str(n): ema.state_dict() for n, ema in t.emas.items()}
+    def per_unet(self) -> Mapping[int, nn.Module]:
+        return self.trainer.emas
 
     def load_state_dict(self, state_dict: Optional[Mapping[str, Any]]) -> List[str]:
         t, saved, notes = self.trainer, state_dict or {}, []
