@@ -9,13 +9,11 @@ Attributes a do-nothing tracker has no value for are None there (`data_path`, `c
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Sequence, Union, runtime_checkable
+from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Sequence, runtime_checkable
 
 from .checkpoint import LoadedCheckpoint
 from .loggers import ImagesLike
-
-StateSource = Union[Mapping[str, Any], Callable[[], Mapping[str, Any]], None]
-"""A state dict, or a function returning one (called only when some saver needs it)."""
+from .save_plan import StateSource
 
 Broadcast = Callable[[List[Any]], Any]
 """Broadcasts a one-element list in place from the main process, e.g. accelerate's `broadcast_object_list`."""

@@ -13,7 +13,7 @@ import shutil
 import sys
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..common.files import atomic_write_text
 from ..config.tracker import LocalLoadConfig, TrackerConfig, UnetSourcesLoadConfig
@@ -28,6 +28,7 @@ from .destinations import (
     saves_wanted,
 )
 from .loggers import ImagesLike, to_uint8_images
+from .protocol import Broadcast
 from .redact import OUTPUT, scrub_strings
 from .run_state import SUMMARY_FILE, RunState, clean_staging, write_run_state
 from .save_plan import StagedFiles, StateSource, Writer, plan_saves, run_metadata, state_of
@@ -50,9 +51,6 @@ __all__ = [
     "saves_wanted",
     "sharded_checkpoint_problems",
 ]
-
-Broadcast = Callable[[List[Any]], Any]
-"""Broadcasts a one-element list in place from the main process, e.g. accelerate's `broadcast_object_list`."""
 
 
 class NullTracker:

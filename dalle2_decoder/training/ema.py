@@ -123,6 +123,15 @@ class EMA(nn.Module):
             else:
                 averaged.copy_(new)
 
+    def set_num_updates(self, count: torch.Tensor) -> None:
+        """Set the updates counted so far (a checkpoint's `num_updates`), so the schedule goes on from it."""
+        self.num_updates.copy_(count)
+        self._count = None  # read back at the next update
+
+    def forget_cached_count(self) -> None:
+        """`num_updates` was written from outside (e.g. a sharded load filled the buffer in place)."""
+        self._count = None
+
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         super()._load_from_state_dict(*args, **kwargs)
         self._count = None  # the loaded `num_updates` is read at the next update

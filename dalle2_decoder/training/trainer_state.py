@@ -270,8 +270,9 @@ def load_ema(trainer: "DecoderTrainer", number: int, saved: Mapping[str, torch.T
         source=f"checkpoint EMA of U-Net {number}",
     )
     if "num_updates" in saved:
-        ema.num_updates.copy_(saved["num_updates"])
-    ema._count = None
+        ema.set_num_updates(saved["num_updates"])
+    else:
+        ema.forget_cached_count()
 
 
 def load_present_unets(trainer: "DecoderTrainer", weights: Mapping[str, torch.Tensor]) -> List[str]:
@@ -415,7 +416,7 @@ def load_sharded(trainer: "DecoderTrainer", folder, state: Dict[str, Any]) -> Li
             targets[key] = target
     load_into(folder, targets)
     for ema in trainer.emas.values():
-        ema._count = None  # the loaded `num_updates` is read at the next update
+        ema.forget_cached_count()
     saved = {str(n): {"state": entries} for n, entries in moments.items()}
     return trainer.load_state_dict({**state, "optimizers_by_name": saved, "sharded_loaded": True})
 
