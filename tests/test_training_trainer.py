@@ -220,6 +220,17 @@ def test_ema_follows_dalle2_pytorchs_rule_by_default():
     restored = EMA(network, beta=beta)
     restored.load_state_dict(ema.state_dict())
     assert int(restored.num_updates) == 400 and restored.current_decay() == ema.current_decay()
+    # The sharded load sets the count from outside the module's own loading: the schedule follows it,
+    # whether through set_num_updates or a buffer filled in place and then forgotten.
+    fresh = EMA(network, beta=beta)
+    fresh.current_decay()  # caches the count of 0
+    fresh.set_num_updates(torch.tensor(400))
+    assert fresh.current_decay() == ema.current_decay()
+    filled = EMA(network, beta=beta)
+    filled.current_decay()
+    filled.num_updates.fill_(400)
+    filled.forget_cached_count()
+    assert filled.current_decay() == ema.current_decay()
 
 
 def test_ema_ratio_warmup_is_an_option_from_the_config():
