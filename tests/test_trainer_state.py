@@ -131,3 +131,20 @@ def test_registering_a_name_twice_or_an_object_without_state_is_refused():
         registry.register("visits", Visits())
     with pytest.raises(TypeError, match="'weights': a list has no state_dict"):
         registry.register("weights", [1, 2])
+
+
+def test_the_registrys_protocol_and_torchs_stateful_accept_the_same_objects():
+    """The registry states `Stateful`'s two methods itself (importing torch's loads all of
+    torch.distributed.checkpoint at start-up): both accept the trainer's parts and refuse the same
+    objects."""
+    from torch.distributed.checkpoint.stateful import Stateful as TorchStateful
+
+    from dalle2_decoder.training.stateful import Stateful
+
+    class OnlySaves:
+        def state_dict(self):
+            return {}
+
+    objects = [torch.nn.Linear(1, 1), torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=0.1), OnlySaves(), {}]
+    assert [isinstance(o, Stateful) for o in objects] == [isinstance(o, TorchStateful) for o in objects]
+    assert [isinstance(o, Stateful) for o in objects] == [True, True, False, False]

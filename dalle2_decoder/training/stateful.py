@@ -16,9 +16,19 @@ them all, in registration order, which is also the order of the entries and of l
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Protocol, runtime_checkable
 
-from torch.distributed.checkpoint.stateful import Stateful
+
+@runtime_checkable
+class Stateful(Protocol):
+    """The two methods of `torch.distributed.checkpoint.stateful.Stateful`, stated here because
+    importing that package costs every process a second or more at start-up (it loads all of
+    `torch.distributed.checkpoint`); a part that satisfies one satisfies the other
+    (`tests/test_trainer_state.py`)."""
+
+    def state_dict(self) -> Dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> Any: ...
 
 
 class StateRegistry:
