@@ -3,6 +3,10 @@
 `decoder(image, image_embed=..., unet_number=n)` returns U-Net n's training loss (1-based, as
 everywhere in this project); `decoder.sample(...)` runs the cascade and returns images.
 
+This module holds the constructor (what the cascade imposes on each U-Net) and the helpers both
+halves share; the training loss is `decoder_training.py`, sampling `decoder_sampling.py` (every
+chain in `samplers/`), and the noise sources `noise.py`.
+
 By default every behaviour equals DALLE2-pytorch 1.15.6's `Decoder` (checked numerically by
 tests/test_reference_parity_decoder.py); the options that differ from it are off by default and
 listed in docs/MODEL.md ("Differences from DALLE2-pytorch").
