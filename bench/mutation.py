@@ -76,6 +76,9 @@ SAVERS = "dalle2_decoder/tracking/savers.py"
 CKPT = "dalle2_decoder/tracking/checkpoint.py"
 STATE = "dalle2_decoder/tracking/run_state.py"
 TRACKER = "dalle2_decoder/tracking/tracker.py"
+BUILD = "dalle2_decoder/tracking/build.py"
+DESTINATIONS = "dalle2_decoder/tracking/destinations.py"
+TRACKER_CONFIG = "dalle2_decoder/config/tracker.py"
 FILES = "dalle2_decoder/common/files.py"
 REDACT = "dalle2_decoder/tracking/redact.py"
 METRICS = "dalle2_decoder/evaluation/metrics.py"
@@ -348,7 +351,7 @@ MUTANTS: List[Mutant] = [
     Mutant(
         "stray staging not cleaned at setup",
         "checkpoint",
-        [(TRACKER, "    stray = clean_staging(data_path, local_destinations(config, data_path))", "    stray = []")],
+        [(BUILD, "    stray = clean_staging(data_path, local_destinations(config, data_path))", "    stray = []")],
         [T_TRACK],
         "placement",
     ),
@@ -384,14 +387,9 @@ MUTANTS: List[Mutant] = [
         "secrets",
         [
             (
-                TRACKER,
-                "    install_output_redaction(config_secrets + list(hub_tokens.values()))",
-                "    install_output_redaction(config_secrets)",
-            ),
-            (
-                TRACKER,
-                "        known_secrets=config_secrets + list(hub_tokens.values()),",
-                "        known_secrets=config_secrets,",
+                BUILD,
+                "    known_secrets = secrets_in(dict(full_config_dict)) + list(hub_tokens.values())",
+                "    known_secrets = secrets_in(dict(full_config_dict))",
             ),
         ],
         [T_TRACK],
@@ -437,7 +435,7 @@ MUTANTS: List[Mutant] = [
     Mutant(
         "command line recorded by wandb unmasked",
         "secrets",
-        [(TRACKER, "        sys.argv = [OUTPUT.text(arg) for arg in sys.argv]", "        sys.argv = list(sys.argv)")],
+        [(BUILD, "    sys.argv = [OUTPUT.text(arg) for arg in sys.argv]", "    sys.argv = list(sys.argv)")],
         [T_TRACK],
         "wandb",
     ),
@@ -821,9 +819,10 @@ PROPERTY_MUTANTS: List[Mutant] = [
         "checkpoint",
         [
             (
-                TRACKER,
-                "for dest in filter(None, (save.save_latest_to, save.save_best_to, save.save_meta_to)):",
-                "for dest in filter(None, (save.save_latest_to, save.save_best_to)):",
+                DESTINATIONS,
+                "    paths += [dest.path for dest in local_save_destinations(config, data_path)]",
+                "    paths += [dest.path for dest in local_save_destinations(\n"
+                '        config, data_path, ("save_latest_to", "save_best_to")\n    )]',
             )
         ],
         [T_RULE_PATHS],
@@ -834,7 +833,7 @@ PROPERTY_MUTANTS: List[Mutant] = [
         "checkpoint",
         [
             (
-                TRACKER,
+                DESTINATIONS,
                 '        text = value[len("file:") :] if value.startswith("file:") else value\n'
                 '        if "/" in text or "{" in text:\n',
                 '        text = value[len("file:") :] if value.startswith("file:") else value\n'
@@ -858,14 +857,13 @@ PROPERTY_MUTANTS: List[Mutant] = [
         before=[T_TRACK, T_CONSOLE],
     ),
     Mutant(
-        "overwrite_data_path: relative save destinations protected relative to the working directory",
+        "overwrite_data_path: relative save destinations resolved (and protected) against the working directory",
         "checkpoint",
         [
             (
-                TRACKER,
-                "                paths.append(path if path.is_absolute() else data_path / path)\n"
-                '    data = full_config_dict.get("data")',
-                '                paths.append(path)\n    data = full_config_dict.get("data")',
+                TRACKER_CONFIG,
+                "    return Path(os.path.join(data_path, os.path.expanduser(dest)))",
+                "    return Path(os.path.expanduser(dest))",
             )
         ],
         [T_RULE_PATHS],

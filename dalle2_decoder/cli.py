@@ -21,6 +21,7 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 from .config import ConfigError, ConfigWarning, TrainDecoderConfig
 from .config.checks import closest
 from .config.structure import join_path
+from .config.tracker import local_save_destinations
 from .failures import EXIT_OK, guarded
 
 _KEY = re.compile(r"[^.\[\]]+")
@@ -129,6 +130,17 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --check: check the configuration alone, not the device, data, paths and checkpoint it points at",
     )
+    add_override_option(
+        parser,
+        "override one option before validation, e.g. --set train.lr=3e-4 or "
+        "--set decoder.unets[0].dim=64 (VALUE is JSON, else a string); repeatable",
+    )
+    add_debug_option(parser)
+    return parser
+
+
+def add_override_option(parser: argparse.ArgumentParser, help_text: str) -> None:
+    """`--set KEY.PATH=VALUE` (repeatable): the commands that read a run config take overrides alike."""
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -136,11 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         type=parse_override,
         metavar="KEY.PATH=VALUE",
-        help="override one option before validation, e.g. --set train.lr=3e-4 or "
-        "--set decoder.unets[0].dim=64 (VALUE is JSON, else a string); repeatable",
+        help=help_text,
     )
-    add_debug_option(parser)
-    return parser
 
 
 def add_debug_option(parser: argparse.ArgumentParser) -> None:
@@ -256,13 +265,8 @@ def _write_paths(config: Optional[TrainDecoderConfig]) -> List[str]:
     if config is None:
         return []
     data_path = os.path.abspath(os.path.expanduser(config.tracker.data_path))
-    paths = [data_path]
-    saves = config.tracker.save if isinstance(config.tracker.save, (list, tuple)) else [config.tracker.save]
-    for save in saves:
-        for dest in (getattr(save, "save_latest_to", None), getattr(save, "save_best_to", None)):
-            if dest and getattr(save, "save_to", "") == "local":
-                paths.append(os.path.dirname(os.path.join(data_path, os.path.expanduser(dest))))
-    return list(dict.fromkeys(paths))
+    saves = local_save_destinations(config.tracker, data_path, ("save_latest_to", "save_best_to"))
+    return list(dict.fromkeys([data_path] + [str(path.parent) for _, _, path in saves]))
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ from .failures import EXIT_CONFIG, EXIT_OK, PreflightError, Problem, UsageError,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .cli import parse_override
     from .config.choices import choices_epilog
 
     parser = argparse.ArgumentParser(
@@ -90,17 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
             default=None,
             help=f"the CLIP for CLIP similarity: {meaning} (short for --set evaluate.fidelity.clip.{field}=VALUE)",
         )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        type=parse_override,
-        metavar="KEY.PATH=VALUE",
-        help="override one config option, as for train_decoder.py",
-    )
-    from .cli import add_debug_option
+    from .cli import add_debug_option, add_override_option
 
+    add_override_option(parser, "override one config option, as for train_decoder.py")
     add_debug_option(parser)
     return parser
 

@@ -221,31 +221,13 @@ def load(
     return LoadedDecoder(decoder, raw, loaded.step, where, kind)
 
 
-def load_decoder(
-    source: Union[str, "os.PathLike[str]"],
-    *,
-    use_ema: bool = True,
-    device: Union[str, torch.device] = "cpu",
-    filename: Optional[str] = None,
-    revision: Optional[str] = None,
-    endpoint: Optional[str] = None,
-    token: Optional[str] = None,
-    cache_dir: Union[None, str, "os.PathLike[str]"] = None,
-):
+def load_decoder(source: Union[str, "os.PathLike[str]"], **options: Any):
     """A ready `Decoder` (eval mode, EMA weights) from a file, a folder, a URL or a hub repo id.
 
-    filename / revision: for a hub repo or folder, a weights file other than the one its config.json
-    names, and the hub revision. endpoint / token: a self-hosted hub and its token (default: the hub
-    client's, e.g. HF_ENDPOINT / HF_TOKEN). cache_dir: where URL downloads (and hub files) are kept.
+    `options` are `load`'s: use_ema (False: a checkpoint's trained weights), device; filename /
+    revision: for a hub repo or folder, a weights file other than the one its config.json names, and
+    the hub revision; endpoint / token: a self-hosted hub and its token (default: the hub client's,
+    e.g. HF_ENDPOINT / HF_TOKEN); cache_dir: where URL downloads (and hub files) are kept.
     Raises `DecoderLoadError` with one clear message when the source cannot be used.
     """
-    return load(
-        source,
-        use_ema=use_ema,
-        device=device,
-        filename=filename,
-        revision=revision,
-        endpoint=endpoint,
-        token=token,
-        cache_dir=cache_dir,
-    ).decoder
+    return load(source, **options).decoder

@@ -99,13 +99,7 @@ def data_problems(config) -> List[Problem]:
     if problems:
         return problems
     try:
-        shards = plan.discover_shards(
-            data.webdataset_base_url,
-            start_shard=data.start_shard,
-            end_shard=data.end_shard,
-            shard_width=data.shard_width,
-            skip_missing_shards=data.skip_missing_shards,
-        )
+        shards = plan.configured_shards(data, embedding_folders=False)
     except (plan.DataSetupError, ValueError, OSError) as error:
         return [Problem(EXIT_DATA, f"data.webdataset_base_url: {error}")]
     numbers = [shard.number for shard in shards]
@@ -342,7 +336,7 @@ def estimated_checkpoint_bytes(config) -> Optional[int]:
 
 def save_problems(config) -> List[Problem]:
     """tracker.data_path and every local save folder writable, with space for what is saved there."""
-    from .config.tracker import LocalSaveConfig
+    from .config.tracker import local_save_destinations
 
     tracker = config.tracker
     data_path = os.path.abspath(os.path.expanduser(tracker.data_path))
@@ -350,23 +344,16 @@ def save_problems(config) -> List[Problem]:
     problem = writable_problem(data_path, "tracker.data_path") or data_path_in_use_problem(config, data_path)
     if problem:
         return [problem]
-    saves = tracker.save if isinstance(tracker.save, (list, tuple)) else [tracker.save]
+    several = isinstance(tracker.save, (list, tuple)) and len(tracker.save) > 1
     folders = [data_path]  # the staging copy of every save is written in the data path first
-    for index, save in enumerate(saves):
-        if not isinstance(save, LocalSaveConfig):
-            continue
-        for field in ("save_latest_to", "save_best_to", "save_meta_to"):
-            dest = getattr(save, field)
-            if not dest:
-                continue
-            resolved = os.path.join(data_path, os.path.expanduser(dest))
-            folder = resolved if field == "save_meta_to" else os.path.dirname(resolved)
-            where = f"tracker.save[{index}].{field}" if len(saves) > 1 else f"tracker.save.{field}"
-            problem = writable_problem(folder, where)
-            if problem:
-                problems.append(problem)
-            elif field != "save_meta_to":
-                folders.append(folder)
+    for index, field, path in local_save_destinations(tracker, data_path):
+        folder = str(path if field == "save_meta_to" else path.parent)
+        where = f"tracker.save[{index}].{field}" if several else f"tracker.save.{field}"
+        problem = writable_problem(folder, where)
+        if problem:
+            problems.append(problem)
+        elif field != "save_meta_to":
+            folders.append(folder)
     if problems:
         return problems
     size = estimated_checkpoint_bytes(config)

@@ -1,14 +1,15 @@
 """The process's runtime: the Accelerator and its process group, from start to shut-down.
 
-- `create_accelerator(config)`: an Accelerator honouring `train.device` in a single process and the
-  launcher (`accelerate launch`, torchrun, SLURM) otherwise, with DDP's options and, on the CPU, a
-  compute-thread policy (`ComputeThreads`);
+- `create_run(config)`: the run's context (`RunContext`): an Accelerator honouring `train.device` in
+  a single process and the launcher (`accelerate launch`, torchrun, SLURM) otherwise, with DDP's
+  options, the sharding the launch asks for and, on the CPU, a compute-thread policy
+  (`ComputeThreads`); `create_accelerator(config)` gives its accelerator alone;
 - `shut_down(accelerator)`: the clean end of a multi-process run;
 - `lost_peers_reported()`: the error a collective raises when another process died becomes one
   `PeerLostError` line (exit status 5) instead of a traceback;
 - `ddp_ignore(module, names)`: parameters and buffers DistributedDataParallel must leave alone;
 - `Sharding` / `sharding_from_launcher()`: sharded training (FSDP2) when the launch config asks for
-  it (`accelerate launch --config_file accelerate_configs/fsdp.yaml`), as `accelerator.sharding`.
+  it (`accelerate launch --config_file accelerate_configs/fsdp.yaml`), as `RunContext.sharding`.
 
 CPU compute threads from what the data workers actually use: on the CPU, torch's compute threads
 and the dataloader workers share the cores this process may use. A fixed split (one core per
@@ -163,12 +164,28 @@ def _parallelism_config_hidden(cpu: bool) -> Iterator[None]:
         os.environ[name] = saved
 
 
-def create_accelerator(config: TrainDecoderConfig, *, purpose: str = "training") -> Accelerator:
-    """An Accelerator honouring `train.device` in single-process runs and the launcher otherwise.
+@attrs.frozen
+class RunContext:
+    """What a run's processes are given at start-up, besides the config: built once by `create_run`."""
 
-    On the CPU it carries the compute-thread policy as `accelerator.compute_threads` (a
-    `ComputeThreads`, None elsewhere or when the user set OMP_NUM_THREADS), which the training
-    loop updates every few steps. `purpose` names the run in the notes printed (`training`, `evaluation`).
+    accelerator: Accelerator
+    """The process's Accelerator (device, process group, mixed precision)."""
+    sharding: Optional["Sharding"] = None
+    """How trained U-Nets are sharded, when the launch asks for FSDP (`sharding_from_launcher`); None: DDP."""
+    compute_threads: Optional[ComputeThreads] = None
+    """The CPU compute-thread policy the training loop updates every few steps; None off the CPU or
+    when the user set OMP_NUM_THREADS."""
+
+
+def create_accelerator(config: TrainDecoderConfig, *, purpose: str = "training") -> Accelerator:
+    """The accelerator of `create_run(config, purpose=purpose)`, for commands that need nothing else."""
+    return create_run(config, purpose=purpose).accelerator
+
+
+def create_run(config: TrainDecoderConfig, *, purpose: str = "training") -> RunContext:
+    """The run's context: an Accelerator honouring `train.device` in single-process runs and the
+    launcher otherwise, the sharding the launch asks for, and on the CPU the compute-thread policy
+    (started here). `purpose` names the run in the notes printed (`training`, `evaluation`).
     """
     train = config.train
     # As in DALLE2-pytorch, `train.amp` chooses nothing: without `mixed_precision`, accelerate's
@@ -200,17 +217,17 @@ def create_accelerator(config: TrainDecoderConfig, *, purpose: str = "training")
                 )
             torch.cuda.set_device(device.index or 0)
         accelerator = Accelerator(mixed_precision=precision, cpu=cpu, kwargs_handlers=[ddp])
-    accelerator.sharding = sharding_from_launcher(accelerator.num_processes)
-    if accelerator.sharding is not None:
+    sharding = sharding_from_launcher(accelerator.num_processes)
+    if sharding is not None:
         check_sharded_precision(accelerator.mixed_precision)
         ensure_process_group(accelerator.device)
-        notes.append(accelerator.sharding.describe(accelerator.num_processes))
+        notes.append(sharding.describe(accelerator.num_processes))
     # On the CPU, each process's share of the node's cores goes to compute, less what its data
     # workers turn out to use (measured during training, see `ComputeThreads`).
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
-    accelerator.compute_threads = compute_threads_for(accelerator.device.type, local_processes)
-    if accelerator.compute_threads is not None:
-        threads = accelerator.compute_threads.start()
+    compute_threads = compute_threads_for(accelerator.device.type, local_processes)
+    if compute_threads is not None:
+        threads = compute_threads.start()
         notes.append(
             f"CPU {purpose} with {threads} compute thread(s) per process, one fewer per core the data "
             "workers keep busy (set OMP_NUM_THREADS to choose)"
@@ -218,7 +235,7 @@ def create_accelerator(config: TrainDecoderConfig, *, purpose: str = "training")
     for note in notes:
         if accelerator.is_main_process:
             print(f"note: {note}", flush=True)
-    return accelerator
+    return RunContext(accelerator, sharding, compute_threads)
 
 
 def ddp_static_graph(config: TrainDecoderConfig) -> Tuple[bool, Optional[str]]:

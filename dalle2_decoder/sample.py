@@ -18,166 +18,113 @@ each problem is one line on stderr.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from .common.files import atomic_write_text
 from .common.per_unet import per_unet
-from .failures import UsageError
+from .sample_inputs import Inputs, SampleInputError, load_inputs
 
 EXIT_OK = 0
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-
-
-class SampleInputError(UsageError):
-    """The options or inputs cannot be used (missing, unreadable, or not fitting the decoder)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .cli import add_debug_option
+    from .config.decoder import CLIP_MAKES
+    from .models.samplers import SAMPLER_NAMES
+
     parser = argparse.ArgumentParser(prog="dalle2-sample-decoder", description=__doc__.split("\n\n")[0])
-    parser.add_argument(
+    add = functools.partial(_add_option, parser)
+    add(
         "--model",
         required=True,
         metavar="SOURCE",
         help="checkpoint or model save (.pth/.pt/.safetensors), a folder, an http(s) URL, or a hub repo id",
     )
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--images", metavar="DIR", help="a folder of images: sample variations of each through CLIP")
-    source.add_argument("--embeddings", metavar="FILE.npy", help="a .npy of image embeddings (N, D)")
-    source.add_argument(
+    source = functools.partial(_add_option, parser.add_mutually_exclusive_group(required=True))
+    source("--images", metavar="DIR", help="a folder of images: sample variations of each through CLIP")
+    source("--embeddings", metavar="FILE.npy", help="a .npy of image embeddings (N, D)")
+    source(
         "--test_split",
-        "--test-split",
-        dest="test_split",
         action="store_true",
         help="the test split of the run's data (its config from --config_file, else the one in the save)",
     )
-    parser.add_argument(
+    add(
         "--text_encodings",
-        "--text-encodings",
-        dest="text_encodings",
         metavar="FILE.npy",
         help="with --embeddings: text encodings (N, L, W) or pooled text embeddings (N, W)",
     )
-    parser.add_argument(
+    add(
         "--config_file",
-        "--config-file",
-        dest="config_file",
         metavar="PATH",
         help="run config whose data (and decoder.clip) to use instead of the one recorded in the save",
     )
-    parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    parser.add_argument("--seeds", type=int, nargs="+", metavar="S", help="the seeds of each input's samples")
-    parser.add_argument("--seed", type=int, default=0, help="first seed when --seeds is not given (default 0)")
-    parser.add_argument(
+    add("--out", required=True, metavar="DIR", help="output folder")
+    add("--seeds", type=int, nargs="+", metavar="S", help="the seeds of each input's samples")
+    add("--seed", type=int, default=0, help="first seed when --seeds is not given (default 0)")
+    add(
         "--num_per_input",
-        "--num-per-input",
-        dest="num_per_input",
         type=int,
         default=1,
         metavar="N",
         help="samples per input, seeds --seed .. --seed + N - 1 (default 1)",
     )
-    parser.add_argument("--limit", type=int, default=None, metavar="N", help="use only the first N inputs")
-    parser.add_argument(
+    add("--limit", type=int, metavar="N", help="use only the first N inputs")
+    each = "one for all U-Nets or one per U-Net"
+    add(
         "--cond_scale",
-        "--cond-scale",
-        dest="cond_scale",
         type=float,
         nargs="+",
         default=[1.0],
         metavar="S",
-        help="classifier-free guidance scale, one for all U-Nets or one per U-Net",
+        help=f"classifier-free guidance scale, {each}",
     )
-    from .models.samplers import SAMPLER_NAMES
-
-    parser.add_argument(
+    add(
         "--sampler",
         nargs="+",
-        default=None,
         metavar="NAME",
-        help=f"sampler, one for all U-Nets or one per U-Net: {', '.join(SAMPLER_NAMES)} (default: the config's)",
+        help=f"sampler, {each}: {', '.join(SAMPLER_NAMES)} (default: the config's)",
     )
-    parser.add_argument(
+    add(
         "--steps",
         type=int,
         nargs="+",
-        default=None,
         metavar="N",
-        help="sampling steps (network calls), one for all U-Nets or one per U-Net (default: the config's)",
+        help=f"sampling steps (network calls), {each} (default: the config's)",
     )
-    parser.add_argument(
-        "--batch_size",
-        "--batch-size",
-        dest="batch_size",
-        type=int,
-        default=16,
-        metavar="B",
-        help="images sampled at once per process (default 16)",
-    )
-    parser.add_argument(
-        "--stop_at_unet",
-        "--stop-at-unet",
-        dest="stop_at_unet",
-        type=int,
-        default=None,
-        metavar="N",
-        help="stop after U-Net N (numbered from 1; default: the last)",
-    )
-    parser.add_argument(
-        "--no_ema",
-        "--no-ema",
-        dest="no_ema",
-        action="store_true",
-        help="use a checkpoint's trained weights instead of its EMA weights",
-    )
-    parser.add_argument("--device", default=None, help="single-process device (default: cuda when available, else cpu)")
-    from .config.decoder import CLIP_MAKES
-
-    parser.add_argument(
-        "--clip_make", "--clip-make", dest="clip_make", default=None, help=f"CLIP for --images: {', '.join(CLIP_MAKES)}"
-    )
-    parser.add_argument(
-        "--clip_model",
-        "--clip-model",
-        dest="clip_model",
-        default=None,
-        help="CLIP model for --images (default: the config's decoder.clip)",
-    )
-    parser.add_argument(
-        "--clip_pretrained",
-        "--clip-pretrained",
-        dest="clip_pretrained",
-        default=None,
-        help="CLIP weights file or pretrained tag for --images",
-    )
-    parser.add_argument("--endpoint", default=None, help="hub endpoint for a hub repo id (default: the hub client's)")
-    parser.add_argument("--token", default=None, help="hub token (default: the hub client's login or HF_TOKEN)")
-    parser.add_argument("--cache_dir", "--cache-dir", dest="cache_dir", default=None, help="download cache folder")
-    parser.add_argument(
-        "--debug",
-        action="store_true",
-        help="print the full traceback of errors too (they are one line each without it)",
-    )
+    add("--batch_size", type=int, default=16, metavar="B", help="images sampled at once per process (default 16)")
+    add("--stop_at_unet", type=int, metavar="N", help="stop after U-Net N (numbered from 1; default: the last)")
+    add("--no_ema", action="store_true", help="use a checkpoint's trained weights instead of its EMA weights")
+    add("--device", help="single-process device (default: cuda when available, else cpu)")
+    add("--clip_make", help=f"CLIP for --images: {', '.join(CLIP_MAKES)}")
+    add("--clip_model", help="CLIP model for --images (default: the config's decoder.clip)")
+    add("--clip_pretrained", help="CLIP weights file or pretrained tag for --images")
+    add("--endpoint", help="hub endpoint for a hub repo id (default: the hub client's)")
+    add("--token", help="hub token (default: the hub client's login or HF_TOKEN)")
+    add("--cache_dir", help="download cache folder")
+    add_debug_option(parser)
     return parser
 
 
-@dataclass
-class Inputs:
-    """What to sample from: one row per input."""
-
-    ids: List[str]
-    image_embed: Any  # (N, D) float tensor, CPU
-    text_encodings: Any = None  # (N, L, W) or None
-    text_mask: Any = None  # (N, L) bool or None
-    kind: str = ""
+def _add_option(parser, name: str, **options) -> None:
+    """`name` as written (`--batch_size`, the package's spelling) and with dashes (`--batch-size`)."""
+    dashed = name.replace("_", "-")
+    parser.add_argument(*dict.fromkeys([name, dashed]), dest=name[2:], **options)
 
 
-def _seeds(args) -> List[int]:
+def _checked_seeds(args) -> List[int]:
+    """The seeds of each input's samples, once the options that need no model are checked."""
+    if args.batch_size < 1:
+        raise SampleInputError("--batch_size must be at least 1")
+    if args.limit is not None and args.limit < 1:
+        raise SampleInputError("--limit must be at least 1")
+    if args.text_encodings and not args.embeddings:
+        raise SampleInputError("--text_encodings goes with --embeddings")
     if args.seeds:
         if len(set(args.seeds)) != len(args.seeds):
             raise SampleInputError(f"--seeds repeats a seed ({args.seeds}): each would give the same image")
@@ -188,7 +135,8 @@ def _seeds(args) -> List[int]:
 
 
 def _per_unet(values: Optional[Sequence], count: int, option: str) -> Optional[list]:
-    """An option given on the command line once (for every U-Net) or once per U-Net."""
+    """`common.per_unet.per_unet` for a command-line option, which is always a list (one value: for every
+    U-Net); a wrong count is the user's mistake, reported as one (exit status 2), not a ValueError."""
     if values is None:
         return None
     if len(values) not in (1, count):
@@ -198,160 +146,13 @@ def _per_unet(values: Optional[Sequence], count: int, option: str) -> Optional[l
     return per_unet(values[0] if len(values) == 1 else list(values), count, name=option)
 
 
-# --- inputs --------------------------------------------------------------------------------------
-
-
-def _load_npy(path: str, option: str):
-    import numpy as np
-    import torch
-
-    try:
-        array = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise SampleInputError(f"{option}: file not found: {path}") from None
-    except (OSError, ValueError) as error:
-        raise SampleInputError(f"{option}: {path} is not a readable .npy file ({error})") from None
-    if not np.issubdtype(array.dtype, np.number):
-        raise SampleInputError(f"{option}: {path} holds {array.dtype}, not numbers")
-    return torch.from_numpy(np.asarray(array, dtype=np.float32))
-
-
-def embeddings_inputs(args, decoder) -> Inputs:
-    embeds = _load_npy(args.embeddings, "--embeddings")
-    if embeds.dim() == 1:
-        embeds = embeds[None]
-    want = decoder.unets[0].config["image_embed_dim"]
-    if embeds.dim() != 2 or embeds.shape[1] != want:
-        raise SampleInputError(
-            f"--embeddings: {args.embeddings} has shape {tuple(embeds.shape)}; the decoder takes (N, {want})"
-        )
-    text = mask = None
-    if args.text_encodings:
-        text = _load_npy(args.text_encodings, "--text_encodings")
-        if text.dim() == 2:
-            text = text[:, None]  # pooled text embeddings: one context token each, as in training
-        if text.dim() != 3 or text.shape[0] != embeds.shape[0]:
-            raise SampleInputError(
-                f"--text_encodings: {args.text_encodings} has shape {tuple(text.shape)}; "
-                f"expected ({embeds.shape[0]}, L, W) to go with the {embeds.shape[0]} embeddings"
-            )
-        mask = text.abs().sum(-1) > 0  # zero rows are padding
-    width = len(str(max(0, embeds.shape[0] - 1)))
-    return Inputs([f"row{i:0{width}d}" for i in range(embeds.shape[0])], embeds, text, mask, "embeddings")
-
-
-def _clip_config(args, run_config: Dict[str, Any]):
-    from .config.decoder import ClipConfig
-
-    recorded = (run_config.get("decoder") or {}).get("clip") or {}
-    if args.config_file:
-        from .config import TrainDecoderConfig
-
-        clip = TrainDecoderConfig.from_json_path(args.config_file).decoder.clip
-        recorded = (
-            {}
-            if clip is None
-            else {"make": clip.make, "model": clip.model, "pretrained": clip.pretrained, "cache_dir": clip.cache_dir}
-        )
-    options = {key: value for key, value in recorded.items() if value is not None}
-    for key, value in (("make", args.clip_make), ("model", args.clip_model), ("pretrained", args.clip_pretrained)):
-        if value is not None:
-            options[key] = value
-    if "model" not in options:
-        raise SampleInputError(
-            "--images needs CLIP: the decoder's config has no decoder.clip; give --clip_model "
-            "(and --clip_make / --clip_pretrained)"
-        )
-    return ClipConfig(**options)
-
-
-def image_folder_inputs(args, decoder, run_config, device) -> Inputs:
-    import torch
-    from PIL import Image, UnidentifiedImageError
-    from torchvision.transforms.functional import pil_to_tensor
-
-    from .clip import create_clip
-
-    folder = Path(args.images)
-    if not folder.is_dir():
-        raise SampleInputError(f"--images: {folder} is not a folder")
-    files = sorted(path for path in folder.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file())
-    if args.limit is not None:
-        files = files[: args.limit]
-    if not files:
-        raise SampleInputError(f"--images: {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    clip = create_clip(_clip_config(args, run_config), device=device)
-    want = decoder.unets[0].config["image_embed_dim"]
-    if clip.image_embed_dim != want:
-        raise SampleInputError(
-            f"CLIP gives {clip.image_embed_dim}-dimensional image embeddings but the decoder takes {want}"
-        )
-    embeds = []
-    for path in files:
-        try:
-            with Image.open(path) as image:
-                pixels = pil_to_tensor(image.convert("RGB")).float().div(255)
-        except (OSError, UnidentifiedImageError) as error:
-            raise SampleInputError(f"--images: cannot read {path} ({error})") from None
-        embeds.append(clip.embed_images(pixels[None].to(device)).cpu())
-    return Inputs([path.stem for path in files], torch.cat(embeds), kind="images")
-
-
-def run_config_for(args, run_config: Dict[str, Any]):
-    """The full run config for --test_split: --config_file, else the one recorded in the save."""
-    from .config import ConfigError, TrainDecoderConfig
-
-    if args.config_file:
-        return TrainDecoderConfig.from_json_path(args.config_file)
-    try:
-        return TrainDecoderConfig.from_dict(run_config, source=f"the config recorded in {args.model}")
-    except ConfigError as error:
-        raise SampleInputError(f"{str(error).splitlines()[0]} ... (pass --config_file with the run's config)") from None
-
-
-def test_split_inputs(args, run_config, device) -> Inputs:
-    import torch
-
-    from .data import create_dataloaders
-    from .training.batches import BatchPreparer
-
-    config = run_config_for(args, run_config)
-    # Every process reads the whole split the same way, so the inputs (and their order) do not depend on ranks.
-    loader = create_dataloaders(
-        config.data,
-        seed=config.seed,
-        rank=0,
-        world_size=1,
-        validation_samples=None,
-        test_samples=None,
-        image_embed_dim=None if config.decoder.clip else config.decoder.unets[0].image_embed_dim,
-    )["test"]
-    if len(loader) == 0:
-        raise SampleInputError(f"the test split of {config.data.webdataset_base_url} is empty (data.splits.test)")
-    prepare = BatchPreparer(config, device=device).prepare
-    ids, embeds, texts, masks = [], [], [], []
-    loader.set_epoch(0)
-    for batch in loader:
-        batch = prepare(batch)
-        ids += list(batch["key"])
-        embeds.append(batch["image_embed"].cpu())
-        if "text_encodings" in batch:
-            texts.append(batch["text_encodings"].cpu())
-            masks.append(
-                batch["text_mask"].cpu() if "text_mask" in batch else (batch["text_encodings"].abs().sum(-1) > 0).cpu()
-            )
-        if args.limit is not None and len(ids) >= args.limit:
-            break
-    count = len(ids) if args.limit is None else min(len(ids), args.limit)
-    text = torch.cat(texts)[:count] if texts else None
-    mask = torch.cat(masks)[:count] if masks else None
-    return Inputs(ids[:count], torch.cat(embeds)[:count], text, mask, "test_split")
-
-
 # --- sampling ------------------------------------------------------------------------------------
 
 
 def _accelerator(args):
+    """The launcher's device, else --device. Not `runtime.create_accelerator`: that one is built from a
+    training config (train.device, mixed precision, DDP, sharding, CPU thread policy), none of which a
+    sampling command has; only the launcher test (`runtime.launched`) is shared."""
     import torch
     from accelerate import Accelerator
 
@@ -476,25 +277,12 @@ def _safe(text: str) -> str:
 
 def run(args, stop_request=None) -> int:
     """Sample as `args` say; `stop_request`: the installed `stopping.StopRequest` (checked before each U-Net call)."""
-    import torch
-    from accelerate.utils import gather_object
-
-    from .common.progress import ProgressOutput
     from .loading import load
-    from .stopping import StopRequest, StopRequested, exit_status_after_stop
-
-    stop_request = stop_request or StopRequest()
+    from .stopping import StopRequest
 
     accelerator = _accelerator(args)
     device = accelerator.device
-    main_process = accelerator.is_main_process
-    if args.batch_size < 1:
-        raise SampleInputError("--batch_size must be at least 1")
-    if args.limit is not None and args.limit < 1:
-        raise SampleInputError("--limit must be at least 1")
-    if args.text_encodings and not args.embeddings:
-        raise SampleInputError("--text_encodings goes with --embeddings")
-    seeds = _seeds(args)
+    seeds = _checked_seeds(args)
     loaded = load(
         args.model,
         use_ema=not args.no_ema,
@@ -516,39 +304,19 @@ def run(args, stop_request=None) -> int:
     for name in samplers or []:
         if name not in SAMPLER_NAMES:
             raise SampleInputError(f"--sampler {name}: unknown; choose one of {', '.join(SAMPLER_NAMES)}")
-    for value in steps or []:
-        if not 1 <= value <= decoder.num_timesteps:
-            raise SampleInputError(
-                f"--steps {value}: must be between 1 and the decoder's {decoder.num_timesteps} timesteps"
-            )
+    from .models.cascade_rules import sample_steps_problems
+
+    problems = sample_steps_problems("--steps", steps, count, decoder.num_timesteps, "the decoder's timesteps")
+    if problems:
+        raise SampleInputError(problems[0])
     chosen = [
         decoder.sampler_for(n, None if samplers is None else samplers[n - 1], None if steps is None else steps[n - 1])
         for n in range(1, stop + 1)
     ]
 
-    if args.embeddings:
-        inputs = embeddings_inputs(args, decoder)
-        if args.limit is not None:
-            inputs = Inputs(
-                inputs.ids[: args.limit],
-                inputs.image_embed[: args.limit],
-                None if inputs.text_encodings is None else inputs.text_encodings[: args.limit],
-                None if inputs.text_mask is None else inputs.text_mask[: args.limit],
-                inputs.kind,
-            )
-    elif args.images:
-        inputs = image_folder_inputs(args, decoder, loaded.config, device)
-    else:
-        inputs = test_split_inputs(args, loaded.config, device)
-
-    # Every (input, seed) once, dealt round-robin: ranks get disjoint shares that together cover all.
-    # Each share is padded (with repeats, dropped afterwards) to the longest, so that every rank
-    # samples batches of the same sizes: their stop checks (before each U-Net call) then line up.
+    inputs = load_inputs(args, decoder, loaded.config, device)
     items = [(index, seed) for index in range(len(inputs.ids)) for seed in seeds]
-    mine = items[accelerator.process_index :: accelerator.num_processes]
-    share = -(-len(items) // accelerator.num_processes)
-    padded = mine + [items[0]] * (share - len(mine))
-    if main_process:
+    if accelerator.is_main_process:
         plan = ", ".join(
             f"U-Net {n}: {name} {calls or decoder.num_timesteps} steps" for n, (name, calls) in enumerate(chosen, 1)
         )
@@ -558,7 +326,6 @@ def run(args, stop_request=None) -> int:
             file=sys.stderr,
             flush=True,
         )
-    out_dir = Path(args.out)
     record = {
         "checkpoint": loaded.source,
         "step": loaded.step,
@@ -568,27 +335,43 @@ def run(args, stop_request=None) -> int:
         "steps": [calls or decoder.num_timesteps for _, calls in chosen],
         "cond_scale": cond_scale[:stop],
     }
-    writer = OutputWriter(out_dir, inputs, total=len(items), seeds=seeds, record=record) if main_process else None
+    writer = None
+    if accelerator.is_main_process:
+        writer = OutputWriter(Path(args.out), inputs, total=len(items), seeds=seeds, record=record)
+    sample = functools.partial(
+        sample_items, decoder, inputs, args=args, samplers=samplers, steps=steps, cond_scale=cond_scale, device=device
+    )
+    status = _sample_all(accelerator, sample, items, writer, args.batch_size, stop_request or StopRequest())
+    if accelerator.num_processes > 1:
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+    return status
+
+
+def _sample_all(accelerator, sample, items: List[tuple], writer: Optional[OutputWriter], batch_size: int, stop_request):
+    """Samples this process's share of `items` in batches of `batch_size` (`sample(batch, show=, on_unet_call=)`);
+    the main process's `writer` writes every process's images as they come. Returns the exit status."""
+    import torch
+    from accelerate.utils import gather_object
+
+    from .common.progress import ProgressOutput
+    from .stopping import StopRequested, exit_status_after_stop
+
+    # Every (input, seed) once, dealt round-robin: ranks get disjoint shares that together cover all.
+    # Each share is padded (with repeats, dropped afterwards) to the longest, so that every rank
+    # samples batches of the same sizes: their stop checks (before each U-Net call) then line up.
+    mine = items[accelerator.process_index :: accelerator.num_processes]
+    share = -(-len(items) // accelerator.num_processes)
+    padded = mine + [items[0]] * (share - len(mine))
     check = stop_request.checker(accelerator, "sampling")
     # A bar on a terminal; in a file or pipe, plain lines (at the start, the end and every 30 s).
-    output = ProgressOutput(enabled=main_process)
-    meter = output.meter("sampling", total=-(-share // args.batch_size), unit="batches", samples_total=len(items))
+    output = ProgressOutput(enabled=writer is not None)
+    meter = output.meter("sampling", total=-(-share // batch_size), unit="batches", samples_total=len(items))
     try:
         with meter, torch.no_grad():
-            for start in range(0, share, args.batch_size):
-                images = sample_items(
-                    decoder,
-                    inputs,
-                    padded[start : start + args.batch_size],
-                    args=args,
-                    samplers=samplers,
-                    steps=steps,
-                    cond_scale=cond_scale,
-                    device=device,
-                    show=output,
-                    on_unet_call=check,
-                )
-                real = max(0, min(args.batch_size, len(mine) - start))
+            for start in range(0, share, batch_size):
+                images = sample(padded[start : start + batch_size], show=output, on_unet_call=check)
+                real = max(0, min(batch_size, len(mine) - start))
                 part = (mine[start : start + real], images[:real])
                 gathered = gather_object([part]) if accelerator.num_processes > 1 else [part]
                 if writer is not None:
@@ -600,25 +383,20 @@ def run(args, stop_request=None) -> int:
             writer.stopped(stopped.signal_name)
             print(
                 f"stopped by {stopped.signal_name} during sampling: {len(writer.entries)} of {len(items)} images "
-                f"written to {out_dir} (each complete; samples.json lists them), no grid.png",
+                f"written to {writer.out_dir} (each complete; samples.json lists them), no grid.png",
                 file=sys.stderr,
                 flush=True,
             )
-        status = exit_status_after_stop()
-    else:
-        if writer is not None:
-            writer.finish(items)
-            shares = [len(items[rank :: accelerator.num_processes]) for rank in range(accelerator.num_processes)]
-            print(
-                f"wrote {len(items)} images, grid.png and samples.json to {out_dir} (images per process: {shares})",
-                file=sys.stderr,
-                flush=True,
-            )
-        status = EXIT_OK
-    if accelerator.num_processes > 1:
-        accelerator.wait_for_everyone()
-        accelerator.end_training()
-    return status
+        return exit_status_after_stop()
+    if writer is not None:
+        writer.finish(items)
+        shares = [len(items[rank :: accelerator.num_processes]) for rank in range(accelerator.num_processes)]
+        print(
+            f"wrote {len(items)} images, grid.png and samples.json to {writer.out_dir} (images per process: {shares})",
+            file=sys.stderr,
+            flush=True,
+        )
+    return EXIT_OK
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

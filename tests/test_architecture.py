@@ -25,7 +25,10 @@ LAYERS: List[Tuple[str, List[str]]] = [
     ("services", ["tracking", "preflight", "runtime", "stopping"]),
     ("evaluation", ["evaluation"]),
     ("training", ["training"]),
-    ("commands and facades", ["cli", "evaluate", "sample", "convert", "posthoc_ema", "loading", "report", "__init__"]),
+    (
+        "commands and facades",
+        ["cli", "evaluate", "sample", "sample_inputs", "convert", "posthoc_ema", "loading", "report", "__init__"],
+    ),
 ]
 """Lowest first. A module may import its own layer and the ones below; units of one layer must not
 form a cycle either (checked separately)."""

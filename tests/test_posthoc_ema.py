@@ -260,10 +260,10 @@ def tiny_decoder():
 
 def test_sharded_training_refuses_post_hoc_ema_naming_the_option():
     accelerator = Accelerator(cpu=True)
-    accelerator.sharding = Sharding()  # as runtime.create_accelerator sets it from an FSDP launch
     config = TrainConfig(device="cpu", posthoc_ema_sigma_rels=[0.05, 0.1])
     with pytest.raises(ConfigError, match=r"train\.posthoc_ema_sigma_rels: post-hoc EMA is not supported with sharded"):
-        DecoderTrainer(copy.deepcopy(tiny_decoder()), accelerator, config)
+        # as `runtime.create_run` gives the sharding of an FSDP launch
+        DecoderTrainer(copy.deepcopy(tiny_decoder()), accelerator, config, sharding=Sharding())
 
 
 def test_off_by_default():

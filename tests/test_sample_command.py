@@ -267,7 +267,11 @@ def test_two_processes_write_one_output_set_equal_to_one_process(setup, tmp_path
     [
         (["--model", "MISSING/nothing.safetensors"], 4, "no such file or folder"),
         (["--sampler", "dpm"], 2, "--sampler dpm: unknown; choose one of ddpm, ddim"),
-        (["--steps", "0"], 2, "--steps 0: must be between 1 and the decoder's 20 timesteps"),
+        (
+            ["--steps", "0"],
+            2,
+            "--steps[0]: U-Net 1 samples with 0 steps; it must be between 1 and the decoder's timesteps (20)",
+        ),
         (["--cond_scale", "1", "2"], 2, "--cond_scale has 2 values but the decoder has 1 U-Nets"),
         (["--stop_at_unet", "2"], 2, "--stop_at_unet 2: the decoder has U-Nets 1..1"),
         (["--seeds", "1", "1"], 2, "--seeds repeats a seed"),

@@ -423,7 +423,7 @@ def test_decoder_calls_its_unets_as_the_chosen_sampler_says(sampler, steps, call
 def test_decoder_rejects_unknown_samplers_and_inpainting_off_the_reference_chains():
     from .test_models_decoder import EMBED, tiny_decoder
 
-    with pytest.raises(ValueError, match="unknown sampler 'dpm'"):
+    with pytest.raises(ValueError, match='Decoder: samplers: unknown value "dpm"'):
         tiny_decoder(samplers="dpm")
     decoder = tiny_decoder(samplers="unipc", sample_timesteps=3)
     embed = torch.randn(1, EMBED)

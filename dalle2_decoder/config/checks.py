@@ -1,33 +1,20 @@
 """Small helpers for the cross-field checks that each section's `check` method runs.
 
 Every helper returns a list of `path: reason` lines (empty when fine), so a section's `check`
-reads as one list of rules and every problem is reported, not just the first.
+reads as one list of rules and every problem is reported, not just the first. The helpers that
+rules below the config (the models') use too live in `common.problems`.
 """
 
 from __future__ import annotations
 
-import difflib
-import json
-from typing import Any, Iterable, List, Optional, Sequence, TypeVar, Union
+from typing import Any, List, Optional, Sequence, TypeVar, Union
 
 from ..common.per_unet import as_list, per_unet
+from ..common.problems import closest as closest
+from ..common.problems import one_of as one_of
+from ..common.problems import show
 
 T = TypeVar("T")
-
-
-def closest(word: str, candidates: Iterable[str]) -> Optional[str]:
-    """The candidate closest to `word` (a likely misspelling), or None when none is close."""
-    matches = difflib.get_close_matches(str(word), sorted(set(candidates)), n=1, cutoff=0.7)
-    return matches[0] if matches else None
-
-
-def show(value: Any, limit: int = 60) -> str:
-    """A short JSON-style rendering of a value for error messages."""
-    try:
-        text = json.dumps(value)
-    except (TypeError, ValueError):
-        text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def entries(value: Union[T, Sequence[T]], num_unets: int) -> List[T]:
@@ -63,15 +50,6 @@ def in_range(path: str, value: Any, low: float, high: float, *, high_inclusive: 
         return []
     bracket = "]" if high_inclusive else ")"
     return [f"{path}: must be in [{low}, {high}{bracket} (got {show(value)})"]
-
-
-def one_of(path: str, value: Any, choices: Iterable[str]) -> List[str]:
-    choices = list(choices)
-    if value in choices:
-        return []
-    match = closest(value, choices) if isinstance(value, str) else None
-    hint = f" (did you mean {match}?)" if match else ""
-    return [f"{path}: unknown value {show(value)}{hint}; expected one of {', '.join(choices)}"]
 
 
 def not_empty(path: str, value: Optional[str]) -> List[str]:

@@ -12,19 +12,28 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
 
 import attrs
 
-from .checks import at_least, entries, in_range, one_of, one_per_unet
+from ..models.cascade_rules import LOSS_TYPES as LOSS_TYPES
+from ..models.cascade_rules import (
+    augmentation_problems,
+    image_sizes_problems,
+    loss_type_problems,
+    sample_steps_problems,
+    sampler_problems,
+)
+from ..models.decoder import Decoder
+from ..models.samplers import SAMPLER_NAMES
+from ..models.schedules import BETA_SCHEDULES as SCHEDULE_FUNCTIONS
+from ..models.schedules import beta_schedules_problems
+from ..models.unet import Unet
+from .checks import at_least, in_range, one_of, one_per_unet
 
-if TYPE_CHECKING:  # imported lazily: building a config must not need torch
-    from ..models.decoder import Decoder
-    from ..models.unet import Unet
+if TYPE_CHECKING:
     from .root import TrainDecoderConfig
 
 CLIP_MAKES = ("openai", "open_clip")
-LOSS_TYPES = ("l1", "l2", "huber")
-BETA_SCHEDULES = ("cosine", "linear", "quadratic", "jsd", "sigmoid")
-# The names of dalle2_decoder.models.samplers.SAMPLERS (kept here so that checking a config needs no torch;
-# tests/test_sample_command.py checks the two agree).
-SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_karras", "unipc", "unipc_karras")
+# The names the models define, under the names the config's users know (`choices`, `--help`).
+BETA_SCHEDULES = tuple(SCHEDULE_FUNCTIONS)
+SAMPLERS = SAMPLER_NAMES
 
 
 @attrs.frozen
@@ -70,9 +79,7 @@ class UnetConfig:
         """Whether this U-Net is given text encodings (`cond_on_text_encodings`)."""
         return bool(self.options.get("cond_on_text_encodings", False))
 
-    def create(self) -> "Unet":
-        from ..models.unet import Unet
-
+    def create(self) -> Unet:
         return Unet(dim=self.dim, image_embed_dim=self.image_embed_dim, dim_mults=tuple(self.dim_mults), **self.options)
 
 
@@ -122,29 +129,17 @@ class DecoderConfig:
             problems.append("decoder.unets: needs at least one U-Net")
         for index, unet in enumerate(self.unets):
             problems += unet.check(f"decoder.unets[{index}]")
-        if len(self.image_sizes) != num_unets:
-            problems.append(
-                f"decoder.image_sizes: has {len(self.image_sizes)} sizes but decoder.unets has {num_unets} "
-                "U-Nets; give one output size per U-Net"
-            )
+        problems += image_sizes_problems("decoder.image_sizes", self.image_sizes, num_unets, "decoder.unets")
         for index, size in enumerate(self.image_sizes):
             problems += at_least(f"decoder.image_sizes[{index}]", size, 1)
-        if any(later <= earlier for earlier, later in zip(self.image_sizes, self.image_sizes[1:])):
-            problems.append(
-                f"decoder.image_sizes: sizes must increase from each U-Net to the next (got {self.image_sizes})"
-            )
         if self.clip is not None:
             problems += self.clip.check("decoder.clip")
         problems += at_least("decoder.channels", self.channels, 1)
         problems += at_least("decoder.timesteps", self.timesteps, 1)
-        problems += one_of("decoder.loss_type", self.loss_type, LOSS_TYPES)
+        problems += loss_type_problems("decoder.loss_type", self.loss_type)
         problems += in_range("decoder.image_cond_drop_prob", self.image_cond_drop_prob, 0.0, 1.0)
         problems += in_range("decoder.text_cond_drop_prob", self.text_cond_drop_prob, 0.0, 1.0)
-        unconditional = bool(self.options.get("unconditional", False))
-        embeds_everywhere = bool(self.options.get("image_embed_all_unets", False))
-        for index, unet in enumerate(self.unets):
-            if unet.image_embed_dim is None and not unconditional and (index == 0 or embeds_everywhere):
-                problems.append(f"decoder.unets[{index}].image_embed_dim: required option missing")
+        problems += self._image_embed_problems()
         for name in ("beta_schedule", "sample_timesteps", "samplers"):
             problems += one_per_unet(f"decoder.{name}", getattr(self, name), num_unets)
         if isinstance(self.learned_variance, list) and len(self.learned_variance) > num_unets:
@@ -152,60 +147,32 @@ class DecoderConfig:
                 f"decoder.learned_variance: has {len(self.learned_variance)} entries but decoder.unets has "
                 f"{num_unets} U-Net{'s' if num_unets != 1 else ''}; a shorter list is padded with false"
             )
-        for name in ("use_noise_for_lowres_cond", "use_blur_for_lowres_cond"):
-            value = self.options.get(name)
-            if isinstance(value, list) and len(value) not in (num_unets - 1, num_unets):
-                problems.append(
-                    f"decoder.{name}: has {len(value)} entries; give one value, one per upsampler "
-                    f"({num_unets - 1}) or one per U-Net ({num_unets})"
-                )
-            elif isinstance(value, list) and len(value) == num_unets and num_unets and value[0]:
-                problems.append(f"decoder.{name}[0]: must be false (U-Net 1 has no low-res input)")
-        if num_unets > 1:
-            noise = entries(self.options.get("use_noise_for_lowres_cond", False), num_unets - 1)[-(num_unets - 1) :]
-            blur = entries(self.options.get("use_blur_for_lowres_cond", True), num_unets - 1)[-(num_unets - 1) :]
-            for offset, (n, b) in enumerate(zip(noise, blur)):
-                if not (n or b):
-                    problems.append(
-                        f"decoder: U-Net {offset + 2} (an upsampler) needs noise or blur augmentation of its "
-                        "low-res input; set use_noise_for_lowres_cond or use_blur_for_lowres_cond"
-                    )
-        schedules = self.beta_schedule if isinstance(self.beta_schedule, list) else [self.beta_schedule]
-        for index, schedule in enumerate(schedules):
-            where = (
-                f"decoder.beta_schedule[{index}]" if isinstance(self.beta_schedule, list) else "decoder.beta_schedule"
-            )
-            if schedule is not None:
-                problems += one_of(where, schedule, BETA_SCHEDULES)
-        for index, sampler in enumerate(entries(self.samplers, num_unets)):
-            if sampler is not None:
-                where = f"decoder.samplers[{index}]" if isinstance(self.samplers, list) else "decoder.samplers"
-                problems += one_of(where, sampler, SAMPLERS)
-        resolved = (
-            (["cosine"] * max(num_unets - 1, 1) + ["linear"] * (num_unets > 1))
-            if self.beta_schedule is None
-            else entries(self.beta_schedule, num_unets)
+        problems += augmentation_problems(
+            "decoder",
+            self.options.get("use_noise_for_lowres_cond", False),
+            self.options.get("use_blur_for_lowres_cond", True),
+            num_unets,
         )
-        for index, schedule in enumerate(resolved):
-            # linear / quadratic scale the DDPM betas (up to 0.02 at T = 1000) by 1000 / T: beta_T = 20 / T.
-            if schedule in ("linear", "quadratic") and self.timesteps is not None and 1 < self.timesteps <= 20:
-                origin = (
-                    "decoder.beta_schedule"
-                    if self.beta_schedule is not None
-                    else "decoder.beta_schedule (null: linear for the last U-Net of a cascade)"
-                )
-                problems.append(
-                    f"{origin}: U-Net {index + 1}'s {schedule} schedule has betas of 1 or more with "
-                    f"decoder.timesteps = {self.timesteps}; use more than 20 timesteps or the cosine schedule"
-                )
-                break
-        for index, steps in enumerate(entries(self.sample_timesteps, num_unets)):
-            if steps is not None and not 1 <= steps <= self.timesteps:
-                problems.append(
-                    f"decoder.sample_timesteps: U-Net {index + 1} samples with {steps} steps; "
-                    f"it must be between 1 and decoder.timesteps ({self.timesteps})"
-                )
+        problems += beta_schedules_problems(
+            "decoder.beta_schedule", self.beta_schedule, num_unets, self.timesteps, "decoder.timesteps"
+        )
+        problems += sampler_problems("decoder.samplers", self.samplers)
+        problems += sample_steps_problems(
+            "decoder.sample_timesteps", self.sample_timesteps, num_unets, self.timesteps, "decoder.timesteps"
+        )
         return problems
+
+    def _image_embed_problems(self) -> List[str]:
+        """The U-Nets conditioned on the image embedding (the first, or all with image_embed_all_unets) need
+        its width."""
+        if self.options.get("unconditional", False):
+            return []
+        everywhere = bool(self.options.get("image_embed_all_unets", False))
+        return [
+            f"decoder.unets[{index}].image_embed_dim: required option missing"
+            for index, unet in enumerate(self.unets)
+            if unet.image_embed_dim is None and (index == 0 or everywhere)
+        ]
 
     def notes(self, root: "TrainDecoderConfig") -> List[str]:
         """Options that are accepted but have no effect."""
@@ -222,9 +189,7 @@ class DecoderConfig:
         """Whether any U-Net is given text encodings."""
         return any(unet.conditions_on_text for unet in self.unets)
 
-    def create(self) -> "Decoder":
-        from ..models.decoder import Decoder
-
+    def create(self) -> Decoder:
         unets = [unet.create() for unet in self.unets]
         return Decoder(
             unets,

@@ -12,6 +12,7 @@ import math
 from typing import Any, List, Union
 
 from ..common.per_unet import as_list
+from ..models.unet_blocks import downsample_factor, image_size_problems
 from .checks import show
 from .structure import join_path
 
@@ -38,11 +39,6 @@ def non_finite_numbers(raw: Any, path: str = "") -> List[str]:
     return problems
 
 
-def _downsample_factor(dim_mults, options) -> int:
-    levels = len(dim_mults)
-    return 2 ** (levels if options.get("memory_efficient", False) else max(levels - 1, 0))
-
-
 def decoder_problems(decoder) -> List[str]:
     problems: List[str] = []
     for index, unet in enumerate(decoder.unets):
@@ -53,20 +49,17 @@ def decoder_problems(decoder) -> List[str]:
                 problems.append(f"{where}.{name}: must be at least 1 (got {show(value)})")
         if index >= len(decoder.image_sizes) or not unet.dim_mults:
             continue
-        size = decoder.image_sizes[index]
-        factor = _downsample_factor(unet.dim_mults, unet.options)
+        size, where = decoder.image_sizes[index], f"decoder.image_sizes[{index}]"
+        memory_efficient = bool(unet.options.get("memory_efficient", False))
+        factor = downsample_factor(len(unet.dim_mults), memory_efficient)
         if size < max(MIN_IMAGE_SIZE, factor):
             problems.append(
-                f"decoder.image_sizes[{index}]: {size} is too small for U-Net {index + 1}: it must be at "
-                f"least {max(MIN_IMAGE_SIZE, factor)} (its dim_mults {list(unet.dim_mults)} halve the "
+                f"{where}: {size} is too small for U-Net {index + 1}: it must be at least "
+                f"{max(MIN_IMAGE_SIZE, factor)} (its dim_mults {list(unet.dim_mults)} halve the "
                 f"image {int(math.log2(factor))} times)"
             )
-        elif size % factor:
-            problems.append(
-                f"decoder.image_sizes[{index}]: {size} is not divisible by {factor}, the total downsampling "
-                f"of U-Net {index + 1} (dim_mults {list(unet.dim_mults)}); use e.g. "
-                f"{size - size % factor or factor} or {size + factor - size % factor}"
-            )
+        else:
+            problems += image_size_problems(where, size, unet.dim_mults, memory_efficient, f"U-Net {index + 1}")
     return problems
 
 

@@ -22,7 +22,6 @@ import functools
 import inspect
 import json
 import re
-import types
 import typing
 from typing import (
     Any,
@@ -55,9 +54,15 @@ from cattrs.v import format_exception
 from ..failures import EXIT_CONFIG
 from .checks import closest, show
 from .decoder import DecoderConfig, UnetConfig
+from .json_types import (
+    NoneType,
+    describe,
+    fixed_tuple,
+    is_plain_json_type,
+    is_union,
+    sequence_element,
+)
 from .tracker import SaveConfig
-
-NoneType = type(None)
 
 converter = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
 """The one converter for every configuration class."""
@@ -76,82 +81,6 @@ class UnknownOptionError(ConfigValueError):
         self.key = key
         match = closest(key, valid)
         super().__init__(f"unknown option (did you mean {match}?)" if match else "unknown option")
-
-
-# --- describing types in messages ------------------------------------------------------------
-
-_NAMES = {
-    int: ("an integer", "integers"),
-    float: ("a number", "numbers"),
-    bool: ("true or false", "booleans"),
-    str: ("a string", "strings"),
-    NoneType: ("null", "nulls"),
-    Any: ("any value", "values"),
-}
-
-
-def _is_union(tp: Any) -> bool:
-    return get_origin(tp) is Union or isinstance(tp, types.UnionType)
-
-
-def _sequence_element(tp: Any) -> Optional[Any]:
-    """The element type of a homogeneous list / sequence / `Tuple[X, ...]` type, else None."""
-    origin = get_origin(tp)
-    args = get_args(tp)
-    if tp in (list, tuple, collections.abc.Sequence):
-        return Any
-    if origin in (list, collections.abc.Sequence, collections.abc.MutableSequence):
-        return args[0] if args else Any
-    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
-        return args[0]
-    return None
-
-
-def _fixed_tuple(tp: Any) -> Optional[Tuple[Any, ...]]:
-    """The element types of a fixed-length `Tuple[A, B]` type, else None."""
-    args = get_args(tp)
-    if get_origin(tp) is tuple and args and Ellipsis not in args:
-        return args
-    return None
-
-
-def _plural(tp: Any) -> str:
-    if tp in _NAMES:
-        return _NAMES[tp][1]
-    if _is_union(tp):
-        return " or ".join(_plural(arg) for arg in get_args(tp))
-    return "values"
-
-
-def describe(tp: Any) -> str:
-    """`Union[float, List[float]]` -> `a number or a list of numbers`."""
-    if tp in _NAMES:
-        return _NAMES[tp][0]
-    if _is_union(tp):
-        return " or ".join(describe(arg) for arg in get_args(tp))
-    if get_origin(tp) is Literal:
-        return "one of " + ", ".join(show(arg) for arg in get_args(tp))
-    element = _sequence_element(tp)
-    if element is not None:
-        return "a list" if element is Any else f"a list of {_plural(element)}"
-    if _fixed_tuple(tp) is not None:
-        return f"a list of {len(_fixed_tuple(tp))} values"
-    if attrs.has(tp) or get_origin(tp) in (dict, collections.abc.Mapping) or tp is dict:
-        return "an object"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _is_plain_json_type(tp: Any) -> bool:
-    """Whether `tp` is built only from JSON-like types, so the converter can check values against it."""
-    if tp in _NAMES:
-        return True
-    if _is_union(tp) or get_origin(tp) in (list, tuple, collections.abc.Sequence, collections.abc.MutableSequence):
-        return all(arg is Ellipsis or _is_plain_json_type(arg) for arg in get_args(tp))
-    if get_origin(tp) is Literal:
-        return True
-    if get_origin(tp) in (dict, collections.abc.Mapping):
-        return all(_is_plain_json_type(arg) for arg in get_args(tp))
-    return False
 
 
 # --- errors at a field ------------------------------------------------------------------------
@@ -212,7 +141,7 @@ def _structure_literal(value: Any, tp: Any) -> Any:
 
 
 def _sequence_hook_factory(tp: Any) -> Callable[[Any, Any], Any]:
-    element = _sequence_element(tp)
+    element = sequence_element(tp)
     as_tuple = get_origin(tp) is tuple or tp is tuple
     structure_items = list_structure_factory(List[element], converter)
 
@@ -226,7 +155,7 @@ def _sequence_hook_factory(tp: Any) -> Callable[[Any, Any], Any]:
 
 
 def _fixed_tuple_hook_factory(tp: Any) -> Callable[[Any, Any], Any]:
-    elements = _fixed_tuple(tp)
+    elements = fixed_tuple(tp)
 
     def structure_fixed_tuple(value: Any, _: Any) -> tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(elements):
@@ -319,7 +248,7 @@ def _union_hook_factory(tp: Any) -> Callable[[Any, Any], Any]:
         return _tagged_union_hook_factory(tp)
 
     def is_list_type(member: Any) -> bool:
-        return _sequence_element(member) is not None or _fixed_tuple(member) is not None
+        return sequence_element(member) is not None or fixed_tuple(member) is not None
 
     def structure_union(value: Any, _: Any) -> Any:
         if value is None:
@@ -403,7 +332,7 @@ def _attrs_hook_factory(cl: type) -> Callable[[Any, Any], Any]:
                 if key in REFERENCE_INT_FLAGS.get(cl, ()):
                     item = _int_flags_as_bools(item)
                 try:
-                    options[key] = converter.structure(item, hint) if _is_plain_json_type(hint) else item
+                    options[key] = converter.structure(item, hint) if is_plain_json_type(hint) else item
                 except Exception as exc:  # reported at the option, with the others
                     errors.append(_at(key, exc))
             else:
@@ -452,12 +381,12 @@ converter.register_structure_hook(float, _structure_float)
 converter.register_structure_hook(bool, _structure_bool)
 converter.register_structure_hook(str, _structure_str)
 converter.register_structure_hook_func(lambda tp: get_origin(tp) is Literal, _structure_literal)
-converter.register_structure_hook_factory(lambda tp: _sequence_element(tp) is not None, _sequence_hook_factory)
-converter.register_structure_hook_factory(lambda tp: _fixed_tuple(tp) is not None, _fixed_tuple_hook_factory)
+converter.register_structure_hook_factory(lambda tp: sequence_element(tp) is not None, _sequence_hook_factory)
+converter.register_structure_hook_factory(lambda tp: fixed_tuple(tp) is not None, _fixed_tuple_hook_factory)
 converter.register_structure_hook_factory(
     lambda tp: tp is dict or get_origin(tp) in (dict, collections.abc.Mapping), _mapping_hook_factory
 )
-converter.register_structure_hook_factory(_is_union, _union_hook_factory)
+converter.register_structure_hook_factory(is_union, _union_hook_factory)
 converter.register_structure_hook_factory(attrs.has, _attrs_hook_factory)
 converter.register_structure_hook_factory(_is_save_list, _save_list_hook_factory)
 for _open_class in OPEN_CLASSES:

@@ -7,7 +7,9 @@ keys that implementation needs.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, List, Literal, Optional, Union
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, List, Literal, NamedTuple, Optional, Sequence, Union
 
 import attrs
 
@@ -367,6 +369,42 @@ SAVE_TARGETS = ("save_latest_to", "save_best_to", "save_meta_to")
 def saves_something(saver: SaveTargets) -> bool:
     """Whether a saver has a target (a saver without one is left out of a run that has others)."""
     return any(getattr(saver, name) is not None for name in SAVE_TARGETS)
+
+
+class SaveDestination(NamedTuple):
+    """One path a local saver writes to, and the option that names it."""
+
+    index: int
+    """The saver's position in `tracker.save`."""
+    field: str
+    """`save_latest_to`, `save_best_to` or `save_meta_to`."""
+    path: Path
+    """Where it is on this machine (`{epoch}`-style fields left as written)."""
+
+
+def resolve_save_path(dest: str, data_path: Union[str, Path]) -> Path:
+    """A local saver's destination on this machine: `~` expanded, a relative path under `data_path`."""
+    return Path(os.path.join(data_path, os.path.expanduser(dest)))
+
+
+def local_save_destinations(
+    tracker: TrackerConfig, data_path: Union[str, Path], fields: Sequence[str] = SAVE_TARGETS
+) -> List[SaveDestination]:
+    """Every path the local savers of `tracker.save` name in `fields`, saver by saver.
+
+    The one place that decides where local saves land: the tracker (what `overwrite_data_path`
+    keeps, which staging leftovers are a killed save's), preflight (folders writable, with space)
+    and the command's report of a failed write all read it.
+    """
+    saves = tracker.save if isinstance(tracker.save, (list, tuple)) else [tracker.save]
+    return [
+        SaveDestination(index, field, resolve_save_path(dest, data_path))
+        for index, save in enumerate(saves)
+        if isinstance(save, LocalSaveConfig)
+        for field in fields
+        for dest in [getattr(save, field)]
+        if dest
+    ]
 
 
 def _saver_problems(path: str, saver: SaveTargets, logs_to_wandb: bool) -> List[str]:

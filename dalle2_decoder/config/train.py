@@ -16,6 +16,8 @@ FloatOrPerUnet = Union[float, List[float]]
 IntOrPerUnet = Union[int, List[int]]
 MIXED_PRECISION = ("no", "fp16", "bf16")
 EMA_WARMUPS = ("power", "ratio")
+"""The EMA decay warm-ups that `training.ema.ema_decay` computes. Named here, in the layer below
+training, so that the EMA and this config check read one list."""
 LR_SCHEDULES = ("constant", "cosine", "linear")
 PER_UNET_OPTIONS = ("lr", "wd", "max_grad_norm", "cond_scale", "warmup_steps", "lr_min_ratio", "lr_decay_steps")
 POSTHOC_EMA_MAX_SIGMA_REL = 0.28
@@ -143,7 +145,7 @@ class TrainConfig:
         problems += in_range("train.ema_beta", self.ema_beta, 0.0, 1.0)
         problems += at_least("train.ema_update_after_step", self.ema_update_after_step, 0)
         problems += at_least("train.ema_update_every", self.ema_update_every, 1)
-        problems += one_of("train.ema_warmup", self.ema_warmup, EMA_WARMUPS)
+        problems += ema_warmup_problems("train.ema_warmup", self.ema_warmup)
         if self.mixed_precision is not None:
             problems += one_of("train.mixed_precision", self.mixed_precision, MIXED_PRECISION)
         problems += _device_problems(self.device)
@@ -198,6 +200,10 @@ class TrainConfig:
                 "set train.mixed_precision to bf16 or fp16 for mixed precision"
             )
         return notes
+
+
+def ema_warmup_problems(path: str, warmup: str) -> List[str]:
+    return one_of(path, warmup, EMA_WARMUPS)
 
 
 def _device_problems(device: str) -> List[str]:

@@ -118,7 +118,6 @@ def generate_demo_dataset(
         shard_width=shard_width,
         index_width=index_width,
         embeddings_in_shards=embeddings_in_shards,
-        embedding_files=not embeddings_in_shards,
     ) as writer:
         for _ in range(num_images):
             shape, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))

@@ -14,14 +14,8 @@ from torch.utils.data import DataLoader
 from ..common.signals import leave_stop_signals_to_parent, stop_signals_blocked
 from . import plan as planning
 from . import sources
-from .dataset import (
-    IMAGE_EMBED_MEMBERS,
-    STATS_KEY,
-    TEXT_EMBED_MEMBERS,
-    PhaseSettings,
-    SampleFormat,
-    ShardDataset,
-)
+from .dataset import STATS_KEY, PhaseSettings, ShardDataset
+from .decode import IMAGE_EMBED_MEMBERS, TEXT_EMBED_MEMBERS, SampleFormat
 from .stats import check_bad_fraction, format_counts, merge_counts, new_counts
 from .tar_reader import ShardReadError, iter_tar_samples
 from .transforms import split_transform
@@ -314,54 +308,70 @@ def create_dataloaders(
     if data_config.resample_train and epoch_samples is None:
         raise planning.DataSetupError("data.resample_train needs train.epoch_samples: resampled epochs have no end")
     transform = split_transform(data_config.preprocessing)
-    shards = planning.discover_shards(
-        data_config.webdataset_base_url,
-        start_shard=data_config.start_shard,
-        end_shard=data_config.end_shard,
-        shard_width=data_config.shard_width,
-        img_embeddings_url=data_config.img_embeddings_url,
-        text_embeddings_url=data_config.text_embeddings_url,
-        skip_missing_shards=data_config.skip_missing_shards,
-    )
+    shards = planning.configured_shards(data_config)
     splits = data_config.splits
-    fractions = {"train": splits.train, "val": splits.val, "test": splits.test}
-    by_phase = planning.split_shards(shards, fractions, seed)
+    by_phase = planning.split_shards(shards, {"train": splits.train, "val": splits.val, "test": splits.test}, seed)
     sample_format = _infer_sample_format(data_config, shards, transform, image_embed_dim, text_embed_dim, uint8_images)
     limits = {"train": epoch_samples, "val": validation_samples, "test": test_samples}
-    limit_names = {"train": "epoch_samples", "val": "validation_samples", "test": "test_samples"}
     loaders = {}
     for phase in PHASES:
-        phase_shards = by_phase[phase]
-        training = phase == "train"
-        resample = training and data_config.resample_train
-        limit = limits[phase] if phase_shards else None
-        dropped = 0
-        if limit is None:
-            phase_shards = planning.count_samples(phase_shards, data_config.webdataset_base_url)
-            total = sum(shard.size for shard in phase_shards)
-            dropped = total - world_size * planning.exact_rank_samples(total, world_size)
-        settings = PhaseSettings(
-            phase=phase,
+        loaders[phase] = _phase_loader(
+            data_config,
+            phase,
+            by_phase[phase],
+            sample_format,
             seed=seed,
             rank=rank,
             world_size=world_size,
-            num_workers=data_config.num_workers,
-            batch_size=data_config.batch_size,
-            shuffle_shards=training and (data_config.shuffle_train or resample),
-            shuffle_buffer=data_config.shuffle_buffer if training and data_config.shuffle_train else 0,
-            limit=limit,
-            resample=resample,
-            max_bad_fraction=data_config.max_bad_sample_fraction,
-            limit_name=limit_names[phase],
-        )
-        dataset = ShardDataset(phase_shards, settings, sample_format)
-        loaders[phase] = ShardLoader(
-            dataset,
-            num_workers=data_config.num_workers,
+            limit=limits[phase] if by_phase[phase] else None,
             pin_memory=pin_memory,
-            dropped_for_balance=dropped if rank == 0 else 0,
-        )
-        log.info(
-            "data (%s): %d shard(s), %d batch(es) per epoch on each rank", phase, len(phase_shards), len(loaders[phase])
         )
     return loaders
+
+
+LIMIT_NAMES = {"train": "epoch_samples", "val": "validation_samples", "test": "test_samples"}
+"""The option that caps each phase, named in messages."""
+
+
+def _phase_loader(
+    data_config,
+    phase: str,
+    phase_shards: List[planning.Shard],
+    sample_format: SampleFormat,
+    *,
+    seed: int,
+    rank: int,
+    world_size: int,
+    limit: Optional[int],
+    pin_memory: bool,
+) -> ShardLoader:
+    """The loader of one phase for this rank: `limit` samples per epoch, or the split exactly once (None)."""
+    training = phase == "train"
+    resample = training and data_config.resample_train
+    dropped = 0
+    if limit is None:
+        phase_shards = planning.count_samples(phase_shards, data_config.webdataset_base_url)
+        total = sum(shard.size for shard in phase_shards)
+        dropped = total - world_size * planning.exact_rank_samples(total, world_size)
+    settings = PhaseSettings(
+        phase=phase,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        num_workers=data_config.num_workers,
+        batch_size=data_config.batch_size,
+        shuffle_shards=training and (data_config.shuffle_train or resample),
+        shuffle_buffer=data_config.shuffle_buffer if training and data_config.shuffle_train else 0,
+        limit=limit,
+        resample=resample,
+        max_bad_fraction=data_config.max_bad_sample_fraction,
+        limit_name=LIMIT_NAMES[phase],
+    )
+    loader = ShardLoader(
+        ShardDataset(phase_shards, settings, sample_format),
+        num_workers=data_config.num_workers,
+        pin_memory=pin_memory,
+        dropped_for_balance=dropped if rank == 0 else 0,
+    )
+    log.info("data (%s): %d shard(s), %d batch(es) per epoch on each rank", phase, len(phase_shards), len(loader))
+    return loader

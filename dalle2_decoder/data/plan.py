@@ -156,6 +156,20 @@ def discover_shards(
     return shards
 
 
+def configured_shards(data_config, *, embedding_folders: bool = True) -> List[Shard]:
+    """`discover_shards` over the range a `DataConfig` names; `embedding_folders=False` leaves its
+    embedding folders out (shards then keep no embedding files and none is left out for lacking one)."""
+    return discover_shards(
+        data_config.webdataset_base_url,
+        start_shard=data_config.start_shard,
+        end_shard=data_config.end_shard,
+        shard_width=data_config.shard_width,
+        img_embeddings_url=data_config.img_embeddings_url if embedding_folders else None,
+        text_embeddings_url=data_config.text_embeddings_url if embedding_folders else None,
+        skip_missing_shards=data_config.skip_missing_shards,
+    )
+
+
 def split_shards(shards: Sequence[Shard], fractions: Dict[str, float], seed: int) -> Dict[str, List[Shard]]:
     """Shards dealt into disjoint splits in proportion to `fractions`, shuffled by `seed`.
 

@@ -95,7 +95,6 @@ def prepare_dataset(
         shard_width=shard_width,
         index_width=index_width,
         embeddings_in_shards=embeddings_in_shards,
-        embedding_files=not embeddings_in_shards,
     ) as writer:
         for start in range(0, len(items), batch_size):
             batch = []

@@ -38,8 +38,10 @@ class ShardSetWriter:
         shard_width: int = 6,
         index_width: int = 4,
         embeddings_in_shards: bool = False,
-        embedding_files: bool = True,
+        embedding_files: Optional[bool] = None,
     ):
+        """`embeddings_in_shards`: embeddings as .npy members of each sample; `embedding_files`: as
+        per-shard .npy files beside the shards (default: exactly when they are not in the shards)."""
         if shard_size > 10**index_width:
             raise ValueError(f"shard_size {shard_size} does not fit index_width {index_width}")
         self.out_dir = out_dir
@@ -47,7 +49,7 @@ class ShardSetWriter:
         self.shard_width = shard_width
         self.index_width = index_width
         self.embeddings_in_shards = embeddings_in_shards
-        self.embedding_files = embedding_files
+        self.embedding_files = not embeddings_in_shards if embedding_files is None else embedding_files
         self.shard_dir = os.path.join(out_dir, "shards")
         os.makedirs(self.shard_dir, exist_ok=True)
         self.sizes: Dict[str, int] = {}

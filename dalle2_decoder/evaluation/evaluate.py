@@ -59,7 +59,7 @@ Info = Callable[[str], None]
 def evaluate_decoder(
     decoder,
     loader,
-    prepare: Callable[[Dict[str, Any]], Dict[str, Any]],
+    prepare: Prepare,
     accelerator,
     suite: MetricSuite,
     *,
@@ -68,7 +68,7 @@ def evaluate_decoder(
     image_size: int,
     cond_scale: Sequence[float] | float = 1.0,
     seed: int = 0,
-    info: Callable[[str], None] = lambda message: None,
+    info: Info = lambda message: None,
     stop: Optional[StopRequest] = None,
     progress: Optional[ProgressOutput] = None,
     title: str = "evaluation",
@@ -93,7 +93,6 @@ def evaluate_decoder(
     # each batch and U-Net call) line up: a rank whose share is done samples one image it does not count.
     largest = samples_per_rank(n_samples, accelerator.num_processes)
     batches = min(len(loader), math.ceil(largest / max(1, loader.batch_size)))
-    first_unet, last_unet = unets[0], unets[-1]
     done = 0
     suite.reset()
     loader.set_epoch(0)  # the same samples at every evaluation, so values are comparable over a run
@@ -111,18 +110,9 @@ def evaluate_decoder(
         for index, batch in enumerate(stream):
             wanted = min(quota - done, len(batch["image"]))
             batch = prepare(_take(batch, max(wanted, 1)))
-            with accelerator.autocast():
-                generated = decoder.sample(
-                    image_embed=batch.get("image_embed"),
-                    text_encodings=batch.get("text_encodings"),
-                    text_mask=batch.get("text_mask"),
-                    cond_scale=list(cond_scale) if isinstance(cond_scale, (list, tuple)) else cond_scale,
-                    start_at_unet_number=first_unet,
-                    stop_at_unet_number=last_unet,
-                    image=batch["image"] if first_unet > 1 else None,
-                    seed=seed + rank * SEED_STRIDE + index,
-                    on_unet_call=on_unet_call,
-                )
+            generated = _sample_batch(
+                decoder, batch, accelerator, unets, cond_scale, seed + rank * SEED_STRIDE + index, on_unet_call
+            )
             if wanted > 0:
                 # In float32 whatever the autocast dtype of the samples, so the metrics see the same values.
                 real, fake = batch["image"][:wanted].float(), generated[:wanted].float()
@@ -139,6 +129,30 @@ def evaluate_decoder(
     finally:
         stream.close()  # stops the loader's workers when we leave before the end of the split
         meter.close()
+    metrics = _pooled_metrics(suite, done, accelerator, n_samples=n_samples, seed=seed, info=info)
+    metrics["eval/seconds"] = time.perf_counter() - started
+    return metrics
+
+
+def _sample_batch(decoder, batch, accelerator, unets: Sequence[int], cond_scale, seed: int, on_unet_call):
+    """Images of U-Nets `unets[0]..unets[-1]` for one prepared batch (its real image as the low-resolution
+    input when the first is an upsampler)."""
+    with accelerator.autocast():
+        return decoder.sample(
+            image_embed=batch.get("image_embed"),
+            text_encodings=batch.get("text_encodings"),
+            text_mask=batch.get("text_mask"),
+            cond_scale=list(cond_scale) if isinstance(cond_scale, (list, tuple)) else cond_scale,
+            start_at_unet_number=unets[0],
+            stop_at_unet_number=unets[-1],
+            image=batch["image"] if unets[0] > 1 else None,
+            seed=seed,
+            on_unet_call=on_unet_call,
+        )
+
+
+def _pooled_metrics(suite: MetricSuite, done: int, accelerator, *, n_samples: int, seed: int, info: Info):
+    """The metrics of every rank's `done` samples, computed once over all ranks (every rank calls this)."""
     total = pooled_count(done, accelerator)
     metrics: Dict[str, float] = {"eval/samples": float(total)}
     if total < n_samples:
@@ -152,7 +166,6 @@ def evaluate_decoder(
         metrics.update(suite.compute(seed=seed))
         for note in suite.notes:
             info(note)
-    metrics["eval/seconds"] = time.perf_counter() - started
     return metrics
 
 

@@ -20,17 +20,25 @@ import torch
 from torch import nn
 
 from ..common.per_unet import per_unet
+from ..common.problems import raise_problems
 from ._compat import warn_no_effect
+from .cascade_rules import LOSS_TYPES as LOSS_TYPES
+from .cascade_rules import (
+    augmentation_problems,
+    image_sizes_problems,
+    loss_type_problems,
+    sample_steps_problems,
+    sampler_problems,
+    upsampler_flags,
+)
 from .decoder_sampling import DecoderSampling, UnetCallHook
 from .decoder_training import DecoderTraining, TrainingDraws
 from .gaussian_diffusion import GaussianDiffusion
 from .lowres import LowresConditioner
 from .noise import NoiseFn, ReplayedNoise
-from .samplers import SAMPLER_NAMES, Inpainting
-from .schedules import default_beta_schedules
+from .samplers import Inpainting
+from .schedules import beta_schedules_problems, default_beta_schedules
 from .unet import Unet
-
-LOSS_TYPES = ("l1", "l2", "huber")
 
 # Names of the Decoder's inputs, importable from here as from the modules that define them.
 __all__ = ["Decoder", "Inpainting", "LOSS_TYPES", "NoiseFn", "ReplayedNoise", "TrainingDraws", "UnetCallHook"]
@@ -42,22 +50,6 @@ def _padded(value: Any, count: int, name: str, fill: Any) -> list:
     if len(values) > count:
         raise ValueError(f"Decoder: {name} has {len(values)} entries but there are only {count} U-Nets")
     return values + [fill] * (count - len(values))
-
-
-def _upsampler_flags(value: Any, count: int, name: str) -> List[bool]:
-    """use_noise / use_blur_for_lowres_cond: one value, or a list for the upsamplers (count - 1) or for all U-Nets."""
-    if not isinstance(value, (list, tuple)):
-        return [False] + [bool(value)] * (count - 1)
-    values = [bool(v) for v in value]
-    if len(values) == count - 1:
-        values = [False] + values
-    if len(values) != count:
-        raise ValueError(
-            f"Decoder: {name} has {len(values)} entries; give one per upsampler ({count - 1}) or per U-Net ({count})"
-        )
-    if values[0]:
-        raise ValueError(f"Decoder: {name}[0] is true but U-Net 1 has no low-res input to augment")
-    return values
 
 
 class Decoder(DecoderTraining, DecoderSampling, nn.Module):
@@ -180,11 +172,16 @@ class Decoder(DecoderTraining, DecoderSampling, nn.Module):
         n = len(unet_list)
         if n == 0:
             raise ValueError("Decoder: needs at least one U-Net")
+        raise_problems(
+            "Decoder",
+            image_sizes_problems("image_sizes", list(image_sizes), n, "unets")
+            + loss_type_problems("loss_type", loss_type)
+            + beta_schedules_problems("beta_schedule", beta_schedule, n, timesteps)
+            + sample_steps_problems("sample_timesteps", sample_timesteps, n, timesteps)
+            + sampler_problems("samplers", samplers)
+            + augmentation_problems("", use_noise_for_lowres_cond, use_blur_for_lowres_cond, n),
+        )
         self.image_sizes = [int(s) for s in per_unet(list(image_sizes), n, name="Decoder: image_sizes")]
-        if any(b <= a for a, b in zip(self.image_sizes, self.image_sizes[1:])):
-            raise ValueError(f"Decoder: image_sizes must increase, got {self.image_sizes}")
-        if loss_type not in LOSS_TYPES:
-            raise ValueError(f"Decoder: unknown loss_type {loss_type!r}; choose one of {LOSS_TYPES}")
 
         self.channels = channels
         self.num_timesteps = timesteps
@@ -219,17 +216,11 @@ class Decoder(DecoderTraining, DecoderSampling, nn.Module):
         if self.random_crop_sizes[0] is not None:
             raise ValueError("Decoder: random_crop_sizes applies to upsamplers only; U-Net 1 must have None")
 
-        self.sample_timesteps: List[Optional[int]] = []
-        for i, steps in enumerate(per_unet(sample_timesteps, n, name="Decoder: sample_timesteps")):
-            if steps is not None and not 1 <= steps <= timesteps:
-                raise ValueError(f"Decoder: sample_timesteps of U-Net {i + 1} must be in [1, {timesteps}], got {steps}")
-            self.sample_timesteps.append(None if steps == timesteps else steps)
+        self.sample_timesteps: List[Optional[int]] = [
+            None if steps == timesteps else steps
+            for steps in per_unet(sample_timesteps, n, name="Decoder: sample_timesteps")
+        ]
         self.samplers: List[Optional[str]] = per_unet(samplers, n, name="Decoder: samplers")
-        for i, name in enumerate(self.samplers):
-            if name is not None and name not in SAMPLER_NAMES:
-                raise ValueError(
-                    f"Decoder: unknown sampler {name!r} for U-Net {i + 1}; choose one of {', '.join(SAMPLER_NAMES)}"
-                )
 
         schedules = (
             default_beta_schedules(n)
@@ -243,14 +234,8 @@ class Decoder(DecoderTraining, DecoderSampling, nn.Module):
                 raise ValueError(f"Decoder: noise_schedule_shift of U-Net {i + 1} must be positive, got {shift}")
         self.diffusions = nn.ModuleList(GaussianDiffusion(s, timesteps, shift) for s, shift in zip(schedules, shifts))
 
-        use_noise = _upsampler_flags(use_noise_for_lowres_cond, n, "use_noise_for_lowres_cond")
-        use_blur = _upsampler_flags(use_blur_for_lowres_cond, n, "use_blur_for_lowres_cond")
-        for i in range(1, n):
-            if not (use_noise[i] or use_blur[i]):
-                raise ValueError(
-                    f"Decoder: U-Net {i + 1} (an upsampler) needs noise or blur augmentation of its low-res "
-                    "input (use_noise_for_lowres_cond / use_blur_for_lowres_cond)"
-                )
+        use_noise = upsampler_flags(use_noise_for_lowres_cond, n)
+        use_blur = upsampler_flags(use_blur_for_lowres_cond, n)
 
         # Impose what the cascade needs on each U-Net (as the reference does): upsamplers see the
         # low-res image, only the first sees the image embedding (unless image_embed_all_unets),

@@ -8,9 +8,11 @@ in float32, as there).
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict
+from typing import Any, Callable, Dict, List
 
 import torch
+
+from ..common.problems import indexed, one_of, raise_problems
 
 # Upper bound on a cosine beta, as improved DDPM (Nichol & Dhariwal 2021, sec. 3.2): the last
 # steps of the cosine schedule would otherwise approach a singularity. The other schedules are
@@ -96,19 +98,46 @@ def shift_beta_schedule(betas: torch.Tensor, shift: float) -> torch.Tensor:
     return (1 - shifted / previous).clamp(0.0, MAX_BETA)
 
 
+def schedule_problems(
+    path: str, name: Any, timesteps: int, timesteps_path: str = "timesteps", unet: str = ""
+) -> List[str]:
+    """The schedule must be one of BETA_SCHEDULES, and its betas below 1 at this many timesteps.
+
+    DALLE2-pytorch scales the DDPM range (1e-4 .. 0.02 at T = 1000) by 1000 / T, so with 20 steps or
+    fewer the last betas of the linear-range schedules reach 1 and every later constant is NaN; it
+    trains on NaN. `unet` ("U-Net 2's ") says whose schedule it is where the path does not.
+    """
+    problems = one_of(path, name, BETA_SCHEDULES)
+    if problems or not (isinstance(timesteps, int) and timesteps >= 1):
+        return problems
+    if bool((BETA_SCHEDULES[name](timesteps) >= 1).any()):
+        problems.append(
+            f"{path}: {unet or 'the '}{name} schedule has betas of 1 or more with {timesteps_path} = {timesteps}; "
+            "use more than 20 timesteps or the cosine schedule"
+        )
+    return problems
+
+
+def beta_schedules_problems(
+    path: str, beta_schedule: Any, num_unets: int, timesteps: int, timesteps_path: str = "timesteps"
+) -> List[str]:
+    """`schedule_problems` of each U-Net's schedule: one name, one per U-Net, or None (`default_beta_schedules`)."""
+    if beta_schedule is None:
+        path = f"{path} (null: linear for the last U-Net of a cascade)"
+        names = default_beta_schedules(num_unets)
+    else:
+        names = list(beta_schedule) if isinstance(beta_schedule, (list, tuple)) else [beta_schedule]
+    problems = []
+    for index, name in enumerate(names):
+        unet = f"U-Net {index + 1}'s " if beta_schedule is None else ""
+        problems += schedule_problems(indexed(path, beta_schedule, index), name, timesteps, timesteps_path, unet)
+    return problems
+
+
 def make_beta_schedule(name: str, timesteps: int, shift: float = 1.0) -> torch.Tensor:
     """Betas of the named schedule, its log-SNR shifted by 2 log(shift) (`shift_beta_schedule`);
-    raises ValueError naming the known schedules otherwise."""
-    if name not in BETA_SCHEDULES:
-        raise ValueError(f"unknown beta_schedule {name!r}; choose one of {sorted(BETA_SCHEDULES)}")
+    raises ValueError for the schedules `schedule_problems` refuses."""
     if timesteps < 1:
         raise ValueError(f"timesteps must be >= 1, got {timesteps}")
-    betas = BETA_SCHEDULES[name](timesteps)
-    if bool((betas >= 1).any()):
-        # DALLE2-pytorch scales the DDPM range (1e-4 .. 0.02 at T = 1000) by 1000 / T, so with
-        # 20 steps or fewer the last betas reach 1 and every later constant is NaN; it trains on NaN.
-        raise ValueError(
-            f"beta_schedule {name!r} with timesteps={timesteps} has betas of 1 or more (its range is scaled "
-            "by 1000 / timesteps); use more than 20 timesteps or the cosine schedule"
-        )
-    return shift_beta_schedule(betas, shift)
+    raise_problems("make_beta_schedule", schedule_problems("beta_schedule", name, timesteps))
+    return shift_beta_schedule(BETA_SCHEDULES[name](timesteps), shift)

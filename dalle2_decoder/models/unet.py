@@ -16,48 +16,15 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
+from ..common.problems import raise_problems
 from ._compat import warn_no_effect
-from .attention import Attention, LinearAttention, Residual, ToSequence
-from .layers import (
-    ChanLayerNorm,
-    ConvTransposeUpsample,
-    CrossEmbedLayer,
-    Downsample,
-    LayerNorm,
-    NearestUpsample,
-    PixelShuffleUpsample,
-    ResnetBlock,
-    SinusoidalPosEmb,
-    StridedConvDownsample,
-    UpsampleCombiner,
-    resize_cubic,
-)
+from .layers import ChanLayerNorm, CrossEmbedLayer, LayerNorm, SinusoidalPosEmb, UpsampleCombiner, resize_cubic
 from .lowres import resize_image
 from .releases import describe, unet_differences
-
-
-def _per_level(value: Any, levels: int, name: str) -> list:
-    """One value for every resolution level, or a list with exactly one per level."""
-    if isinstance(value, (list, tuple)):
-        if len(value) != levels:
-            raise ValueError(f"Unet: {name} has {len(value)} entries but dim_mults has {levels} levels")
-        return list(value)
-    return [value] * levels
-
-
-class _Reshape(nn.Module):
-    """(B, n * d) -> (B, n, d); parameter-free, kept as a module so layer indices match the reference's."""
-
-    def __init__(self, n: int):
-        super().__init__()
-        self.n = n
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(x.shape[0], self.n, -1)
+from .unet_blocks import LevelBuilder, block_runner, downsample_factor, image_size_problems
+from .unet_conditioning import Conditioning, Reshape, condition, keep_mask
 
 
 class Unet(nn.Module):
@@ -206,8 +173,7 @@ class Unet(nn.Module):
         self.max_text_len = max_text_len
         self.checkpoint_during_training = checkpoint_during_training
         self.skip_connect_scale = 2**-0.5 if scale_skip_connection else 1.0
-        # Every level but the last halves the resolution (memory_efficient: every level).
-        self.downsample_factor = 2 ** (levels if memory_efficient else levels - 1)
+        self.downsample_factor = downsample_factor(levels, memory_efficient)
 
         init_dim = init_dim if init_dim is not None else dim
         # The final block is built for dim + dim input channels (the last up level's output and the
@@ -234,11 +200,11 @@ class Unet(nn.Module):
         # ---------------------------------------------------------------- conditioning
         self.to_time_hiddens = nn.Sequential(SinusoidalPosEmb(dim), nn.Linear(dim, time_cond_dim), nn.GELU())
         self.to_time_tokens = nn.Sequential(
-            nn.Linear(time_cond_dim, cond_dim * num_time_tokens), _Reshape(num_time_tokens)
+            nn.Linear(time_cond_dim, cond_dim * num_time_tokens), Reshape(num_time_tokens)
         )
         self.to_time_cond = nn.Sequential(nn.Linear(time_cond_dim, time_cond_dim))
         self.image_to_tokens: nn.Module = (
-            nn.Sequential(nn.Linear(image_embed_dim, cond_dim * num_image_tokens), _Reshape(num_image_tokens))
+            nn.Sequential(nn.Linear(image_embed_dim, cond_dim * num_image_tokens), Reshape(num_image_tokens))
             if cond_on_image_embeds and image_embed_dim != cond_dim
             else nn.Identity()
         )
@@ -267,115 +233,26 @@ class Unet(nn.Module):
         # ---------------------------------------------------------------- network
         dims = [init_dim] + [dim * m for m in dim_mults]
         in_out = list(zip(dims[:-1], dims[1:]))
-        self_attn_per_level = [bool(a) for a in _per_level(self_attn, levels, "self_attn")]
-        blocks_per_level = _per_level(num_resnet_blocks, levels, "num_resnet_blocks")
-        groups_per_level = _per_level(resnet_groups, levels, "resnet_groups")
-
-        def resnet(d_in: int, d_out: int, groups: int, context_dim: Optional[int] = None) -> ResnetBlock:
-            return ResnetBlock(
-                d_in,
-                d_out,
-                time_cond_dim=time_cond_dim,
-                cond_dim=context_dim,
-                groups=groups,
-                weight_standardization=resnet_weight_standardization,
-                cosine_sim_cross_attn=cosine_sim_cross_attn,
-                cross_attn_heads=cross_attn_heads,
-                cross_attn_dim_head=cross_attn_dim_head,
-            )
-
-        def self_attention(d: int) -> nn.Module:
-            return ToSequence(
-                Residual(
-                    Attention(
-                        d,
-                        heads=attn_heads,
-                        dim_head=attn_dim_head,
-                        cosine_sim=cosine_sim_self_attn,
-                        sqrt_scale=release.self_attn_sqrt_scale,
-                    )
-                )
-            )
-
-        def level_attention(d: int, level: int) -> nn.Module:
-            if self_attn_per_level[level]:
-                return self_attention(d)
-            if sparse_attn:
-                return Residual(
-                    LinearAttention(
-                        d,
-                        heads=attn_heads,
-                        dim_head=attn_dim_head,
-                        unnormalised_values=release.unnormalised_linear_attention,
-                    )
-                )
-            return nn.Identity()
-
-        def downsample(d_in: int, d_out: int) -> nn.Module:
-            if cross_embed_downsample:
-                return CrossEmbedLayer(d_in, d_out, cross_embed_downsample_kernel_sizes, stride=2)
-            return StridedConvDownsample(d_in, d_out) if release.strided_conv_downsample else Downsample(d_in, d_out)
-
-        upsample = PixelShuffleUpsample if pixel_shuffle_upsample else NearestUpsample
-        if release.conv_transpose_upsample:
-            upsample = ConvTransposeUpsample
-
-        self.init_resnet_block = resnet(init_dim, init_dim, groups_per_level[0]) if memory_efficient else None
-
-        # downs[level] = [pre-downsample, first block, blocks, attention, post-downsample]
-        self.downs = nn.ModuleList()
-        skip_dims: List[int] = []
-        for level, (d_in, d_out) in enumerate(in_out):
-            is_last = level == levels - 1
-            # The top resolution skips cross-attention: it would cost the most, and the
-            # conditioning reaches it through the FiLM time/image vector anyway.
-            context_dim = cond_dim if level > 0 else None
-            work = d_out if memory_efficient else d_in
-            groups = groups_per_level[level]
-            skip_dims.append(work)
-            post = downsample(work, d_out) if not (is_last or memory_efficient) else nn.Conv2d(work, d_out, 1)
-            self.downs.append(
-                nn.ModuleList(
-                    [
-                        downsample(d_in, d_out) if memory_efficient else None,
-                        resnet(work, work, groups),
-                        nn.ModuleList(resnet(work, work, groups, context_dim) for _ in range(blocks_per_level[level])),
-                        level_attention(work, level),
-                        post,
-                    ]
-                )
-            )
-
+        build = LevelBuilder.for_unet(self._config, time_cond_dim=time_cond_dim, cond_dim=cond_dim, release=release)
+        groups_per_level = build.resnet_groups
+        self.init_resnet_block = build.resnet(init_dim, init_dim, groups_per_level[0]) if memory_efficient else None
+        self.downs = nn.ModuleList(
+            build.down_level(level, d_in, d_out, is_last=level == levels - 1)
+            for level, (d_in, d_out) in enumerate(in_out)
+        )
         mid_dim = dims[-1]
-        self.mid_block1 = resnet(mid_dim, mid_dim, groups_per_level[-1], cond_dim)
-        self.mid_attn = self_attention(mid_dim) if (attend_at_middle or not respect_attend_at_middle) else None
-        self.mid_block2 = resnet(mid_dim, mid_dim, groups_per_level[-1], cond_dim)
-
-        # ups[i] (bottom level first) = [first block, blocks, attention, upsample]
-        self.ups = nn.ModuleList()
-        for level in reversed(range(levels)):
-            d_in, d_out = in_out[level]
-            groups = groups_per_level[level]
-            context_dim = cond_dim if level > 0 else None
-            skip = skip_dims[level]
-            self.ups.append(
-                nn.ModuleList(
-                    [
-                        resnet(d_out + skip, d_out, groups, context_dim),
-                        nn.ModuleList(
-                            resnet(d_out + skip, d_out, groups, context_dim) for _ in range(blocks_per_level[level])
-                        ),
-                        level_attention(d_out, level),
-                        upsample(d_out, d_in) if (level > 0 or memory_efficient) else nn.Identity(),
-                    ]
-                )
-            )
+        self.mid_block1 = build.resnet(mid_dim, mid_dim, groups_per_level[-1], cond_dim)
+        self.mid_attn = build.self_attention(mid_dim) if (attend_at_middle or not respect_attend_at_middle) else None
+        self.mid_block2 = build.resnet(mid_dim, mid_dim, groups_per_level[-1], cond_dim)
+        self.ups = nn.ModuleList(
+            build.up_level(level, *in_out[level], skip=build.width(*in_out[level])) for level in reversed(range(levels))
+        )
 
         up_dims = [in_out[level][1] for level in reversed(range(levels))]
         self.upsample_combiner = UpsampleCombiner(
             dim, enabled=combine_upsample_fmaps, dim_ins=up_dims, dim_outs=[dim] * levels
         )
-        self.final_resnet_block = resnet(self.upsample_combiner.dim_out + dim, dim, groups_per_level[0])
+        self.final_resnet_block = build.resnet(self.upsample_combiner.dim_out + dim, dim, groups_per_level[0])
         self.to_out = nn.Conv2d(
             dim + (channels if self.final_lowres_input else 0),
             self.channels_out,
@@ -442,15 +319,6 @@ class Unet(nn.Module):
         )
 
     # -------------------------------------------------------------------- forward
-    @staticmethod
-    def _keep_mask(batch: int, drop_prob: float, device: torch.device) -> torch.Tensor:
-        """Which samples keep their conditioning (bool (B,)); probabilities 0 and 1 draw no random numbers."""
-        if drop_prob <= 0:
-            return torch.ones(batch, dtype=torch.bool, device=device)
-        if drop_prob >= 1:
-            return torch.zeros(batch, dtype=torch.bool, device=device)
-        return torch.rand(batch, device=device) >= drop_prob
-
     def forward(
         self,
         x: torch.Tensor,
@@ -477,8 +345,8 @@ class Unet(nn.Module):
         """
         del blur_sigma, blur_kernel_size
         b = x.shape[0]
-        image_keep = self._keep_mask(b, image_cond_drop_prob, x.device)
-        text_keep = self._keep_mask(b, text_cond_drop_prob, x.device)
+        image_keep = keep_mask(b, image_cond_drop_prob, x.device)
+        text_keep = keep_mask(b, text_cond_drop_prob, x.device)
         return self._forward(
             x,
             time,
@@ -509,12 +377,25 @@ class Unet(nn.Module):
     ) -> torch.Tensor:
         """forward() with the per-sample keep masks (bool (B,)) of the image and text conditioning given."""
         height, width = x.shape[-2:]
-        if height % self.downsample_factor or width % self.downsample_factor:
-            raise ValueError(
-                f"Unet: image size {height}x{width} must be divisible by {self.downsample_factor} for these dim_mults"
-            )
+        memory_efficient = self._config["memory_efficient"]
+        raise_problems(
+            "Unet",
+            image_size_problems("image height", height, self._config["dim_mults"], memory_efficient)
+            + image_size_problems("image width", width, self._config["dim_mults"], memory_efficient),
+        )
+        h, lowres_cond_img = self._input_layer(x, self_cond, lowres_cond_img)
+        conditioning = condition(
+            self, time, h.dtype, lowres_noise_level, image_embed, image_keep, text_encodings, text_mask, text_keep
+        )
+        h = self._levels(h, conditioning, self._runner(disable_checkpoint))
+        if self.final_lowres_input:
+            h = torch.cat((h, lowres_cond_img), dim=1)
+        return self.to_out(h)
 
-        # ---------------------------------------------------------------- input
+    def _input_layer(
+        self, x: torch.Tensor, self_cond: Optional[torch.Tensor], lowres_cond_img: Optional[torch.Tensor]
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The first layer's features of x with the self-conditioning and low-res inputs, and that low-res input."""
         inputs = [x]
         if self.self_cond:
             inputs.append(torch.zeros_like(x) if self_cond is None else self_cond.to(x.dtype))
@@ -525,46 +406,12 @@ class Unet(nn.Module):
             inputs.append(lowres_cond_img)
         elif lowres_cond_img is not None:
             raise ValueError("Unet: lowres_cond_img given to a U-Net built without lowres_cond")
-        h = self.init_conv(torch.cat(inputs, dim=1) if len(inputs) > 1 else x)
-        first = h
+        return self.init_conv(torch.cat(inputs, dim=1) if len(inputs) > 1 else x), lowres_cond_img
 
-        # ---------------------------------------------------------------- conditioning
-        time_hiddens = self._embed(self.to_time_hiddens, time, h.dtype)
-        time_tokens = self.to_time_tokens(time_hiddens)
-        t = self.to_time_cond(time_hiddens)
-        if lowres_noise_level is not None:
-            if self.to_lowres_noise_cond is None:
-                raise ValueError("Unet: lowres_noise_level given to a U-Net built without lowres_noise_cond")
-            t = t + self._embed(self.to_lowres_noise_cond, lowres_noise_level, h.dtype)
-
-        if image_embed is not None and self.to_image_hiddens is not None:
-            image_hiddens = self.to_image_hiddens(image_embed)
-            t = t + torch.where(image_keep[:, None], image_hiddens, self.null_image_hiddens.to(image_hiddens.dtype))
-
-        tokens = [time_tokens]
-        if self.cond_on_image_embeds:
-            if image_embed is None:
-                raise ValueError("Unet: image_embed is required (this U-Net is conditioned on image embeddings)")
-            image_tokens = self.image_to_tokens(image_embed)
-            if image_tokens.ndim == 2:
-                # image_embed_dim == cond_dim: no projection, the embedding itself is every image token.
-                # (The reference broadcasts it against the null tokens, which gives this for a batch of
-                # one and fails or mixes samples for larger batches.)
-                image_tokens = image_tokens[:, None].expand(-1, self.null_image_embed.shape[1], -1)
-            tokens.append(
-                torch.where(image_keep[:, None, None], image_tokens, self.null_image_embed.to(image_tokens.dtype))
-            )
-        c = torch.cat(tokens, dim=1) if len(tokens) > 1 else time_tokens
-
-        mid_c = c
-        if text_encodings is not None and self.cond_on_text_encodings:
-            text_tokens = self._text_tokens(text_encodings, text_mask, text_keep)
-            mid_c = torch.cat((c, text_tokens), dim=1)
-        c = self.norm_cond(c)
-        mid_c = self.norm_mid_cond(mid_c)
-
-        # ---------------------------------------------------------------- network
-        run = self._runner(disable_checkpoint)
+    def _levels(self, first: torch.Tensor, cond: Conditioning, run: Callable[..., torch.Tensor]) -> torch.Tensor:
+        """Down the levels, through the bottleneck, up again with the skip connections, and the final block."""
+        t, c, mid_c = cond
+        h = first
         if self.init_resnet_block is not None:
             h = run(self.init_resnet_block, h, t)
 
@@ -598,62 +445,11 @@ class Unet(nn.Module):
             h = upsample(h)
 
         h = self.upsample_combiner(h, up_fmaps)
-        h = run(self.final_resnet_block, torch.cat((h, first), dim=1), t)
-        if self.final_lowres_input:
-            h = torch.cat((h, lowres_cond_img), dim=1)
-        return self.to_out(h)
-
-    @staticmethod
-    def _embed(mlp: nn.Sequential, value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """mlp (sinusoidal embedding, then layers) of a timestep-like value, the sinusoids always in fp32.
-
-        The reference casts the value to the activation dtype first; under bf16 autocast that rounds
-        t = 987 to 988 and moves every sinusoid. In fp32 both are the same computation.
-        """
-        sinusoids = mlp[0](value.float())
-        return mlp[1:](sinusoids.to(dtype))
-
-    def _text_tokens(
-        self, text_encodings: torch.Tensor, text_mask: Optional[torch.Tensor], text_keep: torch.Tensor
-    ) -> torch.Tensor:
-        """Projected text (B, max_text_len, cond_dim); padding and dropped samples become the null text tokens."""
-        b, n, width = text_encodings.shape
-        if b != text_keep.shape[0]:
-            raise ValueError(f"Unet: text_encodings has batch size {b}, the images {text_keep.shape[0]}")
-        if width != self.text_embed_dim:
-            raise ValueError(
-                f"Unet: text_encodings are {width} wide "
-                f"but this U-Net was built with text_embed_dim={self.text_embed_dim}"
-            )
-        if text_mask is None and self.unmasked_text_padding:
-            # Before 0.21.1: without a mask every given position is text, and the padding is zero tokens.
-            tokens = F.pad(
-                self.text_to_cond(text_encodings[:, : self.max_text_len]), (0, 0, 0, max(0, self.max_text_len - n))
-            )
-            return torch.where(text_keep[:, None, None], tokens, self.null_text_embed.to(tokens.dtype))
-        if text_mask is None:
-            valid = (text_encodings != 0).any(dim=-1)
-        else:
-            if text_mask.shape != (b, n):
-                raise ValueError(f"Unet: text_mask has shape {tuple(text_mask.shape)}, expected {(b, n)}")
-            valid = text_mask.bool()
-        tokens = self.text_to_cond(text_encodings[:, : self.max_text_len])
-        valid = valid[:, : self.max_text_len]
-        missing = self.max_text_len - tokens.shape[1]
-        if missing > 0:
-            tokens = F.pad(tokens, (0, 0, 0, missing))
-            valid = F.pad(valid, (0, missing), value=False)
-        keep = valid[:, :, None] & text_keep[:, None, None]
-        return torch.where(keep, tokens, self.null_text_embed.to(tokens.dtype))
+        return run(self.final_resnet_block, torch.cat((h, first), dim=1), t)
 
     def _runner(self, disable_checkpoint: bool) -> Callable[..., torch.Tensor]:
-        if self.checkpoint_during_training and self.training and not disable_checkpoint and torch.is_grad_enabled():
-
-            def run(module: nn.Module, *args: Any) -> torch.Tensor:
-                return checkpoint(module, *args, use_reentrant=False)
-
-            return run
-        return lambda module, *args: module(*args)
+        checkpointed = self.checkpoint_during_training and self.training and not disable_checkpoint
+        return block_runner(checkpointed and torch.is_grad_enabled())
 
     def forward_with_cond_scale(
         self,

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Dict, List, Mapping, Optional, Tuple, Union
@@ -27,6 +26,8 @@ from torch import nn
 
 from ..common.files import atomic_write
 from ..failures import EXIT_CHECKPOINT
+from .rng import capture_rng_state as capture_rng_state  # the states a checkpoint stores
+from .rng import restore_rng_state as restore_rng_state
 
 CHECKPOINT_FORMAT = "dalle2_decoder.checkpoint/1"
 MODEL_FORMAT = "dalle2_decoder.model/1"
@@ -266,74 +267,20 @@ def read_file(path: PathLike) -> LoadedCheckpoint:
     Raises CheckpointError (CheckpointFormatError for a file that is not a usable checkpoint) with
     one line naming the file and what is wrong with it.
     """
-    from . import reference
-
-    path = Path(path)
     from .sharded import is_sharded_folder
 
+    path = Path(path)
     if is_sharded_folder(path):
         return _read_sharded(path)
     _check_path(path)
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = handle.metadata() or {}
-            tensors = load_file(str(path), device="cpu")
-        except Exception as error:  # safetensors raises its own error types
-            raise CheckpointFormatError(f"{path} is not a readable safetensors file ({error})") from error
-        return LoadedCheckpoint(
-            "model", int(metadata.get("step", 0)), metadata.get("config"), model_state=tensors, source=str(path)
-        )
-
+        return _read_safetensors(path)
     payload = _torch_load(path)
     if isinstance(payload, Mapping) and "format" in payload:
         return _ours(payload, path)
-    try:
-        release = reference.release_of(payload)
-    except ValueError as error:  # a release this package does not read
-        raise CheckpointFormatError(f"{path}: {error}") from error
-    try:
-        if reference.is_reference_checkpoint(payload):
-            state, notes = reference.convert_checkpoint(payload)
-            return LoadedCheckpoint(
-                "checkpoint",
-                reference.reference_step(payload),
-                reference.config_json(payload),
-                state=state,
-                source=str(path),
-                origin=reference.REFERENCE_ORIGIN,
-                partial=True,
-                notes=tuple(notes),
-                reference_release=release,
-            )
-        if reference.is_reference_model(payload) or (
-            _tensor_mapping(payload) and any(k.startswith("unets.") for k in payload)
-        ):
-            weights, notes = reference.convert_model(payload)
-            if release is None:
-                notes.append(
-                    "it records no DALLE2-pytorch release (model saves before 1.0 do not): its U-Nets are taken as "
-                    "the config builds them; for a file of releases 0.15.4 to 0.26, set "
-                    "decoder.unets[i].reference_release to the release it was trained with (docs/MIGRATING.md)"
-                )
-            return LoadedCheckpoint(
-                "model",
-                0,
-                reference.config_json(payload),
-                model_state=weights,
-                source=str(path),
-                origin=reference.REFERENCE_ORIGIN,
-                partial=True,
-                notes=tuple(notes),
-                reference_release=release,
-            )
-    except ValueError as error:  # the name mapping found an entry it does not know
-        raise CheckpointFormatError(
-            f"{path}: a DALLE2-pytorch file whose weights cannot be mapped ({error})"
-        ) from error
+    loaded = _reference_file(payload, path)
+    if loaded is not None:
+        return loaded
     if _tensor_mapping(payload):
         return LoadedCheckpoint("model", 0, None, model_state=dict(payload), source=str(path))
     if isinstance(payload, Mapping) and not payload:
@@ -347,6 +294,56 @@ def read_file(path: PathLike) -> LoadedCheckpoint:
         f"{path}: {what}; neither a checkpoint or model save of dalle2_decoder or DALLE2-pytorch, "
         "nor a plain state dict of tensors"
     )
+
+
+def _read_safetensors(path: Path) -> LoadedCheckpoint:
+    """A model save in safetensors, its step and config from the metadata."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        tensors = load_file(str(path), device="cpu")
+    except Exception as error:  # safetensors raises its own error types
+        raise CheckpointFormatError(f"{path} is not a readable safetensors file ({error})") from error
+    return LoadedCheckpoint(
+        "model", int(metadata.get("step", 0)), metadata.get("config"), model_state=tensors, source=str(path)
+    )
+
+
+def _reference_file(payload: Any, path: Path) -> Optional[LoadedCheckpoint]:
+    """A DALLE2-pytorch checkpoint or model save, converted; None for a payload that is neither."""
+    from . import reference
+
+    try:
+        release = reference.release_of(payload)
+    except ValueError as error:  # a release this package does not read
+        raise CheckpointFormatError(f"{path}: {error}") from error
+    # Its files leave out the U-Nets a run froze: the weights may cover only some.
+    converted = dict(source=str(path), origin=reference.REFERENCE_ORIGIN, partial=True, reference_release=release)
+    try:
+        if reference.is_reference_checkpoint(payload):
+            state, notes = reference.convert_checkpoint(payload)
+            step, kind, contents = reference.reference_step(payload), "checkpoint", dict(state=state)
+        elif reference.is_reference_model(payload) or (
+            _tensor_mapping(payload) and any(k.startswith("unets.") for k in payload)
+        ):
+            weights, notes = reference.convert_model(payload)
+            step, kind, contents = 0, "model", dict(model_state=weights)
+            if release is None:
+                notes.append(
+                    "it records no DALLE2-pytorch release (model saves before 1.0 do not): its U-Nets are taken as "
+                    "the config builds them; for a file of releases 0.15.4 to 0.26, set "
+                    "decoder.unets[i].reference_release to the release it was trained with (docs/MIGRATING.md)"
+                )
+        else:
+            return None
+    except ValueError as error:  # the name mapping found an entry it does not know
+        raise CheckpointFormatError(
+            f"{path}: a DALLE2-pytorch file whose weights cannot be mapped ({error})"
+        ) from error
+    return LoadedCheckpoint(kind, step, reference.config_json(payload), **contents, **converted, notes=tuple(notes))
 
 
 def _read_sharded(path: Path) -> LoadedCheckpoint:
@@ -465,49 +462,3 @@ def check_state_names(module: nn.Module, state_dict: Mapping[str, torch.Tensor],
     )
     if missing or unexpected or mismatched:
         raise CheckpointMismatchError(source, missing, unexpected, mismatched)
-
-
-# --- random number generator states ------------------------------------------------------------
-
-
-def capture_rng_state() -> Dict[str, Any]:
-    """The RNG states of torch (CPU and CUDA), Python's `random` and numpy, all weights-only storable."""
-    import numpy as np
-
-    version, internal, gauss = random.getstate()
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    state: Dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
-        "numpy": {
-            "name": np_name,
-            "keys": torch.from_numpy(np_keys.astype(np.int64)),
-            "pos": int(np_pos),
-            "has_gauss": int(np_has_gauss),
-            "cached_gaussian": float(np_gauss),
-        },
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: Mapping[str, Any]) -> None:
-    """Restore what `capture_rng_state` returned (CUDA states only where CUDA is available)."""
-    import numpy as np
-
-    torch.set_rng_state(state["torch"])
-    python = state["python"]
-    random.setstate((python["version"], tuple(python["internal"].tolist()), python["gauss"]))
-    numpy_state = state["numpy"]
-    np.random.set_state(
-        (
-            numpy_state["name"],
-            numpy_state["keys"].numpy().astype(np.uint32),
-            numpy_state["pos"],
-            numpy_state["has_gauss"],
-            numpy_state["cached_gaussian"],
-        )
-    )
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(list(state["cuda"]))

@@ -139,19 +139,8 @@ def _describe_misfit(
     )
 
 
-def assemble(config, parts: Sequence[UnetPart], *, use_ema: bool = True, slots_built_as_configured: bool = False):
-    """(TrainDecoderConfig with each slot built as its part's release, decoder weights) from parts.
-
-    `config` is the cascade's `TrainDecoderConfig`; every slot needs exactly one part. A slot whose
-    config names no `reference_release` takes its part's; with `slots_built_as_configured` (a run
-    whose decoder is already built from `config`) a part of another release is refused instead.
-    Raises CheckpointError with one line naming the slot, the file and the misfit.
-    """
-    import attrs
-
-    from ..models.releases import describe
-
-    slots = len(config.decoder.unets)
+def _by_slot(parts: Sequence[UnetPart], slots: int) -> Dict[int, UnetPart]:
+    """The parts by slot, exactly one for each of the cascade's `slots` U-Nets."""
     by_slot: Dict[int, UnetPart] = {}
     for part in parts:
         if not 1 <= part.slot <= slots:
@@ -164,7 +153,22 @@ def assemble(config, parts: Sequence[UnetPart], *, use_ema: bool = True, slots_b
     absent = [n for n in range(1, slots + 1) if n not in by_slot]
     if absent:
         raise CheckpointError(f"U-Net slot(s) {', '.join(map(str, absent))}: no file given (one --unet per U-Net)")
+    return by_slot
 
+
+def assemble(config, parts: Sequence[UnetPart], *, use_ema: bool = True, slots_built_as_configured: bool = False):
+    """(TrainDecoderConfig with each slot built as its part's release, decoder weights) from parts.
+
+    `config` is the cascade's `TrainDecoderConfig`; every slot needs exactly one part. A slot whose
+    config names no `reference_release` takes its part's; with `slots_built_as_configured` (a run
+    whose decoder is already built from `config`) a part of another release is refused instead.
+    Raises CheckpointError with one line naming the slot, the file and the misfit.
+    """
+    import attrs
+
+    from ..models.releases import describe
+
+    by_slot = _by_slot(parts, len(config.decoder.unets))
     unet_configs = list(config.decoder.unets)
     chosen: Dict[int, Tuple[Dict[str, torch.Tensor], str]] = {}
     releases: Dict[int, Optional[str]] = {}

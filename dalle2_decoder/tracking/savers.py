@@ -19,13 +19,14 @@ import os
 import shutil
 import threading
 import time
+import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ClassVar, List, Optional, Union
 
 from ..common.files import atomic_write
-from ..config.tracker import HuggingfaceSaveConfig, LocalSaveConfig, WandbSaveConfig
+from ..config.tracker import HuggingfaceSaveConfig, LocalSaveConfig, WandbSaveConfig, resolve_save_path
 from ..failures import EXIT_IO
 from .hub_card import card_files
 
@@ -84,8 +85,7 @@ class LocalSaver:
         return "local"
 
     def resolve(self, dest: str) -> Path:
-        path = Path(dest).expanduser()
-        return path if path.is_absolute() else self.data_path / path
+        return resolve_save_path(dest, self.data_path)
 
     def put(self, files: List[SaveFile], step: int) -> None:
         from .sharded import place_folder
@@ -223,6 +223,34 @@ class Uploader:
         with self._lock:
             self._pending = [future for future in self._pending if not future.done()]
             self._pending.append(self._executor.submit(self._run, saver, files, step, on_success, on_failure))
+
+    def submit_from_copies(self, saver: Saver, files: List[SaveFile], step: int, folder: Path) -> None:
+        """Put `files` from links of their own under `folder`, so the save's staging can go at once.
+
+        On success the links go; on failure the files move to `folder/failed/<dest>`, replacing an
+        older failed copy of the same destination (one kept copy per destination, so a long outage
+        does not fill the disk), and a later successful upload of it removes that.
+        """
+        pending = folder / "pending" / f"step_{step}-{uuid.uuid4().hex[:8]}"
+        failed = folder / "failed"
+        kept = [SaveFile(link_or_copy(file.local, pending / file.dest.lstrip("/")), file.dest) for file in files]
+
+        def on_success() -> None:
+            shutil.rmtree(pending, ignore_errors=True)
+            for file in kept:
+                (failed / file.dest.lstrip("/")).unlink(missing_ok=True)
+
+        def on_failure() -> List[Path]:
+            paths = []
+            for file in kept:
+                target = failed / file.dest.lstrip("/")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(file.local, target)
+                paths.append(target)
+            shutil.rmtree(pending, ignore_errors=True)
+            return paths
+
+        self.submit(saver, kept, step, on_success=on_success, on_failure=on_failure)
 
     def _run(
         self,

@@ -9,9 +9,11 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
+from ..common.problems import raise_problems
+from ..config.checks import in_range
+from ..config.train import EMA_WARMUPS as EMA_WARMUPS
+from ..config.train import ema_warmup_problems
 from .sharding import is_sharded, local
-
-EMA_WARMUPS = ("power", "ratio")
 
 
 def average_into(averaged: List[torch.Tensor], new: List[torch.Tensor], decay: float) -> None:
@@ -32,15 +34,14 @@ def ema_decay(count: int, *, beta: float, warmup: str = "power", update_after_st
     `ratio` (an option): decay = min(beta, (1 + n) / (10 + n)) with the same n, which trails the
     weights sooner in short runs.
     """
+    raise_problems("ema_decay", ema_warmup_problems("warmup", warmup))
     n = count - update_after_step
     if n <= 0:
         return 0.0
     if warmup == "power":
         value = 1.0 - (1.0 + n) ** (-2.0 / 3.0)
-    elif warmup == "ratio":
+    else:  # ratio
         value = (1.0 + n) / (10.0 + n)
-    else:
-        raise ValueError(f"unknown EMA warm-up {warmup!r}; choose from {', '.join(EMA_WARMUPS)}")
     return min(max(value, 0.0), beta)
 
 
@@ -70,10 +71,7 @@ class EMA(nn.Module):
         warmup: str = "power",
     ):
         super().__init__()
-        if not 0.0 <= beta <= 1.0:
-            raise ValueError(f"train.ema_beta must be in [0, 1], got {beta}")
-        if warmup not in EMA_WARMUPS:
-            raise ValueError(f"train.ema_warmup must be one of {', '.join(EMA_WARMUPS)}, got {warmup!r}")
+        raise_problems("EMA", in_range("beta", beta, 0.0, 1.0) + ema_warmup_problems("warmup", warmup))
         self.beta = float(beta)
         self.update_after_step = int(update_after_step)
         self.update_every = max(1, int(update_every))

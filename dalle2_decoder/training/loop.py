@@ -12,34 +12,31 @@ runs it again, so its weights and logged values are those of a run never stopped
 
 from __future__ import annotations
 
-import json
 import logging
-import time
 from typing import Any, ClassVar, Dict, Optional
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, gather_object, set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 
 from ..common.per_unet import per_unet
 from ..common.progress import ProgressOutput
 from ..config.root import TrainDecoderConfig
-from ..data import create_dataloaders
-from ..evaluation import Evaluator, evaluation_loader, fidelity_clip, final_image_size
 from ..failures import EXIT_STOPPED
-from ..runtime import create_accelerator, lost_peers_reported, shut_down
+from ..runtime import RunContext, create_run, lost_peers_reported, shut_down
 from ..stopping import StopRequest, StopRequested, exit_status_after_stop
-from ..tracking import capture_rng_state, create_tracker, restore_rng_state
+from ..tracking import create_tracker
 from ..tracking.checkpoint import is_sharded, whole
+from ..tracking.protocol import TrackerProtocol
 from ..tracking.redact import install_output_redaction, secrets_in
 from ..tracking.reference import REFERENCE_ORIGIN, schedule_note
-from ..tracking.sharded import ShardedCheckpoint, write_shards
-from ..tracking.tracker import saves_wanted
-from . import sharding
 from .batches import BatchPreparer, SampleExamples
+from .loss_window import LossWindow
 from .lr_schedule import run_optimizer_steps
 from .posthoc_ema import SNAPSHOT_FOLDER
-from .resume import describe_changes, position_is_kept, reference_progress
+from .resume import describe_changes, position_is_kept
+from .saving import data_position, gather_ranks, replicas_agree, save_fields, sharded_save
+from .setup import run_evaluator, run_loaders
+from .start import follow_changes, place_in_epoch, saved_progress
 from .state import Phase, Progress, TrainingState, checkpoint_payload
 from .summary import summary_lines
 from .trainer import DecoderTrainer, used_unets
@@ -66,39 +63,34 @@ class TrainingRun:
         self,
         config: TrainDecoderConfig,
         *,
-        accelerator: Optional[Accelerator] = None,
+        context: Optional[RunContext] = None,
         stop: Optional[StopRequest] = None,
     ):
-        """`stop`: the command's stop request, installed before the run was built (`run()` installs
-        its own otherwise)."""
+        """`context`: the process's accelerator, sharding and thread policy (`runtime.create_run(config)`
+        by default). `stop`: the command's stop request, installed before the run was built (`run()`
+        installs its own otherwise)."""
         self.config = config
         # Before anything can print a data URL: one redaction for all output (see docs/TRACKING.md).
         install_output_redaction(secrets_in(config.to_dict()))
-        self.accelerator = accelerator or create_accelerator(config)
-        acc = self.accelerator
+        self.context = context or create_run(config)
+        self.accelerator = acc = self.context.accelerator
         # Same initial weights on every rank; afterwards each rank draws its own noise.
         set_seed(config.seed)
         decoder = config.decoder.create()
         set_seed(config.seed + acc.process_index)
 
         self.batches = BatchPreparer(config, device=acc.device)
-        self.loaders = create_dataloaders(
-            config.data,
-            seed=config.seed,
-            rank=acc.process_index,
-            world_size=acc.num_processes,
-            epoch_samples=config.train.epoch_samples,
-            validation_samples=config.train.validation_samples,
-            # Embeddings the data carries must fit the U-Nets; others are counted as bad samples.
-            image_embed_dim=config.decoder.unets[0].image_embed_dim,
-            text_embed_dim=self.batches.text_embed_dim,
-            pin_memory=acc.device.type == "cuda",
-            uint8_images=True,  # scaled to [0, 1] on the device by the batch preparer
-        )
+        self.loaders = run_loaders(config, acc, self.batches)
         train = config.train
         run_steps = run_optimizer_steps(train.epochs, len(self.loaders["train"]), train.gradient_accumulation_steps)
         self.trainer = DecoderTrainer(
-            decoder, acc, train, used_unets=used_unets(config), seed=config.seed, run_steps=run_steps
+            decoder,
+            acc,
+            train,
+            sharding=self.context.sharding,
+            used_unets=used_unets(config),
+            seed=config.seed,
+            run_steps=run_steps,
         )
         self.cond_scale = per_unet(config.train.cond_scale, len(config.decoder.unets))
         self.stop = stop or StopRequest()
@@ -107,18 +99,27 @@ class TrainingRun:
             interval_s=config.tracker.progress_interval_s, enabled=acc.is_main_process
         )
         # Metrics are built now, so that missing weights stop the run before training, not after an epoch.
-        self.evaluator = self._build_evaluator()
+        self.evaluator = run_evaluator(
+            config,
+            acc,
+            self.loaders,
+            self.batches,
+            cond_scale=self.cond_scale,
+            info=lambda message: self.tracker.info(message),  # the tracker is built after the evaluator
+            stop=self.stop,
+            progress=self.progress_output,
+        )
         # Last: everything that can fail on a bad setup has been built, so no run folder is left half-started.
-        self.tracker = create_tracker(
+        self.tracker: TrackerProtocol = create_tracker(
             config.tracker,
             full_config_dict=config.to_dict(),
             is_main_process=acc.is_main_process,
             sharded_checkpoints=self.trainer.sharded,
         )
         if self.trainer.posthoc is not None:  # snapshots beside the checkpoints, by the main process only
-            data_path = getattr(self.tracker, "data_path", None)  # the other processes' tracker has none
+            data_path = self.tracker.data_path  # None on the other processes
             self.trainer.posthoc.folder = data_path / SNAPSHOT_FOLDER if data_path is not None else None
-            self.trainer.posthoc.config_json = getattr(self.tracker, "config_json", None)
+            self.trainer.posthoc.config_json = self.tracker.config_json
         self.progress = Progress(next_save_at=config.train.save_every_n_samples)
         self.examples: Dict[str, SampleExamples] = {}
         self._pending_rng: Optional[Dict[str, Any]] = None
@@ -126,33 +127,10 @@ class TrainingRun:
         self.interrupted = False
         self._saved_position = self.progress.position()
         """Where the last checkpoint (saved or loaded) resumes from: a stop there has nothing new to save."""
-        self._rng_mark: Dict[str, Any] = self._capture_rng()
+        self._rng_mark: Dict[str, Any] = self.trainer.capture_rng()
         """This rank's random state where the progress now points (a phase's start, or before the next
         training batch is read): what a checkpoint saved on a stop must hold."""
-        self._loss_sums: Dict[int, torch.Tensor] = {}
-        self._window_steps = self._window_samples = 0
-        self._window_start = time.perf_counter()
-
-    def _build_evaluator(self) -> Optional[Evaluator]:
-        """The evaluate phase's `Evaluator`, or None when no metric is enabled."""
-        config, acc = self.config, self.accelerator
-        unets = used_unets(config)
-        if not config.evaluate.in_training() or not unets:
-            return None
-        return Evaluator(
-            config.evaluate,
-            acc,
-            evaluation_loader(config, acc, self.loaders.get("val")),
-            unets=unets,
-            image_size=final_image_size(config, unets),
-            prepare=self.batches.prepare,
-            cond_scale=self.cond_scale,
-            seed=config.seed,
-            info=lambda message: self.tracker.info(message),  # the tracker is built after the evaluator
-            stop=self.stop,
-            progress=self.progress_output,
-            clip=fidelity_clip(config, acc.device, run_clip=self.batches.clip_embedder),
-        )
+        self.loss_window = LossWindow(self.trainer.trained_unets, acc.device)
 
     # --- start ---------------------------------------------------------------------------------
 
@@ -183,19 +161,13 @@ class TrainingRun:
             loaded = whole(loaded)  # a sharded run's checkpoint continued by a DDP run: read whole here
         state = TrainingState.from_checkpoint(loaded)  # a damaged file is named in one line, not a KeyError
         reference = state.reference
-        if reference is not None:
-            progress = Progress.from_dict(
-                reference_progress(
-                    reference,
-                    batch_samples=self.config.data.batch_size * self.accelerator.num_processes,
-                    save_every=self.config.train.save_every_n_samples,
-                )
-            )
-            saved_config = reference.get("config")
-        else:
-            progress = state.progress
-            saved_config = json.loads(loaded.config_json) if loaded.config_json else None
-        current = getattr(self.tracker, "config_dict", None) or self.config.to_dict()
+        progress, saved_config = saved_progress(
+            state,
+            loaded.config_json,
+            batch_samples=self.config.data.batch_size * self.accelerator.num_processes,
+            save_every=self.config.train.save_every_n_samples,
+        )
+        current = self.tracker.config_dict or self.config.to_dict()
         changes = describe_changes(
             saved_config, current, epoch=progress.epoch, mid_epoch=progress.mid_epoch, reference=reference is not None
         )
@@ -204,11 +176,7 @@ class TrainingRun:
         else:
             notes = self.trainer.load_state_dict(state.trainer)
         self.progress = progress
-        if any(c.path == "train.save_every_n_samples" for c in changes):
-            self.progress.next_save_at = self.progress.samples_seen + self.config.train.save_every_n_samples
-        if any(not c.applied for c in changes):
-            self.progress.batches_in_epoch = 0  # the refused in-epoch position (see the change's line)
-            self.progress.loss_window = {}
+        follow_changes(self.progress, changes, self.config.train.save_every_n_samples)
         rng_states = state.rng
         if self.progress.mid_epoch and position_is_kept(changes):
             self._place_in_epoch(saved_ranks=len(rng_states) or None)
@@ -228,50 +196,10 @@ class TrainingRun:
         )
 
     def _place_in_epoch(self, saved_ranks: Optional[int]) -> None:
-        """Where the resumed run goes on inside the epoch it stopped in.
-
-        With the ranks and workers that saved it: the same batches, read past (see `_train_phase`).
-        With others, in an exact epoch: the samples every old worker had not yet put in a batch
-        are shared among the ranks now (`data.plan.RestOfEpoch`), so each is read once; in a capped
-        epoch (which cycles through its shards, repeats included) the new ranks skip as many of
-        their batches as make the samples already seen.
-        """
-        acc, progress, loader = self.accelerator, self.progress, self.loaders["train"]
-        position = progress.data_position or {}
-        saved_world = int(position.get("world_size", saved_ranks or acc.num_processes))
-        workers = max(1, loader.num_workers)
-        saved_workers = int(position.get("workers", workers))
-        if (saved_world, saved_workers) == (acc.num_processes, workers):
-            loader.continue_epoch(progress.epoch, loader.rest_from(progress.epoch, progress.rest_of_epoch))
-            return
-        before = f"{saved_world} process(es) x {saved_workers} worker(s)"
-        now = f"{acc.num_processes} x {workers}"
-        if position.get("frontiers"):
-            rest = loader.leftover(
-                progress.epoch,
-                world_size=saved_world,
-                workers=saved_workers,
-                frontiers=position["frontiers"],
-                rest=progress.rest_of_epoch,
-            )
-            loader.continue_epoch(progress.epoch, rest)
-            progress.rest_of_epoch = rest.to_list()
-            progress.batches_in_epoch = 0
-            share, extra = divmod(rest.total, acc.num_processes)
-            dropped = f"; {rest.total} samples is fewer than one per process: they are dropped" if not share else ""
-            self.tracker.info(
-                f"resumed with {now} instead of {before}: the {rest.total} samples of epoch {progress.epoch + 1} not "
-                f"yet trained on are shared out, {share}{' or ' + str(share + 1) if extra else ''} per process, "
-                f"{len(loader)} batches each{dropped}"
-            )
-            return
-        done = progress.batches_in_epoch * saved_world
-        progress.batches_in_epoch = done // acc.num_processes
-        self.tracker.info(
-            f"resumed with {now} instead of {before} in a capped epoch (train.epoch_samples): the new processes skip "
-            f"{progress.batches_in_epoch} of their batches, the samples already seen; capped epochs cycle "
-            "through their shards, so which samples the rest of the epoch reads is not kept"
-        )
+        """Where the resumed run goes on inside the epoch it stopped in (`epoch_position.place_in_epoch`)."""
+        line = place_in_epoch(self.progress, self.loaders["train"], self.accelerator.num_processes, saved_ranks)
+        if line is not None:
+            self.tracker.info(line)
 
     # --- the epochs ----------------------------------------------------------------------------
 
@@ -350,15 +278,10 @@ class TrainingRun:
 
     def _mark_rng(self) -> None:
         """Remember this rank's random state as that of the point the progress describes now."""
-        self._rng_mark = self._capture_rng()
-
-    def _capture_rng(self) -> Dict[str, Any]:
-        """This rank's random state: the process's, and the trainer's streams of accumulated micro-batches."""
-        return {**capture_rng_state(), "micro_batch_streams": self.trainer.rng_streams()}
+        self._rng_mark = self.trainer.capture_rng()
 
     def _restore_rng(self, state: Dict[str, Any]) -> None:
-        restore_rng_state(state)
-        self.trainer.restore_rng_streams(state.get("micro_batch_streams", {}))
+        self.trainer.restore_rng(state)
 
     def _stopped(self, stop: StopRequested) -> int:
         """After a stop signal: save where the run stands (the cut phase still to do) and say so in one line."""
@@ -382,7 +305,7 @@ class TrainingRun:
         loader = self.loaders["train"]
         loader.set_epoch(progress.epoch)
         global_sizes = loader.global_batch_samples()  # each step's samples over all ranks
-        self._restore_loss_window(progress.loss_window)  # a resumed run's window; empty otherwise
+        self.loss_window.restore(progress.loss_window)  # a resumed run's window; empty otherwise
         progress.loss_window = {}
         batch_samples = self.config.data.batch_size * acc.num_processes
         meter = self.progress_output.meter(
@@ -416,21 +339,22 @@ class TrainingRun:
                 step_samples = global_sizes[progress.batches_in_epoch]
                 losses = trainer.train_step(batch)
                 for number, loss in losses.items():
-                    self._loss_sums[number] += loss
-                self._window_steps += 1
-                self._window_samples += step_samples
+                    self.loss_window.loss_sums[number] += loss
+                self.loss_window.steps += 1
+                self.loss_window.samples += step_samples
                 progress.batches_in_epoch += 1
                 progress.samples_seen += step_samples
                 meter.show({"samples seen": progress.samples_seen, "optimizer steps": trainer.step})
                 meter.update(1, samples=step_samples)
 
-                if self._window_steps == LOG_EVERY_N_STEPS:
-                    if getattr(acc, "compute_threads", None) is not None:
-                        acc.compute_threads.update()
-                    metrics = self._window_metrics()
+                if self.loss_window.steps == LOG_EVERY_N_STEPS:
+                    if self.context.compute_threads is not None:
+                        self.context.compute_threads.update()
+                    lrs = {n: trainer.unet_lr(n) for n in trainer.trained_unets}
+                    metrics = self.loss_window.metrics(acc, lrs, epoch=progress.epoch + 1, step=trainer.step)
                     self.tracker.log(metrics, step=progress.samples_seen)
                     meter.show({k[len("train/") :]: v for k, v in metrics.items() if k.startswith("train/loss")})
-                    self._restore_loss_window({})
+                    self.loss_window.restore({})
 
                 if trainer.too_many_nonfinite:
                     raise TrainingStopped(
@@ -446,7 +370,7 @@ class TrainingRun:
         finally:
             batches.close()
             meter.close()
-        self._restore_loss_window({})  # the epoch's last, partial window is not logged
+        self.loss_window.restore({})  # the epoch's last, partial window is not logged
         self._report_data("train", loader)
         if trainer.nonfinite_steps:
             self.tracker.log({"train/nonfinite_steps": trainer.nonfinite_steps}, step=progress.samples_seen)
@@ -458,41 +382,6 @@ class TrainingRun:
         self._sample_phase()
         self.progress.periodic_due = False
         self._save_phase(is_best=False)
-
-    def _restore_loss_window(self, saved: Dict[str, Any]) -> None:
-        """Start a window of training losses, from what a checkpoint saved of the one it stopped in."""
-        device = self.accelerator.device
-        sums = saved.get("sums", {})
-        self._loss_sums = {
-            n: torch.tensor(float(sums.get(str(n), 0.0)), device=device) for n in self.trainer.trained_unets
-        }
-        self._window_steps = int(saved.get("steps", 0))
-        self._window_samples = int(saved.get("samples", 0))
-        self._window_start = time.perf_counter()
-
-    def _loss_window_state(self) -> Dict[str, Any]:
-        if not self._window_steps:
-            return {}
-        return {
-            "sums": {str(n): float(total) for n, total in self._loss_sums.items()},
-            "steps": self._window_steps,
-            "samples": self._window_samples,
-        }
-
-    def _window_metrics(self) -> Dict[str, float]:
-        acc = self.accelerator
-        numbers = sorted(self._loss_sums)
-        stacked = torch.stack([self._loss_sums[n] / self._window_steps for n in numbers])
-        averaged = acc.reduce(stacked, reduction="mean") if acc.num_processes > 1 else stacked
-        values = averaged.tolist()
-        elapsed = max(time.perf_counter() - self._window_start, 1e-9)
-        metrics = {f"train/loss/unet{n}": v for n, v in zip(numbers, values)}
-        metrics.update({f"train/lr/unet{n}": self.trainer.unet_lr(n) for n in numbers})
-        # (after a resume the window's first steps ran before it: the rate is approximate there)
-        metrics["train/samples_per_s"] = self._window_samples / elapsed
-        metrics["epoch"] = self.progress.epoch + 1
-        metrics["optimizer_steps"] = self.trainer.step
-        return metrics
 
     def _validate_phase(self) -> Optional[float]:
         """Mean validation loss per trained U-Net, over all ranks; returns their sum (None without data)."""
@@ -560,36 +449,18 @@ class TrainingRun:
         """
         acc = self.accelerator
         progress = self.progress
-        local_rng = rng if rng is not None else self._capture_rng()
+        local_rng = rng if rng is not None else self.trainer.capture_rng()
         loader = self.loaders["train"]
         local_position = loader.position(progress.batches_in_epoch) if progress.mid_epoch else None
-        gathered = (
-            gather_object([(local_rng, local_position)]) if acc.num_processes > 1 else [(local_rng, local_position)]
-        )
-        rng_states = [entry[0] for entry in gathered]
-        frontiers = [entry[1] for entry in gathered]
-        progress.data_position = (
-            {"world_size": acc.num_processes, "workers": max(1, loader.num_workers), "frontiers": frontiers}
-            if progress.mid_epoch and all(f is not None for f in frontiers)
-            else {}
-        )
-        progress.loss_window = self._loss_window_state()
-        batch_samples = self.config.data.batch_size * acc.num_processes
-        if progress.phase is Phase.TRAIN and progress.batches_in_epoch == 0 and progress.epoch > 0:
-            # The end-of-epoch save (the epoch counter has moved on): named after the epoch it ends.
-            fields = {"epoch": progress.epoch - 1, "sample": 0, "next_task": "sample"}
-        else:
-            fields = {
-                "epoch": progress.epoch,
-                "sample": progress.batches_in_epoch * batch_samples,
-                # DALLE2-pytorch's names: "val" for an epoch whose end-of-epoch phases are still to do
-                "next_task": "train" if progress.phase is Phase.TRAIN else "val",
-            }
-        fields.update(validation_losses=list(progress.validation_losses), samples_seen=progress.samples_seen)
+        rng_states, frontiers = gather_ranks(acc, local_rng, local_position)
+        progress.data_position = data_position(progress, acc.num_processes, max(1, loader.num_workers), frontiers)
+        progress.loss_window = self.loss_window.state()
+        fields = save_fields(progress, self.config.data.batch_size * acc.num_processes)
         checkpoint_state = lambda: checkpoint_payload(self.trainer.state_dict(), progress, rng_states, self.config)  # noqa: E731
         model_state = self.trainer.model_state_dict
         if self.trainer.sharded:
-            checkpoint_state, model_state = self._sharded_save(checkpoint_state, is_best)
+            saving = (self.trainer, self.tracker, self.config.tracker, progress.samples_seen)
+            checkpoint_state, model_state = sharded_save(*saving, checkpoint_state=checkpoint_state, is_best=is_best)
         self.tracker.save(
             fields=fields,
             step=self.progress.samples_seen,
@@ -600,37 +471,15 @@ class TrainingRun:
         acc.wait_for_everyone()
         self._saved_position = progress.position()
 
-    def _sharded_save(self, checkpoint_state, is_best: bool):
-        """What every process of a sharded run does for a save before the tracker places it: write its
-        shards into a staging folder the main process names, and gather the weights of a `model` save.
-        Every process decides alike from the config (no process skips a collective another joins)."""
-        acc, config = self.accelerator, self.config.tracker
-        sharded_checkpoint = None
-        if saves_wanted(config, "checkpoint", is_best):
-            staging = [self.tracker.staging_folder(self.progress.samples_seen)]
-            if acc.num_processes > 1:
-                broadcast_object_list(staging)
-            folder = staging[0] / "checkpoint"
-            write_shards(folder, self.trainer.sharded_state())
-            sharded_checkpoint = ShardedCheckpoint(folder=folder, staging=staging[0], state=checkpoint_state)
-        weights = self.trainer.model_state_dict() if saves_wanted(config, "model", is_best) else None
-        return sharded_checkpoint, weights
-
     def _check_ranks_agree(self) -> None:
         """Every rank must hold the same weights at the end; a cheap fingerprint comparison proves it."""
-        acc = self.accelerator
-        if acc.num_processes == 1:
+        agree = replicas_agree(self.accelerator, self.trainer.decoder)
+        if agree is None:
             return
-        # Sharded U-Nets differ by design (each process holds its own shards): the others must agree.
-        replicated = [p for p in self.trainer.decoder.parameters() if p is sharding.local(p)]
-        if not replicated:
-            return
-        fingerprint = torch.stack([p.detach().double().sum() for p in replicated]).to(acc.device)
-        gathered = acc.gather(fingerprint[None]).cpu()
-        if not all(torch.equal(gathered[0], row) for row in gathered[1:]):
+        if not agree:
             raise TrainingStopped("the processes ended with different weights: distributed training went out of sync")
         what = "replicated parameters" if self.trainer.sharded else "parameters"
-        self.tracker.info(f"{what} identical across {acc.num_processes} processes")
+        self.tracker.info(f"{what} identical across {self.accelerator.num_processes} processes")
 
     def _report_data(self, phase: str, loader) -> None:
         stats = dict(loader.stats)
