@@ -2,7 +2,8 @@
 
 `GaussianDiffusion` holds the per-step constants of one noise schedule as buffers and offers
 the forward process, the posterior, conversions between the eps / x_0 / v parameterisations,
-the variational-bound terms of improved DDPM, loss weights, and single DDPM / DDIM steps.
+the variational-bound terms of improved DDPM, loss weights, and single DDPM / DDIM steps (the
+reference's chains in `samplers.reference` walk them).
 All functions take a batch of integer timesteps `t` (B,) and never synchronise with the host.
 """
 
@@ -14,6 +15,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
+from .samplers.base import ddim_timestep_pairs  # noqa: F401 (the reference's DDIM points, also offered here)
 from .schedules import make_beta_schedule
 
 
@@ -156,20 +158,34 @@ class GaussianDiffusion(nn.Module):
             - extract(self.sqrt_one_minus_alphas_cumprod, t, x_t.ndim) * v
         )
 
+    def predict_start(
+        self, objective: str, x_t: torch.Tensor, t: torch.Tensor, prediction: torch.Tensor
+    ) -> torch.Tensor:
+        """The (unclamped) x_0 estimate of a network that predicts `objective` (eps, x0 or v)."""
+        if objective == "v":
+            return self.predict_start_from_v(x_t, t, prediction)
+        if objective == "x0":
+            return prediction
+        return self.predict_start_from_noise(x_t, t, prediction)
+
+    @staticmethod
+    def variance_fraction(var_output: torch.Tensor, constrain_frac: bool = False) -> torch.Tensor:
+        """Improved DDPM eq. 15's v = (output + 1) / 2; constrain_frac squashes it with a sigmoid after that
+        mapping (DALLE2-pytorch's learned_variance_constrain_frac, applied in the same order)."""
+        frac = (var_output + 1.0) / 2.0
+        return torch.sigmoid(frac) if constrain_frac else frac
+
+    def log_variance_from_fraction(self, frac: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Improved DDPM eq. 15: log Sigma = v log beta_t + (1 - v) log beta~_t."""
+        min_log = extract(self.posterior_log_variance_clipped, t, frac.ndim)
+        max_log = extract(self.log_betas, t, frac.ndim)
+        return frac * max_log + (1.0 - frac) * min_log
+
     def model_log_variance(
         self, var_output: torch.Tensor, t: torch.Tensor, constrain_frac: bool = False
     ) -> torch.Tensor:
-        """Improved DDPM eq. 15: log Sigma = v log beta_t + (1 - v) log beta~_t, v = (output + 1) / 2.
-
-        constrain_frac squashes v with a sigmoid after that mapping (DALLE2-pytorch's
-        learned_variance_constrain_frac, applied in the same order).
-        """
-        frac = (var_output + 1.0) / 2.0
-        if constrain_frac:
-            frac = torch.sigmoid(frac)
-        min_log = extract(self.posterior_log_variance_clipped, t, var_output.ndim)
-        max_log = extract(self.log_betas, t, var_output.ndim)
-        return frac * max_log + (1.0 - frac) * min_log
+        """The learned log-variance of a network's variance output (see `variance_fraction`)."""
+        return self.log_variance_from_fraction(self.variance_fraction(var_output, constrain_frac), t)
 
     # ----------------------------------------------------------------- losses
     def vb_terms_bpd(
@@ -243,14 +259,3 @@ class GaussianDiffusion(nn.Module):
         c2 = ((1 - alpha_next) - c1**2).sqrt()
         out = x_start * alpha_next.sqrt() + c2 * eps
         return out if noise is None else out + c1 * noise
-
-
-def ddim_timestep_pairs(num_timesteps: int, sample_timesteps: int) -> list[tuple[int, int]]:
-    """(t, t_next) pairs of DDIM sampling with `sample_timesteps` steps, as DALLE2-pytorch spaces them.
-
-    sample_timesteps + 1 points are spaced evenly over [0, T) (the step at T itself left out), rounded
-    down, and walked from the largest to 0; repeated points (when steps approach T) are skipped.
-    """
-    times = torch.linspace(0.0, num_timesteps, steps=sample_timesteps + 2)[:-1].int().tolist()
-    times = list(reversed(times))
-    return [(a, b) for a, b in zip(times[:-1], times[1:]) if a > b]
