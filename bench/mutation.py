@@ -65,7 +65,7 @@ T_HUB = "tests/test_tracking_huggingface.py"
 
 SCHED = "dalle2_decoder/models/schedules.py"
 UNET = "dalle2_decoder/models/unet.py"
-DEC = "dalle2_decoder/models/decoder.py"
+DEC_SAMPLING = "dalle2_decoder/models/decoder_sampling.py"
 EMA = "dalle2_decoder/training/ema.py"
 PLAN = "dalle2_decoder/data/plan.py"
 LOOP = "dalle2_decoder/training/loop.py"
@@ -137,14 +137,9 @@ MUTANTS: List[Mutant] = [
         "Decoder.sample ignores cond_scale",
         "diffusion",
         [
-            # both sampling paths: the DDPM/DDIM loop and the samplers' denoiser
+            # the one denoiser every sampling chain calls
             (
-                DEC,
-                "                    x, t, cond_scale=cond_scale, self_cond=self_cond, **unet_kwargs\n",
-                "                    x, t, cond_scale=1.0, self_cond=self_cond, **unet_kwargs\n",
-            ),
-            (
-                DEC,
+                DEC_SAMPLING,
                 "out = unet.forward_with_cond_scale(x, t, cond_scale=cond_scale,",
                 "out = unet.forward_with_cond_scale(x, t, cond_scale=1.0,",
             ),
@@ -155,7 +150,7 @@ MUTANTS: List[Mutant] = [
     Mutant(
         "Decoder.sample uses the first U-Net's scale for all",
         "diffusion",
-        [(DEC, "cond_scale=cond_scales[index],", "cond_scale=cond_scales[0],")],
+        [(DEC_SAMPLING, "cond_scale=cond_scales[index],", "cond_scale=cond_scales[0],")],
         [T_MODELS],
         "guides",
     ),
@@ -570,7 +565,8 @@ T_RULE_SECRETS = "tests/test_rules_secrets.py"
 T_RULE_PATHS = "tests/test_rules_data_path.py"
 T_RULE_NAMES = "tests/test_rules_reference_names.py"
 GDIFF = "dalle2_decoder/models/gaussian_diffusion.py"
-SAMPLERS = "dalle2_decoder/models/samplers.py"
+SAMPLERS = "dalle2_decoder/models/samplers/base.py"
+SOLVERS = "dalle2_decoder/models/samplers/solvers.py"
 LOWRES = "dalle2_decoder/models/lowres.py"
 RESUME = "dalle2_decoder/training/resume.py"
 PREFLIGHT = "dalle2_decoder/preflight.py"
@@ -680,7 +676,7 @@ PROPERTY_MUTANTS: List[Mutant] = [
         "schedules",
         [
             (
-                GDIFF,
+                SAMPLERS,
                 "return [(a, b) for a, b in zip(times[:-1], times[1:]) if a > b]",
                 "return [(a, b) for a, b in zip(times[:-1], times[1:]) if a >= b]",
             )
@@ -1014,7 +1010,7 @@ PROPERTY_MUTANTS += [
     Mutant(
         "DPM-Solver++(2M) weighs the previous prediction by r, not 1/r (test check)",
         "schedules",
-        [(SAMPLERS, "data = x0 + (0.5 / r) * (x0 - previous)", "data = x0 + (0.5 * r) * (x0 - previous)")],
+        [(SOLVERS, "data = x0 + (0.5 / r) * (x0 - previous)", "data = x0 + (0.5 * r) * (x0 - previous)")],
         [T_PROP_SCHED],
         before=["tests/test_samplers.py"],
     ),
