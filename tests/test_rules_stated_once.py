@@ -130,3 +130,27 @@ def test_the_ema_and_the_config_refuse_the_same_warmups_in_the_same_words(minima
     with pytest.raises(ValueError) as refused:
         ema_decay(0, beta=0.99, warmup="pow")
     assert constructor_problems(refused.value, "ema_decay") == [f"warmup: {reason}"]
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_the_schedule_rule_holds_when_the_decoder_is_built_on_the_meta_device(schedule):
+    """Preflight sizes a checkpoint from a decoder built on the meta device, where tensors have no
+    values: the rule's own check of the betas must still run (on the CPU) and refuse alike."""
+    from dalle2_decoder.config import DecoderConfig, UnetConfig
+    from dalle2_decoder.preflight import estimated_checkpoint_bytes
+
+    unet = UnetConfig(dim=8, image_embed_dim=16, dim_mults=(1, 2))
+    config = DecoderConfig(unets=[unet], image_sizes=[16], timesteps=40, beta_schedule=schedule)
+    with torch.device("meta"):
+        decoder = config.create()
+    params = sum(p.numel() for p in decoder.parameters())
+    assert params > 0 and all(p.is_meta for p in decoder.parameters())
+
+    class Run:  # the two parts of a run config the estimate reads
+        decoder = config
+        train = type("Train", (), {"use_ema": True})
+
+    assert estimated_checkpoint_bytes(Run) == params * 4 * 4
+    if schedule == "linear":
+        with torch.device("meta"), pytest.raises(ValueError, match="betas of 1 or more"):
+            DecoderConfig(unets=[unet], image_sizes=[16], timesteps=10, beta_schedule=schedule).create()

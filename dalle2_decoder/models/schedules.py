@@ -110,7 +110,11 @@ def schedule_problems(
     problems = one_of(path, name, BETA_SCHEDULES)
     if problems or not (isinstance(timesteps, int) and timesteps >= 1):
         return problems
-    if bool((BETA_SCHEDULES[name](timesteps) >= 1).any()):
+    # On the CPU even where a model is built on the meta device (preflight sizes a decoder so), whose
+    # tensors have no values to compare.
+    with torch.device("cpu"):
+        reaches_one = bool((BETA_SCHEDULES[name](timesteps) >= 1).any())
+    if reaches_one:
         problems.append(
             f"{path}: {unet or 'the '}{name} schedule has betas of 1 or more with {timesteps_path} = {timesteps}; "
             "use more than 20 timesteps or the cosine schedule"
