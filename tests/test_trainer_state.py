@@ -62,25 +62,11 @@ def test_one_registration_saves_and_loads_a_new_part_through_the_checkpoint_file
 
 def test_the_trainer_state_keeps_the_checkpoint_files_keys_in_their_order():
     # The file format (tracking/checkpoint.py, training/state.py): these keys, in this order.
-    assert list(make_trainer().state_dict()) == [
-        "decoder",
-        "optimizers",
-        "emas",
-        "schedulers",
-        "counters",
-        "trained_unets",
-    ]
+    keys = ["decoder", "optimizers", "emas", "schedulers", "counters", "trained_unets"]
+    assert list(make_trainer().state_dict()) == keys
     with_posthoc = make_trainer(posthoc_ema_sigma_rels=[0.05, 0.1], unet_training_mask=[False, True])
     state = with_posthoc.state_dict()
-    assert list(state) == [
-        "decoder",
-        "optimizers",
-        "emas",
-        "schedulers",
-        "counters",
-        "trained_unets",
-        "posthoc_ema",
-    ]
+    assert list(state) == keys + ["posthoc_ema"]
     assert list(state["optimizers"]) == ["2"] and state["trained_unets"] == [2]
     assert state["counters"] == {"step": 0, "micro_step": 0, "nonfinite_steps": 0, "nonfinite_streak": 0}
 
