@@ -9,7 +9,10 @@ Optional, for the resume tests:
   train the micro-batch after optimizer step N (a kill -9 of the whole run, with no stop handling:
   the launcher is killed first so that it cannot pass a SIGTERM on to the processes left);
 - `SAMPLE_TRACE_WEIGHTS=PATH`: before the first training step, the decoder's weights (gathered whole
-  from their shards, every process taking part) are written to PATH by the main process.
+  from their shards, every process taking part) are written to PATH by the main process;
+- `SAMPLE_TRACE_MIN_STEP_S=S`: every micro-batch takes at least S seconds (the rest slept, no CPU
+  used), so that a test of what happens per interval of time sees several intervals per phase
+  however fast the machine is.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -33,6 +37,7 @@ def _install() -> None:
     target = os.environ["SAMPLE_TRACE"] + "." + os.environ.get("RANK", "0")
     kill_at = int(os.environ.get("SAMPLE_TRACE_KILL_AT", "-1"))
     weights_path = os.environ.get("SAMPLE_TRACE_WEIGHTS")
+    min_step_s = float(os.environ.get("SAMPLE_TRACE_MIN_STEP_S", "0"))
     first = [True]
 
     def train_step(self, batch):
@@ -44,7 +49,9 @@ def _install() -> None:
         if self.step == kill_at and self.micro_step % self.grad_accum == 0:
             os.kill(os.getppid(), signal.SIGKILL)
             os.kill(os.getpid(), signal.SIGKILL)
+        started = time.monotonic()
         losses = original(self, batch)
+        time.sleep(max(0.0, min_step_s - (time.monotonic() - started)))
         # the optimizer step this micro-batch counts towards (1-based), whatever the accumulation
         step = -(-self.micro_step // self.grad_accum)
         line = {"step": step, "micro_step": self.micro_step, "keys": list(batch["key"])}

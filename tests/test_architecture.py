@@ -307,3 +307,16 @@ def test_the_package_walk_finds_each_form(tmp_path):
         "plan._ranges",
         "rs._refuse",
     ]
+
+
+def test_the_training_command_leaves_the_metrics_libraries_to_runs_that_evaluate():
+    """torchmetrics (and the scipy it brings) cost every process of a run about a second at start;
+    the training command imports them only when the config has an evaluate phase."""
+    import subprocess
+    import sys
+
+    probe = "import sys, dalle2_decoder.cli, dalle2_decoder.training; "
+    probe += "print(sorted({'torchmetrics', 'scipy'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "[]"

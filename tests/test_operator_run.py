@@ -1,10 +1,10 @@
 """What an operator gets from one real training run redirected to a file, as on SLURM or CI.
 
-One run of the tiny decoder (2 epochs of 12 batches), `train_decoder.py ... > run.log 2>&1`, with
-the tensorboard logger, progress lines every half second and a `keep_last: 2` saver; then: the log
-file (plain lines, no carriage return or escape byte, one progress line per interval, counters named),
-the TensorBoard event files read back with TensorBoard's own reader, the kept files, and the HTML
-report rendered in a real headless Chromium.
+One run of the tiny decoder (2 epochs of 12 batches, each made to last at least MIN_STEP_S),
+`train_decoder.py ... > run.log 2>&1`, with the tensorboard logger, progress lines every half second
+and a `keep_last: 2` saver; then: the log file (plain lines, no carriage return or escape byte, one
+progress line per interval, counters named), the TensorBoard event files read back with
+TensorBoard's own reader, the kept files, and the HTML report rendered in a real headless Chromium.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from .conftest import REPO_ROOT
 from .training_fixtures import tiny_config, write_tiny_demo
 
 INTERVAL_S = 0.5
+MIN_STEP_S = 0.2
+"""Each training step lasts at least this long (12 steps an epoch: 2.4 s, four intervals or more)."""
 
 pytestmark = pytest.mark.slow
 
@@ -51,11 +53,19 @@ def run(tmp_path_factory):
     arrivals: List[Tuple[float, int, str]] = []
     with open(log, "wb") as handle:  # a file, as SLURM's --output: not a terminal
         process = subprocess.Popen(
-            [sys.executable, str(REPO_ROOT / "train_decoder.py"), "--config_file", str(path)],
+            # the training command through tests/sample_trace.py, which only makes each step last at
+            # least MIN_STEP_S: a phase then spans several intervals on however fast a machine
+            [sys.executable, str(REPO_ROOT / "tests" / "sample_trace.py"), "--config_file", str(path)],
             stdout=handle,
             stderr=subprocess.STDOUT,
             cwd=root,
-            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)},
+            env={
+                **os.environ,
+                "OMP_NUM_THREADS": "1",
+                "PYTHONPATH": str(REPO_ROOT),
+                "SAMPLE_TRACE": str(root / "trace"),
+                "SAMPLE_TRACE_MIN_STEP_S": str(MIN_STEP_S),
+            },
         )
         # Read the file while the run writes it, noting when each line arrives: the lines say the
         # elapsed time only to the second, too coarse to check an interval of one second.

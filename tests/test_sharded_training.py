@@ -268,39 +268,44 @@ def test_kill_mid_epoch_under_fsdp_and_resume_on_other_process_counts(interrupte
 # --- checkpoints cross between FSDP and DDP ---------------------------------------------------------
 
 
-def test_a_sharded_checkpoint_continues_under_ddp(interrupted, tmp_path):
+def test_a_sharded_checkpoint_continues_under_ddp_and_its_ddp_checkpoint_under_fsdp_again(interrupted, tmp_path):
+    """The killed sharded run's checkpoint (step 2) continues under DDP on 2 processes, which is killed
+    in turn (kill -9) after step 9; its latest checkpoint, a whole file (step 8, 64 samples, in the
+    second epoch), continues under FSDP to the end. Both legs see the samples and noise of the
+    uninterrupted sharded run, so the final weights are its weights within rounding."""
     config, base = interrupted
-    cwd = tmp_path / "ddp"
-    copy_run(base / "killed" / "run", cwd / "run")
-    checked(launch(config, cwd, processes=2, sharded=False))
-    final = latest(cwd / "run")
-    assert not is_sharded_folder(final)
-    assert read_file(final).state["progress"]["samples_seen"] == 96
-    # the same samples and noise as the uninterrupted sharded run: its weights within rounding
-    expected = decoder_weights(latest(base / "whole" / "run"))
-    assert_close_weights(decoder_weights(final), expected, PARITY_ROUNDING_STEPS, lr=1e-3, steps=12)
+    copy_run(base / "killed" / "run", tmp_path / "run")
+    killed = launch(config, tmp_path, processes=2, sharded=False, SAMPLE_TRACE_KILL_AT="9")
+    assert killed.returncode != 0, killed.stdout + killed.stderr
+    ddp_checkpoint = latest(tmp_path / "run")
+    assert not is_sharded_folder(ddp_checkpoint)
+    assert read_file(ddp_checkpoint).state["progress"]["samples_seen"] == 64
 
-
-def test_a_ddp_checkpoint_continues_under_fsdp(interrupted, tmp_path):
-    config, _ = interrupted
-    killed = launch(config, tmp_path, processes=2, sharded=False, SAMPLE_TRACE_KILL_AT=str(KILLED_AT_STEP))
-    assert killed.returncode != 0
-    assert not is_sharded_folder(latest(tmp_path / "run"))
     output = checked(launch(config, tmp_path, processes=2))
     assert "sharded training (FSDP2" in output
     final = latest(tmp_path / "run")
     assert is_sharded_folder(final) and read_file(final).state["progress"]["samples_seen"] == 96
     assert stray_files(tmp_path / "run") == []
+    expected = decoder_weights(latest(base / "whole" / "run"))
+    assert_close_weights(decoder_weights(final), expected, PARITY_ROUNDING_STEPS, lr=1e-3, steps=12)
 
 
-# --- HYBRID_SHARD (the multi-node config's layout) on one machine -----------------------------------
+# --- HYBRID_SHARD (the multi-node config's layout) on one machine, with retention of its checkpoints --
 
 
-def test_hybrid_shard_trains_as_full_shard(interrupted, tmp_path):
+def test_hybrid_shard_trains_as_full_shard_and_keep_last_removes_old_checkpoint_folders_whole(interrupted, tmp_path):
     """accelerate_configs/fsdp_multi_node.yaml on 2 CPU processes of one machine, as 2 replicas of 1
     shard: the same samples and noise as the uninterrupted FULL_SHARD run, so its weights within
-    rounding."""
+    rounding.
+
+    Its checkpoints go to a templated path with `keep_last: 2`: a sharded checkpoint there is a link
+    and a `.<name>.versions` folder of shards, and retention must remove both for an old save and
+    keep the newest ones loadable. 2 epochs of 48 samples, a save every 16: 6 saves, the last 2 kept."""
     config, base = interrupted
+    raw = json.loads(config.read_text())
+    raw["tracker"]["save"][0].update(save_latest_to="ckpt_{samples_seen:03d}.pth", keep_last=2)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(raw, indent=1))
     text = (REPO_ROOT / "accelerate_configs" / "fsdp_multi_node.yaml").read_text()
     for old, new in [
         ("num_machines: 2", "num_machines: 1"),
@@ -317,31 +322,17 @@ def test_hybrid_shard_trains_as_full_shard(interrupted, tmp_path):
     hybrid.write_text(text)
     output = checked(launch(config, tmp_path, processes=2, launch_config=hybrid))
     assert "HYBRID_SHARD: 2 replicas of 1 shards" in output
-    expected = decoder_weights(latest(base / "whole" / "run"))
-    assert_close_weights(decoder_weights(latest(tmp_path / "run")), expected, PARITY_ROUNDING_STEPS, lr=1e-3, steps=12)
-
-
-# --- retention (keep_last, templated paths) of sharded checkpoint folders ---------------------------
-
-
-def test_keep_last_removes_old_sharded_checkpoint_folders_whole(demo_data, tmp_path):
-    """A sharded checkpoint placed at a templated path is a link and a `.<name>.versions` folder of
-    shards; retention must remove both for an old save, and keep the newest ones loadable. One
-    epoch of 48 samples, a save every 8 (every step of 2 x 4): 6 saves, the last 2 kept."""
-    config = write_run_config(demo_data, tmp_path, epochs=1, save_every_n_samples=8)
-    raw = json.loads(config.read_text())
-    raw["tracker"]["save"][0].update(save_latest_to="ckpt_{samples_seen:03d}.pth", keep_last=2)
-    config.write_text(json.dumps(raw, indent=1))
-    checked(launch(config, tmp_path, processes=2))
 
     run = tmp_path / "run"
+    expected = decoder_weights(latest(base / "whole" / "run"))
+    assert_close_weights(decoder_weights(run / "ckpt_096.pth"), expected, PARITY_ROUNDING_STEPS, lr=1e-3, steps=12)
     checkpoints = sorted(path.name for path in run.glob("ckpt_*"))
-    assert checkpoints == ["ckpt_040.pth", "ckpt_048.pth"]
-    assert sorted(path.name for path in run.glob(".ckpt_*")) == [".ckpt_040.pth.versions", ".ckpt_048.pth.versions"]
-    for name, samples in (("ckpt_040.pth", 40), ("ckpt_048.pth", 48)):
+    assert checkpoints == ["ckpt_080.pth", "ckpt_096.pth"]
+    assert sorted(path.name for path in run.glob(".ckpt_*")) == [".ckpt_080.pth.versions", ".ckpt_096.pth.versions"]
+    for name, samples in (("ckpt_080.pth", 80), ("ckpt_096.pth", 96)):
         assert (run / name).is_symlink() and is_sharded_folder(run / name)
         assert read_file(run / name).state["progress"]["samples_seen"] == samples
         assert decoder_weights(run / name)  # the shards read back whole
     assert stray_files(run) == []
     (owned,) = json.loads((run / "run_state.json").read_text())["saved_files"].values()
-    assert owned == [str(run / "ckpt_040.pth"), str(run / "ckpt_048.pth")]
+    assert owned == [str(run / "ckpt_080.pth"), str(run / "ckpt_096.pth")]

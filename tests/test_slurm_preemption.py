@@ -23,8 +23,9 @@ from .training_fixtures import write_tiny_demo
 
 pytestmark = pytest.mark.slow
 
-TRAIN = dict(epochs=2, epoch_samples=192, save_every_n_samples=10_000)
-"""24 steps an epoch on each of the 2 ranks: a signal sent once a step is done lands inside the first epoch."""
+TRAIN = dict(epochs=1, epoch_samples=192, save_every_n_samples=10_000)
+"""24 steps an epoch on each of the 2 ranks: a signal sent once a step is done lands inside the epoch,
+and the resumed job goes on from the middle of it."""
 
 
 @pytest.fixture(scope="module")

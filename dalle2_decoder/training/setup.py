@@ -4,17 +4,19 @@ cannot load stop the run before training, not after an epoch)."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Sequence
 
 from accelerate import Accelerator
 
 from ..common.progress import ProgressOutput
 from ..config.root import TrainDecoderConfig
 from ..data import create_dataloaders
-from ..evaluation import Evaluator, evaluation_loader, fidelity_clip, final_image_size
 from ..stopping import StopRequest
 from .batches import BatchPreparer
 from .trainer import used_unets
+
+if TYPE_CHECKING:
+    from ..evaluation import Evaluator
 
 
 def run_loaders(config: TrainDecoderConfig, accelerator: Accelerator, batches: BatchPreparer) -> Dict[str, Any]:
@@ -44,11 +46,15 @@ def run_evaluator(
     info: Callable[[str], None],
     stop: StopRequest,
     progress: ProgressOutput,
-) -> Optional[Evaluator]:
+) -> Optional["Evaluator"]:
     """The evaluate phase's `Evaluator`, or None when no metric is enabled."""
     unets = used_unets(config)
     if not config.evaluate.in_training() or not unets:
         return None
+    # Imported here: the metrics' libraries (torchmetrics, scipy) take about a second to import,
+    # which every process of a run without an evaluate phase would pay at start.
+    from ..evaluation import Evaluator, evaluation_loader, fidelity_clip, final_image_size
+
     return Evaluator(
         config.evaluate,
         accelerator,
