@@ -18,7 +18,10 @@ TEST_TIMEOUT ?= 900
 PYTEST_ARGS ?=
 # Test processes (pytest-xdist): most tests run one torch thread (tests/conftest.py), so a second
 # process uses the second core. Each takes whole test files (--dist loadfile), so a file's
-# module-scoped fixtures (a SLURM cluster, a trained model) are built once. 0 runs in this process.
+# module-scoped fixtures (a SLURM cluster, a trained model) are built once. --no-loadscope-reorder
+# keeps the collection order (tests/conftest.py puts the longest files first) instead of xdist's
+# default, files with the most tests first, which started the longest files last.
+# 0 runs in this process.
 TEST_WORKERS ?= 2
 # The CUDA-marked tests (tests/test_cuda.py) need a GPU: deselected here, run by bench/gpu_check.sh
 # on a GPU machine (`make test PYTEST_MARKERS=` runs everything).
@@ -60,10 +63,10 @@ format: $(INSTALLED)
 	$(VENV)/bin/ruff check --fix .
 
 test: lint $(TOOLS)
-	PATH="$(TOOLS_PATH):$$PATH" $(VENV_PYTHON) -m pytest tests -q -n $(TEST_WORKERS) --dist loadfile --timeout=$(TEST_TIMEOUT) -m "$(PYTEST_MARKERS)" $(PYTEST_ARGS)
+	PATH="$(TOOLS_PATH):$$PATH" $(VENV_PYTHON) -m pytest tests -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --timeout=$(TEST_TIMEOUT) -m "$(PYTEST_MARKERS)" $(PYTEST_ARGS)
 
 test-fast: lint $(TOOLS)
-	PATH="$(TOOLS_PATH):$$PATH" $(VENV_PYTHON) -m pytest tests -q -n $(TEST_WORKERS) --dist loadfile --timeout=$(TEST_TIMEOUT) -m "not slow and $(PYTEST_MARKERS)" $(PYTEST_ARGS)
+	PATH="$(TOOLS_PATH):$$PATH" $(VENV_PYTHON) -m pytest tests -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --timeout=$(TEST_TIMEOUT) -m "not slow and $(PYTEST_MARKERS)" $(PYTEST_ARGS)
 
 # The numerical tests under each CPU kernel path and thread count (scripts/test_portability.py),
 # so that a tolerance that holds on one machine only fails on every machine. PORTABILITY_ARGS

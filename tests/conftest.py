@@ -145,10 +145,17 @@ LONGEST_FILES = (
     "test_training_loop.py",
     "test_slurm.py",
     "test_bad_inputs.py",
+    "test_tracking_retention.py",
+    "test_operator_run.py",
+    "test_tracking_wandb.py",
+    "test_fidelity.py",
+    "test_sample_command.py",
+    "test_reliability_signals.py",
     "test_evaluation_distributed.py",
 )
 """The test files that take longest (measured with --durations), in that order: `make test` gives
-whole files to its two processes in collection order, so these go first and the short files fill
+whole files to its two processes in collection order (`--no-loadscope-reorder`; pytest-xdist's
+default sends the files with the most tests first), so these go first and the short files fill
 in at the end instead of one long file running alone after everything else."""
 
 

@@ -59,6 +59,38 @@ def test_fsdp_splits_the_state_and_adds_its_working_set():
     assert unet_memory(SHAPE, sharded=True, processes=1).weights == 4000
 
 
+def test_sampling_phases_hold_the_whole_unet_gathered_under_fsdp_and_no_gradients():
+    # FSDP over 4: master shard 4 * 250, moments 8 * 250, EMA 4 * 250, the whole U-Net gathered in fp32
+    assert unet_memory(SHAPE, sharded=True, processes=4).sampling == 4 * 250 + 8 * 250 + 4 * 250 + 4 * 1000
+    # gathered in 16 bits under bf16; without EMA there is no EMA shard
+    assert unet_memory(SHAPE, sharded=True, processes=4, precision="bf16").sampling == 16 * 250 + 2 * 1000
+    assert unet_memory(SHAPE, sharded=True, processes=4, use_ema=False).sampling == 12 * 250 + 4 * 1000
+    # one process: nothing is gathered, the whole state is there already
+    assert unet_memory(SHAPE, sharded=True, processes=1).sampling == 16 * 1000
+    # DDP: weights, its gradient buckets, moments, EMA; no activations, so never above its training peak
+    ddp = unet_memory(SHAPE, sharded=False, processes=4)
+    assert ddp.sampling == 4000 + 4000 + 8000 + 4000 and ddp.sampling < ddp.total
+    assert unet_memory(attrs_evolve(SHAPE, trained=False), sharded=True, processes=4).sampling == 4000
+
+
+def test_the_verdict_takes_the_sampling_peak_when_it_is_the_larger(tiny):
+    """Many processes: the shards shrink, the gathered copy does not (a wider U-Net than the tests'
+    tiny one, whose activations outweigh its weights, and a batch of 1)."""
+    _, raw = tiny
+    raw = json.loads(json.dumps(raw))
+    raw["decoder"]["unets"][0]["dim"] = 128
+    raw["data"]["batch_size"] = 1
+    config = TrainDecoderConfig.from_dict(raw)
+    (shape,) = unet_shapes(config)
+    memory = unet_memory(shape, sharded=True, processes=64)
+    assert memory.sampling > memory.total
+    lines = memory_plan_lines(config, processes=64, available=((memory.total + memory.sampling) // 2, "test device"))
+    assert any(line.startswith("  warning: FSDP:") and "does not fit" in line for line in lines), lines
+    assert any("sample grids, validation, evaluation: each trained U-Net gathered whole" in line for line in lines)
+    lines = memory_plan_lines(config, processes=64, available=(memory.sampling, "test device"))
+    assert any(line.startswith("  FSDP:") and "fits in" in line for line in lines), lines
+
+
 def test_frozen_unets_are_whole_weights_only():
     frozen = unet_memory(attrs_evolve(SHAPE, trained=False), sharded=True, processes=4)
     assert (frozen.weights, frozen.total) == (4000, 4000)

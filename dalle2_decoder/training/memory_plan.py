@@ -10,6 +10,14 @@ trained U-Net of P parameters, in bytes per process:
     EMA         4P (when train.use_ema)   4P / N
     activations A                         A
 
+    sampling    weights, gradients,       4P / N + 8P / N + EMA + the whole U-Net gathered (2P in
+                optimizer and EMA         bf16, else 4P), no gradients, no activations
+
+The last row is the peak of the phases that only run forward passes (sample grids, validation,
+evaluation): FSDP gathers each sampled U-Net whole once for the phase, not block by block for
+each of the sampler's steps (`sharding.gathered`), and the gradients were freed by the optimizer
+step before it; DDP keeps its gradient buckets. The verdict takes the larger of the two peaks.
+
 The block terms are FSDP's working set: a block's weights are gathered just before it runs and
 freed after it (the next block's gather overlaps), and a block's whole gradients live until they
 are reduce-scattered. Gathered weights are bf16 under bf16 mixed precision, fp32 otherwise. DDP
@@ -81,9 +89,12 @@ class UnetMemory:
     optimizer: int
     ema: int
     activations: int
+    sampling: int = 0
+    """Bytes while a sampling phase runs (sample grids, validation, evaluation); see the module doc."""
 
     @property
     def total(self) -> int:
+        """Bytes while training (the sum of `PARTS`)."""
         return sum(getattr(self, part) for part in PARTS)
 
 
@@ -98,14 +109,22 @@ def unet_memory(
     """One U-Net's bytes per process (see the module doc for each term)."""
     p = shape.parameters
     if not shape.trained:
-        return UnetMemory(shape.number, False, FP32 * p, 0, 0, 0, 0)
+        return UnetMemory(shape.number, False, FP32 * p, 0, 0, 0, 0, sampling=FP32 * p)
     activations = shape.activations // 2 if precision in ("bf16", "fp16") else shape.activations
     if not sharded:
         # autocast's 16-bit copies of the weights live through the forward pass (its cache) and the
         # layers save them for the backward pass (FSDP gathers 16-bit weights per block instead)
         copies = 2 * p if precision in ("bf16", "fp16") else 0
+        ema = FP32 * p if use_ema else 0
         return UnetMemory(
-            shape.number, True, FP32 * p + copies, 2 * FP32 * p, 2 * FP32 * p, FP32 * p if use_ema else 0, activations
+            shape.number,
+            True,
+            FP32 * p + copies,
+            2 * FP32 * p,
+            2 * FP32 * p,
+            ema,
+            activations,
+            sampling=FP32 * p + FP32 * p + 2 * FP32 * p + ema,  # the buckets stay; .grad is freed
         )
     n = shard_count(processes, replicas)
     shard = math.ceil(p / n)
@@ -113,14 +132,17 @@ def unet_memory(
     blocks = list(shape.largest_blocks) + [0, 0]
     working_weights = gathered * (blocks[0] + blocks[1]) if n > 1 else 0
     working_grads = FP32 * blocks[0] if n > 1 else 0
+    ema = FP32 * shard if use_ema else 0
+    whole = gathered * p if n > 1 else 0
     return UnetMemory(
         shape.number,
         True,
         FP32 * shard + working_weights,
         FP32 * shard + working_grads,
         2 * FP32 * shard,
-        FP32 * shard if use_ema else 0,
+        ema,
         activations,
+        sampling=FP32 * shard + 2 * FP32 * shard + ema + whole,
     )
 
 
@@ -302,7 +324,7 @@ def memory_plan_lines(
     ]
     totals = {}
     for label, sharded in (("DDP", False), ("FSDP", True)):
-        total = 0
+        total = sampling = 0
         for shape in shapes:
             memory = unet_memory(
                 shape,
@@ -313,13 +335,19 @@ def memory_plan_lines(
                 precision=precision,
             )
             total += memory.total
+            sampling += memory.sampling
             state = "trained" if shape.trained else "frozen, whole"
             parts = ", ".join(f"{part} {gib(getattr(memory, part))}" for part in PARTS if getattr(memory, part))
             lines.append(
                 f"  {label:4} U-Net {shape.number} ({shape.parameters / 1e6:.1f}M parameters, {state}): "
                 f"{parts}; total {gib(memory.total)}"
             )
-        totals[label] = total
+        if sharded:
+            lines.append(
+                f"  {label:4} sample grids, validation, evaluation: each trained U-Net gathered whole for the phase; "
+                f"{gib(sampling)} in all"
+            )
+        totals[label] = max(total, sampling)
     for label, total in totals.items():
         if available is None:
             lines.append(f"  {label}: {gib(total)} per process (device memory unknown)")

@@ -7,7 +7,8 @@ transformer blocks. Each block's weights are gathered just before it runs and fr
 a process holds its own shards plus about one block's full weights at a time.
 
 The EMA of a U-Net is a copy sharded the same way, so each process averages its own shards
-(`local` views, no communication) and sampling through it gathers one block at a time. Frozen
+(`local` views, no communication). The phases that only sample or evaluate gather a U-Net's
+weights once for the whole phase (`gathered`), not block by block for every sampler step. Frozen
 U-Nets are never sharded. Mixed precision follows FSDP's policy: bf16 weights for compute,
 gradients reduced in fp32, fp32 master weights and optimizer state.
 
@@ -144,8 +145,37 @@ def gradient_sync(modules: Iterable[nn.Module], enabled: bool) -> Iterator[None]
             module.set_requires_gradient_sync(True)
 
 
+@contextlib.contextmanager
+def gathered(modules: Iterable[Optional[nn.Module]], reshard_after_forward: bool) -> Iterator[None]:
+    """Inside it, each sharded U-Net of `modules` keeps its weights gathered from the first forward
+    pass that gathers them to the end; on the way out they are freed and the U-Net's blocks reshard
+    after forward again as configured (`reshard_after_forward`; the U-Net's own layers: never, as
+    fully_shard leaves the outermost module).
+
+    For the phases that only run forward passes (sample grids, validation, evaluation): a sampler
+    calls each U-Net 20 to 1,000 times, and gathering every block's weights for every call is that
+    many all-gathers of the whole U-Net; here it is one. The cost is memory: the whole U-Net's
+    weights (in the compute dtype) on every process while the phase runs, which the memory plan
+    counts (`memory_plan.py`)."""
+    sharded = [module for module in modules if module is not None and is_sharded(module)]
+    for module in sharded:
+        module.set_reshard_after_forward(False)  # recursive: the U-Net and every block
+    try:
+        yield
+    finally:
+        for module in sharded:
+            for block in blocks(module):
+                if is_sharded(block):
+                    block.set_reshard_after_forward(reshard_after_forward, recurse=False)
+        reshard(sharded)
+
+
 def reshard(modules: Iterable[Optional[nn.Module]]) -> None:
-    """Free gathered weights that FSDP keeps after a forward pass without backward (sampling)."""
+    """Free the gathered weights of each sharded U-Net of `modules` and of its blocks (FSDP keeps
+    them after a forward pass without backward, and `gathered` keeps them on purpose)."""
     for module in modules:
-        if module is not None and is_sharded(module):
-            module.reshard()
+        if module is None or not is_sharded(module):
+            continue
+        for part in module.modules():  # FSDPModule.reshard is not recursive
+            if is_sharded(part):
+                part.reshard()

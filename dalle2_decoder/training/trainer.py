@@ -337,24 +337,25 @@ class DecoderTrainer:
     def sampling_weights(self) -> Iterator[nn.Module]:
         """The decoder with EMA weights in place of the trained U-Nets (when EMA is on), in eval mode.
 
-        Sharded U-Nets gather each block's weights as it runs; what FSDP keeps gathered after a
-        forward pass without backward is freed on the way out.
+        Sharded U-Nets gather their weights at their first forward pass inside it and keep them
+        until the end (`sharding.gathered`): one all-gather per phase, not one per sampler step.
         """
         originals = {}
         was_training = self.decoder.training
+        sampled: List[nn.Module] = []
+        if self.sharded:
+            sampled = [self.decoder.get_unet(n) for n in self.trained_unets] + [e.averaged for e in self.emas.values()]
         try:
-            for number, ema in self.emas.items():
-                originals[number] = self.decoder.get_unet(number)
-                _replace_unet(self.decoder, number, ema.averaged)
-            self.decoder.eval()
-            yield self.decoder
+            with sharded.gathered(sampled, self.sharding.reshard_after_forward if self.sharded else True):
+                for number, ema in self.emas.items():
+                    originals[number] = self.decoder.get_unet(number)
+                    _replace_unet(self.decoder, number, ema.averaged)
+                self.decoder.eval()
+                yield self.decoder
         finally:
             for number, unet in originals.items():
                 _replace_unet(self.decoder, number, unet)
             self.decoder.train(was_training)
-            if self.sharded:
-                trained = [self.decoder.get_unet(n) for n in self.trained_unets]
-                sharded.reshard(trained + [ema.averaged for ema in self.emas.values()])
 
     @torch.no_grad()
     def validation_losses(self, batch: Dict[str, Any]) -> Dict[int, torch.Tensor]:
