@@ -48,9 +48,17 @@ def test_example_specifics():
     assert demo.train.device == "cpu" and demo.tracker.log.log_type == "tensorboard"
     assert demo.tracker.save[0].save_to == "local" and demo.data.num_workers == 1
     assert demo.decoder.unets[0].dim == 16 and tuple(demo.decoder.unets[0].dim_mults) == (1, 2, 4)
-    assert demo.decoder.image_sizes == [32]
-    # The demo shows the product: the measured recipe (docs/RECIPE.md) and its paired error logged.
+    # 16px (grids enlarge it): a quarter of the pixels of 32px, so 2 cores train it to draw the shapes
+    # in the time 32px took to draw blobs (docs/RECIPE.md, "The demo with the recipe").
+    assert demo.decoder.image_sizes == [16] and demo.data.preprocessing["Resize"] == {"size": 16}
+    # The demo shows the product: the measured recipe (docs/RECIPE.md) and its paired error logged,
+    # with a cosine learning-rate decay over the run, a short EMA and a cross-attention sized to the tiny U-Net.
     assert demo.recipe == "sample-efficient-v1" and demo.decoder.create().predict_v == [True]
+    assert demo.train.lr_schedule == "cosine" and demo.train.warmup_steps == 50
+    # An average over the last ~100 steps, not ~1,000 (update every 10): the reference's EMA lags a short run.
+    assert demo.train.ema_update_every == 1
+    unet = demo.decoder.create().unets[0]
+    assert (unet.config["cross_attn_heads"], unet.config["cross_attn_dim_head"]) == (2, 16)
     assert demo.evaluate.fidelity.enabled is True
 
 
