@@ -47,7 +47,8 @@ UPSAMPLER = {"dim": 16, "dim_mults": [1, 2, 4], "attn_dim_head": 16, "attn_heads
 
 
 def base_config(setting: str, data: str, samples: int, seed: int) -> Dict[str, Any]:
-    """The demo's decoder and training settings (example_configs/demo_cpu.json) at one setting's size."""
+    """The 32px demo's decoder and training settings (example_configs/demo_cpu.json before its 16px U-Net;
+    fixed here so that every table in docs/RECIPE.md compares the same networks) at one setting's size."""
     size = 32 if setting == "32" else 64
     decoder: Dict[str, Any] = {"timesteps": 100, "learned_variance": False}
     train: Dict[str, Any] = {"lr": 1e-3, "ema_beta": 0.99}
