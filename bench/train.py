@@ -181,6 +181,7 @@ def main() -> None:
         raw["train"].update(
             epochs=1, epoch_samples=total_steps * batch_size, save_every_n_samples=10**12, validation_samples=batch_size
         )
+        raw["train"].pop("warmup_steps", None)  # a timed run of a few dozen steps: no warm-up to wait through
         raw["tracker"].update(data_path=os.path.join(scratch, "run"), overwrite_data_path=True)
         raw["tracker"]["log"]["auto_resume"] = False
         from dalle2_decoder.config import TrainDecoderConfig
