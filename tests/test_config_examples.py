@@ -48,8 +48,8 @@ def test_example_specifics():
     assert demo.train.device == "cpu" and demo.tracker.log.log_type == "tensorboard"
     assert demo.tracker.save[0].save_to == "local" and demo.data.num_workers == 1
     assert demo.decoder.unets[0].dim == 16 and tuple(demo.decoder.unets[0].dim_mults) == (1, 2, 4)
-    # 16px (grids enlarge it): a quarter of the pixels of 32px, so 2 cores train it to draw the shapes
-    # in the time 32px took to draw blobs (docs/RECIPE.md, "The demo with the recipe").
+    # 16px (grids enlarge it): a quarter of the pixels of 32px, so 2 cores train 3.4 times the samples
+    # in less time than the 32px demo took (docs/RECIPE.md, "The demo with the recipe").
     assert demo.decoder.image_sizes == [16] and demo.data.preprocessing["Resize"] == {"size": 16}
     # The demo shows the product: the measured recipe (docs/RECIPE.md) and its paired error logged,
     # with a cosine learning-rate decay over the run, a short EMA and a cross-attention sized to the tiny U-Net.
