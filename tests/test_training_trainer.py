@@ -10,6 +10,8 @@ from dalle2_decoder.config import DecoderConfig, TrainConfig, UnetConfig
 from dalle2_decoder.tracking.checkpoint import CheckpointMismatchError, capture_rng_state, restore_rng_state
 from dalle2_decoder.training.trainer import DecoderTrainer, warmup_factor
 
+from .numerics import assert_close_to_scale
+
 EMBED_DIM = 8
 pytestmark = pytest.mark.usefixtures("compute_threads")
 # Narrow attention (options of this package) keeps the U-Nets tiny: these tests are about training
@@ -267,6 +269,39 @@ def test_adamw_as_dalle2_pytorch_no_decay_on_biases_and_norms():
             assert group["betas"] == (0.9, 0.99) and group["eps"] == 1e-8
     everything = make_trainer(wd=0.05, group_wd_params=False)
     assert [g["weight_decay"] for g in everything.optimizers[1].param_groups] == [0.05]
+
+
+def test_cpu_adamw_is_the_fused_kernel_and_steps_as_torchs_loop_to_float_error():
+    # The fused kernel on the CPU too: torch's CPU default is a Python loop over the tensors (7% of the
+    # demo's step). It must not move training off the reference's (which uses that loop) beyond rounding.
+    trainer = make_trainer(wd=0.05)
+    for optimizer in trainer.optimizers.values():
+        assert all(group["fused"] for group in optimizer.param_groups)
+    fused = trainer.optimizers[1]
+    unet = trainer.decoder.unets[0]
+    loop_params = [p.detach().clone().requires_grad_(True) for p in unet.parameters()]
+    by_id = {id(p): q for p, q in zip(unet.parameters(), loop_params)}
+    loop = torch.optim.AdamW(
+        [
+            {**{k: v for k, v in g.items() if k != "params"}, "params": [by_id[id(p)] for p in g["params"]]}
+            for g in fused.param_groups
+        ],
+        fused=False,
+        foreach=False,
+    )
+    generator = torch.Generator().manual_seed(0)
+    steps = 3
+    for _ in range(steps):
+        for p, q in zip(unet.parameters(), loop_params):
+            p.grad = torch.randn(p.shape, generator=generator)
+            q.grad = p.grad.clone()
+        fused.step()
+        loop.step()
+    # Each step rounds the new weight (a few ulps of |weight|) and the update (a few ulps of lr, the
+    # size of an Adam update); over 3 steps at most 4 ulps per step of the larger of the two.
+    lr = fused.param_groups[0]["lr"]
+    for p, q in zip(unet.parameters(), loop_params):
+        assert_close_to_scale(p.detach(), q.detach(), ulps_of_scale=4 * steps, scale=float(q.abs().max()) + lr)
 
 
 def test_gradients_are_clipped_to_max_grad_norm_before_the_step():
