@@ -113,6 +113,39 @@ def test_demo_command_line(tmp_path, capsys):
         demo.generate_demo_dataset(str(tmp_path / "x"), num_images=1, embed_dim=4)
 
 
+def test_shape_scale_enlarges_the_shapes_and_keeps_them_inside(tmp_path):
+    # A large square drawn at scale s covers (2 * 0.22 * s * side)^2 pixels: the area grows as s^2,
+    # up to the anti-aliased edge (one pixel wide all round at most, so a bound of 4 * width + 4).
+    side = 64
+
+    def covered(scale):
+        picture = demo.draw_shape("square", "red", "large", 0.5, 0.5, "black", side, scale)
+        return int((np.asarray(picture).max(axis=2) > 127).sum())
+
+    for scale in (1.0, 1.5, 2.0):
+        width = 2 * 0.22 * scale * side
+        assert abs(covered(scale) - width**2) <= 4 * width + 4, scale
+    # Every shape of a scaled dataset lies wholly inside the image: the border rows and columns
+    # stay background (black or white) in every picture of a large-shape dataset at the largest scale.
+    demo.generate_demo_dataset(str(tmp_path), num_images=40, image_size=32, shard_size=40, shape_scale=2.0)
+    import tarfile
+
+    with tarfile.open(tmp_path / "shards" / "000000.tar") as archive:
+        pictures = [
+            np.asarray(Image.open(archive.extractfile(member)).convert("RGB")).astype(int)
+            for member in archive.getmembers()
+            if member.name.endswith(".jpg")
+        ]
+    assert len(pictures) == 40
+    for picture in pictures:
+        border = np.concatenate([picture[0], picture[-1], picture[:, 0], picture[:, -1]])
+        background = border[0]
+        assert (np.abs(border - background).max(axis=1) < 60).all()  # JPEG noise only
+    for bad in (0.0, -1.0, 2.5):
+        with pytest.raises(ValueError, match="shape_scale must be in"):
+            demo.generate_demo_dataset(str(tmp_path / "bad"), num_images=1, shape_scale=bad)
+
+
 # ----- prepare -----------------------------------------------------------------------------------
 
 
