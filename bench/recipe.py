@@ -19,7 +19,10 @@ same sampling noise (one seed per image) for every run:
 - wall time: the training process's seconds per training sample (`train/samples_per_s` averaged
   over its log lines, so start-up and the final save do not count) and the process's whole time.
 
-Sampling-time choices (`--cond-scales`, `--samplers`) score the same trained weights again.
+Sampling-time choices (`--cond-scales`, `--samplers`) score the same trained weights again;
+`--ema-lengths` trains with two post-hoc EMA profiles (`train.posthoc_ema_sigma_rels` 0.05 and
+0.10, about 10 snapshots per run) and scores the EMA of each length asked for, made after training
+(`dalle2_decoder.posthoc_ema`), beside the run's own EMA; `--reuse` scores finished runs again.
 Runs of different variants interleave (seed-major), so load from other work spreads over them.
 Printed: one JSON line per run as it ends, then a table per setting: mean and standard deviation
 over seeds, and each variant's ratio to `reference` (below 1: lower error). Nothing here asserts.
@@ -140,12 +143,19 @@ def variant_config(setting: str, variant: str, data: str, samples: int, seed: in
     return config
 
 
-def train(config: Dict[str, Any], folder: Path, threads: int) -> Dict[str, float]:
-    """Runs train_decoder.py on `config` in `folder`; wall seconds and mean training samples/s."""
+def train(config: Dict[str, Any], folder: Path, threads: int, reuse: bool = False) -> Dict[str, float]:
+    """Runs train_decoder.py on `config` in `folder`; wall seconds and mean training samples/s.
+
+    With `reuse`, a finished run of the same config already in `folder` is scored again instead
+    (its process wall time was not kept: NaN)."""
     folder.mkdir(parents=True, exist_ok=True)
     config = copy.deepcopy(config)
     config["tracker"]["data_path"] = str(folder / "run")
     path = folder / "config.json"
+    if reuse and (folder / "run" / "latest.pth").exists() and path.exists():
+        if json.loads(path.read_text()) != config:
+            raise SystemExit(f"--reuse: {path} holds a different config than this run's; remove {folder} to retrain")
+        return {"wall_s": float("nan"), "samples_per_s": _mean_rate(folder)}
     path.write_text(json.dumps(config, indent=2))
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads)}
     started = time.perf_counter()
@@ -159,12 +169,17 @@ def train(config: Dict[str, Any], folder: Path, threads: int) -> Dict[str, float
     wall = time.perf_counter() - started
     if result.returncode != 0:
         raise SystemExit(f"training in {folder} failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    return {"wall_s": round(wall, 1), "samples_per_s": _mean_rate(folder)}
+
+
+def _mean_rate(folder: Path) -> float:
+    """The run's `train/samples_per_s` averaged over its log lines (start-up and saves excluded)."""
     rates = []
     for line in (folder / "run" / "metrics.jsonl").read_text().splitlines():
         rate = json.loads(line).get("train/samples_per_s")
         if rate:
             rates.append(rate)
-    return {"wall_s": round(wall, 1), "samples_per_s": statistics.fmean(rates) if rates else float("nan")}
+    return statistics.fmean(rates) if rates else float("nan")
 
 
 def test_inputs(config_dict: Dict[str, Any], count: int):
@@ -269,6 +284,19 @@ def main() -> None:
     parser.add_argument(
         "--samplers", nargs="+", default=["ddpm"], help="sampler[:steps] to score with, e.g. ddpm ddim:20 dpmpp_2m:20"
     )
+    parser.add_argument(
+        "--ema-lengths",
+        nargs="+",
+        type=float,
+        default=[],
+        metavar="SIGMA_REL",
+        help="also score post-hoc EMAs of these lengths (EDM2's sigma_rel), made after training from two profiles",
+    )
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="score a finished run of the same config in --work again instead of retraining it (new samplings)",
+    )
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (each with --threads compute threads)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--data", default=".tracker-data/recipe-data", help="the demo dataset (written if absent)")
@@ -294,16 +322,33 @@ def main() -> None:
     ]
     inputs = {s: test_inputs(base_config(s, str(data), args.samples, 0), args.test_images) for s in args.settings}
     samplings = [(scale, name) for scale in args.cond_scales for name in args.samplers]
+    if args.ema_lengths:
+        # Two power-function profiles (EDM2's 0.05 and 0.10) snapshotted about 10 times per run.
+        steps = max(1, args.samples // 16)
+        posthoc = {"train.posthoc_ema_sigma_rels": [0.05, 0.1], "train.posthoc_ema_every_n_steps": max(1, steps // 10)}
+    else:
+        posthoc = {}
 
     def one(run):
         setting, variant, seed = run
         folder = work / f"{setting}-{variant}-seed{seed}"
-        timing = train(variant_config(setting, variant, str(data), args.samples, seed), folder, args.threads)
+        config = variant_config(setting, variant, str(data), args.samples, seed)
+        for path, value in posthoc.items():
+            set_path(config, path, value)
+        timing = train(config, folder, args.threads, reuse=args.reuse)
+        # The run's own EMA (train.ema_beta), then each post-hoc EMA length asked for.
+        models = [("", folder / "run" / "latest.pth")]
+        for sigma_rel in args.ema_lengths:
+            from dalle2_decoder.posthoc_ema import write_model
+
+            out = folder / f"posthoc-ema-{sigma_rel:g}.safetensors"
+            write_model(folder / "run", sigma_rel, out)
+            models.append((f" posthoc-ema {sigma_rel:g}", out))
         results = []
-        for scale, name in samplings:
+        for (scale, name), (ema_label, model) in [(s, m) for s in samplings for m in models]:
             sampler, _, steps = name.partition(":")
             errors = score(
-                folder / "run" / "latest.pth",
+                model,
                 setting,
                 inputs[setting],
                 cond_scale=scale,
@@ -314,7 +359,7 @@ def main() -> None:
                 "setting": setting,
                 "variant": variant,
                 "seed": seed,
-                "sampling": f"{name} cfg {scale:g}",
+                "sampling": f"{name} cfg {scale:g}{ema_label}",
                 **errors,
                 "s_per_sample": 1.0 / timing["samples_per_s"],
                 "process_wall_s": timing["wall_s"],

@@ -40,7 +40,10 @@ def bench_configs() -> Dict[str, Dict[str, Any]]:
     if DEMO_CONFIG.exists():
         raw = json.loads(DEMO_CONFIG.read_text())["decoder"]
         unet = dict(raw["unets"][0])
-        decoder = {k: v for k, v in raw.items() if k not in ("unets", "clip", "image_size")}
+        # Options of this package only (the sampler, the shifted schedule) change no training step's
+        # cost and the reference's Decoder does not take them.
+        ours_only = ("samplers", "noise_schedule_shift")
+        decoder = {k: v for k, v in raw.items() if k not in ("unets", "clip", "image_size", *ours_only)}
         decoder["image_sizes"] = decoder["image_sizes"][:1]
         for per_unet in ("beta_schedule", "learned_variance", "sample_timesteps", "predict_x_start", "predict_v"):
             if isinstance(decoder.get(per_unet), list):
