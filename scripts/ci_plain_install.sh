@@ -83,8 +83,10 @@ config = json.load(open(sys.argv[1]))
 url, served = sys.argv[2], sys.argv[3]
 config["data"]["webdataset_base_url"] = url + "/shards/{}.tar"
 config["data"]["img_embeddings_url"] = url + "/img_emb"
-config["train"].update(epochs=1, epoch_samples=64, validation_samples=16, save_every_n_samples=64)
-# 4 optimizer steps: too few for the demo's 50 warm-up steps (which the config check refuses), none here
+# 4 optimizer steps of the demo's batches (32), and one batch to validate on
+batch = config["data"]["batch_size"]
+config["train"].update(epochs=1, epoch_samples=4 * batch, validation_samples=batch, save_every_n_samples=4 * batch)
+# too few steps for the demo's 50 warm-up steps (which the config check refuses): none here
 config["train"].pop("warmup_steps", None)
 config["tracker"]["data_path"] = "./tracker"
 json.dump(config, open("http_run.json", "w"), indent=2)

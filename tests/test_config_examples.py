@@ -48,17 +48,29 @@ def test_example_specifics():
     assert demo.train.device == "cpu" and demo.tracker.log.log_type == "tensorboard"
     assert demo.tracker.save[0].save_to == "local" and demo.data.num_workers == 1
     assert demo.decoder.unets[0].dim == 16 and tuple(demo.decoder.unets[0].dim_mults) == (1, 2, 4)
-    # 16px (grids enlarge it): a quarter of the pixels of 32px, so 2 cores train 3.4 times the samples
-    # in less time than the 32px demo took (docs/RECIPE.md, "The demo with the recipe").
+    # 16px (grids enlarge it): a quarter of the pixels of 32px (docs/RECIPE.md, "The demo with the recipe").
     assert demo.decoder.image_sizes == [16] and demo.data.preprocessing["Resize"] == {"size": 16}
     # The demo shows the product: the measured recipe (docs/RECIPE.md) and its paired error logged,
-    # with a cosine learning-rate decay over the run, a short EMA and a cross-attention sized to the tiny U-Net.
+    # with a cosine learning-rate decay over the run and a short EMA.
     assert demo.recipe == "sample-efficient-v1" and demo.decoder.create().predict_v == [True]
     assert demo.train.lr_schedule == "cosine" and demo.train.warmup_steps == 50
     # An average over the last ~100 steps, not ~1,000 (update every 10): the reference's EMA lags a short run.
     assert demo.train.ema_update_every == 1
+    # A U-Net step sized for 2 cores: a cross-attention sized to the tiny U-Net, one resnet block per
+    # level, a 3x3 first convolution, and batches of 32 (each cheaper per sample than 16).
     unet = demo.decoder.create().unets[0]
     assert (unet.config["cross_attn_heads"], unet.config["cross_attn_dim_head"]) == (2, 16)
+    assert (unet.config["num_resnet_blocks"], unet.config["init_conv_kernel_size"]) == (1, 3)
+    assert demo.data.batch_size == 32
+    # The noise schedule shifted to twice the noise (log-SNR - 2 log 2): the shapes' outlines are set
+    # at high noise, where the shifted schedule spends more of training; the demo data draws them 1.5x.
+    assert demo.to_dict()["decoder"]["noise_schedule_shift"] == 0.5
+    # Few long epochs (the whole split cycled through), so that evaluation and grids cost little.
+    assert demo.train.epochs * demo.train.epoch_samples == 44_800 and demo.train.epochs == 4
+    # DPM-Solver++(2M) with 10 steps: at half DDIM-20's network calls, a lower paired error in
+    # docs/RECIPE.md's sampler rows (3 seeds) and on the demo's own weights.
+    resolved = demo.to_dict()["decoder"]
+    assert (resolved["samplers"], resolved["sample_timesteps"]) == ("dpmpp_2m", 10)
     assert demo.evaluate.fidelity.enabled is True
 
 
@@ -74,6 +86,11 @@ def test_demo_config_matches_the_demo_data_generator():
     assert demo.data.index_width == defaults["index_width"].default
     shards = -(-defaults["num_images"].default // defaults["shard_size"].default)
     assert demo.data.end_shard == shards - 1
+    # `make demo-data` writes the shapes 1.5 times as large (see the Makefile), and data written at
+    # another scale is written again: the stamp file names the scale.
+    makefile = (REPO_ROOT / "Makefile").read_text()
+    assert "DEMO_SHAPE_SCALE := 1.5" in makefile
+    assert "--shape-scale $(DEMO_SHAPE_SCALE)" in makefile and "demo: $(INSTALLED) $(DEMO_STAMP)" in makefile
 
 
 def test_unet_and_decoder_options_round_trip_flat():
