@@ -111,6 +111,11 @@ VARIANTS: Dict[str, tuple] = {
         {"decoder.noise_schedule_shift": 0.5},
         ("64", "up"),
     ),
+    "v_pred_shifted": (
+        "v-prediction and the schedule shifted for 64px together",
+        {"decoder.predict_v": True, "decoder.noise_schedule_shift": 0.5},
+        ("64", "up"),
+    ),
     "lr_cosine": (
         "cosine learning-rate decay to 0 over the run (Loshchilov & Hutter 2017, 'SGDR')",
         {"train.lr_schedule": "cosine"},
