@@ -4,7 +4,7 @@
 #   make test-fast - the same without the tests marked slow (-m "not slow")
 #   make test-portability - the numerical tests on every CPU kernel path (default, avx2, this
 #                  machine's) with 1 and 2 compute threads, and a summary of the 6 variants
-#   make demo   - install (once), write the demo dataset to demo_data/ and train the CPU demo (~4 min)
+#   make demo   - install (once), write the demo dataset to demo_data/ and train the CPU demo (3-8 min)
 #   make check-examples - validate every example config with --check
 
 PYTHON ?= python3
