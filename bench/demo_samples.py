@@ -21,24 +21,19 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from sampling import held_out_loader  # noqa: E402
 
 NOISE_SEED = 1000
 
 
 def first_test_examples(config, count: int, device):
     """(prepared batch, captions) of the first `count` test images, as the run's loaders read them."""
-    from dalle2_decoder.data import create_dataloaders
     from dalle2_decoder.training.batches import BatchPreparer
 
-    loader = create_dataloaders(
-        config.data,
-        seed=config.seed,
-        validation_samples=None,
-        test_samples=None,
-        image_embed_dim=config.decoder.unets[0].image_embed_dim,
-    )["test"]
     batches, captions = [], []
-    for batch in loader:
+    for batch in held_out_loader(config):
         batches.append(batch)
         captions += list(batch.get("caption", [""] * len(batch["image"])))
         if len(captions) >= count:

@@ -63,20 +63,25 @@ def feature_file(folder: Path, dim: int) -> str:
     return str(path)
 
 
-def test_inputs(config, count: int, device):
+def held_out_loader(config):
+    """The config's test split, every sample once, in the run's order (one process)."""
     from dalle2_decoder.data import create_dataloaders
-    from dalle2_decoder.training.batches import BatchPreparer
 
-    loader = create_dataloaders(
+    return create_dataloaders(
         config.data,
         seed=config.seed,
         validation_samples=None,
         test_samples=None,
         image_embed_dim=config.decoder.unets[0].image_embed_dim,
     )["test"]
+
+
+def test_inputs(config, count: int, device):
+    from dalle2_decoder.training.batches import BatchPreparer
+
     prepare = BatchPreparer(config, device=device).prepare
     embeds, texts, images = [], [], []
-    for batch in loader:
+    for batch in held_out_loader(config):
         batch = prepare(batch)
         embeds.append(batch["image_embed"])
         images.append(batch["image"])
