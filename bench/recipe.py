@@ -327,25 +327,21 @@ def main() -> None:
     ]
     inputs = {s: test_inputs(base_config(s, str(data), args.samples, 0), args.test_images) for s in args.settings}
     samplings = [(scale, name) for scale in args.cond_scales for name in args.samplers]
-    if args.ema_lengths:
-        # Two power-function profiles (EDM2's 0.05 and 0.10) snapshotted about 10 times per run.
-        steps = max(1, args.samples // 16)
-        posthoc = {"train.posthoc_ema_sigma_rels": [0.05, 0.1], "train.posthoc_ema_every_n_steps": max(1, steps // 10)}
-    else:
-        posthoc = {}
+    from dalle2_decoder.posthoc_ema import write_model
 
     def one(run):
         setting, variant, seed = run
         folder = work / f"{setting}-{variant}-seed{seed}"
         config = variant_config(setting, variant, str(data), args.samples, seed)
-        for path, value in posthoc.items():
-            set_path(config, path, value)
+        if args.ema_lengths:
+            # Two power-function profiles (EDM2's 0.05 and 0.10) snapshotted about 10 times per run.
+            steps = max(1, args.samples // config["data"]["batch_size"])
+            set_path(config, "train.posthoc_ema_sigma_rels", [0.05, 0.1])
+            set_path(config, "train.posthoc_ema_every_n_steps", max(1, steps // 10))
         timing = train(config, folder, args.threads, reuse=args.reuse)
         # The run's own EMA (train.ema_beta), then each post-hoc EMA length asked for.
         models = [("", folder / "run" / "latest.pth")]
         for sigma_rel in args.ema_lengths:
-            from dalle2_decoder.posthoc_ema import write_model
-
             out = folder / f"posthoc-ema-{sigma_rel:g}.safetensors"
             write_model(folder / "run", sigma_rel, out)
             models.append((f" posthoc-ema {sigma_rel:g}", out))
