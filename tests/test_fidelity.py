@@ -293,6 +293,33 @@ def test_a_run_with_decoder_clip_logs_clip_similarity_with_that_clip(demo_data, 
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("compute_threads")
+def test_scoring_with_a_clip_leaves_the_training_of_the_run_as_it_was(demo_data, tmp_path):
+    """Loading a CLIP initialises its layers at random before its weights load, and so would move the
+    random stream the run draws its noise from: the same run with and without `evaluate.fidelity.clip`
+    must train the same weights and log the same losses."""
+    from dalle2_decoder.tracking import read_file
+
+    clip_folder = write_tiny_open_clip(tmp_path / "clip", embed_dim=EMBED_DIM)
+    not_compared = {"time", "train/samples_per_s", "eval/seconds", "eval/clip_similarity"}
+    runs = {}
+    for name, evaluate in (("paired only", {}), ("with a CLIP", {"clip": {"make": "open_clip", "model": clip_folder}})):
+        data_path = tmp_path / name.replace(" ", "_")
+        assert main(TrainDecoderConfig.from_dict(fidelity_config(demo_data, data_path, **evaluate))) == 0
+        lines = [json.loads(line) for line in (data_path / "metrics.jsonl").read_text().splitlines()]
+        (scores,) = logged_evaluations(data_path)
+        # Every logged value but the machine's timings and the CLIP's own score: losses, paired errors.
+        logged = [{key: value for key, value in line.items() if key not in not_compared} for line in lines]
+        runs[name] = read_file(data_path / "latest.pth").state["trainer"]["decoder"], logged, scores
+    (plain, plain_logged, plain_scores), (scored, scored_logged, scored_scores) = runs.values()
+    assert "eval/clip_similarity" in scored_scores and "eval/clip_similarity" not in plain_scores
+    # The same process, thread count and arithmetic: exactly the same, or the streams moved.
+    assert [name for name in plain if not torch.equal(plain[name], scored[name])] == []
+    assert plain_logged == scored_logged and any("val/loss/unet1" in line for line in plain_logged)
+    assert all(plain_scores[key] == scored_scores[key] for key in PAIRED)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("compute_threads")
 def test_the_command_computes_fidelity_with_a_clip_given_to_it(trained, tmp_path, capsys, write_config):
     raw, data_path = trained
     config_path = write_config(raw)

@@ -54,18 +54,26 @@ def run_evaluator(
     # Imported here: the metrics' libraries (torchmetrics, scipy) take about a second to import,
     # which every process of a run without an evaluate phase would pay at start.
     from ..evaluation import Evaluator, evaluation_loader, fidelity_clip, final_image_size
+    from ..tracking.rng import capture_rng_state, restore_rng_state
 
-    return Evaluator(
-        config.evaluate,
-        accelerator,
-        evaluation_loader(config, accelerator, loaders.get("val")),
-        unets=unets,
-        image_size=final_image_size(config, unets),
-        prepare=batches.prepare,
-        cond_scale=cond_scale,
-        seed=config.seed,
-        info=info,
-        stop=stop,
-        progress=progress,
-        clip=fidelity_clip(config, accelerator.device, run_clip=batches.clip_embedder),
-    )
+    # Building the metrics draws from the process's random streams (Inception's or a CLIP's layers are
+    # initialised at random before their weights load): the streams are put back, so that a run's
+    # noise, and so its weights, do not depend on which metrics score it.
+    before = capture_rng_state()
+    try:
+        return Evaluator(
+            config.evaluate,
+            accelerator,
+            evaluation_loader(config, accelerator, loaders.get("val")),
+            unets=unets,
+            image_size=final_image_size(config, unets),
+            prepare=batches.prepare,
+            cond_scale=cond_scale,
+            seed=config.seed,
+            info=info,
+            stop=stop,
+            progress=progress,
+            clip=fidelity_clip(config, accelerator.device, run_clip=batches.clip_embedder),
+        )
+    finally:
+        restore_rng_state(before)
