@@ -13,8 +13,10 @@ downloaded the error names the file to provide.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
-from typing import TYPE_CHECKING, ClassVar, List, NamedTuple, Sequence
+from typing import TYPE_CHECKING, ClassVar, Iterator, List, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -137,6 +139,26 @@ class ClipEmbedder(nn.Module):
         return TextEncoding(text_embed, encodings * mask.unsqueeze(-1), mask)
 
 
+def _open_clip_chatter(record: logging.LogRecord) -> bool:
+    """False for open_clip's own progress notes: below WARNING, logged on the root logger by its code."""
+    return not (
+        record.name == "root" and record.levelno < logging.WARNING and f"{os.sep}open_clip{os.sep}" in record.pathname
+    )
+
+
+@contextlib.contextmanager
+def _quiet_open_clip() -> Iterator[None]:
+    """open_clip reports every loading step (about a dozen lines) with `logging.info` on the root
+    logger, which a run's log shows; its warnings and errors still pass. A filter on the root logger
+    sees only records logged on it directly, so the package's and other libraries' lines are untouched."""
+    root = logging.getLogger()
+    root.addFilter(_open_clip_chatter)
+    try:
+        yield
+    finally:
+        root.removeFilter(_open_clip_chatter)
+
+
 def _import_open_clip():
     try:
         import open_clip
@@ -160,6 +182,24 @@ def create_clip(
         if looks_like_path and not os.path.isfile(config.pretrained):
             raise ClipLoadError(f"{where}.pretrained: weights file {config.pretrained!r} does not exist")
 
+    with _quiet_open_clip():
+        model = _load_open_clip_model(open_clip, config, name, where)
+        tokenizer = open_clip.get_tokenizer(name)
+        preprocess_cfg = open_clip.get_model_preprocess_cfg(model)
+    size = preprocess_cfg.get("size", getattr(model.visual, "image_size", 224))
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    embedder = ClipEmbedder(
+        model,
+        tokenizer,
+        image_size=size,
+        mean=preprocess_cfg.get("mean", open_clip.OPENAI_DATASET_MEAN),
+        std=preprocess_cfg.get("std", open_clip.OPENAI_DATASET_STD),
+    )
+    return embedder.to(device)
+
+
+def _load_open_clip_model(open_clip, config: "ClipConfig", name: str, where: str) -> nn.Module:
+    """The open_clip model with its weights, from OpenAI's file, a local folder or file, or the cache."""
     try:
         if config.make == "openai" and config.pretrained and os.path.isfile(config.pretrained):
             # OpenAI's own release files are TorchScript archives; open_clip converts them.
@@ -187,16 +227,4 @@ def create_clip(
             f"{wanted} elsewhere and set {where}.pretrained to its path (or {where}.cache_dir to a folder "
             "holding open_clip's cache)"
         ) from error
-
-    tokenizer = open_clip.get_tokenizer(name)
-    preprocess_cfg = open_clip.get_model_preprocess_cfg(model)
-    size = preprocess_cfg.get("size", getattr(model.visual, "image_size", 224))
-    size = size[0] if isinstance(size, (tuple, list)) else size
-    embedder = ClipEmbedder(
-        model,
-        tokenizer,
-        image_size=size,
-        mean=preprocess_cfg.get("mean", open_clip.OPENAI_DATASET_MEAN),
-        std=preprocess_cfg.get("std", open_clip.OPENAI_DATASET_STD),
-    )
-    return embedder.to(device)
+    return model

@@ -105,3 +105,20 @@ def test_missing_open_clip_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "open_clip", None)  # as if the `clip` extra were not installed
     with pytest.raises(ClipLoadError, match=r"pip install dalle2-decoder\[clip\]"):
         create_clip(ClipConfig(make="open_clip", model="ViT-B-32", pretrained="x.pt"))
+
+
+def test_loading_keeps_open_clip_progress_notes_out_of_the_log(tmp_path, caplog):
+    import logging
+
+    import open_clip
+
+    name = write_tiny_open_clip(tmp_path / "clip")
+    with caplog.at_level(logging.INFO):
+        create_clip(ClipConfig(make="open_clip", model=name))
+        loading = [record for record in caplog.records if "open_clip" in record.pathname]
+        logging.getLogger("dalle2_decoder.test").info("the run's own line")
+        # Outside create_clip open_clip's notes pass again: the same call, made directly, logs them.
+        open_clip.get_tokenizer(name)
+    assert loading == []
+    assert "the run's own line" in caplog.messages
+    assert any("open_clip" in record.pathname and record.levelno == logging.INFO for record in caplog.records)
