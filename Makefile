@@ -4,7 +4,8 @@
 #   make test-fast - the same without the tests marked slow (-m "not slow")
 #   make test-portability - the numerical tests on every CPU kernel path (default, avx2, this
 #                  machine's) with 1 and 2 compute threads, and a summary of the 6 variants
-#   make demo   - install (once), write the demo dataset to demo_data/ and train the CPU demo (3-8 min)
+#   make demo   - install (once), write the demo dataset and its CLIP to demo_data/ (first time: 1-2 min)
+#                 and train the CPU demo (3-9 min)
 #   make check-examples - validate every example config with --check
 
 PYTHON ?= python3
@@ -89,11 +90,19 @@ $(DEMO_STAMP): | $(INSTALLED)
 	$(VENV_PYTHON) -m dalle2_decoder.data.demo --out $(DEMO_DATA) --shape-scale $(DEMO_SHAPE_SCALE)
 	touch $@
 
-demo-data: $(DEMO_STAMP)
+# The demo's CLIP (dalle2_decoder/data/demo_clip.py, about a minute): a tiny open_clip model fitted
+# to map demo pictures to their embeddings, so the demo's evaluation reports CLIP similarity. Its
+# input size is the demo decoder's (example_configs/demo_cpu.json); refitted when the data changes.
+DEMO_CLIP := $(DEMO_DATA)/clip/open_clip_config.json
+
+$(DEMO_CLIP): $(DEMO_STAMP)
+	$(VENV_PYTHON) -m dalle2_decoder.data.demo_clip --out $(DEMO_DATA)/clip --shape-scale $(DEMO_SHAPE_SCALE) --image-size 16
+
+demo-data: $(DEMO_STAMP) $(DEMO_CLIP)
 
 # Trains the tiny demo decoder on the CPU: metrics, sample grids (PNG) and checkpoints go to
 # .tracker-data/demo/ (the config overwrites that folder on each run).
-demo: $(INSTALLED) $(DEMO_STAMP)
+demo: $(INSTALLED) $(DEMO_STAMP) $(DEMO_CLIP)
 	$(VENV_PYTHON) train_decoder.py --config_file example_configs/demo_cpu.json
 
 check-examples: $(INSTALLED)

@@ -5,7 +5,9 @@
 
 For the first `--n` test images of the config's data, each setting (default `dpmpp_2m:10:1`; `ddpm`
 ignores STEPS) samples the EMA weights from the same noise per image (seed 1000 + i), prints the
-mean paired errors (docs/EVALUATION.md) and writes `OUT_SAMPLER_STEPS_SCALE.png`: each true image
+mean paired errors and, with the config's CLIP (`evaluate.fidelity.clip`: the demo's, which `make
+demo-data` fits), the mean CLIP similarity of the samples and of the true images themselves (the
+most a sample can score) (docs/EVALUATION.md), and writes `OUT_SAMPLER_STEPS_SCALE.png`: each true image
 beside its sample, captioned with the test caption and the sample's paired RMSE, so that the shapes
 can be counted one by one (docs/RECIPE.md's demo tables).
 """
@@ -55,7 +57,7 @@ def main(argv=None) -> int:
 
     from dalle2_decoder.cli import load_config
     from dalle2_decoder.evaluate import load_decoder
-    from dalle2_decoder.evaluation import paired_errors
+    from dalle2_decoder.evaluation import clip_similarity, fidelity_clip, paired_errors
     from dalle2_decoder.tracking.grids import captioned_grid
 
     config, _ = load_config(args.config)
@@ -69,6 +71,11 @@ def main(argv=None) -> int:
         real = F.interpolate(real, size=(size, size), mode="area")
     real = real.clamp(0, 1)
     print(f"{args.model}: {len(captions)} test images, samples seen {step}")
+    clip = fidelity_clip(config, device)
+    clip_text = lambda images: (  # noqa: E731
+        f"  clip {clip_similarity(clip, images, batch['image_embed']).mean():.4f}" if clip is not None else ""
+    )
+    print(f"{'true images':>18}{clip_text(real)}")
     for setting in args.settings:
         sampler, steps, scale = setting.split(":")
         with torch.no_grad():
@@ -82,7 +89,7 @@ def main(argv=None) -> int:
         generated = generated.float().clamp(0, 1)
         errors = paired_errors(generated, real, coarse_size=8)
         paired, coarse = errors["paired_rmse"].mean(), errors["paired_rmse_coarse"].mean()
-        print(f"{setting:>18}  paired {paired:.4f}  coarse {coarse:.4f}")
+        print(f"{setting:>18}  paired {paired:.4f}  coarse {coarse:.4f}{clip_text(generated)}")
         to_uint8 = lambda image: (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)  # noqa: E731
         cells, texts = [], []
         for i, caption in enumerate(captions):

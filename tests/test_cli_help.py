@@ -96,3 +96,5 @@ def test_the_data_preparation_tool_names_its_clip_makes(capsys):
     for values in (["openai", "open_clip"], CLIP_MAKES):
         assert "{" + ",".join(values) + "}" in option_entry(text, "--clip-make")
     assert "usage: python -m dalle2_decoder.data.demo" in help_of("dalle2_decoder.data.demo:main", capsys)
+    demo_clip = help_of("dalle2_decoder.data.demo_clip:main", capsys)
+    assert demo_clip.startswith("usage: python -m dalle2_decoder.data.demo_clip") and "--image-size" in demo_clip

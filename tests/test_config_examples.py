@@ -90,7 +90,26 @@ def test_demo_config_matches_the_demo_data_generator():
     # another scale is written again: the stamp file names the scale.
     makefile = (REPO_ROOT / "Makefile").read_text()
     assert "DEMO_SHAPE_SCALE := 1.5" in makefile
-    assert "--shape-scale $(DEMO_SHAPE_SCALE)" in makefile and "demo: $(INSTALLED) $(DEMO_STAMP)" in makefile
+    assert "--shape-scale $(DEMO_SHAPE_SCALE)" in makefile
+
+
+def test_demo_reports_clip_similarity_with_the_clip_make_demo_data_fits():
+    from dalle2_decoder.data.demo_clip import CONFIG_FILE, DemoClipSettings
+
+    demo = TrainDecoderConfig.from_json_path(REPO_ROOT / "example_configs/demo_cpu.json")
+    clip = demo.evaluate.fidelity.clip
+    assert demo.evaluate.computes_fidelity and (clip.make, clip.model) == ("open_clip", "local-dir:./demo_data/clip")
+    makefile = (REPO_ROOT / "Makefile").read_text()
+    # `make demo-data` fits it into that folder, at the demo decoder's image size and the data's shape
+    # scale and embedding size, and `make demo` needs it (the config file is written last).
+    assert f"DEMO_CLIP := $(DEMO_DATA)/clip/{CONFIG_FILE}" in makefile
+    command = next(line for line in makefile.splitlines() if "dalle2_decoder.data.demo_clip" in line).split()
+    assert command[command.index("--out") + 1] == "$(DEMO_DATA)/clip"
+    assert int(command[command.index("--image-size") + 1]) == demo.decoder.image_sizes[-1]
+    assert command[command.index("--shape-scale") + 1] == "$(DEMO_SHAPE_SCALE)" and "--embed-dim" not in command
+    assert DemoClipSettings().embed_dim == demo.decoder.unets[0].image_embed_dim
+    assert "demo: $(INSTALLED) $(DEMO_STAMP) $(DEMO_CLIP)" in makefile
+    assert "demo-data: $(DEMO_STAMP) $(DEMO_CLIP)" in makefile
 
 
 def test_unet_and_decoder_options_round_trip_flat():

@@ -19,7 +19,7 @@ import json
 import os
 import random
 import sys
-from typing import Dict, Tuple
+from typing import Dict, NamedTuple, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -70,6 +70,32 @@ def _projection(dim: int, salt: int) -> np.ndarray:
 def _embed(features: np.ndarray, projection: np.ndarray) -> np.ndarray:
     vector = features @ projection
     return (vector / np.linalg.norm(vector)).astype(np.float32)
+
+
+class Attributes(NamedTuple):
+    """What one demo picture shows; x, y in [0, 1] are the shape's centre."""
+
+    shape: str
+    colour: str
+    size: str
+    x: float
+    y: float
+    background: str
+
+
+def random_attributes(rng: random.Random, shape_scale: float = 1.0) -> Attributes:
+    """One picture's attributes drawn from `rng`: every shape, colour, size and background equally
+    likely, the centre uniform over the positions that keep the shape inside the image."""
+    shape, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
+    size, background = rng.choice(SIZES), rng.choice(list(BACKGROUNDS))
+    margin = min(0.5, (0.25 if size == "large" else 0.15) * shape_scale)
+    x, y = rng.uniform(margin, 1 - margin), rng.uniform(margin, 1 - margin)
+    return Attributes(shape, colour, size, x, y, background)
+
+
+def image_embedding(attributes: Attributes, embed_dim: int) -> np.ndarray:
+    """The demo's image embedding of a picture with these attributes (what the dataset stores)."""
+    return _embed(_features(*attributes, exact=True), _projection(embed_dim, 0))
 
 
 def draw_shape(
@@ -130,10 +156,7 @@ def generate_demo_dataset(
         embeddings_in_shards=embeddings_in_shards,
     ) as writer:
         for _ in range(num_images):
-            shape, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
-            size, background = rng.choice(SIZES), rng.choice(list(BACKGROUNDS))
-            margin = min(0.5, (0.25 if size == "large" else 0.15) * shape_scale)  # the shape stays inside
-            x, y = rng.uniform(margin, 1 - margin), rng.uniform(margin, 1 - margin)
+            shape, colour, size, x, y, background = random_attributes(rng, shape_scale)
             row, column = ROWS[min(2, int(y * 3))], COLUMNS[min(2, int(x * 3))]
             place = "in the centre" if (row, column) == ("middle", "centre") else f"at the {row} {column}"
             caption = f"a {size} {colour} {shape} {place} on a {background} background"
