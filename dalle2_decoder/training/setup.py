@@ -51,7 +51,7 @@ def run_evaluator(
     unets = used_unets(config)
     if not config.evaluate.in_training() or not unets:
         return None
-    # Imported here: the metrics' libraries (torchmetrics, scipy) take about a second to import,
+    # Imported here: the metrics' libraries (torchmetrics) take about a second to import,
     # which every process of a run without an evaluate phase would pay at start.
     from ..evaluation import Evaluator, evaluation_loader, fidelity_clip, final_image_size
     from ..tracking.rng import capture_rng_state, restore_rng_state
