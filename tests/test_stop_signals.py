@@ -265,6 +265,7 @@ def model(world, tmp_path_factory):
     data, networks = world
     root = tmp_path_factory.mktemp("model")
     raw = run_config(data, networks, root / "run", 1)
+    raw["decoder"]["timesteps"] = 20  # the commands' stops below count on 20 U-Net calls per image
     torch.manual_seed(0)
     path = root / "model.safetensors"
     decoder = TrainDecoderConfig.from_dict(raw).decoder.create()
