@@ -14,6 +14,7 @@ decoder can learn the mapping on a CPU. The text embedding projects the caption'
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import os
@@ -60,6 +61,7 @@ def _features(shape: str, colour: str, size: str, x: float, y: float, background
     )
 
 
+@functools.lru_cache(maxsize=None)  # the same matrix every call: `image_embedding` asks once per picture
 def _projection(dim: int, salt: int) -> np.ndarray:
     n_features = len(_features("circle", "red", "small", 0.5, 0.5, "black", True))
     if dim < n_features:
